@@ -1,0 +1,876 @@
+# PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one file (+ envs/).
+# Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
+# Run:   python ppo_patchloc_mdr.py --norm bn --alpha1 2 --alpha2 1 --mdr-rounds 3 --cuda
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.models import ResNet18_Weights, resnet18
+
+from envs import PatchLocConfigError, PatchLocEnv, PatchLocVecEnv, make_task_sets
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python, the task sets and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available (falls back to CPU with a notice)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "ppo-mdr"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group, e.g. one per (task set, norm, alpha) to aggregate seeds"""
+    save_model: bool = False
+    """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every `checkpoint_interval` and at the end"""
+    checkpoint_interval: int = 20
+    """iterations between checkpoints (with --save-model)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from (same arguments; --total-timesteps may grow)"""
+
+    # Algorithm specific arguments (paper Table 2, patch-localization column)
+    total_timesteps: int = 3_000_000
+    """total timesteps of the experiments"""
+    learning_rate: float = 4e-5
+    """the peak learning rate of the optimizer"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule over the iterations (the paper does not say which; linear decay to 0 is CleanRL's)"""
+    weight_decay: float = 1e-4
+    """Adam's weight decay (L2, as torch.optim.Adam applies it)"""
+    num_envs: int = 4
+    """the number of parallel patch-localization environments"""
+    num_steps: int = 750
+    """the number of steps to run in each environment per policy rollout (4 x 750 = |D_k| 3000)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    minibatch_size: int = 128
+    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is smaller)"""
+    norm_adv: bool = True
+    """toggles advantages normalization (per minibatch)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient epsilon"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function, as per the paper"""
+    ent_coef: float = 1e-4
+    """coefficient of the entropy"""
+    vf_coef: float = 1.0
+    """coefficient of the value function"""
+    max_grad_norm: float = 1.0
+    """the maximum norm for the gradient clipping"""
+
+    # Mode-Dependent Rectification (paper Sec. 3.4, Algorithm 1; App. D: 9 epochs = 3 rounds of MDR(2,1))
+    alpha1: int = 2
+    """epochs per round in train mode (standard phase)"""
+    alpha2: int = 1
+    """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
+    mdr_rounds: int = 3
+    """rounds R per rollout; values and advantages are recomputed (eval mode) before rounds 2..R"""
+
+    # Network: shallow ResNet-18 shared by the three views (paper Table 1) and its norm layer
+    norm: Literal["bn", "eval", "brn", "ln", "gn", "none", "dropout"] = "bn"
+    """backbone norm layer: BatchNorm, BatchNorm frozen in eval mode, Batch Renorm, LayerNorm, GroupNorm, none, dropout"""
+    bn_momentum: float = 0.1
+    """running-statistics momentum of BatchNorm and Batch Renorm (the paper tries 0.1 and 0.01)"""
+    brn_rmax: float = 3.0
+    """Batch Renorm: final bound r_max on the std correction r"""
+    brn_dmax: float = 5.0
+    """Batch Renorm: final bound d_max on the mean correction d"""
+    brn_warmup: int = 5000
+    """Batch Renorm: train-mode forward passes over which r_max ramps from 1 and d_max from 0"""
+    gn_groups: int = 32
+    """number of groups of --norm gn"""
+    dropout_p: float = 0.1
+    """dropout probability of --norm dropout (a Dropout in place of each BatchNorm)"""
+    pretrained: bool = True
+    """initialise the backbone from ImageNet (torchvision weights; offline: $TORCH_HOME/hub/checkpoints)"""
+    hidden_size: int = 768
+    """width of the actor and critic MLPs (paper: 768 = 3 views x 256 features)"""
+
+    # Task sets (envs/): the paper's "256 / 1024 / 2048 environments" are training tasks
+    num_tasks: int = 1024
+    """number of training tasks (one image and target each)"""
+    num_test_tasks: int = 500
+    """number of held-out tasks, on images the training tasks never use"""
+    image_source: str = "procedural"
+    """'procedural' (built-in generator, no download) or a folder of .jpg/.jpeg/.png images"""
+    image_size: int = 448
+    """side m that folder images are center-cropped and resized to (>= 4 x view size)"""
+    view_size: int = 112
+    """side of each of the three views (paper: 112; CPU-sized runs: 32)"""
+    max_episode_steps: int = 20
+    """steps before an episode is truncated"""
+
+    # Held-out evaluation
+    eval_interval: int = 10
+    """iterations between evaluations on the held-out tasks (also run at the end); 0 = only at the end"""
+    num_eval_envs: int = 50
+    """envs stepped in parallel during evaluation (each held-out task is run exactly once)"""
+    num_render_episodes: int = 4
+    """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
+
+    # Mismatch diagnostics (paper eq. 6-7 and 10-11)
+    diag_minibatches: int = 0
+    """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k)"""
+    diag_ratio_every: int = 1
+    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch (0 = never)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size |D_k| (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+class ConfigError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN/inf: the run stops before anything is saved."""
+
+
+MODE_DEPENDENT_NORMS = ("bn", "brn", "dropout")
+# fields that may differ between a run and its --resume (everything else defines the computation)
+RESUMABLE_FIELDS = (
+    "resume",
+    "total_timesteps",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "wandb_group",
+    "save_model",
+    "checkpoint_interval",
+    "cuda",
+    "num_iterations",
+)
+
+
+def validate_args(args: Args) -> None:
+    """Reject impossible settings before anything is created (the task sets check their own settings)."""
+    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
+        raise ConfigError(
+            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0 and at least one > 0 (e.g. 2 and 1)"
+        )
+    if args.mdr_rounds < 1:
+        raise ConfigError(f"--mdr-rounds {args.mdr_rounds}: must be >= 1")
+    for name in ("num_envs", "num_steps", "minibatch_size", "num_tasks", "num_test_tasks", "num_eval_envs", "hidden_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size:
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
+        )
+    if args.total_timesteps < batch_size:
+        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
+    if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0 or args.brn_rmax < 1.0 or args.brn_dmax < 0:
+        raise ConfigError("need 0 <= --dropout-p < 1, 0 < --bn-momentum <= 1, --brn-rmax >= 1 and --brn-dmax >= 0")
+    if args.gn_groups < 1 or 64 % args.gn_groups:
+        raise ConfigError(f"--gn-groups {args.gn_groups} must divide 64 (the backbone has 64, 128 and 256 channels)")
+    if args.checkpoint_interval < 1 or args.eval_interval < 0 or args.diag_minibatches < 0 or args.diag_ratio_every < 0:
+        raise ConfigError("--checkpoint-interval must be >= 1; --eval-interval, --diag-* must be >= 0")
+    if not 0 <= args.num_render_episodes <= args.num_test_tasks:
+        raise ConfigError(f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks")
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class EvalModeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalizes with its running statistics (`--norm eval`): the stats stay frozen
+    (ImageNet's when pretrained) whatever the module's mode; the affine parameters still learn."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class BatchRenorm2d(nn.Module):
+    """Batch Renormalization (Ioffe, 2017). Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma,
+    d = (mu_B - mu) / sigma (no gradient), clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from
+    (1, 0), i.e. plain BatchNorm, over `warmup` forward passes. Eval mode: running statistics, like BatchNorm.
+    Same parameter and buffer names as nn.BatchNorm2d, so ImageNet BatchNorm weights load into it."""
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
+        super().__init__()
+        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        std = (var + self.eps).sqrt()
+        running_std = (self.running_var + self.eps).sqrt()
+        ramp = (self.num_batches_tracked.float() / max(self.warmup, 1)).clamp(max=1.0)
+        r_max = 1.0 + (self.r_max - 1.0) * ramp
+        d_max = self.d_max * ramp
+        r = torch.minimum(torch.maximum(std.detach() / running_std, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max)
+        x_hat = (x - mean[None, :, None, None]) / std[None, :, None, None] * r[None, :, None, None] + d[None, :, None, None]
+        with torch.no_grad():
+            n = x.numel() / x.size(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+            self.num_batches_tracked += 1
+        return x_hat * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def make_norm_layer(args: Args):
+    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count."""
+    return {
+        "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
+        "eval": EvalModeBatchNorm2d,
+        "brn": partial(
+            BatchRenorm2d, momentum=args.bn_momentum, r_max=args.brn_rmax, d_max=args.brn_dmax, warmup=args.brn_warmup
+        ),
+        "ln": lambda channels: nn.GroupNorm(1, channels),
+        "gn": lambda channels: nn.GroupNorm(args.gn_groups, channels),
+        "none": lambda channels: nn.Identity(),
+        "dropout": lambda channels: nn.Dropout(args.dropout_p),
+    }[args.norm]
+
+
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
+    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {
+        name: tensor
+        for name, tensor in state_dict.items()
+        if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
+    }
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
+def make_backbone(args: Args) -> nn.Module:
+    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average pool -> 256 features."""
+    backbone = resnet18(weights=None, norm_layer=make_norm_layer(args))
+    backbone.layer4 = nn.Identity()
+    backbone.fc = nn.Identity()
+    if args.pretrained:
+        load_imagenet_weights(backbone)
+    return backbone
+
+
+class Agent(nn.Module):
+    """Paper Table 1: one shallow ResNet-18 backbone applied to the three views (target, overview, current view),
+    3 x 256 = 768 features concatenated; separate actor and critic MLPs (FC-ReLU-FC-ReLU-out)."""
+
+    def __init__(self, num_actions: int, args: Args):
+        super().__init__()
+        self.backbone = make_backbone(args)
+        hidden = args.hidden_size
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(3 * 256, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, num_actions), std=0.01),
+        )
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(3 * 256, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
+        )
+
+    def features(self, x):
+        # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 images (shared weights; BatchNorm's batch
+        # statistics span all views) -> (B, 768). No ImageNet mean/std (paper Table 2).
+        batch, views = x.shape[:2]
+        images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
+        return self.backbone(images).reshape(batch, views * 256)
+
+    def get_value(self, x):
+        return self.critic(self.features(x))
+
+    def get_action_and_value(self, x, action=None):
+        hidden = self.features(x)
+        logits = self.actor(hidden)
+        probs = Categorical(logits=logits)
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+
+
+def learning_rate_at(iteration: int, args: Args) -> float:
+    """--lr-schedule (our choice; the paper only says it used one): linear or cosine decay from the peak to 0 over
+    the run, or constant. Iteration 1 gets the peak."""
+    progress = (iteration - 1.0) / args.num_iterations
+    if args.lr_schedule == "linear":
+        return args.learning_rate * (1.0 - progress)
+    if args.lr_schedule == "cosine":
+        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return args.learning_rate
+
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalized Advantage Estimation over a (num_steps, num_envs) rollout. dones[t] = 1 when obs[t] starts a new
+    episode (CleanRL's convention), so the bootstrap from step t+1 is cut by dones[t+1]."""
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+@torch.no_grad()
+def compute_values(agent, b_obs, chunk_size):
+    """Eval-mode values of a flat batch of observations (MDR rounds 2..R recompute them on D_k)."""
+    was_training = agent.training
+    agent.eval()
+    values = torch.cat([agent.get_value(b_obs[i : i + chunk_size]).flatten() for i in range(0, len(b_obs), chunk_size)])
+    agent.train(was_training)
+    return values
+
+
+def js_divergence(logits_p, logits_q):
+    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
+    log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - np.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).clamp(min=0.0)
+
+
+@torch.no_grad()
+def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator):
+    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
+    minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all).
+    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
+    was_training = agent.training
+    saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
+    total = len(b_obs) // minibatch_size
+    divergences = []
+    for start in range(0, minibatch_size * (num_minibatches or total), minibatch_size):
+        mb_obs = b_obs[perm[start : start + minibatch_size]]
+        agent.train()
+        train_logits = agent.actor(agent.features(mb_obs))
+        agent.eval()
+        eval_logits = agent.actor(agent.features(mb_obs))
+        divergences.append(js_divergence(train_logits, eval_logits).mean())
+    for name, buf in agent.named_buffers():
+        buf.copy_(saved_buffers[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    agent.train(was_training)
+    return torch.stack(divergences).mean()
+
+
+def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, mb_returns, mb_values, args: Args):
+    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus."""
+    logratio = newlogprob - mb_logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb_returns) ** 2
+        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb_returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "value_loss": v_loss.detach(),
+        "entropy": entropy_loss.detach(),
+        "old_approx_kl": old_approx_kl,
+        "approx_kl": approx_kl,
+        "clipfrac": clipfrac,
+    }
+    return loss, ratio, stats
+
+
+@torch.no_grad()
+def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio, clip_coef):
+    """Eq. 10-11 made measurable: next to the optimized train-mode ratio r', the eval-mode ratio r at the same
+    parameters. Returns mean |r' - r| and the fraction of samples the clip cannot stop (r' inside, r outside)."""
+    agent.eval()  # eval-mode forward under no_grad: no running-stat update, no dropout RNG draw
+    _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
+    agent.train()
+    eval_ratio = (eval_logprob - mb_logprobs).exp()
+    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
+    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
+    return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
+
+
+def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool):
+    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync)."""
+    mb_obs, mb_actions = batch["obs"][mb_inds], batch["actions"][mb_inds]
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
+    loss, ratio, stats = clipped_ppo_loss(
+        newlogprob,
+        entropy,
+        newvalue,
+        batch["logprobs"][mb_inds],
+        batch["advantages"][mb_inds],
+        batch["returns"][mb_inds],
+        batch["values"][mb_inds],
+        args,
+    )
+    if measure_ratio_gap:
+        stats.update(
+            trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
+        )
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    stats["loss"] = loss.detach()
+    return stats
+
+
+def mean_stats(stats_list):
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those)."""
+    keys = {key for stats in stats_list for key in stats}
+    return {key: torch.stack([s[key] for s in stats_list if key in s]).mean().item() for key in sorted(keys)}
+
+
+def greedy_action(agent, obs, device):
+    """argmax of the policy's logits in the agent's current mode (evaluation: deterministic, consumes no RNG)."""
+    return agent.actor(agent.features(torch.as_tensor(obs, device=device))).argmax(dim=1).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(agent, task_set, num_tasks: int, args: Args, device):
+    """Run tasks 0..num_tasks-1 of `task_set` exactly once each, greedy eval-mode policy. Returns per-episode arrays
+    of the return, the normalized return (fraction of the task's exact optimum) and success."""
+    envs = PatchLocVecEnv(task_set, min(args.num_eval_envs, num_tasks), max_steps=args.max_episode_steps)
+    next_obs, _ = envs.reset(seed=args.seed, options={"task_ids": np.arange(num_tasks)})
+    was_training = agent.training
+    agent.eval()
+    results = {"r": [], "normalized_r": [], "success": []}
+    while len(results["r"]) < num_tasks:
+        next_obs, _, _, _, infos = envs.step(greedy_action(agent, next_obs, device))
+        if "episode" in infos:
+            counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
+            for key in results:
+                results[key].extend(infos["episode"][key][counted])
+    agent.train(was_training)
+    return {key: np.asarray(values) for key, values in results.items()}
+
+
+def draw_episode(image, window_boxes, target_box):
+    """The full image with the target (green) and the window's path, one outline per step (blue -> yellow)."""
+    canvas = image.copy()
+    side = canvas.shape[0]
+
+    def outline(box, colour, width):
+        y0, x0, y1, x1 = (np.asarray(box) * side).round().astype(int)
+        canvas[y0 : y0 + width, x0:x1] = colour
+        canvas[y1 - width : y1, x0:x1] = colour
+        canvas[y0:y1, x0 : x0 + width] = colour
+        canvas[y0:y1, x1 - width : x1] = colour
+
+    outline(target_box, (0, 255, 0), width=max(2, side // 100))
+    for t, box in enumerate(window_boxes):
+        frac = t / max(len(window_boxes) - 1, 1)
+        outline(box, (int(255 * frac), int(255 * frac), int(255 * (1 - frac))), width=max(1, side // 200))
+    return canvas
+
+
+@torch.no_grad()
+def render_episodes(agent, task_set, args: Args, device):
+    """Greedy eval-mode episodes on the first --num-render-episodes tasks, drawn side by side (H, W, 3) uint8."""
+    env = PatchLocEnv(task_set, max_steps=args.max_episode_steps)
+    was_training = agent.training
+    agent.eval()
+    drawings = []
+    for task_id in range(args.num_render_episodes):
+        obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
+        boxes, done = [env.window_box], False
+        while not done:
+            obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
+            boxes.append(env.window_box)
+            done = terminated or truncated
+        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
+    agent.train(was_training)
+    return np.concatenate(drawings, axis=1)
+
+
+def episode_summary(returns, normalized, successes, prefix):
+    """Log values of a set of episodes: mean return, percent of the optimal return, success rate."""
+    return {
+        f"charts/{prefix}episodic_return": float(np.mean(returns)),
+        f"charts/{prefix}normalized_reward": 100.0 * float(np.mean(normalized)),
+        f"charts/{prefix}success_rate": float(np.mean(successes)),
+    }
+
+
+def get_rng_states(diag_generator):
+    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "diag": diag_generator.get_state(),
+    }
+
+
+def set_rng_states(states, diag_generator):
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    diag_generator.set_state(states["diag"])
+
+
+def save_checkpoint(path, state):
+    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    tmp_path = path + ".tmp"
+    torch.save(state, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path, args: Args):
+    """Read and check a checkpoint written by --save-model; one-line ConfigError on anything wrong."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one written by --save-model"
+        ) from None
+    required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
+    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
+        raise ConfigError(f"--resume {path}: not a checkpoint of this script (missing {sorted(required - set(checkpoint))})")
+    changed = [
+        name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and checkpoint["args"].get(name) != value
+    ]
+    if changed:
+        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+    return checkpoint
+
+
+def main(args: Args):
+    validate_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.cuda and not torch.cuda.is_available():
+        print("note: --cuda requested but CUDA is not available; running on CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image files)
+    try:
+        train_tasks, test_tasks = make_task_sets(
+            args.num_tasks, args.num_test_tasks, args.image_source, args.image_size, args.view_size, seed=args.seed
+        )
+        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
+    agent = Agent(envs.single_action_space.n, args).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+    if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
+        print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
+
+    # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
+    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, start_iteration = 0, 1
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs).to(device)
+    next_done = torch.zeros(args.num_envs).to(device)
+    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
+    source = "procedural" if args.image_source == "procedural" else os.path.basename(os.path.normpath(args.image_source))
+    run_name = (
+        f"patchloc-{source}-{args.num_tasks}__{args.exp_name}__{args.norm}__mdr{args.alpha1}-{args.alpha2}"
+        f"__{args.seed}__{int(time.time())}"
+    )
+    wandb_id = None
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        run_name, wandb_id = checkpoint["run_name"], checkpoint.get("wandb_id")
+        envs.set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in checkpoint["env"]["envs"].items()})
+        next_obs = checkpoint["env"]["next_obs"].to(device)
+        next_done = checkpoint["env"]["next_done"].to(device)
+        set_rng_states(checkpoint["rng"], diag_generator)
+        print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step {global_step}")
+
+    # logging: only now, after every check has passed, is anything written
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            group=args.wandb_group,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            tags=[
+                f"patchloc-{source}",
+                f"tasks={args.num_tasks}",
+                f"norm={args.norm}",
+                f"mdr=({args.alpha1},{args.alpha2})",
+                f"seed={args.seed}",
+            ],
+            id=wandb_id,
+            resume="allow",
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    def checkpoint_state(iteration):
+        return {
+            "agent": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "global_step": global_step,
+            "iteration": iteration,
+            "run_name": run_name,
+            "wandb_id": wandb_id,
+            "args": asdict(args),
+            "rng": get_rng_states(diag_generator),
+            "env": {
+                "envs": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in envs.get_state().items()},
+                "next_obs": next_obs.cpu(),
+                "next_done": next_done.cpu(),
+            },
+        }
+
+    # Ctrl-C: finish the current iteration, save, close cleanly; a second Ctrl-C quits at once
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to quit at once)")
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    b_inds = np.arange(args.batch_size)
+    start_time, start_step = time.time(), global_step
+    iteration, exit_code = start_iteration - 1, 0
+    try:
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, args)
+
+            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
+            agent.eval()
+            finished = {"r": [], "normalized_r": [], "success": [], "l": []}
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs
+                obs[step] = next_obs
+                dones[step] = next_done
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(next_obs)
+                    values[step] = value.flatten()
+                actions[step] = action
+                logprobs[step] = logprob
+                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                rewards[step] = torch.as_tensor(reward).to(device)
+                next_obs = torch.as_tensor(next_obs_np).to(device)
+                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
+                if "episode" in infos:
+                    for key in finished:
+                        finished[key].extend(infos["episode"][key][infos["_episode"]])
+
+            # 2. Advantages and value targets (GAE) of the eval-mode values
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs).reshape(1, -1)
+                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+
+            # flatten the batch
+            batch = {
+                "obs": obs.reshape((-1,) + obs.shape[2:]),
+                "logprobs": logprobs.reshape(-1),
+                "actions": actions.reshape(-1),
+                "advantages": advantages.reshape(-1),
+                "returns": returns.reshape(-1),
+                "values": values.reshape(-1),
+            }
+            diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)
+            delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+
+            # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
+            phase_stats = {"standard": [], "rectify": []}
+            for mdr_round in range(args.mdr_rounds):
+                if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic (paper App. D)
+                    batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
+                    with torch.no_grad():
+                        next_value = agent.get_value(next_obs).reshape(1, -1)
+                    advantages, returns = compute_gae(
+                        rewards, batch["values"].view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
+                    )
+                    batch["advantages"], batch["returns"] = advantages.reshape(-1), returns.reshape(-1)
+                for phase, num_epochs in (("standard", args.alpha1), ("rectify", args.alpha2)):
+                    agent.train(phase == "standard")
+                    for epoch in range(num_epochs):
+                        np.random.shuffle(b_inds)
+                        for start in range(0, args.batch_size, args.minibatch_size):
+                            mb_inds = torch.as_tensor(b_inds[start : start + args.minibatch_size], device=device)
+                            measure = phase == "standard" and args.diag_ratio_every > 0
+                            measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
+                            phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, measure))
+            agent.eval()
+            delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+
+            # 4. Logging (one host sync per iteration)
+            all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
+            if not np.isfinite(all_stats["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here and the "
+                    "last checkpoint (if any) is intact; try a lower --learning-rate or --max-grad-norm"
+                )
+            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            train_summary = {}
+            if finished["r"]:
+                train_summary = episode_summary(finished["r"], finished["normalized_r"], finished["success"], "")
+                train_summary["charts/episodic_length"] = float(np.mean(finished["l"]))
+                for key, value in train_summary.items():
+                    writer.add_scalar(key, value, global_step)
+            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+                writer.add_scalar(f"losses/{key}", all_stats[key], global_step)
+            for phase, stats_list in phase_stats.items():
+                if stats_list:
+                    for key, value in mean_stats(stats_list).items():
+                        prefix = "mdr" if key in ("ratio_gap", "trust_region_violation") else f"losses/{phase}"
+                        writer.add_scalar(f"{prefix}/{key}", value, global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/delta_pi_minus", delta_pi_minus.item(), global_step)
+            writer.add_scalar("charts/delta_pi_plus", delta_pi_plus.item(), global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            print(
+                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
+                f"episodic_return={train_summary.get('charts/episodic_return', float('nan')):.3f}, "
+                f"normalized_reward={train_summary.get('charts/normalized_reward', float('nan')):.1f}%, "
+                f"delta_pi_minus={delta_pi_minus.item():.2e}, SPS={sps}"
+            )
+
+            if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
+                # held-out tasks, and as many training tasks under the same protocol for the generalization gap
+                test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
+                train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
+                test_summary = episode_summary(test["r"], test["normalized_r"], test["success"], "test_")
+                for key, value in test_summary.items():
+                    writer.add_scalar(key, value, global_step)
+                gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
+                writer.add_scalar("charts/generalization_gap", gap, global_step)
+                if args.num_render_episodes:
+                    writer.add_image(
+                        "eval/test_episodes", render_episodes(agent, test_tasks, args, device), global_step, dataformats="HWC"
+                    )
+                print(
+                    f"held-out evaluation: test_normalized_reward={test_summary['charts/test_normalized_reward']:.1f}%, "
+                    f"test_success_rate={test_summary['charts/test_success_rate']:.2f}, generalization_gap={gap:.1f} points"
+                )
+
+            if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations):
+                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
+            if stop_requested:
+                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
+                print(f"stopped at iteration {iteration}; resume with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
+                exit_code = 130
+                break
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        exit_code = 1
+    except KeyboardInterrupt:
+        print(f"interrupted during iteration {iteration}; nothing saved for it", file=sys.stderr)
+        exit_code = 130
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        envs.close()
+        writer.close()
+        if args.track:
+            wandb.finish(exit_code=exit_code)
+    return exit_code
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:
+        sys.exit(main(cli_args))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
