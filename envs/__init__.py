@@ -1,0 +1,53 @@
+"""Patch localization: find where a target patch lies in an image by moving and zooming a window.
+
+A task is an image (side m) and a target crop of side m/2 or m/4 aligned to the window lattice, so an
+exact match is reachable. The agent's window has side m, m/2 or m/4 (zoom 0, 1, 2) and moves by a
+quarter of its side; episodes start on the full image. Observation: uint8 (3, V, V, 3) = target patch,
+overview with the window outlined, current view (V = 112 by default). Reward: IoU improvement per step;
+success (+1) as soon as IoU >= 0.5; `stop` gives up (-0.2); at most 20 steps. Optimal returns are exact.
+
+    train, test = make_task_sets(256, 64, image_source="procedural" or "path/to/images", view_size=112, seed=1)
+    envs = PatchLocVecEnv(train, num_envs=4)        # gymnasium VectorEnv, same-step auto-reset
+    obs, infos = envs.reset(seed=1)                  # options={"task_ids": ids} forces / queues tasks
+    obs, rewards, terminations, truncations, infos = envs.step(actions)   # actions: ints in 0..6
+    infos["episode"]["normalized_r"][infos["_episode"]]                   # return / optimal return
+    envs.window_boxes(), train.target_boxes, train.image(i)  # (y0, x0, y1, x1) in [0, 1]; (4V, 4V, 3) image
+    env = PatchLocEnv(train)                         # single gymnasium.Env, reset(options={"task_id": i})
+    train.optimal_returns(), train.optimal_actions(i)  # exact optimum (BFS over 195 windows), oracle path
+    PatchLocConfigError                              # ValueError with a one-line message on bad input
+Actions: UP, DOWN, LEFT, RIGHT, ZOOM_IN, ZOOM_OUT, STOP = 0..6.
+"""
+
+from envs.images import PatchLocConfigError, procedural_image
+from envs.lattice import (
+    ACTION_NAMES,
+    DOWN,
+    LEFT,
+    NUM_ACTIONS,
+    RIGHT,
+    STOP,
+    UP,
+    ZOOM_IN,
+    ZOOM_OUT,
+    EpisodeConfig,
+)
+from envs.patchloc import PatchLocEnv, PatchLocVecEnv, TaskSet, make_task_sets
+
+__all__ = [
+    "ACTION_NAMES",
+    "DOWN",
+    "LEFT",
+    "NUM_ACTIONS",
+    "RIGHT",
+    "STOP",
+    "UP",
+    "ZOOM_IN",
+    "ZOOM_OUT",
+    "EpisodeConfig",
+    "PatchLocConfigError",
+    "PatchLocEnv",
+    "PatchLocVecEnv",
+    "TaskSet",
+    "make_task_sets",
+    "procedural_image",
+]

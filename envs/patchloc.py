@@ -1,0 +1,576 @@
+"""Patch-localization task sets and environments (a single gymnasium.Env and a native batched VectorEnv).
+
+See envs/__init__.py for the task, envs/lattice.py for the window dynamics and the exact optimal
+return, envs/images.py for the image sources.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector.utils import batch_space
+
+from envs.images import PatchLocConfigError, build_pyramid, list_image_files, load_image, procedural_image, split_files
+from envs.lattice import (
+    INITIAL_STATE,
+    IOU,
+    NORMALIZED_BOXES,
+    NUM_ACTIONS,
+    STATES,
+    STOP,
+    TRANSITIONS,
+    EpisodeConfig,
+    optimal_actions,
+    optimal_returns,
+)
+
+try:  # gymnasium >= 1.1 declares the autoreset mode of a vector env in its metadata
+    from gymnasium.vector import AutoresetMode
+
+    _VEC_METADATA: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+except ImportError:  # pragma: no cover - older gymnasium
+    _VEC_METADATA = {"autoreset_mode": "same-step"}
+
+# Outline colours for the overview, bright and saturated; each task uses the one that stands out most
+# from its image (a fixed magenta would vanish on H&E-stained histopathology, a fixed green on foliage).
+OUTLINE_COLOURS = np.array(
+    [[255, 0, 255], [0, 255, 0], [0, 255, 255], [255, 255, 0], [255, 0, 0], [0, 0, 255], [255, 255, 255]], dtype=np.uint8
+)
+_SPLITS = {"train": 0, "test": 1}
+_FILE_ORDER_STREAM = 2  # seed stream of the folder permutation (the splits use 0 and 1)
+_TARGET_STREAM = 1  # per-task sub-stream of the target choice (the image uses the task's main stream)
+
+
+class TaskSet:
+    """A fixed set of tasks (image pyramid + target window), shared by any number of envs.
+
+    Attributes:
+        split: "train" or "test".
+        view_size: V, the side of every view in the observation.
+        image_size: m, the nominal image side (folder images are resized to it before the pyramid).
+        levels: three uint8 arrays; levels[z] has shape (num_tasks, V*2^z, V*2^z, 3) and holds the image
+            at the resolution where a zoom-z window is exactly V pixels wide. levels[0] is the overview.
+        target_states: (num_tasks,) lattice state index of each target window (see envs.lattice).
+        targets: (num_tasks, 3) int (zoom, row, col) of each target; zoom is 1 (side m/2) or 2 (side m/4).
+        target_boxes: (num_tasks, 4) float (y0, x0, y1, x1) of each target, normalised to [0, 1]
+            (y1, x1 exclusive); multiply by the side of image(i) for pixel coordinates.
+        outline_colours: (num_tasks, 3) uint8 colour of the window outline drawn on the overview.
+        image_ids: one string per task naming its image (file path, or procedural seed/split/index).
+    """
+
+    def __init__(self, split: str, view_size: int, image_size: int, levels, target_states, outline_colours, image_ids):
+        self.split, self.view_size, self.image_size = split, view_size, image_size
+        self.levels: tuple[np.ndarray, np.ndarray, np.ndarray] = tuple(levels)
+        self.target_states = np.asarray(target_states, dtype=np.int64)
+        self.outline_colours = np.asarray(outline_colours, dtype=np.uint8)
+        self.image_ids: list[str] = list(image_ids)
+        # Per state: pyramid level and top-left pixel of its view (lattice step = V/4 pixels at every level)...
+        quarter = view_size // 4
+        self.view_offsets = np.stack([STATES[:, 0], STATES[:, 1] * quarter, STATES[:, 2] * quarter], axis=1)
+        # ... and its outline on the overview: first and last row/column, inclusive, in overview pixels.
+        edges = np.round(NORMALIZED_BOXES * view_size).astype(np.int64)
+        self.outline_pixels = np.clip(edges - np.array([0, 0, 1, 1]), 0, view_size - 1)
+
+    def __len__(self) -> int:
+        return len(self.target_states)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.target_states)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return STATES[self.target_states]
+
+    @property
+    def target_boxes(self) -> np.ndarray:
+        return NORMALIZED_BOXES[self.target_states]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the pyramids (everything else is negligible)."""
+        return sum(level.nbytes for level in self.levels)
+
+    def image(self, task_id: int) -> np.ndarray:
+        """The task's image at the finest stored resolution: uint8 (4V, 4V, 3) (a view, do not modify)."""
+        return self.levels[2][task_id]
+
+    def view(self, task_id: int, state: int) -> np.ndarray:
+        """The V x V view of lattice window `state` (an index into envs.lattice.STATES): a slice, not a copy."""
+        zoom, y, x = self.view_offsets[state]
+        return self.levels[zoom][task_id, y : y + self.view_size, x : x + self.view_size]
+
+    def target_patch(self, task_id: int) -> np.ndarray:
+        """The V x V target patch shown as observation view 0."""
+        return self.view(task_id, self.target_states[task_id])
+
+    def draw_overview(self, out: np.ndarray, task_id: int, state: int) -> None:
+        """Write the overview (levels[0]) with window `state` outlined (1-px rectangle) into `out` (V, V, 3)."""
+        out[...] = self.levels[0][task_id]
+        y0, x0, y1, x1 = self.outline_pixels[state]
+        colour = self.outline_colours[task_id]
+        out[y0, x0 : x1 + 1] = colour
+        out[y1, x0 : x1 + 1] = colour
+        out[y0 : y1 + 1, x0] = colour
+        out[y0 : y1 + 1, x1] = colour
+
+    def initial_ious(self) -> np.ndarray:
+        """IoU of the starting window (the full image) with each target: 0.25 for m/2 targets, 0.0625 for m/4."""
+        return IOU[self.target_states, INITIAL_STATE]
+
+    def optimal_returns(self, config: EpisodeConfig = EpisodeConfig()) -> np.ndarray:
+        """(num_tasks,) exact optimal undiscounted return of each task (breadth-first search, envs.lattice)."""
+        return optimal_returns(self.target_states, config)
+
+    def optimal_actions(self, task_id: int, config: EpisodeConfig = EpisodeConfig()) -> list[int]:
+        """An oracle action sequence achieving optimal_returns(config)[task_id]."""
+        return optimal_actions(int(self.target_states[task_id]), config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task-set creation
+# ----------------------------------------------------------------------------------------------------
+def _choose_target(task_set: TaskSet, task_id: int, target_zooms: Sequence[int], min_std: float, rng) -> int:
+    """A random lattice target at one of target_zooms (zooms equally likely) whose patch is not near-uniform."""
+    candidates = np.flatnonzero(np.isin(STATES[:, 0], target_zooms))
+    counts = np.bincount(STATES[candidates, 0])
+    # Weighted random order without replacement (Efraimidis-Spirakis keys log(u)/w): with weights
+    # 1/count the first candidate has a uniformly random zoom, then a uniformly random position.
+    keys = np.log(rng.random(len(candidates))) * counts[STATES[candidates, 0]]
+    for state in candidates[np.argsort(-keys)]:
+        patch = task_set.view(task_id, state).reshape(-1, 3)
+        if patch.std(axis=0).mean() >= min_std:  # per channel: a flat coloured patch has std 0
+            return int(state)
+    raise PatchLocConfigError(
+        f"image '{task_set.image_ids[task_id]}' has no target crop with pixel std >= {min_std} (near-uniform image); "
+        "remove it from the folder or lower min_target_std"
+    )
+
+
+def _outline_colour(overview: np.ndarray) -> np.ndarray:
+    """The OUTLINE_COLOURS entry farthest from most of the overview's pixels (10th percentile distance)."""
+    pixels = overview[::2, ::2].reshape(-1, 1, 3).astype(np.float32)  # every other pixel is plenty
+    dist = np.linalg.norm(pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2)  # (V*V, colours)
+    return OUTLINE_COLOURS[np.argmax(np.percentile(dist, 10, axis=0))]
+
+
+def _build_task_set(split, sources, load_top, seed, view_size, image_size, target_zooms, min_target_std) -> TaskSet:
+    """Load/generate every task's top image into preallocated pyramid arrays, then pick the targets."""
+    n = len(sources)
+    levels = tuple(np.empty((n, view_size << z, view_size << z, 3), dtype=np.uint8) for z in range(3))
+    colours, image_ids = np.empty((n, 3), dtype=np.uint8), []
+    for i, source in enumerate(sources):
+        # Random streams per task (seed, split, index[, purpose]): task i does not depend on the task counts.
+        top, image_id = load_top(source, np.random.default_rng([seed, _SPLITS[split], i]))
+        for z, level in enumerate(build_pyramid(top)):
+            levels[z][i] = level
+        colours[i] = _outline_colour(levels[0][i])
+        image_ids.append(image_id)
+    task_set = TaskSet(split, view_size, image_size, levels, np.zeros(n, dtype=np.int64), colours, image_ids)
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SPLITS[split], i, _TARGET_STREAM])
+        task_set.target_states[i] = _choose_target(task_set, i, target_zooms, min_target_std, rng)
+    return task_set
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PatchLocConfigError(f"{name} must be an integer >= {minimum} (got {value!r})")
+
+
+def make_task_sets(
+    num_train_tasks: int,
+    num_test_tasks: int,
+    image_source: Union[str, "os.PathLike[str]"] = "procedural",
+    image_size: int = 1024,
+    view_size: int = 112,
+    seed: int = 0,
+    target_zooms: Sequence[int] = (1, 2),
+    min_target_std: float = 8.0,
+) -> tuple[TaskSet, TaskSet]:
+    """Create the training and the held-out task sets; they never share an image.
+
+    Args:
+        num_train_tasks, num_test_tasks: tasks per set (one image per task, >= 1 each).
+        image_source: "procedural" (built-in generator, no download) or a folder of .jpg/.jpeg/.png images
+            of any size; each is center-cropped to a square and resized to image_size.
+        image_size: m, the side images are processed at; must be >= 4 * view_size so that a zoom-2
+            window (m/4 pixels) is never upsampled. Procedural images are generated directly at 4V.
+        view_size: V, the side of each of the three observation views; a multiple of 4 (lattice step V/4).
+        seed: same seed -> identical tasks and images. Per task, the stream is (seed, split, index), so
+            task i does not depend on how many tasks were asked for.
+        target_zooms: zoom levels of the targets: 1 (side m/2), 2 (side m/4), equally likely.
+        min_target_std: target crops whose pixel std (per channel, averaged; 0-255 scale) is below this are
+            rejected as near-uniform.
+    Raises:
+        PatchLocConfigError (a ValueError) with a one-line message on any bad setting or input file.
+    """
+    _check_int("num_train_tasks", num_train_tasks, 1)
+    _check_int("num_test_tasks", num_test_tasks, 1)
+    _check_int("seed", seed, 0)
+    _check_int("view_size", view_size, 4)
+    if view_size % 4:
+        raise PatchLocConfigError(
+            f"view_size must be a multiple of 4 (got {view_size}): windows move on a lattice of a quarter of the view"
+        )
+    _check_int("image_size", image_size, 1)
+    if image_size < 4 * view_size:
+        raise PatchLocConfigError(
+            f"image_size ({image_size}) must be >= 4 * view_size ({4 * view_size}) so that a zoom-2 window "
+            "(image_size/4 pixels) covers at least view_size pixels; raise image_size or lower view_size"
+        )
+    target_zooms = tuple(sorted(set(int(z) for z in target_zooms)))
+    if not target_zooms or not set(target_zooms) <= {1, 2}:
+        raise PatchLocConfigError(f"target_zooms must be a non-empty subset of (1, 2) (got {target_zooms})")
+    side = 4 * view_size
+    counts = {"train": num_train_tasks, "test": num_test_tasks}
+    if str(image_source) == "procedural":
+        sources = {split: [f"procedural:seed={seed}:{split}:{i}" for i in range(n)] for split, n in counts.items()}
+
+        def load_top(image_id, rng):
+            return procedural_image(rng, side), image_id
+
+    else:
+        files = list_image_files(image_source)
+        train_files, test_files = split_files(
+            files, num_train_tasks, num_test_tasks, np.random.default_rng([seed, _FILE_ORDER_STREAM])
+        )
+        sources = {"train": train_files, "test": test_files}
+
+        def load_top(file, rng):
+            return load_image(file, image_size, side), str(file)
+
+    train, test = (
+        _build_task_set(split, sources[split], load_top, seed, view_size, image_size, target_zooms, min_target_std)
+        for split in ("train", "test")
+    )
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------------
+class _Batch:
+    """State of N episodes as flat arrays, and the observation buffer they render into.
+
+    Shared by PatchLocEnv (N = 1) and PatchLocVecEnv so the dynamics and reward are written once.
+    """
+
+    def __init__(self, task_set: TaskSet, config: EpisodeConfig, num_envs: int):
+        self.task_set, self.config = task_set, config
+        self.tasks = np.zeros(num_envs, dtype=np.int64)
+        self.target_states = np.zeros(num_envs, dtype=np.int64)
+        self.states = np.full(num_envs, INITIAL_STATE, dtype=np.int64)
+        self.ious = np.zeros(num_envs)
+        self.steps = np.zeros(num_envs, dtype=np.int64)
+        self.returns = np.zeros(num_envs)  # float64 accumulator: exact enough to telescope
+        v = task_set.view_size
+        self.obs = np.zeros((num_envs, 3, v, v, 3), dtype=np.uint8)
+
+    def start(self, env_ids: np.ndarray, task_ids: np.ndarray) -> None:
+        """Begin new episodes of these tasks in these envs (window = full image); renders their obs."""
+        self.tasks[env_ids] = task_ids
+        self.target_states[env_ids] = self.task_set.target_states[task_ids]
+        self.states[env_ids] = INITIAL_STATE
+        self.ious[env_ids] = IOU[self.target_states[env_ids], INITIAL_STATE]
+        self.steps[env_ids] = 0
+        self.returns[env_ids] = 0.0
+        self.render(env_ids, target=True)
+
+    def render(self, env_ids, target: bool = False) -> None:
+        """Write views 1 (outlined overview) and 2 (current window) of these envs into self.obs; view 0
+        (the target patch, constant during an episode) too if `target`."""
+        for i in env_ids:
+            task, state = self.tasks[i], self.states[i]
+            if target:
+                self.obs[i, 0] = self.task_set.target_patch(task)
+            self.task_set.draw_overview(self.obs[i, 1], task, state)
+            self.obs[i, 2] = self.task_set.view(task, state)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every env by one action (table look-ups); does not render. Returns (reward, terminated,
+        truncated, success, stopped)."""
+        cfg = self.config
+        if actions.shape != self.states.shape or actions.min() < 0 or actions.max() >= NUM_ACTIONS:
+            raise ValueError(f"expected {len(self.states)} actions in 0..{NUM_ACTIONS - 1}, got {actions!r}")
+        self.states = TRANSITIONS[self.states, actions]
+        ious = IOU[self.target_states, self.states]
+        success = ious >= cfg.success_iou
+        stopped = actions == STOP
+        # Reward = IoU improvement (so returns telescope) + bonus on success - penalty on stop.
+        reward = ious - self.ious + cfg.success_bonus * success - cfg.stop_penalty * stopped
+        self.ious = ious
+        self.steps += 1
+        self.returns += reward
+        terminated = success | stopped
+        truncated = (self.steps >= cfg.max_steps) & ~terminated
+        return reward, terminated, truncated, success, stopped
+
+
+def _episode_config(task_set: TaskSet, max_steps, success_iou, success_bonus, stop_penalty) -> EpisodeConfig:
+    _check_int("max_steps", max_steps, 1)
+    start_iou = float(task_set.initial_ious().max())
+    if not start_iou < success_iou <= 1.0:
+        raise PatchLocConfigError(
+            f"success_iou must be in ({start_iou:g}, 1] (got {success_iou}): the starting full-image window "
+            f"already has IoU {start_iou:g} with the largest targets"
+        )
+    return EpisodeConfig(int(max_steps), float(success_iou), float(success_bonus), float(stop_penalty))
+
+
+_ENV_ARGS_DOC = """
+    Episode and reward (constructor arguments; returns telescope to
+    IoU_final - IoU_initial + success_bonus * [success] - stop_penalty * [stopped]):
+        max_steps (20): steps before truncation.
+        success_iou (0.5): the episode ends in success as soon as IoU(window, target) >= this, detected
+            by the env. Each step is rewarded with its IoU improvement.
+        success_bonus (1.0): added on success.
+        stop_penalty (0.2): subtracted when the agent gives up with `stop`.
+    Why this reward (measured on a small prototype, SPEC section 7): a step cost plus a bonus only on a
+    successful *stop* taught PPO to stop at once; +1/-1 on stop taught it never to stop; with success
+    detected by the env (this design) the return rose steadily. The exact optimal return of each task
+    (breadth-first search over the 195 lattice windows within max_steps) is `optimal_returns`.
+"""
+
+
+class PatchLocEnv(gym.Env):
+    __doc__ = (
+        """Single patch-localization env over a TaskSet.
+
+    Observation: uint8 (3, V, V, 3): target patch, overview with the window outlined, current view.
+    Actions: Discrete(7): up, down, left, right, zoom in, zoom out, stop (see envs.lattice).
+    reset(seed=None, options={"task_id": i}) starts task i (random from np_random if not given);
+    info holds "task_id", "iou" and "optimal_return" (plus "success" and "stopped" after a step).
+    """
+        + _ENV_ARGS_DOC
+    )
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        task_set: TaskSet,
+        max_steps: int = 20,
+        success_iou: float = 0.5,
+        success_bonus: float = 1.0,
+        stop_penalty: float = 0.2,
+        render_mode: Optional[str] = None,
+    ):
+        self.task_set = task_set
+        self.config = _episode_config(task_set, max_steps, success_iou, success_bonus, stop_penalty)
+        self.optimal_returns = task_set.optimal_returns(self.config)
+        v = task_set.view_size
+        self.observation_space = gym.spaces.Box(0, 255, (3, v, v, 3), dtype=np.uint8)
+        self.action_space = gym.spaces.Discrete(NUM_ACTIONS)
+        self.render_mode = render_mode
+        self._batch = _Batch(task_set, self.config, 1)
+
+    def _info(self) -> dict[str, Any]:
+        task = int(self._batch.tasks[0])
+        return {"task_id": task, "iou": float(self._batch.ious[0]), "optimal_return": float(self.optimal_returns[task])}
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
+        super().reset(seed=seed)
+        task = (options or {}).get("task_id")
+        if task is None:
+            task = self.np_random.integers(self.task_set.num_tasks)
+        elif not 0 <= task < self.task_set.num_tasks:
+            raise PatchLocConfigError(f"options['task_id'] must be in 0..{self.task_set.num_tasks - 1} (got {task})")
+        self._batch.start(np.zeros(1, dtype=np.int64), np.array([task]))
+        return self._batch.obs[0].copy(), self._info()
+
+    def step(self, action):
+        reward, terminated, truncated, success, stopped = self._batch.step(np.array([action], dtype=np.int64))
+        self._batch.render([0])
+        info = self._info()
+        info.update(success=bool(success[0]), stopped=bool(stopped[0]))
+        return self._batch.obs[0].copy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def render(self):
+        """The three views side by side, uint8 (V, 3V, 3)."""
+        return np.concatenate(list(self._batch.obs[0]), axis=1)
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        """Current window as (zoom, row, col) on the lattice."""
+        return tuple(int(v) for v in STATES[self._batch.states[0]])
+
+    @property
+    def window_box(self) -> np.ndarray:
+        """Current window (y0, x0, y1, x1) normalised to [0, 1] like TaskSet.target_boxes."""
+        return NORMALIZED_BOXES[self._batch.states[0]].copy()
+
+    def optimal_actions(self, task_id: int) -> list[int]:
+        """An oracle action sequence achieving optimal_returns[task_id] under this env's parameters."""
+        return self.task_set.optimal_actions(task_id, self.config)
+
+
+class PatchLocVecEnv(gym.vector.VectorEnv):
+    __doc__ = (
+        """Native batched patch-localization env: num_envs episodes in flat numpy arrays, same-step auto-reset.
+
+    step(actions) -> obs (N, 3, V, V, 3) uint8, rewards float32 (N,), terminations, truncations, infos.
+    When an episode ends the returned obs is already the first obs of the env's next episode (tasks drawn
+    uniformly from the TaskSet with np_random, seeded by reset(seed=...)); infos then holds
+        infos["episode"] = {"r": float32, "l": int32, "normalized_r": float32 (r / optimal return),
+                            "success": bool, "stopped": bool, "final_iou": float32, "task_id": int64,
+                            "from_queue": bool (the task came from reset's task_ids)}   (arrays of N)
+        infos["_episode"] = bool mask of the envs whose episode ended (other entries are 0),
+        infos["final_obs"] = object array of the last obs of those episodes (None elsewhere), "_final_obs".
+    reset(seed=None, options={"task_ids": ids}) starts env i on task ids[i]; extra ids (len(ids) > N) are
+    queued and handed out, in order, at the next auto-resets (then tasks are random again): run each
+    held-out task once by passing all its ids and counting episodes with from_queue.
+    window_boxes() -> (N, 4) current windows (y0, x0, y1, x1) normalised to [0, 1] (TaskSet.target_boxes).
+    get_state() / set_state(state): numpy arrays to checkpoint and resume exactly.
+    copy (True): return a copy of the internal observation buffer (False: the buffer itself, overwritten
+    by the next step).
+    """
+        + _ENV_ARGS_DOC
+    )
+
+    metadata = _VEC_METADATA
+
+    def __init__(
+        self,
+        task_set: TaskSet,
+        num_envs: int,
+        max_steps: int = 20,
+        success_iou: float = 0.5,
+        success_bonus: float = 1.0,
+        stop_penalty: float = 0.2,
+        copy: bool = True,
+    ):
+        _check_int("num_envs", num_envs, 1)
+        self.task_set, self.num_envs, self.copy = task_set, int(num_envs), copy
+        self.config = _episode_config(task_set, max_steps, success_iou, success_bonus, stop_penalty)
+        self.optimal_returns = task_set.optimal_returns(self.config)
+        v = task_set.view_size
+        self.single_observation_space = gym.spaces.Box(0, 255, (3, v, v, 3), dtype=np.uint8)
+        self.single_action_space = gym.spaces.Discrete(NUM_ACTIONS)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._batch = _Batch(task_set, self.config, self.num_envs)
+        self._all = np.arange(self.num_envs)
+        self._queue = np.zeros(0, dtype=np.int64)
+        self._from_queue = np.zeros(self.num_envs, dtype=bool)
+
+    def _observations(self) -> np.ndarray:
+        return self._batch.obs.copy() if self.copy else self._batch.obs
+
+    def _draw_tasks(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Next `count` tasks: from the queue first, then uniformly at random."""
+        queued, self._queue = self._queue[:count], self._queue[count:]
+        fresh = self.np_random.integers(self.task_set.num_tasks, size=count - len(queued))
+        return np.concatenate([queued, fresh]), np.arange(count) < len(queued)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
+        super().reset(seed=seed)  # (re)seeds self.np_random
+        task_ids = (options or {}).get("task_ids")
+        self._queue = np.zeros(0, dtype=np.int64)
+        if task_ids is not None:
+            task_ids = np.asarray(task_ids, dtype=np.int64).reshape(-1)
+            if len(task_ids) < self.num_envs or task_ids.min() < 0 or task_ids.max() >= self.task_set.num_tasks:
+                raise PatchLocConfigError(
+                    f"options['task_ids'] needs at least {self.num_envs} ids in 0..{self.task_set.num_tasks - 1} "
+                    f"(got {len(task_ids)} ids)"
+                )
+            self._queue = task_ids
+        tasks, self._from_queue = self._draw_tasks(self.num_envs)
+        self._batch.start(self._all, tasks)
+        return self._observations(), {"task_id": tasks.copy()}
+
+    def step(self, actions):
+        batch = self._batch
+        reward, terminated, truncated, success, stopped = batch.step(np.asarray(actions, dtype=np.int64).reshape(-1))
+        done = terminated | truncated
+        infos: dict[str, Any] = {}
+        if done.any():
+            ended = np.flatnonzero(done)
+            # Episode statistics, gymnasium convention: arrays over all envs + a "_episode" mask.
+            optimal = self.optimal_returns[batch.tasks]
+            normalized = np.divide(batch.returns, optimal, out=np.full(self.num_envs, np.nan), where=optimal > 0)
+            infos["episode"] = {
+                "r": np.where(done, batch.returns, 0.0).astype(np.float32),
+                "l": np.where(done, batch.steps, 0).astype(np.int32),
+                "normalized_r": np.where(done, normalized, 0.0).astype(np.float32),
+                "success": success.copy(),
+                "stopped": stopped & done,
+                "final_iou": np.where(done, batch.ious, 0.0).astype(np.float32),
+                "task_id": np.where(done, batch.tasks, 0),
+                "from_queue": self._from_queue & done,
+            }
+            infos["_episode"] = done
+            batch.render(ended)  # the final observation, kept for bootstrapping truncated episodes
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for i in ended:
+                final_obs[i] = batch.obs[i].copy()
+            infos["final_obs"], infos["_final_obs"] = final_obs, done
+            tasks, self._from_queue[ended] = self._draw_tasks(len(ended))
+            batch.start(ended, tasks)  # same-step auto-reset (renders the new episodes' first obs)
+            batch.render(np.flatnonzero(~done))
+        else:
+            batch.render(self._all)
+        return self._observations(), reward.astype(np.float32), terminated, truncated, infos
+
+    @property
+    def tasks(self) -> np.ndarray:
+        """(N,) task id of each env's current episode."""
+        return self._batch.tasks.copy()
+
+    def windows(self) -> np.ndarray:
+        """(N, 3) int current windows as (zoom, row, col) on the lattice."""
+        return STATES[self._batch.states].copy()
+
+    def window_boxes(self) -> np.ndarray:
+        """(N, 4) float current windows (y0, x0, y1, x1) normalised to [0, 1], y1/x1 exclusive (as target_boxes)."""
+        return NORMALIZED_BOXES[self._batch.states].copy()
+
+    def optimal_actions(self, task_id: int) -> list[int]:
+        """An oracle action sequence achieving optimal_returns[task_id] under this env's parameters."""
+        return self.task_set.optimal_actions(task_id, self.config)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume exactly (episodes in progress, task queue, task RNG), as numpy arrays of
+        int64 / float64 / bool, so that a checkpoint can store them as tensors (torch.load(weights_only=True))."""
+        rng = self.np_random.bit_generator.state
+        if rng["bit_generator"] != "PCG64":
+            raise TypeError(f"get_state supports the PCG64 generator of gymnasium's seeding, not {rng['bit_generator']}")
+        words = [rng["state"]["state"] >> 64, rng["state"]["state"], rng["state"]["inc"] >> 64, rng["state"]["inc"]]
+        words = [w & (2**64 - 1) for w in words] + [rng["has_uint32"], rng["uinteger"]]
+        b = self._batch
+        return {
+            "tasks": b.tasks.copy(),
+            "states": b.states.copy(),
+            "steps": b.steps.copy(),
+            "returns": b.returns.copy(),
+            "from_queue": self._from_queue.copy(),
+            "queue": self._queue.copy(),
+            "rng": np.array(words, dtype=np.uint64).view(np.int64),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore get_state() from an env with the same TaskSet and num_envs: the next step continues exactly."""
+        b, n = self._batch, self.num_envs
+        tasks = np.asarray(state["tasks"], dtype=np.int64)
+        if tasks.shape != (n,) or tasks.max() >= self.task_set.num_tasks:
+            raise PatchLocConfigError(
+                f"saved env state is for {len(tasks)} envs over >= {tasks.max() + 1} tasks, not {n} envs over "
+                f"{self.task_set.num_tasks}; resume with the settings of the saved run"
+            )
+        b.tasks[:], b.target_states[:] = tasks, self.task_set.target_states[tasks]
+        b.states[:], b.steps[:], b.returns[:] = state["states"], state["steps"], state["returns"]
+        b.ious = IOU[b.target_states, b.states]
+        self._from_queue = np.asarray(state["from_queue"], dtype=bool).copy()
+        self._queue = np.asarray(state["queue"], dtype=np.int64).copy()
+        words = [int(w) for w in np.asarray(state["rng"], dtype=np.int64).view(np.uint64)]
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": (words[0] << 64) | words[1], "inc": (words[2] << 64) | words[3]},
+            "has_uint32": words[4],
+            "uinteger": words[5],
+        }
+        self.np_random = rng
+        b.render(self._all, target=True)
