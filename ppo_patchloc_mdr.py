@@ -327,7 +327,7 @@ class Agent(nn.Module):
     def get_action_and_value(self, x, action=None):
         hidden = self.features(x)
         logits = self.actor(hidden)
-        probs = Categorical(logits=logits)
+        probs = Categorical(logits=logits, validate_args=False)  # NaN logits reach the non-finite-loss check
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
@@ -447,9 +447,10 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, 
 def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio, clip_coef):
     """Eq. 10-11 made measurable: next to the optimized train-mode ratio r', the eval-mode ratio r at the same
     parameters. Returns mean |r' - r| and the fraction of samples the clip cannot stop (r' inside, r outside)."""
+    was_training = agent.training
     agent.eval()  # eval-mode forward under no_grad: no running-stat update, no dropout RNG draw
     _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
-    agent.train()
+    agent.train(was_training)
     eval_ratio = (eval_logprob - mb_logprobs).exp()
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
@@ -673,8 +674,7 @@ def main(args: Args):
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
-        wandb.init(
+        wandb_run = wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             group=args.wandb_group,
@@ -688,10 +688,11 @@ def main(args: Args):
                 f"mdr=({args.alpha1},{args.alpha2})",
                 f"seed={args.seed}",
             ],
-            id=wandb_id,
+            id=wandb_id,  # None on a fresh run: wandb picks one, kept in the checkpoint so --resume continues it
             resume="allow",
             save_code=True,
         )
+        wandb_id = wandb_run.id
     writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters",
