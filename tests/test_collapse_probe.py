@@ -1,0 +1,429 @@
+"""Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta pi, the collapse
+detector on synthetic curves, the figures from hand-written CSVs, the per-update CSV of a real run, bad input."""
+
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_collapse_probe as probe
+
+SCRIPT = Path(probe.__file__).resolve()
+TINY = ["--num-envs", "2", "--num-steps", "16", "--minibatch-size", "8", "--total-timesteps", "64"]
+TINY += ["--view-size", "16", "--image-size", "64", "--hidden-size", "32"]
+
+
+def run_script(cwd, *args):
+    """Run the script as a user would, in `cwd`; returns the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parent), "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and message in lines[0], lines[0]
+
+
+def tiny_agent(mode="bn"):
+    return probe.Agent(7, probe.Args(mode=mode, view_size=16, hidden_size=32))
+
+
+def random_obs(n, generator_seed=0):
+    generator = torch.Generator().manual_seed(generator_seed)
+    return torch.randint(0, 256, (n, 3, 16, 16, 3), dtype=torch.uint8, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JS divergence
+
+
+def test_js_divergence_of_identical_distributions_is_zero():
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0], [5.0, 5.0, -3.0, 1.0]])
+    assert torch.allclose(probe.js_divergence(logits, logits.clone()), torch.zeros(2), atol=1e-7)
+
+
+def test_js_divergence_two_classes_matches_hand_value():
+    p, q = (0.9, 0.1), (0.5, 0.5)
+    m = (0.7, 0.3)
+    expected = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(
+        qi * math.log(qi / mi) for qi, mi in zip(q, m)
+    )
+    logits_p, logits_q = torch.log(torch.tensor([p], dtype=torch.float64)), torch.log(torch.tensor([q], dtype=torch.float64))
+
+    assert probe.js_divergence(logits_p, logits_q).item() == pytest.approx(expected, rel=1e-9)
+    assert probe.js_divergence(logits_q, logits_p).item() == pytest.approx(expected, rel=1e-9)  # symmetric
+
+
+def test_js_divergence_of_disjoint_distributions_is_ln2_and_never_above():
+    logits_p = torch.tensor([[60.0, -60.0, -60.0], [-60.0, 60.0, -60.0]])
+    logits_q = torch.tensor([[-60.0, 60.0, -60.0], [-60.0, -60.0, 60.0]])
+
+    js = probe.js_divergence(logits_p, logits_q)
+
+    assert torch.allclose(js, torch.full((2,), math.log(2.0)), atol=1e-6)
+    assert torch.all(js <= math.log(2.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Delta pi: side-effect free
+
+
+def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
+    torch.manual_seed(0)
+    agent = tiny_agent("bn")
+    b_obs = random_obs(24)
+    agent.train()
+    with torch.no_grad():  # a few train-mode passes so that the running stats are not the initial 0/1
+        for _ in range(3):
+            agent.get_value(b_obs[:8])
+    agent.eval()
+    state_before = copy.deepcopy(agent.state_dict())
+    assert state_before["backbone.bn1.num_batches_tracked"].item() == 3
+    rng_before = torch.get_rng_state()
+
+    delta = probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
+
+    assert not agent.training  # mode restored
+    state_after = agent.state_dict()
+    assert state_after.keys() == state_before.keys()
+    changed = [name for name in state_before if not torch.equal(state_before[name], state_after[name])]
+    assert changed == [], f"policy_mismatch changed {changed}"
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert 0.0 < delta.item() <= math.log(2.0)  # train vs eval BatchNorm really differ here
+
+    agent.train()
+    probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
+    assert agent.training
+
+
+def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
+    torch.manual_seed(0)
+    agent = tiny_agent("eval")
+
+    delta = probe.policy_mismatch(agent, random_obs(16), 8, torch.Generator().manual_seed(1))
+
+    assert delta.item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collapse detector
+
+
+def feed(curve, window=5, drop=0.5, min_best=30.0, recover_frac=0.8):
+    detector = probe.CollapseDetector(window, drop, min_best, recover_frac)
+    flags = [detector.update(iteration, value) for iteration, value in enumerate(curve, start=1)]
+    return detector, [i for i, flag in enumerate(flags, start=1) if flag]
+
+
+RISE_THEN_CRASH = list(np.linspace(0.0, 80.0, 20)) + [80.0] * 10 + [10.0] * 30  # crash starts at iteration 31
+
+
+def test_detector_flags_a_sustained_crash_once_and_no_recovery():
+    detector, flagged = feed(RISE_THEN_CRASH)
+
+    # moving average of 5 at iterations 31, 32, 33: 66, 52, 38 -> first below 0.5 x 80 at 33
+    assert flagged == [33]
+    assert detector.collapses == [{"iteration": 33, "pre_collapse_best": pytest.approx(80.0), "recovery_iteration": None}]
+    assert detector.in_collapse
+    assert detector.best == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize("level, flagged", [(41.0, []), (39.0, [35])])
+def test_detector_threshold_is_drop_times_the_running_best(level, flagged):
+    # best 80, drop 0.5: a sustained fall to 41 stays above 40, a fall to 39 crosses it once the window is all 39
+    curve = RISE_THEN_CRASH[:30] + [level] * 20
+
+    assert feed(curve)[1] == flagged
+
+
+def test_detector_waits_for_a_full_window():
+    curve = [90.0] + [20.0] * 30  # a lucky first update: its partial average (90) must not become the best
+
+    detector, flagged = feed(curve)
+
+    assert flagged == []
+    assert detector.best == pytest.approx(34.0)  # first full window: (90 + 4 x 20) / 5
+
+
+def test_detector_records_the_recovery_iteration():
+    curve = RISE_THEN_CRASH[:49] + [80.0] * 20  # back to 80 from iteration 50
+
+    detector, flagged = feed(curve)
+
+    # moving average at 50, 51, 52, 53: 24, 38, 52, 66 -> first >= 0.8 x 80 = 64 at 53
+    assert flagged == [33]
+    assert detector.collapses[0]["recovery_iteration"] == 53
+    assert not detector.in_collapse
+
+
+def test_detector_flags_a_second_collapse_after_a_recovery():
+    curve = RISE_THEN_CRASH[:49] + [80.0] * 20 + [0.0] * 10
+
+    detector, flagged = feed(curve)
+
+    assert flagged == [33, 72]  # moving average at 69, 70, 71, 72: 80, 64, 48, 32
+    assert [event["recovery_iteration"] for event in detector.collapses] == [53, None]
+
+
+def test_detector_ignores_a_noisy_but_stable_curve():
+    rng = np.random.default_rng(0)
+    curve = list(60.0 + rng.uniform(-25.0, 25.0, size=300))
+
+    detector, flagged = feed(curve, window=10)
+
+    assert flagged == [] and detector.collapses == []
+    assert 60.0 < detector.best < 85.0
+
+
+def test_detector_needs_the_best_above_min_best():
+    curve = list(np.linspace(0.0, 25.0, 20)) + [0.0] * 30  # falls to 0, but its best (25) never reached 30
+
+    detector, flagged = feed(curve)
+
+    assert flagged == [] and detector.collapses == []
+
+
+def test_detector_skips_updates_without_episodes():
+    curve = RISE_THEN_CRASH[:30] + [float("nan")] * 5 + [10.0] * 10
+
+    detector, flagged = feed(curve)
+
+    assert flagged == [38]  # the NaN updates (31..35) neither count in the average nor advance it
+    assert math.isfinite(detector.smoothed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+@pytest.mark.parametrize(
+    "overrides, alphas",
+    [
+        (dict(mode="bn"), (3, 0)),
+        (dict(mode="eval"), (3, 0)),
+        (dict(mode="bn-mdr"), (2, 1)),
+        (dict(mode="bn-mdr", update_epochs=6), (4, 2)),
+        (dict(mode="bn-mdr", alpha1=1), (1, 2)),
+        (dict(mode="bn-mdr", alpha2=3), (0, 3)),
+        (dict(mode="bn-mdr", alpha1=4, alpha2=2, update_epochs=6), (4, 2)),
+    ],
+)
+def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
+    assert probe.validate_args(probe.Args(**overrides)) == alphas
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mode="foo"), "--mode foo"),
+        (dict(mode="bn", alpha2=1), "bn-mdr only"),
+        (dict(mode="bn-mdr", alpha1=3, alpha2=1), "--alpha1 3 --alpha2 1"),
+        (dict(mode="bn-mdr", alpha1=3), "--alpha1 3 --alpha2 0"),
+        (dict(mode="bn-mdr", alpha2=4), "--alpha1 -1 --alpha2 4"),
+        (dict(update_epochs=0), "--update-epochs 0"),
+        (dict(minibatch_size=1000), "--minibatch-size 1000"),
+        (dict(collapse_drop=0.5, recover_frac=0.4), "--recover-frac 0.4"),
+        (dict(collapse_drop=1.0), "--collapse-drop 1.0"),
+        (dict(clip_coef=0.0), "--clip-coef"),
+    ],
+)
+def test_validate_args_rejects_bad_input(overrides, message):
+    with pytest.raises(probe.ConfigError) as error:
+        probe.validate_args(probe.Args(**overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--mode", "foo"], "--mode foo"), (["--mode", "bn-mdr", "--alpha1", "3", "--alpha2", "1"], "--alpha1 3 --alpha2 1")],
+    ids=["unknown-mode", "alphas-not-summing-to-epochs"],
+)
+def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
+    result = run_script(tmp_path, *TINY, *args)
+
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A real (tiny) run: the CSV and the summary
+
+
+def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(tmp_path):
+    result = run_script(tmp_path, *TINY, "--mode", "bn-mdr", "--clip-coef", "0.05", "--seed", "3")
+
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    with open(run_dir / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == probe.CSV_COLUMNS
+    assert [int(row["iteration"]) for row in rows] == [1, 2]  # 64 steps / (2 envs x 16 steps)
+    assert [int(row["global_step"]) for row in rows] == [32, 64]
+    assert {(row["mode"], float(row["clip_coef"]), float(row["ent_coef"]), row["seed"]) for row in rows} == {
+        ("bn-mdr", 0.05, 0.01, "3")
+    }
+    assert {(row["alpha1"], row["alpha2"]) for row in rows} == {("2", "1")}
+    for row in rows:
+        for column in ("delta_pi_minus", "delta_pi_plus", "ratio_gap", "trust_region_violation", "entropy", "approx_kl"):
+            assert math.isfinite(float(row[column])), column
+        assert 0.0 <= float(row["delta_pi_minus"]) <= math.log(2.0)
+        assert 0.0 <= float(row["trust_region_violation"]) <= 1.0
+        assert row["collapse_flag"] == "0" and row["collapse_count"] == "0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["iterations"] == 2
+    assert summary["collapse_iterations"] == [] and summary["recovery_iterations"] == []
+    deltas = [float(row["delta_pi_minus"]) for row in rows]
+    assert summary["peak_delta_pi_minus"] == pytest.approx(max(deltas), rel=1e-5)
+    assert summary["peak_delta_pi_minus_iteration"] == 1 + int(np.argmax(deltas))
+    assert summary["final_reward"] == pytest.approx(float(rows[-1]["smoothed_reward"]), rel=1e-5, nan_ok=True)
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monkeypatch):
+    original = probe.clipped_ppo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, ratio, stats = original(*args, **kwargs)
+        return loss * float("nan"), ratio, stats
+
+    monkeypatch.setattr(probe, "clipped_ppo_loss", nan_loss)
+    monkeypatch.chdir(tmp_path)
+    args = probe.Args(
+        mode="bn", num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, view_size=16, image_size=64, hidden_size=32
+    )
+
+    assert probe.main(args) == 1
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "metrics.csv").read_text().strip().splitlines() == [",".join(probe.CSV_COLUMNS)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "non-finite loss" and summary["iterations"] == 0
+
+
+def test_sigterm_keeps_the_finished_updates_and_writes_the_summary(tmp_path, monkeypatch):
+    original, calls = probe.policy_mismatch, []
+
+    def terminate_in_second_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Delta pi minus of update 2: update 1 is complete, update 2 is not
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "policy_mismatch", terminate_in_second_update)
+    monkeypatch.chdir(tmp_path)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    args = probe.Args(
+        mode="bn", num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=160, view_size=16, image_size=64, hidden_size=32
+    )
+
+    assert probe.main(args) == 130
+
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [row["iteration"] for row in csv.DictReader(f)] == ["1"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["iterations"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None):
+    """A metrics.csv as the probe writes it: a rising reward (crashing at `crash_at`), a growing Delta pi minus."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=probe.CSV_COLUMNS)
+        writer.writeheader()
+        for i in range(1, iterations + 1):
+            reward = min(90.0, 3.0 * i) + rng.normal(0, 3)
+            if crash_at and i >= crash_at:
+                reward = 5.0
+            row = {column: 0.0 for column in probe.CSV_COLUMNS}
+            row.update(iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed)
+            row.update(normalized_reward=reward, smoothed_reward=reward, collapse_flag=int(crash_at == i))
+            row["delta_pi_minus"] = 0.0 if mode == "eval" else 1e-4 * math.exp(i / 8)
+            writer.writerow(row)
+
+
+def test_plot_draws_fig6_and_the_entropy_comparison(tmp_path):
+    runs_dir = tmp_path / "collapse"
+    for mode in probe.MODES:
+        for clip in probe.FIG6_CLIPS:
+            for seed in (1, 2):
+                crash = 30 if mode == "bn" and seed == 1 else None
+                write_run(runs_dir / f"{mode}_clip{clip}_ent0.01_seed{seed}", mode, clip, 0.01, seed, crash_at=crash)
+    for mode in ("bn-mdr", "eval"):
+        for seed in (1, 2, 3):
+            write_run(runs_dir / f"{mode}_clip0.2_ent0_seed{seed}", mode, 0.2, 0.0, seed, iterations=30 + seed)
+    out, entropy_out = tmp_path / "figs" / "fig6.png", tmp_path / "figs" / "entropy.png"
+
+    assert probe.plot_main(probe.PlotArgs(runs_dir=str(runs_dir), out=str(out), entropy_out=str(entropy_out))) == 0
+
+    for path in (out, entropy_out):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, (path, len(data))
+
+
+def test_plot_cli_with_missing_cells_draws_them_empty(tmp_path):
+    runs_dir = tmp_path / "collapse"
+    write_run(runs_dir / "bn_clip0.2_ent0.01_seed1", "bn", 0.2, 0.01, 1, crash_at=25)  # one cell of six, no eval
+
+    result = run_script(tmp_path, "plot", "--runs-dir", runs_dir, "--out", "fig6.png", "--entropy-out", "entropy.png")
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "fig6.png").stat().st_size > 10_000
+    assert (tmp_path / "entropy.png").stat().st_size > 10_000
+
+
+def test_draw_panel_marks_an_empty_cell_and_draws_seeds_and_mean(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs_dir = tmp_path / "collapse"
+    for seed in (1, 2, 3):
+        write_run(runs_dir / f"bn_seed{seed}", "bn", 0.2, 0.01, seed, iterations=20 + seed)
+    runs = probe.read_runs(str(runs_dir))
+    fig, (empty_ax, full_ax) = plt.subplots(1, 2)
+
+    probe.draw_panel(empty_ax, [], "BN+MDR, clip 0.05")
+    probe.draw_panel(full_ax, runs, "BN, clip 0.2")
+
+    assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
+    assert len(full_ax.lines) == 3 + 3 + 1  # per seed: reward and collapse marks; the mean
+    mean_line = full_ax.lines[-1]
+    assert len(mean_line.get_xdata()) == 23  # the mean spans the longest run
+    expected_first = np.mean([run["smoothed_reward"][0] for run in runs])
+    assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
+    plt.close(fig)
+
+
+def test_plot_without_runs_is_a_config_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(probe.ConfigError, match="no metrics.csv"):
+        probe.plot_main(probe.PlotArgs(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "a.png")))
+    assert not (tmp_path / "a.png").exists()
