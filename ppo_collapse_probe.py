@@ -158,6 +158,8 @@ class NonFiniteLossError(Exception):
 
 MODES = {"bn": "BN", "eval": "Eval", "bn-mdr": "BN+MDR"}
 FIG6_CLIPS = (0.2, 0.05)
+REWARD_YLIM = (-20.0, 100.0)  # normalized reward, percent of the optimal return (stopping at once: about -12)
+DELTA_YLIM = (1e-5, 1.0)  # JS divergence in nats, <= ln 2
 CSV_COLUMNS = [
     "iteration",
     "global_step",
@@ -597,14 +599,16 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
         worst = sorted(runs, key=fluctuation, reverse=True)[:2]
         length = min(len(run["smoothed_reward"]) for run in worst)
         worst_reward = np.min([run["smoothed_reward"][:length] for run in worst], axis=0)
-        ax.plot(worst[0]["global_step"][:length], worst_reward, color="tab:blue", lw=2.2, label="min of 2 most fluctuating")
+        ax.plot(worst[0]["global_step"][:length], worst_reward, color="tab:blue", lw=2.2)
     else:
         x, reward = mean_curve(runs, "smoothed_reward")
         ax.plot(x, reward, color="tab:blue", lw=2.2)
     x, delta = mean_curve(runs, "delta_pi_minus")
+    ax.set_ylim(*REWARD_YLIM)  # every panel on the same scales, as in the paper's figure
     if np.any(delta > 0):
         delta_ax.plot(x[delta > 0], delta[delta > 0], color="tab:red", lw=2.0)
         delta_ax.set_yscale("log")
+        delta_ax.set_ylim(*DELTA_YLIM)
     else:
         delta_ax.text(0.98, 0.04, "Δπ⁻ = 0", ha="right", va="bottom", transform=ax.transAxes, color="tab:red", fontsize=8)
         delta_ax.set_yticks([])
@@ -865,7 +869,8 @@ def main(args: Args):
                 f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
                 f"episodic_return={row['episodic_return']:.3f}, normalized_reward={normalized:.1f}%, "
                 f"smoothed={detector.smoothed:.1f}%, delta_pi_minus={delta_pi_minus:.2e}, SPS={row['sps']}"
-                + (f"  <-- collapse #{len(detector.collapses)} flagged" if flag else "")
+                + (f"  <-- collapse #{len(detector.collapses)} flagged" if flag else ""),
+                flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
