@@ -183,6 +183,11 @@ def validate_args(args: Args) -> None:
         raise ConfigError(
             f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
         )
+    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
+            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
+        )
     if args.total_timesteps < batch_size:
         raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0 or args.brn_rmax < 1.0 or args.brn_dmax < 0:
@@ -726,7 +731,6 @@ def main(args: Args):
         print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to quit at once)")
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    b_inds = np.arange(args.batch_size)
     start_time, start_step = time.time(), global_step
     iteration, exit_code = start_iteration - 1, 0
     try:
@@ -772,6 +776,7 @@ def main(args: Args):
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
+            b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
             for mdr_round in range(args.mdr_rounds):
                 if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic (paper App. D)
                     batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
