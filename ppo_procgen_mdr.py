@@ -328,7 +328,7 @@ class Agent(nn.Module):
     def get_action_and_value(self, x, action=None):
         hidden = self.features(x)
         logits = self.actor(hidden)
-        probs = Categorical(logits=logits)
+        probs = Categorical(logits=logits, validate_args=False)  # NaN logits reach the non-finite-loss check
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
@@ -437,9 +437,10 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, 
 def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio, clip_coef):
     """Eq. 10-11 made measurable: next to the optimized train-mode ratio r', the eval-mode ratio r at the same
     parameters. Returns mean |r' - r| and the fraction of samples the clip cannot stop (r' inside, r outside)."""
+    was_training = agent.training
     agent.eval()  # eval-mode forward under no_grad: no running-stat update, no dropout RNG draw
     _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
-    agent.train()
+    agent.train(was_training)
     eval_ratio = (eval_logprob - mb_logprobs).exp()
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
@@ -650,8 +651,7 @@ def main(args: Args):
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
-        wandb.init(
+        wandb_run = wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             group=args.wandb_group,
@@ -659,10 +659,11 @@ def main(args: Args):
             config=vars(args),
             name=run_name,
             tags=[args.env_id, f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})", f"seed={args.seed}"],
-            id=wandb_id,
+            id=wandb_id,  # None on a fresh run: wandb picks one, kept in the checkpoint so --resume continues it
             resume="allow",
             save_code=True,
         )
+        wandb_id = wandb_run.id
     writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters",
@@ -698,7 +699,6 @@ def main(args: Args):
         print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to quit at once)")
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    b_inds = np.arange(args.batch_size)
     start_time, start_step = time.time(), global_step
     iteration, exit_code = start_iteration - 1, 0
     try:
@@ -747,6 +747,7 @@ def main(args: Args):
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
+            b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
             for mdr_round in range(args.mdr_rounds):
                 if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic
                     batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
