@@ -1,0 +1,81 @@
+"""Learning curve of a ppo_patchloc_mdr.py run: training and held-out normalized reward vs global step.
+
+Reads the TensorBoard event file(s) of one run folder and saves a PNG:
+
+    python benchmarks/plot_learning.py runs/<run_name> --out docs/patchloc_learning.png --random-reference -14.2
+
+The normalized reward is the return as a percentage of each task's exact optimal return (envs/); the optional
+--random-reference draws a uniformly random policy's value as a dashed line.
+"""
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+CURVES = {
+    "charts/normalized_reward": "training episodes during collection (sampled actions)",
+    "charts/test_normalized_reward": "held-out tasks (greedy policy, each task once)",
+    "charts/generalization_gap": "training tasks (greedy policy) = held-out + generalization gap",
+}
+
+
+def read_scalars(run_dir):
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    return {tag: np.array([(e.step, e.value) for e in accumulator.Scalars(tag)]) for tag in CURVES if tag in tags}
+
+
+def smooth(values, window):
+    """Trailing moving average over `window` points (shorter at the start)."""
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (cumsum[1:] - cumsum[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="runs/<run_name> of a ppo_patchloc_mdr.py run")
+    parser.add_argument("--out", default="patchloc_learning.png", help="PNG to write")
+    parser.add_argument("--smooth", type=int, default=10, help="moving-average window of the training curve (points)")
+    parser.add_argument("--random-reference", type=float, default=None, help="a random policy's normalized reward (%%)")
+    parser.add_argument("--title", default="PPO + MDR on patch localization (CPU-sized run)")
+    args = parser.parse_args()
+
+    scalars = read_scalars(args.run_dir)
+    if not scalars:
+        raise SystemExit(f"error: no normalized-reward scalars in {args.run_dir}")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    train = scalars.get("charts/normalized_reward")
+    if train is not None:
+        ax.plot(train[:, 0], train[:, 1], color="tab:blue", alpha=0.25, linewidth=1)
+        label = CURVES["charts/normalized_reward"] + f", moving average of {args.smooth}"
+        ax.plot(train[:, 0], smooth(train[:, 1], args.smooth), color="tab:blue", linewidth=2, label=label)
+    test = scalars.get("charts/test_normalized_reward")
+    if test is not None:
+        ax.plot(test[:, 0], test[:, 1], "o-", color="tab:orange", linewidth=2, label=CURVES["charts/test_normalized_reward"])
+    gap = scalars.get("charts/generalization_gap")
+    if test is not None and gap is not None and np.array_equal(test[:, 0], gap[:, 0]):
+        label = CURVES["charts/generalization_gap"]
+        ax.plot(test[:, 0], test[:, 1] + gap[:, 1], "s--", color="tab:green", linewidth=1.5, label=label)
+    if args.random_reference is not None:
+        label = f"uniformly random policy ({args.random_reference:.1f}%)"
+        ax.axhline(args.random_reference, color="gray", linestyle="--", label=label)
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("global step (environment steps)")
+    ax.set_ylabel("normalized reward (% of the optimal return)")
+    ax.set_title(args.title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 0.2), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
