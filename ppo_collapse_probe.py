@@ -589,27 +589,29 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
         ax.set_yticks([])
         return
     delta_ax = ax.twinx()
+    delta_x, delta = mean_curve(runs, "delta_pi_minus")
+    show_delta = bool(np.any(delta > DELTA_YLIM[0]))  # eval mode: 0 by definition (rounding leaves ~1e-8)
     for run in runs:
         ax.plot(run["global_step"], run["smoothed_reward"], color="tab:blue", lw=0.7, alpha=0.5)
         flagged = run["collapse_flag"] > 0
         ax.plot(run["global_step"][flagged], run["smoothed_reward"][flagged], "kx", ms=6, mew=1.5)
         positive = run["delta_pi_minus"] > 0
-        delta_ax.plot(run["global_step"][positive], run["delta_pi_minus"][positive], color="tab:red", lw=0.7, alpha=0.4)
+        if show_delta:
+            delta_ax.plot(run["global_step"][positive], run["delta_pi_minus"][positive], color="tab:red", lw=0.7, alpha=0.4)
     if aggregate == "min":
         worst = sorted(runs, key=fluctuation, reverse=True)[:2]
         length = min(len(run["smoothed_reward"]) for run in worst)
         worst_reward = np.min([run["smoothed_reward"][:length] for run in worst], axis=0)
         ax.plot(worst[0]["global_step"][:length], worst_reward, color="tab:blue", lw=2.2)
     else:
-        x, reward = mean_curve(runs, "smoothed_reward")
-        ax.plot(x, reward, color="tab:blue", lw=2.2)
-    x, delta = mean_curve(runs, "delta_pi_minus")
+        reward_x, reward = mean_curve(runs, "smoothed_reward")
+        ax.plot(reward_x, reward, color="tab:blue", lw=2.2)
     ax.set_ylim(*REWARD_YLIM)  # every panel on the same scales, as in the paper's figure
-    if np.any(delta > DELTA_YLIM[0]):
-        delta_ax.plot(x[delta > 0], delta[delta > 0], color="tab:red", lw=2.0)
+    if show_delta:
+        delta_ax.plot(delta_x[delta > 0], delta[delta > 0], color="tab:red", lw=2.0)
         delta_ax.set_yscale("log")
         delta_ax.set_ylim(*DELTA_YLIM)
-    else:  # eval mode: 0 by definition (rounding leaves ~1e-8)
+    else:
         delta_ax.text(0.98, 0.04, "Δπ⁻ ≈ 0", ha="right", va="bottom", transform=ax.transAxes, color="tab:red", fontsize=8)
         delta_ax.set_yticks([])
     ax.set_ylabel("reward (% of optimum)", color="tab:blue", fontsize=8)

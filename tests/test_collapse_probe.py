@@ -350,7 +350,8 @@ def test_sigterm_keeps_the_finished_updates_and_writes_the_summary(tmp_path, mon
 
 
 def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None):
-    """A metrics.csv as the probe writes it: a rising reward (crashing at `crash_at`), a growing Delta pi minus."""
+    """A metrics.csv as the probe writes it: a rising reward (crashing at `crash_at`; none in update 1), a growing
+    Delta pi minus (0 in eval mode)."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     with open(folder / "metrics.csv", "w", newline="") as f:
@@ -360,6 +361,8 @@ def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None)
             reward = min(90.0, 3.0 * i) + rng.normal(0, 3)
             if crash_at and i >= crash_at:
                 reward = 5.0
+            if i == 1:
+                reward = float("nan")  # no episode finished in the first update
             row = {column: 0.0 for column in probe.CSV_COLUMNS}
             row.update(iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed)
             row.update(normalized_reward=reward, smoothed_reward=reward, collapse_flag=int(crash_at == i))
@@ -415,8 +418,8 @@ def test_draw_panel_marks_an_empty_cell_and_draws_seeds_and_mean(tmp_path):
     assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
     assert len(full_ax.lines) == 3 + 3 + 1  # per seed: reward and collapse marks; the mean
     mean_line = full_ax.lines[-1]
-    assert len(mean_line.get_xdata()) == 23  # the mean spans the longest run
-    expected_first = np.mean([run["smoothed_reward"][0] for run in runs])
+    assert len(mean_line.get_xdata()) == 22  # the mean spans the longest run (23 updates), from update 2
+    expected_first = np.mean([run["smoothed_reward"][1] for run in runs])
     assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
     plt.close(fig)
 
