@@ -621,6 +621,17 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
     ax.set_xlabel("environment steps", fontsize=8)
 
 
+def save_figure(fig, title, path):
+    """Title, tight layout, PNG at `path` (folders created), figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_main(plot_args: PlotArgs) -> int:
     import matplotlib
 
@@ -641,15 +652,12 @@ def plot_main(plot_args: PlotArgs) -> int:
     for row, (mode, label) in enumerate(MODES.items()):
         for col, clip in enumerate(FIG6_CLIPS):
             draw_panel(axes[row][col], select_runs(runs, mode, clip, ent_coef), f"{label}, clip {clip}")
-    fig.suptitle(
+    save_figure(
+        fig,
         f"Reward (blue, moving average) and Δπ⁻ (red, log) per update; entropy {ent_coef:g}; thin: seeds, thick: mean, "
         "x: collapse flagged",
-        fontsize=9,
+        plot_args.out,
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(plot_args.out) or ".", exist_ok=True)
-    fig.savefig(plot_args.out, dpi=110)
-    plt.close(fig)
     print(f"wrote {plot_args.out} ({len(runs)} runs found, Fig. 6 uses entropy {ent_coef:g})")
 
     rows = ("bn-mdr", "eval")
@@ -658,14 +666,11 @@ def plot_main(plot_args: PlotArgs) -> int:
         for col, ent in enumerate(ent_coefs):
             panel_runs = select_runs(runs, mode, plot_args.entropy_clip, ent)
             draw_panel(axes[row][col], panel_runs, f"{MODES[mode]}, entropy {ent:g}", aggregate="min")
-    fig.suptitle(
+    save_figure(
+        fig,
         f"App. B: entropy coefficient, clip {plot_args.entropy_clip:g}; thick: min over the two most fluctuating seeds",
-        fontsize=9,
+        plot_args.entropy_out,
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(plot_args.entropy_out) or ".", exist_ok=True)
-    fig.savefig(plot_args.entropy_out, dpi=110)
-    plt.close(fig)
     print(f"wrote {plot_args.entropy_out} (entropy coefficients {', '.join(f'{e:g}' for e in ent_coefs)})")
     return 0
 
