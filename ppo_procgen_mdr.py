@@ -514,13 +514,14 @@ def mean_stats(stats_list):
 
 
 class SectionTimer:
-    """Wall time per section of an iteration (--timing): `with timer("env"): ...`. Sections nest; time counts once, in
-    the innermost open one, and time outside every section counts as "other". On CUDA it synchronizes at each boundary
+    """Wall and CPU time per section of an iteration (--timing): `with timer("env"): ...`. Sections nest; time counts
+    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
+    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
     (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled, self.sync = enabled, enabled and device.type == "cuda"
-        self.totals, self.open, self.last = {}, [], 0.0
+        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
 
     def __call__(self, section: str):
         return self._timed(section) if self.enabled else contextlib.nullcontext()
@@ -536,12 +537,14 @@ class SectionTimer:
             self.open.pop()
 
     def _charge(self):
-        """Add the time since the last boundary to the innermost open section."""
+        """Add the wall and CPU time since the last boundary to the innermost open section."""
         if self.sync:
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if self.open:
-            self.totals[self.open[-1]] = self.totals.get(self.open[-1], 0.0) + now - self.last
+            for clock, start, end in zip(("time", "cpu"), self.last, now):
+                key = f"{self.open[-1]}_{clock}"
+                self.totals[key] = self.totals.get(key, 0.0) + end - start
         self.last = now
 
     def start(self):
@@ -552,7 +555,7 @@ class SectionTimer:
             self.open.append("other")
 
     def stop(self) -> dict:
-        """End the iteration: its seconds per section (empty when disabled)."""
+        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
         if not self.enabled:
             return {}
         self._charge()
@@ -952,7 +955,7 @@ def main(args: Args):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
             if args.timing:  # seconds per section of this iteration, and the peak memory so far
                 for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
-                    writer.add_scalar(f"perf/{name}" if name.endswith("_gb") else f"perf/{name}_time", value, global_step)
+                    writer.add_scalar(f"perf/{name}", value, global_step)
             if stop_requested:
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
                 print(f"stopped at iteration {iteration}; resume with --resume {os.path.join(run_dir, 'checkpoint.pt')}")

@@ -6,18 +6,21 @@ iterations, default 25, and is not part of an iteration's cost), then times the 
 same number of forward+backward passes of the same network (same modes, same --amp/--compile) on random uint8 tensors
 of the same shapes, with no indexing, loss bookkeeping, clipping or optimizer. Configurations are interleaved
 (A, B, C, A, B, C, ...) so that the load of a shared machine falls on all of them alike; figures are medians over
-repeats x iterations with their min-max spread.
+repeats x iterations with their min-max spread. Every figure comes twice: from wall time, and from the CPU time of the
+worker process (all its threads), which other jobs on a shared machine disturb far less.
 
     python benchmarks/bench_sps.py --device cpu                          # ~30 min on 2 cores
     python benchmarks/bench_sps.py --device cpu --configs mdr,ppo --repeats 5
     python benchmarks/bench_sps.py --device cuda --num-steps 256 --minibatch-size 2048 --configs mdr,ppo,nodiag,amp,compile
-    python benchmarks/bench_sps.py --device cpu --configs paper,paper-amp --repeats 1   # paper settings, 1 iteration each
+    python benchmarks/bench_sps.py --device cpu --configs paper,paper-amp1 --repeats 1  # paper settings, 1 iteration each
     python benchmarks/bench_sps.py --memory-design                      # uint8 buffer vs CleanRL's float32 buffer
 
 Configurations (--configs): mdr = MDR(2,1) with the default diagnostics; ppo = --alpha1 3 --alpha2 0; nodiag = MDR(2,1)
-with the diagnostics off; olddiag = MDR(2,1) with the previous diagnostics defaults (2 minibatches, ratio every 4th);
+with the diagnostics off; ppo-nodiag = PPO(3,0) with the diagnostics off; olddiag = MDR(2,1) with the previous
+diagnostics defaults (2 minibatches, ratio every 4th);
 threads1 = --torch-threads 1; spin = OMP_WAIT_POLICY=ACTIVE (OpenMP threads spin while they wait; the script's default
-is PASSIVE); amp = --amp; compile = --compile; paper / paper-amp = 64 envs x 256 steps, minibatch 2048, one iteration.
+is PASSIVE); amp = --amp; amp1 = --amp --torch-threads 1; compile = --compile; paper, paper1 (--torch-threads 1),
+paper-amp1 (--amp --torch-threads 1) = the paper's 64 envs x 256 steps, minibatch 2048, one iteration.
 """
 
 import argparse
@@ -34,20 +37,25 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBS_BYTES = 64 * 64 * 3  # one Procgen observation, uint8
 
+PAPER_SHAPE = {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}
 # name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's shape)
 CONFIGS = {
     "mdr": ({"alpha1": 2, "alpha2": 1}, {}, {}),
     "ppo": ({"alpha1": 3, "alpha2": 0}, {}, {}),
     "nodiag": ({"alpha1": 2, "alpha2": 1, "diag_minibatches": -1, "diag_ratio_every": 0}, {}, {}),
+    "ppo-nodiag": ({"alpha1": 3, "alpha2": 0, "diag_minibatches": -1, "diag_ratio_every": 0}, {}, {}),
     "olddiag": ({"alpha1": 2, "alpha2": 1, "diag_minibatches": 2, "diag_ratio_every": 4}, {}, {}),
     "threads1": ({"torch_threads": 1}, {}, {}),
     "spin": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
     "amp": ({"amp": True}, {}, {}),
+    "amp1": ({"amp": True, "torch_threads": 1}, {}, {}),
     "compile": ({"compile": True}, {}, {}),
-    "paper": ({}, {}, {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}),
-    "paper-amp": ({"amp": True}, {}, {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}),
+    "paper": ({}, {}, PAPER_SHAPE),
+    "paper1": ({"torch_threads": 1}, {}, PAPER_SHAPE),
+    "paper-amp1": ({"amp": True, "torch_threads": 1}, {}, PAPER_SHAPE),
 }
 SECTIONS = ("env", "inference", "update", "diagnostics", "other")
+CLOCKS = ("time", "cpu")  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,16 +101,23 @@ def compute_bound(ppo, args, device, num_actions=15):
         forward_backward(training)
     inference()
     synchronize(device)
-    start = time.perf_counter()
+    start = clocks()
     for training in passes * args.mdr_rounds:
         forward_backward(training)
     synchronize(device)
-    update = time.perf_counter() - start
-    start = time.perf_counter()
+    middle = clocks()
     for _ in range(args.num_steps + 1):  # the rollout's steps and the bootstrap value
         inference()
     synchronize(device)
-    return {"update": update, "inference": time.perf_counter() - start}
+    end = clocks()
+    return {
+        "update": {clock: middle[clock] - start[clock] for clock in CLOCKS},
+        "inference": {clock: end[clock] - middle[clock] for clock in CLOCKS},
+    }
+
+
+def clocks():
+    return {"time": time.perf_counter(), "cpu": time.process_time()}
 
 
 def worker(spec):
@@ -137,13 +152,18 @@ def worker(spec):
     accumulator.Reload()
     scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
     measured = slice(shape["warmup"], None)
-    iterations = [
-        {section: scalars.get(f"perf/{section}_time", [0.0] * len(scalars["perf/update_time"]))[i] for section in SECTIONS}
-        for i in range(len(scalars["perf/update_time"]))
+    num_iterations = len(scalars["perf/update_time"])
+    iterations = [  # {clock: {section: seconds}} per measured iteration
+        {
+            clock: {section: scalars.get(f"perf/{section}_{clock}", [0.0] * num_iterations)[i] for section in SECTIONS}
+            for clock in CLOCKS
+        }
+        for i in range(num_iterations)
     ][measured]
     result = {
         "iterations": iterations,
-        "sps": [batch_size / sum(it.values()) for it in iterations],
+        "sps": [batch_size / sum(it["time"].values()) for it in iterations],
+        "cpu_ms_per_step": [1000 * sum(it["cpu"].values()) / batch_size for it in iterations],
         "peak_rss_gb": scalars["perf/peak_rss_gb"][-1],
         "cuda_max_allocated_gb": scalars.get("perf/cuda_max_allocated_gb", [None])[-1],
         "wall_s": wall,
@@ -196,9 +216,9 @@ def spread(values, fmt="{:.0f}"):
     return f"{fmt.format(median)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def paired_ratios(results, a, b):
+def paired_ratios(results, a, b, key):
     """Per-round ratio of the medians of a over b (rounds interleave a and b, so each pair saw the same load)."""
-    return [statistics.median(ra["sps"]) / statistics.median(rb["sps"]) for ra, rb in zip(results[a], results[b])]
+    return [statistics.median(ra[key]) / statistics.median(rb[key]) for ra, rb in zip(results[a], results[b])]
 
 
 def machine_line(device):
@@ -242,7 +262,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not measured")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
-    parser.add_argument("--configs", default="mdr,ppo,nodiag,olddiag,threads1,spin,amp")
+    parser.add_argument("--configs", default="mdr,ppo,nodiag,ppo-nodiag,olddiag,amp,threads1,spin")
     parser.add_argument("--memory-design", action="store_true", help="also measure the storage designs at paper settings")
     parser.add_argument("--json", help="write every raw result to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -268,54 +288,73 @@ def main():
             spec = {"device": cli.device, "overrides": overrides, "shape": {**base_shape, **shape}}
             result = run_worker(["--worker", json.dumps(spec)], env_extra)
             results[name].append({**result, "spec": spec})
-            print(f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {', '.join(f'{s:.1f}' for s in result['sps'])}", flush=True)
+            if cli.json:  # after every run: an interrupted benchmark keeps what it measured
+                with open(cli.json, "w") as f:
+                    json.dump(results, f, indent=1)
+            sps, cpu = (", ".join(f"{v:.2f}" for v in result[key]) for key in ("sps", "cpu_ms_per_step"))
+            print(f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {sps}; CPU ms per step {cpu}", flush=True)
 
     if not names:
         return memory_design(64, 256, 2048) if cli.memory_design else None
-    print("\n### SPS, time split, compute bound, peak memory\n")
-    print(
-        "| config | shape (envs x steps, mb) | SPS median (min-max) | env | inference | update | diagnostics | other "
-        "| update / bound | inference / bound | peak RSS GiB | CUDA peak GiB | threads |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for clock, title in (("time", "wall time"), ("cpu", "CPU time of the process")):
+        print(f"\n### {title}: speed, split per section, compute bound\n")
+        speed = "SPS" if clock == "time" else "CPU ms per step"
+        print(
+            f"| config | shape (envs x steps, mb) | {speed} median (min-max) | env | inference | update | diagnostics | other "
+            "| update / bound | inference / bound |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name in names:
+            runs = results[name]
+            shape = runs[0]["spec"]["shape"]
+            values = [v for run in runs for v in run["sps" if clock == "time" else "cpu_ms_per_step"]]
+            iterations = [it[clock] for run in runs for it in run["iterations"]]
+            fractions = [statistics.median(it[s] / sum(it.values()) for it in iterations) * 100 for s in SECTIONS]
+            bound_ratios = {
+                phase: [
+                    statistics.median(it[clock][phase] for it in run["iterations"]) / run["bound"][phase][clock]
+                    for run in runs
+                ]
+                for phase in ("update", "inference")
+            }
+            print(
+                f"| {name} | {shape['num_envs']} x {shape['num_steps']}, {shape['minibatch_size']} | "
+                f"{spread(values, '{:.1f}' if clock == 'time' else '{:.2f}')} | "
+                + " | ".join(f"{fraction:.1f} %" for fraction in fractions)
+                + f" | {spread(bound_ratios['update'], '{:.3f}')} | {spread(bound_ratios['inference'], '{:.3f}')} |"
+            )
+
+    print("\n### Peak memory\n")
+    print("| config | peak RSS GiB | CUDA max allocated GiB | torch threads |")
+    print("|---|---:|---:|---:|")
     for name in names:
         runs = results[name]
-        shape = runs[0]["spec"]["shape"]
-        sps = [s for run in runs for s in run["sps"]]
-        iterations = [it for run in runs for it in run["iterations"]]
-        fractions = {
-            section: statistics.median(it[section] / sum(it.values()) for it in iterations) * 100 for section in SECTIONS
-        }
-        per_iteration = {
-            section: [statistics.median(it[section] for it in run["iterations"]) for run in runs] for section in SECTIONS
-        }
-        update_ratio = [u / run["bound"]["update"] for u, run in zip(per_iteration["update"], runs)]
-        inference_ratio = [i / run["bound"]["inference"] for i, run in zip(per_iteration["inference"], runs)]
         cuda_peak = runs[0]["cuda_max_allocated_gb"]
         print(
-            f"| {name} | {shape['num_envs']} x {shape['num_steps']}, {shape['minibatch_size']} | {spread(sps, '{:.1f}')} | "
-            + " | ".join(f"{fractions[section]:.1f} %" for section in SECTIONS)
-            + f" | {spread(update_ratio, '{:.3f}')} | {spread(inference_ratio, '{:.3f}')} | "
-            f"{max(run['peak_rss_gb'] for run in runs):.2f} | {'-' if cuda_peak is None else f'{cuda_peak:.2f}'} | "
+            f"| {name} | {max(run['peak_rss_gb'] for run in runs):.2f} | {'-' if cuda_peak is None else f'{cuda_peak:.2f}'} | "
             f"{runs[0]['threads']} (interop {runs[0]['interop_threads']}) |"
         )
 
     pairs = [
         ("mdr", "ppo", "MDR(2,1) / PPO(3,0)"),
-        ("mdr", "nodiag", "default diagnostics / diagnostics off"),
-        ("olddiag", "nodiag", "previous diagnostics defaults / off"),
+        ("nodiag", "ppo-nodiag", "MDR(2,1) / PPO(3,0), diagnostics off"),
+        ("nodiag", "mdr", "diagnostics off / default diagnostics"),
+        ("nodiag", "olddiag", "diagnostics off / previous diagnostics defaults"),
         ("mdr", "spin", "default (OMP passive) / OMP spinning"),
         ("threads1", "mdr", "1 thread / default (all cores)"),
         ("amp", "mdr", "--amp / default"),
+        ("amp1", "threads1", "--amp / float32, both --torch-threads 1"),
         ("compile", "mdr", "--compile / default"),
     ]
-    rows = [(label, paired_ratios(results, a, b)) for a, b, label in pairs if a in results and b in results]
+    rows = [(label, a, b) for a, b, label in pairs if a in results and b in results]
     if rows:
-        print("\n### SPS ratios (paired by round, median and min-max over rounds)\n")
-        print("| ratio | median | min-max | rounds |")
+        print("\n### Speed ratios, paired by round (each round runs every configuration once, back to back)\n")
+        print("| ratio | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |")
         print("|---|---:|---:|---:|")
-        for label, ratios in rows:
-            print(f"| {label} | {statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} | {len(ratios)} |")
+        for label, a, b in rows:
+            sps = paired_ratios(results, a, b, "sps")
+            cpu = paired_ratios(results, b, a, "cpu_ms_per_step")
+            print(f"| {label} | {spread(sps, '{:.3f}')} | {spread(cpu, '{:.3f}')} | {len(sps)} |")
 
     if cli.memory_design:
         memory_design(64, 256, 2048)

@@ -97,8 +97,9 @@ def test_timing_logs_every_section_and_peak_memory(tmp_path, monkeypatch):
     _, scalars, _ = run_main(tmp_path, monkeypatch, timing=True)
 
     for section in ("env", "inference", "update", "diagnostics", "other", "evaluation"):
-        values = scalars[f"perf/{section}_time"]
-        assert all(np.isfinite(values)) and all(v >= 0 for v in values), (section, values)
+        for clock in ("time", "cpu"):  # wall, and this process's CPU seconds
+            values = scalars[f"perf/{section}_{clock}"]
+            assert all(np.isfinite(values)) and all(v >= 0 for v in values), (section, clock, values)
     assert len(scalars["perf/update_time"]) == 2  # one point per iteration
     assert len(scalars["perf/evaluation_time"]) == 1  # only the last iteration evaluates (--eval-interval 0)
     assert all(v > 0 for v in scalars["perf/peak_rss_gb"])
@@ -210,8 +211,9 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(norm):
 
 
 def test_section_timer_counts_nested_time_once(monkeypatch):
-    clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0])
+    clock, cpu_clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0]), iter([0.0, 2.0, 6.0, 12.0, 20.0, 30.0, 42.0])
     monkeypatch.setattr(ppo.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(ppo.time, "process_time", lambda: next(cpu_clock))
     timer = ppo.SectionTimer(True, torch.device("cpu"))
 
     timer.start()  # t=0
@@ -221,12 +223,20 @@ def test_section_timer_counts_nested_time_once(monkeypatch):
     # t=10 (6-10: update)
     totals = timer.stop()  # t=15 (10-15: other)
 
-    assert totals == {"other": 6.0, "update": 6.0, "diagnostics": 3.0}
+    assert totals == {
+        "other_time": 6.0,
+        "update_time": 6.0,
+        "diagnostics_time": 3.0,
+        "other_cpu": 12.0,
+        "update_cpu": 12.0,
+        "diagnostics_cpu": 6.0,
+    }
     assert timer.stop() == {}  # the next iteration starts from an empty slate
 
 
 def test_disabled_section_timer_is_a_no_op(monkeypatch):
     monkeypatch.setattr(ppo.time, "perf_counter", lambda: pytest.fail("clock read while timing is off"))
+    monkeypatch.setattr(ppo.time, "process_time", lambda: pytest.fail("clock read while timing is off"))
     timer = ppo.SectionTimer(False, torch.device("cpu"))
 
     timer.start()
