@@ -11,6 +11,7 @@
 # Differences from ppo_patchloc_mdr.py: one MDR round per rollout (no advantage recomputation), a constant learning
 # rate (a decaying one would damp late collapses), no held-out evaluation (the probe watches training reward), and
 # no checkpoint/resume (a run is short; a killed run keeps its CSV, which is what the figure reads).
+import contextlib
 import csv
 import json
 import math
@@ -23,6 +24,11 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional
+
+# OpenMP threads that spin while they wait steal the cores from the env and from other jobs: passive waiting measured
+# up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads OpenMP;
+# yours wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -46,8 +52,6 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
     """if toggled, cuda will be used when available (the probe is sized for CPU)"""
-    torch_threads: int = 1
-    """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ppo-mdr-collapse"
@@ -56,6 +60,21 @@ class Args:
     """the entity (team) of wandb's project"""
     wandb_group: Optional[str] = None
     """the wandb group (default: mode, clip and entropy coefficient, so that seeds aggregate)"""
+
+    # Speed (none changes what is computed beyond rounding, except --amp: bfloat16; docs/benchmarks.md measures them on
+    # ppo_procgen_mdr.py)
+    channels_last: bool = True
+    """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
+    amp: bool = False
+    """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16); heads and losses in float32"""
+    compile: bool = False
+    """torch.compile the backbone (one compile per mode and batch shape: rollout, minibatch, a smaller last minibatch)"""
+    torch_threads: int = 1
+    """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
+    timing: bool = False
+    """log the wall and CPU time per section (env, inference, update, diagnostics, other) and peak memory under perf/
+    (TensorBoard only; metrics.csv is unchanged); on CUDA it synchronizes at section boundaries, so leave it off for
+    the probe's runs"""
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
@@ -291,6 +310,7 @@ class Agent(nn.Module):
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
+        self.amp = args.amp
         self.backbone = make_backbone(args)
         hidden = args.hidden_size
         self.actor = nn.Sequential(
@@ -309,11 +329,13 @@ class Agent(nn.Module):
         )
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 images (shared weights; BatchNorm's batch
-        # statistics span all views) -> (B, 768). No ImageNet mean/std (paper Table 2).
+        # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 float images in [0, 1], channels_last in memory
+        # (shared weights; BatchNorm's batch statistics span all views) -> (B, 768). No ImageNet mean/std (paper
+        # Table 2). Divided in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
         batch, views = x.shape[:2]
-        images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
-        return self.backbone(images).reshape(batch, views * 256)
+        images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
         return self.critic(self.features(x))
@@ -427,7 +449,7 @@ def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio
     return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
 
 
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool):
+def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer=None):
     """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync)."""
     mb_obs, mb_actions = batch["obs"][mb_inds], batch["actions"][mb_inds]
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
@@ -442,9 +464,10 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
         args,
     )
     if measure_ratio_gap:
-        stats.update(
-            trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
-        )
+        with timer("diagnostics") if timer else contextlib.nullcontext():
+            stats.update(
+                trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
+            )
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -454,9 +477,80 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
 
 
 def mean_stats(stats_list):
-    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those)."""
-    keys = {key for stats in stats_list for key in stats}
-    return {key: torch.stack([s[key] for s in stats_list if key in s]).mean().item() for key in sorted(keys)}
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
+    keys = sorted({key for stats in stats_list for key in stats})
+    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
+    return dict(zip(keys, means.tolist()))
+
+
+class SectionTimer:
+    """Wall and CPU time per section of an update (--timing): `with timer("env"): ...`. Sections nest; time counts
+    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
+    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
+    (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.sync = enabled, enabled and device.type == "cuda"
+        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
+
+    def __call__(self, section: str):
+        return self._timed(section) if self.enabled else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _timed(self, section):
+        self._charge()
+        self.open.append(section)
+        try:
+            yield
+        finally:
+            self._charge()
+            self.open.pop()
+
+    def _charge(self):
+        """Add the wall and CPU time since the last boundary to the innermost open section."""
+        if self.sync:
+            torch.cuda.synchronize()
+        now = (time.perf_counter(), time.process_time())
+        if self.open:
+            for clock, start, end in zip(("time", "cpu"), self.last, now):
+                key = f"{self.open[-1]}_{clock}"
+                self.totals[key] = self.totals.get(key, 0.0) + end - start
+        self.last = now
+
+    def start(self):
+        """Begin an update."""
+        if self.enabled:
+            self.totals, self.open = {}, []
+            self._charge()
+            self.open.append("other")
+
+    def stop(self) -> dict:
+        """End the update: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        self._charge()
+        totals, self.totals, self.open = self.totals, {}, []
+        return totals
+
+
+def peak_memory_gb(device) -> dict:
+    """Peak resident memory of this process (ru_maxrss, KiB on Linux) and, on CUDA, torch's peak allocation."""
+    import resource  # Unix only, and needed only with --timing
+
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return peak
+
+
+def to_device(array, staging: torch.Tensor, device):
+    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
+    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
+    read-back synchronizes before staging is written again."""
+    if device.type != "cuda":
+        return torch.as_tensor(array, dtype=staging.dtype)
+    staging.copy_(torch.from_numpy(array))
+    return staging.to(device, non_blocking=True)
 
 
 class CollapseDetector:
@@ -689,6 +783,7 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
@@ -702,16 +797,31 @@ def main(args: Args):
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None
     agent = Agent(envs.single_action_space.n, args).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
+        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if args.compile:  # in place: the state_dict keys stay the same
+        agent.backbone.compile(dynamic=False)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
     detector = CollapseDetector(args.smooth_window, args.collapse_drop, args.collapse_min_best, args.recover_frac)
 
     # storage setup; observations stay uint8, converted per minibatch
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    obs_shape = envs.single_observation_space.shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    # host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are asynchronous
+    pin = device.type == "cuda"
+    staging = {
+        "obs": torch.empty((args.num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
+        "reward": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
+        "done": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
+    }
+    timer = SectionTimer(args.timing, device)
 
     # TRY NOT TO MODIFY: start the game
     global_step = 0
@@ -759,28 +869,31 @@ def main(args: Args):
     try:
         for iteration in range(1, args.num_iterations + 1):
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
+            timer.start()
             agent.eval()
             finished = {"r": [], "normalized_r": [], "success": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
                 dones[step] = next_done
-                with torch.no_grad():
+                with timer("inference"), torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(next_obs)
                     values[step] = value.flatten()
-                actions[step] = action
-                logprobs[step] = logprob
-                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                rewards[step] = torch.as_tensor(reward).to(device)
-                next_obs = torch.as_tensor(next_obs_np).to(device)
-                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
-                if "episode" in infos:
-                    for key in finished:
-                        finished[key].extend(infos["episode"][key][infos["_episode"]])
+                    actions[step] = action
+                    logprobs[step] = logprob
+                with timer("env"):
+                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                    rewards[step] = to_device(reward, staging["reward"], device)
+                    next_obs = to_device(next_obs_np, staging["obs"], device)
+                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
+                    if "episode" in infos:
+                        for key in finished:
+                            finished[key].extend(infos["episode"][key][infos["_episode"]])
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
-            with torch.no_grad():
+            with timer("inference"), torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
+            with timer("update"), torch.no_grad():
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
             batch = {
                 "obs": obs.reshape((-1,) + obs.shape[2:]),
@@ -790,21 +903,28 @@ def main(args: Args):
                 "returns": returns.reshape(-1),
                 "values": values.reshape(-1),
             }
-            delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator).item()
+            with timer("diagnostics"):
+                delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator)
 
             # 3. Update: alpha1 epochs in train mode (standard phase), then alpha2 in eval mode (rectification, bn-mdr)
             phase_stats = {"standard": [], "rectify": []}
-            for phase, num_epochs in (("standard", alpha1), ("rectify", alpha2)):
-                agent.train(phase == "standard")
-                for epoch in range(num_epochs):
-                    np.random.shuffle(b_inds)
-                    for start in range(0, args.batch_size, args.minibatch_size):
-                        mb_inds = torch.as_tensor(b_inds[start : start + args.minibatch_size], device=device)
-                        phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, phase == "standard"))
+            with timer("update"):
+                for phase, num_epochs in (("standard", alpha1), ("rectify", alpha2)):
+                    agent.train(phase == "standard")
+                    for epoch in range(num_epochs):
+                        np.random.shuffle(b_inds)
+                        epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                        for start in range(0, args.batch_size, args.minibatch_size):
+                            mb_inds = epoch_inds[start : start + args.minibatch_size]
+                            phase_stats[phase].append(
+                                ppo_update(agent, optimizer, batch, mb_inds, args, phase == "standard", timer)
+                            )
             agent.eval()
-            delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator).item()
+            with timer("diagnostics"):
+                delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator)
 
             # 4. Logging: TensorBoard (and wandb through it), one CSV row, the collapse detector
+            delta_pi_minus, delta_pi_plus = torch.stack([delta_pi_minus, delta_pi_plus]).tolist()  # one host sync
             all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
             if not np.isfinite(all_stats["loss"]):
                 raise NonFiniteLossError(
@@ -879,6 +999,9 @@ def main(args: Args):
                 + (f"  <-- collapse #{len(detector.collapses)} flagged" if flag else ""),
                 flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
+            if args.timing:  # seconds per section of this update, and the peak memory so far (TensorBoard only)
+                for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
+                    writer.add_scalar(f"perf/{name}", value, global_step)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         status, exit_code = "non-finite loss", 1
