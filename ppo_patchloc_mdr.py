@@ -1,6 +1,7 @@
 # PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one file (+ envs/).
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
 # Run:   python ppo_patchloc_mdr.py --norm bn --alpha1 2 --alpha2 1 --mdr-rounds 3 --cuda
+import contextlib
 import math
 import os
 import random
@@ -10,6 +11,11 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, Optional
+
+# OpenMP threads that spin while they wait steal the cores from the envs' numpy work and from other jobs: passive waiting
+# measured up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads
+# OpenMP; yours wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -47,6 +53,20 @@ class Args:
     """iterations between checkpoints (with --save-model)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue from (same arguments; --total-timesteps may grow)"""
+
+    # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the measurements, made with
+    # ppo_procgen_mdr.py, which has the same flags)
+    channels_last: bool = True
+    """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
+    amp: bool = False
+    """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16); heads and losses in float32"""
+    compile: bool = False
+    """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU measured no faster)"""
+    torch_threads: int = 0
+    """torch's intra-op CPU threads (0 = torch's default, one per core)"""
+    timing: bool = False
+    """log the wall and CPU time per section (env, inference, update, diagnostics, ...) and peak memory under perf/; on
+    CUDA it synchronizes at section boundaries, so leave it off for production runs"""
 
     # Algorithm specific arguments (paper Table 2, patch-localization column)
     total_timesteps: int = 3_000_000
@@ -131,9 +151,9 @@ class Args:
     """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
-    diag_minibatches: int = 0
-    """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k)"""
-    diag_ratio_every: int = 1
+    diag_minibatches: int = 1
+    """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k, -1 = off)"""
+    diag_ratio_every: int = 7
     """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch (0 = never)"""
 
     # to be filled in runtime
@@ -164,6 +184,10 @@ RESUMABLE_FIELDS = (
     "checkpoint_interval",
     "cuda",
     "num_iterations",
+    "channels_last",
+    "compile",
+    "torch_threads",
+    "timing",
 )
 
 
@@ -194,8 +218,12 @@ def validate_args(args: Args) -> None:
         raise ConfigError("need 0 <= --dropout-p < 1, 0 < --bn-momentum <= 1, --brn-rmax >= 1 and --brn-dmax >= 0")
     if args.gn_groups < 1 or 64 % args.gn_groups:
         raise ConfigError(f"--gn-groups {args.gn_groups} must divide 64 (the backbone has 64, 128 and 256 channels)")
-    if args.checkpoint_interval < 1 or args.eval_interval < 0 or args.diag_minibatches < 0 or args.diag_ratio_every < 0:
-        raise ConfigError("--checkpoint-interval must be >= 1; --eval-interval, --diag-* must be >= 0")
+    if args.checkpoint_interval < 1 or args.eval_interval < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
+        raise ConfigError(
+            "--checkpoint-interval must be >= 1; --eval-interval, --diag-ratio-every >= 0; --diag-minibatches >= -1 (-1 = off)"
+        )
+    if args.torch_threads < 0:
+        raise ConfigError(f"--torch-threads {args.torch_threads}: must be >= 0 (0 = torch's default)")
     if not 0 <= args.num_render_episodes <= args.num_test_tasks:
         raise ConfigError(f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks")
 
@@ -232,6 +260,7 @@ class BatchRenorm2d(nn.Module):
     def forward(self, x):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        x = x.float()  # --amp: statistics in float32 (a no-op otherwise)
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
         std = (var + self.eps).sqrt()
@@ -302,6 +331,7 @@ class Agent(nn.Module):
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
+        self.amp = args.amp
         self.backbone = make_backbone(args)
         hidden = args.hidden_size
         self.actor = nn.Sequential(
@@ -321,10 +351,12 @@ class Agent(nn.Module):
 
     def features(self, x):
         # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 images (shared weights; BatchNorm's batch
-        # statistics span all views) -> (B, 768). No ImageNet mean/std (paper Table 2).
+        # statistics span all views) -> (B, 768). Images float in [0, 1], channels_last in memory; no ImageNet mean/std
+        # (paper Table 2). Divided in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
         batch, views = x.shape[:2]
-        images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
-        return self.backbone(images).reshape(batch, views * 256)
+        images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
         return self.critic(self.features(x))
@@ -389,8 +421,10 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all).
+    minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all; -1 = off: None).
     Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
+    if num_minibatches < 0:
+        return None
     was_training = agent.training
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
     cpu_rng = torch.get_rng_state()
@@ -462,7 +496,7 @@ def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio
     return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
 
 
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool):
+def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer=None):
     """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync)."""
     mb_obs, mb_actions = batch["obs"][mb_inds], batch["actions"][mb_inds]
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
@@ -477,9 +511,10 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
         args,
     )
     if measure_ratio_gap:
-        stats.update(
-            trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
-        )
+        with timer("diagnostics") if timer else contextlib.nullcontext():
+            stats.update(
+                trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
+            )
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -489,9 +524,80 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
 
 
 def mean_stats(stats_list):
-    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those)."""
-    keys = {key for stats in stats_list for key in stats}
-    return {key: torch.stack([s[key] for s in stats_list if key in s]).mean().item() for key in sorted(keys)}
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
+    keys = sorted({key for stats in stats_list for key in stats})
+    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
+    return dict(zip(keys, means.tolist()))
+
+
+class SectionTimer:
+    """Wall and CPU time per section of an iteration (--timing): `with timer("env"): ...`. Sections nest; time counts
+    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
+    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
+    (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.sync = enabled, enabled and device.type == "cuda"
+        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
+
+    def __call__(self, section: str):
+        return self._timed(section) if self.enabled else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _timed(self, section):
+        self._charge()
+        self.open.append(section)
+        try:
+            yield
+        finally:
+            self._charge()
+            self.open.pop()
+
+    def _charge(self):
+        """Add the wall and CPU time since the last boundary to the innermost open section."""
+        if self.sync:
+            torch.cuda.synchronize()
+        now = (time.perf_counter(), time.process_time())
+        if self.open:
+            for clock, start, end in zip(("time", "cpu"), self.last, now):
+                key = f"{self.open[-1]}_{clock}"
+                self.totals[key] = self.totals.get(key, 0.0) + end - start
+        self.last = now
+
+    def start(self):
+        """Begin an iteration."""
+        if self.enabled:
+            self.totals, self.open = {}, []
+            self._charge()
+            self.open.append("other")
+
+    def stop(self) -> dict:
+        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        self._charge()
+        totals, self.totals, self.open = self.totals, {}, []
+        return totals
+
+
+def peak_memory_gb(device) -> dict:
+    """Peak resident memory of this process (ru_maxrss, KiB on Linux) and, on CUDA, torch's peak allocation."""
+    import resource  # Unix only, and needed only with --timing
+
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return peak
+
+
+def to_device(array, staging: torch.Tensor, device):
+    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
+    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
+    read-back synchronizes before staging is written again."""
+    if device.type != "cuda":
+        return torch.as_tensor(array, dtype=staging.dtype)
+    staging.copy_(torch.from_numpy(array))
+    return staging.to(device, non_blocking=True)
 
 
 def greedy_action(agent, obs, device):
@@ -607,9 +713,8 @@ def load_checkpoint(path, args: Args):
     required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
     if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
         raise ConfigError(f"--resume {path}: not a checkpoint of this script (missing {sorted(required - set(checkpoint))})")
-    changed = [
-        name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and checkpoint["args"].get(name) != value
-    ]
+    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
+    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
     if changed:
         raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
     return checkpoint
@@ -626,6 +731,9 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -639,17 +747,32 @@ def main(args: Args):
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None
     agent = Agent(envs.single_action_space.n, args).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
+        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if args.compile:  # in place: the state_dict keys stay the same, so checkpoints load either way
+        agent.backbone.compile(dynamic=False)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
     if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
         print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
 
     # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    obs_shape = envs.single_observation_space.shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    # host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are asynchronous
+    pin = device.type == "cuda"
+    staging = {
+        "obs": torch.empty((args.num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
+        "reward": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
+        "done": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
+    }
+    timer = SectionTimer(args.timing, device)
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration = 0, 1
@@ -738,28 +861,31 @@ def main(args: Args):
             optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, args)
 
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
+            timer.start()
             agent.eval()
             finished = {"r": [], "normalized_r": [], "success": [], "l": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
                 dones[step] = next_done
-                with torch.no_grad():
+                with timer("inference"), torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(next_obs)
                     values[step] = value.flatten()
-                actions[step] = action
-                logprobs[step] = logprob
-                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                rewards[step] = torch.as_tensor(reward).to(device)
-                next_obs = torch.as_tensor(next_obs_np).to(device)
-                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
-                if "episode" in infos:
-                    for key in finished:
-                        finished[key].extend(infos["episode"][key][infos["_episode"]])
+                    actions[step] = action
+                    logprobs[step] = logprob
+                with timer("env"):
+                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                    rewards[step] = to_device(reward, staging["reward"], device)
+                    next_obs = to_device(next_obs_np, staging["obs"], device)
+                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
+                    if "episode" in infos:
+                        for key in finished:
+                            finished[key].extend(infos["episode"][key][infos["_episode"]])
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
-            with torch.no_grad():
+            with timer("inference"), torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
+            with timer("update"), torch.no_grad():
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
 
             # flatten the batch
@@ -771,32 +897,42 @@ def main(args: Args):
                 "returns": returns.reshape(-1),
                 "values": values.reshape(-1),
             }
-            diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)
-            delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+            diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)  # 0: all of D_k; -1: off
+            with timer("diagnostics"):
+                delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
             b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
-            for mdr_round in range(args.mdr_rounds):
-                if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic (paper App. D)
-                    batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
-                    with torch.no_grad():
-                        next_value = agent.get_value(next_obs).reshape(1, -1)
-                    advantages, returns = compute_gae(
-                        rewards, batch["values"].view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
-                    )
-                    batch["advantages"], batch["returns"] = advantages.reshape(-1), returns.reshape(-1)
-                for phase, num_epochs in (("standard", args.alpha1), ("rectify", args.alpha2)):
-                    agent.train(phase == "standard")
-                    for epoch in range(num_epochs):
-                        np.random.shuffle(b_inds)
-                        for start in range(0, args.batch_size, args.minibatch_size):
-                            mb_inds = torch.as_tensor(b_inds[start : start + args.minibatch_size], device=device)
-                            measure = phase == "standard" and args.diag_ratio_every > 0
-                            measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
-                            phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, measure))
+            with timer("update"):
+                for mdr_round in range(args.mdr_rounds):
+                    if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic (paper App. D)
+                        batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
+                        with torch.no_grad():
+                            next_value = agent.get_value(next_obs).reshape(1, -1)
+                        advantages, returns = compute_gae(
+                            rewards,
+                            batch["values"].view_as(rewards),
+                            dones,
+                            next_value,
+                            next_done,
+                            args.gamma,
+                            args.gae_lambda,
+                        )
+                        batch["advantages"], batch["returns"] = advantages.reshape(-1), returns.reshape(-1)
+                    for phase, num_epochs in (("standard", args.alpha1), ("rectify", args.alpha2)):
+                        agent.train(phase == "standard")
+                        for epoch in range(num_epochs):
+                            np.random.shuffle(b_inds)
+                            epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                            for start in range(0, args.batch_size, args.minibatch_size):
+                                mb_inds = epoch_inds[start : start + args.minibatch_size]
+                                measure = phase == "standard" and args.diag_ratio_every > 0
+                                measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
+                                phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, measure, timer))
             agent.eval()
-            delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+            with timer("diagnostics"):
+                delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
 
             # 4. Logging (one host sync per iteration)
             all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
@@ -823,30 +959,32 @@ def main(args: Args):
                         prefix = "mdr" if key in ("ratio_gap", "trust_region_violation") else f"losses/{phase}"
                         writer.add_scalar(f"{prefix}/{key}", value, global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            writer.add_scalar("charts/delta_pi_minus", delta_pi_minus.item(), global_step)
-            writer.add_scalar("charts/delta_pi_plus", delta_pi_plus.item(), global_step)
+            if diag_mb >= 0:
+                delta_pi_minus, delta_pi_plus = torch.stack([delta_pi_minus, delta_pi_plus]).tolist()
+                writer.add_scalar("charts/delta_pi_minus", delta_pi_minus, global_step)
+                writer.add_scalar("charts/delta_pi_plus", delta_pi_plus, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             print(
                 f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
                 f"episodic_return={train_summary.get('charts/episodic_return', float('nan')):.3f}, "
                 f"normalized_reward={train_summary.get('charts/normalized_reward', float('nan')):.1f}%, "
-                f"delta_pi_minus={delta_pi_minus.item():.2e}, SPS={sps}"
+                f"delta_pi_minus={'n/a' if diag_mb < 0 else f'{delta_pi_minus:.2e}'}, SPS={sps}"
             )
 
             if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
                 # held-out tasks, and as many training tasks under the same protocol for the generalization gap
-                test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
-                train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
+                with timer("evaluation"):
+                    test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
+                    train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
+                    drawing = render_episodes(agent, test_tasks, args, device) if args.num_render_episodes else None
                 test_summary = episode_summary(test["r"], test["normalized_r"], test["success"], "test_")
                 for key, value in test_summary.items():
                     writer.add_scalar(key, value, global_step)
                 gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
                 writer.add_scalar("charts/generalization_gap", gap, global_step)
-                if args.num_render_episodes:
-                    writer.add_image(
-                        "eval/test_episodes", render_episodes(agent, test_tasks, args, device), global_step, dataformats="HWC"
-                    )
+                if drawing is not None:
+                    writer.add_image("eval/test_episodes", drawing, global_step, dataformats="HWC")
                 print(
                     f"held-out evaluation: test_normalized_reward={test_summary['charts/test_normalized_reward']:.1f}%, "
                     f"test_success_rate={test_summary['charts/test_success_rate']:.2f}, generalization_gap={gap:.1f} points"
@@ -854,6 +992,9 @@ def main(args: Args):
 
             if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
+            if args.timing:  # seconds per section of this iteration, and the peak memory so far
+                for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
+                    writer.add_scalar(f"perf/{name}", value, global_step)
             if stop_requested:
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
                 print(f"stopped at iteration {iteration}; resume with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
