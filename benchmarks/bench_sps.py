@@ -1,26 +1,30 @@
-"""Training speed and memory of ppo_procgen_mdr.py, side by side in one run.
+"""Training speed and memory of the three scripts, side by side in one run.
 
-Each measurement is a fresh worker process (its own peak RSS, its own OpenMP settings) that imports the script, drives
-main() with --timing for a fixed short budget (the held-out evaluation stubbed out: it runs every --eval-interval
-iterations, default 25, and is not part of an iteration's cost), then times the compute bound in the same process: the
-same number of forward+backward passes of the same network (same modes, same --amp/--compile) on random uint8 tensors
-of the same shapes, with no indexing, loss bookkeeping, clipping or optimizer. Configurations are interleaved
+Each measurement is a fresh worker process (its own peak RSS, its own OpenMP settings) that imports one script, drives
+its main() with --timing for a fixed short budget, then times the compute bound in the same process: the same
+forward+backward passes of the same network (same modes, same minibatch sizes, same --amp/--compile), and the same
+value recomputations between MDR rounds, on random uint8 tensors of the same shapes, with no indexing, loss bookkeeping,
+clipping or optimizer. Held-out evaluation is not part of an iteration's cost: the Procgen one is stubbed out, the
+patch-loc one runs on 4 tasks and is timed in its own section, left out of the sums. Configurations are interleaved
 (A, B, C, A, B, C, ...) so that the load of a shared machine falls on all of them alike; figures are medians over
 repeats x iterations with their min-max spread. Every figure comes twice: from wall time, and from the CPU time of the
 worker process (all its threads), which other jobs on a shared machine disturb far less.
 
-    python benchmarks/bench_sps.py --device cpu                          # ~30 min on 2 cores
-    python benchmarks/bench_sps.py --device cpu --configs mdr,ppo --repeats 5
-    python benchmarks/bench_sps.py --device cuda --num-steps 256 --minibatch-size 2048 --configs mdr,ppo,nodiag,amp,compile
-    python benchmarks/bench_sps.py --device cpu --configs paper,paper-amp1 --repeats 1  # paper settings, 1 iteration each
-    python benchmarks/bench_sps.py --memory-design                      # uint8 buffer vs CleanRL's float32 buffer
+    python benchmarks/bench_sps.py --device cpu --json bench.json             # every script, ~40 min on 2 cores
+    python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,procgen/ppo --repeats 5
+    python benchmarks/bench_sps.py --device cuda --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
+    python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design   # memory at paper settings
 
-Configurations (--configs): mdr = MDR(2,1) with the default diagnostics; ppo = --alpha1 3 --alpha2 0; nodiag = MDR(2,1)
-with the diagnostics off; ppo-nodiag = PPO(3,0) with the diagnostics off; olddiag = MDR(2,1) with the previous
-diagnostics defaults (2 minibatches, ratio every 4th);
-threads1 = --torch-threads 1; spin = OMP_WAIT_POLICY=ACTIVE (OpenMP threads spin while they wait; the script's default
-is PASSIVE); amp = --amp; amp1 = --amp --torch-threads 1; compile = --compile; paper, paper1 (--torch-threads 1),
-paper-amp1 (--amp --torch-threads 1) = the paper's 64 envs x 256 steps, minibatch 2048, one iteration.
+Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
+minibatch 2048); patchloc 4 envs x 16 steps, minibatch 32, views of 112 px (paper: 750 steps, minibatch 128); probe
+its own defaults (4 envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with the default
+diagnostics; ppo = --alpha1 3 --alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag /
+ppo-nodiag = the same with the diagnostics off; olddiag = MDR(2,1) with the previous diagnostics defaults (2 minibatches,
+ratio every 4th); threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
+is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
+compile = --compile; paper, paper-amp, paper-compile = the paper's 64 envs x 256 steps, minibatch 2048, one iteration
+(a GPU's job: ~45 min per run on 2 CPU cores); paper-memory = the paper's shapes with one train-mode and one eval-mode
+epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full iteration's.
 """
 
 import argparse
@@ -35,31 +39,88 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OBS_BYTES = 64 * 64 * 3  # one Procgen observation, uint8
+PROCGEN_OBS = (64, 64, 3)
+SECTIONS = ("env", "inference", "update", "diagnostics", "other")  # "evaluation" is timed too, and left out
+CLOCKS = ("time", "cpu")  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
 
+# script -> (module, the benchmark's shape, fixed overrides of its Args)
+SCRIPTS = {
+    "procgen": (
+        "ppo_procgen_mdr",
+        {"num_envs": 64, "num_steps": 16, "minibatch_size": 128},
+        {"eval_interval": 0, "pretrained": False},
+    ),
+    "patchloc": (
+        "ppo_patchloc_mdr",
+        {"num_envs": 4, "num_steps": 16, "minibatch_size": 32},
+        {"pretrained": False, "num_tasks": 16, "num_test_tasks": 4, "num_eval_envs": 4, "num_render_episodes": 0},
+    ),
+    "probe": ("ppo_collapse_probe", {"num_envs": 4, "num_steps": 32, "minibatch_size": 32}, {}),
+}
 PAPER_SHAPE = {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}
+NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
+MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
 # name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's shape)
 CONFIGS = {
-    "mdr": ({"alpha1": 2, "alpha2": 1}, {}, {}),
-    "ppo": ({"alpha1": 3, "alpha2": 0}, {}, {}),
-    "nodiag": ({"alpha1": 2, "alpha2": 1, "diag_minibatches": -1, "diag_ratio_every": 0}, {}, {}),
-    "ppo-nodiag": ({"alpha1": 3, "alpha2": 0, "diag_minibatches": -1, "diag_ratio_every": 0}, {}, {}),
-    "olddiag": ({"alpha1": 2, "alpha2": 1, "diag_minibatches": 2, "diag_ratio_every": 4}, {}, {}),
-    "threads1": ({"torch_threads": 1}, {}, {}),
-    "spin": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
-    "amp": ({"amp": True}, {}, {}),
-    "amp1": ({"amp": True, "torch_threads": 1}, {}, {}),
-    "compile": ({"compile": True}, {}, {}),
-    "paper": ({}, {}, PAPER_SHAPE),
-    "paper1": ({"torch_threads": 1}, {}, PAPER_SHAPE),
-    "paper-amp1": ({"amp": True, "torch_threads": 1}, {}, PAPER_SHAPE),
+    "procgen/mdr": (MDR, {}, {}),
+    "procgen/ppo": (PPO, {}, {}),
+    "procgen/nodiag": ({**MDR, **NO_DIAG}, {}, {}),
+    "procgen/ppo-nodiag": ({**PPO, **NO_DIAG}, {}, {}),
+    "procgen/olddiag": ({**MDR, "diag_minibatches": 2, "diag_ratio_every": 4}, {}, {}),
+    "procgen/threads1": ({"torch_threads": 1}, {}, {}),
+    "procgen/spin": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
+    "procgen/amp": ({"amp": True}, {}, {}),
+    "procgen/amp1": ({"amp": True, "torch_threads": 1}, {}, {}),
+    "procgen/compile": ({"compile": True}, {}, {}),
+    "procgen/paper": ({}, {}, PAPER_SHAPE),
+    "procgen/paper-amp": ({"amp": True}, {}, PAPER_SHAPE),
+    "procgen/paper-compile": ({"compile": True}, {}, PAPER_SHAPE),
+    "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
+    "patchloc/mdr": (MDR, {}, {}),
+    "patchloc/ppo": (PPO, {}, {}),
+    "patchloc/nodiag": ({**MDR, **NO_DIAG}, {}, {}),
+    "patchloc/ppo-nodiag": ({**PPO, **NO_DIAG}, {}, {}),
+    "patchloc/threads1": ({"torch_threads": 1}, {}, {}),
+    "patchloc/amp": ({"amp": True}, {}, {}),
+    "probe/bn-mdr": ({"mode": "bn-mdr"}, {}, {}),
+    "probe/bn": ({"mode": "bn"}, {}, {}),
+    "probe/eval": ({"mode": "eval"}, {}, {}),
+    "probe/threads0": ({"mode": "bn-mdr", "torch_threads": 0}, {}, {}),
 }
-SECTIONS = ("env", "inference", "update", "diagnostics", "other")
-CLOCKS = ("time", "cpu")  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
+DEFAULT_CONFIGS = (
+    "procgen/mdr,procgen/ppo,procgen/nodiag,procgen/ppo-nodiag,procgen/threads1,procgen/spin,procgen/amp,"
+    "patchloc/mdr,patchloc/ppo,patchloc/nodiag,probe/bn-mdr,probe/bn,probe/threads0"
+)
+# (a, b, label): ratios of a over b, paired by round
+PAIRS = [
+    ("procgen/mdr", "procgen/ppo", "Procgen: MDR(2,1) / PPO(3,0)"),
+    ("procgen/nodiag", "procgen/ppo-nodiag", "Procgen: MDR(2,1) / PPO(3,0), diagnostics off"),
+    ("procgen/nodiag", "procgen/mdr", "Procgen: diagnostics off / default diagnostics"),
+    ("procgen/nodiag", "procgen/olddiag", "Procgen: diagnostics off / previous diagnostics defaults"),
+    ("procgen/mdr", "procgen/spin", "Procgen: default (OMP passive) / OMP spinning"),
+    ("procgen/threads1", "procgen/mdr", "Procgen: 1 thread / default (both cores)"),
+    ("procgen/amp", "procgen/mdr", "Procgen: --amp / default"),
+    ("procgen/amp1", "procgen/threads1", "Procgen: --amp / float32, both --torch-threads 1"),
+    ("procgen/compile", "procgen/mdr", "Procgen: --compile / default"),
+    ("procgen/paper-amp", "procgen/paper", "Procgen, paper shapes: --amp / default"),
+    ("procgen/paper-compile", "procgen/paper", "Procgen, paper shapes: --compile / default"),
+    ("patchloc/mdr", "patchloc/ppo", "Patch-loc: MDR(2,1) / PPO(3,0), 3 rounds"),
+    ("patchloc/nodiag", "patchloc/ppo-nodiag", "Patch-loc: MDR(2,1) / PPO(3,0), diagnostics off"),
+    ("patchloc/nodiag", "patchloc/mdr", "Patch-loc: diagnostics off / default diagnostics"),
+    ("patchloc/threads1", "patchloc/mdr", "Patch-loc: 1 thread / default (both cores)"),
+    ("patchloc/amp", "patchloc/mdr", "Patch-loc: --amp / default"),
+    ("probe/bn-mdr", "probe/bn", "Probe: bn-mdr / bn (same 3 epochs)"),
+    ("probe/bn-mdr", "probe/eval", "Probe: bn-mdr / eval"),
+    ("probe/threads0", "probe/bn-mdr", "Probe: both cores / its default 1 thread"),
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # worker: one training run + its compute bound, in this process
+
+
+def clocks():
+    return {"time": time.perf_counter(), "cpu": time.process_time()}
 
 
 def synchronize(device):
@@ -69,9 +130,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def compute_bound(ppo, args, device, num_actions=15):
-    """Seconds of the same forward+backward passes (update) and forward passes (inference) as one iteration, on a fresh
-    network (same modes, --amp, --compile, channels_last) fed random tensors of the same shapes."""
+def update_passes(script, ppo, args):
+    """The update section's network passes of one iteration: [(training mode, minibatch size, backward)], in order."""
+    alpha1, alpha2 = ppo.phase_epochs(args) if script == "probe" else (args.alpha1, args.alpha2)
+    sizes = [min(args.minibatch_size, args.batch_size - start) for start in range(0, args.batch_size, args.minibatch_size)]
+    passes = []
+    for mdr_round in range(getattr(args, "mdr_rounds", 1)):
+        if mdr_round > 0:  # eval-mode values of D_k (chunked by the minibatch size), then the bootstrap value
+            passes += [(False, size, False) for size in sizes] + [(False, args.num_envs, False)]
+        passes += [(True, size, True) for size in sizes] * alpha1 + [(False, size, True) for size in sizes] * alpha2
+    return passes
+
+
+def compute_bound(script, ppo, args, device, obs_shape, num_actions):
+    """Seconds of the update section's network passes and of the rollout's inference passes of one iteration, on a
+    fresh network (same modes, --amp, --compile, channels_last) fed random uint8 tensors of the same shapes."""
     import torch
 
     torch.manual_seed(0)
@@ -80,34 +153,34 @@ def compute_bound(ppo, args, device, num_actions=15):
         agent = agent.to(memory_format=torch.channels_last)
     if args.compile:
         agent.backbone.compile(dynamic=False)
-    mb_obs = torch.randint(0, 256, (args.minibatch_size, 64, 64, 3), dtype=torch.uint8, device=device)
-    mb_actions = torch.randint(0, num_actions, (args.minibatch_size,), device=device)
-    env_obs = torch.randint(0, 256, (args.num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
+    passes = update_passes(script, ppo, args)
+    inputs = {
+        size: (
+            torch.randint(0, 256, (size,) + obs_shape, dtype=torch.uint8, device=device),
+            torch.randint(0, num_actions, (size,), device=device),
+        )
+        for size in {size for _, size, _ in passes} | {args.num_envs}
+    }
 
-    def forward_backward(training):
+    def run(training, size, backward):
         agent.train(training)
-        _, logprob, entropy, value = agent.get_action_and_value(mb_obs, mb_actions)
-        (logprob.sum() + entropy.sum() + value.sum()).backward()
-        agent.zero_grad(set_to_none=True)
+        obs, actions = inputs[size]
+        with torch.set_grad_enabled(backward):
+            _, logprob, entropy, value = agent.get_action_and_value(obs, actions)
+        if backward:
+            (logprob.sum() + entropy.sum() + value.sum()).backward()
+            agent.zero_grad(set_to_none=True)
 
-    def inference():
-        agent.eval()
-        with torch.no_grad():
-            agent.get_action_and_value(env_obs)
-
-    minibatches = args.batch_size // args.minibatch_size
-    passes = [True] * args.alpha1 * minibatches + [False] * args.alpha2 * minibatches
-    for training in (True, False):  # warm-up (and compilation) of each mode
-        forward_backward(training)
-    inference()
+    for signature in sorted(set(passes) | {(False, args.num_envs, False)}):  # warm-up (and compilation) of each shape
+        run(*signature)
     synchronize(device)
     start = clocks()
-    for training in passes * args.mdr_rounds:
-        forward_backward(training)
+    for signature in passes:
+        run(*signature)
     synchronize(device)
     middle = clocks()
     for _ in range(args.num_steps + 1):  # the rollout's steps and the bootstrap value
-        inference()
+        run(False, args.num_envs, False)
     synchronize(device)
     end = clocks()
     return {
@@ -116,14 +189,12 @@ def compute_bound(ppo, args, device, num_actions=15):
     }
 
 
-def clocks():
-    return {"time": time.perf_counter(), "cpu": time.process_time()}
-
-
 def worker(spec):
     """Run one configuration; print one JSON line."""
     sys.path.insert(0, REPO_ROOT)
-    ppo = importlib.import_module("ppo_procgen_mdr")  # before torch: the script sets OpenMP's wait policy (passive)
+    script = spec["script"]
+    module, _, fixed = SCRIPTS[script]
+    ppo = importlib.import_module(module)  # before torch: the script sets OpenMP's wait policy (passive)
     import numpy as np
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -135,23 +206,27 @@ def worker(spec):
         num_steps=shape["num_steps"],
         minibatch_size=shape["minibatch_size"],
         total_timesteps=batch_size * (shape["warmup"] + shape["iterations"]),
-        eval_interval=0,
-        pretrained=False,
         cuda=spec["device"] == "cuda",
         timing=True,
+        **fixed,
         **spec["overrides"],
     )
-    ppo.evaluate = lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)  # not part of an iteration's cost
+    if script == "procgen":  # ~1 min per evaluation on 2 cores, and not part of an iteration's cost
+        ppo.evaluate = lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
+        obs_shape, num_actions = PROCGEN_OBS, 15
+    else:
+        from envs import NUM_ACTIONS
+
+        obs_shape, num_actions = (3, args.view_size, args.view_size, 3), NUM_ACTIONS
     os.chdir(tempfile.mkdtemp(prefix="bench_sps_"))
     start = time.perf_counter()
     exit_code = ppo.main(args)
     wall = time.perf_counter() - start
-    assert exit_code == 0, exit_code
+    assert exit_code in (0, None), exit_code
     run_dir = os.path.join("runs", os.listdir("runs")[0])
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-    measured = slice(shape["warmup"], None)
     num_iterations = len(scalars["perf/update_time"])
     iterations = [  # {clock: {section: seconds}} per measured iteration
         {
@@ -159,7 +234,7 @@ def worker(spec):
             for clock in CLOCKS
         }
         for i in range(num_iterations)
-    ][measured]
+    ][shape["warmup"] :]
     result = {
         "iterations": iterations,
         "sps": [batch_size / sum(it["time"].values()) for it in iterations],
@@ -170,32 +245,42 @@ def worker(spec):
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
     }
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    args.batch_size = batch_size
-    result["bound"] = compute_bound(ppo, args, device)
+    if shape.get("bound", True):
+        device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+        args.batch_size = batch_size
+        result["bound"] = compute_bound(script, ppo, args, device, obs_shape, num_actions)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def memory_design_worker(design, num_envs, num_steps, minibatch_size):
-    """Peak RSS of the rollout storage and one minibatch's conversion, CleanRL's design (float32 buffer, float gather,
-    then / 255) vs ours (uint8 buffer, uint8 gather, one float copy divided in place). No network: storage alone."""
+    """Peak RSS of CleanRL's storage design (float32 buffer, float gather, then / 255) vs ours (uint8 buffer, uint8
+    gather, one float copy divided in place): first the rollout storage and one minibatch's conversion alone, then with
+    one train-mode forward+backward of the Procgen network on that minibatch (its activations) added."""
+    sys.path.insert(0, REPO_ROOT)
+    ppo = importlib.import_module("ppo_procgen_mdr")
     import torch
 
     def vm(field):
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20  # GiB
 
+    torch.manual_seed(0)
+    agent = ppo.Agent(15, ppo.Args(pretrained=False))
     base = vm("VmRSS")
     dtype = torch.float32 if design == "cleanrl" else torch.uint8
-    obs = torch.zeros((num_steps, num_envs, 64, 64, 3), dtype=dtype).random_(0, 256)  # every page touched
-    b_obs = obs.reshape((-1, 64, 64, 3))
+    obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(0, 256)  # every page touched
+    b_obs = obs.reshape((-1,) + PROCGEN_OBS)
     mb_inds = torch.randperm(len(b_obs))[:minibatch_size]
     if design == "cleanrl":
         x = b_obs[mb_inds].permute((0, 3, 1, 2)) / 255.0  # CleanRL: network input = x / 255.0 of a float gather
     else:
         x = b_obs[mb_inds].permute(0, 3, 1, 2).float().div_(255.0)
-    peak = vm("VmHWM")
-    print("RESULT " + json.dumps({"design": design, "storage_gb": peak - base, "check": float(x.mean())}), flush=True)
+    storage = vm("VmHWM") - base
+    agent.train()
+    hidden = agent.backbone(x)
+    (agent.actor(hidden).sum() + agent.critic(hidden).sum()).backward()
+    result = {"design": design, "storage_gb": storage, "with_update_gb": vm("VmHWM") - base, "process_gb": vm("VmHWM")}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,68 +319,7 @@ def machine_line(device):
     )
 
 
-def memory_design(num_envs, num_steps, minibatch_size):
-    """Analytic bytes and measured peak RSS of the two storage designs."""
-    n = num_envs * num_steps
-    cleanrl = n * OBS_BYTES * 4 + 2 * minibatch_size * OBS_BYTES * 4  # float32 buffer + float gather + (/ 255) copy
-    ours = n * OBS_BYTES + minibatch_size * OBS_BYTES + minibatch_size * OBS_BYTES * 4  # uint8 + uint8 gather + one float
-    shape = [str(num_envs), str(num_steps), str(minibatch_size)]
-    measured = {design: run_worker(["--memory-worker", design, *shape], {})["storage_gb"] for design in ("cleanrl", "ours")}
-    print(f"\n### Rollout storage + one minibatch's conversion ({num_envs} x {num_steps}, minibatch {minibatch_size})\n")
-    print("| design | bytes (computed) | peak RSS increase (measured) |")
-    print("|---|---:|---:|")
-    rows = [
-        ("CleanRL: float32 buffer, float gather, `/ 255.0` copy", cleanrl, measured["cleanrl"]),
-        ("ours: uint8 buffer, uint8 gather, one float copy divided in place", ours, measured["ours"]),
-    ]
-    for label, computed, rss in rows:
-        print(f"| {label} | {computed / 1e6:,.0f} MB | {rss * 2**30 / 1e6:,.0f} MB |")
-    print(f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {measured['ours'] / measured['cleanrl']:.3f} |")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--num-steps", type=int, default=16, help="paper: 256 (16 keeps an iteration ~20 s on 2 CPU cores)")
-    parser.add_argument("--minibatch-size", type=int, default=128, help="paper: 2048 (128 keeps 8 minibatches per epoch)")
-    parser.add_argument("--iterations", type=int, default=2, help="measured iterations per run")
-    parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not measured")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
-    parser.add_argument("--configs", default="mdr,ppo,nodiag,ppo-nodiag,olddiag,amp,threads1,spin")
-    parser.add_argument("--memory-design", action="store_true", help="also measure the storage designs at paper settings")
-    parser.add_argument("--json", help="write every raw result to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
-    cli = parser.parse_args()
-    if cli.worker:
-        return worker(json.loads(cli.worker))
-    if cli.memory_worker:
-        design, *shape = cli.memory_worker
-        return memory_design_worker(design, *map(int, shape))
-
-    names = [name for name in cli.configs.split(",") if name]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        sys.exit(f"unknown --configs {unknown}; known: {', '.join(CONFIGS)}")
-    print(f"Machine: {machine_line(cli.device)}")
-    print(f"Command: python {' '.join(sys.argv)}")
-    base_shape = {k: getattr(cli, k) for k in ("num_envs", "num_steps", "minibatch_size", "iterations", "warmup")}
-    results = {name: [] for name in names}
-    for repeat in range(cli.repeats):
-        for name in names:
-            overrides, env_extra, shape = CONFIGS[name]
-            spec = {"device": cli.device, "overrides": overrides, "shape": {**base_shape, **shape}}
-            result = run_worker(["--worker", json.dumps(spec)], env_extra)
-            results[name].append({**result, "spec": spec})
-            if cli.json:  # after every run: an interrupted benchmark keeps what it measured
-                with open(cli.json, "w") as f:
-                    json.dump(results, f, indent=1)
-            sps, cpu = (", ".join(f"{v:.2f}" for v in result[key]) for key in ("sps", "cpu_ms_per_step"))
-            print(f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {sps}; CPU ms per step {cpu}", flush=True)
-
-    if not names:
-        return memory_design(64, 256, 2048) if cli.memory_design else None
+def print_speed_tables(names, results):
     for clock, title in (("time", "wall time"), ("cpu", "CPU time of the process")):
         print(f"\n### {title}: speed, split per section, compute bound\n")
         speed = "SPS" if clock == "time" else "CPU ms per step"
@@ -310,18 +334,23 @@ def main():
             values = [v for run in runs for v in run["sps" if clock == "time" else "cpu_ms_per_step"]]
             iterations = [it[clock] for run in runs for it in run["iterations"]]
             fractions = [statistics.median(it[s] / sum(it.values()) for it in iterations) * 100 for s in SECTIONS]
-            bound_ratios = {
-                phase: [
-                    statistics.median(it[clock][phase] for it in run["iterations"]) / run["bound"][phase][clock]
-                    for run in runs
-                ]
+            bounds = {
+                phase: spread(
+                    [
+                        statistics.median(it[clock][phase] for it in run["iterations"]) / run["bound"][phase][clock]
+                        for run in runs
+                    ],
+                    "{:.3f}",
+                )
+                if "bound" in runs[0]
+                else "-"
                 for phase in ("update", "inference")
             }
             print(
                 f"| {name} | {shape['num_envs']} x {shape['num_steps']}, {shape['minibatch_size']} | "
                 f"{spread(values, '{:.1f}' if clock == 'time' else '{:.2f}')} | "
                 + " | ".join(f"{fraction:.1f} %" for fraction in fractions)
-                + f" | {spread(bound_ratios['update'], '{:.3f}')} | {spread(bound_ratios['inference'], '{:.3f}')} |"
+                + f" | {bounds['update']} | {bounds['inference']} |"
             )
 
     print("\n### Peak memory\n")
@@ -335,29 +364,85 @@ def main():
             f"{runs[0]['threads']} (interop {runs[0]['interop_threads']}) |"
         )
 
-    pairs = [
-        ("mdr", "ppo", "MDR(2,1) / PPO(3,0)"),
-        ("nodiag", "ppo-nodiag", "MDR(2,1) / PPO(3,0), diagnostics off"),
-        ("nodiag", "mdr", "diagnostics off / default diagnostics"),
-        ("nodiag", "olddiag", "diagnostics off / previous diagnostics defaults"),
-        ("mdr", "spin", "default (OMP passive) / OMP spinning"),
-        ("threads1", "mdr", "1 thread / default (all cores)"),
-        ("amp", "mdr", "--amp / default"),
-        ("amp1", "threads1", "--amp / float32, both --torch-threads 1"),
-        ("compile", "mdr", "--compile / default"),
-    ]
-    rows = [(label, a, b) for a, b, label in pairs if a in results and b in results]
+    rows = [(label, a, b) for a, b, label in PAIRS if a in results and b in results]
     if rows:
         print("\n### Speed ratios, paired by round (each round runs every configuration once, back to back)\n")
-        print("| ratio | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |")
+        print("| ratio a / b | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |")
         print("|---|---:|---:|---:|")
         for label, a, b in rows:
             sps = paired_ratios(results, a, b, "sps")
             cpu = paired_ratios(results, b, a, "cpu_ms_per_step")
             print(f"| {label} | {spread(sps, '{:.3f}')} | {spread(cpu, '{:.3f}')} | {len(sps)} |")
 
+
+def memory_design(num_envs, num_steps, minibatch_size):
+    """Computed bytes and measured peak RSS of the two storage designs, alone and with one update's activations."""
+    n = num_envs * num_steps
+    obs_bytes = PROCGEN_OBS[0] * PROCGEN_OBS[1] * PROCGEN_OBS[2]
+    cleanrl = n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4  # float32 buffer + float gather + (/ 255) copy
+    ours = n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4  # uint8 + uint8 gather + one float
+    shape = [str(num_envs), str(num_steps), str(minibatch_size)]
+    measured = {design: run_worker(["--memory-worker", design, *shape], {}) for design in ("cleanrl", "ours")}
+    print(f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), peak RSS increase\n")
+    print("| design | storage + conversion, computed | measured | + one train-mode update of the network, measured |")
+    print("|---|---:|---:|---:|")
+    rows = [
+        ("CleanRL: float32 buffer, float gather, `/ 255.0` copy", cleanrl, measured["cleanrl"]),
+        ("ours: uint8 buffer, uint8 gather, one float copy divided in place", ours, measured["ours"]),
+    ]
+    for label, computed, rss in rows:
+        print(
+            f"| {label} | {computed / 1e6:,.0f} MB | {rss['storage_gb'] * 2**30 / 1e6:,.0f} MB | "
+            f"{rss['with_update_gb'] * 2**30 / 1e6:,.0f} MB |"
+        )
+    ratio = {key: measured["ours"][key] / measured["cleanrl"][key] for key in ("storage_gb", "with_update_gb")}
+    print(f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {ratio['storage_gb']:.3f} | {ratio['with_update_gb']:.3f} |")
+    return measured
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--iterations", type=int, default=2, help="measured iterations per run")
+    parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not measured")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--memory-design", action="store_true", help="also measure the storage designs at paper settings")
+    parser.add_argument("--json", help="write every raw result to this file (after every run)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        return worker(json.loads(cli.worker))
+    if cli.memory_worker:
+        design, *shape = cli.memory_worker
+        return memory_design_worker(design, *map(int, shape))
+
+    names = [name for name in cli.configs.split(",") if name]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: unknown --configs {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    print(f"Machine: {machine_line(cli.device)}")
+    print(f"Command: python {' '.join(sys.argv)}")
+    results = {name: [] for name in names}
+    for repeat in range(cli.repeats):
+        for name in names:
+            overrides, env_extra, shape = CONFIGS[name]
+            script = name.split("/")[0]
+            base = {**SCRIPTS[script][1], "iterations": cli.iterations, "warmup": cli.warmup}
+            spec = {"device": cli.device, "script": script, "overrides": overrides, "shape": {**base, **shape}}
+            result = run_worker(["--worker", json.dumps(spec)], env_extra)
+            results[name].append({**result, "spec": spec})
+            if cli.json:  # after every run: an interrupted benchmark keeps what it measured
+                with open(cli.json, "w") as f:
+                    json.dump(results, f, indent=1)
+            sps, cpu = (", ".join(f"{v:.2f}" for v in result[key]) for key in ("sps", "cpu_ms_per_step"))
+            print(f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {sps}; CPU ms per step {cpu}", flush=True)
+
+    if names:
+        print_speed_tables(names, results)
     if cli.memory_design:
-        memory_design(64, 256, 2048)
+        results["memory_design"] = memory_design(*(PAPER_SHAPE[k] for k in ("num_envs", "num_steps", "minibatch_size")))
     if cli.json:
         with open(cli.json, "w") as f:
             json.dump(results, f, indent=1)
