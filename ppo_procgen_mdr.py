@@ -68,8 +68,8 @@ class Args:
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
     timing: bool = False
-    """log the wall time per section (env, inference, update, diagnostics, ...) and peak memory under perf/; on CUDA it
-    synchronizes at section boundaries, so leave it off for production runs"""
+    """log the wall and CPU time per section (env, inference, update, diagnostics, ...) and peak memory under perf/; on
+    CUDA it synchronizes at section boundaries, so leave it off for production runs"""
 
     # Algorithm specific arguments (paper Table 2, Procgen column)
     env_id: str = "bigfish"

@@ -16,15 +16,17 @@ worker process (all its threads), which other jobs on a shared machine disturb f
     python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design   # memory at paper settings
 
 Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
-minibatch 2048); patchloc 4 envs x 16 steps, minibatch 32, views of 112 px (paper: 750 steps, minibatch 128); probe
+minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper: 750 steps, minibatch 128, 112 px;
+the same number of minibatches per epoch within 2x, which sets what the diagnostics cost); probe
 its own defaults (4 envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with the default
 diagnostics; ppo = --alpha1 3 --alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag /
 ppo-nodiag = the same with the diagnostics off; olddiag = MDR(2,1) with the previous diagnostics defaults (2 minibatches,
 ratio every 4th); threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
 is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
 compile = --compile; paper, paper-amp, paper-compile = the paper's 64 envs x 256 steps, minibatch 2048, one iteration
-(a GPU's job: ~45 min per run on 2 CPU cores); paper-memory = the paper's shapes with one train-mode and one eval-mode
-epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full iteration's.
+(~6 min per run on 2 CPU cores); paper-memory = the paper's shapes with one train-mode and one eval-mode
+epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full iteration's;
+paper-memory-amp: the same with --amp.
 """
 
 import argparse
@@ -52,8 +54,15 @@ SCRIPTS = {
     ),
     "patchloc": (
         "ppo_patchloc_mdr",
-        {"num_envs": 4, "num_steps": 16, "minibatch_size": 32},
-        {"pretrained": False, "num_tasks": 16, "num_test_tasks": 4, "num_eval_envs": 4, "num_render_episodes": 0},
+        {"num_envs": 4, "num_steps": 48, "minibatch_size": 16},
+        {
+            "pretrained": False,
+            "view_size": 64,
+            "num_tasks": 16,
+            "num_test_tasks": 4,
+            "num_eval_envs": 4,
+            "num_render_episodes": 0,
+        },
     ),
     "probe": ("ppo_collapse_probe", {"num_envs": 4, "num_steps": 32, "minibatch_size": 32}, {}),
 }
@@ -76,6 +85,7 @@ CONFIGS = {
     "procgen/paper-amp": ({"amp": True}, {}, PAPER_SHAPE),
     "procgen/paper-compile": ({"compile": True}, {}, PAPER_SHAPE),
     "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
+    "procgen/paper-memory-amp": ({"alpha1": 1, "alpha2": 1, "amp": True}, {}, {**PAPER_SHAPE, "bound": False}),
     "patchloc/mdr": (MDR, {}, {}),
     "patchloc/ppo": (PPO, {}, {}),
     "patchloc/nodiag": ({**MDR, **NO_DIAG}, {}, {}),

@@ -1,0 +1,102 @@
+"""benchmarks/bench_sps.py's compute bound must time the network passes a script really makes in an iteration, or its
+"update / bound" efficiency means nothing. Each test runs a script's main() on a tiny config, records every pass through
+Agent.features (mode, batch size, gradient on or off) and compares it with what the benchmark counts."""
+
+import contextlib
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_collapse_probe
+import ppo_patchloc_mdr
+import ppo_procgen_mdr
+
+spec = importlib.util.spec_from_file_location(
+    "bench_sps", Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sps.py"
+)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.fixture
+def recorded_passes(monkeypatch):
+    """Every Agent.features call of the three scripts, as (training, batch size, gradient enabled)."""
+    passes = []
+    for module in (ppo_procgen_mdr, ppo_patchloc_mdr, ppo_collapse_probe):
+        original = module.Agent.features
+
+        def features(self, x, original=original):
+            passes.append((self.training, x.shape[0], torch.is_grad_enabled()))
+            return original(self, x)
+
+        monkeypatch.setattr(module.Agent, "features", features)
+    threads = torch.get_num_threads()
+    yield passes
+    torch.set_num_threads(threads)
+
+
+def run(module, args, cwd, monkeypatch):
+    monkeypatch.chdir(cwd)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(args) in (0, None)
+    return args
+
+
+def expected_iteration(script, module, args):
+    """The rollout's inference passes (eval mode, no gradient), then the update section's passes as the benchmark
+    counts them."""
+    rollout = [(False, args.num_envs, False)] * (args.num_steps + 1)
+    return rollout + bench.update_passes(script, module, args)
+
+
+def test_update_passes_by_hand():
+    args = ppo_patchloc_mdr.Args(num_envs=2, num_steps=35, minibatch_size=32, alpha1=2, alpha2=1, mdr_rounds=2)
+    args.batch_size = 70  # minibatches of 32, 32 and 6
+    train, rectify = (
+        [(True, 32, True), (True, 32, True), (True, 6, True)],
+        [(False, 32, True), (False, 32, True), (False, 6, True)],
+    )
+    values = [(False, 32, False), (False, 32, False), (False, 6, False), (False, 2, False)]  # D_k chunks + bootstrap
+    assert bench.update_passes("patchloc", ppo_patchloc_mdr, args) == train * 2 + rectify + values + train * 2 + rectify
+
+
+def test_bound_counts_the_procgen_script_passes(recorded_passes, tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo_procgen_mdr, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs))
+    args = ppo_procgen_mdr.Args(
+        num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
+        pretrained=False, cuda=False, mdr_rounds=2, diag_minibatches=-1, diag_ratio_every=0,
+    )  # fmt: skip
+    run(ppo_procgen_mdr, args, tmp_path, monkeypatch)
+    iteration = expected_iteration("procgen", ppo_procgen_mdr, args)
+    assert (False, 8, False) in iteration  # the values recomputed before round 2
+    assert recorded_passes == iteration * args.num_iterations
+
+
+def test_bound_counts_the_patchloc_script_passes(recorded_passes, tmp_path, monkeypatch):
+    args = ppo_patchloc_mdr.Args(
+        num_envs=2, num_steps=16, minibatch_size=12, total_timesteps=64, num_tasks=4, num_test_tasks=4, view_size=16,
+        image_size=64, num_eval_envs=2, num_render_episodes=0, hidden_size=32, mdr_rounds=2, eval_interval=0,
+        pretrained=False, cuda=False, diag_minibatches=-1, diag_ratio_every=0,
+    )  # fmt: skip
+    run(ppo_patchloc_mdr, args, tmp_path, monkeypatch)
+    assert (True, 8, True) in bench.update_passes("patchloc", ppo_patchloc_mdr, args)  # the ragged last minibatch
+    measured = expected_iteration("patchloc", ppo_patchloc_mdr, args) * args.num_iterations
+    assert recorded_passes[: len(measured)] == measured
+    assert all(not training and not grad for training, _, grad in recorded_passes[len(measured) :])  # the evaluation
+
+
+@pytest.mark.parametrize("mode", ["bn-mdr", "eval"])
+def test_bound_counts_the_probe_gradient_passes(mode, recorded_passes, tmp_path, monkeypatch):
+    """The probe's diagnostics cannot be switched off (they are its measurement): compare the passes with gradient."""
+    args = ppo_collapse_probe.Args(
+        mode=mode, num_envs=2, num_steps=10, minibatch_size=8, total_timesteps=40, num_tasks=2, view_size=16,
+        image_size=64, hidden_size=32,
+    )  # fmt: skip
+    run(ppo_collapse_probe, args, tmp_path, monkeypatch)
+    counted = [p for p in bench.update_passes("probe", ppo_collapse_probe, args) if p[2]] * args.num_iterations
+    assert [p for p in recorded_passes if p[2]] == counted
+    assert len(counted) == 3 * 3 * args.num_iterations  # 3 epochs of minibatches 8, 8, 4
