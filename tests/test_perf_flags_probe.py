@@ -10,7 +10,6 @@ import io
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,41 +246,6 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(mode):
 # the pieces
 
 
-def test_section_timer_counts_nested_time_once(monkeypatch):
-    clock, cpu_clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0]), iter([0.0, 2.0, 6.0, 12.0, 20.0, 30.0, 42.0])
-    # the script's clocks only (patching the time module itself would also feed other threads, e.g. TensorBoard's)
-    monkeypatch.setattr(probe, "time", SimpleNamespace(perf_counter=lambda: next(clock), process_time=lambda: next(cpu_clock)))
-    timer = probe.SectionTimer(True, torch.device("cpu"))
-
-    timer.start()  # t=0
-    with timer("update"):  # t=1 (0-1: other)
-        with timer("diagnostics"):  # t=3 (1-3: update)
-            pass  # t=6 (3-6: diagnostics)
-    # t=10 (6-10: update)
-    totals = timer.stop()  # t=15 (10-15: other)
-
-    assert totals == {
-        "other_time": 6.0,
-        "update_time": 6.0,
-        "diagnostics_time": 3.0,
-        "other_cpu": 12.0,
-        "update_cpu": 12.0,
-        "diagnostics_cpu": 6.0,
-    }
-    assert timer.stop() == {}  # the next update starts from an empty slate (t=21: charged to no section)
-
-
-def test_disabled_section_timer_is_a_no_op(monkeypatch):
-    fail = lambda: pytest.fail("clock read while timing is off")  # noqa: E731
-    monkeypatch.setattr(probe, "time", SimpleNamespace(perf_counter=fail, process_time=fail))
-    timer = probe.SectionTimer(False, torch.device("cpu"))
-
-    timer.start()
-    with timer("env"):
-        pass
-    assert timer.stop() == {}
-
-
 def test_ppo_update_charges_the_trust_region_diagnostics_to_their_section(monkeypatch):
     torch.manual_seed(0)
     args = tiny_args(mode="bn")
@@ -307,25 +271,6 @@ def test_ppo_update_charges_the_trust_region_diagnostics_to_their_section(monkey
     probe.ppo_update(agent, optimizer, batch, torch.arange(8), args, False, timer)
     assert opened == ["diagnostics"]  # not measured: no section opened
     assert "ratio_gap" in probe.ppo_update(agent, optimizer, batch, torch.arange(8), args, True)  # no timer: fine
-
-
-def test_to_device_on_cpu_shares_memory_and_converts_dtypes():
-    obs = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
-    staging = torch.empty((2, 3, 16, 16, 3), dtype=torch.uint8)
-
-    tensor = probe.to_device(obs, staging, torch.device("cpu"))
-
-    assert tensor.data_ptr() == obs.__array_interface__["data"][0]  # no copy on CPU
-    done = probe.to_device(np.array([True, False]), torch.empty(2), torch.device("cpu"))
-    assert done.dtype == torch.float32 and done.tolist() == [1.0, 0.0]
-
-
-def test_mean_stats_averages_each_key_over_the_minibatches_that_have_it():
-    stats = [
-        {"loss": torch.tensor(1.0), "ratio_gap": torch.tensor(0.5)},
-        {"loss": torch.tensor(3.0)},
-    ]
-    assert probe.mean_stats(stats) == {"loss": 2.0, "ratio_gap": 0.5}
 
 
 def test_features_convert_in_place_without_changing_values():
