@@ -479,8 +479,9 @@ def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio
     return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
 
 
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer=None):
-    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync)."""
+def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer):
+    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync). The ratio-gap
+    measurement is charged to the timer's "diagnostics" section (a disabled SectionTimer costs nothing)."""
     mb_obs, mb_actions = batch["obs"][mb_inds], batch["actions"][mb_inds]
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
     loss, ratio, stats = clipped_ppo_loss(
@@ -494,7 +495,7 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
         args,
     )
     if measure_ratio_gap:
-        with timer("diagnostics") if timer else contextlib.nullcontext():
+        with timer("diagnostics"):
             stats.update(
                 trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
             )

@@ -24,9 +24,9 @@ ppo-nodiag = the same with the diagnostics off; olddiag = MDR(2,1) with the prev
 ratio every 4th); threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
 is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
 compile = --compile; paper, paper-amp, paper-compile = the paper's 64 envs x 256 steps, minibatch 2048, one iteration
-(~6 min per run on 2 CPU cores); paper-memory = the paper's shapes with one train-mode and one eval-mode
-epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full iteration's;
-paper-memory-amp: the same with --amp.
+(~7 min per run on 2 CPU cores, compute bound included); paper-memory = the paper's shapes with one train-mode and
+one eval-mode epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full
+iteration's; paper-memory-amp: the same with --amp.
 """
 
 import argparse

@@ -270,7 +270,8 @@ def test_ppo_update_charges_the_trust_region_diagnostics_to_their_section(monkey
     assert opened == ["diagnostics"] and "ratio_gap" in stats
     probe.ppo_update(agent, optimizer, batch, torch.arange(8), args, False, timer)
     assert opened == ["diagnostics"]  # not measured: no section opened
-    assert "ratio_gap" in probe.ppo_update(agent, optimizer, batch, torch.arange(8), args, True)  # no timer: fine
+    off = probe.SectionTimer(False, torch.device("cpu"))
+    assert "ratio_gap" in probe.ppo_update(agent, optimizer, batch, torch.arange(8), args, True, off)  # timing off: fine
 
 
 def test_features_convert_in_place_without_changing_values():

@@ -258,7 +258,15 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
 
     agent.train()  # standard phase
     before = clone_state(agent)
-    ppo.ppo_update(agent, optimizer, batch, mb_inds, tiny_args(norm=norm), measure_ratio_gap=True)
+    ppo.ppo_update(
+        agent,
+        optimizer,
+        batch,
+        mb_inds,
+        tiny_args(norm=norm),
+        measure_ratio_gap=True,
+        timer=ppo.SectionTimer(False, torch.device("cpu")),
+    )
     moved = [name for name in stat_names if name in changed_entries(before, agent)]
     assert bool(moved) == moves_in_train_mode, moved
     if moves_in_train_mode:
@@ -267,7 +275,15 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
 
     agent.eval()  # rectification phase
     before = clone_state(agent)
-    ppo.ppo_update(agent, optimizer, batch, mb_inds, tiny_args(norm=norm), measure_ratio_gap=False)
+    ppo.ppo_update(
+        agent,
+        optimizer,
+        batch,
+        mb_inds,
+        tiny_args(norm=norm),
+        measure_ratio_gap=False,
+        timer=ppo.SectionTimer(False, torch.device("cpu")),
+    )
     changed = changed_entries(before, agent)
     assert not [name for name in changed if name in dict(agent.named_buffers())]  # stats and num_batches_tracked
     assert "backbone.bn1.weight" in changed  # ... while the parameters (affine ones too) still learn
