@@ -379,7 +379,9 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, generator):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over all full minibatches of D_k.
+    minibatch of size m) and the eval-mode policy, over all full minibatches of D_k, both sides computed here (the
+    Eval configuration's zero is then exact). Both use the current running statistics: each train-mode pass moves
+    them, so they are restored after it.
     Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
     was_training = agent.training
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
@@ -389,13 +391,13 @@ def policy_mismatch(agent, b_obs, minibatch_size, generator):
     divergences = []
     for start in range(0, len(b_obs) // minibatch_size * minibatch_size, minibatch_size):
         mb_obs = b_obs[perm[start : start + minibatch_size]]
-        agent.train()
-        train_logits = agent.actor(agent.features(mb_obs))
         agent.eval()
         eval_logits = agent.actor(agent.features(mb_obs))
+        agent.train()
+        train_logits = agent.actor(agent.features(mb_obs))
+        for name, buf in agent.named_buffers():
+            buf.copy_(saved_buffers[name])
         divergences.append(js_divergence(train_logits, eval_logits).mean())
-    for name, buf in agent.named_buffers():
-        buf.copy_(saved_buffers[name])
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)

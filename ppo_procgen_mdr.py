@@ -146,8 +146,8 @@ class Args:
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
     """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k, -1 = off)"""
-    diag_ratio_every: int = 7
-    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch (0 = never)"""
+    diag_ratio_every: int = 8
+    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the first (0 = never)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -355,13 +355,16 @@ class Agent(nn.Module):
     def get_value(self, x):
         return self.critic(self.features(x))
 
-    def get_action_and_value(self, x, action=None):
+    def get_policy_and_value(self, x):
         hidden = self.features(x)
-        logits = self.actor(hidden)
-        probs = Categorical(logits=logits, validate_args=False)  # NaN logits reach the non-finite-loss check
+        policy = Categorical(logits=self.actor(hidden), validate_args=False)  # NaN logits reach the non-finite-loss check
+        return policy, self.critic(hidden)
+
+    def get_action_and_value(self, x, action=None):
+        policy, value = self.get_policy_and_value(x)
         if action is None:
-            action = probs.sample()
-        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+            action = policy.sample()
+        return action, policy.log_prob(action), policy.entropy(), value
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
@@ -402,9 +405,12 @@ def js_divergence(logits_p, logits_q):
 
 
 @torch.no_grad()
-def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator):
+def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
     minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all; -1 = off: None).
+    Both sides use the current running statistics: each train-mode pass moves them, so they are restored after it.
+    `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq. 6's
+    pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
     Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
     if num_minibatches < 0:
         return None
@@ -417,13 +423,16 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator):
     divergences = []
     for start in range(0, minibatch_size * (num_minibatches or total), minibatch_size):
         mb_obs = b_obs[perm[start : start + minibatch_size]]
+        if b_eval_logits is None:
+            agent.eval()
+            eval_logits = agent.actor(agent.features(mb_obs))
+        else:
+            eval_logits = b_eval_logits[perm[start : start + minibatch_size]]
         agent.train()
         train_logits = agent.actor(agent.features(mb_obs))
-        agent.eval()
-        eval_logits = agent.actor(agent.features(mb_obs))
+        for name, buf in agent.named_buffers():
+            buf.copy_(saved_buffers[name])
         divergences.append(js_divergence(train_logits, eval_logits).mean())
-    for name, buf in agent.named_buffers():
-        buf.copy_(saved_buffers[name])
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
@@ -736,6 +745,7 @@ def main(args: Args):
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    logits = torch.zeros((args.num_steps, args.num_envs, num_actions)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -839,10 +849,12 @@ def main(args: Args):
                 obs[step] = next_obs
                 dones[step] = next_done
                 with timer("inference"), torch.no_grad():
-                    action, logprob, _, value = agent.get_action_and_value(next_obs)
+                    policy, value = agent.get_policy_and_value(next_obs)
+                    action = policy.sample()
                     values[step] = value.flatten()
                     actions[step] = action
-                    logprobs[step] = logprob
+                    logprobs[step] = policy.log_prob(action)
+                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
                 with timer("env"):
                     next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
                     rewards[step] = to_device(reward, staging["reward"], device)
@@ -862,6 +874,7 @@ def main(args: Args):
             batch = {
                 "obs": obs.reshape((-1,) + obs.shape[2:]),
                 "logprobs": logprobs.reshape(-1),
+                "logits": logits.reshape(-1, num_actions),
                 "actions": actions.reshape(-1),
                 "advantages": advantages.reshape(-1),
                 "returns": returns.reshape(-1),
@@ -869,7 +882,9 @@ def main(args: Args):
             }
             diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)  # 0: all of D_k; -1: off
             with timer("diagnostics"):
-                delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+                delta_pi_minus = policy_mismatch(
+                    agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator, b_eval_logits=batch["logits"]
+                )
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}

@@ -17,16 +17,15 @@ worker process (all its threads), which other jobs on a shared machine disturb f
 
 Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
 minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper: 750 steps, minibatch 128, 112 px;
-the same number of minibatches per epoch within 2x, which sets what the diagnostics cost); probe
-its own defaults (4 envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with the default
-diagnostics; ppo = --alpha1 3 --alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag /
-ppo-nodiag = the same with the diagnostics off; olddiag = MDR(2,1) with the previous diagnostics defaults (2 minibatches,
-ratio every 4th); threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
+the same number of minibatches per epoch within 2x, which sets what the diagnostics cost); probe its own defaults (4
+envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with the default diagnostics; ppo = --alpha1 3
+--alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag / ppo-nodiag = the same with the
+diagnostics off; threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
 is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
 compile = --compile; paper, paper-amp, paper-compile = the paper's 64 envs x 256 steps, minibatch 2048, one iteration
-(~7 min per run on 2 CPU cores, compute bound included); paper-memory = the paper's shapes with one train-mode and
-one eval-mode epoch (--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full
-iteration's; paper-memory-amp: the same with --amp.
+(~7 min per run on 2 CPU cores, compute bound included); paper-nodiag = paper with the diagnostics off and no compute
+bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch (--alpha1 1 --alpha2 1): every
+minibatch has the paper's size, so the peak memory is the full iteration's; paper-memory-amp: the same with --amp.
 """
 
 import argparse
@@ -75,7 +74,6 @@ CONFIGS = {
     "procgen/ppo": (PPO, {}, {}),
     "procgen/nodiag": ({**MDR, **NO_DIAG}, {}, {}),
     "procgen/ppo-nodiag": ({**PPO, **NO_DIAG}, {}, {}),
-    "procgen/olddiag": ({**MDR, "diag_minibatches": 2, "diag_ratio_every": 4}, {}, {}),
     "procgen/threads1": ({"torch_threads": 1}, {}, {}),
     "procgen/spin": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
     "procgen/amp": ({"amp": True}, {}, {}),
@@ -84,6 +82,7 @@ CONFIGS = {
     "procgen/paper": ({}, {}, PAPER_SHAPE),
     "procgen/paper-amp": ({"amp": True}, {}, PAPER_SHAPE),
     "procgen/paper-compile": ({"compile": True}, {}, PAPER_SHAPE),
+    "procgen/paper-nodiag": (NO_DIAG, {}, {**PAPER_SHAPE, "bound": False}),
     "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
     "procgen/paper-memory-amp": ({"alpha1": 1, "alpha2": 1, "amp": True}, {}, {**PAPER_SHAPE, "bound": False}),
     "patchloc/mdr": (MDR, {}, {}),
@@ -106,7 +105,6 @@ PAIRS = [
     ("procgen/mdr", "procgen/ppo", "Procgen: MDR(2,1) / PPO(3,0)"),
     ("procgen/nodiag", "procgen/ppo-nodiag", "Procgen: MDR(2,1) / PPO(3,0), diagnostics off"),
     ("procgen/nodiag", "procgen/mdr", "Procgen: diagnostics off / default diagnostics"),
-    ("procgen/nodiag", "procgen/olddiag", "Procgen: diagnostics off / previous diagnostics defaults"),
     ("procgen/mdr", "procgen/spin", "Procgen: default (OMP passive) / OMP spinning"),
     ("procgen/threads1", "procgen/mdr", "Procgen: 1 thread / default (both cores)"),
     ("procgen/amp", "procgen/mdr", "Procgen: --amp / default"),
@@ -114,6 +112,7 @@ PAIRS = [
     ("procgen/compile", "procgen/mdr", "Procgen: --compile / default"),
     ("procgen/paper-amp", "procgen/paper", "Procgen, paper shapes: --amp / default"),
     ("procgen/paper-compile", "procgen/paper", "Procgen, paper shapes: --compile / default"),
+    ("procgen/paper-nodiag", "procgen/paper", "Procgen, paper shapes: diagnostics off / default diagnostics"),
     ("patchloc/mdr", "patchloc/ppo", "Patch-loc: MDR(2,1) / PPO(3,0), 3 rounds"),
     ("patchloc/nodiag", "patchloc/ppo-nodiag", "Patch-loc: MDR(2,1) / PPO(3,0), diagnostics off"),
     ("patchloc/nodiag", "patchloc/mdr", "Patch-loc: diagnostics off / default diagnostics"),

@@ -114,6 +114,33 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     assert agent.training
 
 
+def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_was_called_with():
+    """Each minibatch's two sides are those of eq. 6 at the call's running statistics: a train-mode pass moves them
+    (momentum 0.1), so an eval-mode side computed after it, or after an earlier minibatch's, is measured off them."""
+    torch.manual_seed(0)
+    agent = tiny_agent("bn")
+    b_obs = random_obs(24)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy: at init delta_pi is too small to tell anything apart
+        agent.train()
+        for _ in range(3):
+            agent.get_value(b_obs[:8])
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    expected = []
+    for start in range(0, 24, 8):  # each minibatch on a fresh copy: nothing has moved its statistics
+        with torch.no_grad():
+            eval_copy, train_copy = copy.deepcopy(agent).eval(), copy.deepcopy(agent).train()
+            mb_obs = b_obs[perm[start : start + 8]]
+            eval_logits = eval_copy.actor(eval_copy.features(mb_obs))
+            train_logits = train_copy.actor(train_copy.features(mb_obs))
+        expected.append(probe.js_divergence(train_logits, eval_logits).mean().item())
+
+    delta = probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
+
+    assert delta.item() == pytest.approx(np.mean(expected), rel=1e-5)
+    assert delta.item() > 1e-3
+
+
 def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
     torch.manual_seed(0)
     agent = tiny_agent("eval")

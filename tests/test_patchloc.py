@@ -4,6 +4,7 @@ configs: 16-pixel views, 4 + 4 tasks, hidden width 32, random init).
 Every subprocess runs with cwd=tmp_path, so its runs/ and wandb/ folders land in a temporary directory, and with
 OMP_NUM_THREADS=1: on a small shared machine, torch's intra-op threads oversubscribe the cores (measured 3x slower)."""
 
+import copy
 import io
 import math
 import os
@@ -240,7 +241,8 @@ def test_views_share_the_backbone_and_keep_their_place_in_the_features():
 
 
 class Recorder:
-    """Wraps ppo_update, compute_values, Agent.get_value and Agent.get_action_and_value to log what main does."""
+    """Wraps ppo_update, compute_values and the Agent's get_value, get_action_and_value and get_policy_and_value to log
+    what main does."""
 
     def __init__(self, monkeypatch):
         self.events, self.minibatches, self.rollout_modes, self.recompute_modes = [], [], [], []
@@ -248,6 +250,7 @@ class Recorder:
         self.in_recompute = False
         original_update, original_values = ppo.ppo_update, ppo.compute_values
         original_get_value, original_get_action_and_value = ppo.Agent.get_value, ppo.Agent.get_action_and_value
+        original_get_policy_and_value, self.inside_get_action_and_value = ppo.Agent.get_policy_and_value, False
 
         def recording_update(agent, optimizer, batch, mb_inds, *args, **kwargs):
             self.events.append("train" if agent.training else "eval")
@@ -275,15 +278,23 @@ class Recorder:
                 self.recompute_modes.append((agent.training, torch.is_grad_enabled()))
             return original_get_value(agent, x)
 
-        def recording_get_action_and_value(agent, x, action=None):
-            if action is None:  # sampling an action: rollout collection
+        def recording_get_action_and_value(agent, x, action=None):  # the update's, ratio gap's and evaluation's passes
+            self.inside_get_action_and_value = True
+            try:
+                return original_get_action_and_value(agent, x, action)
+            finally:
+                self.inside_get_action_and_value = False
+
+        def recording_get_policy_and_value(agent, x):
+            if not self.inside_get_action_and_value:  # called directly: rollout collection
                 self.rollout_modes.append((agent.training, torch.is_grad_enabled()))
-            return original_get_action_and_value(agent, x, action)
+            return original_get_policy_and_value(agent, x)
 
         monkeypatch.setattr(ppo, "ppo_update", recording_update)
         monkeypatch.setattr(ppo, "compute_values", recording_values)
         monkeypatch.setattr(ppo.Agent, "get_value", recording_get_value)
         monkeypatch.setattr(ppo.Agent, "get_action_and_value", recording_get_action_and_value)
+        monkeypatch.setattr(ppo.Agent, "get_policy_and_value", recording_get_policy_and_value)
 
 
 def expected_events(alpha1, alpha2, rounds, minibatches_per_epoch):
@@ -413,6 +424,70 @@ def test_policy_mismatch_has_no_side_effects(norm, training):
     assert changed_entries(before, agent) == []  # parameters, running stats, num_batches_tracked
     assert agent.training == training
     assert 0.0 < delta_pi.item() <= math.log(2)  # a mode-dependent network: the two policies differ
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
+def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
+    """Each minibatch's two sides are eq. 6's at the call's running statistics (a train-mode pass moves them); the
+    rollout's eval-mode logits, given as b_eval_logits, give the same value with one pass per minibatch instead of two."""
+    agent = make_agent(norm)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy: at init delta_pi is too small to tell anything apart
+    b_obs = random_obs(24, seed=1)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    rng_state, expected = torch.get_rng_state(), []  # the same dropout masks for the reference and the function
+    for start in range(0, 24, 8):  # each minibatch on fresh copies: nothing has moved their statistics
+        with torch.no_grad():
+            eval_copy, train_copy = copy.deepcopy(agent).eval(), copy.deepcopy(agent).train()
+            mb_obs = b_obs[perm[start : start + 8]]
+            train_logits = train_copy.actor(train_copy.features(mb_obs))
+            expected.append(ppo.js_divergence(train_logits, eval_copy.actor(eval_copy.features(mb_obs))).mean().item())
+    agent.eval()
+    with torch.no_grad():  # the eval-mode logits as the rollout computes them: 2 envs per step, not minibatches of 8
+        b_eval_logits = torch.cat([agent.get_policy_and_value(b_obs[i : i + 2])[0].logits for i in range(0, 24, 2)])
+    agent.train()
+    passes, original_features = [], ppo.Agent.features
+
+    def counting_features(self, x):
+        passes.append(self.training)
+        return original_features(self, x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ppo.Agent, "features", counting_features)
+        torch.set_rng_state(rng_state)
+        computed = ppo.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(0))
+        assert passes == [False, True] * 3
+        passes.clear()
+        torch.set_rng_state(rng_state)
+        given = ppo.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits)
+        assert passes == [True] * 3
+
+    assert computed.item() == pytest.approx(np.mean(expected), rel=1e-5)
+    assert given.item() == pytest.approx(np.mean(expected), rel=1e-3)
+    assert computed.item() > 1e-4
+
+
+def test_delta_pi_minus_reads_the_rollout_logits_of_the_eval_mode_policy(tmp_path, monkeypatch):
+    """The logits main stores during the rollout are the eval-mode policy at theta_k on exactly batch["obs"] (eq. 6):
+    a wrong mode, a step misaligned with its observation or a stale network would all differ from this recomputation."""
+    monkeypatch.chdir(tmp_path)
+    original_mismatch, checked = ppo.policy_mismatch, []
+
+    def checking_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
+        if b_eval_logits is not None:  # delta_pi_minus, before the update
+            was_training = agent.training
+            agent.eval()
+            with torch.no_grad():
+                recomputed = agent.get_policy_and_value(b_obs)[0].logits
+            agent.train(was_training)
+            torch.testing.assert_close(b_eval_logits, recomputed, rtol=1e-4, atol=1e-5)
+            checked.append(len(b_obs))
+        return original_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits)
+
+    monkeypatch.setattr(ppo, "policy_mismatch", checking_mismatch)
+    args = tiny_args(total_timesteps=64)  # two iterations: the second one's logits come from an updated network
+    assert ppo.main(args) == 0
+    assert checked == [args.batch_size] * 2
 
 
 def test_policy_mismatch_is_zero_without_mode_dependent_layers():

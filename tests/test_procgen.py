@@ -208,6 +208,7 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, tmp_path, monkeypat
 
     original_update, original_values = ppo.ppo_update, ppo.compute_values
     original_get_action_and_value, original_get_value = ppo.Agent.get_action_and_value, ppo.Agent.get_value
+    original_get_policy_and_value, inside_get_action_and_value = ppo.Agent.get_policy_and_value, []
 
     def recording_update(agent, *args, **kwargs):
         events.append("train" if agent.training else "eval")
@@ -217,10 +218,17 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, tmp_path, monkeypat
         events.append("compute_values")
         return original_values(agent, *args, **kwargs)
 
-    def recording_get_action_and_value(self, x, action=None):
-        if action is None:  # sampling an action: rollout collection (evaluate is stubbed out)
+    def recording_get_action_and_value(self, x, action=None):  # the update's and the ratio gap's passes
+        inside_get_action_and_value.append(True)
+        try:
+            return original_get_action_and_value(self, x, action)
+        finally:
+            inside_get_action_and_value.pop()
+
+    def recording_get_policy_and_value(self, x):
+        if not inside_get_action_and_value:  # called directly: rollout collection (evaluate is stubbed out)
             rollout_modes.append((self.training, torch.is_grad_enabled()))
-        return original_get_action_and_value(self, x, action)
+        return original_get_policy_and_value(self, x)
 
     def recording_get_value(self, x):  # bootstrap value and compute_values' critic passes
         value_modes.append((self.training, torch.is_grad_enabled()))
@@ -229,6 +237,7 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, tmp_path, monkeypat
     monkeypatch.setattr(ppo, "ppo_update", recording_update)
     monkeypatch.setattr(ppo, "compute_values", recording_values)
     monkeypatch.setattr(ppo.Agent, "get_action_and_value", recording_get_action_and_value)
+    monkeypatch.setattr(ppo.Agent, "get_policy_and_value", recording_get_policy_and_value)
     monkeypatch.setattr(ppo.Agent, "get_value", recording_get_value)
     args = tiny_args(alpha1=alpha1, alpha2=alpha2, mdr_rounds=rounds)  # |D_k| = 32, m = 16: 2 minibatches per epoch
 
@@ -311,6 +320,58 @@ def test_policy_mismatch_has_no_side_effects(norm, training):
     assert agent.training == training
     # a freshly initialised mode-dependent network: the train- and eval-mode policies differ, within JS's bounds
     assert 0.0 < delta_pi.item() <= math.log(2)
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
+def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(norm, monkeypatch):
+    agent = make_agent(norm)
+    with torch.no_grad():  # a peaked policy: at init (logits ~0.01) delta_pi ~1e-6 is at the level of float rounding
+        agent.actor[-1].weight.mul_(100.0)
+    b_obs = random_obs(32, seed=1)
+    agent.eval()
+    with torch.no_grad():  # the eval-mode logits computed as the rollout does: 8 envs per step, not minibatches of 16
+        b_eval_logits = torch.cat([agent.get_policy_and_value(b_obs[i : i + 8])[0].logits for i in range(0, 32, 8)])
+    agent.train()
+    original_features, modes = ppo.Agent.features, []
+
+    def recording_features(self, x):
+        modes.append(self.training)
+        return original_features(self, x)
+
+    monkeypatch.setattr(ppo.Agent, "features", recording_features)
+    computed = ppo.policy_mismatch(agent, b_obs, 16, 0, torch.Generator().manual_seed(0))
+    assert modes == [False, True, False, True]  # per minibatch: an eval-mode, then a train-mode pass
+    modes.clear()
+    before = clone_state(agent)
+    given = ppo.policy_mismatch(agent, b_obs, 16, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits)
+    assert modes == [True, True]  # the eval-mode side is read, not recomputed
+    assert changed_entries(before, agent) == [] and agent.training
+    assert given.item() == pytest.approx(computed.item(), rel=1e-3)
+    assert given.item() > 1e-4
+
+
+def test_delta_pi_minus_reads_the_rollout_logits_of_the_eval_mode_policy(tmp_path, monkeypatch):
+    """The logits main stores during the rollout are the eval-mode policy at theta_k on exactly batch["obs"] (eq. 6):
+    a wrong mode, a step misaligned with its observation or a stale network would all differ from this recomputation."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs))
+    original_mismatch, checked = ppo.policy_mismatch, []
+
+    def checking_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
+        if b_eval_logits is not None:  # delta_pi_minus, before the update
+            was_training = agent.training
+            agent.eval()
+            with torch.no_grad():
+                recomputed = agent.get_policy_and_value(b_obs)[0].logits
+            agent.train(was_training)
+            torch.testing.assert_close(b_eval_logits, recomputed, rtol=1e-4, atol=1e-5)
+            checked.append(len(b_obs))
+        return original_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits)
+
+    monkeypatch.setattr(ppo, "policy_mismatch", checking_mismatch)
+    args = tiny_args(total_timesteps=64)  # two iterations: the second one's logits come from an updated network
+    assert ppo.main(args) == 0
+    assert checked == [args.batch_size] * 2
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["from-train-mode", "from-eval-mode"])
