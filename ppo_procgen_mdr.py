@@ -475,14 +475,20 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, 
 
 
 @torch.no_grad()
-def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio, clip_coef):
-    """Eq. 10-11 made measurable: next to the optimized train-mode ratio r', the eval-mode ratio r at the same
-    parameters. Returns mean |r' - r| and the fraction of samples the clip cannot stop (r' inside, r outside)."""
+def eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs):
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
+    minibatch's train-mode pass, which moves the statistics (and would hold its activations alongside). Side-effect
+    free: an eval-mode forward under no_grad updates no running statistic and draws no dropout mask."""
     was_training = agent.training
-    agent.eval()  # eval-mode forward under no_grad: no running-stat update, no dropout RNG draw
+    agent.eval()
     _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
     agent.train(was_training)
-    eval_ratio = (eval_logprob - mb_logprobs).exp()
+    return (eval_logprob - mb_logprobs).exp()
+
+
+def trust_region_diagnostics(train_ratio, eval_ratio, clip_coef):
+    """Eq. 10-11 made measurable: mean |r' - r| between the optimized train-mode ratio r' and the eval-mode ratio r,
+    and the fraction of samples the clip cannot stop (r' inside [1 - eps, 1 + eps], r outside)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
@@ -491,23 +497,24 @@ def trust_region_diagnostics(agent, mb_obs, mb_actions, mb_logprobs, train_ratio
 def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer):
     """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync). The ratio-gap
     measurement is charged to the timer's "diagnostics" section (a disabled SectionTimer costs nothing)."""
-    mb_obs, mb_actions = batch["obs"][mb_inds], batch["actions"][mb_inds]
+    mb_obs, mb_actions, mb_logprobs = batch["obs"][mb_inds], batch["actions"][mb_inds], batch["logprobs"][mb_inds]
+    eval_ratio = None
+    if measure_ratio_gap:
+        with timer("diagnostics"):
+            eval_ratio = eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs)
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
     loss, ratio, stats = clipped_ppo_loss(
         newlogprob,
         entropy,
         newvalue,
-        batch["logprobs"][mb_inds],
+        mb_logprobs,
         batch["advantages"][mb_inds],
         batch["returns"][mb_inds],
         batch["values"][mb_inds],
         args,
     )
-    if measure_ratio_gap:
-        with timer("diagnostics"):
-            stats.update(
-                trust_region_diagnostics(agent, mb_obs, mb_actions, batch["logprobs"][mb_inds], ratio.detach(), args.clip_coef)
-            )
+    if eval_ratio is not None:
+        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, args.clip_coef))
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)

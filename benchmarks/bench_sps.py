@@ -5,10 +5,11 @@ its main() with --timing for a fixed short budget, then times the compute bound 
 forward+backward passes of the same network (same modes, same minibatch sizes, same --amp/--compile), and the same
 value recomputations between MDR rounds, on random uint8 tensors of the same shapes, with no indexing, loss bookkeeping,
 clipping or optimizer. Held-out evaluation is not part of an iteration's cost: the Procgen one is stubbed out, the
-patch-loc one runs on 4 tasks and is timed in its own section, left out of the sums. Configurations are interleaved
-(A, B, C, A, B, C, ...) so that the load of a shared machine falls on all of them alike; figures are medians over
-repeats x iterations with their min-max spread. Every figure comes twice: from wall time, and from the CPU time of the
-worker process (all its threads), which other jobs on a shared machine disturb far less.
+patch-loc one runs on 4 tasks and is timed in its own section, left out of the sums. Configurations are interleaved,
+the order reversed every other round (A, B, C, C, B, A, ...), so that the load of a shared machine and any effect of
+a run's position in the round fall on all of them alike; figures are medians over repeats x iterations with their
+min-max spread. Every figure comes twice: from wall time, and from the CPU time of the worker process (all its
+threads), which other jobs on a shared machine disturb far less.
 
     python benchmarks/bench_sps.py --device cpu --json bench.json             # every script, ~40 min on 2 cores
     python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,procgen/ppo --repeats 5
@@ -41,6 +42,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCGEN_OBS = (64, 64, 3)
+NUM_PROCGEN_ACTIONS = 15
 SECTIONS = ("env", "inference", "update", "diagnostics", "other")  # "evaluation" is timed too, and left out
 CLOCKS = ("time", "cpu")  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
 
@@ -222,7 +224,7 @@ def worker(spec):
     )
     if script == "procgen":  # ~1 min per evaluation on 2 cores, and not part of an iteration's cost
         ppo.evaluate = lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
-        obs_shape, num_actions = PROCGEN_OBS, 15
+        obs_shape, num_actions = PROCGEN_OBS, NUM_PROCGEN_ACTIONS
     else:
         from envs import NUM_ACTIONS
 
@@ -274,10 +276,12 @@ def memory_design_worker(design, num_envs, num_steps, minibatch_size):
             return next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20  # GiB
 
     torch.manual_seed(0)
-    agent = ppo.Agent(15, ppo.Args(pretrained=False))
+    agent = ppo.Agent(NUM_PROCGEN_ACTIONS, ppo.Args(pretrained=False))
     base = vm("VmRSS")
     dtype = torch.float32 if design == "cleanrl" else torch.uint8
     obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(0, 256)  # every page touched
+    if design == "ours":  # the rollout's eval-mode logits, kept for delta_pi_minus (CleanRL keeps none)
+        logits = torch.zeros((num_steps, num_envs, NUM_PROCGEN_ACTIONS)).normal_()  # noqa: F841 (held until the end)
     b_obs = obs.reshape((-1,) + PROCGEN_OBS)
     mb_inds = torch.randperm(len(b_obs))[:minibatch_size]
     if design == "cleanrl":
@@ -390,6 +394,7 @@ def memory_design(num_envs, num_steps, minibatch_size):
     obs_bytes = PROCGEN_OBS[0] * PROCGEN_OBS[1] * PROCGEN_OBS[2]
     cleanrl = n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4  # float32 buffer + float gather + (/ 255) copy
     ours = n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4  # uint8 + uint8 gather + one float
+    ours += n * NUM_PROCGEN_ACTIONS * 4  # + the rollout's float32 logits (delta_pi_minus's eval-mode side)
     shape = [str(num_envs), str(num_steps), str(minibatch_size)]
     measured = {design: run_worker(["--memory-worker", design, *shape], {}) for design in ("cleanrl", "ours")}
     print(f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), peak RSS increase\n")
@@ -397,7 +402,7 @@ def memory_design(num_envs, num_steps, minibatch_size):
     print("|---|---:|---:|---:|")
     rows = [
         ("CleanRL: float32 buffer, float gather, `/ 255.0` copy", cleanrl, measured["cleanrl"]),
-        ("ours: uint8 buffer, uint8 gather, one float copy divided in place", ours, measured["ours"]),
+        ("ours: uint8 buffer, uint8 gather, one float copy divided in place; float32 logits", ours, measured["ours"]),
     ]
     for label, computed, rss in rows:
         print(
@@ -435,7 +440,7 @@ def main():
     print(f"Command: python {' '.join(sys.argv)}")
     results = {name: [] for name in names}
     for repeat in range(cli.repeats):
-        for name in names:
+        for name in names if repeat % 2 == 0 else names[::-1]:  # A B C, C B A, ...: no config always runs first
             overrides, env_extra, shape = CONFIGS[name]
             script = name.split("/")[0]
             base = {**SCRIPTS[script][1], "iterations": cli.iterations, "warmup": cli.warmup}

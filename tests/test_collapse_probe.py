@@ -141,6 +141,35 @@ def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_w
     assert delta.item() > 1e-3
 
 
+def test_ppo_update_measures_r_at_the_running_stats_the_minibatch_started_with():
+    """The ratio gap's r is the eval-mode ratio before the minibatch's train-mode pass, which moves the running
+    statistics (momentum 0.5 here, so that the difference shows)."""
+    torch.manual_seed(0)
+    args = probe.Args(mode="bn", view_size=16, hidden_size=32, bn_momentum=0.5)
+    agent = probe.Agent(7, args)
+    obs, actions = random_obs(16), torch.randint(0, 7, (16,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy, sensitive to the statistics it is normalized with
+        agent.eval()
+        _, logprobs, _, values = agent.get_action_and_value(obs, actions)
+    agent.train()
+    batch = {"obs": obs, "actions": actions, "logprobs": logprobs, "values": values.flatten()}
+    batch.update(advantages=torch.randn(16), returns=torch.randn(16))
+    reference = copy.deepcopy(agent)
+    with torch.no_grad():
+        expected_r = probe.eval_mode_ratio(reference, obs, actions, logprobs)
+        _, train_logprob, _, _ = reference.get_action_and_value(obs, actions)
+    expected_gap = ((train_logprob - logprobs).exp() - expected_r).abs().mean().item()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+
+    stats = probe.ppo_update(
+        agent, optimizer, batch, torch.arange(16), args, True, probe.SectionTimer(False, torch.device("cpu"))
+    )
+
+    assert stats["ratio_gap"].item() == pytest.approx(expected_gap, rel=1e-4)
+    assert expected_gap > 1e-3
+
+
 def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
     torch.manual_seed(0)
     agent = tiny_agent("eval")

@@ -2,6 +2,7 @@
 
 Every subprocess runs with cwd=tmp_path, so its runs/ and wandb/ folders land in a temporary directory."""
 
+import copy
 import math
 import os
 import shutil
@@ -376,38 +377,67 @@ def test_delta_pi_minus_reads_the_rollout_logits_of_the_eval_mode_policy(tmp_pat
 
 @pytest.mark.parametrize("training", [True, False], ids=["from-train-mode", "from-eval-mode"])
 @pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
-def test_trust_region_diagnostics_has_no_side_effects(norm, training):
+def test_eval_mode_ratio_has_no_side_effects(norm, training):
     agent = make_agent(norm)
     batch = make_batch(agent)
     agent.train(training)
-    train_ratio = 1.0 + 0.3 * torch.randn(16, generator=torch.Generator().manual_seed(2))
     before = clone_state(agent)
     rng_state = torch.get_rng_state()
 
-    stats = ppo.trust_region_diagnostics(agent, batch["obs"], batch["actions"], batch["logprobs"], train_ratio, 0.2)
+    eval_ratio = ppo.eval_mode_ratio(agent, batch["obs"], batch["actions"], batch["logprobs"])
 
     after_rand = torch.rand(3)
     torch.set_rng_state(rng_state)
     assert torch.equal(after_rand, torch.rand(3)), "the global torch RNG stream moved"
     assert changed_entries(before, agent) == []
     assert agent.training == training
-    assert set(stats) == {"ratio_gap", "trust_region_violation"}
+    # old log-probs = the eval-mode log-probs (make_batch): r is 1 however the agent was left
+    torch.testing.assert_close(eval_ratio, torch.ones(16), rtol=0, atol=1e-5)
 
 
 def test_trust_region_diagnostics_values():
     agent = make_agent("bn")
-    batch = make_batch(agent)  # old log-probs = the eval-mode log-probs, so the eval-mode ratio r is exactly 1
+    batch = make_batch(agent)
     agent.train()
-    inside = torch.ones(16)
+    inside = torch.ones(16)  # r' = 1: inside [0.8, 1.2]
 
-    same = ppo.trust_region_diagnostics(agent, batch["obs"], batch["actions"], batch["logprobs"], inside, 0.2)
+    same = ppo.trust_region_diagnostics(
+        inside, ppo.eval_mode_ratio(agent, batch["obs"], batch["actions"], batch["logprobs"]), 0.2
+    )
     assert same["ratio_gap"].item() == pytest.approx(0.0, abs=1e-5)
     assert same["trust_region_violation"].item() == 0.0
 
     # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample, r' = 1 inside
-    shifted = ppo.trust_region_diagnostics(agent, batch["obs"], batch["actions"], batch["logprobs"] - 0.5, inside, 0.2)
+    shifted_ratio = ppo.eval_mode_ratio(agent, batch["obs"], batch["actions"], batch["logprobs"] - 0.5)
+    shifted = ppo.trust_region_diagnostics(inside, shifted_ratio, 0.2)
     assert shifted["ratio_gap"].item() == pytest.approx(math.exp(0.5) - 1.0, rel=1e-4)
     assert shifted["trust_region_violation"].item() == 1.0
+    half = ppo.trust_region_diagnostics(torch.tensor([1.0, 1.0, 1.5, 1.5]), torch.tensor([1.0, 1.5, 1.0, 1.5]), 0.2)
+    assert half["trust_region_violation"].item() == 0.25  # only r' inside with r outside counts
+    assert half["ratio_gap"].item() == pytest.approx(0.25)
+
+
+def test_ppo_update_measures_r_at_the_running_stats_the_minibatch_started_with():
+    """r is taken before the minibatch's train-mode pass: after it, the running statistics have moved (momentum 0.1)
+    and r would be measured off the ones the minibatch started with."""
+    agent = make_agent("bn")
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy, sensitive to the statistics it is normalized with
+    batch = make_batch(agent)
+    agent.train()
+    reference = copy.deepcopy(agent)
+    with torch.no_grad():
+        expected_r = ppo.eval_mode_ratio(reference, batch["obs"], batch["actions"], batch["logprobs"])
+        _, train_logprob, _, _ = reference.get_action_and_value(batch["obs"], batch["actions"])
+    expected_gap = ((train_logprob - batch["logprobs"]).exp() - expected_r).abs().mean().item()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+
+    stats = ppo.ppo_update(
+        agent, optimizer, batch, torch.arange(16), tiny_args(), True, ppo.SectionTimer(False, torch.device("cpu"))
+    )
+
+    assert stats["ratio_gap"].item() == pytest.approx(expected_gap, rel=1e-4)
+    assert expected_gap > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------------
