@@ -439,12 +439,13 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
     total = len(b_obs) // minibatch_size
     divergences = []
     for start in range(0, minibatch_size * (num_minibatches or total), minibatch_size):
-        mb_obs = b_obs[perm[start : start + minibatch_size]]
+        mb_inds = perm[start : start + minibatch_size]
+        mb_obs = b_obs[mb_inds]
         if b_eval_logits is None:
             agent.eval()
             eval_logits = agent.actor(agent.features(mb_obs))
         else:
-            eval_logits = b_eval_logits[perm[start : start + minibatch_size]]
+            eval_logits = b_eval_logits[mb_inds]
         agent.train()
         train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
