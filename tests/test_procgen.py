@@ -262,21 +262,16 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
     agent = make_agent(norm)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
     batch = make_batch(agent)
-    mb_inds = torch.arange(16)
     stat_names = running_stat_names(agent)
     assert stat_names, "the backbone should have running statistics"
 
+    def update(measure_ratio_gap):
+        timer = ppo.SectionTimer(False, torch.device("cpu"))
+        ppo.ppo_update(agent, optimizer, batch, torch.arange(16), tiny_args(norm=norm), measure_ratio_gap, timer)
+
     agent.train()  # standard phase
     before = clone_state(agent)
-    ppo.ppo_update(
-        agent,
-        optimizer,
-        batch,
-        mb_inds,
-        tiny_args(norm=norm),
-        measure_ratio_gap=True,
-        timer=ppo.SectionTimer(False, torch.device("cpu")),
-    )
+    update(measure_ratio_gap=True)
     moved = [name for name in stat_names if name in changed_entries(before, agent)]
     assert bool(moved) == moves_in_train_mode, moved
     if moves_in_train_mode:
@@ -285,15 +280,7 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
 
     agent.eval()  # rectification phase
     before = clone_state(agent)
-    ppo.ppo_update(
-        agent,
-        optimizer,
-        batch,
-        mb_inds,
-        tiny_args(norm=norm),
-        measure_ratio_gap=False,
-        timer=ppo.SectionTimer(False, torch.device("cpu")),
-    )
+    update(measure_ratio_gap=False)
     changed = changed_entries(before, agent)
     assert not [name for name in changed if name in dict(agent.named_buffers())]  # stats and num_batches_tracked
     assert "backbone.bn1.weight" in changed  # ... while the parameters (affine ones too) still learn
