@@ -2,15 +2,15 @@
 # train mode during updates and eval mode during collection (bn), BatchNorm frozen in eval mode (eval), or BatchNorm
 # with Mode-Dependent Rectification (bn-mdr). One run per invocation, CleanRL-style, one file (+ envs/).
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
-# Run:   python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1      (then --mode eval, --mode bn-mdr)
-# Plot:  python ppo_collapse_probe.py plot --runs-dir docs/collapse --out docs/collapse_fig6.png
+# MDR in your own PPO, as a diff against CleanRL: docs/mdr_in_your_ppo.md. `grep -n "# MDR"` lists the method's lines.
+# Run:      python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1      (then --mode eval, --mode bn-mdr)
+# Analyse:  python analysis/collapse_stats.py --runs-dir docs/collapse/study   (collapse rates, tests, figures)
 # Every update logs reward, Delta pi minus/plus and the trust-region diagnostics to TensorBoard, wandb (--track) and
-# runs/<run_name>/metrics.csv (one flushed row per update); a collapse detector flags crashes of the running reward
-# and runs/<run_name>/summary.json records them. The defaults are the App. A regime ("fewer transitions per dataset,
-# fewer optimization steps, four environments") sized for 2 CPU cores, <= 15 min per run (docs/collapse.md).
-# Differences from ppo_patchloc_mdr.py: one MDR round per rollout (no advantage recomputation), a constant learning
-# rate (a decaying one would damp late collapses), no held-out evaluation (the probe watches training reward), and
-# no checkpoint/resume (a run is short; a killed run keeps its CSV, which is what the figure reads).
+# runs/<run_name>/metrics.csv (one flushed row per update); runs/<run_name>/summary.json sums the run up. The defaults
+# are the App. A regime ("fewer transitions per dataset, fewer optimization steps, four environments") sized for 2 CPU
+# cores, <= 15 min per run (docs/collapse.md). Differences from ppo_patchloc_mdr.py: one MDR round per rollout, a
+# constant learning rate (a decaying one would damp late collapses), no held-out evaluation (the probe watches training
+# reward), no checkpoint/resume (a run is short; a killed run keeps its CSV, which is what the analysis reads).
 import contextlib
 import csv
 import json
@@ -23,11 +23,10 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Optional
+from typing import Literal, Optional
 
 # OpenMP threads that spin while they wait steal the cores from the env and from other jobs: passive waiting measured
-# up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads OpenMP;
-# yours wins.
+# up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -59,10 +58,11 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     wandb_group: Optional[str] = None
-    """the wandb group (default: mode, clip and entropy coefficient, so that seeds aggregate)"""
+    """the wandb group (default: the run name without the seed, so that seeds aggregate)"""
+    run_name: Optional[str] = None
+    """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed; never the clock)"""
 
-    # Speed (none changes what is computed beyond rounding, except --amp: bfloat16; docs/benchmarks.md measures them on
-    # ppo_procgen_mdr.py)
+    # Speed (none changes what is computed beyond rounding, except --amp: bfloat16; docs/benchmarks.md)
     channels_last: bool = True
     """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
     amp: bool = False
@@ -72,9 +72,7 @@ class Args:
     torch_threads: int = 1
     """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
     timing: bool = False
-    """log the wall and CPU time per section (env, inference, update, diagnostics, other) and peak memory under perf/
-    (TensorBoard only; metrics.csv is unchanged); on CUDA it synchronizes at section boundaries, so leave it off for
-    the probe's runs"""
+    """log the wall and CPU time per section and peak memory under perf/ (TensorBoard only; metrics.csv is unchanged)"""
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
@@ -123,6 +121,8 @@ class Args:
     """initialise the backbone from ImageNet (needs $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth offline)"""
     hidden_size: int = 768
     """width of the actor and critic MLPs (paper: 768 = 3 views x 256 features)"""
+    view_batching: Literal["separate", "joint"] = "separate"
+    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C); joint: one pass over all"""
 
     # Task set (envs/): App. A uses four training environments
     num_tasks: int = 4
@@ -136,15 +136,13 @@ class Args:
     max_episode_steps: int = 20
     """steps before an episode is truncated"""
 
-    # Collapse detector (on the normalized reward, percent of the optimal return)
+    # Mismatch diagnostics (paper eq. 6-7 and 10-11): complete by default, they are the probe's measurement
+    diag_minibatches: int = 0
+    """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k, -1 = off)"""
+    diag_ratio_every: int = 1
+    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the first (0 = never)"""
     smooth_window: int = 10
-    """updates in the moving average of the reward (the smoothed_reward column and the detector's input)"""
-    collapse_drop: float = 0.5
-    """flag a collapse when the smoothed reward falls below (1 - drop) x its running best"""
-    collapse_min_best: float = 20.0
-    """only once the running best exceeds this (percent; a random policy scores about -6)"""
-    recover_frac: float = 0.8
-    """a collapse is recovered when the smoothed reward is back to >= this x the pre-collapse best"""
+    """updates in the moving average of the reward (the smoothed_reward column)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -153,32 +151,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-@dataclass
-class PlotArgs:
-    runs_dir: str = "docs/collapse"
-    """folder searched (recursively) for the runs' metrics.csv"""
-    out: str = "docs/collapse_fig6.png"
-    """Fig. 6 layout: rows BN / Eval / BN+MDR, columns clip 0.2 / 0.05"""
-    entropy_out: str = "docs/collapse_entropy.png"
-    """App. B layout: rows BN+MDR / Eval, one column per entropy coefficient found"""
-    ent_coef: Optional[float] = None
-    """entropy coefficient of the runs in the Fig. 6 layout (default: the most common one)"""
-    entropy_clip: float = 0.2
-    """clip coefficient of the runs in the App. B layout"""
-
-
-class ConfigError(Exception):
-    """Bad input: printed as one line, no traceback."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN/inf: the run stops, its CSV and summary are kept."""
-
-
 MODES = {"bn": "BN", "eval": "Eval", "bn-mdr": "BN+MDR"}
-FIG6_CLIPS = (0.2, 0.05)
-REWARD_YLIM = (-20.0, 100.0)  # normalized reward, percent of the optimal return (stopping at once: about -12)
-DELTA_YLIM = (1e-5, 1.0)  # JS divergence in nats, <= ln 2
 CSV_COLUMNS = [
     "iteration",
     "global_step",
@@ -197,64 +170,22 @@ CSV_COLUMNS = [
     "delta_pi_plus",
     "ratio_gap",
     "trust_region_violation",
+    "trust_region_violation_signed",
     "entropy",
+    "acting_entropy",
     "approx_kl",
+    "old_approx_kl",
     "clipfrac",
+    "approx_kl_standard",
+    "clipfrac_standard",
+    "approx_kl_rectify",
+    "clipfrac_rectify",
     "policy_loss",
     "value_loss",
     "explained_variance",
-    "collapse_flag",
-    "collapse_count",
     "sps",
     "wall_time",
 ]
-
-
-def phase_epochs(args: Args) -> tuple:
-    """(alpha1, alpha2) of --mode after checking them: bn/eval train all E epochs in one mode, bn-mdr splits E."""
-    epochs = args.update_epochs
-    if args.mode != "bn-mdr":
-        if args.alpha1 is not None or args.alpha2 is not None:
-            raise ConfigError(f"--alpha1/--alpha2 apply to --mode bn-mdr only (--mode {args.mode} trains all E epochs)")
-        return epochs, 0
-    alpha1, alpha2 = args.alpha1, args.alpha2
-    if alpha1 is None and alpha2 is None:
-        alpha2 = max(1, epochs // 3)
-    alpha1 = epochs - alpha2 if alpha1 is None else alpha1
-    alpha2 = epochs - alpha1 if alpha2 is None else alpha2
-    if alpha1 < 0 or alpha2 < 1 or alpha1 + alpha2 != epochs:
-        raise ConfigError(
-            f"--alpha1 {alpha1} --alpha2 {alpha2}: bn-mdr needs alpha1 >= 0, alpha2 >= 1 and alpha1 + alpha2 = "
-            f"--update-epochs {epochs} (MDR splits the epochs, it adds none)"
-        )
-    return alpha1, alpha2
-
-
-def validate_args(args: Args) -> tuple:
-    """Reject impossible settings before anything is created; returns (alpha1, alpha2)."""
-    if args.mode not in MODES:
-        raise ConfigError(f"--mode {args.mode}: must be one of {', '.join(MODES)}")
-    if args.torch_threads < 0:
-        raise ConfigError(f"--torch-threads {args.torch_threads}: must be >= 0")
-    for name in ("update_epochs", "num_envs", "num_steps", "minibatch_size", "num_tasks", "hidden_size", "smooth_window"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    alphas = phase_epochs(args)
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size:
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
-        )
-    if args.total_timesteps < batch_size:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
-    if not 0.0 < args.clip_coef or args.ent_coef < 0 or not 0.0 < args.bn_momentum <= 1.0:
-        raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
-    if not 0.0 < args.collapse_drop < 1.0 or not 1.0 - args.collapse_drop < args.recover_frac <= 1.0:
-        raise ConfigError(
-            f"--collapse-drop {args.collapse_drop} --recover-frac {args.recover_frac}: need 0 < drop < 1 and "
-            "1 - drop < recover-frac <= 1 (recovery must mean more than the collapse threshold)"
-        )
-    return alphas
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -269,27 +200,6 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-def load_imagenet_weights(backbone: nn.Module) -> None:
-    """Load torchvision's ImageNet ResNet-18 (convs, BN affine params and running stats) into the shallow backbone."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or drop --pretrained"
-        ) from None
-    own = backbone.state_dict()
-    backbone.load_state_dict(
-        {
-            name: tensor
-            for name, tensor in state_dict.items()
-            if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
-        },
-        strict=False,
-    )
 
 
 def make_backbone(args: Args) -> nn.Module:
@@ -310,7 +220,7 @@ class Agent(nn.Module):
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
-        self.amp = args.amp
+        self.amp, self.separate_views = args.amp, args.view_batching == "separate"
         self.backbone = make_backbone(args)
         hidden = args.hidden_size
         self.actor = nn.Sequential(
@@ -329,24 +239,32 @@ class Agent(nn.Module):
         )
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 float images in [0, 1], channels_last in memory
-        # (shared weights; BatchNorm's batch statistics span all views) -> (B, 768). No ImageNet mean/std (paper
-        # Table 2). Divided in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
+        # target's, the overview's and the current view's 256 features. No ImageNet mean/std (paper Table 2). Divided
+        # in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type, running statistics
+        # a blend of the three); joint: one pass over all 3B images. Same weights, same output in eval mode.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.separate_views:
+                by_view = images.view(batch, views, *images.shape[1:])
+                return torch.cat([self.backbone(by_view[:, v]).float() for v in range(views)], dim=1)
             return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
         return self.critic(self.features(x))
 
-    def get_action_and_value(self, x, action=None):
+    def get_policy_and_value(self, x):
         hidden = self.features(x)
-        logits = self.actor(hidden)
-        probs = Categorical(logits=logits, validate_args=False)  # NaN logits reach the non-finite-loss check
+        policy = Categorical(logits=self.actor(hidden), validate_args=False)  # NaN logits reach the non-finite-loss check
+        return policy, self.critic(hidden)
+
+    def get_action_and_value(self, x, action=None):
+        policy, value = self.get_policy_and_value(x)
         if action is None:
-            action = probs.sample()
-        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+            action = policy.sample()
+        return action, policy.log_prob(action), policy.entropy(), value
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
@@ -367,6 +285,71 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
+def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
+    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
+    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb["returns"]) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "value_loss": v_loss.detach(),
+        "entropy": entropy_loss.detach(),
+        "old_approx_kl": old_approx_kl,
+        "approx_kl": approx_kl,
+        "clipfrac": clipfrac,
+    }
+    return loss, ratio, stats
+
+
+def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
+    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
+    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
+    (it needs the running statistics the minibatch started with), or None."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
+    mb_advantages = mb["advantages"]
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    loss, ratio, stats = clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args)
+    if eval_ratio is not None:
+        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef))
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    stats["loss"] = loss.detach()
+    return stats
+
+
+@contextlib.contextmanager
+def temporary_mode(agent, training: bool):
+    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
+    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
+    agent.eval() calls, marked # MDR, are the method's alone."""
+    was_training = agent.training
+    agent.train(training)
+    try:
+        yield agent
+    finally:
+        agent.train(was_training)
+
+
 def js_divergence(logits_p, logits_q):
     """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
     log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
@@ -377,113 +360,240 @@ def js_divergence(logits_p, logits_q):
 
 
 @torch.no_grad()
-def policy_mismatch(agent, b_obs, minibatch_size, generator):
+def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over all full minibatches of D_k, both sides computed here (the
-    Eval configuration's zero is then exact). Both use the current running statistics: each train-mode pass moves
-    them, so they are restored after it.
+    minibatch of size m) and the eval-mode policy, over `num_minibatches` full minibatches of D_k (0 = all; -1 = off:
+    None). Both sides use the current running statistics: each train-mode pass moves them, so they are restored after
+    it. `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq.
+    6's pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
     Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
-    was_training = agent.training
+    if num_minibatches < 0:
+        return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
+    total = len(b_obs) // minibatch_size
     divergences = []
-    for start in range(0, len(b_obs) // minibatch_size * minibatch_size, minibatch_size):
-        mb_obs = b_obs[perm[start : start + minibatch_size]]
-        agent.eval()
-        eval_logits = agent.actor(agent.features(mb_obs))
-        agent.train()
-        train_logits = agent.actor(agent.features(mb_obs))
+    for start in range(0, minibatch_size * (min(num_minibatches, total) or total), minibatch_size):
+        mb_inds = perm[start : start + minibatch_size]
+        mb_obs = b_obs[mb_inds]
+        if b_eval_logits is None:
+            with temporary_mode(agent, training=False):
+                eval_logits = agent.actor(agent.features(mb_obs))
+        else:
+            eval_logits = b_eval_logits[mb_inds]
+        with temporary_mode(agent, training=True):
+            train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
             buf.copy_(saved_buffers[name])
         divergences.append(js_divergence(train_logits, eval_logits).mean())
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
-    agent.train(was_training)
     return torch.stack(divergences).mean()
 
 
-def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, mb_returns, mb_values, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus."""
-    logratio = newlogprob - mb_logprobs
-    ratio = logratio.exp()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-    if args.norm_adv:
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-    pg_loss1 = -mb_advantages * ratio
-    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    newvalue = newvalue.view(-1)
-    if args.clip_vloss:
-        v_loss_unclipped = (newvalue - mb_returns) ** 2
-        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-        v_loss_clipped = (v_clipped - mb_returns) ** 2
-        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-    else:
-        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
-    entropy_loss = entropy.mean()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": v_loss.detach(),
-        "entropy": entropy_loss.detach(),
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-    }
-    return loss, ratio, stats
-
-
 @torch.no_grad()
-def eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs):
+def eval_mode_ratio(agent, mb):
     """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics (and would hold its activations alongside). Side-effect
-    free: an eval-mode forward under no_grad updates no running statistic and draws no dropout mask."""
-    was_training = agent.training
-    agent.eval()
-    _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
-    agent.train(was_training)
-    return (eval_logprob - mb_logprobs).exp()
+    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
+    updates no running statistic and draws no dropout mask."""
+    with temporary_mode(agent, training=False):
+        _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
+    return (eval_logprob - mb["logprobs"]).exp()
 
 
-def trust_region_diagnostics(train_ratio, eval_ratio, clip_coef):
-    """Eq. 10-11 made measurable: mean |r' - r| between the optimized train-mode ratio r' and the eval-mode ratio r,
-    and the fraction of samples the clip cannot stop (r' inside [1 - eps, 1 + eps], r outside)."""
-    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
-    return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
+def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
+    """Eq. 10-11 made measurable, from the optimized train-mode ratio r' and the eval-mode ratio r of one minibatch:
+    ratio_gap = mean |r' - r|; trust_region_violation = fraction with r' inside [1 - eps, 1 + eps] and r outside;
+    trust_region_violation_signed = fraction whose gradient the clip would stop under r but does not under r' (the
+    clip stops a sample only on the side its advantage pushes to: r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+
+    def inside(ratio):
+        return (ratio - 1.0).abs() <= clip_coef
+
+    def clipped(ratio):
+        return ((advantages > 0) & (ratio > 1.0 + clip_coef)) | ((advantages < 0) & (ratio < 1.0 - clip_coef))
+
+    return {
+        "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
+        "trust_region_violation": (inside(train_ratio) & ~inside(eval_ratio)).float().mean(),
+        "trust_region_violation_signed": (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean(),
+    }
 
 
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer):
-    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync). The ratio-gap
-    measurement is charged to the timer's "diagnostics" section (a disabled SectionTimer costs nothing)."""
-    mb_obs, mb_actions, mb_logprobs = batch["obs"][mb_inds], batch["actions"][mb_inds], batch["logprobs"][mb_inds]
-    eval_ratio = None
-    if measure_ratio_gap:
-        with timer("diagnostics"):
-            eval_ratio = eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs)
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-    loss, ratio, stats = clipped_ppo_loss(
-        newlogprob,
-        entropy,
-        newvalue,
-        mb_logprobs,
-        batch["advantages"][mb_inds],
-        batch["returns"][mb_inds],
-        batch["values"][mb_inds],
-        args,
+def main(args: Args):
+    validate_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    if os.path.exists(os.path.join(run_dir, "metrics.csv")):
+        raise ConfigError(f"{run_dir} already holds a run: pass another --run-name, or delete the folder to redo it")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("note: --cuda requested but CUDA is not available; running on CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by the probe)
+    try:
+        train_tasks, _ = make_task_sets(args.num_tasks, 1, args.image_source, args.image_size, args.view_size, seed=args.seed)
+        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
+    num_actions = envs.single_action_space.n
+    agent = Agent(num_actions, args).to(device)
+    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
+        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if args.compile:  # in place: the state_dict keys stay the same
+        agent.backbone.compile(dynamic=False)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
-    if eval_ratio is not None:
-        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, args.clip_coef))
-    optimizer.zero_grad()
-    loss.backward()
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-    optimizer.step()
-    stats["loss"] = loss.detach()
-    return stats
+
+    # storage setup; observations stay uint8, converted per minibatch
+    obs_shape = envs.single_observation_space.shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    logits = torch.zeros((args.num_steps, args.num_envs, num_actions)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    staging = make_staging(args.num_envs, obs_shape, device)
+    timer = SectionTimer(args.timing, device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs).to(device)
+    next_done = torch.zeros(args.num_envs).to(device)
+    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
+    logger = RunLogger(run_dir, args)  # only now, after every check has passed, is anything written
+    print(f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}")
+    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    b_inds = np.arange(args.batch_size)
+    status, exit_code = "completed", 0
+    try:
+        for iteration in range(1, args.num_iterations + 1):
+            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
+            timer.start()
+            agent.eval()  # MDR: D_k is collected in eval mode (running statistics), as the policy acts when deployed
+            finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs
+                obs[step] = next_obs
+                dones[step] = next_done
+                with timer("inference"), torch.no_grad():
+                    policy, value = agent.get_policy_and_value(next_obs)
+                    action = policy.sample()
+                    values[step] = value.flatten()
+                    actions[step] = action
+                    logprobs[step] = policy.log_prob(action)
+                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    finished["acting_entropy"].append(policy.entropy().mean())
+                with timer("env"):
+                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                    rewards[step] = to_device(reward, staging["reward"], device)
+                    next_obs = to_device(next_obs_np, staging["obs"], device)
+                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
+                    for key in ("r", "normalized_r", "success"):
+                        finished[key].extend(infos["episode"][key][infos["_episode"]] if "episode" in infos else [])
+
+            # 2. Advantages and value targets (GAE) of the eval-mode values
+            with timer("inference"), torch.no_grad():
+                next_value = agent.get_value(next_obs).reshape(1, -1)
+                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+            batch = {
+                "obs": obs.reshape((-1,) + obs.shape[2:]),
+                "logprobs": logprobs.reshape(-1),
+                "logits": logits.reshape(-1, num_actions),
+                "actions": actions.reshape(-1),
+                "advantages": advantages.reshape(-1),
+                "returns": returns.reshape(-1),
+                "values": values.reshape(-1),
+            }
+            diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
+            delta_pi_minus = timer.timed("diagnostics", policy_mismatch, *diag, batch["logits"])
+
+            # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2 epochs in eval mode
+            phase_stats = {"standard": [], "rectify": []}
+            timer.lap("update")
+            for epoch in range(args.alpha1 + args.alpha2):
+                agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification phase in eval mode
+                phase = "standard" if epoch < args.alpha1 else "rectify"
+                np.random.shuffle(b_inds)
+                epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
+                    measure = phase == "standard" and args.diag_ratio_every > 0
+                    measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
+                    eval_ratio = timer.timed("diagnostics", eval_mode_ratio, agent, mb) if measure else None
+                    phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
+            timer.lap("other")
+            delta_pi_plus = timer.timed("diagnostics", policy_mismatch, *diag)
+
+            # 4. Logging: TensorBoard (and wandb through it) and one metrics.csv row per update
+            row = logger.log_update(iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus)
+            print(
+                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
+                f"episodic_return={row['episodic_return']:.3f}, normalized_reward={row['normalized_reward']:.1f}%, "
+                f"smoothed={row['smoothed_reward']:.1f}%, delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
+                flush=True,  # the probe's logs are meant to be watched (tail -f)
+            )
+            if args.timing:  # seconds per section of this update, and the peak memory so far (TensorBoard only)
+                logger.log_scalars(
+                    {f"perf/{k}": v for k, v in {**timer.stop(), **peak_memory_gb(device)}.items()}, global_step
+                )
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status, exit_code = "non-finite loss", 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C or SIGTERM); metrics.csv and summary.json keep the finished updates", file=sys.stderr)
+        status, exit_code = "interrupted", 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        envs.close()
+        summary = logger.close(status, exit_code)
+    print(
+        f"summary: best {summary['best_reward']}, final {summary['final_reward']}, peak delta_pi_minus "
+        f"{summary['peak_delta_pi_minus']} (iteration {summary['peak_delta_pi_minus_iteration']}) -> {run_dir}"
+    )
+    return exit_code
+
+
+# ======================================================================================================================
+# Infrastructure: checkpoints, timing, validation, logging. Not the method: nothing below changes what is learned.
+# ======================================================================================================================
+
+
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
+    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {
+        name: tensor
+        for name, tensor in state_dict.items()
+        if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
+    }
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
 
 
 def mean_stats(stats_list):
@@ -494,10 +604,12 @@ def mean_stats(stats_list):
 
 
 class SectionTimer:
-    """Wall and CPU time per section of an update (--timing): `with timer("env"): ...`. Sections nest; time counts
-    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
-    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
-    (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
+    """Wall and CPU time per section of an iteration (--timing). `with timer("env"): ...` opens a section (sections
+    nest; time counts once, in the innermost open one); `timer.lap("update")` renames the section at the current level
+    from now on, and `timer.timed("diagnostics", fn, ...)` calls fn inside a section, so the update loop needs no extra
+    block. Time outside every section counts as "other". CPU time is this process's (all threads): on a shared machine
+    it varies far less than wall time. On CUDA the timer synchronizes at each boundary (kernels run asynchronously).
+    Disabled, it costs nothing: no clock read, no sync."""
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled, self.sync = enabled, enabled and device.type == "cuda"
@@ -516,6 +628,15 @@ class SectionTimer:
             self._charge()
             self.open.pop()
 
+    def timed(self, section: str, fn, *args):
+        with self(section):
+            return fn(*args)
+
+    def lap(self, section: str):
+        if self.enabled:
+            self._charge()
+            self.open[-1] = section
+
     def _charge(self):
         """Add the wall and CPU time since the last boundary to the innermost open section."""
         if self.sync:
@@ -528,14 +649,14 @@ class SectionTimer:
         self.last = now
 
     def start(self):
-        """Begin an update."""
+        """Begin an iteration."""
         if self.enabled:
             self.totals, self.open = {}, []
             self._charge()
             self.open.append("other")
 
     def stop(self) -> dict:
-        """End the update: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
+        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
         if not self.enabled:
             return {}
         self._charge()
@@ -563,483 +684,224 @@ def to_device(array, staging: torch.Tensor, device):
     return staging.to(device, non_blocking=True)
 
 
-class CollapseDetector:
-    """Flags reward collapses on a per-update reward series (NaN = no episode finished: skipped).
-
-    The running reward is the moving average of the last `window` values; detection starts once the window is full.
-    A collapse is flagged at the update where the running reward falls below (1 - drop) x its running best, provided
-    that best is >= min_best (meaningfully above a random policy). The run is then in collapse until the running
-    reward is back to >= recover_frac x the pre-collapse best: that update is recorded as the recovery. Only then
-    can a new collapse be flagged."""
-
-    def __init__(self, window: int, drop: float, min_best: float, recover_frac: float):
-        self.drop, self.min_best, self.recover_frac = drop, min_best, recover_frac
-        self.recent = deque(maxlen=window)
-        self.smoothed = float("nan")
-        self.best, self.best_iteration = float("-inf"), None
-        self.collapses = []  # one dict per collapse: iteration, pre_collapse_best, recovery_iteration (None until then)
-
-    @property
-    def in_collapse(self) -> bool:
-        return bool(self.collapses) and self.collapses[-1]["recovery_iteration"] is None
-
-    def update(self, iteration: int, reward: float) -> bool:
-        """Feed the reward of one update; returns True when a collapse is flagged at this update."""
-        if not math.isfinite(reward):
-            return False
-        self.recent.append(reward)
-        self.smoothed = float(np.mean(self.recent))
-        if len(self.recent) < self.recent.maxlen:
-            return False
-        if self.in_collapse:
-            if self.smoothed >= self.recover_frac * self.collapses[-1]["pre_collapse_best"]:
-                self.collapses[-1]["recovery_iteration"] = iteration
-        elif self.best >= self.min_best and self.smoothed < (1.0 - self.drop) * self.best:
-            self.collapses.append({"iteration": iteration, "pre_collapse_best": self.best, "recovery_iteration": None})
-            return True
-        if self.smoothed > self.best:
-            self.best, self.best_iteration = self.smoothed, iteration
-        return False
+class ConfigError(Exception):
+    """Bad input: printed as one line, no traceback."""
 
 
-def run_summary(detector: CollapseDetector, rows: list, status: str, args: Args) -> dict:
-    """summary.json: the collapses and recoveries, best and final running reward, peak Delta pi minus."""
-    deltas = [(row["delta_pi_minus"], row["iteration"]) for row in rows if math.isfinite(row["delta_pi_minus"])]
-    peak_delta, peak_iteration = max(deltas) if deltas else (None, None)
-    smoothed = [row["smoothed_reward"] for row in rows if math.isfinite(row["smoothed_reward"])]
-    finite_or_none = lambda value: value if value is not None and math.isfinite(value) else None  # noqa: E731
-    return {
-        "status": status,
-        "mode": args.mode,
-        "clip_coef": args.clip_coef,
-        "ent_coef": args.ent_coef,
-        "seed": args.seed,
-        "iterations": len(rows),
-        "global_step": rows[-1]["global_step"] if rows else 0,
-        "wall_time_s": rows[-1]["wall_time"] if rows else 0.0,
-        "collapse_iterations": [event["iteration"] for event in detector.collapses],
-        "recovery_iterations": [event["recovery_iteration"] for event in detector.collapses],
-        "pre_collapse_best": [event["pre_collapse_best"] for event in detector.collapses],
-        "best_reward": finite_or_none(detector.best),
-        "best_reward_iteration": detector.best_iteration,
-        "max_smoothed_reward": max(smoothed) if smoothed else None,
-        "final_reward": smoothed[-1] if smoothed else None,
-        "peak_delta_pi_minus": peak_delta,
-        "peak_delta_pi_minus_iteration": peak_iteration,
-        "reward_unit": "normalized reward, percent of the optimal return, moving average over --smooth-window updates",
-        "args": asdict(args),
-    }
+class NonFiniteLossError(Exception):
+    """The loss became NaN/inf: the run stops, its CSV and summary are kept."""
 
 
-def format_csv_value(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Figures (the `plot` entry point): read the runs' CSVs, draw Fig. 6 and the App. B entropy comparison
-
-
-def read_runs(runs_dir: str) -> list:
-    """Every metrics.csv under runs_dir (recursively) as {mode, clip_coef, ent_coef, seed, path, columns...}."""
-    runs = []
-    for root, _, files in sorted(os.walk(runs_dir)):
-        if "metrics.csv" not in files:
-            continue
-        path = os.path.join(root, "metrics.csv")
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            continue
-        run = {"path": path, "mode": rows[0]["mode"], "seed": int(rows[0]["seed"])}
-        run["clip_coef"], run["ent_coef"] = float(rows[0]["clip_coef"]), float(rows[0]["ent_coef"])
-        for column in ("iteration", "global_step", "smoothed_reward", "delta_pi_minus", "collapse_flag"):
-            run[column] = np.array([float(row[column]) for row in rows])
-        runs.append(run)
-    return runs
-
-
-def select_runs(runs: list, mode: str, clip_coef: float, ent_coef: float) -> list:
-    return [
-        run
-        for run in runs
-        if run["mode"] == mode and math.isclose(run["clip_coef"], clip_coef) and math.isclose(run["ent_coef"], ent_coef)
-    ]
-
-
-def mean_curve(runs: list, column: str):
-    """Mean over runs per iteration (runs of different lengths: the mean of those that reached it); (x, mean)."""
-    by_iteration = {}
-    for run in runs:
-        for iteration, step, value in zip(run["iteration"], run["global_step"], run[column]):
-            if math.isfinite(value):
-                by_iteration.setdefault(int(iteration), (step, []))[1].append(value)
-    iterations = sorted(by_iteration)
-    return np.array([by_iteration[i][0] for i in iterations]), np.array([np.mean(by_iteration[i][1]) for i in iterations])
-
-
-def fluctuation(run) -> float:
-    """Std of the update-to-update change of the smoothed reward (App. B picks the most fluctuating seeds)."""
-    values = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
-    return float(np.std(np.diff(values))) if len(values) > 2 else 0.0
-
-
-def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
-    """Reward (left axis) and Delta pi minus (right axis, log) of `runs`: seeds thin, aggregate thick, collapses x.
-    aggregate: 'mean' over seeds (Fig. 6) or 'min' over the two most fluctuating seeds (App. B)."""
-    ax.set_title(f"{title} ({len(runs)} seed{'s' * (len(runs) != 1)})", fontsize=9)
-    if not runs:
-        ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="grey")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return
-    delta_ax = ax.twinx()
-    delta_x, delta = mean_curve(runs, "delta_pi_minus")
-    show_delta = bool(np.any(delta > DELTA_YLIM[0]))  # eval mode: 0 by definition (rounding leaves ~1e-8)
-    for run in runs:
-        ax.plot(run["global_step"], run["smoothed_reward"], color="tab:blue", lw=0.7, alpha=0.5)
-        flagged = run["collapse_flag"] > 0
-        ax.plot(run["global_step"][flagged], run["smoothed_reward"][flagged], "kx", ms=6, mew=1.5)
-        positive = run["delta_pi_minus"] > 0
-        if show_delta:
-            delta_ax.plot(run["global_step"][positive], run["delta_pi_minus"][positive], color="tab:red", lw=0.7, alpha=0.4)
-    if aggregate == "min":
-        worst = sorted(runs, key=fluctuation, reverse=True)[:2]
-        length = min(len(run["smoothed_reward"]) for run in worst)
-        worst_reward = np.min([run["smoothed_reward"][:length] for run in worst], axis=0)
-        ax.plot(worst[0]["global_step"][:length], worst_reward, color="tab:blue", lw=2.2)
+def validate_args(args: Args) -> None:
+    """Reject impossible settings before anything is created; sets args.alpha1/alpha2 for --mode: bn and eval train
+    all E = --update-epochs epochs in one mode, bn-mdr splits them (default MDR(2,1) of 3)."""
+    if args.mode not in MODES:
+        raise ConfigError(f"--mode {args.mode}: must be one of {', '.join(MODES)}")
+    for name in ("update_epochs", "num_envs", "num_steps", "minibatch_size", "num_tasks", "hidden_size", "smooth_window"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    epochs = args.update_epochs
+    if args.mode != "bn-mdr":
+        if args.alpha1 is not None or args.alpha2 is not None:
+            raise ConfigError(f"--alpha1/--alpha2 apply to --mode bn-mdr only (--mode {args.mode} trains all E epochs)")
+        args.alpha1, args.alpha2 = epochs, 0
     else:
-        reward_x, reward = mean_curve(runs, "smoothed_reward")
-        ax.plot(reward_x, reward, color="tab:blue", lw=2.2)
-    ax.set_ylim(*REWARD_YLIM)  # every panel on the same scales, as in the paper's figure
-    if show_delta:
-        delta_ax.plot(delta_x[delta > 0], delta[delta > 0], color="tab:red", lw=2.0)
-        delta_ax.set_yscale("log")
-        delta_ax.set_ylim(*DELTA_YLIM)
-    else:
-        delta_ax.text(0.98, 0.04, "Δπ⁻ ≈ 0", ha="right", va="bottom", transform=ax.transAxes, color="tab:red", fontsize=8)
-        delta_ax.set_yticks([])
-    ax.set_ylabel("reward (% of optimum)", color="tab:blue", fontsize=8)
-    delta_ax.set_ylabel("Δπ⁻ (JS, nats)", color="tab:red", fontsize=8)
-    ax.tick_params(labelsize=7)
-    delta_ax.tick_params(labelsize=7)
-    ax.set_xlabel("environment steps", fontsize=8)
-
-
-def save_figure(fig, title, path):
-    """Title, tight layout, PNG at `path` (folders created), figure closed."""
-    import matplotlib.pyplot as plt
-
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_main(plot_args: PlotArgs) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.isdir(plot_args.runs_dir):
-        raise ConfigError(f"--runs-dir {plot_args.runs_dir}: no such folder")
-    runs = read_runs(plot_args.runs_dir)
-    if not runs:
-        raise ConfigError(f"--runs-dir {plot_args.runs_dir}: no metrics.csv found")
-    ent_coefs = sorted({run["ent_coef"] for run in runs}, reverse=True)
-    ent_coef = plot_args.ent_coef
-    if ent_coef is None:
-        ent_coef = max(ent_coefs, key=lambda e: sum(math.isclose(run["ent_coef"], e) for run in runs))
-
-    fig, axes = plt.subplots(len(MODES), len(FIG6_CLIPS), figsize=(11, 8.5), squeeze=False)
-    for row, (mode, label) in enumerate(MODES.items()):
-        for col, clip in enumerate(FIG6_CLIPS):
-            draw_panel(axes[row][col], select_runs(runs, mode, clip, ent_coef), f"{label}, clip {clip}")
-    save_figure(
-        fig,
-        f"Reward (blue, moving average) and Δπ⁻ (red, log) per update; entropy {ent_coef:g}; thin: seeds, thick: mean, "
-        "x: collapse flagged",
-        plot_args.out,
-    )
-    print(f"wrote {plot_args.out} ({len(runs)} runs found, Fig. 6 uses entropy {ent_coef:g})")
-
-    rows = ("bn-mdr", "eval")
-    fig, axes = plt.subplots(len(rows), len(ent_coefs), figsize=(5.5 * len(ent_coefs), 6), squeeze=False)
-    for row, mode in enumerate(rows):
-        for col, ent in enumerate(ent_coefs):
-            panel_runs = select_runs(runs, mode, plot_args.entropy_clip, ent)
-            draw_panel(axes[row][col], panel_runs, f"{MODES[mode]}, entropy {ent:g}", aggregate="min")
-    save_figure(
-        fig,
-        f"App. B: entropy coefficient, clip {plot_args.entropy_clip:g}; thick: min over the two most fluctuating seeds",
-        plot_args.entropy_out,
-    )
-    print(f"wrote {plot_args.entropy_out} (entropy coefficients {', '.join(f'{e:g}' for e in ent_coefs)})")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def main(args: Args):
-    alpha1, alpha2 = validate_args(args)
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if args.cuda and not torch.cuda.is_available():
-        print("note: --cuda requested but CUDA is not available; running on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by the probe)
-    try:
-        train_tasks, _ = make_task_sets(args.num_tasks, 1, args.image_source, args.image_size, args.view_size, seed=args.seed)
-        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
-    except PatchLocConfigError as e:
-        raise ConfigError(str(e)) from None
-    agent = Agent(envs.single_action_space.n, args).to(device)
-    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
-        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
-    if args.compile:  # in place: the state_dict keys stay the same
-        agent.backbone.compile(dynamic=False)
-    optimizer = torch.optim.Adam(
-        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
-    )
-    detector = CollapseDetector(args.smooth_window, args.collapse_drop, args.collapse_min_best, args.recover_frac)
-
-    # storage setup; observations stay uint8, converted per minibatch
-    obs_shape = envs.single_observation_space.shape
-    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    # host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are asynchronous
-    pin = device.type == "cuda"
-    staging = {
-        "obs": torch.empty((args.num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
-        "reward": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
-        "done": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
-    }
-    timer = SectionTimer(args.timing, device)
-
-    # TRY NOT TO MODIFY: start the game
-    global_step = 0
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs).to(device)
-    next_done = torch.zeros(args.num_envs).to(device)
-    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
-    run_name = f"collapse__{args.mode}__clip{args.clip_coef:g}__ent{args.ent_coef:g}__{args.seed}__{int(time.time())}"
-
-    # logging: only now, after every check has passed, is anything written
-    run_dir = os.path.join("runs", run_name)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            group=args.wandb_group or f"{args.mode}__clip{args.clip_coef:g}__ent{args.ent_coef:g}",
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            tags=[f"mode={args.mode}", f"clip={args.clip_coef:g}", f"ent={args.ent_coef:g}", f"seed={args.seed}"],
-            save_code=True,
-        )
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-    csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
-    csv_writer.writeheader()
-    csv_file.flush()
-    print(
-        f"run {run_name}: --mode {args.mode} = MDR({alpha1},{alpha2}), |D_k| {args.batch_size}, {args.num_iterations} updates"
-    )
-
-    def stop_on_sigterm(signum, frame):  # `kill` (e.g. a job scheduler) ends the run like Ctrl-C: summary.json written
-        raise KeyboardInterrupt
-
-    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
-    b_inds = np.arange(args.batch_size)
-    start_time = time.time()
-    rows, status, exit_code = [], "completed", 0
-    try:
-        for iteration in range(1, args.num_iterations + 1):
-            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            timer.start()
-            agent.eval()
-            finished = {"r": [], "normalized_r": [], "success": []}
-            for step in range(0, args.num_steps):
-                global_step += args.num_envs
-                obs[step] = next_obs
-                dones[step] = next_done
-                with timer("inference"), torch.no_grad():
-                    action, logprob, _, value = agent.get_action_and_value(next_obs)
-                    values[step] = value.flatten()
-                    actions[step] = action
-                    logprobs[step] = logprob
-                with timer("env"):
-                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                    rewards[step] = to_device(reward, staging["reward"], device)
-                    next_obs = to_device(next_obs_np, staging["obs"], device)
-                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
-                    if "episode" in infos:
-                        for key in finished:
-                            finished[key].extend(infos["episode"][key][infos["_episode"]])
-
-            # 2. Advantages and value targets (GAE) of the eval-mode values
-            with timer("inference"), torch.no_grad():
-                next_value = agent.get_value(next_obs).reshape(1, -1)
-            with timer("update"), torch.no_grad():
-                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-            batch = {
-                "obs": obs.reshape((-1,) + obs.shape[2:]),
-                "logprobs": logprobs.reshape(-1),
-                "actions": actions.reshape(-1),
-                "advantages": advantages.reshape(-1),
-                "returns": returns.reshape(-1),
-                "values": values.reshape(-1),
-            }
-            with timer("diagnostics"):
-                delta_pi_minus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator)
-
-            # 3. Update: alpha1 epochs in train mode (standard phase), then alpha2 in eval mode (rectification, bn-mdr)
-            phase_stats = {"standard": [], "rectify": []}
-            with timer("update"):
-                for phase, num_epochs in (("standard", alpha1), ("rectify", alpha2)):
-                    agent.train(phase == "standard")
-                    for epoch in range(num_epochs):
-                        np.random.shuffle(b_inds)
-                        epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
-                        for start in range(0, args.batch_size, args.minibatch_size):
-                            mb_inds = epoch_inds[start : start + args.minibatch_size]
-                            phase_stats[phase].append(
-                                ppo_update(agent, optimizer, batch, mb_inds, args, phase == "standard", timer)
-                            )
-            agent.eval()
-            with timer("diagnostics"):
-                delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_generator)
-
-            # 4. Logging: TensorBoard (and wandb through it), one CSV row, the collapse detector
-            delta_pi_minus, delta_pi_plus = torch.stack([delta_pi_minus, delta_pi_plus]).tolist()  # one host sync
-            all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
-            if not np.isfinite(all_stats["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here, its "
-                    "metrics.csv and summary.json are kept; try a lower --learning-rate or --max-grad-norm"
-                )
-            standard = mean_stats(phase_stats["standard"]) if phase_stats["standard"] else {}
-            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-            var_y = np.var(y_true)
-            nan = float("nan")
-            normalized = 100.0 * float(np.mean(finished["normalized_r"])) if finished["r"] else nan
-            flag = detector.update(iteration, normalized)
-            elapsed = time.time() - start_time
-            row = {
-                "iteration": iteration,
-                "global_step": global_step,
-                "mode": args.mode,
-                "clip_coef": args.clip_coef,
-                "ent_coef": args.ent_coef,
-                "seed": args.seed,
-                "alpha1": alpha1,
-                "alpha2": alpha2,
-                "episodes": len(finished["r"]),
-                "episodic_return": float(np.mean(finished["r"])) if finished["r"] else nan,
-                "normalized_reward": normalized,
-                "smoothed_reward": detector.smoothed,
-                "success_rate": float(np.mean(finished["success"])) if finished["r"] else nan,
-                "delta_pi_minus": delta_pi_minus,
-                "delta_pi_plus": delta_pi_plus,
-                "ratio_gap": standard.get("ratio_gap", nan),
-                "trust_region_violation": standard.get("trust_region_violation", nan),
-                "entropy": all_stats["entropy"],
-                "approx_kl": all_stats["approx_kl"],
-                "clipfrac": all_stats["clipfrac"],
-                "policy_loss": all_stats["policy_loss"],
-                "value_loss": all_stats["value_loss"],
-                "explained_variance": nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y),
-                "collapse_flag": int(flag),
-                "collapse_count": len(detector.collapses),
-                "sps": int(global_step / elapsed),
-                "wall_time": elapsed,
-            }
-            rows.append(row)
-            csv_writer.writerow({key: format_csv_value(value) for key, value in row.items()})
-            csv_file.flush()
-            tensorboard_keys = {
-                "charts/episodic_return": "episodic_return",
-                "charts/normalized_reward": "normalized_reward",
-                "charts/smoothed_reward": "smoothed_reward",
-                "charts/success_rate": "success_rate",
-                "charts/delta_pi_minus": "delta_pi_minus",
-                "charts/delta_pi_plus": "delta_pi_plus",
-                "mdr/ratio_gap": "ratio_gap",
-                "mdr/trust_region_violation": "trust_region_violation",
-                "losses/entropy": "entropy",
-                "losses/approx_kl": "approx_kl",
-                "losses/clipfrac": "clipfrac",
-                "losses/policy_loss": "policy_loss",
-                "losses/value_loss": "value_loss",
-                "losses/explained_variance": "explained_variance",
-                "collapse/flag": "collapse_flag",
-                "collapse/count": "collapse_count",
-                "charts/SPS": "sps",
-            }
-            for tag, column in tensorboard_keys.items():
-                if math.isfinite(row[column]):
-                    writer.add_scalar(tag, row[column], global_step)
-            print(
-                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
-                f"episodic_return={row['episodic_return']:.3f}, normalized_reward={normalized:.1f}%, "
-                f"smoothed={detector.smoothed:.1f}%, delta_pi_minus={delta_pi_minus:.2e}, SPS={row['sps']}"
-                + (f"  <-- collapse #{len(detector.collapses)} flagged" if flag else ""),
-                flush=True,  # the probe's logs are meant to be watched (tail -f)
+        alpha2 = max(1, epochs // 3) if args.alpha1 is None and args.alpha2 is None else args.alpha2
+        alpha1 = epochs - alpha2 if args.alpha1 is None else args.alpha1
+        alpha2 = epochs - alpha1 if alpha2 is None else alpha2
+        if alpha1 < 0 or alpha2 < 1 or alpha1 + alpha2 != epochs:
+            raise ConfigError(
+                f"--alpha1 {alpha1} --alpha2 {alpha2}: bn-mdr needs alpha1 >= 0, alpha2 >= 1 and alpha1 + alpha2 = "
+                f"--update-epochs {epochs} (MDR splits the epochs, it adds none)"
             )
-            if args.timing:  # seconds per section of this update, and the peak memory so far (TensorBoard only)
-                for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
-                    writer.add_scalar(f"perf/{name}", value, global_step)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        status, exit_code = "non-finite loss", 1
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C or SIGTERM); metrics.csv and summary.json keep the finished updates", file=sys.stderr)
-        status, exit_code = "interrupted", 130
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        csv_file.close()
-        summary = run_summary(detector, rows, status, args)
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        envs.close()
-        writer.close()
+        args.alpha1, args.alpha2 = alpha1, alpha2
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size:
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
+        )
+    if args.total_timesteps < batch_size:
+        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
+    if not 0.0 < args.clip_coef or args.ent_coef < 0 or not 0.0 < args.bn_momentum <= 1.0:
+        raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
+    if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
+        raise ConfigError("need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0")
+
+
+def default_run_name(args: Args) -> str:
+    """The run's folder, a function of what defines it (so a rerun of the same command finds the same folder)."""
+    alphas = f"__mdr{args.alpha1}-{args.alpha2}" if args.mode == "bn-mdr" and (args.alpha1, args.alpha2) != (2, 1) else ""
+    momentum = "" if args.mode == "eval" else f"__bnm{args.bn_momentum:g}"
+    loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
+    return f"collapse__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
+
+
+def make_staging(num_envs, obs_shape, device) -> dict:
+    """Host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are async."""
+    pin = device.type == "cuda"
+    return {
+        "obs": torch.empty((num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
+        "reward": torch.empty(num_envs, dtype=torch.float32, pin_memory=pin),
+        "done": torch.empty(num_envs, dtype=torch.float32, pin_memory=pin),
+    }
+
+
+def stop_on_sigterm(signum, frame):
+    """`kill` (e.g. a job scheduler) ends the run like Ctrl-C: metrics.csv and summary.json are kept."""
+    raise KeyboardInterrupt
+
+
+class RunLogger:
+    """runs/<run>/: TensorBoard (mirrored to wandb with --track), metrics.csv (one flushed row per update: a killed run
+    keeps its data) and, at the end, summary.json."""
+
+    TENSORBOARD_KEYS = {
+        "charts/episodic_return": "episodic_return",
+        "charts/normalized_reward": "normalized_reward",
+        "charts/smoothed_reward": "smoothed_reward",
+        "charts/success_rate": "success_rate",
+        "charts/acting_entropy": "acting_entropy",
+        "charts/delta_pi_minus": "delta_pi_minus",
+        "charts/delta_pi_plus": "delta_pi_plus",
+        "mdr/ratio_gap": "ratio_gap",
+        "mdr/trust_region_violation": "trust_region_violation",
+        "mdr/trust_region_violation_signed": "trust_region_violation_signed",
+        "losses/entropy": "entropy",
+        "losses/approx_kl": "approx_kl",
+        "losses/old_approx_kl": "old_approx_kl",
+        "losses/clipfrac": "clipfrac",
+        "losses/standard/approx_kl": "approx_kl_standard",
+        "losses/standard/clipfrac": "clipfrac_standard",
+        "losses/rectify/approx_kl": "approx_kl_rectify",
+        "losses/rectify/clipfrac": "clipfrac_rectify",
+        "losses/policy_loss": "policy_loss",
+        "losses/value_loss": "value_loss",
+        "losses/explained_variance": "explained_variance",
+        "charts/SPS": "sps",
+    }
+
+    def __init__(self, run_dir: str, args: Args):
+        self.run_dir, self.args, self.rows = run_dir, args, []
+        self.recent_rewards = deque(maxlen=args.smooth_window)
+        self.start_time = time.time()
         if args.track:
+            import wandb
+
+            run_name = os.path.basename(run_dir)
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                group=args.wandb_group or run_name.rsplit("__s", 1)[0],
+                sync_tensorboard=True,
+                config=vars(args),
+                name=run_name,
+                tags=[f"mode={args.mode}", f"clip={args.clip_coef:g}", f"ent={args.ent_coef:g}", f"seed={args.seed}"]
+                + [f"bn_momentum={args.bn_momentum:g}", f"views={args.view_batching}"],
+                save_code=True,
+            )
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
+        self.csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS)
+        self.csv_writer.writeheader()
+        self.csv_file.flush()
+
+    def log_update(self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus) -> dict:
+        """One update's row: metrics.csv and TensorBoard. Raises NonFiniteLossError on a NaN/inf loss."""
+        all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
+        if not np.isfinite(all_stats["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here, its "
+                "metrics.csv and summary.json are kept; try a lower --learning-rate or --max-grad-norm"
+            )
+        phases = {phase: mean_stats(stats) if stats else {} for phase, stats in phase_stats.items()}
+        nan = float("nan")
+        off = torch.tensor(nan)  # --diag-minibatches -1
+        acting_entropy = torch.stack(finished["acting_entropy"]).mean()
+        deltas = torch.stack([off if d is None else d for d in (delta_pi_minus, delta_pi_plus)] + [acting_entropy])
+        delta_pi_minus, delta_pi_plus, acting_entropy = deltas.tolist()  # one host sync
+        normalized = 100.0 * float(np.mean(finished["normalized_r"])) if finished["r"] else nan
+        if math.isfinite(normalized):
+            self.recent_rewards.append(normalized)
+        y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+        var_y = np.var(y_true)
+        elapsed = time.time() - self.start_time
+        row = {
+            "iteration": iteration,
+            "global_step": global_step,
+            "mode": self.args.mode,
+            "clip_coef": self.args.clip_coef,
+            "ent_coef": self.args.ent_coef,
+            "seed": self.args.seed,
+            "alpha1": self.args.alpha1,
+            "alpha2": self.args.alpha2,
+            "episodes": len(finished["r"]),
+            "episodic_return": float(np.mean(finished["r"])) if finished["r"] else nan,
+            "normalized_reward": normalized,
+            "smoothed_reward": float(np.mean(self.recent_rewards)) if self.recent_rewards else nan,
+            "success_rate": float(np.mean(finished["success"])) if finished["r"] else nan,
+            "delta_pi_minus": delta_pi_minus,
+            "delta_pi_plus": delta_pi_plus,
+            "acting_entropy": acting_entropy,
+            "explained_variance": nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y),
+            "sps": int(global_step / elapsed),
+            "wall_time": elapsed,
+        }
+        for key in ("ratio_gap", "trust_region_violation", "trust_region_violation_signed"):
+            row[key] = phases["standard"].get(key, nan)
+        for key in ("entropy", "approx_kl", "old_approx_kl", "clipfrac", "policy_loss", "value_loss"):
+            row[key] = all_stats[key]
+        for phase, key in ((phase, key) for phase in phases for key in ("approx_kl", "clipfrac")):
+            row[f"{key}_{phase}"] = phases[phase].get(key, nan)
+        self.rows.append(row)
+        self.csv_writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
+        self.csv_file.flush()
+        self.log_scalars({tag: row[column] for tag, column in self.TENSORBOARD_KEYS.items()}, global_step)
+        return row
+
+    def log_scalars(self, scalars: dict, global_step: int):
+        for tag, value in scalars.items():
+            if math.isfinite(value):
+                self.writer.add_scalar(tag, value, global_step)
+
+    def close(self, status: str, exit_code: int) -> dict:
+        """Close the CSV, TensorBoard and wandb; write and return summary.json (best and final smoothed reward, peak
+        Delta pi minus; collapses are decided by analysis/collapse_stats.py from metrics.csv)."""
+        self.csv_file.close()
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
             wandb.finish(exit_code=exit_code)
-    print(
-        f"summary: collapses at {summary['collapse_iterations']}, recovered at {summary['recovery_iterations']}, "
-        f"best {summary['best_reward']}, final {summary['final_reward']}, peak delta_pi_minus "
-        f"{summary['peak_delta_pi_minus']} (iteration {summary['peak_delta_pi_minus_iteration']}) -> {run_dir}"
-    )
-    return exit_code
+        rows = self.rows
+        deltas = [(row["delta_pi_minus"], row["iteration"]) for row in rows if math.isfinite(row["delta_pi_minus"])]
+        smoothed = [(row["smoothed_reward"], row["iteration"]) for row in rows if math.isfinite(row["smoothed_reward"])]
+        summary = {
+            "status": status,
+            "mode": self.args.mode,
+            "clip_coef": self.args.clip_coef,
+            "ent_coef": self.args.ent_coef,
+            "seed": self.args.seed,
+            "iterations": len(rows),
+            "global_step": rows[-1]["global_step"] if rows else 0,
+            "wall_time_s": rows[-1]["wall_time"] if rows else 0.0,
+            "best_reward": max(smoothed)[0] if smoothed else None,
+            "best_reward_iteration": max(smoothed)[1] if smoothed else None,
+            "final_reward": smoothed[-1][0] if smoothed else None,
+            "peak_delta_pi_minus": max(deltas)[0] if deltas else None,
+            "peak_delta_pi_minus_iteration": max(deltas)[1] if deltas else None,
+            "reward_unit": "normalized reward, percent of the optimal return, moving average over --smooth-window updates",
+            "args": asdict(self.args),
+        }
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
 
 
 if __name__ == "__main__":
     try:
-        if len(sys.argv) > 1 and sys.argv[1] == "plot":
-            sys.exit(plot_main(tyro.cli(PlotArgs, args=sys.argv[2:], prog=f"{sys.argv[0]} plot")))
         sys.exit(main(tyro.cli(Args)))
     except ConfigError as e:
         sys.exit(f"error: {e}")
