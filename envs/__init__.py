@@ -6,17 +6,27 @@ quarter of its side; episodes start on the full image. Observation: uint8 (3, V,
 overview with the window outlined, current view (V = 112 by default). Reward: IoU improvement per step;
 success (+1) as soon as IoU >= 0.5; `stop` gives up (-0.2); at most 20 steps. Optimal returns are exact.
 
-    train, test = make_task_sets(256, 64, image_source="procedural" or "path/to/images", view_size=112, seed=1)
+    import envs, gymnasium as gym                    # importing envs registers "PatchLoc-v0"
+    env = gym.make("PatchLoc-v0", image_source="path/to/images", num_tasks=256, targets_per_image=4, seed=1)
+    envs = gym.make_vec("PatchLoc-v0", num_envs=4)   # native PatchLocVecEnv (procedural images by default)
+    test_env = gym.make("PatchLoc-v0", split="test", num_tasks=256, num_test_tasks=64)  # held-out images
+    check_env(gym.make("PatchLoc-v0", render_mode="rgb_array").unwrapped)  # render: image, target, window
+
+    train, test = make_task_sets(256, 64, image_source="procedural" or "path/to/images", view_size=112, seed=1,
+                                 targets_per_image=1)  # task i on image i // targets_per_image; disjoint images
     envs = PatchLocVecEnv(train, num_envs=4)        # gymnasium VectorEnv, same-step auto-reset
     obs, infos = envs.reset(seed=1)                  # options={"task_ids": ids} forces / queues tasks
     obs, rewards, terminations, truncations, infos = envs.step(actions)   # actions: ints in 0..6
     infos["episode"]["normalized_r"][infos["_episode"]]                   # return / optimal return
     envs.window_boxes(), train.target_boxes, train.image(i)  # (y0, x0, y1, x1) in [0, 1]; (4V, 4V, 3) image
     env = PatchLocEnv(train)                         # single gymnasium.Env, reset(options={"task_id": i})
+    PatchLocEnv(num_tasks=64, view_size=112)         # both envs take task-set settings instead of a task set
     train.optimal_returns(), train.optimal_actions(i)  # exact optimum (BFS over 195 windows), oracle path
     PatchLocConfigError                              # ValueError with a one-line message on bad input
 Actions: UP, DOWN, LEFT, RIGHT, ZOOM_IN, ZOOM_OUT, STOP = 0..6.
 """
+
+import gymnasium
 
 from envs.images import PatchLocConfigError, procedural_image
 from envs.lattice import (
@@ -31,7 +41,16 @@ from envs.lattice import (
     ZOOM_OUT,
     EpisodeConfig,
 )
-from envs.patchloc import PatchLocEnv, PatchLocVecEnv, TaskSet, make_task_sets
+from envs.patchloc import PatchLocEnv, PatchLocVecEnv, TaskSet, make_task_set, make_task_sets
+
+ENV_ID = "PatchLoc-v0"
+if ENV_ID not in gymnasium.registry:  # a re-import must not re-register (gymnasium warns on overrides)
+    # No max_episode_steps here: the env truncates itself at max_steps, which its exact optimal returns assume.
+    gymnasium.register(
+        id=ENV_ID,
+        entry_point="envs.patchloc:PatchLocEnv",
+        vector_entry_point="envs.patchloc:PatchLocVecEnv",
+    )
 
 __all__ = [
     "ACTION_NAMES",
@@ -43,11 +62,13 @@ __all__ = [
     "UP",
     "ZOOM_IN",
     "ZOOM_OUT",
+    "ENV_ID",
     "EpisodeConfig",
     "PatchLocConfigError",
     "PatchLocEnv",
     "PatchLocVecEnv",
     "TaskSet",
+    "make_task_set",
     "make_task_sets",
     "procedural_image",
 ]

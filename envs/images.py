@@ -1,18 +1,24 @@
-"""Image sources for the patch-localization task, and the per-task image pyramid.
+"""Image sources for the patch-localization task, and the per-image pyramid.
 
-Every source yields one square uint8 image of side 4V per task (V = view size), the finest pyramid
+Every source yields one square uint8 image of side 4V per image (V = view size), the finest pyramid
 level: a zoom-2 window (a quarter of the image side) is then exactly V pixels wide. The two coarser
 levels are 2x2 and 4x4 area averages of it, so every view at every zoom is a V x V slice.
 """
 
 import os
-from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import tifffile
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+_SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
+# Formats decoded whole (PNG, and TIFF layouts tifffile does not reduce) are refused above this many pixels
+# (1.6 GB as RGB): Pillow's own decompression-bomb limit is lifted for the large slide tiles people have.
+MAX_DECODED_PIXELS = 2**29
 
 
 class PatchLocConfigError(ValueError):
@@ -101,60 +107,135 @@ def procedural_image(rng: np.random.Generator, side: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Image folders
 # ----------------------------------------------------------------------------------------------------
+class UnusableImage(Exception):
+    """An image file that cannot make a task; `reason` names the kind (the key of the skip summary)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
-    """Sorted .jpg/.jpeg/.png files of a folder (not recursive); raises if the folder is missing or has none."""
+    """Image files (IMAGE_SUFFIXES, any case) of a folder and its subfolders, sorted by relative path.
+
+    Hidden files and folders (names starting with '.', e.g. macOS '._photo.jpg' companions) are left out.
+    Raises if the folder is missing or holds no image file.
+    """
     path = Path(folder)
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise PatchLocConfigError(
-            f"image folder '{path}' {what}; pass a folder of .jpg/.jpeg/.png images, or 'procedural' for built-in images"
+            f"image folder '{path}' {what}; pass a folder of {_SUFFIX_LIST} images, or 'procedural' for built-in images"
         )
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = []
+    for root, dirs, names in os.walk(path, followlinks=True):  # data sets linked in as subfolders count too
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise PatchLocConfigError(f"image folder '{path}' contains no .jpg/.jpeg/.png files; add images or use 'procedural'")
-    return files
+        raise PatchLocConfigError(f"image folder '{path}' holds no {_SUFFIX_LIST} files (subfolders included); add images")
+    return sorted(files, key=lambda f: f.relative_to(path).as_posix())
+
+
+@contextmanager
+def _huge_images_allowed():
+    """Lift Pillow's decompression-bomb limit while a file is opened: large slide tiles are legitimate, and
+    what is decoded is bounded by MAX_DECODED_PIXELS after JPEG draft scaling instead."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _square(im: Image.Image, image_size: int, side: int) -> np.ndarray:
+    """Center square of `im`, box-reduced by an integer factor (if 2+), resized to image_size, then to side."""
+    w, h = im.size
+    crop = min(w, h)
+    factor = crop // image_size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    if im.mode not in ("RGB", "L"):  # palette, 16-bit, CMYK, alpha...: averaging needs plain channels
+        im = im.convert("RGB")
+    if factor >= 2:  # area-average first: cheap and alias-free, and LANCZOS then works on a small image
+        crop -= crop % factor
+        im = im.reduce(factor, box=(left, top, left + crop, top + crop))
+        left, top, crop = 0, 0, crop // factor
+    im = im.convert("RGB")
+    im = im.resize((image_size, image_size), Image.Resampling.LANCZOS, box=(left, top, left + crop, top + crop))
+    if image_size != side:
+        im = im.resize((side, side), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
+    """The center square of an 8-bit RGB/grey TIFF, area-averaged by an integer factor while its strips or
+    tiles are decoded one at a time (the full-resolution image is never held), from the smallest pyramid
+    level that is still large enough. None for a layout this does not handle (Pillow reads those)."""
+    with tifffile.TiffFile(file) as tif:
+        levels = sorted((level.keyframe for level in tif.series[0].levels), key=lambda p: -p.imagelength * p.imagewidth)
+        if min(levels[0].imagelength, levels[0].imagewidth) < image_size:
+            raise UnusableImage(f"smaller than {image_size} px")
+        page = [p for p in levels if min(p.imagelength, p.imagewidth) >= image_size][-1]
+        if (
+            page.dtype != np.uint8
+            or page.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK)
+            or page.planarconfig != tifffile.PLANARCONFIG.CONTIG
+            or page.imagedepth != 1
+        ):
+            return None
+        height, width = page.imagelength, page.imagewidth
+        crop = min(height, width)
+        factor = crop // image_size
+        out_side = crop // factor
+        y0, x0 = (height - crop) // 2, (width - crop) // 2
+        y1, x1 = y0 + out_side * factor, x0 + out_side * factor
+        channels = 3 if page.photometric != tifffile.PHOTOMETRIC.MINISBLACK else 1
+        sums = np.zeros((out_side, out_side, channels), dtype=np.uint64)
+        # One segment decoded at a time (maxworkers=1) and reads of at most 4 MB: memory stays bounded.
+        for segment, (_, _, sy, sx, _), _ in page.segments(maxworkers=1, buffersize=2**22):
+            if segment is None:  # an empty segment (not written): zeros, nothing to add
+                continue
+            segment = segment.reshape(segment.shape[-3:])
+            ya, yb = max(sy, y0), min(sy + segment.shape[0], y1)
+            xa, xb = max(sx, x0), min(sx + segment.shape[1], x1)
+            if ya >= yb or xa >= xb:
+                continue
+            part = segment[ya - sy : yb - sy, xa - sx : xb - sx, :channels]
+            rows, cols = (np.arange(ya, yb) - y0) // factor, (np.arange(xa, xb) - x0) // factor
+            row_starts, col_starts = np.flatnonzero(np.diff(rows, prepend=-1)), np.flatnonzero(np.diff(cols, prepend=-1))
+            block = np.add.reduceat(np.add.reduceat(part, row_starts, axis=0, dtype=np.uint64), col_starts, axis=1)
+            sums[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += block
+    area = factor * factor
+    pixels = ((sums + area // 2) // area).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
 
 
 def load_image(file: Path, image_size: int, side: int) -> np.ndarray:
-    """Read an image, center-crop it to a square, resize it to image_size, then to `side` (the top pyramid level).
+    """Read an image file, center-crop it to a square, resize it to image_size, then to `side` (the top pyramid
+    level). Any size: JPEGs are decoded at a reduced scale (1/2..1/8) and TIFF strips/tiles are averaged while
+    they are decoded, so a 20,000 x 20,000 slide tile is never held at full resolution; other formats are
+    decoded whole (up to MAX_DECODED_PIXELS), then area-reduced. An image is never upsampled.
 
-    The intermediate image_size step fixes the task's nominal resolution (an image is never upsampled);
-    only the (side, side, 3) result is kept.
+    Raises UnusableImage (reason: unreadable, smaller than image_size, too large) for a file that cannot be used.
     """
     try:
-        with Image.open(file) as im:
-            width, height = im.size
-            if min(width, height) < image_size:
-                raise PatchLocConfigError(
-                    f"image '{file}' is {width}x{height} pixels; its shorter side must be at least image_size={image_size} "
-                    "(lower --image-size or remove the image)"
-                )
-            im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale >= image_size (fast)
-            im = im.convert("RGB")
-            w, h = im.size
-            crop = min(w, h)
-            left, top = (w - crop) // 2, (h - crop) // 2
-            im = im.resize((image_size, image_size), Image.Resampling.LANCZOS, box=(left, top, left + crop, top + crop))
-            if image_size != side:
-                im = im.resize((side, side), Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8)
-    except PatchLocConfigError:
+        if file.suffix.lower() in (".tif", ".tiff"):
+            try:
+                reduced = _tiff_center_reduced(file, image_size)
+            except UnusableImage:
+                raise
+            except Exception:  # not a TIFF tifffile reads (or a codec it lacks): Pillow may still read it
+                reduced = None
+            if reduced is not None:
+                return _square(reduced, image_size, side)
+        with _huge_images_allowed(), Image.open(file) as im:
+            if min(im.size) < image_size:
+                raise UnusableImage(f"smaller than {image_size} px")
+            im.draft("RGB", (image_size, image_size))  # JPEG: decode at the smallest scale >= image_size
+            if im.width * im.height > MAX_DECODED_PIXELS:
+                raise UnusableImage("too large to decode (save it as a tiled TIFF or a JPEG)")
+            return _square(im, image_size, side)
+    except UnusableImage:
         raise
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise PatchLocConfigError(f"cannot read image file '{file}': {reason}; remove or replace it") from None
-
-
-def split_files(files: Sequence[Path], num_train: int, num_test: int, rng: np.random.Generator) -> tuple[list, list]:
-    """Disjoint train / held-out file lists, one image per task.
-
-    Train takes the start of a seeded permutation and held-out the end, so the held-out set does not
-    change when only the number of training tasks changes.
-    """
-    if len(files) < num_train + num_test:
-        raise PatchLocConfigError(
-            f"image folder '{files[0].parent}' has {len(files)} images but {num_train + num_test} are needed "
-            f"({num_train} train + {num_test} held-out tasks, one image each); add images or ask for fewer tasks"
-        )
-    order = rng.permutation(len(files))
-    return [files[i] for i in order[:num_train]], [files[i] for i in order[len(files) - num_test :]]
+        raise UnusableImage("unreadable") from exc

@@ -4,15 +4,18 @@ See envs/__init__.py for the task, envs/lattice.py for the window dynamics and t
 return, envs/images.py for the image sources.
 """
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
+from tqdm import tqdm
 
-from envs.images import PatchLocConfigError, build_pyramid, list_image_files, load_image, procedural_image, split_files
+from envs.images import PatchLocConfigError, UnusableImage, build_pyramid, list_image_files, load_image, procedural_image
 from envs.lattice import (
     INITIAL_STATE,
     IOU,
@@ -29,9 +32,11 @@ from envs.lattice import (
 try:  # gymnasium >= 1.1 declares the autoreset mode of a vector env in its metadata
     from gymnasium.vector import AutoresetMode
 
-    _VEC_METADATA: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    _AUTORESET_MODE: Any = AutoresetMode.SAME_STEP
 except ImportError:  # pragma: no cover - older gymnasium
-    _VEC_METADATA = {"autoreset_mode": "same-step"}
+    _AUTORESET_MODE = "same-step"
+
+logger = logging.getLogger(__name__)
 
 # Outline colours for the overview, bright and saturated; each task uses the one that stands out most
 # from its image (a fixed magenta would vanish on H&E-stained histopathology, a fixed green on foliage).
@@ -40,38 +45,45 @@ OUTLINE_COLOURS = np.array(
 )
 _SPLITS = {"train": 0, "test": 1}
 _FILE_ORDER_STREAM = 2  # seed stream of the folder permutation (the splits use 0 and 1)
-_TARGET_STREAM = 1  # per-task sub-stream of the target choice (the image uses the task's main stream)
+_TARGET_STREAM = 1  # per-image sub-stream of the target choice (the image uses the image's main stream)
+_NAMED_PER_REASON = 3  # skipped files named in the summary, per reason
+_PROGRESS_DELAY_S = 2.0  # a task-set build shows a progress bar (on a terminal) once it has taken this long
 
 
 class TaskSet:
     """A fixed set of tasks (image pyramid + target window), shared by any number of envs.
 
+    Several tasks may share an image (make_task_sets' targets_per_image); its pyramid is stored once.
+
     Attributes:
         split: "train" or "test".
         view_size: V, the side of every view in the observation.
         image_size: m, the nominal image side (folder images are resized to it before the pyramid).
-        levels: three uint8 arrays; levels[z] has shape (num_tasks, V*2^z, V*2^z, 3) and holds the image
+        levels: three uint8 arrays; levels[z] has shape (num_images, V*2^z, V*2^z, 3) and holds the image
             at the resolution where a zoom-z window is exactly V pixels wide. levels[0] is the overview.
+        task_images: (num_tasks,) index of each task's image in levels (task i // targets_per_image).
         target_states: (num_tasks,) lattice state index of each target window (see envs.lattice).
         targets: (num_tasks, 3) int (zoom, row, col) of each target; zoom is 1 (side m/2) or 2 (side m/4).
         target_boxes: (num_tasks, 4) float (y0, x0, y1, x1) of each target, normalised to [0, 1]
             (y1, x1 exclusive); multiply by the side of image(i) for pixel coordinates.
         outline_colours: (num_tasks, 3) uint8 colour of the window outline drawn on the overview.
-        image_ids: one string per task naming its image (file path, or procedural seed/split/index).
+        image_names: one string per image (file path, or procedural seed/split/index); image_ids: one per task.
     """
 
-    def __init__(self, split: str, view_size: int, image_size: int, levels, target_states, outline_colours, image_ids):
+    def __init__(
+        self, split: str, view_size: int, image_size: int, levels, task_images, target_states, image_colours, image_names
+    ):
         self.split, self.view_size, self.image_size = split, view_size, image_size
         self.levels: tuple[np.ndarray, np.ndarray, np.ndarray] = tuple(levels)
+        self.task_images = np.asarray(task_images, dtype=np.int64)
         self.target_states = np.asarray(target_states, dtype=np.int64)
-        self.outline_colours = np.asarray(outline_colours, dtype=np.uint8)
-        self.image_ids: list[str] = list(image_ids)
+        self.image_colours = np.asarray(image_colours, dtype=np.uint8)
+        self.image_names: list[str] = list(image_names)
         # Per state: pyramid level and top-left pixel of its view (lattice step = V/4 pixels at every level)...
         quarter = view_size // 4
         self.view_offsets = np.stack([STATES[:, 0], STATES[:, 1] * quarter, STATES[:, 2] * quarter], axis=1)
         # ... and its outline on the overview: first and last row/column, inclusive, in overview pixels.
-        edges = np.round(NORMALIZED_BOXES * view_size).astype(np.int64)
-        self.outline_pixels = np.clip(edges - np.array([0, 0, 1, 1]), 0, view_size - 1)
+        self.outline_pixels = _inclusive_pixel_boxes(view_size)
 
     def __len__(self) -> int:
         return len(self.target_states)
@@ -79,6 +91,10 @@ class TaskSet:
     @property
     def num_tasks(self) -> int:
         return len(self.target_states)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.levels[0])
 
     @property
     def targets(self) -> np.ndarray:
@@ -89,18 +105,30 @@ class TaskSet:
         return NORMALIZED_BOXES[self.target_states]
 
     @property
+    def outline_colours(self) -> np.ndarray:
+        return self.image_colours[self.task_images]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [self.image_names[i] for i in self.task_images]
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the pyramids (everything else is negligible)."""
         return sum(level.nbytes for level in self.levels)
 
     def image(self, task_id: int) -> np.ndarray:
         """The task's image at the finest stored resolution: uint8 (4V, 4V, 3) (a view, do not modify)."""
-        return self.levels[2][task_id]
+        return self.levels[2][self.task_images[task_id]]
+
+    def image_view(self, image: int, state: int) -> np.ndarray:
+        """The V x V view of lattice window `state` (an index into envs.lattice.STATES) of image `image`: a slice."""
+        zoom, y, x = self.view_offsets[state]
+        return self.levels[zoom][image, y : y + self.view_size, x : x + self.view_size]
 
     def view(self, task_id: int, state: int) -> np.ndarray:
-        """The V x V view of lattice window `state` (an index into envs.lattice.STATES): a slice, not a copy."""
-        zoom, y, x = self.view_offsets[state]
-        return self.levels[zoom][task_id, y : y + self.view_size, x : x + self.view_size]
+        """The V x V view of lattice window `state` on the task's image: a slice, not a copy."""
+        return self.image_view(self.task_images[task_id], state)
 
     def target_patch(self, task_id: int) -> np.ndarray:
         """The V x V target patch shown as observation view 0."""
@@ -108,13 +136,21 @@ class TaskSet:
 
     def draw_overview(self, out: np.ndarray, task_id: int, state: int) -> None:
         """Write the overview (levels[0]) with window `state` outlined (1-px rectangle) into `out` (V, V, 3)."""
-        out[...] = self.levels[0][task_id]
-        y0, x0, y1, x1 = self.outline_pixels[state]
-        colour = self.outline_colours[task_id]
-        out[y0, x0 : x1 + 1] = colour
-        out[y1, x0 : x1 + 1] = colour
-        out[y0 : y1 + 1, x0] = colour
-        out[y0 : y1 + 1, x1] = colour
+        image = self.task_images[task_id]
+        out[...] = self.levels[0][image]
+        _draw_outline(out, self.outline_pixels[state], self.image_colours[image], 1)
+
+    def draw_frame(self, task_id: int, state: int) -> np.ndarray:
+        """The task's image (4V x 4V) with the target outlined and window `state` outlined on top, each in one of
+        the two colours that stand out most from the image (the window in the overview's colour): (4V, 4V, 3)."""
+        frame = self.image(task_id).copy()
+        side = frame.shape[0]
+        window_colour, target_colour = OUTLINE_COLOURS[_colour_ranking(self.levels[0][self.task_images[task_id]])[:2]]
+        pixel_boxes = _inclusive_pixel_boxes(side)
+        thickness = max(1, side // 150)
+        _draw_outline(frame, pixel_boxes[self.target_states[task_id]], target_colour, thickness)
+        _draw_outline(frame, pixel_boxes[state], window_colour, thickness)
+        return frame
 
     def initial_ious(self) -> np.ndarray:
         """IoU of the starting window (the full image) with each target: 0.25 for m/2 targets, 0.0625 for m/4."""
@@ -129,50 +165,88 @@ class TaskSet:
         return optimal_actions(int(self.target_states[task_id]), config)
 
 
+def _inclusive_pixel_boxes(side: int) -> np.ndarray:
+    """(195, 4) first and last row/column (inclusive) of every lattice window on a side x side image."""
+    edges = np.round(NORMALIZED_BOXES * side).astype(np.int64)
+    return np.clip(edges - np.array([0, 0, 1, 1]), 0, side - 1)
+
+
+def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thickness: int) -> None:
+    """Draw a rectangle outline `thickness` pixels wide, inside the inclusive pixel box (y0, x0, y1, x1), into out."""
+    y0, x0, y1, x1 = box
+    t = thickness
+    out[y0 : y0 + t, x0 : x1 + 1] = colour
+    out[y1 - t + 1 : y1 + 1, x0 : x1 + 1] = colour
+    out[y0 : y1 + 1, x0 : x0 + t] = colour
+    out[y0 : y1 + 1, x1 - t + 1 : x1 + 1] = colour
+
+
 # ----------------------------------------------------------------------------------------------------
 # Task-set creation
 # ----------------------------------------------------------------------------------------------------
-def _choose_target(task_set: TaskSet, task_id: int, target_zooms: Sequence[int], min_std: float, rng) -> int:
-    """A random lattice target at one of target_zooms (zooms equally likely) whose patch is not near-uniform."""
+def _choose_targets(task_set: TaskSet, image: int, count: int, target_zooms: Sequence[int], min_std: float, rng) -> list:
+    """`count` distinct random lattice targets at target_zooms (zooms equally likely) whose patches are not
+    near-uniform; raises UnusableImage if the image has fewer such crops."""
     candidates = np.flatnonzero(np.isin(STATES[:, 0], target_zooms))
     counts = np.bincount(STATES[candidates, 0])
     # Weighted random order without replacement (Efraimidis-Spirakis keys log(u)/w): with weights
     # 1/count the first candidate has a uniformly random zoom, then a uniformly random position.
     keys = np.log(rng.random(len(candidates))) * counts[STATES[candidates, 0]]
+    chosen = []
     for state in candidates[np.argsort(-keys)]:
-        patch = task_set.view(task_id, state).reshape(-1, 3)
+        patch = task_set.image_view(image, state).reshape(-1, 3)
         if patch.std(axis=0).mean() >= min_std:  # per channel: a flat coloured patch has std 0
-            return int(state)
-    raise PatchLocConfigError(
-        f"image '{task_set.image_ids[task_id]}' has no target crop with pixel std >= {min_std} (near-uniform image); "
-        "remove it from the folder or lower min_target_std"
-    )
+            chosen.append(int(state))
+            if len(chosen) == count:
+                return chosen
+    raise UnusableImage(f"near-uniform (pixel std < {min_std:g})")
 
 
-def _outline_colour(overview: np.ndarray) -> np.ndarray:
-    """The OUTLINE_COLOURS entry farthest from most of the overview's pixels (10th percentile distance)."""
+def _colour_ranking(overview: np.ndarray) -> np.ndarray:
+    """Indices of OUTLINE_COLOURS, the colour farthest from most of the overview's pixels (10th percentile distance)
+    first."""
     pixels = overview[::2, ::2].reshape(-1, 1, 3).astype(np.float32)  # every other pixel is plenty
     dist = np.linalg.norm(pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2)  # (V*V, colours)
-    return OUTLINE_COLOURS[np.argmax(np.percentile(dist, 10, axis=0))]
+    return np.argsort(-np.percentile(dist, 10, axis=0), kind="stable")
 
 
-def _build_task_set(split, sources, load_top, seed, view_size, image_size, target_zooms, min_target_std) -> TaskSet:
-    """Load/generate every task's top image into preallocated pyramid arrays, then pick the targets."""
-    n = len(sources)
-    levels = tuple(np.empty((n, view_size << z, view_size << z, 3), dtype=np.uint8) for z in range(3))
-    colours, image_ids = np.empty((n, 3), dtype=np.uint8), []
-    for i, source in enumerate(sources):
-        # Random streams per task (seed, split, index[, purpose]): task i does not depend on the task counts.
-        top, image_id = load_top(source, np.random.default_rng([seed, _SPLITS[split], i]))
-        for z, level in enumerate(build_pyramid(top)):
-            levels[z][i] = level
-        colours[i] = _outline_colour(levels[0][i])
-        image_ids.append(image_id)
-    task_set = TaskSet(split, view_size, image_size, levels, np.zeros(n, dtype=np.int64), colours, image_ids)
-    for i in range(n):
-        rng = np.random.default_rng([seed, _SPLITS[split], i, _TARGET_STREAM])
-        task_set.target_states[i] = _choose_target(task_set, i, target_zooms, min_target_std, rng)
-    return task_set
+def _fill(task_set: TaskSet, sources, load_top, seed, targets_per_image, target_zooms, min_target_std, progress, skipped):
+    """Load images from `sources`, in order, into task_set's image slots and choose their targets, until every slot
+    is filled; unusable sources are appended to skipped[reason]. Returns (slots filled, sources examined)."""
+    split_stream = _SPLITS[task_set.split]
+    filled = examined = 0
+    for source in sources:
+        if filled == task_set.num_images:
+            break
+        examined += 1
+        # Random streams per image (seed, split, index[, purpose]): image i does not depend on the task counts.
+        try:
+            top, name = load_top(source, np.random.default_rng([seed, split_stream, filled]))
+            for z, level in enumerate(build_pyramid(top)):
+                task_set.levels[z][filled] = level
+            tasks = slice(filled * targets_per_image, min((filled + 1) * targets_per_image, task_set.num_tasks))
+            rng = np.random.default_rng([seed, split_stream, filled, _TARGET_STREAM])
+            count = tasks.stop - tasks.start
+            task_set.target_states[tasks] = _choose_targets(task_set, filled, count, target_zooms, min_target_std, rng)
+        except UnusableImage as unusable:
+            skipped.setdefault(unusable.reason, []).append(source)
+            progress.set_postfix(skipped=sum(map(len, skipped.values())), refresh=False)
+            continue
+        task_set.image_colours[filled] = OUTLINE_COLOURS[_colour_ranking(task_set.levels[0][filled])[0]]
+        task_set.image_names.append(name)
+        filled += 1
+        progress.update()
+    return filled, examined
+
+
+def _skip_summary(skipped: dict, folder) -> str:
+    """'3 unreadable (a.jpg, sub/b.png, c.tif, ...), 1 smaller than 448 px (d.jpg)'."""
+    parts = []
+    for reason, files in sorted(skipped.items(), key=lambda item: (-len(item[1]), item[0])):
+        names = sorted(os.path.relpath(f, folder) for f in files)
+        names = names[:_NAMED_PER_REASON] + ["..."] * (len(names) > _NAMED_PER_REASON)
+        parts.append(f"{len(files)} {reason} ({', '.join(names)})")
+    return ", ".join(parts)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -180,33 +254,19 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise PatchLocConfigError(f"{name} must be an integer >= {minimum} (got {value!r})")
 
 
-def make_task_sets(
-    num_train_tasks: int,
-    num_test_tasks: int,
-    image_source: Union[str, "os.PathLike[str]"] = "procedural",
-    image_size: int = 1024,
-    view_size: int = 112,
-    seed: int = 0,
-    target_zooms: Sequence[int] = (1, 2),
-    min_target_std: float = 8.0,
-) -> tuple[TaskSet, TaskSet]:
-    """Create the training and the held-out task sets; they never share an image.
-
-    Args:
-        num_train_tasks, num_test_tasks: tasks per set (one image per task, >= 1 each).
-        image_source: "procedural" (built-in generator, no download) or a folder of .jpg/.jpeg/.png images
-            of any size; each is center-cropped to a square and resized to image_size.
-        image_size: m, the side images are processed at; must be >= 4 * view_size so that a zoom-2
-            window (m/4 pixels) is never upsampled. Procedural images are generated directly at 4V.
-        view_size: V, the side of each of the three observation views; a multiple of 4 (lattice step V/4).
-        seed: same seed -> identical tasks and images. Per task, the stream is (seed, split, index), so
-            task i does not depend on how many tasks were asked for.
-        target_zooms: zoom levels of the targets: 1 (side m/2), 2 (side m/4), equally likely.
-        min_target_std: target crops whose pixel std (per channel, averaged; 0-255 scale) is below this are
-            rejected as near-uniform.
-    Raises:
-        PatchLocConfigError (a ValueError) with a one-line message on any bad setting or input file.
-    """
+def _build_task_sets(
+    num_train_tasks,
+    num_test_tasks,
+    image_source,
+    image_size,
+    view_size,
+    seed,
+    target_zooms,
+    min_target_std,
+    targets_per_image,
+    splits,
+) -> dict[str, TaskSet]:
+    """make_task_sets, building only `splits` (a folder's held-out images are always chosen: training avoids them)."""
     _check_int("num_train_tasks", num_train_tasks, 1)
     _check_int("num_test_tasks", num_test_tasks, 1)
     _check_int("seed", seed, 0)
@@ -215,6 +275,8 @@ def make_task_sets(
         raise PatchLocConfigError(
             f"view_size must be a multiple of 4 (got {view_size}): windows move on a lattice of a quarter of the view"
         )
+    if image_size is None:
+        image_size = 4 * view_size
     _check_int("image_size", image_size, 1)
     if image_size < 4 * view_size:
         raise PatchLocConfigError(
@@ -224,29 +286,168 @@ def make_task_sets(
     target_zooms = tuple(sorted(set(int(z) for z in target_zooms)))
     if not target_zooms or not set(target_zooms) <= {1, 2}:
         raise PatchLocConfigError(f"target_zooms must be a non-empty subset of (1, 2) (got {target_zooms})")
-    side = 4 * view_size
-    counts = {"train": num_train_tasks, "test": num_test_tasks}
-    if str(image_source) == "procedural":
-        sources = {split: [f"procedural:seed={seed}:{split}:{i}" for i in range(n)] for split, n in counts.items()}
-
-        def load_top(image_id, rng):
-            return procedural_image(rng, side), image_id
-
-    else:
-        files = list_image_files(image_source)
-        train_files, test_files = split_files(
-            files, num_train_tasks, num_test_tasks, np.random.default_rng([seed, _FILE_ORDER_STREAM])
+    max_targets = int(np.isin(STATES[:, 0], target_zooms).sum())
+    _check_int("targets_per_image", targets_per_image, 1)
+    if targets_per_image > max_targets:
+        raise PatchLocConfigError(
+            f"targets_per_image must be <= {max_targets}, the lattice windows at target_zooms {target_zooms} "
+            f"(got {targets_per_image})"
         )
-        sources = {"train": train_files, "test": test_files}
+    side = 4 * view_size
+    num_tasks = {"train": num_train_tasks, "test": num_test_tasks}
+    task_sets = {}
+    for split, n in num_tasks.items():
+        num_images = -(-n // targets_per_image)
+        levels = [np.empty((num_images, view_size << z, view_size << z, 3), dtype=np.uint8) for z in range(3)]
+        task_images = np.arange(n) // targets_per_image
+        colours = np.zeros((num_images, 3), dtype=np.uint8)
+        task_sets[split] = TaskSet(split, view_size, image_size, levels, task_images, np.zeros(n, np.int64), colours, [])
+    procedural = str(image_source) == "procedural"
+    built = [split for split in ("test", "train") if split in splits or (split == "test" and not procedural)]
+    fill_args = (seed, targets_per_image, target_zooms, min_target_std)
+    skipped: dict[str, list] = {}
+    progress = tqdm(
+        total=sum(task_sets[s].num_images for s in built),
+        desc="patch-loc task images",
+        unit="image",
+        delay=_PROGRESS_DELAY_S,  # only for a build that takes a while
+        disable=not sys.stderr.isatty(),
+    )
+    with progress:
+        if procedural:
+
+            def load_top(image_id, rng):
+                return procedural_image(rng, side), image_id
+
+            for split in built:
+                names = [f"procedural:seed={seed}:{split}:{i}" for i in range(task_sets[split].num_images)]
+                filled, _ = _fill(task_sets[split], names, load_top, *fill_args, progress, skipped)
+                if filled < task_sets[split].num_images:
+                    raise PatchLocConfigError(
+                        f"procedural image '{names[filled]}' is near-uniform at min_target_std={min_target_std}; lower it"
+                    )
+            return {split: task_sets[split] for split in splits}
 
         def load_top(file, rng):
             return load_image(file, image_size, side), str(file)
 
-    train, test = (
-        _build_task_set(split, sources[split], load_top, seed, view_size, image_size, target_zooms, min_target_std)
-        for split in ("train", "test")
+        files = list_image_files(image_source)
+        order = np.random.default_rng([seed, _FILE_ORDER_STREAM]).permutation(len(files))
+        # Held-out images come from the end of a seeded permutation and training images from its start, so the
+        # held-out set does not change with the number of training tasks; an unusable file is replaced by the next
+        # one inwards (held-out: the file before its block, then earlier ones).
+        first_test = max(len(files) - task_sets["test"].num_images, 0)
+        test_order = np.concatenate([order[first_test:], order[:first_test][::-1]])
+        usable, examined = _fill(task_sets["test"], [files[i] for i in test_order], load_top, *fill_args, progress, skipped)
+        if usable == task_sets["test"].num_images and "train" in built:
+            train_files = [files[i] for i in order[: len(files) - examined]]
+            filled, _ = _fill(task_sets["train"], train_files, load_top, *fill_args, progress, skipped)
+            usable += filled
+    needed = {split: task_sets[split].num_images for split in ("train", "test")}
+    summary = _skip_summary(skipped, image_source)
+    if usable < sum(needed[s] for s in built):
+        raise PatchLocConfigError(
+            f"image folder '{image_source}' has {usable} usable images but {sum(needed.values())} are needed "
+            f"({needed['train']} for {num_train_tasks} training tasks + {needed['test']} for {num_test_tasks} held-out "
+            f"tasks, targets_per_image={targets_per_image})" + (f"; skipped {summary}" if summary else "") + "; add "
+            "images, raise targets_per_image (--targets-per-image), lower image_size or ask for fewer tasks"
+        )
+    if skipped:
+        logger.warning(
+            "warning: skipped %d of %d image files in '%s': %s",
+            sum(map(len, skipped.values())),
+            len(files),
+            image_source,
+            summary,
+        )
+    return {split: task_sets[split] for split in splits}
+
+
+def make_task_sets(
+    num_train_tasks: int,
+    num_test_tasks: int,
+    image_source: Union[str, "os.PathLike[str]"] = "procedural",
+    image_size: Optional[int] = None,
+    view_size: int = 112,
+    seed: int = 0,
+    target_zooms: Sequence[int] = (1, 2),
+    min_target_std: float = 8.0,
+    targets_per_image: int = 1,
+) -> tuple[TaskSet, TaskSet]:
+    """Create the training and the held-out task sets; they never share an image.
+
+    Args:
+        num_train_tasks, num_test_tasks: tasks per set (>= 1 each).
+        image_source: "procedural" (built-in generator, no download) or a folder of .jpg/.jpeg/.png/.tif/.tiff
+            images of any size, subfolders included; each is center-cropped to a square and resized to image_size.
+            Unreadable, too small or near-uniform files are skipped (one warning line counts them by reason); it
+            is an error only when too few usable images remain.
+        image_size: m, the side images are processed at; must be >= 4 * view_size so that a zoom-2 window
+            (m/4 pixels) is never upsampled. None: 4 * view_size. Procedural images are generated directly at 4V.
+        view_size: V, the side of each of the three observation views; a multiple of 4 (lattice step V/4).
+        seed: same seed -> identical tasks and images. Per image, the stream is (seed, split, index), so
+            task i does not depend on how many tasks were asked for.
+        target_zooms: zoom levels of the targets: 1 (side m/2), 2 (side m/4), equally likely.
+        min_target_std: target crops whose pixel std (per channel, averaged; 0-255 scale) is below this are
+            rejected as near-uniform.
+        targets_per_image: k, tasks per image (distinct targets): task i is on image i // k, so a set of n
+            tasks needs ceil(n / k) images. k = 1 gives the same tasks as before this option existed.
+    Raises:
+        PatchLocConfigError (a ValueError) with a one-line message on any bad setting or too few usable images.
+    """
+    sets = _build_task_sets(
+        num_train_tasks,
+        num_test_tasks,
+        image_source,
+        image_size,
+        view_size,
+        seed,
+        target_zooms,
+        min_target_std,
+        targets_per_image,
+        ("train", "test"),
     )
-    return train, test
+    return sets["train"], sets["test"]
+
+
+def make_task_set(
+    split: str = "train",
+    num_tasks: int = 64,
+    num_test_tasks: int = 16,
+    image_source: Union[str, "os.PathLike[str]"] = "procedural",
+    targets_per_image: int = 1,
+    image_size: Optional[int] = None,
+    view_size: int = 112,
+    seed: int = 0,
+    target_zooms: Sequence[int] = (1, 2),
+    min_target_std: float = 8.0,
+) -> TaskSet:
+    """One split of make_task_sets(num_tasks, num_test_tasks, ...): the same tasks, without building the other split
+    (except a folder's held-out images, which training must avoid). These are the task-set settings that
+    PatchLocEnv, PatchLocVecEnv and gymnasium.make("PatchLoc-v0", ...) accept in place of a task_set."""
+    if split not in _SPLITS:
+        raise PatchLocConfigError(f"split must be 'train' or 'test' (got {split!r})")
+    sets = _build_task_sets(
+        num_tasks,
+        num_test_tasks,
+        image_source,
+        image_size,
+        view_size,
+        seed,
+        target_zooms,
+        min_target_std,
+        targets_per_image,
+        (split,),
+    )
+    return sets[split]
+
+
+def _resolve_task_set(task_set: Optional[TaskSet], settings: dict[str, Any]) -> TaskSet:
+    if task_set is None:
+        return make_task_set(**settings)
+    if settings:
+        raise PatchLocConfigError(f"pass either a task_set or task-set settings ({', '.join(settings)}), not both")
+    return task_set
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,36 +536,47 @@ _ENV_ARGS_DOC = """
 """
 
 
+_TASKS_DOC = """
+    Tasks: task_set (from make_task_sets), or, when it is None, task-set settings passed on to make_task_set:
+    split ("train"), num_tasks (64), num_test_tasks (16), image_source ("procedural" or a folder),
+    targets_per_image (1), image_size (None: 4 x view_size), view_size (112), seed (0), target_zooms, min_target_std.
+    render_mode "rgb_array": render() returns the image (4V x 4V) with the target and the window outlined.
+"""
+
+
 class PatchLocEnv(gym.Env):
     __doc__ = (
-        """Single patch-localization env over a TaskSet.
+        """Single patch-localization env over a TaskSet; gymnasium.make("PatchLoc-v0", ...) makes one.
 
     Observation: uint8 (3, V, V, 3): target patch, overview with the window outlined, current view.
     Actions: Discrete(7): up, down, left, right, zoom in, zoom out, stop (see envs.lattice).
     reset(seed=None, options={"task_id": i}) starts task i (random from np_random if not given);
     info holds "task_id", "iou" and "optimal_return" (plus "success" and "stopped" after a step).
     """
+        + _TASKS_DOC
         + _ENV_ARGS_DOC
     )
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
-        task_set: TaskSet,
+        task_set: Optional[TaskSet] = None,
         max_steps: int = 20,
         success_iou: float = 0.5,
         success_bonus: float = 1.0,
         stop_penalty: float = 0.2,
         render_mode: Optional[str] = None,
+        **task_set_settings,
     ):
+        task_set = _resolve_task_set(task_set, task_set_settings)
         self.task_set = task_set
         self.config = _episode_config(task_set, max_steps, success_iou, success_bonus, stop_penalty)
         self.optimal_returns = task_set.optimal_returns(self.config)
         v = task_set.view_size
         self.observation_space = gym.spaces.Box(0, 255, (3, v, v, 3), dtype=np.uint8)
         self.action_space = gym.spaces.Discrete(NUM_ACTIONS)
-        self.render_mode = render_mode
+        self.render_mode = _check_render_mode(render_mode, self.metadata)
         self._batch = _Batch(task_set, self.config, 1)
 
     def _info(self) -> dict[str, Any]:
@@ -388,9 +600,12 @@ class PatchLocEnv(gym.Env):
         info.update(success=bool(success[0]), stopped=bool(stopped[0]))
         return self._batch.obs[0].copy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
-    def render(self):
-        """The three views side by side, uint8 (V, 3V, 3)."""
-        return np.concatenate(list(self._batch.obs[0]), axis=1)
+    def render(self) -> Optional[np.ndarray]:
+        """render_mode "rgb_array": the image with the target and the current window outlined, uint8 (4V, 4V, 3)."""
+        if self.render_mode is None:
+            gym.logger.warn("PatchLocEnv.render() was called without a render_mode; pass render_mode='rgb_array'")
+            return None
+        return self.task_set.draw_frame(self._batch.tasks[0], self._batch.states[0])
 
     @property
     def window(self) -> tuple[int, int, int]:
@@ -407,9 +622,16 @@ class PatchLocEnv(gym.Env):
         return self.task_set.optimal_actions(task_id, self.config)
 
 
+def _check_render_mode(render_mode: Optional[str], metadata: dict) -> Optional[str]:
+    if render_mode is not None and render_mode not in metadata["render_modes"]:
+        raise PatchLocConfigError(f"render_mode must be None or one of {metadata['render_modes']} (got {render_mode!r})")
+    return render_mode
+
+
 class PatchLocVecEnv(gym.vector.VectorEnv):
     __doc__ = (
         """Native batched patch-localization env: num_envs episodes in flat numpy arrays, same-step auto-reset.
+    gymnasium.make_vec("PatchLoc-v0", num_envs=N, ...) makes one.
 
     step(actions) -> obs (N, 3, V, V, 3) uint8, rewards float32 (N,), terminations, truncations, infos.
     When an episode ends the returned obs is already the first obs of the env's next episode (tasks drawn
@@ -426,23 +648,29 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
     get_state() / set_state(state): numpy arrays to checkpoint and resume exactly.
     copy (True): return a copy of the internal observation buffer (False: the buffer itself, overwritten
     by the next step).
+    render() (render_mode "rgb_array"): a tuple of N frames, as PatchLocEnv.render().
     """
+        + _TASKS_DOC
         + _ENV_ARGS_DOC
     )
 
-    metadata = _VEC_METADATA
+    metadata = {"autoreset_mode": _AUTORESET_MODE, "render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
-        task_set: TaskSet,
-        num_envs: int,
+        task_set: Optional[TaskSet] = None,
+        num_envs: int = 1,
         max_steps: int = 20,
         success_iou: float = 0.5,
         success_bonus: float = 1.0,
         stop_penalty: float = 0.2,
         copy: bool = True,
+        render_mode: Optional[str] = None,
+        **task_set_settings,
     ):
         _check_int("num_envs", num_envs, 1)
+        self.render_mode = _check_render_mode(render_mode, self.metadata)
+        task_set = _resolve_task_set(task_set, task_set_settings)
         self.task_set, self.num_envs, self.copy = task_set, int(num_envs), copy
         self.config = _episode_config(task_set, max_steps, success_iou, success_bonus, stop_penalty)
         self.optimal_returns = task_set.optimal_returns(self.config)
@@ -513,6 +741,13 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         else:
             batch.render(self._all)
         return self._observations(), reward.astype(np.float32), terminated, truncated, infos
+
+    def render(self) -> Optional[tuple[np.ndarray, ...]]:
+        """render_mode "rgb_array": one frame per env, the image with the target and the window outlined (4V, 4V, 3)."""
+        if self.render_mode is None:
+            gym.logger.warn("PatchLocVecEnv.render() was called without a render_mode; pass render_mode='rgb_array'")
+            return None
+        return tuple(self.task_set.draw_frame(task, state) for task, state in zip(self._batch.tasks, self._batch.states))
 
     @property
     def tasks(self) -> np.ndarray:

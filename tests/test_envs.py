@@ -5,6 +5,7 @@ task's definition (boxes in units of m/16), not against the env's own tables.
 """
 
 import copy
+import hashlib
 
 import gymnasium as gym
 import numpy as np
@@ -379,6 +380,32 @@ def test_same_seed_same_tasks_different_seed_different(sets):
     np.testing.assert_array_equal(fewer.levels[2], sets[0].levels[2][:5])
 
 
+def task_set_digest(task_set):
+    """Hash of everything a task set holds: pyramids, targets, exact optimal returns, outline colours."""
+    h = hashlib.sha256()
+    for level in task_set.levels:
+        h.update(np.ascontiguousarray(level).tobytes())
+    h.update(task_set.target_states.astype(np.int64).tobytes())
+    h.update(np.asarray(task_set.optimal_returns(), dtype=np.float64).tobytes())
+    h.update(task_set.outline_colours.tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    "num_train, num_test, view_size, seed, digests, train_targets",
+    [
+        (6, 3, 16, 3, ("1e2e3c8e9fa6fdb4", "22527651b1fde30c"), [15, 185, 14, 1, 4, 22]),
+        (3, 2, 32, 0, ("40746c098eced1d6", "f41f91376b3ee366"), [36, 22, 23]),
+    ],
+)
+def test_procedural_task_sets_unchanged(num_train, num_test, view_size, seed, digests, train_targets):
+    """Pinned with the code before targets_per_image existed: committed results depend on these exact tasks."""
+    train, test = make_task_sets(num_train, num_test, view_size=view_size, seed=seed)
+    assert train.target_states.tolist() == train_targets
+    assert (task_set_digest(train), task_set_digest(test)) == digests
+    assert train.image_ids[1] == f"procedural:seed={seed}:train:1"
+
+
 def test_train_and_test_share_no_image(sets):
     train, test = sets
     assert not set(train.image_ids) & set(test.image_ids)
@@ -450,24 +477,23 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
-    one_line_error("no .jpg/.jpeg/.png", 2, 1, image_source=empty, image_size=64, view_size=V)
+    one_line_error("holds no .jpg/.jpeg/.png/.tif/.tiff files", 2, 1, image_source=empty, image_size=64, view_size=V)
     few = tmp_path / "few"
     write_images(few, [(64, 64)] * 2, ["png"] * 2)
-    msg = one_line_error("has 2 images but 3 are needed", 2, 1, image_source=few, image_size=64, view_size=V)
-    assert "2 train + 1 held-out" in msg
+    msg = one_line_error("has 2 usable images but 3 are needed", 2, 1, image_source=few, image_size=64, view_size=V)
+    assert "2 for 2 training tasks + 1 for 1 held-out tasks" in msg and "skipped" not in msg
+    # Unusable files are skipped; the error (too few left) counts them by reason and names them.
     corrupt = tmp_path / "corrupt"
     write_images(corrupt, [(64, 64)] * 3, ["png"] * 3)
     (corrupt / "img01.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    one_line_error("cannot read image file '.*img01.png'", 2, 1, image_source=corrupt, image_size=64, view_size=V)
+    one_line_error(r"2 usable images but 3 .*skipped 1 unreadable \(img01.png\)", 2, 1, image_source=corrupt, view_size=V)
     small = tmp_path / "small"
     write_images(small, [(64, 64), (70, 50), (80, 64)], ["png"] * 3)
-    one_line_error(
-        "'.*img01.png' is 70x50 pixels.*at least image_size=64", 2, 1, image_source=small, image_size=64, view_size=V
-    )
+    one_line_error(r"skipped 1 smaller than 64 px \(img01.png\)", 2, 1, image_source=small, image_size=64, view_size=V)
     flat = tmp_path / "flat"
     write_images(flat, [(64, 64)] * 2, ["png"] * 2)
     Image.new("RGB", (64, 64), (120, 130, 140)).save(flat / "img02.png")
-    one_line_error("'.*img02.png' has no target crop.*near-uniform", 2, 1, image_source=flat, image_size=64, view_size=V)
+    one_line_error(r"skipped 1 near-uniform \(pixel std < 8\) \(img02.png\)", 2, 1, image_source=flat, view_size=V)
     one_line_error("view_size must be a multiple of 4", 2, 1, image_size=64, view_size=18)
     one_line_error(r"image_size \(60\) must be >= 4 \* view_size \(64\)", 2, 1, image_size=60, view_size=V)
     one_line_error("num_train_tasks must be an integer >= 1", 0, 1, image_size=64, view_size=V)

@@ -874,10 +874,10 @@ def test_validate_args_rejects_a_minibatch_of_one_sample():
 
 BAD_INPUTS = {
     "missing-folder": "does not exist",
-    "empty-folder": "contains no .jpg/.jpeg/.png files",
+    "empty-folder": "holds no .jpg/.jpeg/.png/.tif/.tiff files",
     "corrupt-png": "broken.png",
     "image-size-below-4-views": "image_size (32) must be >= 4 * view_size (64)",
-    "images-smaller-than-image-size": "shorter side must be at least image_size=128",
+    "images-smaller-than-image-size": "skipped 8 smaller than 128 px",
     "no-epochs": "--alpha1 0 --alpha2 0",
     "corrupt-checkpoint": "not a readable checkpoint",
 }
