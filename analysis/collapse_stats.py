@@ -1,0 +1,362 @@
+"""Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
+
+    python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
+                                      [--check-definition docs/collapse]
+
+Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
+and its runs differ by seed. Per cell: the collapse rate with a 95 % Clopper-Pearson interval; against the reference
+mode's cell of the same settings, paired by seed: an exact McNemar test (a two-sided binomial test of the discordant
+pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile method) of the differences in AUC and
+final reward; Kaplan-Meier curves of the time to collapse. Prints the table and writes collapse_stats.md (the same
+tables), collapse_stats.png (reward quartiles and Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout)
+to --out-dir. The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive runs)").
+"""
+
+import math
+import os
+import sys
+from collections import deque
+
+import numpy as np
+from collapse_figures import (
+    SETTING_LABELS,
+    SETTINGS,
+    ArgumentParser,
+    ConfigError,
+    cell_label,
+    draw_fig6,
+    draw_summary,
+    format_setting,
+    group_runs,
+    read_runs,
+    varying_settings,
+)
+from scipy import stats
+
+# The collapse definition. A run has collapsed at the first update that starts a streak of consecutive updates in which,
+# after learning has started (its smoothed reward was once >= LEARNING_STARTED), either
+#   the smoothed reward stays below REWARD_FRACTION x its best so far for REWARD_UPDATES updates (a reward collapse), or
+#   the acting policy's entropy stays below ENTROPY_MAX for ENTROPY_UPDATES updates (an entropy collapse).
+# Updates in which no episode ended (reward NaN) are skipped: they neither count nor break a streak.
+SMOOTH_WINDOW = 10  # updates in the reward's moving average (the probe's --smooth-window default)
+LEARNING_STARTED = 10.0  # percent of the optimal return; a uniformly random policy scores about -6
+REWARD_FRACTION = 0.25  # "far below its best"
+REWARD_UPDATES = 10  # a full moving-average window: a crash of a few updates cannot fill it
+ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probability on one action
+ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
+
+FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0
+
+
+def collapse_onset(rewards, entropies) -> tuple:
+    """(index of the collapse's first update, 'reward' or 'entropy'), or (None, None) if the run did not collapse.
+    rewards: normalized reward per update (percent of optimal, NaN where no episode ended); entropies: the acting
+    policy's entropy per update. The first streak to reach its length decides."""
+    rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
+    window = deque(maxlen=SMOOTH_WINDOW)
+    best = -math.inf
+    streaks = {"reward": [], "entropy": []}
+    needed = {"reward": REWARD_UPDATES, "entropy": ENTROPY_UPDATES}
+    for index in np.flatnonzero(np.isfinite(rewards)):
+        window.append(rewards[index])
+        smoothed = float(np.mean(window))
+        best = max(best, smoothed)
+        started = best >= LEARNING_STARTED
+        low = {"reward": started and smoothed < REWARD_FRACTION * best, "entropy": started and entropies[index] < ENTROPY_MAX}
+        for criterion, streak in streaks.items():
+            streak[:] = streak + [index] if low[criterion] else []
+            if len(streak) == needed[criterion]:
+                return int(streak[0]), criterion
+    return None, None
+
+
+def detect_collapse(rewards, entropies) -> tuple:
+    """(True, index of the collapse's first update) or (False, index of the last update: the run is censored there)."""
+    onset, _ = collapse_onset(rewards, entropies)
+    return (True, onset) if onset is not None else (False, len(rewards) - 1)
+
+
+def mark_collapses(runs: list) -> list:
+    """Sets each run's collapse_index (None: no collapse) and collapse_criterion; returns the runs."""
+    for run in runs:
+        run["collapse_index"], run["collapse_criterion"] = collapse_onset(run["normalized_reward"], run["acting_entropy"])
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics (scipy)
+
+
+def clopper_pearson(collapses: int, runs: int) -> tuple:
+    """Exact (Clopper-Pearson) confidence interval of a binomial proportion."""
+    interval = stats.binomtest(collapses, runs).proportion_ci(confidence_level=CONFIDENCE, method="exact")
+    return interval.low, interval.high
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact McNemar p-value: two-sided binomial test of b discordant pairs of one kind among b + c at p = 1/2."""
+    return 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
+
+
+def kaplan_meier(times, collapsed) -> tuple:
+    """Kaplan-Meier estimate of P(no collapse by t): (times, survival) as a right-continuous step function from (0, 1).
+    times: the collapse update, or the last update of a run without one (censored there)."""
+    censored = ~np.asarray(collapsed, dtype=bool)
+    survival = stats.ecdf(stats.CensoredData.right_censored(np.asarray(times, dtype=float), censored)).sf
+    return np.concatenate([[0.0], survival.quantiles]), np.concatenate([[1.0], survival.probabilities])
+
+
+def paired_bootstrap(x, y) -> tuple:
+    """(mean of x - y, low, high): paired bootstrap percentile interval of the mean difference (pairs with a NaN
+    dropped; the interval is NaN with fewer than 2 pairs)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(np.mean(x - y))
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    result = stats.bootstrap(
+        (x, y),
+        lambda a, b, axis: np.mean(a - b, axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        random_state=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def finite_mean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def run_measures(run) -> dict:
+    """Per run: time to collapse (update) and whether it collapsed; AUC = mean normalized reward over the updates in
+    which an episode ended (the area under the raw normalized-reward curve divided by their number); final reward =
+    mean over the last FINAL_UPDATES updates; median Delta pi minus over the updates."""
+    collapsed = run["collapse_index"] is not None
+    index = run["collapse_index"] if collapsed else len(run["iteration"]) - 1
+    deltas = run["delta_pi_minus"][np.isfinite(run["delta_pi_minus"])]
+    return {
+        "collapsed": collapsed,
+        "time": float(run["iteration"][index]),
+        "auc": finite_mean(run["normalized_reward"]),
+        "final": finite_mean(run["normalized_reward"][-FINAL_UPDATES:]),
+        "median_delta": float(np.median(deltas)) if len(deltas) else math.nan,
+    }
+
+
+def analyse(runs: list, reference: str) -> list:
+    """One dict per cell: its runs' measures, the rate and its interval, Kaplan-Meier curve, and the paired comparison
+    with the reference mode's cell of the same settings (None when there is none, or for the reference itself)."""
+    cells = group_runs(runs)
+    shown = varying_settings(runs)
+    results = []
+    for key, cell_runs in cells.items():
+        measures = {run["seed"]: run_measures(run) for run in cell_runs}
+        collapses = sum(m["collapsed"] for m in measures.values())
+        times, collapsed = zip(*[(m["time"], m["collapsed"]) for m in measures.values()])
+        wall_times = [run["wall_time_s"] for run in cell_runs if math.isfinite(run["wall_time_s"])]
+        result = {
+            "key": key,
+            "label": cell_label(key, shown),
+            "runs": cell_runs,
+            "n": len(cell_runs),
+            "collapses": collapses,
+            "rate_ci": clopper_pearson(collapses, len(cell_runs)),
+            "auc": finite_mean([m["auc"] for m in measures.values()]),
+            "median_delta": float(np.nanmedian([m["median_delta"] for m in measures.values()])),
+            "wall_time": float(np.median(wall_times)) if wall_times else math.nan,
+            "km": kaplan_meier(times, collapsed),
+            "measures": measures,
+            "comparison": None,
+        }
+        results.append(result)
+    by_key = {result["key"]: result for result in results}
+    for result in results:
+        ref = by_key.get((reference,) + result["key"][1:])
+        if ref is None or ref is result:
+            continue
+        seeds = sorted(set(result["measures"]) & set(ref["measures"]))
+        mine, theirs = [result["measures"][s] for s in seeds], [ref["measures"][s] for s in seeds]
+        b = sum(m["collapsed"] and not t["collapsed"] for m, t in zip(mine, theirs))
+        c = sum(t["collapsed"] and not m["collapsed"] for m, t in zip(mine, theirs))
+        result["comparison"] = {
+            "pairs": len(seeds),
+            "b": b,
+            "c": c,
+            "p": mcnemar_exact(b, c) if seeds else math.nan,
+            "auc": paired_bootstrap([m["auc"] for m in mine], [t["auc"] for t in theirs]),
+            "final": paired_bootstrap([m["final"] for m in mine], [t["final"] for t in theirs]),
+            "wall_ratio": result["wall_time"] / ref["wall_time"],
+        }
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def markdown_table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def format_difference(estimate: tuple) -> str:
+    mean, low, high = estimate
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else f"{mean:+.1f} [–]"
+
+
+def stats_table(results: list, reference: str) -> str:
+    header = ["mode"] + [SETTING_LABELS[s] for s in SETTINGS] + ["n", "collapses", "rate [95 % CP]"]
+    header += [f"McNemar p vs {reference} (b/c, pairs)", "AUC", f"ΔAUC vs {reference} [95 % CI]"]
+    header += [f"Δfinal vs {reference} [95 % CI]", "median Δπ⁻", f"wall time / {reference}"]
+    rows = []
+    for result in results:
+        low, high = result["rate_ci"]
+        row = [result["key"][0]] + [format_setting(value) for value in result["key"][1:]]
+        row += [str(result["n"]), str(result["collapses"]), f"{result['collapses'] / result['n']:.2f} [{low:.2f}, {high:.2f}]"]
+        comparison = result["comparison"]
+        if comparison is None:
+            row += ["–", f"{result['auc']:.1f}", "–", "–"]
+        else:
+            p = f"{comparison['p']:.3g}" if math.isfinite(comparison["p"]) else "–"
+            row += [f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})", f"{result['auc']:.1f}"]
+            row += [format_difference(comparison["auc"]), format_difference(comparison["final"])]
+        row += [f"{result['median_delta']:.2g}"]
+        wall_ratio = comparison["wall_ratio"] if comparison else math.nan
+        row += [f"{wall_ratio:.2f}" if math.isfinite(wall_ratio) else "–"]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def runs_table(runs: list) -> str:
+    """One row per run: whether and where the definition flags a collapse, and what it looked at."""
+    rows = []
+    for run in sorted(runs, key=lambda run: run["name"]):
+        measures = run_measures(run)
+        flagged = f"yes, update {measures['time']:g} ({run['collapse_criterion']})" if measures["collapsed"] else "no"
+        smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
+        entropy = run["acting_entropy"][np.isfinite(run["acting_entropy"])]
+        rows.append(
+            [
+                f"`{run['name']}`",
+                flagged,
+                f"{smoothed.max():.1f}" if len(smoothed) else "–",
+                f"{entropy.min():.3f} ({run['entropy_source']})" if len(entropy) else "–",
+                f"{measures['auc']:.1f}",
+                f"{measures['final']:.1f}",
+                str(len(run["iteration"])),
+            ]
+        )
+    header = ["run", "collapse", "best smoothed reward", "min entropy (column)", "AUC", "final reward", "updates"]
+    return markdown_table(header, rows)
+
+
+def definition_text() -> str:
+    return (
+        f"Collapse: after the smoothed reward (moving average over {SMOOTH_WINDOW} updates) was once >= "
+        f"{LEARNING_STARTED:g} % of optimal, either the smoothed reward < {REWARD_FRACTION:g} x its best so far for "
+        f"{REWARD_UPDATES} consecutive updates, or the acting entropy < {ENTROPY_MAX:g} nats for {ENTROPY_UPDATES}; "
+        "the collapse's update is the streak's first. Runs without one are censored at their last update."
+    )
+
+
+def methods_text(reference: str) -> str:
+    return (
+        f"Rate: collapsed runs / runs, exact Clopper-Pearson {CONFIDENCE:.0%} interval. Against {reference}, pairs by seed "
+        "in the cell of the same settings: exact McNemar (two-sided binomial test of b = this mode only collapsed among "
+        "the b + c discordant pairs, p = 1/2); ΔAUC and Δfinal = mean over pairs of this mode minus "
+        f"{reference}, paired bootstrap percentile interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). "
+        "AUC = mean raw normalized reward over the updates (those without a finished episode skipped); final = mean "
+        f"over the last {FINAL_UPDATES} updates; median Δπ⁻ = median over runs of each run's median; wall time = "
+        "median per run (summary.json), relative to the reference cell's."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def select_cells(runs: list, cell: str) -> list:
+    """Runs whose settings match every key=value of `cell` (keys: mode and the SETTING_LABELS values)."""
+    keys = {"mode": "mode", **{label: setting for setting, label in SETTING_LABELS.items()}}
+    selected = runs
+    for item in filter(None, cell.split(",")):
+        name, _, value = item.partition("=")
+        if name not in keys or not value:
+            raise ConfigError(f"--cell {cell}: '{item}' is not key=value with key one of {', '.join(keys)}")
+        setting = keys[name]
+        selected = [run for run in selected if matches(run[setting], value)]
+    if not selected:
+        found = [cell_label(key, SETTINGS) for key in group_runs(runs)]
+        raise ConfigError(f"--cell {cell}: no runs match (cells found: {'; '.join(found)})")
+    return selected
+
+
+def matches(setting, value: str) -> bool:
+    if isinstance(setting, float):
+        try:
+            return math.isclose(setting, float(value))
+        except ValueError:
+            return False
+    return format_setting(setting) == value
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default="docs/collapse/study", help="folder searched (recursively) for metrics.csv")
+    parser.add_argument("--out-dir", default=None, help="where the report and figures go (default: --runs-dir)")
+    parser.add_argument("--reference", default="bn", help="the mode every other mode is compared with, paired by seed")
+    parser.add_argument("--cell", default="", help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)")
+    parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
+    args = parser.parse_args(argv)
+
+    if args.check_definition:
+        print(f"Collapse definition on the runs in {args.check_definition}: {definition_text()}\n")
+        print(runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition"))) + "\n")
+    runs = select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell)
+    modes = sorted({run["mode"] for run in runs})
+    if args.reference not in modes:
+        raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")
+    results = analyse(runs, args.reference)
+    table = stats_table(results, args.reference)
+    out_dir = args.out_dir or args.runs_dir
+    os.makedirs(out_dir, exist_ok=True)
+    command = "python analysis/collapse_stats.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = [
+        f"# Collapse statistics of {args.runs_dir}\n",
+        f"Written by `{command.strip()}`.\n",
+        definition_text() + "\n",
+        methods_text(args.reference) + "\n",
+        table + "\n",
+        "## Runs\n",
+        runs_table(runs) + "\n",
+    ]
+    with open(os.path.join(out_dir, "collapse_stats.md"), "w") as f:
+        f.write("\n".join(report))
+    figure_cells = [(result["label"], result["runs"], *result["km"]) for result in results]
+    draw_summary(figure_cells, os.path.join(out_dir, "collapse_stats.png"))
+    draw_fig6(runs, os.path.join(out_dir, "collapse_fig6.png"))
+    print(table)
+    print(f"\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png to {out_dir} ({len(runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

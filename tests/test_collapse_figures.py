@@ -1,0 +1,143 @@
+"""Tests of analysis/collapse_figures.py: reading old and new probe runs, the Fig. 6 and App. B layouts from hand-written
+CSVs, one panel's content, bad input."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ppo_collapse_probe as probe
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+sys.path.insert(0, str(ANALYSIS))
+import collapse_figures as figures  # noqa: E402
+
+# Runs committed before the probe logged acting_entropy (and while it had an online collapse detector)
+OLD_RUN = ANALYSIS.parent / "docs" / "collapse" / "bn_clip0.2_ent0.01_seed1"
+with open(OLD_RUN / "metrics.csv", newline="") as old_csv:
+    OLD_COLUMNS = next(csv.reader(old_csv))
+
+
+def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None, old=False):
+    """A run as the probe writes it (old=True: the columns and summary of the runs committed before acting_entropy and
+    --view-batching): a rising reward (crashing at `crash_at`; none in update 1), a growing Delta pi minus (0 in eval
+    mode), the acting entropy 0.1 below the loss's."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    columns = OLD_COLUMNS if old else probe.CSV_COLUMNS
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for i in range(1, iterations + 1):
+            reward = min(90.0, 3.0 * i) + rng.normal(0, 3)
+            if crash_at and i >= crash_at:
+                reward = 5.0
+            if i == 1:
+                reward = float("nan")  # no episode finished in the first update
+            row = {column: 0.0 for column in columns}
+            row.update(iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed)
+            row.update(normalized_reward=reward, smoothed_reward=reward, entropy=1.5, acting_entropy=1.4, wall_time=2.0 * i)
+            row["delta_pi_minus"] = 0.0 if mode == "eval" else 1e-4 * math.exp(i / 8)
+            writer.writerow(row)
+    run_args = {"bn_momentum": 0.01} if old else {"bn_momentum": 0.1, "view_batching": "separate"}
+    (folder / "summary.json").write_text(json.dumps({"wall_time_s": 2.0 * iterations, "args": run_args}))
+
+
+def test_read_runs_reads_old_and_new_runs(tmp_path):
+    write_run(tmp_path / "old", "bn", 0.2, 0.01, 1, iterations=5, old=True)
+    write_run(tmp_path / "new" / "a", "bn-mdr", 0.05, 0.0, 2, iterations=7)
+    write_run(tmp_path / "crashed", "eval", 0.2, 0.01, 3, iterations=4)
+    (tmp_path / "crashed" / "summary.json").unlink()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.csv").write_text(",".join(probe.CSV_COLUMNS) + "\n")  # killed before its first update
+
+    runs = {run["name"]: run for run in figures.read_runs(str(tmp_path))}
+
+    assert sorted(runs) == ["crashed", "new/a", "old"]
+    old, new, crashed = runs["old"], runs["new/a"], runs["crashed"]
+    assert (old["entropy_source"], new["entropy_source"]) == ("entropy", "acting_entropy")
+    assert list(old["acting_entropy"]) == [1.5] * 5 and list(new["acting_entropy"]) == [1.4] * 7
+    assert (old["bn_momentum"], old["view_batching"]) == (0.01, "joint")  # before --view-batching: one joint pass
+    assert (new["mode"], new["seed"], new["clip_coef"], new["ent_coef"], new["bn_momentum"]) == ("bn-mdr", 2, 0.05, 0.0, 0.1)
+    assert new["view_batching"] == "separate" and new["wall_time_s"] == 14.0
+    assert (crashed["bn_momentum"], crashed["view_batching"], crashed["wall_time_s"]) == (None, None, 8.0)
+    assert math.isnan(new["normalized_reward"][0]) and list(new["iteration"]) == list(range(1, 8))
+
+
+def test_fig6_and_entropy_comparison_from_old_and_new_runs(tmp_path):
+    runs_dir = tmp_path / "collapse"
+    for mode in ("bn", "bn-mdr"):
+        for clip in (0.2, 0.05):
+            for seed in (1, 2):
+                crash = 20 if mode == "bn" and seed == 1 else None
+                folder = runs_dir / f"{mode}_clip{clip}_ent0.01_seed{seed}"
+                write_run(folder, mode, clip, 0.01, seed, crash_at=crash, old=seed == 1)
+    for seed in (1, 2, 3):
+        write_run(runs_dir / f"bn-mdr_clip0.2_ent0_seed{seed}", "bn-mdr", 0.2, 0.0, seed, iterations=30 + seed)
+    out, entropy_out = tmp_path / "figs" / "fig6.png", tmp_path / "figs" / "entropy.png"
+
+    assert figures.main(["--runs-dir", str(runs_dir), "--out", str(out), "--entropy-out", str(entropy_out)]) == 0
+
+    for path in (out, entropy_out):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, (path, len(data))
+
+
+def test_cli_with_one_cell_draws_fig6_and_says_why_there_is_no_entropy_figure(tmp_path):
+    write_run(tmp_path / "collapse" / "bn_clip0.2_ent0.01_seed1", "bn", 0.2, 0.01, 1, crash_at=25)
+
+    result = subprocess.run(
+        [sys.executable, str(ANALYSIS / "collapse_figures.py"), "--runs-dir", "collapse", "--out", "fig6.png"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "fig6.png").stat().st_size > 10_000
+    assert "no docs/collapse_entropy.png: no mode has runs at two entropy coefficients" in result.stdout
+    assert not (tmp_path / "docs").exists()
+
+
+def test_draw_panel_marks_an_empty_cell_and_draws_seeds_mean_and_collapse_onsets(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs_dir = tmp_path / "collapse"
+    for seed in (1, 2, 3):
+        write_run(runs_dir / f"bn_seed{seed}", "bn", 0.2, 0.01, seed, iterations=20 + seed)
+    runs = figures.read_runs(str(runs_dir))
+    runs[1]["collapse_index"] = 7
+    fig, (empty_ax, full_ax) = plt.subplots(1, 2)
+
+    figures.draw_panel(empty_ax, [], "BN+MDR, clip 0.05")
+    figures.draw_panel(full_ax, runs, "BN, clip 0.2")
+
+    assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
+    assert len(full_ax.lines) == 3 + 3 + 1  # per seed: reward and collapse onset (none, one, none); the mean
+    onsets = [line for line in full_ax.lines if line.get_marker() == "x"]
+    assert [len(line.get_xdata()) for line in onsets] == [0, 1, 0]
+    assert onsets[1].get_xdata()[0] == runs[1]["global_step"][7]
+    mean_line = full_ax.lines[-1]
+    assert len(mean_line.get_xdata()) == 22  # the mean spans the longest run (23 updates), from update 2
+    expected_first = np.mean([run["smoothed_reward"][1] for run in runs])
+    assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
+    plt.close(fig)
+
+
+def test_bad_folders_are_config_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(figures.ConfigError, match="no runs found"):
+        figures.main(["--runs-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "a.png")])
+    with pytest.raises(figures.ConfigError, match="no such folder"):
+        figures.read_runs(str(tmp_path / "missing"))
+    assert not (tmp_path / "a.png").exists()
