@@ -1,5 +1,5 @@
 """Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta pi, the collapse
-detector on synthetic curves, the figures from hand-written CSVs, the per-update CSV of a real run, bad input."""
+detector on synthetic curves, the per-update CSV of a real run, bad input. The figures: tests/test_collapse_figures.py."""
 
 import copy
 import csv
@@ -399,90 +399,3 @@ def test_sigterm_keeps_the_finished_updates_and_writes_the_summary(tmp_path, mon
         assert [row["iteration"] for row in csv.DictReader(f)] == ["1"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["iterations"] == 1
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None):
-    """A metrics.csv as the probe writes it: a rising reward (crashing at `crash_at`; none in update 1), a growing
-    Delta pi minus (0 in eval mode)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=probe.CSV_COLUMNS)
-        writer.writeheader()
-        for i in range(1, iterations + 1):
-            reward = min(90.0, 3.0 * i) + rng.normal(0, 3)
-            if crash_at and i >= crash_at:
-                reward = 5.0
-            if i == 1:
-                reward = float("nan")  # no episode finished in the first update
-            row = {column: 0.0 for column in probe.CSV_COLUMNS}
-            row.update(iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed)
-            row.update(normalized_reward=reward, smoothed_reward=reward, collapse_flag=int(crash_at == i))
-            row["delta_pi_minus"] = 0.0 if mode == "eval" else 1e-4 * math.exp(i / 8)
-            writer.writerow(row)
-
-
-def test_plot_draws_fig6_and_the_entropy_comparison(tmp_path):
-    runs_dir = tmp_path / "collapse"
-    for mode in probe.MODES:
-        for clip in probe.FIG6_CLIPS:
-            for seed in (1, 2):
-                crash = 30 if mode == "bn" and seed == 1 else None
-                write_run(runs_dir / f"{mode}_clip{clip}_ent0.01_seed{seed}", mode, clip, 0.01, seed, crash_at=crash)
-    for mode in ("bn-mdr", "eval"):
-        for seed in (1, 2, 3):
-            write_run(runs_dir / f"{mode}_clip0.2_ent0_seed{seed}", mode, 0.2, 0.0, seed, iterations=30 + seed)
-    out, entropy_out = tmp_path / "figs" / "fig6.png", tmp_path / "figs" / "entropy.png"
-
-    assert probe.plot_main(probe.PlotArgs(runs_dir=str(runs_dir), out=str(out), entropy_out=str(entropy_out))) == 0
-
-    for path in (out, entropy_out):
-        data = path.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, (path, len(data))
-
-
-def test_plot_cli_with_missing_cells_draws_them_empty(tmp_path):
-    runs_dir = tmp_path / "collapse"
-    write_run(runs_dir / "bn_clip0.2_ent0.01_seed1", "bn", 0.2, 0.01, 1, crash_at=25)  # one cell of six, no eval
-
-    result = run_script(tmp_path, "plot", "--runs-dir", runs_dir, "--out", "fig6.png", "--entropy-out", "entropy.png")
-
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "fig6.png").stat().st_size > 10_000
-    assert (tmp_path / "entropy.png").stat().st_size > 10_000
-
-
-def test_draw_panel_marks_an_empty_cell_and_draws_seeds_and_mean(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs_dir = tmp_path / "collapse"
-    for seed in (1, 2, 3):
-        write_run(runs_dir / f"bn_seed{seed}", "bn", 0.2, 0.01, seed, iterations=20 + seed)
-    runs = probe.read_runs(str(runs_dir))
-    fig, (empty_ax, full_ax) = plt.subplots(1, 2)
-
-    probe.draw_panel(empty_ax, [], "BN+MDR, clip 0.05")
-    probe.draw_panel(full_ax, runs, "BN, clip 0.2")
-
-    assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
-    assert len(full_ax.lines) == 3 + 3 + 1  # per seed: reward and collapse marks; the mean
-    mean_line = full_ax.lines[-1]
-    assert len(mean_line.get_xdata()) == 22  # the mean spans the longest run (23 updates), from update 2
-    expected_first = np.mean([run["smoothed_reward"][1] for run in runs])
-    assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
-    plt.close(fig)
-
-
-def test_plot_without_runs_is_a_config_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-
-    with pytest.raises(probe.ConfigError, match="no metrics.csv"):
-        probe.plot_main(probe.PlotArgs(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "a.png")))
-    assert not (tmp_path / "a.png").exists()
