@@ -1,8 +1,14 @@
 # PPO with Mode-Dependent Rectification (MDR) on Procgen, CleanRL-style, one file.
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
+# MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py: docs/mdr_in_your_ppo.md.
+# `grep -n "# MDR" ppo_procgen_mdr.py` lists every line of the method; everything below the "Infrastructure" banner
+# (checkpoints, logging, validation) leaves what is learned unchanged.
 # Run:   python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda
 import contextlib
+import glob
 import io
+import json
+import math
 import os
 import random
 import signal
@@ -25,6 +31,7 @@ import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
+from tqdm import tqdm
 
 # procgen imports the unmaintained `gym`, which prints a deprecation banner on import: noise, not our users' problem.
 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -51,12 +58,15 @@ class Args:
     """the entity (team) of wandb's project"""
     wandb_group: Optional[str] = None
     """the wandb group, e.g. one per (game, norm, alpha) to aggregate seeds"""
+    run_name: Optional[str] = None
+    """folder under runs/ (default: game, norm, BN momentum, alphas and seed: a rerun of a command finds its folder)"""
     save_model: bool = False
     """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every `checkpoint_interval` and at the end"""
     checkpoint_interval: int = 50
-    """iterations between checkpoints (with --save-model)"""
+    """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue from (same arguments; --total-timesteps may grow)"""
+    """a checkpoint.pt to continue from (same arguments; --total-timesteps may grow), or `auto`: the run folder's
+    checkpoint if there is one, else a fresh run (checkpoints on; what a requeued cluster job wants)"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the measurements)
     channels_last: bool = True
@@ -67,9 +77,6 @@ class Args:
     """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU measured no faster)"""
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
-    timing: bool = False
-    """log the wall and CPU time per section (env, inference, update, diagnostics, ...) and peak memory under perf/; on
-    CUDA it synchronizes at section boundaries, so leave it off for production runs"""
 
     # Algorithm specific arguments (paper Table 2, Procgen column)
     env_id: str = "bigfish"
@@ -85,13 +92,13 @@ class Args:
     num_steps: int = 256
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
-    """toggle learning rate annealing (linear to 0, CleanRL's default; the paper does not say)"""
+    """toggle learning rate annealing (linear to 0, as in CleanRL's ppo.py, not its ppo_procgen.py; the paper is silent)"""
     gamma: float = 0.999
     """the discount factor gamma"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     minibatch_size: int = 2048
-    """the minibatch size m (must divide num_envs * num_steps)"""
+    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is smaller)"""
     norm_adv: bool = True
     """toggles advantages normalization (per minibatch)"""
     clip_coef: float = 0.2
@@ -118,14 +125,6 @@ class Args:
     """backbone norm layer: BatchNorm, BatchNorm frozen in eval mode, Batch Renorm, LayerNorm, GroupNorm, none, dropout"""
     bn_momentum: float = 0.1
     """running-statistics momentum of BatchNorm and Batch Renorm (the paper tries 0.1 and 0.01)"""
-    brn_rmax: float = 3.0
-    """Batch Renorm: final bound r_max on the std correction r"""
-    brn_dmax: float = 5.0
-    """Batch Renorm: final bound d_max on the mean correction d"""
-    brn_warmup: int = 5000
-    """Batch Renorm: train-mode forward passes over which r_max ramps from 1 and d_max from 0"""
-    gn_groups: int = 32
-    """number of groups of --norm gn"""
     dropout_p: float = 0.1
     """dropout probability of --norm dropout (a Dropout in place of each BatchNorm)"""
     pretrained: bool = True
@@ -156,14 +155,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-class ConfigError(Exception):
-    """Bad input: printed as one line, no traceback."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN/inf: the run stops before anything is saved."""
-
-
 # easy-mode (R_min, R_max) of the paper's six games (Cobbe et al. 2020), for the normalized score
 PROCGEN_RETURN_RANGE = {
     "coinrun": (5.0, 10.0),
@@ -174,56 +165,6 @@ PROCGEN_RETURN_RANGE = {
     "bossfight": (0.5, 13.0),
 }
 MODE_DEPENDENT_NORMS = ("bn", "brn", "dropout")
-# fields that may differ between a run and its --resume (everything else defines the computation)
-RESUMABLE_FIELDS = (
-    "resume",
-    "total_timesteps",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "wandb_group",
-    "save_model",
-    "checkpoint_interval",
-    "cuda",
-    "num_iterations",
-    "channels_last",
-    "compile",
-    "torch_threads",
-    "timing",
-)
-
-
-def validate_args(args: Args) -> None:
-    """Reject impossible settings before anything is created."""
-    if args.env_id not in PROCGEN_GAMES:
-        raise ConfigError(f"unknown --env-id {args.env_id!r}; valid Procgen games: {', '.join(PROCGEN_GAMES)}")
-    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
-        raise ConfigError(
-            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0 and at least one > 0 (e.g. 2 and 1)"
-        )
-    if args.mdr_rounds < 1:
-        raise ConfigError(f"--mdr-rounds {args.mdr_rounds}: must be >= 1")
-    for name in ("num_envs", "num_steps", "minibatch_size", "num_levels", "num_test_levels", "num_eval_envs"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size or batch_size % args.minibatch_size:
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} must divide the rollout size "
-            f"num_envs x num_steps = {batch_size}; e.g. --minibatch-size {batch_size // max(1, batch_size // 2048)}"
-        )
-    if args.total_timesteps < batch_size:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
-    if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0 or args.brn_rmax < 1.0 or args.brn_dmax < 0:
-        raise ConfigError("need 0 <= --dropout-p < 1, 0 < --bn-momentum <= 1, --brn-rmax >= 1 and --brn-dmax >= 0")
-    if args.gn_groups < 1 or 64 % args.gn_groups:
-        raise ConfigError(f"--gn-groups {args.gn_groups} must divide 64 (the backbone has 64, 128 and 256 channels)")
-    if args.checkpoint_interval < 1 or args.eval_interval < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
-        raise ConfigError(
-            "--checkpoint-interval must be >= 1; --eval-interval, --diag-ratio-every >= 0; --diag-minibatches >= -1 (-1 = off)"
-        )
-    if args.torch_threads < 0:
-        raise ConfigError(f"--torch-threads {args.torch_threads}: must be >= 0 (0 = torch's default)")
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -278,39 +219,17 @@ class BatchRenorm2d(nn.Module):
 
 
 def make_norm_layer(args: Args):
-    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count."""
+    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count.
+    GroupNorm: 32 groups (the backbone has 64, 128 and 256 channels); Batch Renorm: Ioffe's r_max 3, d_max 5."""
     return {
         "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
         "eval": EvalModeBatchNorm2d,
-        "brn": partial(
-            BatchRenorm2d, momentum=args.bn_momentum, r_max=args.brn_rmax, d_max=args.brn_dmax, warmup=args.brn_warmup
-        ),
+        "brn": partial(BatchRenorm2d, momentum=args.bn_momentum),
         "ln": lambda channels: nn.GroupNorm(1, channels),
-        "gn": lambda channels: nn.GroupNorm(args.gn_groups, channels),
+        "gn": lambda channels: nn.GroupNorm(32, channels),
         "none": lambda channels: nn.Identity(),
         "dropout": lambda channels: nn.Dropout(args.dropout_p),
     }[args.norm]
-
-
-def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
-    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
-        ) from None
-    own = backbone.state_dict()
-    loadable = {
-        name: tensor
-        for name, tensor in state_dict.items()
-        if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
-    }
-    backbone.load_state_dict(loadable, strict=False)
-    return sorted(loadable)
 
 
 def make_backbone(args: Args) -> nn.Module:
@@ -323,27 +242,21 @@ def make_backbone(args: Args) -> nn.Module:
     return backbone
 
 
+def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
+    """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
+    layers = [layer_init(nn.Linear(in_features, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, hidden)), nn.ReLU()]
+    return nn.Sequential(*layers, layer_init(nn.Linear(hidden, out_features), std=std))
+
+
 class Agent(nn.Module):
-    """Shared shallow ResNet-18 backbone; separate actor and critic MLPs (FC-ReLU-FC-ReLU-out, width 256)."""
+    """Shared shallow ResNet-18 backbone; separate actor and critic MLPs (width 256)."""
 
     def __init__(self, num_actions: int, args: Args, hidden: int = 256):
         super().__init__()
         self.amp = args.amp
         self.backbone = make_backbone(args)
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, num_actions), std=0.01),
-        )
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, 1), std=1.0),
-        )
+        self.actor = mlp(256, hidden, num_actions, std=0.01)
+        self.critic = mlp(256, hidden, 1, std=1.0)
 
     def features(self, x):
         # uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1], channels_last in memory; no ImageNet mean/std (paper
@@ -385,137 +298,43 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
-@torch.no_grad()
-def compute_values(agent, b_obs, chunk_size):
-    """Eval-mode values of a flat batch of observations (MDR rounds 2..R recompute them on D_k)."""
-    was_training = agent.training
-    agent.eval()
-    values = torch.cat([agent.get_value(b_obs[i : i + chunk_size]).flatten() for i in range(0, len(b_obs), chunk_size)])
-    agent.train(was_training)
-    return values
-
-
-def js_divergence(logits_p, logits_q):
-    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
-    log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - np.log(2.0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-    return (0.5 * (kl_pm + kl_qm)).clamp(min=0.0)
-
-
-@torch.no_grad()
-def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all; -1 = off: None).
-    Both sides use the current running statistics: each train-mode pass moves them, so they are restored after it.
-    `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq. 6's
-    pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
-    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
-    if num_minibatches < 0:
-        return None
-    was_training = agent.training
-    saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
-    total = len(b_obs) // minibatch_size
-    divergences = []
-    for start in range(0, minibatch_size * (num_minibatches or total), minibatch_size):
-        mb_inds = perm[start : start + minibatch_size]
-        mb_obs = b_obs[mb_inds]
-        if b_eval_logits is None:
-            agent.eval()
-            eval_logits = agent.actor(agent.features(mb_obs))
-        else:
-            eval_logits = b_eval_logits[mb_inds]
-        agent.train()
-        train_logits = agent.actor(agent.features(mb_obs))
-        for name, buf in agent.named_buffers():
-            buf.copy_(saved_buffers[name])
-        divergences.append(js_divergence(train_logits, eval_logits).mean())
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state_all(cuda_rng)
-    agent.train(was_training)
-    return torch.stack(divergences).mean()
-
-
-def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, mb_returns, mb_values, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus."""
-    logratio = newlogprob - mb_logprobs
+def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
+    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
+    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
         old_approx_kl = (-logratio).mean()
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-    if args.norm_adv:
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
     newvalue = newvalue.view(-1)
     if args.clip_vloss:
-        v_loss_unclipped = (newvalue - mb_returns) ** 2
-        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-        v_loss_clipped = (v_clipped - mb_returns) ** 2
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb["returns"]) ** 2
         v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
     else:
-        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": v_loss.detach(),
-        "entropy": entropy_loss.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-    }
-    return loss, ratio, stats
+    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
+    return loss, ratio, dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
 
 
-@torch.no_grad()
-def eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics (and would hold its activations alongside). Side-effect
-    free: an eval-mode forward under no_grad updates no running statistic and draws no dropout mask."""
-    was_training = agent.training
-    agent.eval()
-    _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
-    agent.train(was_training)
-    return (eval_logprob - mb_logprobs).exp()
-
-
-def trust_region_diagnostics(train_ratio, eval_ratio, clip_coef):
-    """Eq. 10-11 made measurable: mean |r' - r| between the optimized train-mode ratio r' and the eval-mode ratio r,
-    and the fraction of samples the clip cannot stop (r' inside [1 - eps, 1 + eps], r outside)."""
-    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
-    return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
-
-
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer):
-    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync). The ratio-gap
-    measurement is charged to the timer's "diagnostics" section (a disabled SectionTimer costs nothing)."""
-    mb_obs, mb_actions, mb_logprobs = batch["obs"][mb_inds], batch["actions"][mb_inds], batch["logprobs"][mb_inds]
-    eval_ratio = None
-    if measure_ratio_gap:
-        with timer("diagnostics"):
-            eval_ratio = eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs)
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-    loss, ratio, stats = clipped_ppo_loss(
-        newlogprob,
-        entropy,
-        newvalue,
-        mb_logprobs,
-        batch["advantages"][mb_inds],
-        batch["returns"][mb_inds],
-        batch["values"][mb_inds],
-        args,
-    )
+def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
+    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
+    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
+    (it needs the running statistics the minibatch started with), or None."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
+    mb_advantages = mb["advantages"]
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    loss, ratio, stats = clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args)
     if eval_ratio is not None:
-        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, args.clip_coef))
+        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef))
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -524,203 +343,111 @@ def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: 
     return stats
 
 
-def mean_stats(stats_list):
-    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
-    keys = sorted({key for stats in stats_list for key in stats})
-    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
-    return dict(zip(keys, means.tolist()))
+@contextlib.contextmanager
+def temporary_mode(agent, training: bool):
+    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
+    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
+    agent.eval() calls, marked # MDR, are the method's alone."""
+    was_training = agent.training
+    agent.train(training)
+    try:
+        yield agent
+    finally:
+        agent.train(was_training)
 
 
-class SectionTimer:
-    """Wall and CPU time per section of an iteration (--timing): `with timer("env"): ...`. Sections nest; time counts
-    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
-    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
-    (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.sync = enabled, enabled and device.type == "cuda"
-        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
-
-    def __call__(self, section: str):
-        return self._timed(section) if self.enabled else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _timed(self, section):
-        self._charge()
-        self.open.append(section)
-        try:
-            yield
-        finally:
-            self._charge()
-            self.open.pop()
-
-    def _charge(self):
-        """Add the wall and CPU time since the last boundary to the innermost open section."""
-        if self.sync:
-            torch.cuda.synchronize()
-        now = (time.perf_counter(), time.process_time())
-        if self.open:
-            for clock, start, end in zip(("time", "cpu"), self.last, now):
-                key = f"{self.open[-1]}_{clock}"
-                self.totals[key] = self.totals.get(key, 0.0) + end - start
-        self.last = now
-
-    def start(self):
-        """Begin an iteration."""
-        if self.enabled:
-            self.totals, self.open = {}, []
-            self._charge()
-            self.open.append("other")
-
-    def stop(self) -> dict:
-        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
-        if not self.enabled:
-            return {}
-        self._charge()
-        totals, self.totals, self.open = self.totals, {}, []
-        return totals
-
-
-def peak_memory_gb(device) -> dict:
-    """Peak resident memory of this process (ru_maxrss, KiB on Linux) and, on CUDA, torch's peak allocation."""
-    import resource  # Unix only, and needed only with --timing
-
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return peak
-
-
-def to_device(array, staging: torch.Tensor, device):
-    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
-    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
-    read-back synchronizes before staging is written again."""
-    if device.type != "cuda":
-        return torch.as_tensor(array, dtype=staging.dtype)
-    staging.copy_(torch.from_numpy(array))
-    return staging.to(device, non_blocking=True)
-
-
-class EpisodeTracker:
-    """Running return/length per env; procgen's vector env reports only per-step rewards and dones."""
-
-    def __init__(self, num_envs):
-        self.returns = np.zeros(num_envs, dtype=np.float64)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards, dones):
-        """Add one step; return (returns, lengths) of the episodes that just ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = (self.returns[dones].copy(), self.lengths[dones].copy())
-        self.returns[dones] = 0.0
-        self.lengths[dones] = 0
-        return finished
-
-
-def normalized_score(env_id, returns):
-    """(R - R_min) / (R_max - R_min) with the easy-mode constants; None for games outside the paper's six."""
-    if env_id not in PROCGEN_RETURN_RANGE or len(returns) == 0:
-        return None
-    r_min, r_max = PROCGEN_RETURN_RANGE[env_id]
-    return float((np.mean(returns) - r_min) / (r_max - r_min))
-
-
-def make_env(args: Args, num_envs, start_level, num_levels, seed):
-    return ProcgenEnv(
-        num_envs=num_envs,
-        env_name=args.env_id,
-        num_levels=num_levels,
-        start_level=start_level,
-        distribution_mode=args.distribution_mode,
-        rand_seed=seed,
-    )
+def js_divergence(logits_p, logits_q):
+    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
+    log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).clamp(min=0.0, max=math.log(2.0))
 
 
 @torch.no_grad()
-def evaluate(agent, args: Args, device, iteration):
-    """Held-out evaluation: first episode of each of `num_eval_envs` envs on levels the agent never trained on,
-    eval-mode policy. A fresh env and a forked RNG seeded from (seed, iteration), so evaluation is a function of the
-    parameters alone and leaves the training RNG stream untouched (a resumed run matches an uninterrupted one)."""
-    envs = make_env(args, args.num_eval_envs, args.num_levels, args.num_test_levels, args.seed + 1_000_003 * iteration)
-    was_training = agent.training
-    agent.eval()
-    tracker = EpisodeTracker(args.num_eval_envs)
-    episode_returns = np.full(args.num_eval_envs, np.nan)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + iteration)
-        next_obs = envs.reset()["rgb"]
-        while np.isnan(episode_returns).any():
-            action, _, _, _ = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
-            obs, reward, done, _ = envs.step(action.cpu().numpy())
-            next_obs = obs["rgb"]
-            finished = np.isnan(episode_returns) & done
-            episode_returns[finished] = tracker.returns[finished] + reward[finished]
-            tracker.update(reward, done)
-    envs.close()
-    agent.train(was_training)
-    return episode_returns
+def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
+    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
+    minibatch of size m) and the eval-mode policy, over `num_minibatches` full minibatches of D_k (0 = all; -1 = off:
+    None). Both sides use the current running statistics: each train-mode pass moves them, so they are restored after
+    it. `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq.
+    6's pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
+    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
+    if num_minibatches < 0:
+        return None
+    saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
+    total = len(b_obs) // minibatch_size
+    divergences = []
+    for start in range(0, minibatch_size * (min(num_minibatches, total) or total), minibatch_size):
+        mb_inds = perm[start : start + minibatch_size]
+        mb_obs = b_obs[mb_inds]
+        if b_eval_logits is None:
+            with temporary_mode(agent, training=False):
+                eval_logits = agent.actor(agent.features(mb_obs))
+        else:
+            eval_logits = b_eval_logits[mb_inds]
+        with temporary_mode(agent, training=True):
+            train_logits = agent.actor(agent.features(mb_obs))
+        for name, buf in agent.named_buffers():
+            buf.copy_(saved_buffers[name])
+        divergences.append(js_divergence(train_logits, eval_logits).mean())
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return torch.stack(divergences).mean()
 
 
-def env_state(envs):
-    """Procgen's full simulator state (one byte string per env), as uint8 tensors for a weights_only checkpoint."""
-    return [torch.frombuffer(bytearray(state), dtype=torch.uint8) for state in envs.env.callmethod("get_state")]
+@torch.no_grad()
+def eval_mode_ratio(agent, mb):
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
+    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
+    updates no running statistic and draws no dropout mask."""
+    with temporary_mode(agent, training=False):
+        _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
+    return (eval_logprob - mb["logprobs"]).exp()
 
 
-def get_rng_states(diag_generator):
-    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
-    np_state = np.random.get_state()
+def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
+    """Eq. 10-11 made measurable, from the optimized train-mode ratio r' and the eval-mode ratio r of one minibatch:
+    ratio_gap = mean |r' - r|; trust_region_violation = fraction with r' inside [1 - eps, 1 + eps] and r outside;
+    trust_region_violation_signed = fraction whose gradient the clip would stop under r but does not under r' (the
+    clip stops a sample only on the side its advantage pushes to: r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+
+    def inside(ratio):
+        return (ratio - 1.0).abs() <= clip_coef
+
+    def clipped(ratio):
+        return ((advantages > 0) & (ratio > 1.0 + clip_coef)) | ((advantages < 0) & (ratio < 1.0 - clip_coef))
+
     return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "diag": diag_generator.get_state(),
+        "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
+        "trust_region_violation": (inside(train_ratio) & ~inside(eval_ratio)).float().mean(),
+        "trust_region_violation_signed": (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean(),
     }
 
 
-def set_rng_states(states, diag_generator):
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    diag_generator.set_state(states["diag"])
-
-
-def save_checkpoint(path, state):
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def load_checkpoint(path, args: Args):
-    """Read and check a checkpoint written by --save-model; one-line ConfigError on anything wrong."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one written by --save-model"
-        ) from None
-    required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
-    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
-        raise ConfigError(f"--resume {path}: not a checkpoint of this script (missing {sorted(required - set(checkpoint))})")
-    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
-    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
-    if changed:
-        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
-    return checkpoint
+@torch.no_grad()
+def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
+    """MDR rounds 2..R (paper App. D): values of D_k and of the state after it from the current eval-mode critic, and
+    the GAE advantages and returns of those values."""
+    with temporary_mode(agent, training=False):
+        chunks = range(0, len(batch["obs"]), args.minibatch_size)
+        values = torch.cat([agent.get_value(batch["obs"][i : i + args.minibatch_size]).flatten() for i in chunks])
+        next_value = agent.get_value(next_obs).reshape(1, -1)
+    advantages, returns = compute_gae(
+        rewards, values.view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
+    )
+    return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
 def main(args: Args):
     validate_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint = load_checkpoint(args.resume, args) if args.resume else None
+    checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -757,128 +484,51 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    # host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are asynchronous
-    pin = device.type == "cuda"
-    staging = {
-        "obs": torch.empty((args.num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
-        "reward": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
-        "done": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
-    }
-    timer = SectionTimer(args.timing, device)
+    staging = make_staging(args.num_envs, obs_shape, device)
 
     # TRY NOT TO MODIFY: start the game
-    global_step, start_iteration = 0, 1
+    global_step, start_iteration, wandb_id = 0, 1, None
     next_obs = torch.as_tensor(envs.reset()["rgb"]).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
     tracker = EpisodeTracker(args.num_envs)
     diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
-    run_name = f"{args.env_id}__{args.exp_name}__{args.norm}__mdr{args.alpha1}-{args.alpha2}__{args.seed}__{int(time.time())}"
-    wandb_id = None
+    live = {"agent": agent, "optimizer": optimizer, "envs": envs, "tracker": tracker, "diag_generator": diag_generator}
     if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        run_name, wandb_id = checkpoint["run_name"], checkpoint.get("wandb_id")
-        envs.env.callmethod("set_state", [bytes(state.numpy()) for state in checkpoint["env"]["procgen"]])
-        next_obs = checkpoint["env"]["next_obs"].to(device)
-        next_done = checkpoint["env"]["next_done"].to(device)
-        tracker.returns, tracker.lengths = checkpoint["env"]["returns"].numpy(), checkpoint["env"]["lengths"].numpy()
-        set_rng_states(checkpoint["rng"], diag_generator)
-        print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step {global_step}")
-
-    # logging: only now, after every check has passed, is anything written
-    run_dir = os.path.join("runs", run_name)
-    if args.track:
-        import wandb
-
-        wandb_run = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            group=args.wandb_group,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            tags=[args.env_id, f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})", f"seed={args.seed}"],
-            id=wandb_id,  # None on a fresh run: wandb picks one, kept in the checkpoint so --resume continues it
-            resume="allow",
-            save_code=True,
-        )
-        wandb_id = wandb_run.id
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-
-    def checkpoint_state(iteration):
-        return {
-            "agent": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "global_step": global_step,
-            "iteration": iteration,
-            "run_name": run_name,
-            "wandb_id": wandb_id,
-            "args": asdict(args),
-            "rng": get_rng_states(diag_generator),
-            "env": {
-                "procgen": env_state(envs),
-                "next_obs": next_obs.cpu(),
-                "next_done": next_done.cpu(),
-                "returns": torch.from_numpy(tracker.returns.copy()),
-                "lengths": torch.from_numpy(tracker.lengths.copy()),
-            },
-        }
-
-    # Ctrl-C: finish the current iteration, save, close cleanly; a second Ctrl-C quits at once
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to quit at once)")
-
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start_time, start_step = time.time(), global_step
+        global_step, start_iteration, next_obs, next_done, wandb_id = restore_checkpoint(checkpoint, live, device)
+    logger = RunLogger(run_dir, args, wandb_id, global_step)  # only now, after every check has passed, is anything written
+    stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save a checkpoint, exit
     iteration, exit_code = start_iteration - 1, 0
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
-            # Annealing the rate if instructed to do so.
             if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            timer.start()
-            agent.eval()
-            finished_returns, finished_lengths = [], []
+            agent.eval()  # MDR: D_k is collected in eval mode (running statistics), as the policy acts when deployed
+            finished = ([], [])  # returns and lengths of the training episodes that end in this rollout
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
                 dones[step] = next_done
-                with timer("inference"), torch.no_grad():
+                with torch.no_grad():
                     policy, value = agent.get_policy_and_value(next_obs)
                     action = policy.sample()
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
                     logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
-                with timer("env"):
-                    next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
-                    rewards[step] = to_device(reward, staging["reward"], device)
-                    next_obs = to_device(next_obs_np["rgb"], staging["obs"], device)
-                    next_done = to_device(done, staging["done"], device)
-                    episode_returns, episode_lengths = tracker.update(reward, done)
-                    finished_returns.extend(episode_returns)
-                    finished_lengths.extend(episode_lengths)
+                next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
+                rewards[step] = to_device(reward, staging["reward"], device)
+                next_obs = to_device(next_obs_np["rgb"], staging["obs"], device)
+                next_done = to_device(done, staging["done"], device)
+                for ended, values_of_ended in zip(finished, tracker.update(reward, done)):
+                    ended.extend(values_of_ended)
+                logger.advance(args.num_envs)
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
-            with timer("inference"), torch.no_grad():
+            with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
-            with timer("update"), torch.no_grad():
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-
-            # flatten the batch
             batch = {
                 "obs": obs.reshape((-1,) + obs.shape[2:]),
                 "logprobs": logprobs.reshape(-1),
@@ -888,102 +538,43 @@ def main(args: Args):
                 "returns": returns.reshape(-1),
                 "values": values.reshape(-1),
             }
-            diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)  # 0: all of D_k; -1: off
-            with timer("diagnostics"):
-                delta_pi_minus = policy_mismatch(
-                    agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator, b_eval_logits=batch["logits"]
-                )
+            diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
+            delta_pi_minus = policy_mismatch(*diag, batch["logits"])
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
             b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
-            with timer("update"):
-                for mdr_round in range(args.mdr_rounds):
-                    if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic
-                        batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
-                        with torch.no_grad():
-                            next_value = agent.get_value(next_obs).reshape(1, -1)
-                        advantages, returns = compute_gae(
-                            rewards,
-                            batch["values"].view_as(rewards),
-                            dones,
-                            next_value,
-                            next_done,
-                            args.gamma,
-                            args.gae_lambda,
-                        )
-                        batch["advantages"], batch["returns"] = advantages.reshape(-1), returns.reshape(-1)
-                    for phase, num_epochs in (("standard", args.alpha1), ("rectify", args.alpha2)):
-                        agent.train(phase == "standard")
-                        for epoch in range(num_epochs):
-                            np.random.shuffle(b_inds)
-                            epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
-                            for start in range(0, args.batch_size, args.minibatch_size):
-                                mb_inds = epoch_inds[start : start + args.minibatch_size]
-                                mb_index = len(phase_stats[phase])
-                                measure = (
-                                    phase == "standard" and args.diag_ratio_every > 0 and mb_index % args.diag_ratio_every == 0
-                                )
-                                phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, measure, timer))
-            agent.eval()
-            with timer("diagnostics"):
-                delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
+            for mdr_round in range(args.mdr_rounds):
+                if mdr_round > 0:  # MDR: rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
+                    batch.update(recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args))
+                for epoch in range(args.alpha1 + args.alpha2):
+                    agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification in eval mode
+                    phase = "standard" if epoch < args.alpha1 else "rectify"
+                    np.random.shuffle(b_inds)
+                    epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                    for start in range(0, args.batch_size, args.minibatch_size):
+                        mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
+                        measure = phase == "standard" and args.diag_ratio_every > 0
+                        measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
+                        eval_ratio = eval_mode_ratio(agent, mb) if measure else None
+                        phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
+            delta_pi_plus = policy_mismatch(*diag)
 
-            # 4. Logging (one host sync per iteration)
-            all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
-            if not np.isfinite(all_stats["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here and the "
-                    "last checkpoint (if any) is intact; try a lower --learning-rate or --max-grad-norm"
-                )
-            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            if finished_returns:
-                writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-                writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-                score = normalized_score(args.env_id, finished_returns)
-                if score is not None:
-                    writer.add_scalar("charts/normalized_score", score, global_step)
-            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-                writer.add_scalar(f"losses/{key}", all_stats[key], global_step)
-            for phase, stats_list in phase_stats.items():
-                if stats_list:
-                    for key, value in mean_stats(stats_list).items():
-                        prefix = "mdr" if key in ("ratio_gap", "trust_region_violation") else f"losses/{phase}"
-                        writer.add_scalar(f"{prefix}/{key}", value, global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            if diag_mb >= 0:
-                delta_pi_minus, delta_pi_plus = torch.stack([delta_pi_minus, delta_pi_plus]).tolist()
-                writer.add_scalar("charts/delta_pi_minus", delta_pi_minus, global_step)
-                writer.add_scalar("charts/delta_pi_plus", delta_pi_plus, global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            mean_return = f"{np.mean(finished_returns):.2f}" if finished_returns else "n/a"
-            print(
-                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, episodic_return={mean_return}, "
-                f"delta_pi_minus={'n/a' if diag_mb < 0 else f'{delta_pi_minus:.2e}'}, SPS={sps}"
-            )
-
+            # 4. Logging (one host sync per iteration), held-out evaluation, checkpoint
+            scalars = iteration_scalars(args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus))
+            logger.log(scalars, iteration)
             if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
-                with timer("evaluation"):
-                    test_returns = evaluate(agent, args, device, iteration)
-                writer.add_scalar("charts/test_episodic_return", np.mean(test_returns), global_step)
-                score = normalized_score(args.env_id, test_returns)
-                if score is not None:
-                    writer.add_scalar("charts/test_normalized_score", score, global_step)
-                print(f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f} over {len(test_returns)} levels")
-
-            if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations):
-                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
-            if args.timing:  # seconds per section of this iteration, and the peak memory so far
-                for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
-                    writer.add_scalar(f"perf/{name}", value, global_step)
-            if stop_requested:
-                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
-                print(f"stopped at iteration {iteration}; resume with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
-                exit_code = 130
+                test_returns = evaluate(agent, args, device, iteration)
+                logger.log(episode_scalars(args.env_id, test_returns, "test_"))
+                logger.write(
+                    f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f} ({len(test_returns)} levels)"
+                )
+            due = args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations)
+            if due or stop.requested:
+                save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger.wandb_id)
+            if stop.requested:
+                logger.write(f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)")
+                exit_code = 128 + stop.requested
                 break
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -992,12 +583,365 @@ def main(args: Args):
         print(f"interrupted during iteration {iteration}; nothing saved for it", file=sys.stderr)
         exit_code = 130
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        stop.restore()
         envs.close()
-        writer.close()
-        if args.track:
-            wandb.finish(exit_code=exit_code)
+        logger.close(exit_code)
     return exit_code
+
+
+# ======================================================================================================================
+# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is learned.
+# ======================================================================================================================
+
+
+class ConfigError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN/inf: the run stops before anything is saved."""
+
+
+# fields that may differ between a run and its --resume (everything else defines the computation)
+RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
+RESUMABLE_FIELDS += (
+    "save_model",
+    "checkpoint_interval",
+    "cuda",
+    "num_iterations",
+    "channels_last",
+    "compile",
+    "torch_threads",
+)
+PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
+
+
+def validate_args(args: Args) -> None:
+    """Reject impossible settings before anything is created."""
+    if args.env_id not in PROCGEN_GAMES:
+        raise ConfigError(f"unknown --env-id {args.env_id!r}; valid Procgen games: {', '.join(PROCGEN_GAMES)}")
+    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
+        raise ConfigError(f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 (e.g. 2 and 1)")
+    for name in ("mdr_rounds", "num_envs", "num_steps", "minibatch_size", "num_levels", "num_test_levels", "num_eval_envs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
+    if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
+        raise ConfigError(
+            f"need 0 <= --dropout-p < 1 (got {args.dropout_p}) and 0 < --bn-momentum <= 1 (got {args.bn_momentum})"
+        )
+    if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
+        raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
+    if args.diag_minibatches < -1:
+        raise ConfigError(f"--diag-minibatches {args.diag_minibatches}: must be >= -1 (-1 = off)")
+
+
+def default_run_name(args: Args) -> str:
+    """The run's folder under runs/, a function of what defines the run (so a requeued job finds its own folder)."""
+    norm = {"bn": f"bn{args.bn_momentum:g}", "brn": f"brn{args.bn_momentum:g}", "dropout": f"dropout{args.dropout_p:g}"}
+    mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
+    return f"{args.env_id}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
+
+
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
+    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
+def mean_stats(stats_list):
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
+    keys = sorted({key for stats in stats_list for key in stats})
+    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
+    return dict(zip(keys, means.tolist()))
+
+
+def to_device(array, staging: torch.Tensor, device):
+    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
+    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
+    read-back synchronizes before staging is written again."""
+    if device.type != "cuda":
+        return torch.as_tensor(array, dtype=staging.dtype)
+    staging.copy_(torch.from_numpy(array))
+    return staging.to(device, non_blocking=True)
+
+
+def make_staging(num_envs, obs_shape, device) -> dict:
+    """Host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are async."""
+    shapes = {
+        "obs": ((num_envs,) + obs_shape, torch.uint8),
+        "reward": (num_envs, torch.float32),
+        "done": (num_envs, torch.float32),
+    }
+    return {key: torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda") for key, (shape, dtype) in shapes.items()}
+
+
+def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
+    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); one host sync.
+    `finished`: (returns, lengths) of the episodes that ended; `delta_pi`: (Delta pi minus, plus) or (None, None)."""
+    (returns, lengths), (delta_pi_minus, delta_pi_plus) = finished, delta_pi
+    all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
+    if not np.isfinite(all_stats["loss"]):
+        raise NonFiniteLossError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
+    y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+    var_y = np.var(y_true)
+    scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
+    scalars["losses/explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+        scalars[f"losses/{key}"] = all_stats[key]
+    for phase, stats_list in phase_stats.items():
+        for key, value in (mean_stats(stats_list) if stats_list else {}).items():
+            scalars[f"mdr/{key}" if key.startswith(("ratio_gap", "trust_region")) else f"losses/{phase}/{key}"] = value
+    if delta_pi_minus is not None:
+        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
+            [delta_pi_minus, delta_pi_plus]
+        ).tolist()
+    scalars.update(episode_scalars(args.env_id, returns, "") if returns else {})
+    scalars.update({"charts/episodic_length": float(np.mean(lengths))} if lengths else {})
+    return scalars
+
+
+def get_rng_states(diag_generator):
+    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "diag": diag_generator.get_state(),
+    }
+
+
+def set_rng_states(states, diag_generator):
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    diag_generator.set_state(states["diag"])
+
+
+def find_checkpoint(args: Args, run_dir: str):
+    """(checkpoint or None, run folder). --resume PATH: that checkpoint, in its run's folder; --resume auto: the folder's
+    checkpoint if there is one, else a fresh run (checkpoints on). A fresh run never mixes into an old run's folder."""
+    path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    args.save_model = args.save_model or args.resume == "auto"
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    if args.resume is None or args.resume == "auto" and not os.path.exists(path):
+        if events and args.resume is None:
+            raise ConfigError(f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another")
+        for stale in events:  # --resume auto, and the job was stopped before its first checkpoint: start afresh
+            os.remove(stale)
+        return None, run_dir
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file
+        raise ConfigError(
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one --save-model wrote"
+        ) from None
+    required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
+    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
+        raise ConfigError(
+            f"--resume {path}: not a checkpoint of this script (it lacks {sorted(required - set(checkpoint or {}))})"
+        )
+    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
+    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
+    if changed:
+        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+    return checkpoint, os.path.join("runs", checkpoint["run_name"])
+
+
+class StopRequest:
+    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
+    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)")
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class RunLogger:
+    """runs/<run>/: args.json and TensorBoard scalars (CleanRL's keys), mirrored to wandb with --track (the wandb run id
+    goes into the checkpoint, so a resumed or requeued run continues its wandb run). Progress: on a terminal a tqdm bar
+    over the run's steps that moves within an iteration; elsewhere (a cluster's log file) one plain line per iteration."""
+
+    def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.args, self.wandb_id, self.global_step = args, wandb_id, global_step
+        self.start_time, self.start_step = time.time(), global_step
+        if args.track:
+            import wandb
+
+            run_name = os.path.relpath(run_dir, "runs")
+            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
+            self.wandb_id = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
+                config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
+            ).id  # fmt: skip
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
+        total = args.num_iterations * args.batch_size
+        self.bar = tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
+
+    def advance(self, steps: int):
+        self.global_step += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, scalars: dict, iteration: Optional[int] = None):
+        """Write the scalars at the current step; with `iteration`, also SPS and the progress line (or bar)."""
+        if iteration is not None:
+            scalars = {**scalars, "charts/SPS": int((self.global_step - self.start_step) / (time.time() - self.start_time))}
+            shown = {tag.split("/")[-1]: scalars[tag] for tag in PRINTED_KEYS if tag in scalars}
+            if self.bar is not None:
+                self.bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items()}, refresh=False)
+            else:
+                values = "".join(f", {key}={value:.4g}" for key, value in shown.items())
+                print(f"iteration={iteration}/{self.args.num_iterations}, global_step={self.global_step}{values}", flush=True)
+        for tag, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, self.global_step)
+
+    def write(self, message: str):
+        (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self, exit_code: int):
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish(exit_code=exit_code)
+
+
+def wandb_tags(args: Args) -> list:
+    momentum = [f"bn_momentum={args.bn_momentum:g}"] if args.norm in ("bn", "brn") else []
+    return [args.env_id, f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})", f"seed={args.seed}", *momentum]
+
+
+class EpisodeTracker:
+    """Running return/length per env; procgen's vector env reports only per-step rewards and dones."""
+
+    def __init__(self, num_envs):
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def update(self, rewards, dones):
+        """Add one step; return (returns, lengths) of the episodes that just ended."""
+        self.returns += rewards
+        self.lengths += 1
+        finished = (self.returns[dones].copy(), self.lengths[dones].copy())
+        self.returns[dones] = 0.0
+        self.lengths[dones] = 0
+        return finished
+
+
+def episode_scalars(env_id, returns, prefix: str) -> dict:
+    """Mean return and, for the paper's six games, the normalized score (R - R_min) / (R_max - R_min), easy mode."""
+    scalars = {f"charts/{prefix}episodic_return": float(np.mean(returns))}
+    if env_id in PROCGEN_RETURN_RANGE:
+        r_min, r_max = PROCGEN_RETURN_RANGE[env_id]
+        scalars[f"charts/{prefix}normalized_score"] = float((np.mean(returns) - r_min) / (r_max - r_min))
+    return scalars
+
+
+def make_env(args: Args, num_envs, start_level, num_levels, seed):
+    return ProcgenEnv(
+        num_envs=num_envs,
+        env_name=args.env_id,
+        num_levels=num_levels,
+        start_level=start_level,
+        distribution_mode=args.distribution_mode,
+        rand_seed=seed,
+    )
+
+
+@torch.no_grad()
+def evaluate(agent, args: Args, device, iteration):
+    """Held-out evaluation: first episode of each of `num_eval_envs` envs on levels the agent never trained on,
+    eval-mode policy. A fresh env and a forked RNG seeded from (seed, iteration), so evaluation is a function of the
+    parameters alone and leaves the training RNG stream untouched (a resumed run matches an uninterrupted one)."""
+    envs = make_env(args, args.num_eval_envs, args.num_levels, args.num_test_levels, args.seed + 1_000_003 * iteration)
+    tracker = EpisodeTracker(args.num_eval_envs)
+    episode_returns = np.full(args.num_eval_envs, np.nan)
+    with (
+        temporary_mode(agent, training=False),
+        torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []),
+    ):
+        torch.manual_seed(args.seed + iteration)
+        next_obs = envs.reset()["rgb"]
+        while np.isnan(episode_returns).any():
+            action, _, _, _ = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
+            obs, reward, done, _ = envs.step(action.cpu().numpy())
+            next_obs = obs["rgb"]
+            finished = np.isnan(episode_returns) & done
+            episode_returns[finished] = tracker.returns[finished] + reward[finished]
+            tracker.update(reward, done)
+    envs.close()
+    return episode_returns
+
+
+def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
+    """Everything a bit-for-bit continuation needs: `live` (agent, optimizer, envs, tracker, diag_generator), the RNG
+    streams, `rollout` = (next_obs, next_done). An atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    states = live["envs"].env.callmethod("get_state")
+    state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
+    state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), wandb_id=wandb_id)
+    state["rng"] = get_rng_states(live["diag_generator"])
+    state["env"] = {"procgen": [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in states]}
+    state["env"].update(next_obs=rollout[0].cpu(), next_done=rollout[1].cpu())
+    state["env"].update(
+        returns=torch.from_numpy(live["tracker"].returns.copy()), lengths=torch.from_numpy(live["tracker"].lengths.copy())
+    )
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore_checkpoint(checkpoint, live, device):
+    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
+    wandb run id)."""
+    live["agent"].load_state_dict(checkpoint["agent"])
+    live["optimizer"].load_state_dict(checkpoint["optimizer"])
+    env = checkpoint["env"]
+    live["envs"].env.callmethod("set_state", [bytes(state.numpy()) for state in env["procgen"]])
+    live["tracker"].returns, live["tracker"].lengths = env["returns"].numpy(), env["lengths"].numpy()
+    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
+    next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
+    return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")
 
 
 if __name__ == "__main__":
