@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -204,7 +205,7 @@ def save_figure(fig, title, path):
     """Title, tight layout, PNG at `path` (folders created), figure closed."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=9)  # ~15 characters per inch
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
