@@ -12,6 +12,7 @@
 # constant learning rate (a decaying one would damp late collapses), no held-out evaluation (the probe watches training
 # reward), no checkpoint/resume (a run is short; a killed run keeps its CSV, which is what the analysis reads).
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -62,31 +63,22 @@ class Args:
     run_name: Optional[str] = None
     """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed; never the clock)"""
 
-    # Speed (none changes what is computed beyond rounding, except --amp: bfloat16; docs/benchmarks.md)
-    channels_last: bool = True
-    """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
-    amp: bool = False
-    """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16); heads and losses in float32"""
-    compile: bool = False
-    """torch.compile the backbone (one compile per mode and batch shape: rollout, minibatch, a smaller last minibatch)"""
     torch_threads: int = 1
     """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
-    timing: bool = False
-    """log the wall and CPU time per section and peak memory under perf/ (TensorBoard only; metrics.csv is unchanged)"""
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
-    """bn (BatchNorm: train mode in updates, eval mode in collection), eval (BatchNorm frozen in eval mode), bn-mdr"""
+    """what is compared: bn, eval, bn-mdr and the rivals (see MODES below and docs/rivals.md)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (Fig. 6: 0.2 and 0.05)"""
     ent_coef: float = 0.01
     """coefficient of the entropy (App. B compares it with 0)"""
     update_epochs: int = 3
-    """epochs E per rollout in every mode: bn and eval train all E in their mode, bn-mdr splits them alpha1 + alpha2"""
+    """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr) split them alpha1 + alpha2, others train all E"""
     alpha1: Optional[int] = None
-    """bn-mdr only: epochs in train mode (standard phase); default E - alpha2"""
+    """MDR modes only: epochs in train mode (standard phase); default E - alpha2"""
     alpha2: Optional[int] = None
-    """bn-mdr only: epochs in eval mode (rectification phase); default E // 3 (at least 1), i.e. MDR(2,1) of 3"""
+    """MDR modes only: epochs in eval mode (rectification phase); default E // 3 (at least 1), i.e. MDR(2,1) of 3"""
 
     # Algorithm specific arguments: the App. A regime, CPU-sized (docs/collapse.md)
     total_timesteps: int = 19_200
@@ -151,7 +143,21 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-MODES = {"bn": "BN", "eval": "Eval", "bn-mdr": "BN+MDR"}
+# --mode: the paper's three (BN in train mode in updates and eval mode in collection; BN frozen in eval mode; BN + MDR)
+# and every known rival fix for BatchNorm in PPO (docs/rivals.md), each a few visible lines below
+MODES = {
+    "bn": "BN",
+    "eval": "Eval",
+    "bn-mdr": "BN+MDR",
+    "bn-recal": "BN + running statistics recomputed on D_k after each update (precise BN)",
+    "bn-train": "BN in train mode everywhere, collection included (OpenAI CoinRun)",
+    "bn-oldtrain": "BN, old log-probs from the train-mode policy at theta_k",
+    "brn": "Batch Renorm",
+    "brn-mdr": "Batch Renorm + MDR",
+    "bn-wn": "BN + weight normalization of the convs (CrossQ + WN)",
+    "gn": "GroupNorm (no mode dependence)",
+    "none": "no normalization",
+}
 CSV_COLUMNS = [
     "iteration",
     "global_step",
@@ -202,10 +208,53 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
+class BatchRenorm2d(nn.Module):
+    """Batch Renormalization (Ioffe, 2017). Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma,
+    d = (mu_B - mu) / sigma (no gradient), clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from
+    (1, 0), i.e. plain BatchNorm, over `warmup` forward passes. Eval mode: running statistics, like BatchNorm.
+    Same parameter and buffer names as nn.BatchNorm2d, so ImageNet BatchNorm weights load into it."""
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
+        super().__init__()
+        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        x = x.float()  # --amp: statistics in float32 (a no-op otherwise)
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        std = (var + self.eps).sqrt()
+        running_std = (self.running_var + self.eps).sqrt()
+        ramp = (self.num_batches_tracked.float() / max(self.warmup, 1)).clamp(max=1.0)
+        r_max = 1.0 + (self.r_max - 1.0) * ramp
+        d_max = self.d_max * ramp
+        r = torch.minimum(torch.maximum(std.detach() / running_std, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max)
+        x_hat = (x - mean[None, :, None, None]) / std[None, :, None, None] * r[None, :, None, None] + d[None, :, None, None]
+        with torch.no_grad():
+            n = x.numel() / x.size(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+            self.num_batches_tracked += 1
+        return x_hat * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
 def make_backbone(args: Args) -> nn.Module:
     """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average pool -> 256 features.
-    The norm layer is the one line that differs between the modes."""
-    norm_layer = EvalModeBatchNorm2d if args.mode == "eval" else partial(nn.BatchNorm2d, momentum=args.bn_momentum)
+    The norm layer is the one line that differs between the modes (Batch Renorm: its bounds ramp over ~15 updates)."""
+    norm_layer = {
+        "eval": EvalModeBatchNorm2d,
+        "brn": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
+        "brn-mdr": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
+        "gn": lambda channels: nn.GroupNorm(32, channels),
+        "none": lambda channels: nn.Identity(),
+    }.get(args.mode, partial(nn.BatchNorm2d, momentum=args.bn_momentum))  # bn, bn-mdr and the BatchNorm rivals
     backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
     backbone.fc = nn.Identity()
@@ -220,7 +269,7 @@ class Agent(nn.Module):
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
-        self.amp, self.separate_views = args.amp, args.view_batching == "separate"
+        self.separate_views = args.view_batching == "separate"
         self.backbone = make_backbone(args)
         hidden = args.hidden_size
         self.actor = nn.Sequential(
@@ -241,16 +290,15 @@ class Agent(nn.Module):
     def features(self, x):
         # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
         # target's, the overview's and the current view's 256 features. No ImageNet mean/std (paper Table 2). Divided
-        # in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # in place: one float copy of the minibatch, not two.
         # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type, running statistics
         # a blend of the three); joint: one pass over all 3B images. Same weights, same output in eval mode.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if self.separate_views:
-                by_view = images.view(batch, views, *images.shape[1:])
-                return torch.cat([self.backbone(by_view[:, v]).float() for v in range(views)], dim=1)
-            return self.backbone(images).float().reshape(batch, views * 256)
+        if self.separate_views:
+            by_view = images.view(batch, views, *images.shape[1:])
+            return torch.cat([self.backbone(by_view[:, v]).float() for v in range(views)], dim=1)
+        return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
         return self.critic(self.features(x))
@@ -362,27 +410,21 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over `num_minibatches` full minibatches of D_k (0 = all; -1 = off:
-    None). Both sides use the current running statistics: each train-mode pass moves them, so they are restored after
-    it. `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq.
-    6's pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
-    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
+    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
+    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
+    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
     for start in range(0, minibatch_size * (min(num_minibatches, total) or total), minibatch_size):
         mb_inds = perm[start : start + minibatch_size]
         mb_obs = b_obs[mb_inds]
-        if b_eval_logits is None:
-            with temporary_mode(agent, training=False):
-                eval_logits = agent.actor(agent.features(mb_obs))
-        else:
-            eval_logits = b_eval_logits[mb_inds]
+        with temporary_mode(agent, training=False):
+            eval_logits = agent.actor(agent.features(mb_obs)) if b_eval_logits is None else b_eval_logits[mb_inds]
         with temporary_mode(agent, training=True):
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
@@ -405,22 +447,66 @@ def eval_mode_ratio(agent, mb):
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 made measurable, from the optimized train-mode ratio r' and the eval-mode ratio r of one minibatch:
-    ratio_gap = mean |r' - r|; trust_region_violation = fraction with r' inside [1 - eps, 1 + eps] and r outside;
-    trust_region_violation_signed = fraction whose gradient the clip would stop under r but does not under r' (the
-    clip stops a sample only on the side its advantage pushes to: r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
-
-    def inside(ratio):
-        return (ratio - 1.0).abs() <= clip_coef
-
-    def clipped(ratio):
-        return ((advantages > 0) & (ratio > 1.0 + clip_coef)) | ((advantages < 0) & (ratio < 1.0 - clip_coef))
-
+    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
+    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
+    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
+    clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
+    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
+    signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     return {
         "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
-        "trust_region_violation": (inside(train_ratio) & ~inside(eval_ratio)).float().mean(),
-        "trust_region_violation_signed": (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean(),
+        "trust_region_violation": violation,
+        "trust_region_violation_signed": signed,
     }
+
+
+def make_optimizer(agent, args: Args, device):
+    """Adam (eps 1e-5, L2 weight decay), CleanRL's. --mode bn-wn (CrossQ + WN): every conv weight feeds a BatchNorm,
+    which makes its scale invisible, so it gets no weight decay and is projected to unit norm per output channel after
+    each step: its effective learning rate stays constant."""
+    convs = [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)] if args.mode == "bn-wn" else []
+    others = [p for p in agent.parameters() if all(p is not w for w in convs)]
+    groups = [{"params": others}] + ([{"params": convs, "weight_decay": 0.0}] if convs else [])
+    optimizer = torch.optim.Adam(
+        groups, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
+    if convs:
+        project = lambda *_: [w.data.div_(torch.linalg.vector_norm(w.data, dim=(1, 2, 3), keepdim=True)) for w in convs]  # noqa: E731
+        project()
+        optimizer.register_step_post_hook(project)
+    return optimizer
+
+
+@torch.no_grad()
+def train_mode_logprobs(theta_k, mb):
+    """--mode bn-oldtrain: log pi_old of the minibatch's actions from the train-mode policy at the pre-update parameters
+    (batch statistics of this minibatch), so the optimized ratio starts at 1 in the mode that is optimized."""
+    with temporary_mode(theta_k, training=True):
+        return theta_k.get_action_and_value(mb["obs"], mb["actions"])[1]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(agent, b_obs, minibatch_size):
+    """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
+    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
+    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
+    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    norms = [m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and m.track_running_stats]
+    saved = {name: buf.clone() for name, buf in agent.named_buffers()}
+    stats = {m: [] for m in norms}
+    record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
+    hooks = [m.register_forward_hook(record) for m in norms]
+    with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
+        for start in range(0, len(b_obs), minibatch_size):
+            agent.features(b_obs[start : start + minibatch_size])
+            for name, buf in agent.named_buffers():
+                buf.copy_(saved[name])  # each pass sees the statistics the update left
+    for hook in hooks:
+        hook.remove()
+    for m in norms:
+        m.running_mean.copy_(torch.stack([mean for mean, _ in stats[m]]).mean(0))
+        m.running_var.copy_(torch.stack([var for _, var in stats[m]]).mean(0))
 
 
 def main(args: Args):
@@ -451,13 +537,7 @@ def main(args: Args):
         raise ConfigError(str(e)) from None
     num_actions = envs.single_action_space.n
     agent = Agent(num_actions, args).to(device)
-    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
-        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
-    if args.compile:  # in place: the state_dict keys stay the same
-        agent.backbone.compile(dynamic=False)
-    optimizer = torch.optim.Adam(
-        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = make_optimizer(agent, args, device)
 
     # storage setup; observations stay uint8, converted per minibatch
     obs_shape = envs.single_observation_space.shape
@@ -468,8 +548,6 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    staging = make_staging(args.num_envs, obs_shape, device)
-    timer = SectionTimer(args.timing, device)
 
     # TRY NOT TO MODIFY: start the game
     global_step = 0
@@ -485,14 +563,13 @@ def main(args: Args):
     try:
         for iteration in range(1, args.num_iterations + 1):
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            timer.start()
-            agent.eval()  # MDR: D_k is collected in eval mode (running statistics), as the policy acts when deployed
+            agent.train(args.mode == "bn-train")  # MDR: D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
             finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
                 dones[step] = next_done
-                with timer("inference"), torch.no_grad():
+                with torch.no_grad():
                     policy, value = agent.get_policy_and_value(next_obs)
                     action = policy.sample()
                     values[step] = value.flatten()
@@ -500,16 +577,15 @@ def main(args: Args):
                     logprobs[step] = policy.log_prob(action)
                     logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
                     finished["acting_entropy"].append(policy.entropy().mean())
-                with timer("env"):
-                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                    rewards[step] = to_device(reward, staging["reward"], device)
-                    next_obs = to_device(next_obs_np, staging["obs"], device)
-                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
-                    for key in ("r", "normalized_r", "success"):
-                        finished[key].extend(infos["episode"][key][infos["_episode"]] if "episode" in infos else [])
+                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
+                next_obs = torch.as_tensor(next_obs_np).to(device)
+                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
+                for key in ("r", "normalized_r", "success"):
+                    finished[key].extend(infos["episode"][key][infos["_episode"]] if "episode" in infos else [])
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
-            with timer("inference"), torch.no_grad():
+            with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
             batch = {
@@ -522,11 +598,11 @@ def main(args: Args):
                 "values": values.reshape(-1),
             }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = timer.timed("diagnostics", policy_mismatch, *diag, batch["logits"])
+            delta_pi_minus = policy_mismatch(*diag, None if args.mode == "bn-train" else batch["logits"])
 
             # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
-            timer.lap("update")
+            theta_k = copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None  # the pre-update policy, frozen
             for epoch in range(args.alpha1 + args.alpha2):
                 agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification phase in eval mode
                 phase = "standard" if epoch < args.alpha1 else "rectify"
@@ -536,10 +612,12 @@ def main(args: Args):
                     mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
                     measure = phase == "standard" and args.diag_ratio_every > 0
                     measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
-                    eval_ratio = timer.timed("diagnostics", eval_mode_ratio, agent, mb) if measure else None
+                    eval_ratio = eval_mode_ratio(agent, mb) if measure else None
+                    mb["logprobs"] = mb["logprobs"] if theta_k is None else train_mode_logprobs(theta_k, mb)  # bn-oldtrain
                     phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
-            timer.lap("other")
-            delta_pi_plus = timer.timed("diagnostics", policy_mismatch, *diag)
+            if args.mode == "bn-recal":  # precise BN: the running statistics of the new weights on D_k
+                recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
+            delta_pi_plus = policy_mismatch(*diag)
 
             # 4. Logging: TensorBoard (and wandb through it) and one metrics.csv row per update
             row = logger.log_update(iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus)
@@ -549,11 +627,7 @@ def main(args: Args):
                 f"smoothed={row['smoothed_reward']:.1f}%, delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
                 flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
-            if args.timing:  # seconds per section of this update, and the peak memory so far (TensorBoard only)
-                logger.log_scalars(
-                    {f"perf/{k}": v for k, v in {**timer.stop(), **peak_memory_gb(device)}.items()}, global_step
-                )
-    except NonFiniteLossError as e:
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         status, exit_code = "non-finite loss", 1
     except KeyboardInterrupt:
@@ -571,7 +645,7 @@ def main(args: Args):
 
 
 # ======================================================================================================================
-# Infrastructure: checkpoints, timing, validation, logging. Not the method: nothing below changes what is learned.
+# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is learned.
 # ======================================================================================================================
 
 
@@ -603,107 +677,22 @@ def mean_stats(stats_list):
     return dict(zip(keys, means.tolist()))
 
 
-class SectionTimer:
-    """Wall and CPU time per section of an iteration (--timing). `with timer("env"): ...` opens a section (sections
-    nest; time counts once, in the innermost open one); `timer.lap("update")` renames the section at the current level
-    from now on, and `timer.timed("diagnostics", fn, ...)` calls fn inside a section, so the update loop needs no extra
-    block. Time outside every section counts as "other". CPU time is this process's (all threads): on a shared machine
-    it varies far less than wall time. On CUDA the timer synchronizes at each boundary (kernels run asynchronously).
-    Disabled, it costs nothing: no clock read, no sync."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.sync = enabled, enabled and device.type == "cuda"
-        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
-
-    def __call__(self, section: str):
-        return self._timed(section) if self.enabled else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _timed(self, section):
-        self._charge()
-        self.open.append(section)
-        try:
-            yield
-        finally:
-            self._charge()
-            self.open.pop()
-
-    def timed(self, section: str, fn, *args):
-        with self(section):
-            return fn(*args)
-
-    def lap(self, section: str):
-        if self.enabled:
-            self._charge()
-            self.open[-1] = section
-
-    def _charge(self):
-        """Add the wall and CPU time since the last boundary to the innermost open section."""
-        if self.sync:
-            torch.cuda.synchronize()
-        now = (time.perf_counter(), time.process_time())
-        if self.open:
-            for clock, start, end in zip(("time", "cpu"), self.last, now):
-                key = f"{self.open[-1]}_{clock}"
-                self.totals[key] = self.totals.get(key, 0.0) + end - start
-        self.last = now
-
-    def start(self):
-        """Begin an iteration."""
-        if self.enabled:
-            self.totals, self.open = {}, []
-            self._charge()
-            self.open.append("other")
-
-    def stop(self) -> dict:
-        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
-        if not self.enabled:
-            return {}
-        self._charge()
-        totals, self.totals, self.open = self.totals, {}, []
-        return totals
-
-
-def peak_memory_gb(device) -> dict:
-    """Peak resident memory of this process (ru_maxrss, KiB on Linux) and, on CUDA, torch's peak allocation."""
-    import resource  # Unix only, and needed only with --timing
-
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return peak
-
-
-def to_device(array, staging: torch.Tensor, device):
-    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
-    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
-    read-back synchronizes before staging is written again."""
-    if device.type != "cuda":
-        return torch.as_tensor(array, dtype=staging.dtype)
-    staging.copy_(torch.from_numpy(array))
-    return staging.to(device, non_blocking=True)
-
-
 class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
-class NonFiniteLossError(Exception):
-    """The loss became NaN/inf: the run stops, its CSV and summary are kept."""
-
-
 def validate_args(args: Args) -> None:
     """Reject impossible settings before anything is created; sets args.alpha1/alpha2 for --mode: bn and eval train
-    all E = --update-epochs epochs in one mode, bn-mdr splits them (default MDR(2,1) of 3)."""
+    all E = --update-epochs epochs in train mode, the MDR modes split them (default MDR(2,1) of 3)."""
     if args.mode not in MODES:
-        raise ConfigError(f"--mode {args.mode}: must be one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
     for name in ("update_epochs", "num_envs", "num_steps", "minibatch_size", "num_tasks", "hidden_size", "smooth_window"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     epochs = args.update_epochs
-    if args.mode != "bn-mdr":
+    if args.mode not in ("bn-mdr", "brn-mdr"):
         if args.alpha1 is not None or args.alpha2 is not None:
-            raise ConfigError(f"--alpha1/--alpha2 apply to --mode bn-mdr only (--mode {args.mode} trains all E epochs)")
+            raise ConfigError(f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E in train mode)")
         args.alpha1, args.alpha2 = epochs, 0
     else:
         alpha2 = max(1, epochs // 3) if args.alpha1 is None and args.alpha2 is None else args.alpha2
@@ -711,7 +700,7 @@ def validate_args(args: Args) -> None:
         alpha2 = epochs - alpha1 if alpha2 is None else alpha2
         if alpha1 < 0 or alpha2 < 1 or alpha1 + alpha2 != epochs:
             raise ConfigError(
-                f"--alpha1 {alpha1} --alpha2 {alpha2}: bn-mdr needs alpha1 >= 0, alpha2 >= 1 and alpha1 + alpha2 = "
+                f"--alpha1 {alpha1} --alpha2 {alpha2}: MDR needs alpha1 >= 0, alpha2 >= 1 and alpha1 + alpha2 = "
                 f"--update-epochs {epochs} (MDR splits the epochs, it adds none)"
             )
         args.alpha1, args.alpha2 = alpha1, alpha2
@@ -730,20 +719,10 @@ def validate_args(args: Args) -> None:
 
 def default_run_name(args: Args) -> str:
     """The run's folder, a function of what defines it (so a rerun of the same command finds the same folder)."""
-    alphas = f"__mdr{args.alpha1}-{args.alpha2}" if args.mode == "bn-mdr" and (args.alpha1, args.alpha2) != (2, 1) else ""
-    momentum = "" if args.mode == "eval" else f"__bnm{args.bn_momentum:g}"
+    alphas = f"__mdr{args.alpha1}-{args.alpha2}" if args.alpha2 and (args.alpha1, args.alpha2) != (2, 1) else ""
+    momentum = "" if args.mode in ("eval", "gn", "none") else f"__bnm{args.bn_momentum:g}"
     loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
     return f"collapse__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
-
-
-def make_staging(num_envs, obs_shape, device) -> dict:
-    """Host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are async."""
-    pin = device.type == "cuda"
-    return {
-        "obs": torch.empty((num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
-        "reward": torch.empty(num_envs, dtype=torch.float32, pin_memory=pin),
-        "done": torch.empty(num_envs, dtype=torch.float32, pin_memory=pin),
-    }
 
 
 def stop_on_sigterm(signum, frame):
@@ -809,10 +788,10 @@ class RunLogger:
         self.csv_file.flush()
 
     def log_update(self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus) -> dict:
-        """One update's row: metrics.csv and TensorBoard. Raises NonFiniteLossError on a NaN/inf loss."""
+        """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf loss."""
         all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
         if not np.isfinite(all_stats["loss"]):
-            raise NonFiniteLossError(
+            raise FloatingPointError(
                 f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here, its "
                 "metrics.csv and summary.json are kept; try a lower --learning-rate or --max-grad-norm"
             )

@@ -1,7 +1,12 @@
 # PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one file (+ envs/).
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
+# MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py: docs/mdr_in_your_ppo.md.
+# `grep -n "# MDR" ppo_patchloc_mdr.py` lists every line of the method; everything below the "Infrastructure" banner
+# (checkpoints, logging, validation) leaves what is learned unchanged.
 # Run:   python ppo_patchloc_mdr.py --norm bn --alpha1 2 --alpha2 1 --mdr-rounds 3 --cuda
 import contextlib
+import glob
+import json
 import math
 import os
 import random
@@ -25,6 +30,7 @@ import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
+from tqdm import tqdm
 
 from envs import PatchLocConfigError, PatchLocEnv, PatchLocVecEnv, make_task_sets
 
@@ -47,12 +53,15 @@ class Args:
     """the entity (team) of wandb's project"""
     wandb_group: Optional[str] = None
     """the wandb group, e.g. one per (task set, norm, alpha) to aggregate seeds"""
+    run_name: Optional[str] = None
+    """folder under runs/ (default: task set, norm, BN momentum, alphas and seed: a rerun of a command finds its folder)"""
     save_model: bool = False
     """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every `checkpoint_interval` and at the end"""
     checkpoint_interval: int = 20
-    """iterations between checkpoints (with --save-model)"""
+    """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue from (same arguments; --total-timesteps may grow)"""
+    """a checkpoint.pt to continue from (same arguments; --total-timesteps may grow), or `auto`: the run folder's
+    checkpoint if there is one, else a fresh run (checkpoints on; what a requeued cluster job wants)"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the measurements, made with
     # ppo_procgen_mdr.py, which has the same flags)
@@ -64,9 +73,6 @@ class Args:
     """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU measured no faster)"""
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
-    timing: bool = False
-    """log the wall and CPU time per section (env, inference, update, diagnostics, ...) and peak memory under perf/; on
-    CUDA it synchronizes at section boundaries, so leave it off for production runs"""
 
     # Algorithm specific arguments (paper Table 2, patch-localization column)
     total_timesteps: int = 3_000_000
@@ -105,6 +111,10 @@ class Args:
     """epochs per round in train mode (standard phase)"""
     alpha2: int = 1
     """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
+    collect_mode: Literal["eval", "train"] = "eval"
+    """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the env batch, as CoinRun)"""
+    bn_recalibrate: bool = False
+    """after each update, reset BatchNorm's running statistics to their average over D_k under the new weights (precise BN)"""
     mdr_rounds: int = 3
     """rounds R per rollout; values and advantages are recomputed (eval mode) before rounds 2..R"""
 
@@ -113,20 +123,14 @@ class Args:
     """backbone norm layer: BatchNorm, BatchNorm frozen in eval mode, Batch Renorm, LayerNorm, GroupNorm, none, dropout"""
     bn_momentum: float = 0.1
     """running-statistics momentum of BatchNorm and Batch Renorm (the paper tries 0.1 and 0.01)"""
-    brn_rmax: float = 3.0
-    """Batch Renorm: final bound r_max on the std correction r"""
-    brn_dmax: float = 5.0
-    """Batch Renorm: final bound d_max on the mean correction d"""
-    brn_warmup: int = 5000
-    """Batch Renorm: train-mode forward passes over which r_max ramps from 1 and d_max from 0"""
-    gn_groups: int = 32
-    """number of groups of --norm gn"""
     dropout_p: float = 0.1
     """dropout probability of --norm dropout (a Dropout in place of each BatchNorm)"""
     pretrained: bool = True
     """initialise the backbone from ImageNet (torchvision weights; offline: $TORCH_HOME/hub/checkpoints)"""
     hidden_size: int = 768
     """width of the actor and critic MLPs (paper: 768 = 3 views x 256 features)"""
+    view_batching: Literal["separate", "joint"] = "separate"
+    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C); joint: one pass over all"""
 
     # Task sets (envs/): the paper's "256 / 1024 / 2048 environments" are training tasks
     num_tasks: int = 1024
@@ -163,69 +167,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-class ConfigError(Exception):
-    """Bad input: printed as one line, no traceback."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN/inf: the run stops before anything is saved."""
-
-
 MODE_DEPENDENT_NORMS = ("bn", "brn", "dropout")
-# fields that may differ between a run and its --resume (everything else defines the computation)
-RESUMABLE_FIELDS = (
-    "resume",
-    "total_timesteps",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "wandb_group",
-    "save_model",
-    "checkpoint_interval",
-    "cuda",
-    "num_iterations",
-    "channels_last",
-    "compile",
-    "torch_threads",
-    "timing",
-)
-
-
-def validate_args(args: Args) -> None:
-    """Reject impossible settings before anything is created (the task sets check their own settings)."""
-    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
-        raise ConfigError(
-            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0 and at least one > 0 (e.g. 2 and 1)"
-        )
-    if args.mdr_rounds < 1:
-        raise ConfigError(f"--mdr-rounds {args.mdr_rounds}: must be >= 1")
-    for name in ("num_envs", "num_steps", "minibatch_size", "num_tasks", "num_test_tasks", "num_eval_envs", "hidden_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size:
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
-        )
-    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
-            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
-        )
-    if args.total_timesteps < batch_size:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
-    if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0 or args.brn_rmax < 1.0 or args.brn_dmax < 0:
-        raise ConfigError("need 0 <= --dropout-p < 1, 0 < --bn-momentum <= 1, --brn-rmax >= 1 and --brn-dmax >= 0")
-    if args.gn_groups < 1 or 64 % args.gn_groups:
-        raise ConfigError(f"--gn-groups {args.gn_groups} must divide 64 (the backbone has 64, 128 and 256 channels)")
-    if args.checkpoint_interval < 1 or args.eval_interval < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
-        raise ConfigError(
-            "--checkpoint-interval must be >= 1; --eval-interval, --diag-ratio-every >= 0; --diag-minibatches >= -1 (-1 = off)"
-        )
-    if args.torch_threads < 0:
-        raise ConfigError(f"--torch-threads {args.torch_threads}: must be >= 0 (0 = torch's default)")
-    if not 0 <= args.num_render_episodes <= args.num_test_tasks:
-        raise ConfigError(f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks")
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -280,39 +222,17 @@ class BatchRenorm2d(nn.Module):
 
 
 def make_norm_layer(args: Args):
-    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count."""
+    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count.
+    GroupNorm: 32 groups (the backbone has 64, 128 and 256 channels); Batch Renorm: Ioffe's r_max 3, d_max 5."""
     return {
         "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
         "eval": EvalModeBatchNorm2d,
-        "brn": partial(
-            BatchRenorm2d, momentum=args.bn_momentum, r_max=args.brn_rmax, d_max=args.brn_dmax, warmup=args.brn_warmup
-        ),
+        "brn": partial(BatchRenorm2d, momentum=args.bn_momentum),
         "ln": lambda channels: nn.GroupNorm(1, channels),
-        "gn": lambda channels: nn.GroupNorm(args.gn_groups, channels),
+        "gn": lambda channels: nn.GroupNorm(32, channels),
         "none": lambda channels: nn.Identity(),
         "dropout": lambda channels: nn.Dropout(args.dropout_p),
     }[args.norm]
-
-
-def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
-    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
-        ) from None
-    own = backbone.state_dict()
-    loadable = {
-        name: tensor
-        for name, tensor in state_dict.items()
-        if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
-    }
-    backbone.load_state_dict(loadable, strict=False)
-    return sorted(loadable)
 
 
 def make_backbone(args: Args) -> nn.Module:
@@ -325,37 +245,35 @@ def make_backbone(args: Args) -> nn.Module:
     return backbone
 
 
+def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
+    """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
+    layers = [layer_init(nn.Linear(in_features, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, hidden)), nn.ReLU()]
+    return nn.Sequential(*layers, layer_init(nn.Linear(hidden, out_features), std=std))
+
+
 class Agent(nn.Module):
     """Paper Table 1: one shallow ResNet-18 backbone applied to the three views (target, overview, current view),
-    3 x 256 = 768 features concatenated; separate actor and critic MLPs (FC-ReLU-FC-ReLU-out)."""
+    3 x 256 = 768 features concatenated; separate actor and critic MLPs."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
-        self.amp = args.amp
+        self.amp, self.separate_views = args.amp, args.view_batching == "separate"
         self.backbone = make_backbone(args)
-        hidden = args.hidden_size
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(3 * 256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, num_actions), std=0.01),
-        )
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(3 * 256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, 1), std=1.0),
-        )
+        self.actor = mlp(3 * 256, args.hidden_size, num_actions, std=0.01)
+        self.critic = mlp(3 * 256, args.hidden_size, 1, std=1.0)
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> one backbone pass over B*3 images (shared weights; BatchNorm's batch
-        # statistics span all views) -> (B, 768). Images float in [0, 1], channels_last in memory; no ImageNet mean/std
-        # (paper Table 2). Divided in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
+        # target's, the overview's and the current view's 256 features. No ImageNet mean/std (paper Table 2). Divided
+        # in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type, running statistics
+        # a blend of the three); joint: one pass over all 3B images. Same weights, same output in eval mode.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.separate_views:
+                by_view = images.view(batch, views, *images.shape[1:])
+                return torch.cat([self.backbone(by_view[:, v]).float() for v in range(views)], dim=1)
             return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
@@ -402,143 +320,391 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
-@torch.no_grad()
-def compute_values(agent, b_obs, chunk_size):
-    """Eval-mode values of a flat batch of observations (MDR rounds 2..R recompute them on D_k)."""
-    was_training = agent.training
-    agent.eval()
-    values = torch.cat([agent.get_value(b_obs[i : i + chunk_size]).flatten() for i in range(0, len(b_obs), chunk_size)])
-    agent.train(was_training)
-    return values
-
-
-def js_divergence(logits_p, logits_q):
-    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
-    log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - np.log(2.0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-    return (0.5 * (kl_pm + kl_qm)).clamp(min=0.0)
-
-
-@torch.no_grad()
-def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over `num_minibatches` minibatches of D_k (0 = all; -1 = off: None).
-    Both sides use the current running statistics: each train-mode pass moves them, so they are restored after it.
-    `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq. 6's
-    pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
-    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
-    if num_minibatches < 0:
-        return None
-    was_training = agent.training
-    saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
-    total = len(b_obs) // minibatch_size
-    divergences = []
-    for start in range(0, minibatch_size * (num_minibatches or total), minibatch_size):
-        mb_inds = perm[start : start + minibatch_size]
-        mb_obs = b_obs[mb_inds]
-        if b_eval_logits is None:
-            agent.eval()
-            eval_logits = agent.actor(agent.features(mb_obs))
-        else:
-            eval_logits = b_eval_logits[mb_inds]
-        agent.train()
-        train_logits = agent.actor(agent.features(mb_obs))
-        for name, buf in agent.named_buffers():
-            buf.copy_(saved_buffers[name])
-        divergences.append(js_divergence(train_logits, eval_logits).mean())
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state_all(cuda_rng)
-    agent.train(was_training)
-    return torch.stack(divergences).mean()
-
-
-def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_logprobs, mb_advantages, mb_returns, mb_values, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus."""
-    logratio = newlogprob - mb_logprobs
+def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
+    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
+    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
         old_approx_kl = (-logratio).mean()
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-    if args.norm_adv:
-        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
     newvalue = newvalue.view(-1)
     if args.clip_vloss:
-        v_loss_unclipped = (newvalue - mb_returns) ** 2
-        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-        v_loss_clipped = (v_clipped - mb_returns) ** 2
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb["returns"]) ** 2
         v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
     else:
-        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": v_loss.detach(),
-        "entropy": entropy_loss.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-    }
-    return loss, ratio, stats
+    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
+    return loss, ratio, dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
 
 
-@torch.no_grad()
-def eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics (and would hold its activations alongside). Side-effect
-    free: an eval-mode forward under no_grad updates no running statistic and draws no dropout mask."""
-    was_training = agent.training
-    agent.eval()
-    _, eval_logprob, _, _ = agent.get_action_and_value(mb_obs, mb_actions)
-    agent.train(was_training)
-    return (eval_logprob - mb_logprobs).exp()
-
-
-def trust_region_diagnostics(train_ratio, eval_ratio, clip_coef):
-    """Eq. 10-11 made measurable: mean |r' - r| between the optimized train-mode ratio r' and the eval-mode ratio r,
-    and the fraction of samples the clip cannot stop (r' inside [1 - eps, 1 + eps], r outside)."""
-    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
-    return {"ratio_gap": (train_ratio - eval_ratio).abs().mean(), "trust_region_violation": violation}
-
-
-def ppo_update(agent, optimizer, batch, mb_inds, args: Args, measure_ratio_gap: bool, timer):
-    """One minibatch gradient step in the agent's current mode; returns detached stats (no host sync). The ratio-gap
-    measurement is charged to the timer's "diagnostics" section (a disabled SectionTimer costs nothing)."""
-    mb_obs, mb_actions, mb_logprobs = batch["obs"][mb_inds], batch["actions"][mb_inds], batch["logprobs"][mb_inds]
-    eval_ratio = None
-    if measure_ratio_gap:
-        with timer("diagnostics"):
-            eval_ratio = eval_mode_ratio(agent, mb_obs, mb_actions, mb_logprobs)
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-    loss, ratio, stats = clipped_ppo_loss(
-        newlogprob,
-        entropy,
-        newvalue,
-        mb_logprobs,
-        batch["advantages"][mb_inds],
-        batch["returns"][mb_inds],
-        batch["values"][mb_inds],
-        args,
-    )
+def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
+    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
+    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
+    (it needs the running statistics the minibatch started with), or None."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
+    mb_advantages = mb["advantages"]
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    loss, ratio, stats = clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args)
     if eval_ratio is not None:
-        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, args.clip_coef))
+        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef))
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
     stats["loss"] = loss.detach()
     return stats
+
+
+@contextlib.contextmanager
+def temporary_mode(agent, training: bool):
+    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
+    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
+    agent.eval() calls, marked # MDR, are the method's alone."""
+    was_training = agent.training
+    agent.train(training)
+    try:
+        yield agent
+    finally:
+        agent.train(was_training)
+
+
+def js_divergence(logits_p, logits_q):
+    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
+    log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).clamp(min=0.0, max=math.log(2.0))
+
+
+@torch.no_grad()
+def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
+    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
+    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
+    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
+    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
+    if num_minibatches < 0:
+        return None
+    saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
+    total = len(b_obs) // minibatch_size
+    divergences = []
+    for start in range(0, minibatch_size * (min(num_minibatches, total) or total), minibatch_size):
+        mb_inds = perm[start : start + minibatch_size]
+        mb_obs = b_obs[mb_inds]
+        with temporary_mode(agent, training=False):
+            eval_logits = agent.actor(agent.features(mb_obs)) if b_eval_logits is None else b_eval_logits[mb_inds]
+        with temporary_mode(agent, training=True):
+            train_logits = agent.actor(agent.features(mb_obs))
+        for name, buf in agent.named_buffers():
+            buf.copy_(saved_buffers[name])
+        divergences.append(js_divergence(train_logits, eval_logits).mean())
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return torch.stack(divergences).mean()
+
+
+@torch.no_grad()
+def eval_mode_ratio(agent, mb):
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
+    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
+    updates no running statistic and draws no dropout mask."""
+    with temporary_mode(agent, training=False):
+        _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
+    return (eval_logprob - mb["logprobs"]).exp()
+
+
+def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
+    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
+    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
+    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
+    clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
+    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
+    signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
+    return {
+        "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
+        "trust_region_violation": violation,
+        "trust_region_violation_signed": signed,
+    }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(agent, b_obs, minibatch_size):
+    """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
+    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
+    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
+    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    norms = [m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and m.track_running_stats]
+    saved = {name: buf.clone() for name, buf in agent.named_buffers()}
+    stats = {m: [] for m in norms}
+    record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
+    hooks = [m.register_forward_hook(record) for m in norms]
+    with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
+        for start in range(0, len(b_obs), minibatch_size):
+            agent.features(b_obs[start : start + minibatch_size])
+            for name, buf in agent.named_buffers():
+                buf.copy_(saved[name])  # each pass sees the statistics the update left
+    for hook in hooks:
+        hook.remove()
+    for m in norms:
+        m.running_mean.copy_(torch.stack([mean for mean, _ in stats[m]]).mean(0))
+        m.running_var.copy_(torch.stack([var for _, var in stats[m]]).mean(0))
+
+
+@torch.no_grad()
+def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
+    """MDR rounds 2..R (paper App. D): values of D_k and of the state after it from the current eval-mode critic, and
+    the GAE advantages and returns of those values."""
+    with temporary_mode(agent, training=False):
+        chunks = range(0, len(batch["obs"]), args.minibatch_size)
+        values = torch.cat([agent.get_value(batch["obs"][i : i + args.minibatch_size]).flatten() for i in chunks])
+        next_value = agent.get_value(next_obs).reshape(1, -1)
+    advantages, returns = compute_gae(
+        rewards, values.view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
+    )
+    return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
+
+
+def main(args: Args):
+    validate_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("note: --cuda requested but CUDA is not available; running on CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image files)
+    try:
+        sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size, args.view_size)
+        train_tasks, test_tasks = make_task_sets(*sizes, seed=args.seed)
+        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
+    num_actions = envs.single_action_space.n
+    agent = Agent(num_actions, args).to(device)
+    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
+        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if args.compile:  # in place: the state_dict keys stay the same, so checkpoints load either way
+        agent.backbone.compile(dynamic=False)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
+    if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
+        print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
+
+    # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
+    obs_shape = envs.single_observation_space.shape
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    logits = torch.zeros((args.num_steps, args.num_envs, num_actions)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, start_iteration, wandb_id = 0, 1, None
+    next_obs = torch.as_tensor(envs.reset(seed=args.seed)[0]).to(device)
+    next_done = torch.zeros(args.num_envs).to(device)
+    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
+    live = {"agent": agent, "optimizer": optimizer, "envs": envs, "diag_generator": diag_generator}
+    if checkpoint is not None:
+        global_step, start_iteration, next_obs, next_done, wandb_id = restore_checkpoint(checkpoint, live, device)
+    logger = RunLogger(run_dir, args, wandb_id, global_step)  # only now, after every check has passed, is anything written
+    stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save a checkpoint, exit
+    iteration, exit_code = start_iteration - 1, 0
+    try:
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, args)
+
+            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
+            agent.train(args.collect_mode == "train")  # MDR: D_k is collected in eval mode, as the policy acts when deployed
+            finished = {"r": [], "normalized_r": [], "success": [], "l": []}  # the training episodes that end in this rollout
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs
+                obs[step] = next_obs
+                dones[step] = next_done
+                with torch.no_grad():
+                    policy, value = agent.get_policy_and_value(next_obs)
+                    action = policy.sample()
+                    values[step] = value.flatten()
+                    actions[step] = action
+                    logprobs[step] = policy.log_prob(action)
+                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
+                next_obs = torch.as_tensor(next_obs_np).to(device)
+                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
+                for key in finished:
+                    finished[key].extend(infos["episode"][key][infos["_episode"]] if "episode" in infos else [])
+                logger.advance(args.num_envs)
+
+            # 2. Advantages and value targets (GAE) of the eval-mode values
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs).reshape(1, -1)
+                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+            batch = {
+                "obs": obs.reshape((-1,) + obs.shape[2:]),
+                "logprobs": logprobs.reshape(-1),
+                "logits": logits.reshape(-1, num_actions),
+                "actions": actions.reshape(-1),
+                "advantages": advantages.reshape(-1),
+                "returns": returns.reshape(-1),
+                "values": values.reshape(-1),
+            }
+            diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
+            delta_pi_minus = policy_mismatch(*diag, batch["logits"] if args.collect_mode == "eval" else None)
+
+            # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
+            phase_stats = {"standard": [], "rectify": []}
+            b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
+            for mdr_round in range(args.mdr_rounds):
+                if mdr_round > 0:  # MDR: rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
+                    batch.update(recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args))
+                for epoch in range(args.alpha1 + args.alpha2):
+                    agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification in eval mode
+                    phase = "standard" if epoch < args.alpha1 else "rectify"
+                    np.random.shuffle(b_inds)
+                    epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                    for start in range(0, args.batch_size, args.minibatch_size):
+                        mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
+                        measure = phase == "standard" and args.diag_ratio_every > 0
+                        measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
+                        eval_ratio = eval_mode_ratio(agent, mb) if measure else None
+                        phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
+            if args.bn_recalibrate:  # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
+                recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
+            delta_pi_plus = policy_mismatch(*diag)
+
+            # 4. Logging (one host sync per iteration), held-out evaluation, checkpoint
+            scalars = iteration_scalars(args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus))
+            logger.log(scalars, iteration)
+            if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
+                tqdm.write(evaluate_and_log(agent, train_tasks, test_tasks, args, device, logger))
+            due = args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations)
+            if due or stop.requested:
+                save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger.wandb_id)
+            if stop.requested:
+                tqdm.write(f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)")
+                exit_code = 128 + stop.requested
+                break
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        exit_code = 1
+    except KeyboardInterrupt:
+        print(f"interrupted during iteration {iteration}; nothing saved for it", file=sys.stderr)
+        exit_code = 130
+    finally:
+        stop.restore()
+        envs.close()
+        logger.close(exit_code)
+    return exit_code
+
+
+# ======================================================================================================================
+# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is learned.
+# ======================================================================================================================
+
+
+class ConfigError(Exception):
+    """Bad input: printed as one line, no traceback."""
+
+
+# fields that may differ between a run and its --resume (everything else defines the computation)
+RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
+RESUMABLE_FIELDS += (
+    "save_model",
+    "checkpoint_interval",
+    "cuda",
+    "num_iterations",
+    "channels_last",
+    "compile",
+    "torch_threads",
+)
+PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
+
+
+def validate_args(args: Args) -> None:
+    """Reject impossible settings before anything is created (the task sets check their own settings)."""
+    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
+        raise ConfigError(f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 (e.g. 2 and 1)")
+    for name in ("mdr_rounds", "num_envs", "num_steps", "minibatch_size", "num_tasks", "num_test_tasks", "num_eval_envs"):
+        if getattr(args, name) < 1 or args.hidden_size < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} and --hidden-size must be >= 1")
+    check_minibatches(args)
+    if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
+        raise ConfigError(
+            f"need 0 <= --dropout-p < 1 (got {args.dropout_p}) and 0 < --bn-momentum <= 1 (got {args.bn_momentum})"
+        )
+    if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
+        raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
+    if args.bn_recalibrate and args.norm not in ("bn", "brn"):
+        raise ConfigError(f"--bn-recalibrate recomputes BatchNorm statistics: it needs --norm bn or brn, not {args.norm}")
+    if args.diag_minibatches < -1:
+        raise ConfigError(f"--diag-minibatches {args.diag_minibatches}: must be >= -1 (-1 = off)")
+    if not 0 <= args.num_render_episodes <= args.num_test_tasks:
+        raise ConfigError(f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks")
+
+
+def check_minibatches(args: Args) -> None:
+    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
+    is smaller, but never a single sample (its normalized advantage would be NaN)."""
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
+    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
+            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
+        )
+
+
+def default_run_name(args: Args) -> str:
+    """The run's folder under runs/, a function of what defines the run (so a requeued job finds its own folder)."""
+    source = "procedural" if args.image_source == "procedural" else os.path.basename(os.path.normpath(args.image_source))
+    norm = {"bn": f"bn{args.bn_momentum:g}", "brn": f"brn{args.bn_momentum:g}", "dropout": f"dropout{args.dropout_p:g}"}
+    mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
+    return f"patchloc-{source}-{args.num_tasks}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
+
+
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
+    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
 
 
 def mean_stats(stats_list):
@@ -548,74 +714,167 @@ def mean_stats(stats_list):
     return dict(zip(keys, means.tolist()))
 
 
-class SectionTimer:
-    """Wall and CPU time per section of an iteration (--timing): `with timer("env"): ...`. Sections nest; time counts
-    once, in the innermost open one, and time outside every section counts as "other". CPU time is this process's (all
-    its threads): on a shared machine it varies far less than wall time. On CUDA the timer synchronizes at each boundary
-    (kernels run asynchronously). Disabled, it hands out a shared no-op context: no clock read, no sync."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.sync = enabled, enabled and device.type == "cuda"
-        self.totals, self.open, self.last = {}, [], (0.0, 0.0)
-
-    def __call__(self, section: str):
-        return self._timed(section) if self.enabled else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _timed(self, section):
-        self._charge()
-        self.open.append(section)
-        try:
-            yield
-        finally:
-            self._charge()
-            self.open.pop()
-
-    def _charge(self):
-        """Add the wall and CPU time since the last boundary to the innermost open section."""
-        if self.sync:
-            torch.cuda.synchronize()
-        now = (time.perf_counter(), time.process_time())
-        if self.open:
-            for clock, start, end in zip(("time", "cpu"), self.last, now):
-                key = f"{self.open[-1]}_{clock}"
-                self.totals[key] = self.totals.get(key, 0.0) + end - start
-        self.last = now
-
-    def start(self):
-        """Begin an iteration."""
-        if self.enabled:
-            self.totals, self.open = {}, []
-            self._charge()
-            self.open.append("other")
-
-    def stop(self) -> dict:
-        """End the iteration: its seconds per section, {"env_time": wall, "env_cpu": CPU, ...} (empty when disabled)."""
-        if not self.enabled:
-            return {}
-        self._charge()
-        totals, self.totals, self.open = self.totals, {}, []
-        return totals
+def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
+    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); one host sync.
+    `finished`: the episodes that ended (returns, normalized returns, successes, lengths); `delta_pi`: (minus, plus)."""
+    delta_pi_minus, delta_pi_plus = delta_pi
+    all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
+    if not np.isfinite(all_stats["loss"]):
+        raise FloatingPointError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
+    y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+    var_y = np.var(y_true)
+    scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
+    scalars["losses/explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+        scalars[f"losses/{key}"] = all_stats[key]
+    for phase, stats_list in phase_stats.items():
+        for key, value in (mean_stats(stats_list) if stats_list else {}).items():
+            scalars[f"mdr/{key}" if key.startswith(("ratio_gap", "trust_region")) else f"losses/{phase}/{key}"] = value
+    if delta_pi_minus is not None:
+        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
+            [delta_pi_minus, delta_pi_plus]
+        ).tolist()
+    scalars.update(episode_scalars(finished, "") if finished["r"] else {})
+    scalars.update({"charts/episodic_length": float(np.mean(finished["l"]))} if finished["l"] else {})
+    return scalars
 
 
-def peak_memory_gb(device) -> dict:
-    """Peak resident memory of this process (ru_maxrss, KiB on Linux) and, on CUDA, torch's peak allocation."""
-    import resource  # Unix only, and needed only with --timing
+def get_rng_states(diag_generator):
+    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "diag": diag_generator.get_state(),
+    }
 
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.type == "cuda":
-        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return peak
+
+def set_rng_states(states, diag_generator):
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    diag_generator.set_state(states["diag"])
 
 
-def to_device(array, staging: torch.Tensor, device):
-    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
-    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
-    read-back synchronizes before staging is written again."""
-    if device.type != "cuda":
-        return torch.as_tensor(array, dtype=staging.dtype)
-    staging.copy_(torch.from_numpy(array))
-    return staging.to(device, non_blocking=True)
+def find_checkpoint(args: Args, run_dir: str):
+    """(checkpoint or None, run folder). --resume PATH: that checkpoint, in its run's folder; --resume auto: the folder's
+    checkpoint if there is one, else a fresh run (checkpoints on). A fresh run never mixes into an old run's folder."""
+    path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    args.save_model = args.save_model or args.resume == "auto"
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    if args.resume is None or args.resume == "auto" and not os.path.exists(path):
+        if events and args.resume is None:
+            raise ConfigError(f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another")
+        for stale in events:  # --resume auto, and the job was stopped before its first checkpoint: start afresh
+            os.remove(stale)
+        return None, run_dir
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file
+        raise ConfigError(
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one --save-model wrote"
+        ) from None
+    required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
+    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
+        raise ConfigError(
+            f"--resume {path}: not a checkpoint of this script (it lacks {sorted(required - set(checkpoint or {}))})"
+        )
+    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
+    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
+    if changed:
+        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+    return checkpoint, os.path.join("runs", checkpoint["run_name"])
+
+
+class StopRequest:
+    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
+    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)")
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class RunLogger:
+    """runs/<run>/: args.json and TensorBoard scalars (CleanRL's keys), mirrored to wandb with --track (the wandb run id
+    goes into the checkpoint, so a resumed or requeued run continues its wandb run). Progress: on a terminal a tqdm bar
+    over the run's steps that moves within an iteration; elsewhere (a cluster's log file) one plain line per iteration."""
+
+    def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.args, self.wandb_id, self.global_step = args, wandb_id, global_step
+        self.start_time, self.start_step = time.time(), global_step
+        if args.track:
+            import wandb
+
+            run_name = os.path.relpath(run_dir, "runs")
+            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
+            self.wandb_id = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
+                config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
+            ).id  # fmt: skip
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
+        total = args.num_iterations * args.batch_size
+        self.bar = tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
+
+    def advance(self, steps: int):
+        self.global_step += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, scalars: dict, iteration: Optional[int] = None):
+        """Write the scalars at the current step; with `iteration`, also SPS and the progress line (or bar)."""
+        if iteration is not None:
+            scalars = {**scalars, "charts/SPS": int((self.global_step - self.start_step) / (time.time() - self.start_time))}
+            shown = {tag.split("/")[-1]: scalars[tag] for tag in PRINTED_KEYS if tag in scalars}
+            if self.bar is not None:
+                self.bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items()}, refresh=False)
+            else:
+                values = "".join(f", {key}={value:.4g}" for key, value in shown.items())
+                print(f"iteration={iteration}/{self.args.num_iterations}, global_step={self.global_step}{values}", flush=True)
+        for tag, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, self.global_step)
+
+    def close(self, exit_code: int):
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish(exit_code=exit_code)
+
+
+def wandb_tags(args: Args) -> list:
+    momentum = [f"bn_momentum={args.bn_momentum:g}"] if args.norm in ("bn", "brn") else []
+    source = "procedural" if args.image_source == "procedural" else "folder"
+    return [f"patchloc-{source}", f"tasks={args.num_tasks}", f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})"] + [
+        f"seed={args.seed}",
+        *momentum,
+    ]
 
 
 def greedy_action(agent, obs, device):
@@ -629,16 +888,14 @@ def evaluate(agent, task_set, num_tasks: int, args: Args, device):
     of the return, the normalized return (fraction of the task's exact optimum) and success."""
     envs = PatchLocVecEnv(task_set, min(args.num_eval_envs, num_tasks), max_steps=args.max_episode_steps)
     next_obs, _ = envs.reset(seed=args.seed, options={"task_ids": np.arange(num_tasks)})
-    was_training = agent.training
-    agent.eval()
     results = {"r": [], "normalized_r": [], "success": []}
-    while len(results["r"]) < num_tasks:
-        next_obs, _, _, _, infos = envs.step(greedy_action(agent, next_obs, device))
-        if "episode" in infos:
-            counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
-            for key in results:
-                results[key].extend(infos["episode"][key][counted])
-    agent.train(was_training)
+    with temporary_mode(agent, training=False):
+        while len(results["r"]) < num_tasks:
+            next_obs, _, _, _, infos = envs.step(greedy_action(agent, next_obs, device))
+            if "episode" in infos:
+                counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
+                for key in results:
+                    results[key].extend(infos["episode"][key][counted])
     return {key: np.asarray(values) for key, values in results.items()}
 
 
@@ -665,378 +922,70 @@ def draw_episode(image, window_boxes, target_box):
 def render_episodes(agent, task_set, args: Args, device):
     """Greedy eval-mode episodes on the first --num-render-episodes tasks, drawn side by side (H, W, 3) uint8."""
     env = PatchLocEnv(task_set, max_steps=args.max_episode_steps)
-    was_training = agent.training
-    agent.eval()
     drawings = []
-    for task_id in range(args.num_render_episodes):
-        obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
-        boxes, done = [env.window_box], False
-        while not done:
-            obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
-            boxes.append(env.window_box)
-            done = terminated or truncated
-        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
-    agent.train(was_training)
+    with temporary_mode(agent, training=False):
+        for task_id in range(args.num_render_episodes):
+            obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
+            boxes, done = [env.window_box], False
+            while not done:
+                obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
+                boxes.append(env.window_box)
+                done = terminated or truncated
+            drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
     return np.concatenate(drawings, axis=1)
 
 
-def episode_summary(returns, normalized, successes, prefix):
-    """Log values of a set of episodes: mean return, percent of the optimal return, success rate."""
-    return {
-        f"charts/{prefix}episodic_return": float(np.mean(returns)),
-        f"charts/{prefix}normalized_reward": 100.0 * float(np.mean(normalized)),
-        f"charts/{prefix}success_rate": float(np.mean(successes)),
-    }
-
-
-def get_rng_states(diag_generator):
-    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "diag": diag_generator.get_state(),
-    }
-
-
-def set_rng_states(states, diag_generator):
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    diag_generator.set_state(states["diag"])
-
-
-def save_checkpoint(path, state):
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def load_checkpoint(path, args: Args):
-    """Read and check a checkpoint written by --save-model; one-line ConfigError on anything wrong."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one written by --save-model"
-        ) from None
-    required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
-    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
-        raise ConfigError(f"--resume {path}: not a checkpoint of this script (missing {sorted(required - set(checkpoint))})")
-    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
-    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
-    if changed:
-        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
-    return checkpoint
-
-
-def main(args: Args):
-    validate_args(args)
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint = load_checkpoint(args.resume, args) if args.resume else None
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if args.cuda and not torch.cuda.is_available():
-        print("note: --cuda requested but CUDA is not available; running on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image files)
-    try:
-        train_tasks, test_tasks = make_task_sets(
-            args.num_tasks, args.num_test_tasks, args.image_source, args.image_size, args.view_size, seed=args.seed
+def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger) -> str:
+    """Held-out evaluation, and as many training tasks under the same protocol for the generalization gap; logs the
+    scalars and the drawn episodes, returns the line to print."""
+    test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
+    train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
+    gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
+    scalars = {**episode_scalars(test, "test_"), "charts/generalization_gap": gap}
+    logger.log(scalars)
+    if args.num_render_episodes:
+        logger.writer.add_image(
+            "eval/test_episodes", render_episodes(agent, test_tasks, args, device), logger.global_step, dataformats="HWC"
         )
-        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
-    except PatchLocConfigError as e:
-        raise ConfigError(str(e)) from None
-    agent = Agent(envs.single_action_space.n, args).to(device)
-    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
-        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
-    if args.compile:  # in place: the state_dict keys stay the same, so checkpoints load either way
-        agent.backbone.compile(dynamic=False)
-    optimizer = torch.optim.Adam(
-        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    return (
+        f"held-out evaluation: test_normalized_reward={scalars['charts/test_normalized_reward']:.1f}%, "
+        f"test_success_rate={scalars['charts/test_success_rate']:.2f}, generalization_gap={gap:.1f} points"
     )
-    if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
-        print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
 
-    # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
-    obs_shape = envs.single_observation_space.shape
-    obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    logits = torch.zeros((args.num_steps, args.num_envs, envs.single_action_space.n)).to(device)
-    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    # host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are asynchronous
-    pin = device.type == "cuda"
-    staging = {
-        "obs": torch.empty((args.num_envs,) + obs_shape, dtype=torch.uint8, pin_memory=pin),
-        "reward": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
-        "done": torch.empty(args.num_envs, dtype=torch.float32, pin_memory=pin),
+
+def episode_scalars(episodes: dict, prefix: str) -> dict:
+    """Mean return, percent of the optimal return, success rate of a set of episodes."""
+    return {
+        f"charts/{prefix}episodic_return": float(np.mean(episodes["r"])),
+        f"charts/{prefix}normalized_reward": 100.0 * float(np.mean(episodes["normalized_r"])),
+        f"charts/{prefix}success_rate": float(np.mean(episodes["success"])),
     }
-    timer = SectionTimer(args.timing, device)
 
-    # TRY NOT TO MODIFY: start the game
-    global_step, start_iteration = 0, 1
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs).to(device)
-    next_done = torch.zeros(args.num_envs).to(device)
-    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
-    source = "procedural" if args.image_source == "procedural" else os.path.basename(os.path.normpath(args.image_source))
-    run_name = (
-        f"patchloc-{source}-{args.num_tasks}__{args.exp_name}__{args.norm}__mdr{args.alpha1}-{args.alpha2}"
-        f"__{args.seed}__{int(time.time())}"
-    )
-    wandb_id = None
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        run_name, wandb_id = checkpoint["run_name"], checkpoint.get("wandb_id")
-        envs.set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in checkpoint["env"]["envs"].items()})
-        next_obs = checkpoint["env"]["next_obs"].to(device)
-        next_done = checkpoint["env"]["next_done"].to(device)
-        set_rng_states(checkpoint["rng"], diag_generator)
-        print(f"resumed {run_name} at iteration {checkpoint['iteration']}, global_step {global_step}")
 
-    # logging: only now, after every check has passed, is anything written
-    run_dir = os.path.join("runs", run_name)
-    if args.track:
-        import wandb
+def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
+    """Everything a bit-for-bit continuation needs: `live` (agent, optimizer, envs, diag_generator), the RNG streams,
+    `rollout` = (next_obs, next_done). An atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
+    state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
+    state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), wandb_id=wandb_id)
+    state["rng"] = get_rng_states(live["diag_generator"])
+    state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
-        wandb_run = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            group=args.wandb_group,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            tags=[
-                f"patchloc-{source}",
-                f"tasks={args.num_tasks}",
-                f"norm={args.norm}",
-                f"mdr=({args.alpha1},{args.alpha2})",
-                f"seed={args.seed}",
-            ],
-            id=wandb_id,  # None on a fresh run: wandb picks one, kept in the checkpoint so --resume continues it
-            resume="allow",
-            save_code=True,
-        )
-        wandb_id = wandb_run.id
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
-    def checkpoint_state(iteration):
-        return {
-            "agent": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "global_step": global_step,
-            "iteration": iteration,
-            "run_name": run_name,
-            "wandb_id": wandb_id,
-            "args": asdict(args),
-            "rng": get_rng_states(diag_generator),
-            "env": {
-                "envs": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in envs.get_state().items()},
-                "next_obs": next_obs.cpu(),
-                "next_done": next_done.cpu(),
-            },
-        }
-
-    # Ctrl-C: finish the current iteration, save, close cleanly; a second Ctrl-C quits at once
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to quit at once)")
-
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    start_time, start_step = time.time(), global_step
-    iteration, exit_code = start_iteration - 1, 0
-    try:
-        for iteration in range(start_iteration, args.num_iterations + 1):
-            optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, args)
-
-            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            timer.start()
-            agent.eval()
-            finished = {"r": [], "normalized_r": [], "success": [], "l": []}
-            for step in range(0, args.num_steps):
-                global_step += args.num_envs
-                obs[step] = next_obs
-                dones[step] = next_done
-                with timer("inference"), torch.no_grad():
-                    policy, value = agent.get_policy_and_value(next_obs)
-                    action = policy.sample()
-                    values[step] = value.flatten()
-                    actions[step] = action
-                    logprobs[step] = policy.log_prob(action)
-                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
-                with timer("env"):
-                    next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                    rewards[step] = to_device(reward, staging["reward"], device)
-                    next_obs = to_device(next_obs_np, staging["obs"], device)
-                    next_done = to_device(np.logical_or(terminations, truncations), staging["done"], device)
-                    if "episode" in infos:
-                        for key in finished:
-                            finished[key].extend(infos["episode"][key][infos["_episode"]])
-
-            # 2. Advantages and value targets (GAE) of the eval-mode values
-            with timer("inference"), torch.no_grad():
-                next_value = agent.get_value(next_obs).reshape(1, -1)
-            with timer("update"), torch.no_grad():
-                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-
-            # flatten the batch
-            batch = {
-                "obs": obs.reshape((-1,) + obs.shape[2:]),
-                "logprobs": logprobs.reshape(-1),
-                "logits": logits.reshape((-1,) + logits.shape[2:]),
-                "actions": actions.reshape(-1),
-                "advantages": advantages.reshape(-1),
-                "returns": returns.reshape(-1),
-                "values": values.reshape(-1),
-            }
-            diag_mb = min(args.diag_minibatches, args.batch_size // args.minibatch_size)  # 0: all of D_k; -1: off
-            with timer("diagnostics"):
-                delta_pi_minus = policy_mismatch(
-                    agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator, b_eval_logits=batch["logits"]
-                )
-
-            # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
-            phase_stats = {"standard": [], "rectify": []}
-            b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
-            with timer("update"):
-                for mdr_round in range(args.mdr_rounds):
-                    if mdr_round > 0:  # values and GAE recomputed on D_k by the eval-mode critic (paper App. D)
-                        batch["values"] = compute_values(agent, batch["obs"], args.minibatch_size)
-                        with torch.no_grad():
-                            next_value = agent.get_value(next_obs).reshape(1, -1)
-                        advantages, returns = compute_gae(
-                            rewards,
-                            batch["values"].view_as(rewards),
-                            dones,
-                            next_value,
-                            next_done,
-                            args.gamma,
-                            args.gae_lambda,
-                        )
-                        batch["advantages"], batch["returns"] = advantages.reshape(-1), returns.reshape(-1)
-                    for phase, num_epochs in (("standard", args.alpha1), ("rectify", args.alpha2)):
-                        agent.train(phase == "standard")
-                        for epoch in range(num_epochs):
-                            np.random.shuffle(b_inds)
-                            epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
-                            for start in range(0, args.batch_size, args.minibatch_size):
-                                mb_inds = epoch_inds[start : start + args.minibatch_size]
-                                measure = phase == "standard" and args.diag_ratio_every > 0
-                                measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
-                                phase_stats[phase].append(ppo_update(agent, optimizer, batch, mb_inds, args, measure, timer))
-            agent.eval()
-            with timer("diagnostics"):
-                delta_pi_plus = policy_mismatch(agent, batch["obs"], args.minibatch_size, diag_mb, diag_generator)
-
-            # 4. Logging (one host sync per iteration)
-            all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
-            if not np.isfinite(all_stats["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here and the "
-                    "last checkpoint (if any) is intact; try a lower --learning-rate or --max-grad-norm"
-                )
-            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            train_summary = {}
-            if finished["r"]:
-                train_summary = episode_summary(finished["r"], finished["normalized_r"], finished["success"], "")
-                train_summary["charts/episodic_length"] = float(np.mean(finished["l"]))
-                for key, value in train_summary.items():
-                    writer.add_scalar(key, value, global_step)
-            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-                writer.add_scalar(f"losses/{key}", all_stats[key], global_step)
-            for phase, stats_list in phase_stats.items():
-                if stats_list:
-                    for key, value in mean_stats(stats_list).items():
-                        prefix = "mdr" if key in ("ratio_gap", "trust_region_violation") else f"losses/{phase}"
-                        writer.add_scalar(f"{prefix}/{key}", value, global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            if diag_mb >= 0:
-                delta_pi_minus, delta_pi_plus = torch.stack([delta_pi_minus, delta_pi_plus]).tolist()
-                writer.add_scalar("charts/delta_pi_minus", delta_pi_minus, global_step)
-                writer.add_scalar("charts/delta_pi_plus", delta_pi_plus, global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            print(
-                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
-                f"episodic_return={train_summary.get('charts/episodic_return', float('nan')):.3f}, "
-                f"normalized_reward={train_summary.get('charts/normalized_reward', float('nan')):.1f}%, "
-                f"delta_pi_minus={'n/a' if diag_mb < 0 else f'{delta_pi_minus:.2e}'}, SPS={sps}"
-            )
-
-            if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
-                # held-out tasks, and as many training tasks under the same protocol for the generalization gap
-                with timer("evaluation"):
-                    test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
-                    train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
-                    drawing = render_episodes(agent, test_tasks, args, device) if args.num_render_episodes else None
-                test_summary = episode_summary(test["r"], test["normalized_r"], test["success"], "test_")
-                for key, value in test_summary.items():
-                    writer.add_scalar(key, value, global_step)
-                gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
-                writer.add_scalar("charts/generalization_gap", gap, global_step)
-                if drawing is not None:
-                    writer.add_image("eval/test_episodes", drawing, global_step, dataformats="HWC")
-                print(
-                    f"held-out evaluation: test_normalized_reward={test_summary['charts/test_normalized_reward']:.1f}%, "
-                    f"test_success_rate={test_summary['charts/test_success_rate']:.2f}, generalization_gap={gap:.1f} points"
-                )
-
-            if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations):
-                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
-            if args.timing:  # seconds per section of this iteration, and the peak memory so far
-                for name, value in {**timer.stop(), **peak_memory_gb(device)}.items():
-                    writer.add_scalar(f"perf/{name}", value, global_step)
-            if stop_requested:
-                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state(iteration))
-                print(f"stopped at iteration {iteration}; resume with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
-                exit_code = 130
-                break
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_code = 1
-    except KeyboardInterrupt:
-        print(f"interrupted during iteration {iteration}; nothing saved for it", file=sys.stderr)
-        exit_code = 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        envs.close()
-        writer.close()
-        if args.track:
-            wandb.finish(exit_code=exit_code)
-    return exit_code
+def restore_checkpoint(checkpoint, live, device):
+    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
+    wandb run id)."""
+    live["agent"].load_state_dict(checkpoint["agent"])
+    live["optimizer"].load_state_dict(checkpoint["optimizer"])
+    env = checkpoint["env"]
+    live["envs"].set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()})
+    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
+    next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
+    return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,10 @@ class Args:
     """epochs per round in train mode (standard phase)"""
     alpha2: int = 1
     """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
+    collect_mode: Literal["eval", "train"] = "eval"
+    """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the env batch, as CoinRun)"""
+    bn_recalibrate: bool = False
+    """after each update, reset BatchNorm's running statistics to their average over D_k under the new weights (precise BN)"""
     mdr_rounds: int = 1
     """rounds R per rollout; values and advantages are recomputed (eval mode) before rounds 2..R"""
 
@@ -368,27 +372,21 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy, over `num_minibatches` full minibatches of D_k (0 = all; -1 = off:
-    None). Both sides use the current running statistics: each train-mode pass moves them, so they are restored after
-    it. `b_eval_logits`: the eval-mode logits of b_obs if already known (before the update they are the rollout's: eq.
-    6's pi^{mu_r^-}_{theta_k} is the behaviour policy), which saves one forward pass per minibatch.
-    Side-effect free: running stats, num_batches_tracked, parameters and the global RNG streams are restored."""
+    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
+    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
+    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
     for start in range(0, minibatch_size * (min(num_minibatches, total) or total), minibatch_size):
         mb_inds = perm[start : start + minibatch_size]
         mb_obs = b_obs[mb_inds]
-        if b_eval_logits is None:
-            with temporary_mode(agent, training=False):
-                eval_logits = agent.actor(agent.features(mb_obs))
-        else:
-            eval_logits = b_eval_logits[mb_inds]
+        with temporary_mode(agent, training=False):
+            eval_logits = agent.actor(agent.features(mb_obs)) if b_eval_logits is None else b_eval_logits[mb_inds]
         with temporary_mode(agent, training=True):
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
@@ -411,22 +409,41 @@ def eval_mode_ratio(agent, mb):
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 made measurable, from the optimized train-mode ratio r' and the eval-mode ratio r of one minibatch:
-    ratio_gap = mean |r' - r|; trust_region_violation = fraction with r' inside [1 - eps, 1 + eps] and r outside;
-    trust_region_violation_signed = fraction whose gradient the clip would stop under r but does not under r' (the
-    clip stops a sample only on the side its advantage pushes to: r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
-
-    def inside(ratio):
-        return (ratio - 1.0).abs() <= clip_coef
-
-    def clipped(ratio):
-        return ((advantages > 0) & (ratio > 1.0 + clip_coef)) | ((advantages < 0) & (ratio < 1.0 - clip_coef))
-
+    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
+    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
+    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
+    clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
+    violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
+    signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     return {
         "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
-        "trust_region_violation": (inside(train_ratio) & ~inside(eval_ratio)).float().mean(),
-        "trust_region_violation_signed": (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean(),
+        "trust_region_violation": violation,
+        "trust_region_violation_signed": signed,
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(agent, b_obs, minibatch_size):
+    """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
+    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
+    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
+    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    norms = [m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and m.track_running_stats]
+    saved = {name: buf.clone() for name, buf in agent.named_buffers()}
+    stats = {m: [] for m in norms}
+    record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
+    hooks = [m.register_forward_hook(record) for m in norms]
+    with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
+        for start in range(0, len(b_obs), minibatch_size):
+            agent.features(b_obs[start : start + minibatch_size])
+            for name, buf in agent.named_buffers():
+                buf.copy_(saved[name])  # each pass sees the statistics the update left
+    for hook in hooks:
+        hook.remove()
+    for m in norms:
+        m.running_mean.copy_(torch.stack([mean for mean, _ in stats[m]]).mean(0))
+        m.running_var.copy_(torch.stack([var for _, var in stats[m]]).mean(0))
 
 
 @torch.no_grad()
@@ -484,7 +501,6 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    staging = make_staging(args.num_envs, obs_shape, device)
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration, wandb_id = 0, 1, None
@@ -504,7 +520,7 @@ def main(args: Args):
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            agent.eval()  # MDR: D_k is collected in eval mode (running statistics), as the policy acts when deployed
+            agent.train(args.collect_mode == "train")  # MDR: D_k is collected in eval mode, as the policy acts when deployed
             finished = ([], [])  # returns and lengths of the training episodes that end in this rollout
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
@@ -518,9 +534,9 @@ def main(args: Args):
                     logprobs[step] = policy.log_prob(action)
                     logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
                 next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
-                rewards[step] = to_device(reward, staging["reward"], device)
-                next_obs = to_device(next_obs_np["rgb"], staging["obs"], device)
-                next_done = to_device(done, staging["done"], device)
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
+                next_obs = torch.as_tensor(next_obs_np["rgb"]).to(device)
+                next_done = torch.as_tensor(done, dtype=torch.float32).to(device)
                 for ended, values_of_ended in zip(finished, tracker.update(reward, done)):
                     ended.extend(values_of_ended)
                 logger.advance(args.num_envs)
@@ -539,7 +555,7 @@ def main(args: Args):
                 "values": values.reshape(-1),
             }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, batch["logits"])
+            delta_pi_minus = policy_mismatch(*diag, batch["logits"] if args.collect_mode == "eval" else None)
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
@@ -558,6 +574,8 @@ def main(args: Args):
                         measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
                         eval_ratio = eval_mode_ratio(agent, mb) if measure else None
                         phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
+            if args.bn_recalibrate:  # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
+                recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
             # 4. Logging (one host sync per iteration), held-out evaluation, checkpoint
@@ -566,17 +584,17 @@ def main(args: Args):
             if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
                 test_returns = evaluate(agent, args, device, iteration)
                 logger.log(episode_scalars(args.env_id, test_returns, "test_"))
-                logger.write(
+                tqdm.write(
                     f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f} ({len(test_returns)} levels)"
                 )
             due = args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations)
             if due or stop.requested:
                 save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger.wandb_id)
             if stop.requested:
-                logger.write(f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)")
+                tqdm.write(f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)")
                 exit_code = 128 + stop.requested
                 break
-    except NonFiniteLossError as e:
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         exit_code = 1
     except KeyboardInterrupt:
@@ -596,10 +614,6 @@ def main(args: Args):
 
 class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN/inf: the run stops before anything is saved."""
 
 
 # fields that may differ between a run and its --resume (everything else defines the computation)
@@ -625,17 +639,30 @@ def validate_args(args: Args) -> None:
     for name in ("mdr_rounds", "num_envs", "num_steps", "minibatch_size", "num_levels", "num_test_levels", "num_eval_envs"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
+    check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError(
             f"need 0 <= --dropout-p < 1 (got {args.dropout_p}) and 0 < --bn-momentum <= 1 (got {args.bn_momentum})"
         )
     if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
         raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
+    if args.bn_recalibrate and args.norm not in ("bn", "brn"):
+        raise ConfigError(f"--bn-recalibrate recomputes BatchNorm statistics: it needs --norm bn or brn, not {args.norm}")
     if args.diag_minibatches < -1:
         raise ConfigError(f"--diag-minibatches {args.diag_minibatches}: must be >= -1 (-1 = off)")
+
+
+def check_minibatches(args: Args) -> None:
+    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
+    is smaller, but never a single sample (its normalized advantage would be NaN)."""
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
+    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
+            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
+        )
 
 
 def default_run_name(args: Args) -> str:
@@ -669,33 +696,13 @@ def mean_stats(stats_list):
     return dict(zip(keys, means.tolist()))
 
 
-def to_device(array, staging: torch.Tensor, device):
-    """A numpy array from the env as a tensor of staging's dtype on the device. CPU: no copy where the dtypes agree.
-    CUDA: copied into the preallocated pinned `staging`, then sent asynchronously; safe, because the next step's action
-    read-back synchronizes before staging is written again."""
-    if device.type != "cuda":
-        return torch.as_tensor(array, dtype=staging.dtype)
-    staging.copy_(torch.from_numpy(array))
-    return staging.to(device, non_blocking=True)
-
-
-def make_staging(num_envs, obs_shape, device) -> dict:
-    """Host-side staging of the env's outputs, pinned on CUDA so that their per-step copies to the device are async."""
-    shapes = {
-        "obs": ((num_envs,) + obs_shape, torch.uint8),
-        "reward": (num_envs, torch.float32),
-        "done": (num_envs, torch.float32),
-    }
-    return {key: torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda") for key, (shape, dtype) in shapes.items()}
-
-
 def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
     """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); one host sync.
     `finished`: (returns, lengths) of the episodes that ended; `delta_pi`: (Delta pi minus, plus) or (None, None)."""
     (returns, lengths), (delta_pi_minus, delta_pi_plus) = finished, delta_pi
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
-        raise NonFiniteLossError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
+        raise FloatingPointError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
     scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
@@ -832,9 +839,6 @@ class RunLogger:
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, self.global_step)
-
-    def write(self, message: str):
-        (self.bar.write if self.bar is not None else print)(message)
 
     def close(self, exit_code: int):
         if self.bar is not None:
