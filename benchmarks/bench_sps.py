@@ -15,6 +15,7 @@ threads), which other jobs on a shared machine disturb far less.
     python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,procgen/ppo --repeats 5
     python benchmarks/bench_sps.py --device cuda --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
     python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design   # memory at paper settings
+    python benchmarks/bench_sps.py --configs procgen/paper,procgen/paper-amp --shape 4,16,32 --warmup 0 --repeats 1  # smoke
 
 Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
 minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper: 750 steps, minibatch 128, 112 px;
@@ -23,10 +24,14 @@ envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with th
 --alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag / ppo-nodiag = the same with the
 diagnostics off; threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
 is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
-compile = --compile; paper, paper-amp, paper-compile = the paper's 64 envs x 256 steps, minibatch 2048, one iteration
-(~7 min per run on 2 CPU cores, compute bound included); paper-nodiag = paper with the diagnostics off and no compute
+compile = --compile; paper, paper-amp, paper-compile, paper-nochannelslast = the paper's 64 envs x 256 steps, minibatch
+2048, one iteration (~7 min per run on 2 CPU cores, compute bound included), the last with --no-channels-last (a no-op
+on CPU; on CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagnostics off and no compute
 bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch (--alpha1 1 --alpha2 1): every
 minibatch has the paper's size, so the peak memory is the full iteration's; paper-memory-amp: the same with --amp.
+--warmup and --iterations, where given, replace every configuration's own counts (on a GPU a paper-shape iteration takes
+seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces every configuration's envs, steps and
+minibatch size (a smoke test of the benchmark itself, as benchmarks/gpu_check.sh --quick runs it).
 """
 
 import argparse
@@ -67,6 +72,7 @@ SCRIPTS = {
     ),
     "probe": ("ppo_collapse_probe", {"num_envs": 4, "num_steps": 32, "minibatch_size": 32}, {}),
 }
+RUN_LENGTH = {"iterations": 2, "warmup": 1}  # measured iterations per run, and unmeasured ones before them
 PAPER_SHAPE = {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}
 NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
 MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
@@ -84,6 +90,7 @@ CONFIGS = {
     "procgen/paper": ({}, {}, PAPER_SHAPE),
     "procgen/paper-amp": ({"amp": True}, {}, PAPER_SHAPE),
     "procgen/paper-compile": ({"compile": True}, {}, PAPER_SHAPE),
+    "procgen/paper-nochannelslast": ({"channels_last": False}, {}, PAPER_SHAPE),
     "procgen/paper-nodiag": (NO_DIAG, {}, {**PAPER_SHAPE, "bound": False}),
     "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
     "procgen/paper-memory-amp": ({"alpha1": 1, "alpha2": 1, "amp": True}, {}, {**PAPER_SHAPE, "bound": False}),
@@ -114,6 +121,7 @@ PAIRS = [
     ("procgen/compile", "procgen/mdr", "Procgen: --compile / default"),
     ("procgen/paper-amp", "procgen/paper", "Procgen, paper shapes: --amp / default"),
     ("procgen/paper-compile", "procgen/paper", "Procgen, paper shapes: --compile / default"),
+    ("procgen/paper", "procgen/paper-nochannelslast", "Procgen, paper shapes: channels_last (default) / --no-channels-last"),
     ("procgen/paper-nodiag", "procgen/paper", "Procgen, paper shapes: diagnostics off / default diagnostics"),
     ("patchloc/mdr", "patchloc/ppo", "Patch-loc: MDR(2,1) / PPO(3,0), 3 rounds"),
     ("patchloc/nodiag", "patchloc/ppo-nodiag", "Patch-loc: MDR(2,1) / PPO(3,0), diagnostics off"),
@@ -414,11 +422,20 @@ def memory_design(num_envs, num_steps, minibatch_size):
     return measured
 
 
+def parse_shape(text):
+    try:
+        num_envs, num_steps, minibatch_size = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ENVS,STEPS,MINIBATCH, e.g. 4,16,32") from None
+    return {"num_envs": num_envs, "num_steps": num_steps, "minibatch_size": minibatch_size}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--iterations", type=int, default=2, help="measured iterations per run")
-    parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not measured")
+    parser.add_argument("--iterations", type=int, help="measured iterations per run (default 2; the paper configs: 1)")
+    parser.add_argument("--warmup", type=int, help="unmeasured iterations before them (default 1; the paper configs: 0)")
+    parser.add_argument("--shape", type=parse_shape, help="ENVS,STEPS,MINIBATCH for every configuration (a smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--memory-design", action="store_true", help="also measure the storage designs at paper settings")
@@ -438,13 +455,15 @@ def main():
         sys.exit(f"error: unknown --configs {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     print(f"Machine: {machine_line(cli.device)}")
     print(f"Command: python {' '.join(sys.argv)}")
+    given = {"iterations": cli.iterations, "warmup": cli.warmup, **(cli.shape or {})}
+    overrides_of_shape = {key: value for key, value in given.items() if value is not None}
     results = {name: [] for name in names}
     for repeat in range(cli.repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:  # A B C, C B A, ...: no config always runs first
             overrides, env_extra, shape = CONFIGS[name]
             script = name.split("/")[0]
-            base = {**SCRIPTS[script][1], "iterations": cli.iterations, "warmup": cli.warmup}
-            spec = {"device": cli.device, "script": script, "overrides": overrides, "shape": {**base, **shape}}
+            shape = {**SCRIPTS[script][1], **RUN_LENGTH, **shape, **overrides_of_shape}
+            spec = {"device": cli.device, "script": script, "overrides": overrides, "shape": shape}
             result = run_worker(["--worker", json.dumps(spec)], env_extra)
             results[name].append({**result, "spec": spec})
             if cli.json:  # after every run: an interrupted benchmark keeps what it measured
