@@ -176,9 +176,14 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
         if min(levels[0].imagelength, levels[0].imagewidth) < image_size:
             raise UnusableImage(f"smaller than {image_size} px")
         page = [p for p in levels if min(p.imagelength, p.imagewidth) >= image_size][-1]
+        # JPEG tiles stored as YCbCr (how scanners and tifffile write them) come out of the JPEG codec as RGB.
+        rgb = page.photometric == tifffile.PHOTOMETRIC.RGB or (
+            page.photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression == tifffile.COMPRESSION.JPEG
+        )
+        grey = page.photometric == tifffile.PHOTOMETRIC.MINISBLACK
         if (
             page.dtype != np.uint8
-            or page.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK)
+            or not (rgb or grey)
             or page.planarconfig != tifffile.PLANARCONFIG.CONTIG
             or page.imagedepth != 1
         ):
@@ -189,7 +194,7 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
         out_side = crop // factor
         y0, x0 = (height - crop) // 2, (width - crop) // 2
         y1, x1 = y0 + out_side * factor, x0 + out_side * factor
-        channels = 3 if page.photometric != tifffile.PHOTOMETRIC.MINISBLACK else 1
+        channels = 1 if grey else 3
         sums = np.zeros((out_side, out_side, channels), dtype=np.uint64)
         # One segment decoded at a time (maxworkers=1) and reads of at most 4 MB: memory stays bounded.
         for segment, (_, _, sy, sx, _), _ in page.segments(maxworkers=1, buffersize=2**22):

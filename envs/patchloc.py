@@ -147,7 +147,7 @@ class TaskSet:
         side = frame.shape[0]
         window_colour, target_colour = OUTLINE_COLOURS[_colour_ranking(self.levels[0][self.task_images[task_id]])[:2]]
         pixel_boxes = _inclusive_pixel_boxes(side)
-        thickness = max(1, side // 150)
+        thickness = max(1, side // 128)
         _draw_outline(frame, pixel_boxes[self.target_states[task_id]], target_colour, thickness)
         _draw_outline(frame, pixel_boxes[state], window_colour, thickness)
         return frame

@@ -6,6 +6,7 @@ apart, folders with tiny, corrupt, huge, TIFF and nested files, the progress bar
 
 import io
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -181,12 +182,14 @@ def test_several_targets_per_image_procedural():
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory):
-    """Usable: 7 images (huge tiled TIFF, striped TIFF, grey TIFF, nested JPEG, .PNG, RGBA and palette PNGs);
+    """Usable: 8 images (huge tiled TIFFs, deflate and scanner-style JPEG, striped TIFF, grey TIFF, nested JPEG, .PNG,
+    RGBA and palette PNGs);
     skipped: 2 unreadable, 2 too small, 1 near-uniform; ignored: a hidden file and a text file."""
     folder = tmp_path_factory.mktemp("slides")
     huge = textured(6000, 1, block=100)  # 6,000 x 6,000 in flat 100-px squares: ~1 MB as deflate TIFF
     usable = [
         save(folder, "huge.tif", huge, tile=(512, 512), compression="zlib", photometric="rgb"),
+        save(folder, "scanner/huge_jpeg.tif", huge, tile=(512, 512), compression="jpeg"),  # stored as YCbCr
         save(folder, "strips.tiff", textured(300, 2)[:, :250], rowsperstrip=16, compression="zlib", photometric="rgb"),
         save(folder, "grey.tif", textured(120, 3)[..., 1], compression="zlib", photometric="minisblack"),
         save(folder, "case_a/patient_1/tile.jpeg", textured(200, 4), quality=90),
@@ -210,15 +213,17 @@ def mixed_folder(tmp_path_factory):
 def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, caplog):
     folder, huge, usable = mixed_folder
     with caplog.at_level(logging.WARNING, logger="envs"):
-        train, test = make_task_sets(5, 2, image_source=folder, view_size=V, seed=0)  # image_size None: 4V
+        train, test = make_task_sets(6, 2, image_source=folder, view_size=V, seed=0)  # image_size None: 4V
     assert train.image_size == test.image_size == 4 * V
     assert sorted(train.image_names + test.image_names) == usable  # every usable image used, in subfolders too
+    # Files after the last one needed are not opened: the line counts and names those that were, by reason.
     [record] = caplog.records
     line = record.getMessage()
-    assert "\n" not in line and line.startswith("warning: skipped 5 of 12 image files")
-    assert "2 unreadable (case_a/truncated.jpg, corrupt.jpg)" in line
-    assert "2 smaller than 64 px (case_a/thin.tif, tiny.png)" in line
-    assert "1 near-uniform (pixel std < 8) (blank.png)" in line
+    unusable = {"unreadable": {"corrupt.jpg", "case_a/truncated.jpg"}, "smaller than 64 px": {"tiny.png", "case_a/thin.tif"}}
+    unusable["near-uniform (pixel std < 8)"] = {"blank.png"}
+    counts = re.findall(r"(\d+) (.+?) \(([^()]*)\)(?:, |$)", line.split("': ", 1)[1])
+    assert "\n" not in line and line.startswith(f"warning: skipped {sum(int(c) for c, _, _ in counts)} of 13 image files")
+    assert counts and all(set(names.split(", ")) <= unusable[reason] for _, reason, names in counts), line
     # The huge TIFF was area-averaged tile by tile while decoding: the same as Pillow's reduce of the whole image.
     task_set = train if str(folder / "huge.tif") in train.image_names else test
     image = task_set.image_names.index(str(folder / "huge.tif"))
@@ -228,32 +233,37 @@ def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, 
     assert np.abs(task_set.levels[2][image] - ref).max() <= 1
     # Too few usable images: the error says how many are needed and how many were usable.
     with pytest.raises(PatchLocConfigError) as err:
-        make_task_sets(6, 2, image_source=folder, view_size=V, seed=0)
+        make_task_sets(7, 2, image_source=folder, view_size=V, seed=0)
     msg = str(err.value)
-    assert "\n" not in msg and "has 7 usable images but 8 are needed (6 for 6 training tasks + 2 for 2 held-out" in msg
-    assert "; skipped 2 smaller than 64 px (case_a/thin.tif, tiny.png), 2 unreadable (" in msg and "targets_per_image" in msg
+    assert "\n" not in msg and "has 8 usable images but 9 are needed (7 for 7 training tasks + 2 for 2 held-out" in msg
+    # All 13 files were opened: every unusable one is counted, by reason, most frequent first.
+    assert msg.endswith(
+        "; skipped 2 smaller than 64 px (case_a/thin.tif, tiny.png), 2 unreadable (case_a/truncated.jpg, corrupt.jpg), "
+        "1 near-uniform (pixel std < 8) (blank.png); add images, raise targets_per_image (--targets-per-image), "
+        "lower image_size or ask for fewer tasks"
+    )
 
 
 def test_folder_held_out_images_do_not_depend_on_training_count(mixed_folder):
     folder, _, _ = mixed_folder
-    _, test = make_task_sets(5, 2, image_source=folder, view_size=V, seed=0)
+    _, test = make_task_sets(6, 2, image_source=folder, view_size=V, seed=0)
     fewer, test_again = make_task_sets(1, 2, image_source=folder, view_size=V, seed=0)
     assert_same_tasks(test_again, test)
     assert_same_tasks(make_task_set("test", 3, 2, image_source=folder, view_size=V, seed=0), test)
 
 
-def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root):
+@pytest.mark.parametrize("name", ["huge.tif", "scanner/huge_jpeg.tif"])
+def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root, name):
     folder, huge, _ = mixed_folder
-    # A fresh process (warmed up on a small TIFF: codecs imported): its peak resident memory grows by what reading
-    # the huge image needs, whoever allocates it (Pillow would hold the 108 MB image).
+    # A fresh process reads the image twice (the first time imports the codecs), resetting its peak resident memory
+    # before the second: the peak then grows by what reading needs, whoever allocates it (Pillow: the whole image).
     code = (
-        "import resource, sys; from pathlib import Path; from envs.images import load_image; "
-        "load_image(Path(sys.argv[1]), 64, 64); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "top = load_image(Path(sys.argv[2]), 64, 64); "
-        "print(top.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+        "import sys; from pathlib import Path; from envs.images import load_image\n"
+        "def kib(field): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(field)))\n"
+        "load_image(Path(sys.argv[1]), 64, 64); open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS:')\n"
+        "top = load_image(Path(sys.argv[1]), 64, 64); print(top.shape, kib('VmHWM:') - before)"
     )
-    files = [str(folder / "strips.tiff"), str(folder / "huge.tif")]
-    out = subprocess.run([sys.executable, "-c", code, *files], cwd=repo_root, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(folder / name)], cwd=repo_root, capture_output=True, text=True)
     shape, grown_kib = out.stdout.rsplit(" ", 1)
     assert shape == "(64, 64, 3)", out.stderr
     assert int(grown_kib) * 1024 < huge.nbytes / 4, (
