@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from PIL import Image
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
@@ -153,6 +154,10 @@ class Args:
     """envs stepped in parallel during evaluation (each held-out task is run exactly once)"""
     num_render_episodes: int = 4
     """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
+    evaluate: Optional[str] = None
+    """a checkpoint.pt to evaluate instead of training: held-out tasks, scores printed and saved as evaluation.json"""
+    capture_video: bool = False
+    """with --evaluate: also save the first held-out episode, drawn step by step, as eval_video.gif (wandb with --track)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
@@ -480,6 +485,8 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
 
 def main(args: Args):
     validate_args(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
@@ -635,15 +642,8 @@ class ConfigError(Exception):
 
 # fields that may differ between a run and its --resume (everything else defines the computation)
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
-RESUMABLE_FIELDS += (
-    "save_model",
-    "checkpoint_interval",
-    "cuda",
-    "num_iterations",
-    "channels_last",
-    "compile",
-    "torch_threads",
-)
+RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
+RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
 PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -919,20 +919,68 @@ def draw_episode(image, window_boxes, target_box):
 
 
 @torch.no_grad()
+def episode_windows(agent, task_set, task_id: int, args: Args, device) -> list:
+    """The window boxes of one greedy eval-mode episode on task `task_id`, from the full image to the last step."""
+    env = PatchLocEnv(task_set, max_steps=args.max_episode_steps)
+    obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
+    boxes, done = [env.window_box], False
+    with temporary_mode(agent, training=False):
+        while not done:
+            obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
+            boxes.append(env.window_box)
+            done = terminated or truncated
+    return boxes
+
+
 def render_episodes(agent, task_set, args: Args, device):
     """Greedy eval-mode episodes on the first --num-render-episodes tasks, drawn side by side (H, W, 3) uint8."""
-    env = PatchLocEnv(task_set, max_steps=args.max_episode_steps)
     drawings = []
-    with temporary_mode(agent, training=False):
-        for task_id in range(args.num_render_episodes):
-            obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
-            boxes, done = [env.window_box], False
-            while not done:
-                obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
-                boxes.append(env.window_box)
-                done = terminated or truncated
-            drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
+    for task_id in range(args.num_render_episodes):
+        boxes = episode_windows(agent, task_set, task_id, args, device)
+        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
     return np.concatenate(drawings, axis=1)
+
+
+def evaluate_checkpoint(args: Args) -> int:
+    """--evaluate PATH: the checkpoint's agent (its run's arguments and task sets, this command's evaluation settings) on
+    the held-out tasks; scores printed and written beside it as evaluation.json; with --capture-video the first held-out
+    episode drawn step by step as eval_video.gif (a wandb video with --track). The training tasks are never rendered."""
+    try:
+        checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
+        evaluation = {name: getattr(args, name) for name in ("num_eval_envs", "cuda", "track")}
+        run_args = Args(**{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None})
+        agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
+        agent.load_state_dict(checkpoint["agent"])
+        sizes = (run_args.num_tasks, run_args.num_test_tasks, run_args.image_source, run_args.image_size, run_args.view_size)
+        _, test_tasks = make_task_sets(*sizes, seed=run_args.seed)
+    except Exception as e:  # missing, truncated, another script's, its image folder gone
+        raise ConfigError(f"--evaluate {args.evaluate}: not usable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    test = evaluate(agent.to(device), test_tasks, test_tasks.num_tasks, run_args, device)
+    result = {"checkpoint": args.evaluate, "iteration": checkpoint["iteration"], "global_step": checkpoint["global_step"]}
+    result.update(episode_scalars(test, "test_"), test_normalized_rewards=test["normalized_r"].tolist())
+    folder = os.path.dirname(os.path.abspath(args.evaluate))
+    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({key: value for key, value in result.items() if key != "test_normalized_rewards"}))
+    video = os.path.join(folder, "eval_video.gif")
+    if args.capture_video:
+        boxes = episode_windows(agent, test_tasks, 0, run_args, device)
+        image, target = test_tasks.image(0), test_tasks.target_boxes[0]
+        frames = [Image.fromarray(draw_episode(image, boxes[: t + 1], target)) for t in range(len(boxes))]
+        frames[0].save(video, save_all=True, append_images=frames[1:], duration=300, loop=0)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{checkpoint['run_name']}-eval")
+        wandb.log(
+            {
+                **{k: v for k, v in result.items() if k.startswith("charts/")},
+                **({"eval/video": wandb.Video(video)} if args.capture_video else {}),
+            }
+        )
+        wandb.finish()
+    return 0
 
 
 def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger) -> str:

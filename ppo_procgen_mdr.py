@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from PIL import Image
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
@@ -145,6 +146,10 @@ class Args:
     """held-out episodes per evaluation (one per env, so short episodes are not over-counted)"""
     eval_interval: int = 25
     """iterations between held-out evaluations (also run at the end); 0 = only at the end"""
+    evaluate: Optional[str] = None
+    """a checkpoint.pt to evaluate instead of training: held-out episodes, scores printed and saved as evaluation.json"""
+    capture_video: bool = False
+    """with --evaluate: also save the first held-out episode as eval_video.gif (a wandb video with --track)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
@@ -462,6 +467,8 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
 
 def main(args: Args):
     validate_args(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
@@ -618,15 +625,8 @@ class ConfigError(Exception):
 
 # fields that may differ between a run and its --resume (everything else defines the computation)
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
-RESUMABLE_FIELDS += (
-    "save_model",
-    "checkpoint_interval",
-    "cuda",
-    "num_iterations",
-    "channels_last",
-    "compile",
-    "torch_threads",
-)
+RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
+RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
 PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -893,20 +893,21 @@ def make_env(args: Args, num_envs, start_level, num_levels, seed):
 
 
 @torch.no_grad()
-def evaluate(agent, args: Args, device, iteration):
+def evaluate(agent, args: Args, device, iteration, frames=None):
     """Held-out evaluation: first episode of each of `num_eval_envs` envs on levels the agent never trained on,
     eval-mode policy. A fresh env and a forked RNG seeded from (seed, iteration), so evaluation is a function of the
-    parameters alone and leaves the training RNG stream untouched (a resumed run matches an uninterrupted one)."""
+    parameters alone and leaves the training RNG stream untouched (a resumed run matches an uninterrupted one).
+    `frames`: a list that receives the first env's observations until its episode ends (--capture-video)."""
     envs = make_env(args, args.num_eval_envs, args.num_levels, args.num_test_levels, args.seed + 1_000_003 * iteration)
     tracker = EpisodeTracker(args.num_eval_envs)
     episode_returns = np.full(args.num_eval_envs, np.nan)
-    with (
-        temporary_mode(agent, training=False),
-        torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []),
-    ):
+    rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with temporary_mode(agent, training=False), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(args.seed + iteration)
         next_obs = envs.reset()["rgb"]
         while np.isnan(episode_returns).any():
+            if frames is not None and np.isnan(episode_returns[0]):
+                frames.append(next_obs[0].copy())
             action, _, _, _ = agent.get_action_and_value(torch.as_tensor(next_obs, device=device))
             obs, reward, done, _ = envs.step(action.cpu().numpy())
             next_obs = obs["rgb"]
@@ -915,6 +916,45 @@ def evaluate(agent, args: Args, device, iteration):
             tracker.update(reward, done)
     envs.close()
     return episode_returns
+
+
+def evaluate_checkpoint(args: Args) -> int:
+    """--evaluate PATH: the checkpoint's agent (its run's arguments, this command's evaluation ones) on the held-out
+    levels; scores printed and written beside it as evaluation.json; with --capture-video the first held-out episode as
+    eval_video.gif (and a wandb video with --track). The training levels are never rendered."""
+    try:
+        checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
+        evaluation = {name: getattr(args, name) for name in ("num_test_levels", "num_eval_envs", "cuda", "track")}
+        run_args = Args(**{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None})
+        agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
+        agent.load_state_dict(checkpoint["agent"])
+    except Exception as e:  # missing, truncated, another script's
+        raise ConfigError(f"--evaluate {args.evaluate}: not a checkpoint of this script ({type(e).__name__})") from None
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    frames = [] if args.capture_video else None
+    returns = evaluate(agent.to(device), run_args, device, checkpoint["iteration"], frames)
+    result = {"checkpoint": args.evaluate, "iteration": checkpoint["iteration"], "global_step": checkpoint["global_step"]}
+    result.update(episode_scalars(run_args.env_id, returns, "test_"), test_returns=returns.tolist())
+    folder = os.path.dirname(os.path.abspath(args.evaluate))
+    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({key: value for key, value in result.items() if key != "test_returns"}))
+    video = os.path.join(folder, "eval_video.gif")
+    if frames:  # 64 x 64 frames, shown 4x larger
+        images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames]
+        images[0].save(video, save_all=True, append_images=images[1:], duration=66, loop=0)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{checkpoint['run_name']}-eval")
+        wandb.log(
+            {
+                **{k: v for k, v in result.items() if k.startswith("charts/")},
+                **({"eval/video": wandb.Video(video)} if frames else {}),
+            }
+        )
+        wandb.finish()
+    return 0
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
