@@ -118,11 +118,13 @@ class Args:
 
     # Task set (envs/): App. A uses four training environments
     num_tasks: int = 4
-    """number of training tasks (one image and target each)"""
+    """number of training tasks (a target patch in an image each)"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download) or a folder of .jpg/.jpeg/.png images"""
-    image_size: int = 128
-    """side m that folder images are center-cropped and resized to (>= 4 x view size)"""
+    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any size, subfolders too)"""
+    image_size: Optional[int] = None
+    """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
+    targets_per_image: int = 1
+    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred images"""
     view_size: int = 32
     """side of each of the three views (paper: 112; CPU-sized: 32)"""
     max_episode_steps: int = 20
@@ -531,7 +533,8 @@ def main(args: Args):
 
     # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by the probe)
     try:
-        train_tasks, _ = make_task_sets(args.num_tasks, 1, args.image_source, args.image_size, args.view_size, seed=args.seed)
+        sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
+        train_tasks, _ = make_task_sets(*sizes, seed=args.seed, targets_per_image=args.targets_per_image)
         envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None

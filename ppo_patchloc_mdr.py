@@ -135,13 +135,15 @@ class Args:
 
     # Task sets (envs/): the paper's "256 / 1024 / 2048 environments" are training tasks
     num_tasks: int = 1024
-    """number of training tasks (one image and target each)"""
+    """number of training tasks (a target patch in an image each)"""
     num_test_tasks: int = 500
     """number of held-out tasks, on images the training tasks never use"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download) or a folder of .jpg/.jpeg/.png images"""
-    image_size: int = 448
-    """side m that folder images are center-cropped and resized to (>= 4 x view size)"""
+    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any size, subfolders too)"""
+    image_size: Optional[int] = None
+    """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
+    targets_per_image: int = 1
+    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred images"""
     view_size: int = 112
     """side of each of the three views (paper: 112; CPU-sized runs: 32)"""
     max_episode_steps: int = 20
@@ -506,7 +508,7 @@ def main(args: Args):
     # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image files)
     try:
         sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size, args.view_size)
-        train_tasks, test_tasks = make_task_sets(*sizes, seed=args.seed)
+        train_tasks, test_tasks = make_task_sets(*sizes, seed=args.seed, targets_per_image=args.targets_per_image)
         envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None
@@ -952,7 +954,7 @@ def evaluate_checkpoint(args: Args) -> int:
         agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
         agent.load_state_dict(checkpoint["agent"])
         sizes = (run_args.num_tasks, run_args.num_test_tasks, run_args.image_source, run_args.image_size, run_args.view_size)
-        _, test_tasks = make_task_sets(*sizes, seed=run_args.seed)
+        _, test_tasks = make_task_sets(*sizes, seed=run_args.seed, targets_per_image=run_args.targets_per_image)
     except Exception as e:  # missing, truncated, another script's, its image folder gone
         raise ConfigError(f"--evaluate {args.evaluate}: not usable ({type(e).__name__}: {e})".splitlines()[0]) from None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
