@@ -1,7 +1,8 @@
 """Training speed and memory of the three scripts, side by side in one run.
 
 Each measurement is a fresh worker process (its own peak RSS, its own OpenMP settings) that imports one script, drives
-its main() with --timing for a fixed short budget, then times the compute bound in the same process: the same
+its main() for a fixed short budget with the script's own functions wrapped in timers (SectionTimer below: the scripts
+carry no timing code), then times the compute bound in the same process: the same
 forward+backward passes of the same network (same modes, same minibatch sizes, same --amp/--compile), and the same
 value recomputations between MDR rounds, on random uint8 tensors of the same shapes, with no indexing, loss bookkeeping,
 clipping or optimizer. Held-out evaluation is not part of an iteration's cost: the Procgen one is stubbed out, the
@@ -35,6 +36,7 @@ minibatch size (a smoke test of the benchmark itself, as benchmarks/gpu_check.sh
 """
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -151,7 +153,7 @@ def synchronize(device):
 
 def update_passes(script, ppo, args):
     """The update section's network passes of one iteration: [(training mode, minibatch size, backward)], in order."""
-    alpha1, alpha2 = ppo.phase_epochs(args) if script == "probe" else (args.alpha1, args.alpha2)
+    alpha1, alpha2 = args.alpha1, args.alpha2  # the probe's validate_args sets them from its --mode
     sizes = [min(args.minibatch_size, args.batch_size - start) for start in range(0, args.batch_size, args.minibatch_size)]
     passes = []
     for mdr_round in range(getattr(args, "mdr_rounds", 1)):
@@ -168,9 +170,9 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
 
     torch.manual_seed(0)
     agent = ppo.Agent(num_actions, args).to(device)
-    if args.channels_last and device.type == "cuda":
+    if getattr(args, "channels_last", False) and device.type == "cuda":  # the probe has neither flag
         agent = agent.to(memory_format=torch.channels_last)
-    if args.compile:
+    if getattr(args, "compile", False):
         agent.backbone.compile(dynamic=False)
     passes = update_passes(script, ppo, args)
     inputs = {
@@ -208,15 +210,116 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
     }
 
 
+class SectionTimer:
+    """Wall and CPU seconds per section of each iteration, measured from outside the script: `instrument` wraps the
+    functions main() calls (env steps, the rollout's forward passes, ppo_update, the diagnostics, the evaluation) and
+    cuts an iteration where main() logs it. A call inside a timed call counts to the outer one (the forward passes of
+    ppo_update are update time); the rest of an iteration is "other". On CUDA it synchronizes at every boundary."""
+
+    SECTION_OF = {  # the functions main() calls, where a script has them -> their section
+        "compute_gae": "update",
+        "ppo_update": "update",
+        "recompute_advantages": "update",
+        "recalibrate_batchnorm": "update",
+        "train_mode_logprobs": "update",
+        "policy_mismatch": "diagnostics",
+        "eval_mode_ratio": "diagnostics",
+        "evaluate": "evaluation",
+        "evaluate_and_log": "evaluation",
+    }
+    AGENT_INFERENCE = ("get_policy_and_value", "get_value")  # outside any other section: the rollout's passes
+    ENV_FACTORIES = ("make_env", "PatchLocVecEnv")  # what main() builds its envs with; their step() is "env"
+    ITERATION_ENDS = ("log", "log_update")  # RunLogger: log(scalars, iteration) or the probe's log_update(iteration, ...)
+
+    def __init__(self, synchronize=lambda: None):
+        self.synchronize, self.open, self.patched = synchronize, None, []
+        self.iterations, self.totals, self.mark = [], {}, None
+
+    def wrap(self, function, section):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if self.open is not None:  # inside another timed call: counts to that one
+                return function(*args, **kwargs)
+            self.synchronize()
+            start, self.open = clocks(), section
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.synchronize()
+                end, self.open = clocks(), None
+                for clock in CLOCKS:
+                    self.totals[section, clock] = self.totals.get((section, clock), 0.0) + end[clock] - start[clock]
+
+        return timed
+
+    def end_iteration(self):
+        """Close the iteration that started at the previous end (or at instrument()); "other" is its unaccounted time."""
+        self.synchronize()
+        now = clocks()
+        record = {clock: {section: self.totals.get((section, clock), 0.0) for section in SECTIONS} for clock in CLOCKS}
+        record["evaluation"] = {clock: self.totals.get(("evaluation", clock), 0.0) for clock in CLOCKS}
+        for clock in CLOCKS:
+            timed = sum(record[clock].values()) + record["evaluation"][clock]
+            record[clock]["other"] = max(now[clock] - self.mark[clock] - timed, 0.0)
+        self.iterations.append(record)
+        self.totals, self.mark = {}, now
+
+    def finish(self):
+        """After main(): the evaluation after the last iteration's log counts to it; every wrapper is removed."""
+        if self.iterations:
+            for clock in CLOCKS:
+                self.iterations[-1]["evaluation"][clock] += self.totals.get(("evaluation", clock), 0.0)
+        for owner, name, original in reversed(self.patched):
+            setattr(owner, name, original)
+        self.patched = []
+
+    def patch(self, owner, name, replacement):
+        self.patched.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
+
+    def instrument(self, ppo):
+        for name, section in self.SECTION_OF.items():
+            if hasattr(ppo, name):
+                self.patch(ppo, name, self.wrap(getattr(ppo, name), section))
+        for name in self.AGENT_INFERENCE:
+            self.patch(ppo.Agent, name, self.wrap(getattr(ppo.Agent, name), "inference"))
+        for name in self.ENV_FACTORIES:
+            if hasattr(ppo, name):
+                self.patch(ppo, name, self.timed_env_factory(getattr(ppo, name)))
+        for name in self.ITERATION_ENDS:
+            if hasattr(ppo.RunLogger, name):
+                self.patch(ppo.RunLogger, name, self.ending_iteration(getattr(ppo.RunLogger, name), name))
+        self.mark = clocks()
+
+    def timed_env_factory(self, factory):
+        def make(*args, **kwargs):
+            envs = factory(*args, **kwargs)
+            envs.step = self.wrap(envs.step, "env")
+            return envs
+
+        return make
+
+    def ending_iteration(self, method, name):
+        def log(logger, *args, **kwargs):
+            result = method(logger, *args, **kwargs)
+            iteration = args[1] if name == "log" and len(args) > 1 else kwargs.get("iteration")
+            if name == "log_update" or iteration is not None:  # log(scalars) alone: the evaluation's scores
+                self.end_iteration()
+            return result
+
+        return log
+
+
 def worker(spec):
     """Run one configuration; print one JSON line."""
     sys.path.insert(0, REPO_ROOT)
     script = spec["script"]
     module, _, fixed = SCRIPTS[script]
     ppo = importlib.import_module(module)  # before torch: the script sets OpenMP's wait policy (passive)
+    import resource
+
     import numpy as np
     import torch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     shape = spec["shape"]
     batch_size = shape["num_envs"] * shape["num_steps"]
@@ -226,46 +329,37 @@ def worker(spec):
         minibatch_size=shape["minibatch_size"],
         total_timesteps=batch_size * (shape["warmup"] + shape["iterations"]),
         cuda=spec["device"] == "cuda",
-        timing=True,
         **fixed,
         **spec["overrides"],
     )
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if script == "procgen":  # ~1 min per evaluation on 2 cores, and not part of an iteration's cost
-        ppo.evaluate = lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
+        ppo.evaluate = lambda agent, args, *rest, **kwargs: np.zeros(args.num_eval_envs)
         obs_shape, num_actions = PROCGEN_OBS, NUM_PROCGEN_ACTIONS
     else:
         from envs import NUM_ACTIONS
 
         obs_shape, num_actions = (3, args.view_size, args.view_size, 3), NUM_ACTIONS
     os.chdir(tempfile.mkdtemp(prefix="bench_sps_"))
+    timer = SectionTimer(lambda: synchronize(device))
+    timer.instrument(ppo)
     start = time.perf_counter()
     exit_code = ppo.main(args)
     wall = time.perf_counter() - start
+    timer.finish()
     assert exit_code in (0, None), exit_code
-    run_dir = os.path.join("runs", os.listdir("runs")[0])
-    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-    num_iterations = len(scalars["perf/update_time"])
-    iterations = [  # {clock: {section: seconds}} per measured iteration
-        {
-            clock: {section: scalars.get(f"perf/{section}_{clock}", [0.0] * num_iterations)[i] for section in SECTIONS}
-            for clock in CLOCKS
-        }
-        for i in range(num_iterations)
-    ][shape["warmup"] :]
+    iterations = timer.iterations[shape["warmup"] :]  # {clock: {section: seconds}, "evaluation": {clock: seconds}}
     result = {
         "iterations": iterations,
         "sps": [batch_size / sum(it["time"].values()) for it in iterations],
         "cpu_ms_per_step": [1000 * sum(it["cpu"].values()) / batch_size for it in iterations],
-        "peak_rss_gb": scalars["perf/peak_rss_gb"][-1],
-        "cuda_max_allocated_gb": scalars.get("perf/cuda_max_allocated_gb", [None])[-1],
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        "cuda_max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "wall_s": wall,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
     }
     if shape.get("bound", True):
-        device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
         args.batch_size = batch_size
         result["bound"] = compute_bound(script, ppo, args, device, obs_shape, num_actions)
     print("RESULT " + json.dumps(result), flush=True)

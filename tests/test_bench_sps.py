@@ -1,6 +1,7 @@
 """benchmarks/bench_sps.py's compute bound must time the network passes a script really makes in an iteration, or its
 "update / bound" efficiency means nothing. Each test runs a script's main() on a tiny config, records every pass through
-Agent.features (mode, batch size, gradient on or off) and compares it with what the benchmark counts."""
+Agent.features (mode, batch size, gradient on or off) and compares it with what the benchmark counts. Its SectionTimer
+(the scripts carry no timing code) must charge each call to one section and cut iterations where main() logs them."""
 
 import contextlib
 import importlib.util
@@ -100,3 +101,49 @@ def test_bound_counts_the_probe_gradient_passes(mode, recorded_passes, tmp_path,
     counted = [p for p in bench.update_passes("probe", ppo_collapse_probe, args) if p[2]] * args.num_iterations
     assert [p for p in recorded_passes if p[2]] == counted
     assert len(counted) == 3 * 3 * args.num_iterations  # 3 epochs of minibatches 8, 8, 4
+
+
+def test_section_timer_charges_a_nested_call_to_the_outer_section(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench, "clocks", lambda: {"time": now[0], "cpu": 2 * now[0]})  # CPU: two busy threads
+    timer = bench.SectionTimer()
+    timer.mark = bench.clocks()
+
+    def advance(seconds):
+        now[0] += seconds
+
+    diagnostics = timer.wrap(lambda: advance(3), "diagnostics")
+    update = timer.wrap(lambda: (advance(1), diagnostics(), advance(1)), "update")
+    advance(2)  # other
+    update()  # 5 s, its inner diagnostics call included
+    diagnostics()  # 3 s
+    timer.end_iteration()
+    advance(4)
+    timer.end_iteration()
+
+    first, second = timer.iterations
+    assert first["time"] == {"env": 0, "inference": 0, "update": 5, "diagnostics": 3, "other": 2}
+    assert first["cpu"] == {"env": 0, "inference": 0, "update": 10, "diagnostics": 6, "other": 4}
+    assert second["time"] == {"env": 0, "inference": 0, "update": 0, "diagnostics": 0, "other": 4}
+
+
+def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo_procgen_mdr, "evaluate", lambda agent, args, *rest: np.zeros(args.num_eval_envs))
+    args = ppo_procgen_mdr.Args(
+        num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
+        pretrained=False, cuda=False,
+    )  # fmt: skip
+    originals = (ppo_procgen_mdr.ppo_update, ppo_procgen_mdr.Agent.get_value, ppo_procgen_mdr.RunLogger.log)
+    timer = bench.SectionTimer()
+    timer.instrument(ppo_procgen_mdr)
+    try:
+        run(ppo_procgen_mdr, args, tmp_path, monkeypatch)
+    finally:
+        timer.finish()
+
+    assert len(timer.iterations) == args.num_iterations == 2
+    for iteration in timer.iterations:
+        assert all(iteration["time"][section] > 0 for section in ("env", "inference", "update", "diagnostics"))
+        assert iteration["time"]["other"] >= 0
+    assert timer.iterations[-1]["evaluation"]["time"] > 0  # the final evaluation, after the last iteration's log
+    assert (ppo_procgen_mdr.ppo_update, ppo_procgen_mdr.Agent.get_value, ppo_procgen_mdr.RunLogger.log) == originals
