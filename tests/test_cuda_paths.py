@@ -1,6 +1,6 @@
-"""The CUDA code paths of the three scripts, which no CPU run takes: pinned staging with asynchronous copies, fused
-Adam, channels_last weights, bfloat16 autocast on the GPU and torch.compile there. Each is compared with its plain
-counterpart on the same GPU, and tiny main() runs check that the scripts really take these paths with --cuda.
+"""The CUDA code paths of the scripts, which no CPU run takes: fused Adam (all three), channels_last weights (the two
+training scripts; the probe has no speed flags), bfloat16 autocast on the GPU and torch.compile there. Each is compared
+with its plain counterpart on the same GPU, and tiny main() runs check that the scripts really take these paths.
 
 Marked `cuda` (benchmarks/gpu_check.sh runs `pytest -m cuda` on a lent GPU machine) and skipped without a GPU."""
 
@@ -9,10 +9,8 @@ import copy
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_collapse_probe
 import ppo_patchloc_mdr
@@ -28,11 +26,12 @@ NUM_PROCGEN_ACTIONS = 15
 # relative errors allowed between two float32 code paths of the same function; the gradient's is larger because the
 # backward through BatchNorm's statistics of a 16-sample batch amplifies reassociation (compile vs eager: 0.7 % on CPU)
 ROUNDING = {"logits": 1e-3, "value": 1e-3, "running_mean": 1e-3, "gradient": 2e-2}
-# the tiny configurations of tests/test_perf_flags*.py, on CUDA, with --timing (it logs the CUDA peak allocation)
+# tiny configurations as in tests/test_perf_flags*.py, run on CUDA: (module, fields, conv weights in channels_last)
 MAIN_RUNS = {
     "procgen": (
         ppo_procgen_mdr,
         dict(num_envs=2, num_steps=16, minibatch_size=16, total_timesteps=64, num_eval_envs=2, eval_interval=0),
+        True,
     ),
     "patchloc": (
         ppo_patchloc_mdr,
@@ -51,10 +50,12 @@ MAIN_RUNS = {
             mdr_rounds=2,
             eval_interval=0,
         ),
+        True,
     ),  # fmt: skip
     "probe": (
         ppo_collapse_probe,
         dict(num_envs=2, num_steps=8, minibatch_size=8, total_timesteps=32, view_size=16, image_size=64, hidden_size=32),
+        False,
     ),
 }
 
@@ -96,46 +97,23 @@ def passes(agent, training: bool, batch: int = 16) -> dict:
     }
 
 
-@pytest.mark.parametrize("module", [ppo_procgen_mdr, ppo_patchloc_mdr, ppo_collapse_probe], ids=lambda m: m.__name__)
-def test_to_device_copies_through_pinned_staging_without_losing_a_step(module):
-    """The staging buffer is rewritten every step while the previous copy may still be in flight; the scripts read the
-    action back (a synchronization) in between, as this loop does. Every step's tensor must keep its own values."""
-    rng = np.random.default_rng(0)
-    staging = torch.empty((4, 64, 64, 3), dtype=torch.uint8, pin_memory=True)
-    arrays, tensors = [], []
-    for _ in range(8):
-        arrays.append(rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
-        tensors.append(module.to_device(arrays[-1], staging, CUDA))
-        tensors[-1].float().mean().item()  # the next step's action read-back
-
-    assert staging.is_pinned()
-    assert all(tensor.is_cuda and tensor.dtype == torch.uint8 for tensor in tensors)
-    assert all(np.array_equal(tensor.cpu().numpy(), array) for tensor, array in zip(tensors, arrays))
-    done = module.to_device(np.array([True, False]), torch.empty(2, pin_memory=True), CUDA)
-    assert done.is_cuda and done.tolist() == [1.0, 0.0]
-
-
 @pytest.mark.parametrize("script", MAIN_RUNS)
-def test_main_on_cuda_takes_the_fused_adam_channels_last_and_pinned_paths(script, tmp_path, monkeypatch):
-    module, fields = MAIN_RUNS[script]
-    optimizers, staging_pinned = [], []
+def test_main_on_cuda_trains_with_fused_adam_and_channels_last_weights(script, tmp_path, monkeypatch):
+    module, fields, channels_last = MAIN_RUNS[script]
+    optimizers = []
 
     class RecordedAdam(torch.optim.Adam):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.initial = [p.detach().clone() for group in self.param_groups for p in group["params"]]
             optimizers.append(self)
 
-    def recorded_to_device(array, staging, device, to_device=module.to_device):
-        staging_pinned.append(staging.is_pinned())
-        return to_device(array, staging, device)
-
     monkeypatch.setattr(torch.optim, "Adam", RecordedAdam)
-    monkeypatch.setattr(module, "to_device", recorded_to_device)
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            assert module.main(module.Args(**fields, pretrained=False, cuda=True, timing=True)) in (0, None)
+            assert module.main(module.Args(**fields, pretrained=False, cuda=True)) in (0, None)
     finally:
         torch.set_num_threads(threads)  # the probe sets one thread
 
@@ -143,14 +121,10 @@ def test_main_on_cuda_takes_the_fused_adam_channels_last_and_pinned_paths(script
     assert optimizer.defaults["fused"] is True
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     assert all(p.is_cuda and torch.isfinite(p).all() for p in parameters)
+    assert any(not torch.equal(p, initial) for p, initial in zip(parameters, optimizer.initial))  # Adam stepped
     conv_weights = [p for p in parameters if p.dim() == 4 and p.shape[-1] > 1]
-    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
-    assert staging_pinned and all(staging_pinned)
-    (run_dir,) = list(Path(tmp_path, "runs").iterdir())
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    assert accumulator.Scalars("perf/cuda_max_allocated_gb")[-1].value > 0
-    assert np.isfinite([event.value for event in accumulator.Scalars("losses/value_loss")]).all()
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in conv_weights)
+    assert (Path(tmp_path) / "runs").is_dir()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train-mode", "eval-mode"])
