@@ -160,40 +160,11 @@ MODES = {
     "gn": "GroupNorm (no mode dependence)",
     "none": "no normalization",
 }
-CSV_COLUMNS = [
-    "iteration",
-    "global_step",
-    "mode",
-    "clip_coef",
-    "ent_coef",
-    "seed",
-    "alpha1",
-    "alpha2",
-    "episodes",
-    "episodic_return",
-    "normalized_reward",
-    "smoothed_reward",
-    "success_rate",
-    "delta_pi_minus",
-    "delta_pi_plus",
-    "ratio_gap",
-    "trust_region_violation",
-    "trust_region_violation_signed",
-    "entropy",
-    "acting_entropy",
-    "approx_kl",
-    "old_approx_kl",
-    "clipfrac",
-    "approx_kl_standard",
-    "clipfrac_standard",
-    "approx_kl_rectify",
-    "clipfrac_rectify",
-    "policy_loss",
-    "value_loss",
-    "explained_variance",
-    "sps",
-    "wall_time",
-]
+# metrics.csv, one row per update (analysis/ reads these names)
+CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha2 episodes episodic_return normalized_reward
+smoothed_reward success_rate delta_pi_minus delta_pi_plus ratio_gap trust_region_violation trust_region_violation_signed
+entropy acting_entropy approx_kl old_approx_kl clipfrac approx_kl_standard clipfrac_standard approx_kl_rectify
+clipfrac_rectify policy_loss value_loss explained_variance sps wall_time""".split()
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
