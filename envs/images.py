@@ -122,6 +122,8 @@ def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
     Raises if the folder is missing or holds no image file.
     """
     path = Path(folder)
+    if not str(folder).strip():  # Path("") is the current folder: never what an empty --image-source meant
+        raise PatchLocConfigError("image_source is empty; pass a folder of images, or 'procedural' for built-in images")
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise PatchLocConfigError(

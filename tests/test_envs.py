@@ -474,6 +474,7 @@ def one_line_error(match, *args, **kwargs):
 
 def test_bad_inputs_raise_one_line_errors(tmp_path):
     one_line_error("does not exist", 2, 1, image_source=tmp_path / "missing", image_size=64, view_size=V)
+    one_line_error("image_source is empty", 2, 1, image_source="", view_size=V)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
