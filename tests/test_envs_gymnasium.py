@@ -271,6 +271,18 @@ def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root, nam
     )
 
 
+def test_pyramidal_tiff_is_read_from_the_smallest_level_large_enough(tmp_path):
+    # Whole-slide TIFFs carry reduced copies (sub-IFDs); each level here is filled with its own grey, to tell them apart.
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.full((1024, 1024, 3), 100, np.uint8), tile=(256, 256), compression="zlib", subifds=2, photometric="rgb")
+        for side, grey in ((512, 50), (256, 150)):
+            tif.write(
+                np.full((side, side, 3), grey, np.uint8), tile=(256, 256), compression="zlib", subfiletype=1, photometric="rgb"
+            )
+    assert [load_image(path, size, size).mean() for size in (200, 300, 600)] == [150, 50, 100]
+
+
 def test_huge_images_pass_the_decompression_bomb_check_and_jpegs_decode_reduced(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # stands for Pillow's limit (89 M pixels): 800 K is "huge"
     jpeg = save(tmp_path, "slide.jpg", textured(1000, 11)[:800], quality=90)
