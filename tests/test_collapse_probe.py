@@ -1,11 +1,16 @@
-"""Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta pi, the collapse
-detector on synthetic curves, the per-update CSV of a real run, bad input. The figures: tests/test_collapse_figures.py."""
+"""Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta pi, the ratio gap
+and its sign-aware violation, every --mode in a tiny in-process run (what each rival changes), --view-batching, the
+per-update CSV and summary, run names, bad input. The figures: tests/test_collapse_figures.py; the collapse definition:
+tests/test_collapse_stats.py; determinism: tests/test_perf_flags_probe.py."""
 
+import contextlib
 import copy
 import csv
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import ppo_collapse_probe as probe
 
 SCRIPT = Path(probe.__file__).resolve()
-TINY = ["--num-envs", "2", "--num-steps", "16", "--minibatch-size", "8", "--total-timesteps", "64"]
-TINY += ["--view-size", "16", "--image-size", "64", "--hidden-size", "32"]
+TINY = dict(num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, view_size=16, image_size=64, hidden_size=32)
+TINY_CLI = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+# per --mode: 2 updates of 2 envs x 4 steps, 2 minibatches of 4 per epoch, 3 epochs (6 optimizer steps per update)
+MODE_RUN = dict(num_envs=2, num_steps=4, minibatch_size=4, total_timesteps=16, view_size=16, image_size=64, hidden_size=32)
+MDR_MODES = ("bn-mdr", "brn-mdr")
+NUM_ACTIONS = 7  # PatchLoc: 6 moves + stop
 
 
 def run_script(cwd, *args):
@@ -27,7 +37,7 @@ def run_script(cwd, *args):
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(SCRIPT.parent), "WANDB_MODE": "offline"},
+        env={**os.environ, "PYTHONPATH": str(SCRIPT.parent), "WANDB_MODE": "offline", "COLUMNS": "300"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -42,13 +52,113 @@ def assert_one_line_error(result, message):
     assert lines[0].startswith("error:") and message in lines[0], lines[0]
 
 
-def tiny_agent(mode="bn"):
-    return probe.Agent(7, probe.Args(mode=mode, view_size=16, hidden_size=32))
+def tiny_agent(mode="bn", **overrides):
+    return probe.Agent(NUM_ACTIONS, probe.Args(mode=mode, view_size=16, hidden_size=32, **overrides))
 
 
 def random_obs(n, generator_seed=0):
     generator = torch.Generator().manual_seed(generator_seed)
     return torch.randint(0, 256, (n, 3, 16, 16, 3), dtype=torch.uint8, generator=generator)
+
+
+def random_minibatch(agent, n=16, seed=3):
+    """A minibatch dict as main() builds it, with old log-probs from the eval-mode policy (the behaviour policy)."""
+    generator = torch.Generator().manual_seed(seed)
+    obs, actions = random_obs(n, seed), torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
+    with torch.no_grad(), probe.temporary_mode(agent, training=False):
+        policy, values = agent.get_policy_and_value(obs)
+    mb = {"obs": obs, "actions": actions, "logprobs": policy.log_prob(actions), "logits": policy.logits}
+    advantages, returns = torch.randn(2, n, generator=generator)
+    mb.update(values=values.flatten(), advantages=advantages, returns=returns)
+    return mb
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def run_main(cwd, args, monkeypatch) -> dict:
+    """main(args) in `cwd`, recording what the tests below look at: the agent (initial state, final object), the
+    optimizer, the mode of every rollout forward, each minibatch step (the agent's mode, the optimized ratio, the stats,
+    the BN running mean at its start), the running mean when each eval-mode ratio r was measured, and the
+    recalibrations. Returns those, the exit code, metrics.csv (header, rows), summary.json and the run folder."""
+    rec = {"agents": [], "initial": [], "optimizers": [], "rollout_modes": [], "updates": [], "eval_ratio_stats": []}
+    rec["recalibrations"] = []
+
+    def running_mean(agent):
+        norms = [m for m in agent.modules() if getattr(m, "running_mean", None) is not None]
+        return norms[0].running_mean.clone() if norms else None
+
+    class RecordedAgent(probe.Agent):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            rec["agents"].append(self)
+            rec["initial"].append(copy.deepcopy(self.state_dict()))
+
+        def get_policy_and_value(self, x):
+            if sys._getframe(1).f_code.co_name == "main":  # the rollout's forward, not the update's or a diagnostic's
+                rec["rollout_modes"].append(self.training)
+            return super().get_policy_and_value(x)
+
+    def make_optimizer(agent, args, device):
+        rec["optimizers"].append(original["make_optimizer"](agent, args, device))
+        return rec["optimizers"][-1]
+
+    def eval_mode_ratio(agent, mb):
+        rec["eval_ratio_stats"].append(running_mean(agent))
+        return original["eval_mode_ratio"](agent, mb)
+
+    def clipped_ppo_loss(*a, **k):
+        loss, ratio, stats = original["clipped_ppo_loss"](*a, **k)
+        rec["updates"][-1]["ratio"] = ratio.detach().clone()
+        return loss, ratio, stats
+
+    def ppo_update(agent, optimizer, mb, args, eval_ratio=None):
+        measured = eval_ratio is not None
+        rec["updates"].append({"training": agent.training, "running_mean": running_mean(agent), "measured": measured})
+        rec["updates"][-1]["stats"] = original["ppo_update"](agent, optimizer, mb, args, eval_ratio)
+        return rec["updates"][-1]["stats"]
+
+    def recalibrate_batchnorm(agent, b_obs, minibatch_size):
+        original["recalibrate_batchnorm"](agent, b_obs, minibatch_size)
+        rec["recalibrations"].append({"batch": len(b_obs), "minibatch_size": minibatch_size, "updates": len(rec["updates"])})
+
+    original = {name: getattr(probe, name) for name in ("make_optimizer", "eval_mode_ratio", "clipped_ppo_loss")}
+    original.update(ppo_update=probe.ppo_update, recalibrate_batchnorm=probe.recalibrate_batchnorm)
+    monkeypatch.setattr(probe, "Agent", RecordedAgent)
+    for name, wrapper in (("make_optimizer", make_optimizer), ("eval_mode_ratio", eval_mode_ratio)):
+        monkeypatch.setattr(probe, name, wrapper)
+    for name, wrapper in (("clipped_ppo_loss", clipped_ppo_loss), ("ppo_update", ppo_update)):
+        monkeypatch.setattr(probe, name, wrapper)
+    monkeypatch.setattr(probe, "recalibrate_batchnorm", recalibrate_batchnorm)
+    monkeypatch.chdir(cwd)
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exit_code = probe.main(args)
+    finally:
+        torch.set_num_threads(threads)  # main sets --torch-threads
+    (run_dir,) = list(Path(cwd, "runs").iterdir())
+    columns, rows = read_csv(run_dir / "metrics.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**rec, "exit_code": exit_code, "columns": columns, "rows": rows, "summary": summary, "run_dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def mode_run(tmp_path_factory):
+    """mode -> the recorded tiny run of that --mode (MODE_RUN), made on first use and shared by the tests below."""
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                args = probe.Args(mode=mode, **MODE_RUN)
+                runs[mode] = run_main(tmp_path_factory.mktemp(f"mode_{mode}"), args, monkeypatch)
+        return runs[mode]
+
+    return get
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,7 +193,7 @@ def test_js_divergence_of_disjoint_distributions_is_ln2_and_never_above():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Delta pi: side-effect free
+# Delta pi: side-effect free, measured at the running statistics it was called with
 
 
 def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
@@ -96,10 +206,10 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
             agent.get_value(b_obs[:8])
     agent.eval()
     state_before = copy.deepcopy(agent.state_dict())
-    assert state_before["backbone.bn1.num_batches_tracked"].item() == 3
+    assert state_before["backbone.bn1.num_batches_tracked"].item() == 9  # 3 passes x 3 views (--view-batching separate)
     rng_before = torch.get_rng_state()
 
-    delta = probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
+    delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
 
     assert not agent.training  # mode restored
     state_after = agent.state_dict()
@@ -110,248 +220,542 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     assert 0.0 < delta.item() <= math.log(2.0)  # train vs eval BatchNorm really differ here
 
     agent.train()
-    probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
+    probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
     assert agent.training
+    assert probe.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(1)) is None  # -1 = off
 
 
-def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_was_called_with():
-    """Each minibatch's two sides are those of eq. 6 at the call's running statistics: a train-mode pass moves them
-    (momentum 0.1), so an eval-mode side computed after it, or after an earlier minibatch's, is measured off them."""
+def peaked_agent_and_expected_divergences(b_obs):
+    """A BN agent with a peaked policy and moved running statistics, and eq. 6 on each minibatch of the permutation
+    that policy_mismatch draws from manual_seed(1), each computed on fresh copies (nothing has moved their statistics)."""
     torch.manual_seed(0)
     agent = tiny_agent("bn")
-    b_obs = random_obs(24)
     with torch.no_grad():
         agent.actor[-1].weight.mul_(100.0)  # a peaked policy: at init delta_pi is too small to tell anything apart
         agent.train()
         for _ in range(3):
             agent.get_value(b_obs[:8])
-    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
-    expected = []
-    for start in range(0, 24, 8):  # each minibatch on a fresh copy: nothing has moved its statistics
+    perm = torch.randperm(len(b_obs), generator=torch.Generator().manual_seed(1))
+    eval_logits, train_logits = torch.zeros(len(b_obs), NUM_ACTIONS), torch.zeros(len(b_obs), NUM_ACTIONS)
+    for start in range(0, len(b_obs), 8):
+        mb_inds = perm[start : start + 8]
         with torch.no_grad():
             eval_copy, train_copy = copy.deepcopy(agent).eval(), copy.deepcopy(agent).train()
-            mb_obs = b_obs[perm[start : start + 8]]
-            eval_logits = eval_copy.actor(eval_copy.features(mb_obs))
-            train_logits = train_copy.actor(train_copy.features(mb_obs))
-        expected.append(probe.js_divergence(train_logits, eval_logits).mean().item())
+            eval_logits[mb_inds] = eval_copy.actor(eval_copy.features(b_obs[mb_inds]))
+            train_logits[mb_inds] = train_copy.actor(train_copy.features(b_obs[mb_inds]))
+    return agent, perm, train_logits, eval_logits
 
-    delta = probe.policy_mismatch(agent, b_obs, 8, torch.Generator().manual_seed(1))
 
-    assert delta.item() == pytest.approx(np.mean(expected), rel=1e-5)
+def mean_divergence(perm, train_logits, eval_logits, minibatches):
+    divergences = [probe.js_divergence(train_logits[inds], eval_logits[inds]).mean() for inds in perm.split(8)]
+    return torch.stack(divergences[:minibatches]).mean().item()
+
+
+def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_was_called_with():
+    """Each minibatch's two sides are those of eq. 6 at the call's running statistics: a train-mode pass moves them
+    (momentum 0.01 here), so an eval-mode side computed after it, or after an earlier minibatch's, is measured off them."""
+    b_obs = random_obs(24)
+    agent, perm, train_logits, eval_logits = peaked_agent_and_expected_divergences(b_obs)
+
+    delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
+    first_only = probe.policy_mismatch(agent, b_obs, 8, 1, torch.Generator().manual_seed(1))
+
+    assert delta.item() == pytest.approx(mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-5)
+    first = mean_divergence(perm, train_logits, eval_logits, 1)
+    assert first_only.item() == pytest.approx(first, rel=1e-5)  # --diag-minibatches 1: the first minibatch only
+    assert first != pytest.approx(delta.item(), rel=1e-3)
     assert delta.item() > 1e-3
 
 
-def test_ppo_update_measures_r_at_the_running_stats_the_minibatch_started_with():
-    """The ratio gap's r is the eval-mode ratio before the minibatch's train-mode pass, which moves the running
-    statistics (momentum 0.5 here, so that the difference shows)."""
-    torch.manual_seed(0)
-    args = probe.Args(mode="bn", view_size=16, hidden_size=32, bn_momentum=0.5)
-    agent = probe.Agent(7, args)
-    obs, actions = random_obs(16), torch.randint(0, 7, (16,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        agent.actor[-1].weight.mul_(100.0)  # a peaked policy, sensitive to the statistics it is normalized with
-        agent.eval()
-        _, logprobs, _, values = agent.get_action_and_value(obs, actions)
-    agent.train()
-    batch = {"obs": obs, "actions": actions, "logprobs": logprobs, "values": values.flatten()}
-    batch.update(advantages=torch.randn(16), returns=torch.randn(16))
-    reference = copy.deepcopy(agent)
-    with torch.no_grad():
-        expected_r = probe.eval_mode_ratio(reference, obs, actions, logprobs)
-        _, train_logprob, _, _ = reference.get_action_and_value(obs, actions)
-    expected_gap = ((train_logprob - logprobs).exp() - expected_r).abs().mean().item()
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+def test_policy_mismatch_takes_the_eval_side_from_given_logits():
+    """Delta pi minus takes its eval-mode side from the rollout's logits (eq. 6's behaviour policy)."""
+    b_obs = random_obs(24)
+    agent, perm, train_logits, eval_logits = peaked_agent_and_expected_divergences(b_obs)
+    other_logits = 5.0 * torch.randn(len(b_obs), NUM_ACTIONS, generator=torch.Generator().manual_seed(2))
 
-    stats = probe.ppo_update(
-        agent, optimizer, batch, torch.arange(16), args, True, probe.SectionTimer(False, torch.device("cpu"))
-    )
+    given = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1), eval_logits)
+    other = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1), other_logits)
 
-    assert stats["ratio_gap"].item() == pytest.approx(expected_gap, rel=1e-4)
-    assert expected_gap > 1e-3
+    assert given.item() == pytest.approx(mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-4)
+    assert other.item() == pytest.approx(mean_divergence(perm, train_logits, other_logits, 3), rel=1e-4)
+    assert other.item() != pytest.approx(given.item(), rel=0.1)  # each sample's given row is really the one used
 
 
 def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
     torch.manual_seed(0)
     agent = tiny_agent("eval")
 
-    delta = probe.policy_mismatch(agent, random_obs(16), 8, torch.Generator().manual_seed(1))
+    delta = probe.policy_mismatch(agent, random_obs(16), 8, 0, torch.Generator().manual_seed(1))
 
     assert delta.item() == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Collapse detector
+# The ratio gap (eq. 10-11)
 
 
-def feed(curve, window=5, drop=0.5, min_best=30.0, recover_frac=0.8):
-    detector = probe.CollapseDetector(window, drop, min_best, recover_frac)
-    flags = [detector.update(iteration, value) for iteration, value in enumerate(curve, start=1)]
-    return detector, [i for i, flag in enumerate(flags, start=1) if flag]
+def test_ppo_update_reports_the_gap_between_the_optimized_ratio_and_the_given_eval_ratio():
+    torch.manual_seed(0)
+    args = probe.Args(mode="bn", view_size=16, hidden_size=32, bn_momentum=0.5)
+    probe.validate_args(args)
+    agent = probe.Agent(NUM_ACTIONS, args)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy, sensitive to the statistics it is normalized with
+    mb = random_minibatch(agent)
+    agent.train()
+    reference = copy.deepcopy(agent)
+    with torch.no_grad():
+        _, train_logprob, _, _ = reference.get_action_and_value(mb["obs"], mb["actions"])
+    eval_ratio = probe.eval_mode_ratio(agent, mb)
+    expected_gap = ((train_logprob - mb["logprobs"]).exp() - eval_ratio).abs().mean().item()
+    optimizer = probe.make_optimizer(agent, args, torch.device("cpu"))
+
+    stats = probe.ppo_update(agent, optimizer, mb, args, eval_ratio)
+    unmeasured = probe.ppo_update(agent, optimizer, mb, args)
+
+    assert stats["ratio_gap"].item() == pytest.approx(expected_gap, rel=1e-4)
+    assert expected_gap > 1e-3
+    assert {"trust_region_violation", "trust_region_violation_signed"} <= set(stats)
+    assert "ratio_gap" not in unmeasured and "trust_region_violation" not in unmeasured
+    assert set(unmeasured) == {"policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "loss"}
 
 
-RISE_THEN_CRASH = list(np.linspace(0.0, 80.0, 20)) + [80.0] * 10 + [10.0] * 30  # crash starts at iteration 31
+def test_eval_mode_ratio_is_side_effect_free_and_restores_the_mode():
+    torch.manual_seed(0)
+    agent = tiny_agent("bn")
+    mb = random_minibatch(agent)
+    agent.train()
+    state = copy.deepcopy(agent.state_dict())
+
+    ratio = probe.eval_mode_ratio(agent, mb)
+
+    assert agent.training
+    assert all(torch.equal(tensor, agent.state_dict()[name]) for name, tensor in state.items())
+    assert torch.allclose(ratio, torch.ones(16), atol=1e-5)  # the old log-probs are this eval-mode policy's
 
 
-def test_detector_flags_a_sustained_crash_once_and_no_recovery():
-    detector, flagged = feed(RISE_THEN_CRASH)
+def test_trust_region_violation_signed_counts_only_the_clip_that_would_stop_the_gradient():
+    """clip 0.2. Unsigned: r' inside [0.8, 1.2], r outside. Signed: the clip stops the gradient under r (r > 1.2 with
+    A > 0, r < 0.8 with A < 0) but not under r'."""
+    train_ratio = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.3, 1.1])
+    eval_ratio = torch.tensor([1.3, 1.3, 0.7, 0.7, 1.3, 1.1])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0])
+    # sample: 0 signed (A > 0, r > 1.2), 1 unsigned only, 2 unsigned only, 3 signed (A < 0, r < 0.8), 4-5 neither
 
-    # moving average of 5 at iterations 31, 32, 33: 66, 52, 38 -> first below 0.5 x 80 at 33
-    assert flagged == [33]
-    assert detector.collapses == [{"iteration": 33, "pre_collapse_best": pytest.approx(80.0), "recovery_iteration": None}]
-    assert detector.in_collapse
-    assert detector.best == pytest.approx(80.0)
+    stats = probe.trust_region_diagnostics(train_ratio, eval_ratio, advantages, 0.2)
 
-
-@pytest.mark.parametrize("level, flagged", [(41.0, []), (39.0, [35])])
-def test_detector_threshold_is_drop_times_the_running_best(level, flagged):
-    # best 80, drop 0.5: a sustained fall to 41 stays above 40, a fall to 39 crosses it once the window is all 39
-    curve = RISE_THEN_CRASH[:30] + [level] * 20
-
-    assert feed(curve)[1] == flagged
+    assert stats["trust_region_violation"].item() == pytest.approx(4 / 6)
+    assert stats["trust_region_violation_signed"].item() == pytest.approx(2 / 6)
+    assert stats["ratio_gap"].item() == pytest.approx((0.3 + 0.3 + 0.3 + 0.3) / 6)
 
 
-def test_detector_waits_for_a_full_window():
-    curve = [90.0] + [20.0] * 30  # a lucky first update: its partial average (90) must not become the best
+def test_the_eval_ratio_is_measured_before_the_minibatch_moves_the_running_statistics(mode_run):
+    """r (eq. 10) is measured on every standard-phase minibatch (--diag-ratio-every 1) at the running statistics the
+    minibatch started with, i.e. before its train-mode pass, never in the rectification phase."""
+    run = mode_run("bn-mdr")
+    measured = [update for update in run["updates"] if update["measured"]]
 
-    detector, flagged = feed(curve)
-
-    assert flagged == []
-    assert detector.best == pytest.approx(34.0)  # first full window: (90 + 4 x 20) / 5
-
-
-def test_detector_records_the_recovery_iteration():
-    curve = RISE_THEN_CRASH[:49] + [80.0] * 20  # back to 80 from iteration 50
-
-    detector, flagged = feed(curve)
-
-    # moving average at 50, 51, 52, 53: 24, 38, 52, 66 -> first >= 0.8 x 80 = 64 at 53
-    assert flagged == [33]
-    assert detector.collapses[0]["recovery_iteration"] == 53
-    assert not detector.in_collapse
-
-
-def test_detector_flags_a_second_collapse_after_a_recovery():
-    curve = RISE_THEN_CRASH[:49] + [80.0] * 20 + [0.0] * 10
-
-    detector, flagged = feed(curve)
-
-    assert flagged == [33, 72]  # moving average at 69, 70, 71, 72: 80, 64, 48, 32
-    assert [event["recovery_iteration"] for event in detector.collapses] == [53, None]
-
-
-def test_detector_ignores_a_noisy_but_stable_curve():
-    rng = np.random.default_rng(0)
-    curve = list(60.0 + rng.uniform(-25.0, 25.0, size=300))
-
-    detector, flagged = feed(curve, window=10)
-
-    assert flagged == [] and detector.collapses == []
-    assert 60.0 < detector.best < 85.0
-
-
-def test_detector_needs_the_best_above_min_best():
-    curve = list(np.linspace(0.0, 25.0, 20)) + [0.0] * 30  # falls to 0, but its best (25) never reached 30
-
-    detector, flagged = feed(curve)
-
-    assert flagged == [] and detector.collapses == []
-
-
-def test_detector_skips_updates_without_episodes():
-    curve = RISE_THEN_CRASH[:30] + [float("nan")] * 5 + [10.0] * 10
-
-    detector, flagged = feed(curve)
-
-    assert flagged == [38]  # the NaN updates (31..35) neither count in the average nor advance it
-    assert math.isfinite(detector.smoothed)
+    assert [update["measured"] for update in run["updates"]] == [update["training"] for update in run["updates"]]
+    assert len(measured) == len(run["eval_ratio_stats"]) == 8  # 2 updates x alpha1 2 epochs x 2 minibatches
+    for update, at_measurement in zip(measured, run["eval_ratio_stats"]):
+        assert torch.equal(update["running_mean"], at_measurement)
+    assert not torch.equal(measured[0]["running_mean"], measured[1]["running_mean"])  # the passes do move them
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Argument checks
+# Every --mode: a tiny in-process run, and what each rival changes
+
+
+@pytest.mark.parametrize("mode", list(probe.MODES))
+def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
+    run = mode_run(mode)
+
+    assert run["exit_code"] == 0 and run["summary"]["status"] == "completed"
+    assert run["columns"] == probe.CSV_COLUMNS
+    assert [int(row["iteration"]) for row in run["rows"]] == [1, 2]
+    expected_alphas = ("2", "1") if mode in MDR_MODES else ("3", "0")
+    assert {(row["mode"], row["alpha1"], row["alpha2"]) for row in run["rows"]} == {(mode, *expected_alphas)}
+    always_finite = ["delta_pi_minus", "delta_pi_plus", "ratio_gap", "trust_region_violation"]
+    always_finite += ["trust_region_violation_signed", "entropy", "acting_entropy", "approx_kl", "old_approx_kl"]
+    always_finite += ["clipfrac", "approx_kl_standard", "clipfrac_standard", "policy_loss", "value_loss"]
+    for row in run["rows"]:
+        for column in always_finite:
+            assert math.isfinite(float(row[column])), column
+        assert 0.0 <= float(row["trust_region_violation_signed"]) <= 1.0
+        assert 0.0 <= float(row["trust_region_violation"]) <= 1.0
+        assert 0.0 <= float(row["acting_entropy"]) <= math.log(NUM_ACTIONS) + 1e-6
+        assert 0.0 <= float(row["delta_pi_minus"]) <= math.log(2.0)
+        for column in ("approx_kl_rectify", "clipfrac_rectify"):  # only the MDR modes have a rectification phase
+            assert math.isfinite(float(row[column])) == (mode in MDR_MODES), column
+
+
+def test_phase_columns_average_their_own_minibatches(mode_run):
+    """approx_kl_standard/_rectify: the mean over that phase's minibatch steps; approx_kl: over all of them."""
+    run = mode_run("bn-mdr")
+    first_update = run["updates"][:6]  # 3 epochs x 2 minibatches
+    standard = [u["stats"]["approx_kl"].item() for u in first_update if u["training"]]
+    rectify = [u["stats"]["approx_kl"].item() for u in first_update if not u["training"]]
+
+    row = run["rows"][0]
+    assert (len(standard), len(rectify)) == (4, 2)
+    assert float(row["approx_kl_standard"]) == pytest.approx(np.mean(standard), rel=1e-4, abs=1e-9)
+    assert float(row["approx_kl_rectify"]) == pytest.approx(np.mean(rectify), rel=1e-4, abs=1e-9)
+    assert float(row["approx_kl"]) == pytest.approx(np.mean(standard + rectify), rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", list(probe.MODES))
+def test_collection_is_in_eval_mode_except_for_bn_train(mode, mode_run):
+    run = mode_run(mode)
+
+    assert len(run["rollout_modes"]) == 8  # 2 updates x 4 steps
+    assert set(run["rollout_modes"]) == {mode == "bn-train"}
+
+
+@pytest.mark.parametrize("mode", ["bn", "bn-mdr", "bn-oldtrain"])
+def test_update_phases_train_mode_then_eval_mode(mode, mode_run):
+    run = mode_run(mode)
+    expected = [True] * 4 + ([False] * 2 if mode in MDR_MODES else [True] * 2)  # per update: 3 epochs x 2 minibatches
+
+    assert [u["training"] for u in run["updates"]] == expected * 2
+
+
+def norm_layers(agent):
+    kinds = (nn.BatchNorm2d, probe.BatchRenorm2d, nn.GroupNorm, nn.LayerNorm)
+    return [module for module in agent.backbone.modules() if isinstance(module, kinds)]
 
 
 @pytest.mark.parametrize(
-    "overrides, alphas",
-    [
-        (dict(mode="bn"), (3, 0)),
-        (dict(mode="eval"), (3, 0)),
-        (dict(mode="bn-mdr"), (2, 1)),
-        (dict(mode="bn-mdr", update_epochs=6), (4, 2)),
-        (dict(mode="bn-mdr", alpha1=1), (1, 2)),
-        (dict(mode="bn-mdr", alpha2=3), (0, 3)),
-        (dict(mode="bn-mdr", alpha1=4, alpha2=2, update_epochs=6), (4, 2)),
-    ],
+    "mode, norm_type",
+    [("bn", nn.BatchNorm2d), ("bn-mdr", nn.BatchNorm2d), ("bn-recal", nn.BatchNorm2d), ("bn-train", nn.BatchNorm2d)]
+    + [("bn-oldtrain", nn.BatchNorm2d), ("bn-wn", nn.BatchNorm2d), ("eval", probe.EvalModeBatchNorm2d)]
+    + [("brn", probe.BatchRenorm2d), ("brn-mdr", probe.BatchRenorm2d), ("gn", nn.GroupNorm), ("none", None)],
 )
-def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
-    assert probe.validate_args(probe.Args(**overrides)) == alphas
+def test_each_mode_builds_its_norm_layer(mode, norm_type):
+    torch.manual_seed(0)
+    agent = tiny_agent(mode, bn_momentum=0.05)
+    layers = norm_layers(agent)
+
+    if norm_type is None:
+        assert layers == []
+        assert isinstance(agent.backbone.bn1, nn.Identity) and isinstance(agent.backbone.layer3[0].bn2, nn.Identity)
+        return
+    assert len(layers) == 15  # stem + 2 blocks x 2 in layer1..3 + 2 downsamples: the shallow ResNet-18 without layer4
+    assert {type(layer) for layer in layers} == {norm_type}
+    if norm_type in (nn.BatchNorm2d, probe.BatchRenorm2d):
+        assert {layer.momentum for layer in layers} == {0.05}
+    if norm_type is nn.GroupNorm:
+        assert {layer.num_groups for layer in layers} == {32}
+    assert probe.MODES[mode]  # every mode has its description
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(mode="foo"), "--mode foo"),
-        (dict(mode="bn", alpha2=1), "bn-mdr only"),
-        (dict(mode="bn-mdr", alpha1=3, alpha2=1), "--alpha1 3 --alpha2 1"),
-        (dict(mode="bn-mdr", alpha1=3), "--alpha1 3 --alpha2 0"),
-        (dict(mode="bn-mdr", alpha2=4), "--alpha1 -1 --alpha2 4"),
-        (dict(update_epochs=0), "--update-epochs 0"),
-        (dict(minibatch_size=1000), "--minibatch-size 1000"),
-        (dict(collapse_drop=0.5, recover_frac=0.4), "--recover-frac 0.4"),
-        (dict(collapse_drop=1.0), "--collapse-drop 1.0"),
-        (dict(clip_coef=0.0), "--clip-coef"),
-    ],
-)
-def test_validate_args_rejects_bad_input(overrides, message):
-    with pytest.raises(probe.ConfigError) as error:
-        probe.validate_args(probe.Args(**overrides))
-    assert message in str(error.value)
+def test_mode_table_and_validation_agree():
+    assert list(probe.MODES)[:3] == ["bn", "eval", "bn-mdr"]  # the paper's three first
+    for mode in probe.MODES:
+        args = probe.Args(mode=mode)
+        probe.validate_args(args)
+        assert args.alpha1 + args.alpha2 == args.update_epochs
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [(["--mode", "foo"], "--mode foo"), (["--mode", "bn-mdr", "--alpha1", "3", "--alpha2", "1"], "--alpha1 3 --alpha2 1")],
-    ids=["unknown-mode", "alphas-not-summing-to-epochs"],
-)
-def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
-    result = run_script(tmp_path, *TINY, *args)
+# --mode bn-wn
 
-    assert_one_line_error(result, message)
-    assert not (tmp_path / "runs").exists()
+
+def conv_weights(agent):
+    return [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_bn_wn_keeps_every_conv_weight_at_unit_norm_per_output_channel(mode_run):
+    run = mode_run("bn-wn")
+    agent, initial = run["agents"][0], run["initial"][0]
+    convs = conv_weights(agent)
+
+    assert len(convs) == 15  # stem + 2 blocks x 2 in layer1..3 + 2 downsamples
+    for weight in convs:
+        norms = torch.linalg.vector_norm(weight.detach(), dim=(1, 2, 3))
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
+    assert not torch.equal(agent.backbone.conv1.weight.detach(), initial["backbone.conv1.weight"])  # trained, then projected
+    initial_norms = torch.linalg.vector_norm(initial["backbone.conv1.weight"], dim=(1, 2, 3))
+    assert not torch.allclose(initial_norms, torch.ones_like(initial_norms), atol=1e-2)  # the projection did something
+
+
+def test_bn_wn_conv_weights_have_no_weight_decay_and_the_rest_the_configured_one(mode_run):
+    run = mode_run("bn-wn")
+    agent, optimizer = run["agents"][0], run["optimizers"][0]
+    convs = {id(weight) for weight in conv_weights(agent)}
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+
+    assert sorted(decay) == sorted(id(p) for p in agent.parameters())  # every parameter exactly once
+    for name, parameter in agent.named_parameters():
+        expected = 0.0 if id(parameter) in convs else probe.Args().weight_decay
+        assert decay[id(parameter)] == expected, name
+
+
+def test_other_modes_decay_and_leave_the_conv_norms_free(mode_run):
+    run = mode_run("bn")
+    optimizer = run["optimizers"][0]
+
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {probe.Args().weight_decay}
+    norms = torch.linalg.vector_norm(run["agents"][0].backbone.conv1.weight.detach(), dim=(1, 2, 3))
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
+
+
+# --mode bn-oldtrain
+
+
+def test_train_mode_logprobs_is_a_train_mode_forward_at_theta_k():
+    torch.manual_seed(0)
+    theta_k = tiny_agent("bn-oldtrain")
+    mb = random_minibatch(theta_k)
+    theta_k.eval()
+    reference = copy.deepcopy(theta_k).train()
+    with torch.no_grad():
+        _, expected, _, _ = reference.get_action_and_value(mb["obs"], mb["actions"])
+
+    logprobs = probe.train_mode_logprobs(theta_k, mb)
+
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=0)
+    assert not theta_k.training  # mode restored
+    assert not torch.allclose(logprobs, mb["logprobs"], atol=1e-4)  # differs from the eval-mode old log-probs
+
+
+def test_bn_oldtrain_starts_each_update_at_ratio_one(mode_run):
+    """With the old log-probs from the train-mode policy at theta_k, the first minibatch of each update (the agent is
+    still theta_k) has ratio exactly 1; in --mode bn (eval-mode old log-probs) it does not."""
+    oldtrain, bn = mode_run("bn-oldtrain"), mode_run("bn")
+
+    for first in (oldtrain["updates"][0], oldtrain["updates"][6]):
+        assert torch.equal(first["ratio"], torch.ones_like(first["ratio"]))
+        assert first["stats"]["old_approx_kl"].item() == 0.0
+    assert not torch.equal(bn["updates"][0]["ratio"], torch.ones_like(bn["updates"][0]["ratio"]))
+    assert not torch.equal(oldtrain["updates"][1]["ratio"], torch.ones_like(oldtrain["updates"][1]["ratio"]))  # moved
+
+
+# --mode bn-recal (precise BN)
+
+
+@pytest.mark.parametrize("mode", ["bn-recal", "bn"])
+def test_recalibration_runs_once_per_update_in_bn_recal_only(mode, mode_run):
+    run = mode_run(mode)
+    expected = [{"batch": 8, "minibatch_size": 4, "updates": 6}, {"batch": 8, "minibatch_size": 4, "updates": 12}]
+
+    assert run["recalibrations"] == (expected if mode == "bn-recal" else [])  # after each update's last minibatch step
+
+
+def conv1_statistics(agent, b_obs):
+    """Mean and unbiased variance per channel of conv1's output on `b_obs` (the first BatchNorm's input), float64."""
+    images = b_obs.reshape((-1,) + b_obs.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        out = agent.backbone.conv1(images).double()
+    return out.mean((0, 2, 3)), out.var((0, 2, 3), unbiased=True)
+
+
+def moved_joint_agent():
+    """A joint-batching BN agent whose running statistics are not the initial 0/1, in eval mode."""
+    torch.manual_seed(0)
+    agent = tiny_agent("bn-recal", view_batching="joint", bn_momentum=0.5)
+    with torch.no_grad(), probe.temporary_mode(agent, training=True):
+        agent.features(random_obs(8, 5))
+    return agent.eval()
+
+
+def test_recalibrate_with_one_minibatch_gives_the_exact_statistics_of_d_k():
+    agent = moved_joint_agent()
+    b_obs = random_obs(12)
+    before = copy.deepcopy(agent.state_dict())
+    rng = torch.get_rng_state()
+
+    probe.recalibrate_batchnorm(agent, b_obs, minibatch_size=12)
+
+    mean, var = conv1_statistics(agent, b_obs)
+    torch.testing.assert_close(agent.backbone.bn1.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(agent.backbone.bn1.running_var.double(), var, rtol=1e-5, atol=1e-7)  # unbiased: N/(N-1)
+    assert not agent.training and torch.equal(torch.get_rng_state(), rng)
+    after = agent.state_dict()
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == name.endswith(("running_mean", "running_var")), name  # only the running statistics change
+
+
+def test_recalibrate_averages_the_minibatch_statistics():
+    agent = moved_joint_agent()
+    b_obs = random_obs(12)
+
+    probe.recalibrate_batchnorm(agent, b_obs, minibatch_size=4)
+
+    per_minibatch = [conv1_statistics(agent, b_obs[start : start + 4]) for start in range(0, 12, 4)]
+    expected_mean = torch.stack([mean for mean, _ in per_minibatch]).mean(0)
+    expected_var = torch.stack([var for _, var in per_minibatch]).mean(0)
+    torch.testing.assert_close(agent.backbone.bn1.running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(agent.backbone.bn1.running_var.double(), expected_var, rtol=1e-5, atol=1e-7)
+    exact_var = conv1_statistics(agent, b_obs)[1]
+    assert not torch.allclose(expected_var, exact_var, rtol=1e-3)  # the minibatch average is not the exact variance
+
+
+def test_recalibrate_sets_the_deeper_layers_from_train_mode_passes_under_the_current_weights():
+    agent = moved_joint_agent()
+    b_obs = random_obs(12)
+    inputs = []
+    reference = copy.deepcopy(agent).train()
+    reference.backbone.layer3[1].bn2.register_forward_hook(lambda m, args, out: inputs.append(args[0].double()))
+    with torch.no_grad():
+        reference.features(b_obs)
+
+    probe.recalibrate_batchnorm(agent, b_obs, minibatch_size=12)
+
+    bn = agent.backbone.layer3[1].bn2
+    torch.testing.assert_close(bn.running_mean.double(), inputs[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), inputs[0].var((0, 2, 3)), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A real (tiny) run: the CSV and the summary
+# --view-batching separate|joint
 
 
-def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(tmp_path):
-    result = run_script(tmp_path, *TINY, "--mode", "bn-mdr", "--clip-coef", "0.05", "--seed", "3")
+def agents_separate_and_joint(mode="bn"):
+    torch.manual_seed(0)
+    separate = tiny_agent(mode, view_batching="separate", bn_momentum=0.5)
+    joint = tiny_agent(mode, view_batching="joint", bn_momentum=0.5)
+    joint.load_state_dict(separate.state_dict())
+    return separate, joint
 
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    with open(run_dir / "metrics.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == probe.CSV_COLUMNS
+
+@pytest.mark.parametrize("view_batching", ["separate", "joint"])
+def test_view_batching_output_shapes(view_batching):
+    torch.manual_seed(0)
+    agent = tiny_agent("bn", view_batching=view_batching)
+    obs = random_obs(5)
+
+    with torch.no_grad():
+        features = agent.features(obs)
+        action, logprob, entropy, value = agent.get_action_and_value(obs)
+
+    assert features.shape == (5, 3 * 256) and features.dtype == torch.float32
+    assert action.shape == logprob.shape == entropy.shape == (5,) and value.shape == (5, 1)
+
+
+def test_view_batching_changes_nothing_in_eval_mode():
+    separate, joint = agents_separate_and_joint()
+    obs = random_obs(6)
+
+    with torch.no_grad():
+        features = separate.eval().features(obs), joint.eval().features(obs)
+
+    torch.testing.assert_close(features[0], features[1], rtol=1e-5, atol=1e-6)
+
+
+def test_separate_view_batching_normalizes_each_view_type_with_its_own_batch_statistics():
+    separate, joint = agents_separate_and_joint()
+    obs = random_obs(6)
+    per_view = copy.deepcopy(separate).train()
+    batch_sizes = {"separate": [], "joint": []}
+    for name, agent in (("separate", separate), ("joint", joint)):
+        agent.backbone.bn1.register_forward_pre_hook(lambda m, args, name=name: batch_sizes[name].append(len(args[0])))
+
+    with torch.no_grad():
+        train_features = separate.train().features(obs), joint.train().features(obs)
+        images = obs.permute(1, 0, 4, 2, 3).float() / 255.0  # (views, B, 3, V, V)
+        expected = torch.cat([per_view.backbone(images[v]) for v in range(3)], dim=1)
+
+    assert batch_sizes == {"separate": [6, 6, 6], "joint": [18]}
+    torch.testing.assert_close(train_features[0], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(train_features[0], train_features[1], atol=1e-3)  # train mode: per-view statistics differ
+    running = separate.backbone.bn1.running_mean, joint.backbone.bn1.running_mean
+    assert not torch.allclose(running[0], running[1], atol=1e-4)  # so do the running statistics they leave
+
+
+def test_features_convert_in_place_without_changing_values():
+    obs = random_obs(4)
+    separate, joint = agents_separate_and_joint()
+    captured = {"separate": [], "joint": []}
+    for name, agent in (("separate", separate), ("joint", joint)):
+        agent.eval().backbone.conv1.register_forward_pre_hook(lambda m, args, name=name: captured[name].append(args[0]))
+
+    with torch.no_grad():
+        separate.features(obs), joint.features(obs)
+
+    images = obs.reshape(12, 16, 16, 3).permute(0, 3, 1, 2).float() / 255.0  # per sample: target, overview, current view
+    assert torch.equal(captured["joint"][0], images)  # views stacked sample by sample
+    assert captured["joint"][0].is_contiguous(memory_format=torch.channels_last)  # NHWC observations: channels_last
+    for view in range(3):
+        assert torch.equal(captured["separate"][view], images[view::3])
+
+
+# bae95b5 (before --view-batching: one backbone pass over all 3B images) on the TINY config, --mode bn-mdr, seed 1: its
+# metrics.csv (6 significant digits). --view-batching joint must reproduce it; delta_pi_minus's eval-mode side now comes
+# from the rollout's logits instead of a recomputation (same function, other rounding).
+BAE95B5_ROWS = [
+    dict(episodes=5, episodic_return=-0.204708, normalized_reward=-12.1454, smoothed_reward=-12.1454, success_rate=0)
+    | dict(delta_pi_minus=4.24394e-06, delta_pi_plus=0.00463289, ratio_gap=0.0354448, trust_region_violation=0)
+    | dict(entropy=1.94496, approx_kl=0.00117671, clipfrac=0, policy_loss=-0.0168365, value_loss=0.339507)
+    | dict(explained_variance=-0.154094),
+    dict(episodes=7, episodic_return=0.0306087, normalized_reward=0.918964, smoothed_reward=-5.61322, success_rate=0.142857)
+    | dict(delta_pi_minus=0.00454742, delta_pi_plus=0.000581453, ratio_gap=0.163014, trust_region_violation=0)
+    | dict(entropy=1.91017, approx_kl=0.0263806, clipfrac=0.385417, policy_loss=-0.00781431, value_loss=0.12939)
+    | dict(explained_variance=-0.0486215),
+]
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    """The TINY run (2 updates of 2 envs x 16 steps) with --mode bn-mdr --view-batching joint."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        args = probe.Args(mode="bn-mdr", view_batching="joint", **TINY)
+        return {"args": args, **run_main(tmp_path_factory.mktemp("joint"), args, monkeypatch)}
+
+
+def test_joint_view_batching_reproduces_bae95b5(joint_run):
+    assert len(joint_run["rows"]) == len(BAE95B5_ROWS)
+    for row, reference in zip(joint_run["rows"], BAE95B5_ROWS):
+        for column, value in reference.items():
+            rel = 1e-3 if column == "delta_pi_minus" else 1e-4
+            assert float(row[column]) == pytest.approx(value, rel=rel, abs=1e-7), (row["iteration"], column)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CSV and the summary of a real (tiny) run
+
+
+SUMMARY_KEYS = {"status", "mode", "clip_coef", "ent_coef", "seed", "iterations", "global_step", "wall_time_s"}
+SUMMARY_KEYS |= {"best_reward", "best_reward_iteration", "final_reward", "peak_delta_pi_minus"}
+SUMMARY_KEYS |= {"peak_delta_pi_minus_iteration", "reward_unit", "args"}
+
+
+def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
+    rows, summary, run_dir = joint_run["rows"], joint_run["summary"], joint_run["run_dir"]
+
+    assert run_dir.name == probe.default_run_name(joint_run["args"])
+    assert joint_run["columns"] == probe.CSV_COLUMNS
     assert [int(row["iteration"]) for row in rows] == [1, 2]  # 64 steps / (2 envs x 16 steps)
     assert [int(row["global_step"]) for row in rows] == [32, 64]
     assert {(row["mode"], float(row["clip_coef"]), float(row["ent_coef"]), row["seed"]) for row in rows} == {
-        ("bn-mdr", 0.05, 0.01, "3")
+        ("bn-mdr", 0.2, 0.01, "1")
     }
-    assert {(row["alpha1"], row["alpha2"]) for row in rows} == {("2", "1")}
-    for row in rows:
-        for column in ("delta_pi_minus", "delta_pi_plus", "ratio_gap", "trust_region_violation", "entropy", "approx_kl"):
-            assert math.isfinite(float(row[column])), column
-        assert 0.0 <= float(row["delta_pi_minus"]) <= math.log(2.0)
-        assert 0.0 <= float(row["trust_region_violation"]) <= 1.0
-        assert row["collapse_flag"] == "0" and row["collapse_count"] == "0"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["iterations"] == 2
-    assert summary["collapse_iterations"] == [] and summary["recovery_iterations"] == []
+    assert not {"collapse_flag", "collapse_count"} & set(joint_run["columns"])  # analysis/collapse_stats.py decides
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["status"] == "completed" and summary["iterations"] == 2 and summary["global_step"] == 64
+    assert summary["mode"] == "bn-mdr" and summary["args"]["view_batching"] == "joint"
     deltas = [float(row["delta_pi_minus"]) for row in rows]
     assert summary["peak_delta_pi_minus"] == pytest.approx(max(deltas), rel=1e-5)
     assert summary["peak_delta_pi_minus_iteration"] == 1 + int(np.argmax(deltas))
-    assert summary["final_reward"] == pytest.approx(float(rows[-1]["smoothed_reward"]), rel=1e-5, nan_ok=True)
+    smoothed = [float(row["smoothed_reward"]) for row in rows]
+    assert summary["best_reward"] == pytest.approx(max(smoothed), rel=1e-5)
+    assert summary["best_reward_iteration"] == 1 + int(np.argmax(smoothed))
+    assert summary["final_reward"] == pytest.approx(smoothed[-1], rel=1e-5)
     assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_an_existing_metrics_csv_is_never_overwritten(tmp_path, monkeypatch):
+    args = probe.Args(mode="bn", **TINY)
+    probe.validate_args(args)
+    run_dir = tmp_path / "runs" / probe.default_run_name(args)
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("a finished run\n")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(probe.ConfigError, match="already holds a run"):
+        probe.main(probe.Args(mode="bn", **TINY))
+
+    assert (run_dir / "metrics.csv").read_text() == "a finished run\n"
+    assert sorted(path.name for path in run_dir.iterdir()) == ["metrics.csv"]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monkeypatch):
@@ -363,11 +767,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monke
 
     monkeypatch.setattr(probe, "clipped_ppo_loss", nan_loss)
     monkeypatch.chdir(tmp_path)
-    args = probe.Args(
-        mode="bn", num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, view_size=16, image_size=64, hidden_size=32
-    )
-
-    assert probe.main(args) == 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert probe.main(probe.Args(mode="bn", **MODE_RUN)) == 1
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "metrics.csv").read_text().strip().splitlines() == [",".join(probe.CSV_COLUMNS)]
@@ -387,15 +788,139 @@ def test_sigterm_keeps_the_finished_updates_and_writes_the_summary(tmp_path, mon
     monkeypatch.setattr(probe, "policy_mismatch", terminate_in_second_update)
     monkeypatch.chdir(tmp_path)
     handler_before = signal.getsignal(signal.SIGTERM)
-    args = probe.Args(
-        mode="bn", num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=160, view_size=16, image_size=64, hidden_size=32
-    )
 
-    assert probe.main(args) == 130
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert probe.main(probe.Args(mode="bn", **{**MODE_RUN, "total_timesteps": 40})) == 130
 
     assert signal.getsignal(signal.SIGTERM) is handler_before
     (run_dir,) = (tmp_path / "runs").iterdir()
-    with open(run_dir / "metrics.csv", newline="") as f:
-        assert [row["iteration"] for row in csv.DictReader(f)] == ["1"]
+    assert [row["iteration"] for row in read_csv(run_dir / "metrics.csv")[1]] == ["1"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["iterations"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run names
+
+
+def run_name(**overrides):
+    args = probe.Args(**overrides)
+    probe.validate_args(args)
+    return probe.default_run_name(args)
+
+
+def test_default_run_names_tell_the_configurations_apart():
+    names = [run_name(mode=mode) for mode in probe.MODES]
+    names += [run_name(mode="bn", bn_momentum=0.1), run_name(mode="brn", bn_momentum=0.1)]
+    names += [run_name(mode="bn", view_batching="joint"), run_name(mode="bn", seed=2), run_name(mode="bn", clip_coef=0.05)]
+    names += [run_name(mode="bn", ent_coef=0.0), run_name(mode="bn-mdr", alpha1=1), run_name(mode="bn-mdr", update_epochs=6)]
+
+    assert len(set(names)) == len(names), names
+    assert all("/" not in name and " " not in name for name in names)
+    assert run_name(mode="eval", bn_momentum=0.1) == run_name(mode="eval")  # eval's statistics never move
+
+
+def test_default_run_names_contain_no_clock(monkeypatch):
+    monkeypatch.setattr(probe.time, "time", lambda: 0.0)
+    early = run_name(mode="bn-mdr")
+    monkeypatch.setattr(probe.time, "time", lambda: 4_000_000_000.0)
+
+    assert run_name(mode="bn-mdr") == early
+    assert run_name(mode="bn-mdr", seed=7).endswith("__s7")  # the seed closes the name (wandb's group drops it)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+@pytest.mark.parametrize(
+    "overrides, alphas",
+    [
+        (dict(mode="bn"), (3, 0)),
+        (dict(mode="eval"), (3, 0)),
+        (dict(mode="bn-recal", update_epochs=4), (4, 0)),
+        (dict(mode="bn-mdr"), (2, 1)),
+        (dict(mode="brn-mdr"), (2, 1)),
+        (dict(mode="bn-mdr", update_epochs=6), (4, 2)),
+        (dict(mode="bn-mdr", alpha1=1), (1, 2)),
+        (dict(mode="bn-mdr", alpha2=3), (0, 3)),
+        (dict(mode="bn-mdr", alpha1=4, alpha2=2, update_epochs=6), (4, 2)),
+    ],
+)
+def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
+    args = probe.Args(**overrides)
+
+    probe.validate_args(args)
+
+    assert (args.alpha1, args.alpha2) == alphas
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mode="foo"), "unknown --mode 'foo'; valid modes: " + ", ".join(probe.MODES)),
+        (dict(mode="bn", alpha2=1), "MDR modes only"),
+        (dict(mode="brn", alpha1=2), "MDR modes only"),
+        (dict(mode="bn-mdr", alpha1=3, alpha2=1), "--alpha1 3 --alpha2 1"),
+        (dict(mode="bn-mdr", alpha1=3), "--alpha1 3 --alpha2 0"),
+        (dict(mode="bn-mdr", alpha2=4), "--alpha1 -1 --alpha2 4"),
+        (dict(update_epochs=0), "--update-epochs 0"),
+        (dict(minibatch_size=1000), "--minibatch-size 1000"),
+        (dict(total_timesteps=100), "--total-timesteps 100"),
+        (dict(clip_coef=0.0), "--clip-coef"),
+        (dict(bn_momentum=0.0), "--bn-momentum"),
+        (dict(diag_minibatches=-2), "--diag-minibatches"),
+    ],
+)
+def test_validate_args_rejects_bad_input(overrides, message):
+    with pytest.raises(probe.ConfigError) as error:
+        probe.validate_args(probe.Args(**overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the probe lacks check_minibatches (the training scripts' rule 'no 1-sample minibatch with --norm-adv'); "
+    "a rollout of 9 with --minibatch-size 8 passes validation and every update's last minibatch normalizes one advantage "
+    "(std NaN): the run dies with 'non-finite loss'. Fix: copy check_minibatches into the probe, call it from "
+    "validate_args in place of the two inline minibatch/total-timesteps checks",
+)
+def test_a_one_sample_minibatch_is_rejected():
+    with pytest.raises(probe.ConfigError, match="one sample"):
+        probe.validate_args(probe.Args(num_envs=3, num_steps=3, minibatch_size=8, total_timesteps=9))
+
+
+def test_cli_unknown_mode_is_one_line_error_listing_the_modes(tmp_path):
+    result = run_script(tmp_path, *TINY_CLI, "--mode", "foo")
+
+    assert_one_line_error(result, "unknown --mode 'foo'; valid modes: " + ", ".join(probe.MODES))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_existing_metrics_csv_is_one_line_error(tmp_path):
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("a finished run\n")
+
+    result = run_script(tmp_path, *TINY_CLI, "--run-name", "mine")
+
+    assert_one_line_error(result, "runs/mine already holds a run")
+    assert (run_dir / "metrics.csv").read_text() == "a finished run\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="--help names only bn, eval, bn-mdr (and brn-mdr under --update-epochs): Args.mode's docstring says "
+    "'bn, eval, bn-mdr and the rivals (see MODES below ...)'. Fix: list them, e.g. '''what is compared: bn, eval, "
+    "bn-mdr; the rivals bn-recal, bn-train, bn-oldtrain, brn, brn-mdr, bn-wn, gn, none (MODES, docs/rivals.md)'''",
+)
+def test_help_lists_every_mode(tmp_path):
+    result = run_script(tmp_path, "--help")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--mode" in line)
+    end = next(i for i in range(start + 1, len(lines)) if re.search(r"^\W*--[a-z]", lines[i]))
+    mode_help = " ".join(lines[start:end])  # the --mode entry, continuation lines included
+    missing = [mode for mode in probe.MODES if mode not in mode_help.replace(",", " ").split()]
+    assert missing == [], f"--help does not name {missing}: {mode_help}"

@@ -1,0 +1,276 @@
+"""The three single-file scripts stay copies where they are meant to be (issue 11): every function, class and constant
+defined in two or three of them has the same `ast` (docstrings included) in each, except the listed, intended
+differences; plus the shape rules that keep the method in plain sight (# MDR lines, script and main() length, nesting
+of the minibatch step, no plotting, no dead flags, the bare mode switches being the method's). On failure the test
+prints a unified diff of the two sources."""
+
+import ast
+import copy
+import difflib
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCGEN, PATCHLOC, PROBE = SCRIPTS = ("ppo_procgen_mdr.py", "ppo_patchloc_mdr.py", "ppo_collapse_probe.py")
+TRAINING = (PROCGEN, PATCHLOC)
+
+# Meant to be one definition copied verbatim, and the scripts that must hold it (the identity check below covers every
+# name defined in two or three scripts; this list makes sure that none of these leaves a script unnoticed).
+SHARED = {
+    name: SCRIPTS
+    for name in ["layer_init", "EvalModeBatchNorm2d", "BatchRenorm2d", "compute_gae", "clipped_ppo_loss", "ppo_update"]
+    + ["temporary_mode", "js_divergence", "policy_mismatch", "eval_mode_ratio", "trust_region_diagnostics"]
+    + ["recalibrate_batchnorm", "mean_stats", "load_imagenet_weights", "ConfigError", "mlp", "check_minibatches"]
+}
+SHARED.update(
+    {
+        name: TRAINING
+        for name in ["make_norm_layer", "recompute_advantages", "get_rng_states", "set_rng_states", "find_checkpoint"]
+        + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS", "MODE_DEPENDENT_NORMS"]
+    }
+)
+MISSING = {  # findings for the lead: the test passes once the script holds the copy
+    ("mlp", PROBE): "the probe writes its actor and critic MLPs out twice in Agent.__init__ instead of mlp(); fix: copy "
+    "mlp() from patch-loc and build self.actor/self.critic = mlp(3 * 256, args.hidden_size, ..., std=0.01 / 1.0)",
+    ("check_minibatches", PROBE): "the probe checks m <= |D_k| and total_timesteps >= |D_k| inline and misses the "
+    "1-sample-minibatch rule (tests/test_collapse_probe.py::test_a_one_sample_minibatch_is_rejected); fix: copy "
+    "check_minibatches and call it from validate_args",
+}
+
+# Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script" = that script's
+# copy differs from the others, which must still agree.
+INTENDED_DIFFERENCES = {
+    "Args": "each script's own flags",
+    "main": "each script's own loop (Procgen: R rounds, held-out levels; patch-loc: task sets; probe: --mode, metrics.csv)",
+    "validate_args": "each script's own flags",
+    "default_run_name": "each script's run is defined by its own flags",
+    "Agent.__init__": "Procgen: one image, MLP width 256; patch-loc: three views (768 features), --amp; probe: no --amp",
+    "Agent.features": "Procgen: one 64x64 image; patch-loc: three views with --view-batching and --amp; probe: no --amp",
+    f"Agent@{PROCGEN}": "docstring: one image, not three views",
+    f"make_backbone@{PROBE}": "the norm layer comes from --mode (the rivals; Batch Renorm ramps over 500 passes)",
+    f"RunLogger@{PROBE}": "the probe's logger writes metrics.csv (one flushed row per update) and summary.json",
+    f"RunLogger.__init__@{PROBE}": "no checkpoint (wandb id, resumed step), no args.json, no tqdm: metrics.csv instead",
+    f"RunLogger.close@{PROBE}": "writes summary.json",
+    "PRINTED_KEYS": "the plain line per iteration: Procgen's return, patch-loc's normalized reward",
+    "iteration_scalars": "Procgen episode statistics (return, length) vs patch-loc's (normalized reward, success)",
+    "episode_scalars": "Procgen's normalized score from the game's return range vs patch-loc's normalized reward, success",
+    "evaluate": "held-out Procgen levels vs held-out patch-loc tasks",
+    "evaluate_checkpoint": "held-out Procgen levels (env frames) vs held-out patch-loc tasks (episodes drawn)",
+    "save_checkpoint": "the env state: Procgen's serialized states + episode tracker vs PatchLocVecEnv.get_state()",
+    "restore_checkpoint": "the env state, as in save_checkpoint",
+    "wandb_tags": "the env's tags (game vs task set)",
+}
+# Unintended differences found in the current scripts (findings for the lead): each test stays red-marked (strict
+# xfail) until the copies agree again, then its entry must go.
+KNOWN_DRIFT = {
+    "clipped_ppo_loss": "probe spells the stats dict out over 8 lines, the training scripts build it in 2 "
+    "(`stats = dict(policy_loss=...)`, `return loss, ratio, dict(**stats, ...)`); fix: copy procgen's into the probe",
+    "load_imagenet_weights": "probe's `loadable` comprehension names (name, tensor) and tests endswith("
+    "'num_batches_tracked'), the training scripts' (k, v) and 'num_batches' in k; fix: one version in all three",
+    "EvalModeBatchNorm2d": "docstring: the probe says `--mode eval` and adds '0/1 at random init'; fix: one docstring, "
+    "e.g. '(`--norm eval`, the probe's `--mode eval`): the stats stay frozen (ImageNet's when pretrained, 0/1 at random "
+    "init) ...'",
+    "Agent": "docstring: the probe adds '(FC-ReLU-FC-ReLU-out)', patch-loc's mlp() says it; goes with the probe using mlp()",
+}
+
+
+def definitions(path: Path) -> dict:
+    """name -> (ast node, source) for every top-level function, class and constant of a script; a class contributes
+    its body without methods ("Name") and each method ("Name.method")."""
+    source = path.read_text()
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = (node, ast.get_source_segment(source, node))
+        elif isinstance(node, ast.ClassDef):
+            methods = [m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            shell = copy.copy(node)
+            shell.body = [statement for statement in node.body if statement not in methods]
+            header = f"class {node.name}({', '.join(ast.unparse(base) for base in node.bases)}):"
+            found[node.name] = (shell, "\n".join([header] + [ast.get_source_segment(source, s) for s in shell.body]))
+            for method in methods:
+                found[f"{node.name}.{method.name}"] = (method, ast.get_source_segment(source, method))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if len(targets) == 1 and isinstance(targets[0], ast.Name):  # a constant, with its later `+=` lines
+                statements, text = found.get(targets[0].id, (ast.Module(body=[], type_ignores=[]), None))
+                statements.body.append(node)
+                segment = ast.get_source_segment(source, node)
+                found[targets[0].id] = (statements, segment if text is None else f"{text}\n{segment}")
+    return found
+
+
+DEFINITIONS = {script: definitions(ROOT / script) for script in SCRIPTS}
+COMMON = sorted({name for name in set().union(*DEFINITIONS.values()) if sum(name in d for d in DEFINITIONS.values()) >= 2})
+
+
+def compared_copies(name: str) -> list:
+    """The scripts whose copies of `name` must be identical."""
+    if name in INTENDED_DIFFERENCES:
+        return []
+    return [s for s in SCRIPTS if name in DEFINITIONS[s] and f"{name}@{s}" not in INTENDED_DIFFERENCES]
+
+
+def unified_diff(name: str, a: str, b: str) -> str:
+    lines = difflib.unified_diff(
+        DEFINITIONS[a][name][1].splitlines(), DEFINITIONS[b][name][1].splitlines(), f"{a}: {name}", f"{b}: {name}", lineterm=""
+    )
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DRIFT[n])) if n in KNOWN_DRIFT else n for n in COMMON],
+)
+def test_shared_definitions_are_identical(name):
+    reference, *others = compared_copies(name) or [None]
+    differing = [s for s in others if ast.dump(DEFINITIONS[s][name][0]) != ast.dump(DEFINITIONS[reference][name][0])]
+    if differing:
+        diffs = "\n".join(unified_diff(name, reference, other) for other in differing)
+        pytest.fail(f"{name} differs between copies (intended? list it in INTENDED_DIFFERENCES with the reason):\n{diffs}")
+
+
+@pytest.mark.parametrize(
+    "name, script",
+    [
+        pytest.param(n, s, marks=pytest.mark.xfail(strict=True, reason=MISSING[n, s])) if (n, s) in MISSING else (n, s)
+        for n, scripts in SHARED.items()
+        for s in scripts
+    ],
+)
+def test_shared_definitions_are_present(name, script):
+    assert name in DEFINITIONS[script], f"{script} lost its copy of {name}"
+
+
+def test_every_listed_difference_names_a_real_and_differing_copy():
+    """Entries go stale when a copy is renamed or aligned: then they hide nothing and must go."""
+    for key in list(INTENDED_DIFFERENCES) + list(KNOWN_DRIFT):
+        name, _, script = key.partition("@")
+        holders = [s for s in SCRIPTS if name in DEFINITIONS[s]]
+        assert len(holders) >= 2, f"{key}: {name} is defined in {holders} only"
+        assert script in ("", *holders), f"{key}: {script} has no {name}"
+        pairs = [(script, other) for other in holders if other != script] if script else itertools.combinations(holders, 2)
+        dumps = {s: ast.dump(DEFINITIONS[s][name][0]) for s in holders}
+        assert any(dumps[a] != dumps[b] for a, b in pairs), f"{key}: the copies agree now, remove the entry"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shape of each script
+
+
+def source(script: str) -> str:
+    return (ROOT / script).read_text()
+
+
+def function(script: str, name: str) -> ast.FunctionDef:
+    (node,) = [n for n in ast.parse(source(script)).body if isinstance(n, ast.FunctionDef) and n.name == name]
+    return node
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_method_lines_are_tagged(script):
+    tagged = [line for line in source(script).splitlines() if "# MDR" in line]  # what `grep -c "# MDR"` counts
+    assert len(tagged) >= 3, tagged
+
+
+OVER_900 = pytest.mark.xfail(strict=False, reason="over 900 lines on 2026-11-29 (the lead is trimming)")
+
+
+@pytest.mark.parametrize("script", [pytest.param(PROCGEN, marks=OVER_900), pytest.param(PATCHLOC, marks=OVER_900), PROBE])
+def test_script_is_at_most_900_lines(script):
+    assert len(source(script).splitlines()) <= 900
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_is_at_most_180_lines(script):
+    main = function(script, "main")
+    assert main.end_lineno - main.lineno + 1 <= 180
+
+
+BLOCKS = (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.If, ast.Try)
+
+
+def block_depths(node, name: str, depth=0):
+    """Depth (enclosing For/While/With/If/Try nodes) of every call to `name` under `node`."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Call) and isinstance(child.func, ast.Name) and child.func.id == name:
+            yield depth
+        yield from block_depths(child, name, depth + isinstance(child, BLOCKS))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_minibatch_step_is_at_most_5_blocks_deep_in_main(script):
+    depths = list(block_depths(function(script, "main"), "ppo_update"))
+    assert depths and max(depths) <= 5, depths
+
+
+def test_block_depth_counts_what_it_should():
+    tree = ast.parse("def main():\n for a in b:\n  with c:\n   if d:\n    pass\n   else:\n    ppo_update(x)\n  ppo_update(y)")
+    assert list(block_depths(tree.body[0], "ppo_update")) == [3, 1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_plotting_library_in_the_scripts(script):
+    imported = [
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(ast.parse(source(script)))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else [None])
+    ]
+    assert not [module for module in imported if module and module.split(".")[0] in ("matplotlib", "seaborn", "plotly")]
+
+
+def dead_flags(script: str) -> list:
+    """Args fields that nothing outside the Args class reads: neither `args.<field>` nor the quoted name."""
+    text = source(script)
+    (args,) = [n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Args"]
+    fields = [n.target.id for n in args.body if isinstance(n, ast.AnnAssign)]
+    lines = text.splitlines()
+    outside = "\n".join(lines[: args.lineno - 1] + lines[args.end_lineno :])
+    return [f for f in fields if not re.search(rf"\bargs\.{f}\b|[\"']{f}[\"']", outside)]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [PROCGEN, PATCHLOC]
+    + [
+        pytest.param(
+            PROBE,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the probe's Args.exp_name is never read (its run names start with the literal 'collapse__'); "
+                "fix: drop the field, or start default_run_name with args.exp_name",
+            ),
+        )
+    ],
+)
+def test_every_flag_is_used(script):
+    assert dead_flags(script) == []
+
+
+def bare_mode_switches(script: str) -> list:
+    """(line number, line) of each agent.train(...)/agent.eval() call outside temporary_mode, the helper through which
+    every mode change that is not the method's goes."""
+    text = source(script)
+    tree = ast.parse(text)
+    helper = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "temporary_mode"]
+    inside_helper = {id(n) for h in helper for n in ast.walk(h)}
+    lines = text.splitlines()
+    return [
+        (node.lineno, lines[node.lineno - 1])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and id(node) not in inside_helper
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("train", "eval")
+        if isinstance(node.func.value, ast.Name) and node.func.value.id == "agent"
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bare_mode_switches_are_the_methods_own(script):
+    switches = bare_mode_switches(script)
+
+    assert len(switches) >= 2  # collection and the update phases
+    assert [(number, line) for number, line in switches if "# MDR" not in line] == []
