@@ -68,7 +68,7 @@ class Args:
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
-    """what is compared: bn, eval, bn-mdr and the rivals (see MODES below and docs/rivals.md)"""
+    """bn, eval, bn-mdr (the paper's) or a rival: bn-recal, bn-train, bn-oldtrain, brn, brn-mdr, bn-wn, gn, none (MODES)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (Fig. 6: 0.2 and 0.05)"""
     ent_coef: float = 0.01
@@ -174,8 +174,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalizes with its running statistics (`--mode eval`): the stats stay frozen
-    (ImageNet's when pretrained, 0/1 at random init) whatever the module's mode; the affine parameters still learn."""
+    """BatchNorm that always normalizes with its running statistics (`--norm eval`): the stats stay frozen
+    (ImageNet's when pretrained) whatever the module's mode; the affine parameters still learn."""
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
@@ -236,29 +236,22 @@ def make_backbone(args: Args) -> nn.Module:
     return backbone
 
 
+def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
+    """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
+    layers = [layer_init(nn.Linear(in_features, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, hidden)), nn.ReLU()]
+    return nn.Sequential(*layers, layer_init(nn.Linear(hidden, out_features), std=std))
+
+
 class Agent(nn.Module):
     """Paper Table 1: one shallow ResNet-18 backbone applied to the three views (target, overview, current view),
-    3 x 256 = 768 features concatenated; separate actor and critic MLPs (FC-ReLU-FC-ReLU-out)."""
+    3 x 256 = 768 features concatenated; separate actor and critic MLPs."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
         self.separate_views = args.view_batching == "separate"
         self.backbone = make_backbone(args)
-        hidden = args.hidden_size
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(3 * 256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, num_actions), std=0.01),
-        )
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(3 * 256, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden, 1), std=1.0),
-        )
+        self.actor = mlp(3 * 256, args.hidden_size, num_actions, std=0.01)
+        self.critic = mlp(3 * 256, args.hidden_size, 1, std=1.0)
 
     def features(self, x):
         # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
@@ -328,15 +321,8 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
         v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": v_loss.detach(),
-        "entropy": entropy_loss.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-    }
-    return loss, ratio, stats
+    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
+    return loss, ratio, dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
@@ -635,11 +621,7 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
             f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
         ) from None
     own = backbone.state_dict()
-    loadable = {
-        name: tensor
-        for name, tensor in state_dict.items()
-        if name in own and own[name].shape == tensor.shape and not name.endswith("num_batches_tracked")
-    }
+    loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
     backbone.load_state_dict(loadable, strict=False)
     return sorted(loadable)
 
@@ -678,17 +660,24 @@ def validate_args(args: Args) -> None:
                 f"--update-epochs {epochs} (MDR splits the epochs, it adds none)"
             )
         args.alpha1, args.alpha2 = alpha1, alpha2
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size:
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} exceeds the rollout size num_envs x num_steps = {batch_size}"
-        )
-    if args.total_timesteps < batch_size:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({batch_size} steps)")
+    check_minibatches(args)
     if not 0.0 < args.clip_coef or args.ent_coef < 0 or not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
     if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
         raise ConfigError("need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0")
+
+
+def check_minibatches(args: Args) -> None:
+    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
+    is smaller, but never a single sample (its normalized advantage would be NaN)."""
+    batch_size = args.num_envs * args.num_steps
+    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
+    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
+        raise ConfigError(
+            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
+            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
+        )
 
 
 def default_run_name(args: Args) -> str:
@@ -696,7 +685,7 @@ def default_run_name(args: Args) -> str:
     alphas = f"__mdr{args.alpha1}-{args.alpha2}" if args.alpha2 and (args.alpha1, args.alpha2) != (2, 1) else ""
     momentum = "" if args.mode in ("eval", "gn", "none") else f"__bnm{args.bn_momentum:g}"
     loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
-    return f"collapse__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
+    return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
 
 
 def stop_on_sigterm(signum, frame):

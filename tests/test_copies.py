@@ -32,13 +32,7 @@ SHARED.update(
         + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS", "MODE_DEPENDENT_NORMS"]
     }
 )
-MISSING = {  # findings for the lead: the test passes once the script holds the copy
-    ("mlp", PROBE): "the probe writes its actor and critic MLPs out twice in Agent.__init__ instead of mlp(); fix: copy "
-    "mlp() from patch-loc and build self.actor/self.critic = mlp(3 * 256, args.hidden_size, ..., std=0.01 / 1.0)",
-    ("check_minibatches", PROBE): "the probe checks m <= |D_k| and total_timesteps >= |D_k| inline and misses the "
-    "1-sample-minibatch rule (tests/test_collapse_probe.py::test_a_one_sample_minibatch_is_rejected); fix: copy "
-    "check_minibatches and call it from validate_args",
-}
+MISSING = {}  # findings for the lead: (name, script) -> why that script lacks the copy; the test passes once it holds it
 
 # Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script" = that script's
 # copy differs from the others, which must still agree.
@@ -65,16 +59,7 @@ INTENDED_DIFFERENCES = {
 }
 # Unintended differences found in the current scripts (findings for the lead): each test stays red-marked (strict
 # xfail) until the copies agree again, then its entry must go.
-KNOWN_DRIFT = {
-    "clipped_ppo_loss": "probe spells the stats dict out over 8 lines, the training scripts build it in 2 "
-    "(`stats = dict(policy_loss=...)`, `return loss, ratio, dict(**stats, ...)`); fix: copy procgen's into the probe",
-    "load_imagenet_weights": "probe's `loadable` comprehension names (name, tensor) and tests endswith("
-    "'num_batches_tracked'), the training scripts' (k, v) and 'num_batches' in k; fix: one version in all three",
-    "EvalModeBatchNorm2d": "docstring: the probe says `--mode eval` and adds '0/1 at random init'; fix: one docstring, "
-    "e.g. '(`--norm eval`, the probe's `--mode eval`): the stats stay frozen (ImageNet's when pretrained, 0/1 at random "
-    "init) ...'",
-    "Agent": "docstring: the probe adds '(FC-ReLU-FC-ReLU-out)', patch-loc's mlp() says it; goes with the probe using mlp()",
-}
+KNOWN_DRIFT = {}
 
 
 def definitions(path: Path) -> dict:
@@ -233,20 +218,7 @@ def dead_flags(script: str) -> list:
     return [f for f in fields if not re.search(rf"\bargs\.{f}\b|[\"']{f}[\"']", outside)]
 
 
-@pytest.mark.parametrize(
-    "script",
-    [PROCGEN, PATCHLOC]
-    + [
-        pytest.param(
-            PROBE,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the probe's Args.exp_name is never read (its run names start with the literal 'collapse__'); "
-                "fix: drop the field, or start default_run_name with args.exp_name",
-            ),
-        )
-    ],
-)
+@pytest.mark.parametrize("script", [PROCGEN, PATCHLOC, PROBE])
 def test_every_flag_is_used(script):
     assert dead_flags(script) == []
 
