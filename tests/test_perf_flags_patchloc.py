@@ -1,7 +1,7 @@
 """Speed flags of ppo_patchloc_mdr.py (--channels-last, --amp, --compile, --torch-threads, diagnostics off): each one
 on vs off on CPU, comparing the final parameters of tiny in-process runs; plus the pieces behind them.
 The same flags as ppo_procgen_mdr.py (tests/test_perf_flags.py), on the patch-localization configuration of
-tests/test_patchloc.py (16-pixel views, 4 + 2 procedural tasks, 8-step episodes, hidden width 32, random init).
+tests/test_patchloc.py (16-pixel views, 4 + 4 procedural tasks, hidden width 32, random init).
 
 No timing assertions: what is measured lives in benchmarks/ and docs/benchmarks.md."""
 
@@ -38,10 +38,9 @@ def tiny_args(**overrides) -> ppo.Args:
         minibatch_size=16,
         total_timesteps=64,
         num_tasks=4,
-        num_test_tasks=2,
+        num_test_tasks=4,
         view_size=V,
         image_size=4 * V,
-        max_episode_steps=8,
         num_eval_envs=2,
         num_render_episodes=1,
         hidden_size=32,
