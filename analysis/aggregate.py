@@ -195,6 +195,10 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def logged_steps(run: Run) -> int:
+    return max((len(steps) for steps, _ in run.series.values()), default=0)
+
+
 def group_runs(runs: list[Run]) -> dict:
     """(kind, panel, method, variant) -> {seed: Run}. Two runs of the same seed: the longer one, with a warning."""
     groups = defaultdict(dict)
@@ -202,8 +206,10 @@ def group_runs(runs: list[Run]) -> dict:
         seeds = groups[(run.kind, run.panel, run.method, run.variant)]
         seed = run.config["seed"]
         if seed in seeds:
-            print(f"warning: {run.name} and {seeds[seed].name} are the same configuration and seed; keeping the longer")
-            if max(len(s) for s, _ in run.series.values()) <= max(len(s) for s, _ in seeds[seed].series.values()):
+            print(
+                f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, keeping the longer", file=sys.stderr
+            )
+            if logged_steps(run) <= logged_steps(seeds[seed]):
                 continue
         seeds[seed] = run
     return groups
@@ -256,7 +262,7 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
                 result = curve(seeds, tag, points)
                 if result is not None:
                     grid, mean, std = result
-                    ax.plot(grid, mean, style, color=colors[method], label=method if style == "-" else None)
+                    ax.plot(grid, mean, style, color=colors[method])
                     ax.fill_between(grid, mean - std, mean + std, color=colors[method], alpha=0.15, linewidth=0)
         ax.set_title(panel)
         ax.set_xlabel("steps")

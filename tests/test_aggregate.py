@@ -85,6 +85,8 @@ def runs_dir(tmp_path_factory):
     config = procgen("caveflyer", "bn", 2, 1, seed=1)
     write_run(root / "resumed", config, {"charts/episodic_return": {s: -5.0 for s in range(0, 601, 100)}})
     write_run(root / "resumed", config, {"charts/episodic_return": {s: 9.0 for s in range(500, 1001, 100)}})
+    # the same configuration and seed twice (a run restarted under another --run-name, stopped early): the longer counts
+    write_run(root / "stopped", procgen("bigfish", "bn", 2, 1, seed=1), {"charts/episodic_return": {0: 0.0, 100: 100.0}})
     # not a run of the two training scripts (a collapse-probe run): skipped
     write_run(root / "probe", {"mode": "bn", "seed": 1}, {"charts/normalized_reward": {0: 1.0}})
     return root
