@@ -296,7 +296,7 @@ def iqm_and_improvement(chosen: dict, metric: str, fraction: float, reps: int, s
     if not scores:
         return []
     lines = [
-        f"Interquartile mean of the final `{metric}` over {len(games)} games ({', '.join(games)}), "
+        f"Interquartile mean of the final `{metric}` over {len(games)} game{'s' * (len(games) > 1)} ({', '.join(games)}), "
         f"95 % stratified bootstrap interval ({reps} resamples):",
         "",
         "| method | runs x games | IQM | 95 % CI |",
