@@ -451,7 +451,9 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
     the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
     with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
-    norms = [m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and m.track_running_stats]
+    norms = [
+        m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and type(m) is not EvalModeBatchNorm2d
+    ]
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
     record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731

@@ -905,12 +905,6 @@ def test_recalibrate_batchnorm_with_separate_views_averages_the_three_view_stati
     torch.testing.assert_close(agent.backbone.bn1.running_var, expected_var, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: recalibrate_batchnorm reads m.track_running_stats, which BatchRenorm2d lacks, so --norm brn "
-    "--bn-recalibrate crashes after the first update (fix: self.track_running_stats = True in BatchRenorm2d.__init__)",
-)
 def test_recalibrate_batchnorm_works_on_batch_renorm():
     agent = make_agent("brn").eval()
     b_obs = random_obs(8, seed=7)

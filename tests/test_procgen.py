@@ -665,15 +665,7 @@ def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
 # 6. Precise BN (--bn-recalibrate)
 
 
-BRN_RECALIBRATE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: recalibrate_batchnorm reads m.track_running_stats, which BatchRenorm2d lacks (--bn-recalibrate --norm brn "
-    "crashes); fix: set self.track_running_stats = True in BatchRenorm2d.__init__",
-)
-
-
-@pytest.mark.parametrize("norm", ["bn", pytest.param("brn", marks=BRN_RECALIBRATE_BUG)])
+@pytest.mark.parametrize("norm", ["bn", "brn"])
 @pytest.mark.parametrize("minibatch_size", [32, 16, 24], ids=["all-of-D_k", "two-minibatches", "uneven-minibatches"])
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch_size):
     """Running mean/var of every BN layer = the average over D_k's minibatches (in order) of the batch mean and the
