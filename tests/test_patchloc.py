@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import urllib.error
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1249,6 +1250,56 @@ def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tm
     assert json.loads((tmp_path / "run" / "args.json").read_text()) == asdict(args)
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_run_logger_on_a_terminal_shows_a_progress_bar_instead_of_lines(tmp_path, monkeypatch):
+    stdout, stderr = Terminal(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)  # tqdm's bar
+    args = tiny_args()
+    args.batch_size, args.num_iterations = 32, 2
+    logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=32)  # a resumed run: the bar starts at 32
+
+    logger.advance(32)
+    logger.log({"charts/normalized_reward": 12.5}, iteration=2)
+    logger.close(0)
+
+    assert "iteration=" not in stdout.getvalue()
+    assert (logger.bar.n, logger.bar.total) == (64, 64)
+    assert "normalized_reward=12.5" in stderr.getvalue()
+
+
+def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
+    """--track: the wandb run is named after the run folder, grouped with the other seeds of its configuration (unless
+    --wandb-group), tagged, and continues the run id a checkpoint gives."""
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(id="new-id")
+
+    fake_wandb = types.SimpleNamespace(init=init, finish=lambda exit_code: calls.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(track=True, norm="brn", seed=3)
+    args.batch_size, args.num_iterations = 32, 1
+
+    logger = ppo.RunLogger(os.path.join("runs", ppo.default_run_name(args)), args, "saved-id", global_step=0)
+    logger.close(143)
+    grouped = ppo.RunLogger(os.path.join("runs", "mine"), tiny_args(track=True, wandb_group="sweep-7"), None, 0)
+    grouped.close(0)
+
+    first, exit_code, second, _ = calls
+    assert first["name"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1__s3"
+    assert first["group"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1"  # the name without the seed
+    assert (first["id"], first["resume"], logger.wandb_id, exit_code) == ("saved-id", "allow", "new-id", 143)
+    assert first["tags"] == ppo.wandb_tags(args) and "bn_momentum=0.1" in first["tags"]
+    assert (second["name"], second["group"], second["id"]) == ("mine", "sweep-7", None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. Checkpoints, stop signals and exact resume
 
@@ -1494,8 +1545,7 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     records = wandb_files[0].read_bytes()
     run_dir = single_run_dir(tmp_path)
     assert run_dir.name == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr1-2__s1"
-    group = "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr1-2"  # the run name without the seed: its seeds
-    for expected in (run_dir.name, group, "norm=brn", "mdr=(1,2)", "tasks=4", "bn_momentum=0.1"):  # name, group, tags
+    for expected in (run_dir.name, "norm=brn", "mdr=(1,2)", "tasks=4", "bn_momentum=0.1"):  # name and tags
         assert expected.encode() in records, expected
     assert wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"  # --resume continues this run
 
