@@ -691,6 +691,7 @@ def default_run_name(args: Args) -> str:
     source = "procedural" if args.image_source == "procedural" else os.path.basename(os.path.normpath(args.image_source))
     norm = {"bn": f"bn{args.bn_momentum:g}", "brn": f"brn{args.bn_momentum:g}", "dropout": f"dropout{args.dropout_p:g}"}
     mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
+    mdr += ("__collecttrain" if args.collect_mode == "train" else "") + ("__bnrecal" if args.bn_recalibrate else "")
     return f"patchloc-{source}-{args.num_tasks}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
 
 

@@ -671,6 +671,7 @@ def default_run_name(args: Args) -> str:
     """The run's folder under runs/, a function of what defines the run (so a requeued job finds its own folder)."""
     norm = {"bn": f"bn{args.bn_momentum:g}", "brn": f"brn{args.bn_momentum:g}", "dropout": f"dropout{args.dropout_p:g}"}
     mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
+    mdr += ("__collecttrain" if args.collect_mode == "train" else "") + ("__bnrecal" if args.bn_recalibrate else "")
     return f"{args.env_id}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
 
 
