@@ -182,16 +182,15 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017). Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma,
-    d = (mu_B - mu) / sigma (no gradient), clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from
-    (1, 0), i.e. plain BatchNorm, over `warmup` forward passes. Eval mode: running statistics, like BatchNorm.
-    Same parameter and buffer names as nn.BatchNorm2d, so ImageNet BatchNorm weights load into it."""
+    """Batch Renormalization (Ioffe, 2017), with nn.BatchNorm2d's parameter and buffer names (ImageNet weights load).
+    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma (no gradient)
+    clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from (1, 0), plain BatchNorm, over `warmup`
+    forward passes. Eval mode: running statistics, like BatchNorm."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
         self.momentum, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.weight, self.bias = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -200,22 +199,20 @@ class BatchRenorm2d(nn.Module):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         x = x.float()  # --amp: statistics in float32 (a no-op otherwise)
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        std = (var + self.eps).sqrt()
-        running_std = (self.running_var + self.eps).sqrt()
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        std, running_std = (var + self.eps).sqrt(), (self.running_var + self.eps).sqrt()
         ramp = (self.num_batches_tracked.float() / max(self.warmup, 1)).clamp(max=1.0)
-        r_max = 1.0 + (self.r_max - 1.0) * ramp
-        d_max = self.d_max * ramp
+        r_max, d_max = 1.0 + (self.r_max - 1.0) * ramp, self.d_max * ramp
         r = torch.minimum(torch.maximum(std.detach() / running_std, 1.0 / r_max), r_max)
         d = torch.minimum(torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max)
-        x_hat = (x - mean[None, :, None, None]) / std[None, :, None, None] * r[None, :, None, None] + d[None, :, None, None]
+        channel = lambda t: t[None, :, None, None]  # noqa: E731
+        x_hat = (x - channel(mean)) / channel(std) * channel(r) + channel(d)
         with torch.no_grad():
             n = x.numel() / x.size(1)
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
             self.num_batches_tracked += 1
-        return x_hat * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return x_hat * channel(self.weight) + channel(self.bias)
 
 
 def make_backbone(args: Args) -> nn.Module:
