@@ -579,6 +579,17 @@ def test_recompute_advantages_uses_the_eval_mode_critic_from_either_mode(norm):
     assert agent.training and changed_entries(before, agent) == []  # the bootstrap pass too: eval mode
 
 
+def test_temporary_mode_restores_the_mode_even_on_error():
+    agent = make_agent("bn").train()
+    with ppo.temporary_mode(agent, training=False):
+        assert not agent.training and not agent.backbone.bn1.training
+    assert agent.training and agent.backbone.bn1.training
+    with pytest.raises(RuntimeError), ppo.temporary_mode(agent.eval(), training=True):
+        assert agent.backbone.bn1.training
+        raise RuntimeError
+    assert not agent.training and not agent.backbone.bn1.training
+
+
 def test_compute_gae_cuts_the_bootstrap_at_episode_starts():
     rewards = torch.tensor([[1.0], [0.0], [2.0]])
     values = torch.tensor([[0.5], [0.25], [1.0]])
@@ -918,6 +929,15 @@ def test_recalibrate_batchnorm_works_on_batch_renorm():
     assert not [name for name in changed if "num_batches_tracked" in name]  # Batch Renorm's warm-up clock stays
 
 
+def test_recalibrate_batchnorm_leaves_frozen_eval_mode_batchnorm_alone():
+    agent = make_agent("eval")  # --norm eval: BatchNorm always on its (ImageNet) running statistics
+    before = clone_state(agent)
+
+    ppo.recalibrate_batchnorm(agent, random_obs(8, seed=7), 4)
+
+    assert changed_entries(before, agent) == []
+
+
 def test_bn_recalibrate_run_is_finite_and_differs_from_without(joint_run, tmp_path, monkeypatch):
     calls, original = [], ppo.recalibrate_batchnorm
 
@@ -1138,6 +1158,7 @@ def test_default_run_name_is_a_function_of_the_arguments():
             dict(alpha2=0, mdr_rounds=1),
             dict(num_tasks=256),
             dict(image_source="/data/slides/"),
+            dict(collect_mode="train", bn_recalibrate=True),
         )
     }
     assert names == {
@@ -1148,6 +1169,7 @@ def test_default_run_name_is_a_function_of_the_arguments():
         "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-0__s1",
         "patchloc-procedural-256__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1",
         "patchloc-slides-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1",
+        "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__collecttrain__bnrecal__s1",
     }
 
 
@@ -1451,6 +1473,8 @@ def test_check_minibatches(fields, message):
 BAD_INPUTS = {
     "missing-folder": "nowhere",
     "empty-folder": "/images",
+    "too-few-usable-images": "/images",  # (envs/ words the reason; here: the script passes it on as one line)
+    "images-smaller-than-image-size": "/images",
     "image-size-below-4-views": "image_size (32)",
     "no-epochs": "--alpha1 0 --alpha2 0",
     "recalibrate-without-batchnorm": "--bn-recalibrate",
@@ -1463,6 +1487,11 @@ BAD_INPUTS = {
 def bad_input(case, tmp_path) -> dict:
     """Prepare the files of one bad-input case in tmp_path; returns the Args fields that make it bad."""
     (tmp_path / "images").mkdir()
+    if case == "too-few-usable-images":  # 4 + 2 tasks need 6 images; one of the 6 files is broken
+        write_images(tmp_path / "images", 5)
+        (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    if case == "images-smaller-than-image-size":
+        write_images(tmp_path / "images", 6)  # 80 x 100 pixels
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
     torch.save({"agent": {}}, tmp_path / "foreign.pt")
     if case == "existing-run-folder":  # a fresh run into the folder of an earlier run with the same arguments
@@ -1472,6 +1501,8 @@ def bad_input(case, tmp_path) -> dict:
     return {
         "missing-folder": dict(image_source=str(tmp_path / "nowhere")),
         "empty-folder": dict(image_source=str(tmp_path / "images")),
+        "too-few-usable-images": dict(image_source=str(tmp_path / "images")),
+        "images-smaller-than-image-size": dict(image_source=str(tmp_path / "images"), image_size=128),
         "image-size-below-4-views": dict(image_size=32),
         "no-epochs": dict(alpha1=0, alpha2=0),
         "recalibrate-without-batchnorm": dict(norm="gn", bn_recalibrate=True),
