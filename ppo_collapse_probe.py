@@ -62,6 +62,10 @@ class Args:
     """the wandb group (default: the run name without the seed, so that seeds aggregate)"""
     run_name: Optional[str] = None
     """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed; never the clock)"""
+    resume: Optional[str] = None
+    """`auto`: continue from runs/{run_name}/checkpoint.pt if it exists, else start fresh (checkpoints on); or a path"""
+    checkpoint_interval: int = 10
+    """updates between checkpoints with --resume auto (a stop signal always writes one)"""
 
     torch_threads: int = 1
     """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
@@ -165,6 +169,7 @@ CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha
 smoothed_reward success_rate delta_pi_minus delta_pi_plus ratio_gap trust_region_violation trust_region_violation_signed
 entropy acting_entropy approx_kl old_approx_kl clipfrac approx_kl_standard clipfrac_standard approx_kl_rectify
 clipfrac_rectify policy_loss value_loss explained_variance sps wall_time""".split()
+TENSORBOARD_COLUMNS = CSV_COLUMNS[CSV_COLUMNS.index("episodic_return") : CSV_COLUMNS.index("sps") + 1]
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -471,9 +476,7 @@ def main(args: Args):
     validate_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
-    if os.path.exists(os.path.join(run_dir, "metrics.csv")):
-        raise ConfigError(f"{run_dir} already holds a run: pass another --run-name, or delete the folder to redo it")
+    checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -509,18 +512,21 @@ def main(args: Args):
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
     # TRY NOT TO MODIFY: start the game
-    global_step = 0
+    global_step, start_iteration = 0, 1
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.as_tensor(next_obs).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
     diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
-    logger = RunLogger(run_dir, args)  # only now, after every check has passed, is anything written
-    print(f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}")
-    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     b_inds = np.arange(args.batch_size)
+    live = {"agent": agent, "optimizer": optimizer, "envs": envs, "diag_generator": diag_generator, "b_inds": b_inds}
+    if checkpoint is not None:
+        global_step, start_iteration, next_obs, next_done, _ = restore_checkpoint(checkpoint, live, device)
+    logger = RunLogger(run_dir, args, checkpoint)  # only now, after every check has passed, is anything written
+    print(f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}")
+    stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the update, save a checkpoint, exit
     status, exit_code = "completed", 0
     try:
-        for iteration in range(1, args.num_iterations + 1):
+        for iteration in range(start_iteration, args.num_iterations + 1):
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
             agent.train(args.mode == "bn-train")  # MDR: D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
             finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
@@ -586,14 +592,19 @@ def main(args: Args):
                 f"smoothed={row['smoothed_reward']:.1f}%, delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
                 flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
+            if stop.requested or args.resume == "auto" and iteration % args.checkpoint_interval == 0:
+                save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger)
+            if stop.requested:
+                status, exit_code = "stopped", 128 + stop.requested
+                break
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         status, exit_code = "non-finite loss", 1
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C or SIGTERM); metrics.csv and summary.json keep the finished updates", file=sys.stderr)
+        print("interrupted (a second Ctrl-C); metrics.csv and summary.json keep the finished updates", file=sys.stderr)
         status, exit_code = "interrupted", 130
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        stop.restore()
         envs.close()
         summary = logger.close(status, exit_code)
     print(
@@ -634,6 +645,11 @@ def mean_stats(stats_list):
 
 class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
+
+
+# fields that may differ between a run and its --resume (everything else defines the computation)
+RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
+RESUMABLE_FIELDS += ("checkpoint_interval", "cuda", "num_iterations", "torch_threads")
 
 
 def validate_args(args: Args) -> None:
@@ -687,59 +703,128 @@ def default_run_name(args: Args) -> str:
     return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
 
 
-def stop_on_sigterm(signum, frame):
-    """`kill` (e.g. a job scheduler) ends the run like Ctrl-C: metrics.csv and summary.json are kept."""
-    raise KeyboardInterrupt
+def get_rng_states(diag_generator):
+    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "diag": diag_generator.get_state(),
+    }
+
+
+def set_rng_states(states, diag_generator):
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    diag_generator.set_state(states["diag"])
+
+
+class StopRequest:
+    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
+    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)")
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def find_checkpoint(args: Args, run_dir: str):
+    """(checkpoint or None, run folder). --resume auto: the folder's checkpoint if there is one, else a fresh run;
+    --resume PATH: that checkpoint, in its run's folder. A fresh run never overwrites a folder that holds a run."""
+    path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    if args.resume is None or args.resume == "auto" and not os.path.exists(path):
+        if args.resume is None and os.path.exists(os.path.join(run_dir, "metrics.csv")):
+            raise ConfigError(f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another")
+        return None, run_dir
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = {**asdict(Args()), **checkpoint["args"]}
+    except Exception as e:  # missing, truncated, not this script's
+        raise ConfigError(f"--resume {path}: not a checkpoint of this script ({type(e).__name__})") from None
+    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
+    if changed:
+        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+    return checkpoint, os.path.join("runs", checkpoint["run_name"])
+
+
+def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
+    """Everything a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator, b_inds), the rows
+    written so far; an atomic write."""
+    envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
+    state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
+    state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), rows=logger.rows)
+    state.update(rng=get_rng_states(live["diag_generator"]), b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id)
+    state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore_checkpoint(checkpoint, live, device):
+    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
+    wandb run id)."""
+    live["agent"].load_state_dict(checkpoint["agent"])
+    live["optimizer"].load_state_dict(checkpoint["optimizer"])
+    live["b_inds"][:] = checkpoint["b_inds"].numpy()  # the probe shuffles one index array across updates
+    env = checkpoint["env"]
+    live["envs"].set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()})
+    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
+    next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
+    return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")
+
+
+def tensorboard_tag(column: str) -> str:
+    """The TensorBoard tag of a metrics.csv column, in CleanRL's groups (charts/, losses/, losses/<phase>/, mdr/)."""
+    name, _, phase = column.rpartition("_")
+    if phase in ("standard", "rectify"):
+        return f"losses/{phase}/{name}"
+    if column in ("entropy", "approx_kl", "old_approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance"):
+        return f"losses/{column}"
+    if column.startswith(("ratio", "trust")):
+        return f"mdr/{column}"
+    return "charts/SPS" if column == "sps" else f"charts/{column}"
 
 
 class RunLogger:
     """runs/<run>/: TensorBoard (mirrored to wandb with --track), metrics.csv (one flushed row per update: a killed run
     keeps its data) and, at the end, summary.json."""
 
-    TENSORBOARD_KEYS = {
-        "charts/episodic_return": "episodic_return",
-        "charts/normalized_reward": "normalized_reward",
-        "charts/smoothed_reward": "smoothed_reward",
-        "charts/success_rate": "success_rate",
-        "charts/acting_entropy": "acting_entropy",
-        "charts/delta_pi_minus": "delta_pi_minus",
-        "charts/delta_pi_plus": "delta_pi_plus",
-        "mdr/ratio_gap": "ratio_gap",
-        "mdr/trust_region_violation": "trust_region_violation",
-        "mdr/trust_region_violation_signed": "trust_region_violation_signed",
-        "losses/entropy": "entropy",
-        "losses/approx_kl": "approx_kl",
-        "losses/old_approx_kl": "old_approx_kl",
-        "losses/clipfrac": "clipfrac",
-        "losses/standard/approx_kl": "approx_kl_standard",
-        "losses/standard/clipfrac": "clipfrac_standard",
-        "losses/rectify/approx_kl": "approx_kl_rectify",
-        "losses/rectify/clipfrac": "clipfrac_rectify",
-        "losses/policy_loss": "policy_loss",
-        "losses/value_loss": "value_loss",
-        "losses/explained_variance": "explained_variance",
-        "charts/SPS": "sps",
-    }
-
-    def __init__(self, run_dir: str, args: Args):
-        self.run_dir, self.args, self.rows = run_dir, args, []
-        self.recent_rewards = deque(maxlen=args.smooth_window)
-        self.start_time = time.time()
+    def __init__(self, run_dir: str, args: Args, checkpoint: Optional[dict]):
+        self.run_dir, self.args, self.rows = run_dir, args, list(checkpoint["rows"]) if checkpoint else []
+        rewards = [row["normalized_reward"] for row in self.rows if math.isfinite(row["normalized_reward"])]
+        self.recent_rewards = deque(rewards, maxlen=args.smooth_window)
+        self.start_time = time.time() - (self.rows[-1]["wall_time"] if self.rows else 0.0)
+        self.wandb_id = checkpoint.get("wandb_id") if checkpoint else None
         if args.track:
             import wandb
 
             run_name = os.path.basename(run_dir)
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                group=args.wandb_group or run_name.rsplit("__s", 1)[0],
-                sync_tensorboard=True,
-                config=vars(args),
-                name=run_name,
-                tags=[f"mode={args.mode}", f"clip={args.clip_coef:g}", f"ent={args.ent_coef:g}", f"seed={args.seed}"]
-                + [f"bn_momentum={args.bn_momentum:g}", f"views={args.view_batching}"],
-                save_code=True,
-            )
+            tags = [f"mode={args.mode}", f"clip={args.clip_coef:g}", f"ent={args.ent_coef:g}", f"seed={args.seed}"]
+            tags += [f"bn_momentum={args.bn_momentum:g}", f"views={args.view_batching}"]
+            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
+            self.wandb_id = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
+                config=vars(args), name=run_name, tags=tags, id=self.wandb_id, resume="allow", save_code=True,
+            ).id  # fmt: skip
         self.writer = SummaryWriter(run_dir)
         self.writer.add_text(
             "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
@@ -747,7 +832,8 @@ class RunLogger:
         self.csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
         self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS)
         self.csv_writer.writeheader()
-        self.csv_file.flush()
+        for row in self.rows:  # a resumed run: the updates its checkpoint holds (later ones were lost with the process)
+            self.write_row(row)
 
     def log_update(self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus) -> dict:
         """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf loss."""
@@ -769,27 +855,14 @@ class RunLogger:
         y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         elapsed = time.time() - self.start_time
-        row = {
-            "iteration": iteration,
-            "global_step": global_step,
-            "mode": self.args.mode,
-            "clip_coef": self.args.clip_coef,
-            "ent_coef": self.args.ent_coef,
-            "seed": self.args.seed,
-            "alpha1": self.args.alpha1,
-            "alpha2": self.args.alpha2,
-            "episodes": len(finished["r"]),
-            "episodic_return": float(np.mean(finished["r"])) if finished["r"] else nan,
-            "normalized_reward": normalized,
-            "smoothed_reward": float(np.mean(self.recent_rewards)) if self.recent_rewards else nan,
-            "success_rate": float(np.mean(finished["success"])) if finished["r"] else nan,
-            "delta_pi_minus": delta_pi_minus,
-            "delta_pi_plus": delta_pi_plus,
-            "acting_entropy": acting_entropy,
-            "explained_variance": nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y),
-            "sps": int(global_step / elapsed),
-            "wall_time": elapsed,
-        }
+        mean = lambda values: float(np.mean(values)) if len(values) else nan  # noqa: E731
+        row = {"iteration": iteration, "global_step": global_step, "episodes": len(finished["r"])}
+        row.update({key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed", "alpha1", "alpha2")})
+        row.update(episodic_return=mean(finished["r"]), normalized_reward=normalized, success_rate=mean(finished["success"]))
+        row.update(smoothed_reward=mean(self.recent_rewards), acting_entropy=acting_entropy)
+        row.update(delta_pi_minus=delta_pi_minus, delta_pi_plus=delta_pi_plus)
+        row.update(sps=int(global_step / elapsed), wall_time=elapsed)
+        row["explained_variance"] = nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
         for key in ("ratio_gap", "trust_region_violation", "trust_region_violation_signed"):
             row[key] = phases["standard"].get(key, nan)
         for key in ("entropy", "approx_kl", "old_approx_kl", "clipfrac", "policy_loss", "value_loss"):
@@ -797,10 +870,13 @@ class RunLogger:
         for phase, key in ((phase, key) for phase in phases for key in ("approx_kl", "clipfrac")):
             row[f"{key}_{phase}"] = phases[phase].get(key, nan)
         self.rows.append(row)
+        self.write_row(row)
+        self.log_scalars({tensorboard_tag(column): row[column] for column in TENSORBOARD_COLUMNS}, global_step)
+        return row
+
+    def write_row(self, row: dict):
         self.csv_writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
         self.csv_file.flush()
-        self.log_scalars({tag: row[column] for tag, column in self.TENSORBOARD_KEYS.items()}, global_step)
-        return row
 
     def log_scalars(self, scalars: dict, global_step: int):
         for tag, value in scalars.items():
@@ -819,23 +895,13 @@ class RunLogger:
         rows = self.rows
         deltas = [(row["delta_pi_minus"], row["iteration"]) for row in rows if math.isfinite(row["delta_pi_minus"])]
         smoothed = [(row["smoothed_reward"], row["iteration"]) for row in rows if math.isfinite(row["smoothed_reward"])]
-        summary = {
-            "status": status,
-            "mode": self.args.mode,
-            "clip_coef": self.args.clip_coef,
-            "ent_coef": self.args.ent_coef,
-            "seed": self.args.seed,
-            "iterations": len(rows),
-            "global_step": rows[-1]["global_step"] if rows else 0,
-            "wall_time_s": rows[-1]["wall_time"] if rows else 0.0,
-            "best_reward": max(smoothed)[0] if smoothed else None,
-            "best_reward_iteration": max(smoothed)[1] if smoothed else None,
-            "final_reward": smoothed[-1][0] if smoothed else None,
-            "peak_delta_pi_minus": max(deltas)[0] if deltas else None,
-            "peak_delta_pi_minus_iteration": max(deltas)[1] if deltas else None,
-            "reward_unit": "normalized reward, percent of the optimal return, moving average over --smooth-window updates",
-            "args": asdict(self.args),
-        }
+        summary = {"status": status, **{key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed")}}
+        summary.update(iterations=len(rows), global_step=rows[-1]["global_step"] if rows else 0)
+        summary.update(wall_time_s=rows[-1]["wall_time"] if rows else 0.0, final_reward=smoothed[-1][0] if smoothed else None)
+        best, peak = max(smoothed, default=(None, None)), max(deltas, default=(None, None))
+        summary.update(best_reward=best[0], best_reward_iteration=best[1], peak_delta_pi_minus=peak[0])
+        summary.update(peak_delta_pi_minus_iteration=peak[1], args=asdict(self.args))
+        summary["reward_unit"] = "percent of the optimal return, moving average over --smooth-window updates"
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         return summary

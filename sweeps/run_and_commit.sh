@@ -19,7 +19,7 @@ if grep -qs '"status": "completed"' "$out/summary.json"; then
     echo "skip $run_name (done)"
     exit 0
 fi
-rm -rf "runs/$run_name"  # a run killed earlier: start it again from scratch (the probe has no resume)
+[[ $line == *--resume* ]] || line+=" --resume auto"  # a run killed earlier continues from its last checkpoint
 mkdir -p logs
 echo "start $run_name $(date -u +%FT%TZ)"
 OMP_NUM_THREADS=1 nice -n 10 bash -c "$line" >"logs/$(tr / _ <<<"$run_name").log" 2>&1

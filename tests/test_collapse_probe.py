@@ -776,27 +776,78 @@ def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monke
     assert summary["status"] == "non-finite loss" and summary["iterations"] == 0
 
 
-def test_sigterm_keeps_the_finished_updates_and_writes_the_summary(tmp_path, monkeypatch):
+def stop_in_second_update(monkeypatch, signum):
+    """Send `signum` to this process during update 2 (at its Delta pi minus): update 1 is complete, update 2 is not."""
     original, calls = probe.policy_mismatch, []
 
-    def terminate_in_second_update(*args, **kwargs):
+    def signal_in_second_update(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # Delta pi minus of update 2: update 1 is complete, update 2 is not
-            os.kill(os.getpid(), signal.SIGTERM)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(probe, "policy_mismatch", terminate_in_second_update)
+    monkeypatch.setattr(probe, "policy_mismatch", signal_in_second_update)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like_an_uninterrupted_run(
+    signum, tmp_path, monkeypatch
+):
+    """Issue 14: SLURM's preemption/time-limit signals finish the update, write the checkpoint, exit 128 + signal; the
+    same command with --resume auto continues, and its metrics.csv equals an uninterrupted run's (but for the clock)."""
+    args = dict(mode="bn-mdr", **{**MODE_RUN, "total_timesteps": 32}, resume="auto")
     monkeypatch.chdir(tmp_path)
-    handler_before = signal.getsignal(signal.SIGTERM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert probe.main(probe.Args(**args, run_name="whole")) == 0
+    handlers_before = [signal.getsignal(s) for s in probe.StopRequest.SIGNALS]
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+        stop_in_second_update(patch, signum)
+        assert probe.main(probe.Args(**args, run_name="stopped")) == 128 + signum
+    assert [signal.getsignal(s) for s in probe.StopRequest.SIGNALS] == handlers_before
+    stopped = tmp_path / "runs" / "stopped"
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "stopped"
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    assert [row["iteration"] for row in read_csv(stopped / "metrics.csv")[1]] == ["1", "2"]
 
     with contextlib.redirect_stdout(io.StringIO()):
-        assert probe.main(probe.Args(mode="bn", **{**MODE_RUN, "total_timesteps": 40})) == 130
+        assert probe.main(probe.Args(**args, run_name="stopped")) == 0
 
-    assert signal.getsignal(signal.SIGTERM) is handler_before
+    clock = ("sps", "wall_time")
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in clock} for row in rows]  # noqa: E731
+    whole_rows, resumed_rows = read_csv(tmp_path / "runs" / "whole" / "metrics.csv")[1], read_csv(stopped / "metrics.csv")[1]
+    assert len(resumed_rows) == 4 and strip(resumed_rows) == strip(whole_rows)
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "completed"
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original, calls = probe.policy_mismatch, []
+
+    def two_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "policy_mismatch", two_ctrl_c)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert probe.main(probe.Args(mode="bn", **{**MODE_RUN, "total_timesteps": 40}, resume="auto")) == 130
+
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert [row["iteration"] for row in read_csv(run_dir / "metrics.csv")[1]] == ["1"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["iterations"] == 1
+    assert not (run_dir / "checkpoint.pt").exists()  # --checkpoint-interval 10: none yet, and a second Ctrl-C saves none
+
+
+def test_resume_with_a_different_seed_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = dict(mode="bn", **MODE_RUN, resume="auto", checkpoint_interval=1, run_name="r")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert probe.main(probe.Args(**args)) == 0
+    with pytest.raises(probe.ConfigError, match="different --seed"):
+        probe.main(probe.Args(**{**args, "seed": 2}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

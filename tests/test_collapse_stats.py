@@ -84,7 +84,9 @@ def test_updates_without_a_finished_episode_are_skipped():
 def test_the_definition_flags_exactly_the_documented_collapses_of_the_committed_runs():
     """docs/collapse.md, 'Collapse definition (fixed before the decisive runs)': BN 4/4, BN+MDR seed 2 in all three
     BN+MDR cells, no Eval run; the update is the collapse's first."""
-    runs = cs.mark_collapses(figures.read_runs(str(COMMITTED_RUNS)))
+    # the 16 runs of the first sessions (docs/collapse/study/ holds the study's runs, made after the definition was fixed)
+    runs = [run for run in figures.read_runs(str(COMMITTED_RUNS)) if "study" not in Path(run["name"]).parts]
+    runs = cs.mark_collapses(runs)
 
     flagged = {run["name"]: int(run["iteration"][run["collapse_index"]]) for run in runs if run["collapse_index"] is not None}
 
