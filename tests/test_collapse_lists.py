@@ -1,0 +1,46 @@
+"""sweeps/make_collapse_lists.py: the collapse study's run lists (issues 12, 13) are what docs/collapse.md describes,
+name distinct folders, pair their seeds across modes, and parse as the probe's own arguments."""
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import tyro
+
+import ppo_collapse_probe as probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sweeps"))
+import make_collapse_lists as lists  # noqa: E402
+
+COMMITTED = Path(lists.OUT) / "stage_a.txt"
+
+
+def commands(path: Path) -> list:
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_stage_a_regenerates_the_committed_list(tmp_path):
+    lists.main(["stage-a", "--out", str(tmp_path / "a.txt")])
+    assert commands(tmp_path / "a.txt") == commands(COMMITTED)
+
+
+@pytest.mark.parametrize("stage, modes, seeds", [("stage-b", 3, 10), ("rivals", len(lists.RIVALS), 4)])
+def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, seeds, tmp_path):
+    lists.main([stage, "--bn-momentum", "0.1", "--out", str(tmp_path / "l.txt")])
+    lines = commands(tmp_path / "l.txt")
+    assert len(lines) == modes * seeds
+    parsed = []
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[:2] == ["python", "ppo_collapse_probe.py"]
+        parsed.append(tyro.cli(probe.Args, args=argv[2:]))
+    assert len({args.run_name for args in parsed}) == len(parsed)  # one folder per run
+    by_mode = {}
+    for args in parsed:
+        by_mode.setdefault(args.mode, set()).add(args.seed)
+        assert (
+            args.bn_momentum == 0.1 and args.view_batching == "separate" and args.run_name.startswith(stage.replace("-", "_"))
+        )
+    assert all(seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values())  # paired
+    assert set(by_mode) <= set(probe.MODES)
