@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
@@ -645,6 +646,7 @@ class ConfigError(Exception):
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
+FRAME_MS = 300  # --capture-video: milliseconds per frame of the GIF
 PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -943,6 +945,18 @@ def render_episodes(agent, task_set, args: Args, device):
     return np.concatenate(drawings, axis=1)
 
 
+def publish_video(folder: str, frames: list, global_step: int, frame_ms: int) -> str:
+    """--capture-video: the frames (PIL images) as eval_video.gif beside the checkpoint and as an animated image in the
+    run's TensorBoard (tag eval/test_video; TensorBoard's own video panel needs moviepy < 2). Returns the GIF's path."""
+    path = os.path.join(folder, "eval_video.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
+    with SummaryWriter(folder) as writer:
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/test_video", image=image)]), global_step)
+    return path
+
+
 def evaluate_checkpoint(args: Args) -> int:
     """--evaluate PATH: the checkpoint's agent (its run's arguments and task sets, this command's evaluation settings) on
     the held-out tasks; scores printed and written beside it as evaluation.json; with --capture-video the first held-out
@@ -965,22 +979,18 @@ def evaluate_checkpoint(args: Args) -> int:
     with open(os.path.join(folder, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_normalized_rewards"}))
-    video = os.path.join(folder, "eval_video.gif")
-    if args.capture_video:
+    frames = []
+    if args.capture_video:  # the first held-out episode, drawn step by step
         boxes = episode_windows(agent, test_tasks, 0, run_args, device)
         image, target = test_tasks.image(0), test_tasks.target_boxes[0]
         frames = [Image.fromarray(draw_episode(image, boxes[: t + 1], target)) for t in range(len(boxes))]
-        frames[0].save(video, save_all=True, append_images=frames[1:], duration=300, loop=0)
+    video = publish_video(folder, frames, checkpoint["global_step"], FRAME_MS) if frames else None
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{checkpoint['run_name']}-eval")
-        wandb.log(
-            {
-                **{k: v for k, v in result.items() if k.startswith("charts/")},
-                **({"eval/video": wandb.Video(video)} if args.capture_video else {}),
-            }
-        )
+        scores = {key: value for key, value in result.items() if key.startswith("charts/")}
+        wandb.log({**scores, **({"eval/video": wandb.Video(video)} if video else {})})
         wandb.finish()
     return 0
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
@@ -626,6 +627,7 @@ class ConfigError(Exception):
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
+FRAME_MS = 66  # --capture-video: milliseconds per frame of the GIF
 PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -918,6 +920,18 @@ def evaluate(agent, args: Args, device, iteration, frames=None):
     return episode_returns
 
 
+def publish_video(folder: str, frames: list, global_step: int, frame_ms: int) -> str:
+    """--capture-video: the frames (PIL images) as eval_video.gif beside the checkpoint and as an animated image in the
+    run's TensorBoard (tag eval/test_video; TensorBoard's own video panel needs moviepy < 2). Returns the GIF's path."""
+    path = os.path.join(folder, "eval_video.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
+    with SummaryWriter(folder) as writer:
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/test_video", image=image)]), global_step)
+    return path
+
+
 def evaluate_checkpoint(args: Args) -> int:
     """--evaluate PATH: the checkpoint's agent (its run's arguments, this command's evaluation ones) on the held-out
     levels; scores printed and written beside it as evaluation.json; with --capture-video the first held-out episode as
@@ -939,20 +953,14 @@ def evaluate_checkpoint(args: Args) -> int:
     with open(os.path.join(folder, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_returns"}))
-    video = os.path.join(folder, "eval_video.gif")
-    if frames:  # 64 x 64 frames, shown 4x larger
-        images = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames]
-        images[0].save(video, save_all=True, append_images=images[1:], duration=66, loop=0)
+    frames = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames or []]  # 64 px shown 4x
+    video = publish_video(folder, frames, checkpoint["global_step"], FRAME_MS) if frames else None
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{checkpoint['run_name']}-eval")
-        wandb.log(
-            {
-                **{k: v for k, v in result.items() if k.startswith("charts/")},
-                **({"eval/video": wandb.Video(video)} if frames else {}),
-            }
-        )
+        scores = {key: value for key, value in result.items() if key.startswith("charts/")}
+        wandb.log({**scores, **({"eval/video": wandb.Video(video)} if video else {})})
         wandb.finish()
     return 0
 

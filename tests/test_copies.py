@@ -37,6 +37,7 @@ MISSING = {}  # findings for the lead: (name, script) -> why that script lacks t
 # Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script" = that script's
 # copy differs from the others, which must still agree.
 INTENDED_DIFFERENCES = {
+    "FRAME_MS": "--capture-video: a Procgen frame is one env step (15 fps), a patch-loc frame one window move (slower)",
     f"RESUMABLE_FIELDS@{PROBE}": "the probe's own flags (no wandb group of its own, no speed flags, no --evaluate)",
     f"find_checkpoint@{PROBE}": "the probe's folder holds a metrics.csv, not TensorBoard events; no --save-model flag",
     "Args": "each script's own flags",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_patchloc_mdr as patchloc
 import ppo_procgen_mdr as procgen
@@ -58,6 +59,11 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
     assert np.isfinite(result["charts/test_episodic_return"])
     video = Image.open(checkpoint.parent / "eval_video.gif")
     assert video.n_frames >= 2  # the first held-out episode, step by step
+    events = EventAccumulator(str(checkpoint.parent), size_guidance={"images": 0})
+    events.Reload()
+    assert "eval/test_video" in events.Tags()["images"]  # the same GIF, animated in TensorBoard's image panel
+    (shown,) = events.Images("eval/test_video")
+    assert shown.encoded_image_string[:6] in (b"GIF87a", b"GIF89a") and shown.step == fields["total_timesteps"]
     assert not (folder / "runs" / "trained" / "events.out.tfevents.x").exists()
     # the evaluation is a function of the checkpoint: a second call gives the same scores
     exit_code, _ = quiet(script.main, script.Args(evaluate=str(checkpoint), **evaluation))
