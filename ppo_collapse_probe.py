@@ -1,16 +1,12 @@
-# Reward-collapse probe (paper Fig. 1 and 6, App. A and B): PPO on the patch-localization task with BatchNorm in
-# train mode during updates and eval mode during collection (bn), BatchNorm frozen in eval mode (eval), or BatchNorm
-# with Mode-Dependent Rectification (bn-mdr). One run per invocation, CleanRL-style, one file (+ envs/).
-# Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
-# MDR in your own PPO, as a diff against CleanRL: docs/mdr_in_your_ppo.md. `grep -n "# MDR"` lists the method's lines.
+# Reward-collapse probe (paper Fig. 1 and 6, App. A and B) and the rival fixes for BatchNorm in PPO (docs/rivals.md):
+# PPO on the patch-localization task in one --mode per run. CleanRL-style, one file (+ envs/). MDR in your own PPO:
+# docs/mdr_in_your_ppo.md; `grep -n "# MDR"` lists the method's lines. Paper: Mohamad, Ponzio, Descombes (2602.05619).
 # Run:      python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1      (then --mode eval, --mode bn-mdr)
 # Analyse:  python analysis/collapse_stats.py --runs-dir docs/collapse/study   (collapse rates, tests, figures)
-# Every update logs reward, Delta pi minus/plus and the trust-region diagnostics to TensorBoard, wandb (--track) and
-# runs/<run_name>/metrics.csv (one flushed row per update); runs/<run_name>/summary.json sums the run up. The defaults
-# are the App. A regime ("fewer transitions per dataset, fewer optimization steps, four environments") sized for 2 CPU
-# cores, <= 15 min per run (docs/collapse.md). Differences from ppo_patchloc_mdr.py: one MDR round per rollout, a
-# constant learning rate (a decaying one would damp late collapses), no held-out evaluation (the probe watches training
-# reward), no checkpoint/resume (a run is short; a killed run keeps its CSV, which is what the analysis reads).
+# Every update: reward, Delta pi minus/plus and the trust-region diagnostics to TensorBoard, wandb (--track) and one
+# flushed row of runs/<run_name>/metrics.csv; summary.json at the end. Defaults: the App. A regime sized for 2 CPU cores
+# (docs/collapse.md). Unlike ppo_patchloc_mdr.py: one MDR round per rollout, a constant learning rate (a decaying one
+# would damp late collapses), no held-out evaluation (the probe watches training reward).
 import contextlib
 import copy
 import csv
@@ -149,8 +145,7 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# --mode: the paper's three (BN in train mode in updates and eval mode in collection; BN frozen in eval mode; BN + MDR)
-# and every known rival fix for BatchNorm in PPO (docs/rivals.md), each a few visible lines below
+# --mode: the paper's three (BN: train mode in updates, eval in collection; BN frozen; BN + MDR) and the rivals
 MODES = {
     "bn": "BN",
     "eval": "Eval",
@@ -415,17 +410,13 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
     clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
-    return {
-        "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
-        "trust_region_violation": violation,
-        "trust_region_violation_signed": signed,
-    }
+    gap = (train_ratio - eval_ratio).abs().mean()
+    return {"ratio_gap": gap, "trust_region_violation": violation, "trust_region_violation_signed": signed}
 
 
 def make_optimizer(agent, args: Args, device):
-    """Adam (eps 1e-5, L2 weight decay), CleanRL's. --mode bn-wn (CrossQ + WN): every conv weight feeds a BatchNorm,
-    which makes its scale invisible, so it gets no weight decay and is projected to unit norm per output channel after
-    each step: its effective learning rate stays constant."""
+    """CleanRL's Adam. --mode bn-wn (CrossQ + WN): each conv weight feeds a BatchNorm that hides its scale, so it gets no
+    weight decay and is projected to unit norm per output channel after each step (a constant effective learning rate)."""
     convs = [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)] if args.mode == "bn-wn" else []
     others = [p for p in agent.parameters() if all(p is not w for w in convs)]
     groups = [{"params": others}] + ([{"params": convs, "weight_decay": 0.0}] if convs else [])
@@ -453,9 +444,7 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
     the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
     with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
-    norms = [
-        m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and type(m) is not EvalModeBatchNorm2d
-    ]
+    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
     record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
@@ -747,8 +736,7 @@ class StopRequest:
 
 
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder). --resume auto: the folder's checkpoint if there is one, else a fresh run;
-    --resume PATH: that checkpoint, in its run's folder. A fresh run never overwrites a folder that holds a run."""
+    """(checkpoint or None, run folder) for --resume auto (the folder's, else fresh) or PATH; never overwrite a run."""
     path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
     if args.resume is None or args.resume == "auto" and not os.path.exists(path):
         if args.resume is None and os.path.exists(os.path.join(run_dir, "metrics.csv")):
@@ -766,8 +754,7 @@ def find_checkpoint(args: Args, run_dir: str):
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
-    """Everything a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator, b_inds), the rows
-    written so far; an atomic write."""
+    """All a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator, b_inds); atomic write."""
     envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
     state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
     state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), rows=logger.rows)
@@ -805,8 +792,7 @@ def tensorboard_tag(column: str) -> str:
 
 
 class RunLogger:
-    """runs/<run>/: TensorBoard (mirrored to wandb with --track), metrics.csv (one flushed row per update: a killed run
-    keeps its data) and, at the end, summary.json."""
+    """runs/<run>/: TensorBoard (wandb with --track), metrics.csv (a flushed row per update), summary.json at the end."""
 
     def __init__(self, run_dir: str, args: Args, checkpoint: Optional[dict]):
         self.run_dir, self.args, self.rows = run_dir, args, list(checkpoint["rows"]) if checkpoint else []

@@ -439,11 +439,8 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
     clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
-    return {
-        "ratio_gap": (train_ratio - eval_ratio).abs().mean(),
-        "trust_region_violation": violation,
-        "trust_region_violation_signed": signed,
-    }
+    gap = (train_ratio - eval_ratio).abs().mean()
+    return {"ratio_gap": gap, "trust_region_violation": violation, "trust_region_violation_signed": signed}
 
 
 @torch.no_grad()
@@ -452,9 +449,7 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
     the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
     with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
-    norms = [
-        m for m in agent.modules() if isinstance(m, (nn.BatchNorm2d, BatchRenorm2d)) and type(m) is not EvalModeBatchNorm2d
-    ]
+    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
     record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731

@@ -164,12 +164,12 @@ def test_the_method_lines_are_tagged(script):
     assert len(tagged) >= 3, tagged
 
 
-# Issue 11's limit is not met yet (2026-11-29: Procgen 1004, patch-loc 1056, probe 914 lines, after issues 12-15 added
+# Issue 11's limit is not met yet by two scripts (2026-11-29: Procgen 999, patch-loc 1051 lines, after issues 12-15 added
 # to them): a known gap, not a pass. Remove the marker of a script once it is under the limit.
 OVER_900 = pytest.mark.xfail(strict=True, reason="over 900 lines (issue 11's limit, not met yet)")
 
 
-@pytest.mark.parametrize("script", [pytest.param(script, marks=OVER_900) for script in (PROCGEN, PATCHLOC, PROBE)])
+@pytest.mark.parametrize("script", [pytest.param(PROCGEN, marks=OVER_900), pytest.param(PATCHLOC, marks=OVER_900), PROBE])
 def test_script_is_at_most_900_lines(script):
     assert len(source(script).splitlines()) <= 900
 
