@@ -199,14 +199,18 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(sl
 
     wait_for(interrupt_checkpointed_runs, 120, "each run's first checkpoint", logs, slurm)
 
-    # a requeued job waits for its begin time: release it as soon as it is pending again
+    # a requeued job waits for its begin time (SLURM's delay lets the old batch step finish): release it once it has been
+    # pending for a few seconds; released at once, it can start before slurmd is done with the old step, and the new
+    # start fails with "Job credential revoked" (seen twice on this machine, task 1, which requeues itself)
+    pending_since = {}
     for task in (1, 2):
         task_id = f"{array_id}_{task}"
 
         def restarted(task_id=task_id):
             state = job(slurm, task_id)
             if state.get("JobState") == "PENDING":
-                subprocess.run(["scontrol", "update", f"JobId={task_id}", "StartTime=now"], env=slurm, capture_output=True)
+                if time.monotonic() - pending_since.setdefault(task_id, time.monotonic()) > 5:
+                    subprocess.run(["scontrol", "update", f"JobId={task_id}", "StartTime=now"], env=slurm, capture_output=True)
             return state.get("Restarts") == "1" and state.get("JobState") in ("RUNNING", "COMPLETED")
 
         wait_for(restarted, 120, f"task {task} to be requeued and started again", logs, slurm)
