@@ -580,7 +580,7 @@ def main(args: Args):
                 recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
-            # 4. Logging (one host sync per iteration), held-out evaluation, checkpoint
+            # 4. Logging (host syncs once per iteration, not per minibatch), held-out evaluation, checkpoint
             scalars = iteration_scalars(args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus))
             logger.log(scalars, iteration)
             if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
@@ -694,7 +694,7 @@ def mean_stats(stats_list):
 
 
 def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
-    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); one host sync.
+    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); a few host syncs.
     `finished`: (returns, lengths) of the episodes that ended; `delta_pi`: (Delta pi minus, plus) or (None, None)."""
     (returns, lengths), (delta_pi_minus, delta_pi_plus) = finished, delta_pi
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
