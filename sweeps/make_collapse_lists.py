@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "collapse" / "study"
+STAGE_A_SEEDS = (1, 2, 3)
 RIVALS = ["bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none"]
 HEADERS = {
     "stage-a": "Stage A (regime): BN and BN+MDR(2,1), 3 paired seeds, views batched separately, BN momentum 0.01 and 0.1.\n"
     "Eval's committed runs serve here (its statistics are frozen: neither knob changes it).",
-    "stage-b": "Stage B (decision): BN, Eval and BN+MDR(2,1), paired seeds, clip 0.2, in the regime Stage A picked.",
+    "stage-b": "Stage B (decision): BN, Eval and BN+MDR(2,1), paired seeds, clip 0.2, in the regime Stage A picked.\n"
+    "BN and BN+MDR seeds 1-3 are Stage A's runs of that regime (the same commands): they join the cell, not rerun.",
     "rivals": "Rivals (issue 13): every rival mode, paired seeds, in the decisive regime; bn, eval, bn-mdr come from Stage B.",
 }
 
@@ -32,9 +34,13 @@ def line(mode: str, momentum: str, seed: int, stage: str) -> str:
 
 def run_list(stage: str, momentum: str, seeds: list) -> list:
     if stage == "stage-a":
-        return [line(mode, m, seed, stage) for seed in (1, 2, 3) for m in ("0.01", "0.1") for mode in ("bn", "bn-mdr")]
-    modes = ["bn", "eval", "bn-mdr"] if stage == "stage-b" else RIVALS
-    return [line(mode, momentum, seed, stage) for seed in seeds for mode in modes]
+        return [line(mode, m, seed, stage) for seed in STAGE_A_SEEDS for m in ("0.01", "0.1") for mode in ("bn", "bn-mdr")]
+    if stage == "rivals":
+        return [line(mode, momentum, seed, stage) for seed in seeds for mode in RIVALS]
+    ran_in_stage_a = {(mode, seed) for mode in ("bn", "bn-mdr") for seed in STAGE_A_SEEDS}
+    runs = [(seed, mode) for seed in seeds for mode in ("bn", "bn-mdr", "eval") if (mode, seed) not in ran_in_stage_a]
+    runs.sort(key=lambda run: run[0] in STAGE_A_SEEDS)  # new BN/BN+MDR pairs first: a queue stopped early still tests
+    return [line(mode, momentum, seed, stage) for seed, mode in runs]
 
 
 def main(argv=None) -> int:

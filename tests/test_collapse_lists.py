@@ -29,6 +29,10 @@ def test_stage_a_regenerates_the_committed_list(tmp_path):
 def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, seeds, tmp_path):
     lists.main([stage, "--bn-momentum", "0.1", "--out", str(tmp_path / "l.txt")])
     lines = commands(tmp_path / "l.txt")
+    if stage == "stage-b":  # BN and BN+MDR seeds 1-3 of the regime are Stage A's runs: the cell is Stage A's + Stage B's
+        stage_a = [line for line in commands(COMMITTED) if "--bn-momentum 0.1 " in line]
+        assert len(stage_a) == 2 * 3 and not set(stage_a) & {line.replace("stage_b/", "stage_a/") for line in lines}
+        lines += stage_a
     assert len(lines) == modes * seeds
     parsed = []
     for line in lines:
@@ -40,7 +44,9 @@ def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, s
     for args in parsed:
         by_mode.setdefault(args.mode, set()).add(args.seed)
         assert (
-            args.bn_momentum == 0.1 and args.view_batching == "separate" and args.run_name.startswith(stage.replace("-", "_"))
+            args.bn_momentum == 0.1
+            and args.view_batching == "separate"
+            and args.run_name.startswith((stage.replace("-", "_"), "stage_a/"))
         )
     assert all(seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values())  # paired
     assert set(by_mode) <= set(probe.MODES)
