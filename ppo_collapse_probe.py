@@ -174,18 +174,16 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalizes with its running statistics (`--norm eval`): the stats stay frozen
-    (ImageNet's when pretrained) whatever the module's mode; the affine parameters still learn."""
+    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017), with nn.BatchNorm2d's parameter and buffer names (ImageNet weights load).
-    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma (no gradient)
-    clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from (1, 0), plain BatchNorm, over `warmup`
-    forward passes. Eval mode: running statistics, like BatchNorm."""
+    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load). Train mode: x_hat =
+    (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max], d = (mu_B - mu) / sigma in [-d_max, d_max]
+    (no gradient), bounds ramped from BatchNorm's (1, 0) over `warmup` passes. Eval mode: running statistics."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
@@ -240,8 +238,7 @@ def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequ
 
 
 class Agent(nn.Module):
-    """Paper Table 1: one shallow ResNet-18 backbone applied to the three views (target, overview, current view),
-    3 x 256 = 768 features concatenated; separate actor and critic MLPs."""
+    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768 features; actor, critic."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
@@ -279,8 +276,7 @@ class Agent(nn.Module):
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalized Advantage Estimation over a (num_steps, num_envs) rollout. dones[t] = 1 when obs[t] starts a new
-    episode (CleanRL's convention), so the bootstrap from step t+1 is cut by dones[t+1]."""
+    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it cuts the bootstrap into t)."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -297,8 +293,7 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
-    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus; advantages as normalized."""
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -323,9 +318,8 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
-    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
-    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
-    (it needs the running statistics the minibatch started with), or None."""
+    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no host sync. `eval_ratio`:
+    eq. 10's r on `mb`, measured by the loop before this pass moved the running statistics, or None."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
     mb_advantages = mb["advantages"]
     if args.norm_adv:
@@ -343,9 +337,8 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
-    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
-    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
-    agent.eval() calls, marked # MDR, are the method's alone."""
+    """A block in train or eval mode, then the mode restored: every mode change that is not the method's goes through
+    here, so the bare agent.train()/agent.eval() calls, marked # MDR, are the method's alone."""
     was_training = agent.training
     agent.train(training)
     try:
@@ -365,10 +358,8 @@ def js_divergence(logits_p, logits_q):
 
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
-    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
-    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
+    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a minibatch) from the eval-mode
+    one (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
@@ -394,18 +385,17 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
 
 @torch.no_grad()
 def eval_mode_ratio(agent, mb):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
-    updates no running statistic and draws no dropout mask."""
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics (measured before the
+    minibatch's train-mode pass moves them). Side-effect free: no running statistic moves, no dropout mask is drawn."""
     with temporary_mode(agent, training=False):
         _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
     return (eval_logprob - mb["logprobs"]).exp()
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
-    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
-    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r: ratio_gap = mean
+    |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
+    r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
@@ -441,9 +431,8 @@ def train_mode_logprobs(theta_k, mb):
 @torch.no_grad()
 def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
-    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
-    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
-    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
+    statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
     norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
@@ -545,14 +534,13 @@ def main(args: Args):
             batch = {
                 "obs": obs.reshape((-1,) + obs.shape[2:]),
                 "logprobs": logprobs.reshape(-1),
-                "logits": logits.reshape(-1, num_actions),
                 "actions": actions.reshape(-1),
                 "advantages": advantages.reshape(-1),
                 "returns": returns.reshape(-1),
                 "values": values.reshape(-1),
             }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, None if args.mode == "bn-train" else batch["logits"])
+            delta_pi_minus = policy_mismatch(*diag, None if args.mode == "bn-train" else logits.view(-1, num_actions))
 
             # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
@@ -609,16 +597,13 @@ def main(args: Args):
 
 
 def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
-    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the backbone; their names."""
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
-        ) from None
+        raise ConfigError(f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained") from None
     own = backbone.state_dict()
     loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
     backbone.load_state_dict(loadable, strict=False)
@@ -672,16 +657,12 @@ def validate_args(args: Args) -> None:
 
 
 def check_minibatches(args: Args) -> None:
-    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
-    is smaller, but never a single sample (its normalized advantage would be NaN)."""
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
-    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
-            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
-        )
+    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
+    n, m = args.num_envs * args.num_steps, args.minibatch_size
+    if m > n or args.total_timesteps < n:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}")
+    if args.norm_adv and (m == 1 or n % m == 1):  # a 1-sample minibatch's normalized advantage is NaN
+        raise ConfigError(f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv")
 
 
 def default_run_name(args: Args) -> str:
@@ -692,37 +673,12 @@ def default_run_name(args: Args) -> str:
     return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
 
 
-def get_rng_states(diag_generator):
-    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "diag": diag_generator.get_state(),
-    }
-
-
-def set_rng_states(states, diag_generator):
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    diag_generator.set_state(states["diag"])
-
-
 class StopRequest:
-    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
-    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit 128 + signal; 2nd Ctrl-C: quit."""
 
     def __init__(self):
         self.requested = 0
-        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -758,7 +714,11 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
     envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
     state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
     state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), rows=logger.rows)
-    state.update(rng=get_rng_states(live["diag_generator"]), b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id)
+    state.update(b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id)
+    name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
+    state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
     state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
@@ -766,14 +726,20 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
 
 
 def restore_checkpoint(checkpoint, live, device):
-    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
-    wandb run id)."""
+    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
     live["b_inds"][:] = checkpoint["b_inds"].numpy()  # the probe shuffles one index array across updates
     env = checkpoint["env"]
     live["envs"].set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()})
-    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    rng = checkpoint["rng"]
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    live["diag_generator"].set_state(rng["diag"])
     print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
     return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")

@@ -1,8 +1,7 @@
 # PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one file (+ envs/).
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
 # MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py: docs/mdr_in_your_ppo.md.
-# `grep -n "# MDR" ppo_patchloc_mdr.py` lists every line of the method; everything below the "Infrastructure" banner
-# (checkpoints, logging, validation) leaves what is learned unchanged.
+# `grep -n "# MDR" ppo_patchloc_mdr.py` lists the method; nothing below the "Infrastructure" banner changes what is learned.
 # Run:   python ppo_patchloc_mdr.py --norm bn --alpha1 2 --alpha2 1 --mdr-rounds 3 --cuda
 import contextlib
 import glob
@@ -17,9 +16,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, Optional
 
-# OpenMP threads that spin while they wait steal the cores from the envs' numpy work and from other jobs: passive waiting
-# measured up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads
-# OpenMP; yours wins.
+# Passive OpenMP waiting (spinning threads steal cores): up to 2.6x the SPS (ppo_procgen_mdr.py, 2 cores); yours wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -34,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
 from tqdm import tqdm
 
-from envs import PatchLocConfigError, PatchLocEnv, PatchLocVecEnv, make_task_sets
+from envs import PatchLocConfigError, PatchLocVecEnv, draw_episode_steps, draw_episodes, make_task_sets, run_tasks
 
 
 @dataclass
@@ -62,11 +59,9 @@ class Args:
     checkpoint_interval: int = 20
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """a checkpoint.pt to continue from (same arguments; --total-timesteps may grow), or `auto`: the run folder's
-    checkpoint if there is one, else a fresh run (checkpoints on; what a requeued cluster job wants)"""
+    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints on): the folder's if any"""
 
-    # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the measurements, made with
-    # ppo_procgen_mdr.py, which has the same flags)
+    # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md: measured with ppo_procgen_mdr.py)
     channels_last: bool = True
     """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
     amp: bool = False
@@ -175,9 +170,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-MODE_DEPENDENT_NORMS = ("bn", "brn", "dropout")
-
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -185,18 +177,16 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalizes with its running statistics (`--norm eval`): the stats stay frozen
-    (ImageNet's when pretrained) whatever the module's mode; the affine parameters still learn."""
+    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017), with nn.BatchNorm2d's parameter and buffer names (ImageNet weights load).
-    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma (no gradient)
-    clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from (1, 0), plain BatchNorm, over `warmup`
-    forward passes. Eval mode: running statistics, like BatchNorm."""
+    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load). Train mode: x_hat =
+    (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max], d = (mu_B - mu) / sigma in [-d_max, d_max]
+    (no gradient), bounds ramped from BatchNorm's (1, 0) over `warmup` passes. Eval mode: running statistics."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
@@ -226,10 +216,9 @@ class BatchRenorm2d(nn.Module):
         return x_hat * channel(self.weight) + channel(self.bias)
 
 
-def make_norm_layer(args: Args):
-    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count.
-    GroupNorm: 32 groups (the backbone has 64, 128 and 256 channels); Batch Renorm: Ioffe's r_max 3, d_max 5."""
-    return {
+def make_backbone(args: Args) -> nn.Module:
+    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc, 256 features; --norm's layer."""
+    norm_layer = {
         "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
         "eval": EvalModeBatchNorm2d,
         "brn": partial(BatchRenorm2d, momentum=args.bn_momentum),
@@ -238,11 +227,7 @@ def make_norm_layer(args: Args):
         "none": lambda channels: nn.Identity(),
         "dropout": lambda channels: nn.Dropout(args.dropout_p),
     }[args.norm]
-
-
-def make_backbone(args: Args) -> nn.Module:
-    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average pool -> 256 features."""
-    backbone = resnet18(weights=None, norm_layer=make_norm_layer(args))
+    backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
     backbone.fc = nn.Identity()
     if args.pretrained:
@@ -257,8 +242,7 @@ def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequ
 
 
 class Agent(nn.Module):
-    """Paper Table 1: one shallow ResNet-18 backbone applied to the three views (target, overview, current view),
-    3 x 256 = 768 features concatenated; separate actor and critic MLPs."""
+    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768 features; actor, critic."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
@@ -268,17 +252,13 @@ class Agent(nn.Module):
         self.critic = mlp(3 * 256, args.hidden_size, 1, std=1.0)
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
-        # target's, the overview's and the current view's 256 features. No ImageNet mean/std (paper Table 2). Divided
-        # in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
-        # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type, running statistics
-        # a blend of the three); joint: one pass over all 3B images. Same weights, same output in eval mode.
+        # uint8 (B, 3 views, V, V, 3) -> float in [0, 1] (in place; no ImageNet mean/std) -> (B, 768), 256 per view. Views
+        # separate: a pass per view (batch statistics per view type, running ones a blend); joint: one pass over 3B images.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.separate_views:
-                by_view = images.view(batch, views, *images.shape[1:])
-                return torch.cat([self.backbone(by_view[:, v]).float() for v in range(views)], dim=1)
+                return torch.cat([self.backbone(images[v::views]).float() for v in range(views)], dim=1)  # sample-major
             return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
@@ -297,19 +277,14 @@ class Agent(nn.Module):
 
 
 def learning_rate_at(iteration: int, args: Args) -> float:
-    """--lr-schedule (our choice; the paper only says it used one): linear or cosine decay from the peak to 0 over
-    the run, or constant. Iteration 1 gets the peak."""
+    """--lr-schedule (ours; the paper names none): linear or cosine decay from the peak at iteration 1 to 0, or constant."""
     progress = (iteration - 1.0) / args.num_iterations
-    if args.lr_schedule == "linear":
-        return args.learning_rate * (1.0 - progress)
-    if args.lr_schedule == "cosine":
-        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return args.learning_rate
+    decay = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "constant": 1.0}
+    return args.learning_rate * decay[args.lr_schedule]
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalized Advantage Estimation over a (num_steps, num_envs) rollout. dones[t] = 1 when obs[t] starts a new
-    episode (CleanRL's convention), so the bootstrap from step t+1 is cut by dones[t+1]."""
+    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it cuts the bootstrap into t)."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -326,8 +301,7 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
-    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus; advantages as normalized."""
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -352,9 +326,8 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
-    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
-    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
-    (it needs the running statistics the minibatch started with), or None."""
+    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no host sync. `eval_ratio`:
+    eq. 10's r on `mb`, measured by the loop before this pass moved the running statistics, or None."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
     mb_advantages = mb["advantages"]
     if args.norm_adv:
@@ -372,9 +345,8 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
-    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
-    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
-    agent.eval() calls, marked # MDR, are the method's alone."""
+    """A block in train or eval mode, then the mode restored: every mode change that is not the method's goes through
+    here, so the bare agent.train()/agent.eval() calls, marked # MDR, are the method's alone."""
     was_training = agent.training
     agent.train(training)
     try:
@@ -394,10 +366,8 @@ def js_divergence(logits_p, logits_q):
 
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
-    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
-    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
+    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a minibatch) from the eval-mode
+    one (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
@@ -423,18 +393,17 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
 
 @torch.no_grad()
 def eval_mode_ratio(agent, mb):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
-    updates no running statistic and draws no dropout mask."""
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics (measured before the
+    minibatch's train-mode pass moves them). Side-effect free: no running statistic moves, no dropout mask is drawn."""
     with temporary_mode(agent, training=False):
         _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
     return (eval_logprob - mb["logprobs"]).exp()
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
-    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
-    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r: ratio_gap = mean
+    |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
+    r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
@@ -446,9 +415,8 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
 @torch.no_grad()
 def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
-    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
-    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
-    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
+    statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
     norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
@@ -468,15 +436,13 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
 
 @torch.no_grad()
 def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
-    """MDR rounds 2..R (paper App. D): values of D_k and of the state after it from the current eval-mode critic, and
-    the GAE advantages and returns of those values."""
+    """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current eval-mode critic."""
     with temporary_mode(agent, training=False):
-        chunks = range(0, len(batch["obs"]), args.minibatch_size)
-        values = torch.cat([agent.get_value(batch["obs"][i : i + args.minibatch_size]).flatten() for i in chunks])
+        m = args.minibatch_size
+        values = torch.cat([agent.get_value(batch["obs"][i : i + m]).flatten() for i in range(0, len(batch["obs"]), m)])
         next_value = agent.get_value(next_obs).reshape(1, -1)
-    advantages, returns = compute_gae(
-        rewards, values.view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
-    )
+    advantages, returns = compute_gae(rewards, values.view_as(rewards), dones, next_value, next_done,
+                                      args.gamma, args.gae_lambda)  # fmt: skip
     return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
@@ -516,7 +482,7 @@ def main(args: Args):
     optimizer = torch.optim.Adam(
         agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
-    if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
+    if args.alpha2 > 0 and args.norm not in ("bn", "brn", "dropout"):
         print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
 
     # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
@@ -570,17 +536,10 @@ def main(args: Args):
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-            batch = {
-                "obs": obs.reshape((-1,) + obs.shape[2:]),
-                "logprobs": logprobs.reshape(-1),
-                "logits": logits.reshape(-1, num_actions),
-                "actions": actions.reshape(-1),
-                "advantages": advantages.reshape(-1),
-                "returns": returns.reshape(-1),
-                "values": values.reshape(-1),
-            }
+            batch = dict(obs=obs.reshape((-1,) + obs.shape[2:]), logprobs=logprobs.reshape(-1), actions=actions.reshape(-1))
+            batch.update(advantages=advantages.reshape(-1), returns=returns.reshape(-1), values=values.reshape(-1))
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, batch["logits"] if args.collect_mode == "eval" else None)
+            delta_pi_minus = policy_mismatch(*diag, logits.view(-1, num_actions) if args.collect_mode == "eval" else None)
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
@@ -637,11 +596,9 @@ class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
-# fields that may differ between a run and its --resume (everything else defines the computation)
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
-FRAME_MS = 300  # --capture-video: milliseconds per frame of the GIF
 PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -654,30 +611,22 @@ def validate_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} and --hidden-size must be >= 1")
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
-        raise ConfigError(
-            f"need 0 <= --dropout-p < 1 (got {args.dropout_p}) and 0 < --bn-momentum <= 1 (got {args.bn_momentum})"
-        )
+        raise ConfigError(f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum {args.bn_momentum} <= 1")
     if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
         raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
-    if args.bn_recalibrate and args.norm not in ("bn", "brn"):
-        raise ConfigError(f"--bn-recalibrate recomputes BatchNorm statistics: it needs --norm bn or brn, not {args.norm}")
-    if args.diag_minibatches < -1:
-        raise ConfigError(f"--diag-minibatches {args.diag_minibatches}: must be >= -1 (-1 = off)")
+    if args.diag_minibatches < -1 or (args.bn_recalibrate and args.norm not in ("bn", "brn")):
+        raise ConfigError(f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for --bn-recalibrate")
     if not 0 <= args.num_render_episodes <= args.num_test_tasks:
         raise ConfigError(f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks")
 
 
 def check_minibatches(args: Args) -> None:
-    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
-    is smaller, but never a single sample (its normalized advantage would be NaN)."""
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
-    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
-            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
-        )
+    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
+    n, m = args.num_envs * args.num_steps, args.minibatch_size
+    if m > n or args.total_timesteps < n:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}")
+    if args.norm_adv and (m == 1 or n % m == 1):  # a 1-sample minibatch's normalized advantage is NaN
+        raise ConfigError(f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv")
 
 
 def default_run_name(args: Args) -> str:
@@ -690,16 +639,13 @@ def default_run_name(args: Args) -> str:
 
 
 def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
-    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the backbone; their names."""
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
-        ) from None
+        raise ConfigError(f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained") from None
     own = backbone.state_dict()
     loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
     backbone.load_state_dict(loadable, strict=False)
@@ -714,9 +660,7 @@ def mean_stats(stats_list):
 
 
 def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
-    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); a few host syncs.
-    `finished`: the episodes that ended (returns, normalized returns, successes, lengths); `delta_pi`: (minus, plus)."""
-    delta_pi_minus, delta_pi_plus = delta_pi
+    """One iteration's scalars (CleanRL's keys, per-phase losses, MDR diagnostics); `finished`: the episodes that ended."""
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
         raise FloatingPointError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
@@ -729,40 +673,14 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     for phase, stats_list in phase_stats.items():
         for key, value in (mean_stats(stats_list) if stats_list else {}).items():
             scalars[f"mdr/{key}" if key.startswith(("ratio_gap", "trust_region")) else f"losses/{phase}/{key}"] = value
-    if delta_pi_minus is not None:
-        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
-            [delta_pi_minus, delta_pi_plus]
-        ).tolist()
+    if delta_pi[0] is not None:
+        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(delta_pi).tolist()
     scalars.update(episode_scalars(finished, "") if finished["r"] else {})
-    scalars.update({"charts/episodic_length": float(np.mean(finished["l"]))} if finished["l"] else {})
     return scalars
 
 
-def get_rng_states(diag_generator):
-    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "diag": diag_generator.get_state(),
-    }
-
-
-def set_rng_states(states, diag_generator):
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    diag_generator.set_state(states["diag"])
-
-
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder). --resume PATH: that checkpoint, in its run's folder; --resume auto: the folder's
-    checkpoint if there is one, else a fresh run (checkpoints on). A fresh run never mixes into an old run's folder."""
+    """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh run); never mixes two runs."""
     path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
     args.save_model = args.save_model or args.resume == "auto"
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
@@ -775,14 +693,11 @@ def find_checkpoint(args: Args, run_dir: str):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
-        raise ConfigError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one --save-model wrote"
-        ) from None
+        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model one") from None
     required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
-    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
-        raise ConfigError(
-            f"--resume {path}: not a checkpoint of this script (it lacks {sorted(required - set(checkpoint or {}))})"
-        )
+    missing = required - set(checkpoint) if isinstance(checkpoint, dict) else required
+    if missing:
+        raise ConfigError(f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})")
     saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
     changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
     if changed:
@@ -791,14 +706,11 @@ def find_checkpoint(args: Args, run_dir: str):
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
-    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit 128 + signal; 2nd Ctrl-C: quit."""
 
     def __init__(self):
         self.requested = 0
-        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -812,29 +724,27 @@ class StopRequest:
 
 
 class RunLogger:
-    """runs/<run>/: args.json and TensorBoard scalars (CleanRL's keys), mirrored to wandb with --track (the wandb run id
-    goes into the checkpoint, so a resumed or requeued run continues its wandb run). Progress: on a terminal a tqdm bar
-    over the run's steps that moves within an iteration; elsewhere (a cluster's log file) one plain line per iteration."""
+    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track); a tqdm bar, or plain lines in a log file."""
 
     def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        self.args, self.wandb_id, self.global_step = args, wandb_id, global_step
+        self.args, self.wandb_id, self.global_step, self.wandb_run = args, wandb_id, global_step, None
         self.start_time, self.start_step = time.time(), global_step
         if args.track:
             import wandb
 
             run_name = os.path.relpath(run_dir, "runs")
             group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
-            self.wandb_id = wandb.init(
+            self.wandb_run = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
                 config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
-            ).id  # fmt: skip
+            )  # fmt: skip
+            self.wandb_id = self.wandb_run.id
         self.writer = SummaryWriter(run_dir)
-        self.writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         total = args.num_iterations * args.batch_size
         self.bar = tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
 
@@ -861,101 +771,32 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
-        if self.args.track:
-            import wandb
-
-            wandb.finish(exit_code=exit_code)
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
 
 
 def wandb_tags(args: Args) -> list:
     momentum = [f"bn_momentum={args.bn_momentum:g}"] if args.norm in ("bn", "brn") else []
     source = "procedural" if args.image_source == "procedural" else "folder"
-    return [f"patchloc-{source}", f"tasks={args.num_tasks}", f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})"] + [
-        f"seed={args.seed}",
-        *momentum,
-    ]
+    mdr = f"mdr=({args.alpha1},{args.alpha2})"
+    return [f"patchloc-{source}", f"tasks={args.num_tasks}", f"norm={args.norm}", mdr, f"seed={args.seed}", *momentum]
 
 
-def greedy_action(agent, obs, device):
-    """argmax of the policy's logits in the agent's current mode (evaluation: deterministic, consumes no RNG)."""
-    return agent.actor(agent.features(torch.as_tensor(obs, device=device))).argmax(dim=1).cpu().numpy()
+@contextlib.contextmanager
+def greedy_policy(agent, device):
+    """The greedy eval-mode policy, as envs/ takes it (observations -> argmax actions; no RNG drawn); mode restored after."""
+    with temporary_mode(agent, training=False), torch.no_grad():
+        yield lambda obs: agent.actor(agent.features(torch.as_tensor(obs, device=device))).argmax(dim=1).cpu().numpy()
 
 
-@torch.no_grad()
 def evaluate(agent, task_set, num_tasks: int, args: Args, device):
-    """Run tasks 0..num_tasks-1 of `task_set` exactly once each, greedy eval-mode policy. Returns per-episode arrays
-    of the return, the normalized return (fraction of the task's exact optimum) and success."""
-    envs = PatchLocVecEnv(task_set, min(args.num_eval_envs, num_tasks), max_steps=args.max_episode_steps)
-    next_obs, _ = envs.reset(seed=args.seed, options={"task_ids": np.arange(num_tasks)})
-    results = {"r": [], "normalized_r": [], "success": []}
-    with temporary_mode(agent, training=False):
-        while len(results["r"]) < num_tasks:
-            next_obs, _, _, _, infos = envs.step(greedy_action(agent, next_obs, device))
-            if "episode" in infos:
-                counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
-                for key in results:
-                    results[key].extend(infos["episode"][key][counted])
-    return {key: np.asarray(values) for key, values in results.items()}
-
-
-def draw_episode(image, window_boxes, target_box):
-    """The full image with the target (green) and the window's path, one outline per step (blue -> yellow)."""
-    canvas = image.copy()
-    side = canvas.shape[0]
-
-    def outline(box, colour, width):
-        y0, x0, y1, x1 = (np.asarray(box) * side).round().astype(int)
-        canvas[y0 : y0 + width, x0:x1] = colour
-        canvas[y1 - width : y1, x0:x1] = colour
-        canvas[y0:y1, x0 : x0 + width] = colour
-        canvas[y0:y1, x1 - width : x1] = colour
-
-    outline(target_box, (0, 255, 0), width=max(2, side // 100))
-    for t, box in enumerate(window_boxes):
-        frac = t / max(len(window_boxes) - 1, 1)
-        outline(box, (int(255 * frac), int(255 * frac), int(255 * (1 - frac))), width=max(1, side // 200))
-    return canvas
-
-
-@torch.no_grad()
-def episode_windows(agent, task_set, task_id: int, args: Args, device) -> list:
-    """The window boxes of one greedy eval-mode episode on task `task_id`, from the full image to the last step."""
-    env = PatchLocEnv(task_set, max_steps=args.max_episode_steps)
-    obs, _ = env.reset(seed=args.seed, options={"task_id": task_id})
-    boxes, done = [env.window_box], False
-    with temporary_mode(agent, training=False):
-        while not done:
-            obs, _, terminated, truncated, _ = env.step(int(greedy_action(agent, obs[None], device)[0]))
-            boxes.append(env.window_box)
-            done = terminated or truncated
-    return boxes
-
-
-def render_episodes(agent, task_set, args: Args, device):
-    """Greedy eval-mode episodes on the first --num-render-episodes tasks, drawn side by side (H, W, 3) uint8."""
-    drawings = []
-    for task_id in range(args.num_render_episodes):
-        boxes = episode_windows(agent, task_set, task_id, args, device)
-        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
-    return np.concatenate(drawings, axis=1)
-
-
-def publish_video(folder: str, frames: list, global_step: int, frame_ms: int) -> str:
-    """--capture-video: the frames (PIL images) as eval_video.gif beside the checkpoint and as an animated image in the
-    run's TensorBoard (tag eval/test_video; TensorBoard's own video panel needs moviepy < 2). Returns the GIF's path."""
-    path = os.path.join(folder, "eval_video.gif")
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    with open(path, "rb") as f:
-        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
-    with SummaryWriter(folder) as writer:
-        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/test_video", image=image)]), global_step)
-    return path
+    """Tasks 0..num_tasks-1 of `task_set`, each once, greedy eval-mode policy: per-episode r, normalized_r, success."""
+    with greedy_policy(agent, device) as act:
+        return run_tasks(task_set, num_tasks, act, args.num_eval_envs, args.max_episode_steps, args.seed)
 
 
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: the checkpoint's agent (its run's arguments and task sets, this command's evaluation settings) on
-    the held-out tasks; scores printed and written beside it as evaluation.json; with --capture-video the first held-out
-    episode drawn step by step as eval_video.gif (a wandb video with --track). The training tasks are never rendered."""
+    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first episode -> eval_video.gif."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
         evaluation = {name: getattr(args, name) for name in ("num_eval_envs", "cuda", "track")}
@@ -974,12 +815,17 @@ def evaluate_checkpoint(args: Args) -> int:
     with open(os.path.join(folder, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_normalized_rewards"}))
-    frames = []
-    if args.capture_video:  # the first held-out episode, drawn step by step
-        boxes = episode_windows(agent, test_tasks, 0, run_args, device)
-        image, target = test_tasks.image(0), test_tasks.target_boxes[0]
-        frames = [Image.fromarray(draw_episode(image, boxes[: t + 1], target)) for t in range(len(boxes))]
-    video = publish_video(folder, frames, checkpoint["global_step"], FRAME_MS) if frames else None
+    with greedy_policy(agent, device) as act:  # --capture-video: the first held-out episode, drawn step by step
+        steps = draw_episode_steps(test_tasks, 0, act, run_args.max_episode_steps, run_args.seed) if args.capture_video else []
+    frames = [Image.fromarray(frame) for frame in steps]
+    video = os.path.join(folder, "eval_video.gif") if frames else None
+    if frames:  # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
+        frames[0].save(video, save_all=True, append_images=frames[1:], duration=300, loop=0)  # ms: slow, to follow the window
+        with open(video, "rb") as f:
+            gif = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
+        with SummaryWriter(folder) as writer:
+            summary = Summary(value=[Summary.Value(tag="eval/test_video", image=gif)])
+            writer._get_file_writer().add_summary(summary, checkpoint["global_step"])
     if args.track:
         import wandb
 
@@ -991,39 +837,36 @@ def evaluate_checkpoint(args: Args) -> int:
 
 
 def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger) -> str:
-    """Held-out evaluation, and as many training tasks under the same protocol for the generalization gap; logs the
-    scalars and the drawn episodes, returns the line to print."""
+    """Held-out evaluation, and as many training tasks for the generalization gap: logged, drawn; the line to print."""
     test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
     train = evaluate(agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device)
     gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
     scalars = {**episode_scalars(test, "test_"), "charts/generalization_gap": gap}
     logger.log(scalars)
-    if args.num_render_episodes:
-        logger.writer.add_image(
-            "eval/test_episodes", render_episodes(agent, test_tasks, args, device), logger.global_step, dataformats="HWC"
-        )
-    return (
-        f"held-out evaluation: test_normalized_reward={scalars['charts/test_normalized_reward']:.1f}%, "
-        f"test_success_rate={scalars['charts/test_success_rate']:.2f}, generalization_gap={gap:.1f} points"
-    )
+    if args.num_render_episodes:  # the first held-out episodes: target in green, window path from blue to yellow
+        with greedy_policy(agent, device) as act:
+            drawing = draw_episodes(test_tasks, range(args.num_render_episodes), act, args.max_episode_steps, args.seed)
+        logger.writer.add_image("eval/test_episodes", drawing, logger.global_step, dataformats="HWC")
+    test_r, success = scalars["charts/test_normalized_reward"], scalars["charts/test_success_rate"]
+    return f"held-out evaluation: test_normalized_reward={test_r:.1f}%, test_success_rate={success:.2f}, gap={gap:.1f} points"
 
 
 def episode_scalars(episodes: dict, prefix: str) -> dict:
-    """Mean return, percent of the optimal return, success rate of a set of episodes."""
-    return {
-        f"charts/{prefix}episodic_return": float(np.mean(episodes["r"])),
-        f"charts/{prefix}normalized_reward": 100.0 * float(np.mean(episodes["normalized_r"])),
-        f"charts/{prefix}success_rate": float(np.mean(episodes["success"])),
-    }
+    """Mean return, percent of the optimal return, success rate (and length, if given) of a set of episodes."""
+    names = {"r": "episodic_return", "normalized_r": "normalized_reward", "success": "success_rate", "l": "episodic_length"}
+    means = {key: float(np.mean(episodes[key])) for key in names if key in episodes}
+    return {f"charts/{prefix}{names[key]}": 100.0 * mean if key == "normalized_r" else mean for key, mean in means.items()}
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
-    """Everything a bit-for-bit continuation needs: `live` (agent, optimizer, envs, diag_generator), the RNG streams,
-    `rollout` = (next_obs, next_done). An atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs, next_done)); an atomic write."""
     envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
     state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
     state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), wandb_id=wandb_id)
-    state["rng"] = get_rng_states(live["diag_generator"])
+    name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
+    state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
     state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
@@ -1031,13 +874,19 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
 
 
 def restore_checkpoint(checkpoint, live, device):
-    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
-    wandb run id)."""
+    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
     env = checkpoint["env"]
     live["envs"].set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()})
-    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    rng = checkpoint["rng"]
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    live["diag_generator"].set_state(rng["diag"])
     print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
     return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")

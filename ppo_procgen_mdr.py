@@ -1,8 +1,7 @@
 # PPO with Mode-Dependent Rectification (MDR) on Procgen, CleanRL-style, one file.
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
 # MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py: docs/mdr_in_your_ppo.md.
-# `grep -n "# MDR" ppo_procgen_mdr.py` lists every line of the method; everything below the "Infrastructure" banner
-# (checkpoints, logging, validation) leaves what is learned unchanged.
+# `grep -n "# MDR" ppo_procgen_mdr.py` lists the method; nothing below the "Infrastructure" banner changes what is learned.
 # Run:   python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda
 import contextlib
 import glob
@@ -19,8 +18,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, Optional
 
-# OpenMP threads that spin while they wait steal the cores from Procgen's threads and from other jobs: passive waiting
-# measured up to 2.6x the SPS on 2 shared cores (docs/benchmarks.md). Read once, when torch loads OpenMP; yours wins.
+# Passive OpenMP waiting (spinning threads steal cores): up to 2.6x the SPS on 2 cores (docs/benchmarks.md); yours wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -67,8 +65,7 @@ class Args:
     checkpoint_interval: int = 50
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """a checkpoint.pt to continue from (same arguments; --total-timesteps may grow), or `auto`: the run folder's
-    checkpoint if there is one, else a fresh run (checkpoints on; what a requeued cluster job wants)"""
+    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints on): the folder's if any"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the measurements)
     channels_last: bool = True
@@ -166,15 +163,8 @@ class Args:
 
 
 # easy-mode (R_min, R_max) of the paper's six games (Cobbe et al. 2020), for the normalized score
-PROCGEN_RETURN_RANGE = {
-    "coinrun": (5.0, 10.0),
-    "starpilot": (2.5, 64.0),
-    "caveflyer": (3.5, 12.0),
-    "chaser": (0.5, 13.0),
-    "bigfish": (1.0, 40.0),
-    "bossfight": (0.5, 13.0),
-}
-MODE_DEPENDENT_NORMS = ("bn", "brn", "dropout")
+PROCGEN_RETURN_RANGE = {"coinrun": (5.0, 10.0), "starpilot": (2.5, 64.0), "caveflyer": (3.5, 12.0), "chaser": (0.5, 13.0),
+                        "bigfish": (1.0, 40.0), "bossfight": (0.5, 13.0)}  # fmt: skip
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -184,18 +174,16 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalizes with its running statistics (`--norm eval`): the stats stay frozen
-    (ImageNet's when pretrained) whatever the module's mode; the affine parameters still learn."""
+    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017), with nn.BatchNorm2d's parameter and buffer names (ImageNet weights load).
-    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, with r = sigma_B / sigma and d = (mu_B - mu) / sigma (no gradient)
-    clipped to [1/r_max, r_max] and [-d_max, d_max]; the bounds ramp up from (1, 0), plain BatchNorm, over `warmup`
-    forward passes. Eval mode: running statistics, like BatchNorm."""
+    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load). Train mode: x_hat =
+    (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max], d = (mu_B - mu) / sigma in [-d_max, d_max]
+    (no gradient), bounds ramped from BatchNorm's (1, 0) over `warmup` passes. Eval mode: running statistics."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
@@ -225,10 +213,9 @@ class BatchRenorm2d(nn.Module):
         return x_hat * channel(self.weight) + channel(self.bias)
 
 
-def make_norm_layer(args: Args):
-    """The one line that makes each --norm variant: torchvision's resnet18(norm_layer=...) calls it per channel count.
-    GroupNorm: 32 groups (the backbone has 64, 128 and 256 channels); Batch Renorm: Ioffe's r_max 3, d_max 5."""
-    return {
+def make_backbone(args: Args) -> nn.Module:
+    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc, 256 features; --norm's layer."""
+    norm_layer = {
         "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
         "eval": EvalModeBatchNorm2d,
         "brn": partial(BatchRenorm2d, momentum=args.bn_momentum),
@@ -237,11 +224,7 @@ def make_norm_layer(args: Args):
         "none": lambda channels: nn.Identity(),
         "dropout": lambda channels: nn.Dropout(args.dropout_p),
     }[args.norm]
-
-
-def make_backbone(args: Args) -> nn.Module:
-    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average pool -> 256 features."""
-    backbone = resnet18(weights=None, norm_layer=make_norm_layer(args))
+    backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
     backbone.fc = nn.Identity()
     if args.pretrained:
@@ -266,8 +249,7 @@ class Agent(nn.Module):
         self.critic = mlp(256, hidden, 1, std=1.0)
 
     def features(self, x):
-        # uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1], channels_last in memory; no ImageNet mean/std (paper
-        # Table 2). Divided in place: one float copy of the minibatch, not two. --amp: the backbone in bfloat16.
+        # uint8 (B, 64, 64, 3) -> float in [0, 1], channels_last; no ImageNet mean/std (Table 2); in place: one float copy
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.backbone(x).float()
@@ -288,8 +270,7 @@ class Agent(nn.Module):
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalized Advantage Estimation over a (num_steps, num_envs) rollout. dones[t] = 1 when obs[t] starts a new
-    episode (CleanRL's convention), so the bootstrap from step t+1 is cut by dones[t+1]."""
+    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it cuts the bootstrap into t)."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -306,8 +287,7 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
-    """CleanRL's PPO loss (paper eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus. `mb_advantages` are
-    the minibatch's advantages as the surrogate uses them (normalized with --norm-adv)."""
+    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus; advantages as normalized."""
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -332,9 +312,8 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
-    """One gradient step on the minibatch `mb` in the agent's current mode, i.e. in the current MDR phase. Returns
-    detached stats (no host sync). `eval_ratio`: eq. 10's r on this minibatch, measured by the loop before this pass
-    (it needs the running statistics the minibatch started with), or None."""
+    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no host sync. `eval_ratio`:
+    eq. 10's r on `mb`, measured by the loop before this pass moved the running statistics, or None."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
     mb_advantages = mb["advantages"]
     if args.norm_adv:
@@ -352,9 +331,8 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
-    """Run a block with the agent in train or eval mode, then restore its mode: every mode change that is not the
-    method's (diagnostics, evaluation, value recomputation) goes through here, so the bare agent.train() and
-    agent.eval() calls, marked # MDR, are the method's alone."""
+    """A block in train or eval mode, then the mode restored: every mode change that is not the method's goes through
+    here, so the bare agent.train()/agent.eval() calls, marked # MDR, are the method's alone."""
     was_training = agent.training
     agent.train(training)
     try:
@@ -374,10 +352,8 @@ def js_divergence(logits_p, logits_q):
 
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (paper eq. 6-7): mean JS divergence between the train-mode policy (batch statistics of a shuffled
-    minibatch of size m) and the eval-mode policy at the current running statistics, over `num_minibatches` minibatches
-    of D_k (0 = all; -1 = off: None). `b_eval_logits`: the eval-mode side if known (before the update, the rollout's).
-    Side-effect free: running stats (restored after each train-mode pass), parameters and RNG streams are unchanged."""
+    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a minibatch) from the eval-mode
+    one (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
@@ -403,18 +379,17 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
 
 @torch.no_grad()
 def eval_mode_ratio(agent, mb):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics. Measured before the
-    minibatch's train-mode pass, which moves the statistics. Side-effect free: an eval-mode forward under no_grad
-    updates no running statistic and draws no dropout mask."""
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics (measured before the
+    minibatch's train-mode pass moves them). Side-effect free: no running statistic moves, no dropout mask is drawn."""
     with temporary_mode(agent, training=False):
         _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
     return (eval_logprob - mb["logprobs"]).exp()
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 made measurable on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r:
-    ratio_gap = mean |r' - r|; trust_region_violation: r' inside [1 - eps, 1 + eps], r outside; ..._signed: the clip
-    would stop the sample's gradient under r but does not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r: ratio_gap = mean
+    |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
+    r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
     clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
@@ -426,9 +401,8 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
 @torch.no_grad()
 def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
-    (a rival of MDR, docs/rivals.md): each BatchNorm's running statistics become the average over D_k's minibatches of
-    the batch statistics of the new weights (a cumulative average, as momentum None), so the next rollout is collected
-    with statistics of the current network. Passes leave every other buffer unchanged and draw no RNG."""
+    (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
+    statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
     norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
@@ -448,15 +422,13 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
 
 @torch.no_grad()
 def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
-    """MDR rounds 2..R (paper App. D): values of D_k and of the state after it from the current eval-mode critic, and
-    the GAE advantages and returns of those values."""
+    """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current eval-mode critic."""
     with temporary_mode(agent, training=False):
-        chunks = range(0, len(batch["obs"]), args.minibatch_size)
-        values = torch.cat([agent.get_value(batch["obs"][i : i + args.minibatch_size]).flatten() for i in chunks])
+        m = args.minibatch_size
+        values = torch.cat([agent.get_value(batch["obs"][i : i + m]).flatten() for i in range(0, len(batch["obs"]), m)])
         next_value = agent.get_value(next_obs).reshape(1, -1)
-    advantages, returns = compute_gae(
-        rewards, values.view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
-    )
+    advantages, returns = compute_gae(rewards, values.view_as(rewards), dones, next_value, next_done,
+                                      args.gamma, args.gae_lambda)  # fmt: skip
     return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
@@ -491,7 +463,7 @@ def main(args: Args):
     optimizer = torch.optim.Adam(
         agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
-    if args.alpha2 > 0 and args.norm not in MODE_DEPENDENT_NORMS:
+    if args.alpha2 > 0 and args.norm not in ("bn", "brn", "dropout"):
         print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
 
     # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
@@ -547,17 +519,10 @@ def main(args: Args):
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
                 advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-            batch = {
-                "obs": obs.reshape((-1,) + obs.shape[2:]),
-                "logprobs": logprobs.reshape(-1),
-                "logits": logits.reshape(-1, num_actions),
-                "actions": actions.reshape(-1),
-                "advantages": advantages.reshape(-1),
-                "returns": returns.reshape(-1),
-                "values": values.reshape(-1),
-            }
+            batch = dict(obs=obs.reshape((-1,) + obs.shape[2:]), logprobs=logprobs.reshape(-1), actions=actions.reshape(-1))
+            batch.update(advantages=advantages.reshape(-1), returns=returns.reshape(-1), values=values.reshape(-1))
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, batch["logits"] if args.collect_mode == "eval" else None)
+            delta_pi_minus = policy_mismatch(*diag, logits.view(-1, num_actions) if args.collect_mode == "eval" else None)
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
@@ -586,9 +551,7 @@ def main(args: Args):
             if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
                 test_returns = evaluate(agent, args, device, iteration)
                 logger.log(episode_scalars(args.env_id, test_returns, "test_"))
-                tqdm.write(
-                    f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f} ({len(test_returns)} levels)"
-                )
+                tqdm.write(f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f}")
             due = args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations)
             if due or stop.requested:
                 save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger.wandb_id)
@@ -618,11 +581,9 @@ class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
-# fields that may differ between a run and its --resume (everything else defines the computation)
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
-FRAME_MS = 66  # --capture-video: milliseconds per frame of the GIF
 PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
 
 
@@ -637,28 +598,20 @@ def validate_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
-        raise ConfigError(
-            f"need 0 <= --dropout-p < 1 (got {args.dropout_p}) and 0 < --bn-momentum <= 1 (got {args.bn_momentum})"
-        )
+        raise ConfigError(f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum {args.bn_momentum} <= 1")
     if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
         raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
-    if args.bn_recalibrate and args.norm not in ("bn", "brn"):
-        raise ConfigError(f"--bn-recalibrate recomputes BatchNorm statistics: it needs --norm bn or brn, not {args.norm}")
-    if args.diag_minibatches < -1:
-        raise ConfigError(f"--diag-minibatches {args.diag_minibatches}: must be >= -1 (-1 = off)")
+    if args.diag_minibatches < -1 or (args.bn_recalibrate and args.norm not in ("bn", "brn")):
+        raise ConfigError(f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for --bn-recalibrate")
 
 
 def check_minibatches(args: Args) -> None:
-    """The minibatch rule of all three scripts: m <= |D_k|; when m does not divide |D_k|, the last minibatch of an epoch
-    is smaller, but never a single sample (its normalized advantage would be NaN)."""
-    batch_size = args.num_envs * args.num_steps
-    if args.minibatch_size > batch_size or args.total_timesteps < batch_size:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {batch_size}")
-    if args.norm_adv and (args.minibatch_size == 1 or batch_size % args.minibatch_size == 1):
-        raise ConfigError(
-            f"--minibatch-size {args.minibatch_size} leaves a minibatch of one sample in a rollout of {batch_size}, whose "
-            "advantage cannot be normalized (its std is NaN); pick another size, or --no-norm-adv"
-        )
+    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
+    n, m = args.num_envs * args.num_steps, args.minibatch_size
+    if m > n or args.total_timesteps < n:
+        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}")
+    if args.norm_adv and (m == 1 or n % m == 1):  # a 1-sample minibatch's normalized advantage is NaN
+        raise ConfigError(f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv")
 
 
 def default_run_name(args: Args) -> str:
@@ -670,16 +623,13 @@ def default_run_name(args: Args) -> str:
 
 
 def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load torchvision's ImageNet ResNet-18 into the shallow backbone: every tensor whose name and shape exist in it
-    (convs always; affine params for bn/eval/brn/ln/gn; running stats for bn/eval/brn). Returns the loaded names."""
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the backbone; their names."""
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"ImageNet weights unavailable ({type(e).__name__}): put resnet18-f37072fd.pth at {cached} or pass --no-pretrained"
-        ) from None
+        raise ConfigError(f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained") from None
     own = backbone.state_dict()
     loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
     backbone.load_state_dict(loadable, strict=False)
@@ -694,9 +644,8 @@ def mean_stats(stats_list):
 
 
 def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
-    """One iteration's TensorBoard scalars (CleanRL's keys, per-phase losses, MDR diagnostics); a few host syncs.
-    `finished`: (returns, lengths) of the episodes that ended; `delta_pi`: (Delta pi minus, plus) or (None, None)."""
-    (returns, lengths), (delta_pi_minus, delta_pi_plus) = finished, delta_pi
+    """One iteration's scalars (CleanRL's keys, per-phase losses, MDR diagnostics); `finished`: (returns, lengths)."""
+    returns, lengths = finished
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
         raise FloatingPointError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
@@ -709,40 +658,15 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     for phase, stats_list in phase_stats.items():
         for key, value in (mean_stats(stats_list) if stats_list else {}).items():
             scalars[f"mdr/{key}" if key.startswith(("ratio_gap", "trust_region")) else f"losses/{phase}/{key}"] = value
-    if delta_pi_minus is not None:
-        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
-            [delta_pi_minus, delta_pi_plus]
-        ).tolist()
+    if delta_pi[0] is not None:
+        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(delta_pi).tolist()
     scalars.update(episode_scalars(args.env_id, returns, "") if returns else {})
     scalars.update({"charts/episodic_length": float(np.mean(lengths))} if lengths else {})
     return scalars
 
 
-def get_rng_states(diag_generator):
-    """Every RNG stream the training consumes, in weights_only-loadable types (numpy's key array as a tensor)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "diag": diag_generator.get_state(),
-    }
-
-
-def set_rng_states(states, diag_generator):
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in states["python"]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    diag_generator.set_state(states["diag"])
-
-
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder). --resume PATH: that checkpoint, in its run's folder; --resume auto: the folder's
-    checkpoint if there is one, else a fresh run (checkpoints on). A fresh run never mixes into an old run's folder."""
+    """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh run); never mixes two runs."""
     path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
     args.save_model = args.save_model or args.resume == "auto"
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
@@ -755,14 +679,11 @@ def find_checkpoint(args: Args, run_dir: str):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
-        raise ConfigError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use one --save-model wrote"
-        ) from None
+        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model one") from None
     required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
-    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
-        raise ConfigError(
-            f"--resume {path}: not a checkpoint of this script (it lacks {sorted(required - set(checkpoint or {}))})"
-        )
+    missing = required - set(checkpoint) if isinstance(checkpoint, dict) else required
+    if missing:
+        raise ConfigError(f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})")
     saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
     changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
     if changed:
@@ -771,14 +692,11 @@ def find_checkpoint(args: Args, run_dir: str):
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM sends before a preemption or the time limit) ask the run to finish the
-    current iteration, save a checkpoint and exit with 128 + the signal's number; a second Ctrl-C quits at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit 128 + signal; 2nd Ctrl-C: quit."""
 
     def __init__(self):
         self.requested = 0
-        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -792,29 +710,27 @@ class StopRequest:
 
 
 class RunLogger:
-    """runs/<run>/: args.json and TensorBoard scalars (CleanRL's keys), mirrored to wandb with --track (the wandb run id
-    goes into the checkpoint, so a resumed or requeued run continues its wandb run). Progress: on a terminal a tqdm bar
-    over the run's steps that moves within an iteration; elsewhere (a cluster's log file) one plain line per iteration."""
+    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track); a tqdm bar, or plain lines in a log file."""
 
     def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        self.args, self.wandb_id, self.global_step = args, wandb_id, global_step
+        self.args, self.wandb_id, self.global_step, self.wandb_run = args, wandb_id, global_step, None
         self.start_time, self.start_step = time.time(), global_step
         if args.track:
             import wandb
 
             run_name = os.path.relpath(run_dir, "runs")
             group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
-            self.wandb_id = wandb.init(
+            self.wandb_run = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
                 config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
-            ).id  # fmt: skip
+            )  # fmt: skip
+            self.wandb_id = self.wandb_run.id
         self.writer = SummaryWriter(run_dir)
-        self.writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         total = args.num_iterations * args.batch_size
         self.bar = tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
 
@@ -841,10 +757,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
-        if self.args.track:
-            import wandb
-
-            wandb.finish(exit_code=exit_code)
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
 
 
 def wandb_tags(args: Args) -> list:
@@ -853,19 +767,16 @@ def wandb_tags(args: Args) -> list:
 
 
 class EpisodeTracker:
-    """Running return/length per env; procgen's vector env reports only per-step rewards and dones."""
+    """Running return/length per env (procgen reports rewards and dones only); update(): the ended episodes' (R, length)."""
 
     def __init__(self, num_envs):
-        self.returns = np.zeros(num_envs, dtype=np.float64)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.returns, self.lengths = np.zeros(num_envs, dtype=np.float64), np.zeros(num_envs, dtype=np.int64)
 
     def update(self, rewards, dones):
-        """Add one step; return (returns, lengths) of the episodes that just ended."""
         self.returns += rewards
         self.lengths += 1
         finished = (self.returns[dones].copy(), self.lengths[dones].copy())
-        self.returns[dones] = 0.0
-        self.lengths[dones] = 0
+        self.returns[dones], self.lengths[dones] = 0.0, 0
         return finished
 
 
@@ -879,22 +790,14 @@ def episode_scalars(env_id, returns, prefix: str) -> dict:
 
 
 def make_env(args: Args, num_envs, start_level, num_levels, seed):
-    return ProcgenEnv(
-        num_envs=num_envs,
-        env_name=args.env_id,
-        num_levels=num_levels,
-        start_level=start_level,
-        distribution_mode=args.distribution_mode,
-        rand_seed=seed,
-    )
+    return ProcgenEnv(num_envs=num_envs, env_name=args.env_id, num_levels=num_levels, start_level=start_level,
+                      distribution_mode=args.distribution_mode, rand_seed=seed)  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate(agent, args: Args, device, iteration, frames=None):
-    """Held-out evaluation: first episode of each of `num_eval_envs` envs on levels the agent never trained on,
-    eval-mode policy. A fresh env and a forked RNG seeded from (seed, iteration), so evaluation is a function of the
-    parameters alone and leaves the training RNG stream untouched (a resumed run matches an uninterrupted one).
-    `frames`: a list that receives the first env's observations until its episode ends (--capture-video)."""
+    """First episode of each of `num_eval_envs` envs on held-out levels, eval-mode policy; a fresh env and an RNG forked
+    from (seed, iteration): a function of the parameters alone. `frames` receives the first env's episode (--capture-video)."""
     envs = make_env(args, args.num_eval_envs, args.num_levels, args.num_test_levels, args.seed + 1_000_003 * iteration)
     tracker = EpisodeTracker(args.num_eval_envs)
     episode_returns = np.full(args.num_eval_envs, np.nan)
@@ -915,22 +818,8 @@ def evaluate(agent, args: Args, device, iteration, frames=None):
     return episode_returns
 
 
-def publish_video(folder: str, frames: list, global_step: int, frame_ms: int) -> str:
-    """--capture-video: the frames (PIL images) as eval_video.gif beside the checkpoint and as an animated image in the
-    run's TensorBoard (tag eval/test_video; TensorBoard's own video panel needs moviepy < 2). Returns the GIF's path."""
-    path = os.path.join(folder, "eval_video.gif")
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    with open(path, "rb") as f:
-        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
-    with SummaryWriter(folder) as writer:
-        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/test_video", image=image)]), global_step)
-    return path
-
-
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: the checkpoint's agent (its run's arguments, this command's evaluation ones) on the held-out
-    levels; scores printed and written beside it as evaluation.json; with --capture-video the first held-out episode as
-    eval_video.gif (and a wandb video with --track). The training levels are never rendered."""
+    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first episode -> eval_video.gif."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
         evaluation = {name: getattr(args, name) for name in ("num_test_levels", "num_eval_envs", "cuda", "track")}
@@ -949,7 +838,14 @@ def evaluate_checkpoint(args: Args) -> int:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_returns"}))
     frames = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames or []]  # 64 px shown 4x
-    video = publish_video(folder, frames, checkpoint["global_step"], FRAME_MS) if frames else None
+    video = os.path.join(folder, "eval_video.gif") if frames else None
+    if frames:  # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
+        frames[0].save(video, save_all=True, append_images=frames[1:], duration=66, loop=0)  # ms: one env step per frame
+        with open(video, "rb") as f:
+            gif = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
+        with SummaryWriter(folder) as writer:
+            summary = Summary(value=[Summary.Value(tag="eval/test_video", image=gif)])
+            writer._get_file_writer().add_summary(summary, checkpoint["global_step"])
     if args.track:
         import wandb
 
@@ -961,31 +857,36 @@ def evaluate_checkpoint(args: Args) -> int:
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
-    """Everything a bit-for-bit continuation needs: `live` (agent, optimizer, envs, tracker, diag_generator), the RNG
-    streams, `rollout` = (next_obs, next_done). An atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    states = live["envs"].env.callmethod("get_state")
+    """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs, next_done)); an atomic write."""
     state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
     state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), wandb_id=wandb_id)
-    state["rng"] = get_rng_states(live["diag_generator"])
-    state["env"] = {"procgen": [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in states]}
-    state["env"].update(next_obs=rollout[0].cpu(), next_done=rollout[1].cpu())
-    state["env"].update(
-        returns=torch.from_numpy(live["tracker"].returns.copy()), lengths=torch.from_numpy(live["tracker"].lengths.copy())
-    )
+    name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
+    state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
+    procgen = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in live["envs"].env.callmethod("get_state")]
+    tracker = {key: torch.from_numpy(getattr(live["tracker"], key).copy()) for key in ("returns", "lengths")}
+    state["env"] = dict(procgen=procgen, next_obs=rollout[0].cpu(), next_done=rollout[1].cpu(), **tracker)
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def restore_checkpoint(checkpoint, live, device):
-    """Put a checkpoint's state back into `live`; returns (global_step, first iteration to run, next_obs, next_done,
-    wandb run id)."""
+    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
     env = checkpoint["env"]
     live["envs"].env.callmethod("set_state", [bytes(state.numpy()) for state in env["procgen"]])
     live["tracker"].returns, live["tracker"].lengths = env["returns"].numpy(), env["lengths"].numpy()
-    set_rng_states(checkpoint["rng"], live["diag_generator"])
+    rng = checkpoint["rng"]
+    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    live["diag_generator"].set_state(rng["diag"])
     print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
     return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")

@@ -22,6 +22,9 @@ success (+1) as soon as IoU >= 0.5; `stop` gives up (-0.2); at most 20 steps. Op
     env = PatchLocEnv(train)                         # single gymnasium.Env, reset(options={"task_id": i})
     PatchLocEnv(num_tasks=64, view_size=112)         # both envs take task-set settings instead of a task set
     train.optimal_returns(), train.optimal_actions(i)  # exact optimum (BFS over 195 windows), oracle path
+    run_tasks(test, 64, act)                         # each task once under act (obs -> actions): r, normalized_r, success
+    draw_episodes(test, range(4), act)               # each episode's window path drawn on its image, side by side
+    draw_episode_steps(test, 0, act)                 # one episode drawn after every step: a video's frames
     PatchLocConfigError                              # ValueError with a one-line message on bad input
 Actions: UP, DOWN, LEFT, RIGHT, ZOOM_IN, ZOOM_OUT, STOP = 0..6.
 """
@@ -41,7 +44,18 @@ from envs.lattice import (
     ZOOM_OUT,
     EpisodeConfig,
 )
-from envs.patchloc import PatchLocEnv, PatchLocVecEnv, TaskSet, make_task_set, make_task_sets
+from envs.patchloc import (
+    PatchLocEnv,
+    PatchLocVecEnv,
+    TaskSet,
+    draw_episode,
+    draw_episode_steps,
+    draw_episodes,
+    episode_windows,
+    make_task_set,
+    make_task_sets,
+    run_tasks,
+)
 
 ENV_ID = "PatchLoc-v0"
 if ENV_ID not in gymnasium.registry:  # a re-import must not re-register (gymnasium warns on overrides)
@@ -68,7 +82,12 @@ __all__ = [
     "PatchLocEnv",
     "PatchLocVecEnv",
     "TaskSet",
+    "draw_episode",
+    "draw_episode_steps",
+    "draw_episodes",
+    "episode_windows",
     "make_task_set",
     "make_task_sets",
     "procedural_image",
+    "run_tasks",
 ]

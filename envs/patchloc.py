@@ -7,7 +7,7 @@ return, envs/images.py for the image sources.
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import gymnasium as gym
@@ -620,6 +620,82 @@ class PatchLocEnv(gym.Env):
     def optimal_actions(self, task_id: int) -> list[int]:
         """An oracle action sequence achieving optimal_returns[task_id] under this env's parameters."""
         return self.task_set.optimal_actions(task_id, self.config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy helpers: the held-out protocol, an episode's window path, drawn (the script's images and --capture-video)
+# ----------------------------------------------------------------------------------------------------
+Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations (N, 3, V, V, 3) -> N actions
+
+
+def run_tasks(
+    task_set: TaskSet, num_tasks: int, act: Policy, num_envs: int = 50, max_steps: int = 20, seed: Optional[int] = None
+) -> dict[str, np.ndarray]:
+    """Tasks 0..num_tasks-1 of `task_set`, each played exactly once by `act` in min(num_envs, num_tasks) envs (the
+    held-out evaluation protocol): per-episode arrays of the return r, normalized_r (return / exact optimum), success."""
+    envs = PatchLocVecEnv(task_set, min(num_envs, num_tasks), max_steps=max_steps)
+    next_obs, _ = envs.reset(seed=seed, options={"task_ids": np.arange(num_tasks)})
+    results = {"r": [], "normalized_r": [], "success": []}
+    while len(results["r"]) < num_tasks:
+        next_obs, _, _, _, infos = envs.step(act(next_obs))
+        if "episode" in infos:
+            counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
+            for key in results:
+                results[key].extend(infos["episode"][key][counted])
+    envs.close()
+    return {key: np.asarray(values) for key, values in results.items()}
+
+
+def episode_windows(task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None) -> list:
+    """The window boxes (normalised, like TaskSet.target_boxes) of one episode of task `task_id` played by `act`, from
+    the full image to the last step."""
+    env = PatchLocEnv(task_set, max_steps=max_steps)
+    obs, _ = env.reset(seed=seed, options={"task_id": task_id})
+    boxes, done = [env.window_box], False
+    while not done:
+        obs, _, terminated, truncated, _ = env.step(int(act(obs[None])[0]))
+        boxes.append(env.window_box)
+        done = terminated or truncated
+    return boxes
+
+
+def draw_episodes(
+    task_set: TaskSet, task_ids: Sequence[int], act: Policy, max_steps: int = 20, seed: Optional[int] = None
+) -> np.ndarray:
+    """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side by side: (4V, n 4V, 3) uint8."""
+    drawings = []
+    for task_id in task_ids:
+        boxes = episode_windows(task_set, task_id, act, max_steps, seed)
+        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
+    return np.concatenate(drawings, axis=1)
+
+
+def draw_episode_steps(
+    task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None
+) -> list[np.ndarray]:
+    """One episode of task `task_id` played by `act`, drawn after every step (the path so far): the frames of a video."""
+    boxes = episode_windows(task_set, task_id, act, max_steps, seed)
+    image, target = task_set.image(task_id), task_set.target_boxes[task_id]
+    return [draw_episode(image, boxes[: t + 1], target) for t in range(len(boxes))]
+
+
+def draw_episode(image: np.ndarray, window_boxes: Sequence[np.ndarray], target_box: np.ndarray) -> np.ndarray:
+    """The full image with the target (green) and the window's path, one outline per step (blue -> yellow)."""
+    canvas = image.copy()
+    side = canvas.shape[0]
+
+    def outline(box, colour, width):
+        y0, x0, y1, x1 = (np.asarray(box) * side).round().astype(int)
+        canvas[y0 : y0 + width, x0:x1] = colour
+        canvas[y1 - width : y1, x0:x1] = colour
+        canvas[y0:y1, x0 : x0 + width] = colour
+        canvas[y0:y1, x1 - width : x1] = colour
+
+    outline(target_box, (0, 255, 0), width=max(2, side // 100))
+    for t, box in enumerate(window_boxes):
+        frac = t / max(len(window_boxes) - 1, 1)
+        outline(box, (int(255 * frac), int(255 * frac), int(255 * (1 - frac))), width=max(1, side // 200))
+    return canvas
 
 
 def _check_render_mode(render_mode: Optional[str], metadata: dict) -> Optional[str]:

@@ -26,18 +26,13 @@ SHARED = {
     + ["recalibrate_batchnorm", "mean_stats", "load_imagenet_weights", "ConfigError", "mlp", "check_minibatches"]
 }
 SHARED.update(
-    {
-        name: TRAINING
-        for name in ["make_norm_layer", "recompute_advantages", "get_rng_states", "set_rng_states", "find_checkpoint"]
-        + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS", "MODE_DEPENDENT_NORMS"]
-    }
+    {name: TRAINING for name in ["recompute_advantages", "find_checkpoint"] + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]}
 )
 MISSING = {}  # findings for the lead: (name, script) -> why that script lacks the copy; the test passes once it holds it
 
 # Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script" = that script's
 # copy differs from the others, which must still agree.
 INTENDED_DIFFERENCES = {
-    "FRAME_MS": "--capture-video: a Procgen frame is one env step (15 fps), a patch-loc frame one window move (slower)",
     f"RESUMABLE_FIELDS@{PROBE}": "the probe's own flags (no wandb group of its own, no speed flags, no --evaluate)",
     f"find_checkpoint@{PROBE}": "the probe's folder holds a metrics.csv, not TensorBoard events; no --save-model flag",
     "Args": "each script's own flags",
@@ -164,12 +159,7 @@ def test_the_method_lines_are_tagged(script):
     assert len(tagged) >= 3, tagged
 
 
-# Issue 11's limit is not met yet by two scripts (2026-11-29: Procgen 999, patch-loc 1051 lines, after issues 12-15 added
-# to them): a known gap, not a pass. Remove the marker of a script once it is under the limit.
-OVER_900 = pytest.mark.xfail(strict=True, reason="over 900 lines (issue 11's limit, not met yet)")
-
-
-@pytest.mark.parametrize("script", [pytest.param(PROCGEN, marks=OVER_900), pytest.param(PATCHLOC, marks=OVER_900), PROBE])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_script_is_at_most_900_lines(script):
     assert len(source(script).splitlines()) <= 900
 

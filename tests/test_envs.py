@@ -25,8 +25,13 @@ from envs import (
     PatchLocConfigError,
     PatchLocEnv,
     PatchLocVecEnv,
+    draw_episode,
+    draw_episode_steps,
+    draw_episodes,
+    episode_windows,
     make_task_sets,
     procedural_image,
+    run_tasks,
 )
 from envs.lattice import NORMALIZED_BOXES, STATES, TRANSITIONS, optimal_returns, state_index
 
@@ -361,6 +366,52 @@ def test_oracle_path_achieves_the_optimal_return(train):
             assert total == pytest.approx(env.optimal_returns[task], abs=1e-9)
     # With the defaults every target is found: the optimum includes the success bonus.
     assert (train.optimal_returns() > 1.0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy helpers: the held-out protocol (each task once), an episode's window path, its drawing
+# ----------------------------------------------------------------------------------------------------
+def test_run_tasks_plays_each_task_once_with_the_policy(train):
+    seen = []
+
+    def always_stop(obs):  # a batch of observations in, one action per env out
+        seen.append(obs.shape)
+        return np.full(len(obs), STOP)
+
+    results = run_tasks(train, 7, always_stop, num_envs=3, max_steps=20, seed=0)
+    assert set(results) == {"r", "normalized_r", "success"} and all(len(v) == 7 for v in results.values())
+    assert np.allclose(results["r"], -EpisodeConfig().stop_penalty) and not results["success"].any()
+    assert seen == [(3, 3, V, V, 3)] * 3  # 3 envs, one STOP each: 9 episodes, the 7 queued ones counted
+    wide = run_tasks(train, train.num_tasks, lambda obs: np.full(len(obs), STOP), num_envs=50)
+    assert len(wide["r"]) == train.num_tasks  # more envs than tasks: min(num_envs, num_tasks) envs
+
+
+def test_episode_windows_follow_the_policy_and_reach_the_target(train):
+    env = PatchLocEnv(train)
+    for task in range(3):
+        actions = iter(env.optimal_actions(task))
+        boxes = episode_windows(train, task, lambda obs, path=actions: np.array([next(path)]), max_steps=20, seed=0)
+        assert np.array_equal(boxes[0], [0.0, 0.0, 1.0, 1.0])  # episodes start on the full image
+        assert len(boxes) == len(env.optimal_actions(task)) + 1 and next(actions, None) is None
+        assert ref_iou(boxes[-1], train.target_boxes[task]) >= 0.5  # the oracle path ends on the target
+
+
+def test_draw_episode_steps_draws_the_path_so_far_after_every_step(train):
+    actions = iter(PatchLocEnv(train).optimal_actions(1))
+    frames = draw_episode_steps(train, 1, lambda obs: np.array([next(actions)]), max_steps=20, seed=0)
+    boxes = episode_windows(train, 1, lambda obs, path=iter(PatchLocEnv(train).optimal_actions(1)): np.array([next(path)]))
+    assert len(frames) == len(boxes) >= 2
+    for t, frame in enumerate(frames):
+        assert np.array_equal(frame, draw_episode(train.image(1), boxes[: t + 1], train.target_boxes[1]))
+
+
+def test_draw_episodes_puts_each_drawn_episode_side_by_side(train):
+    drawing = draw_episodes(train, [2, 0], lambda obs: np.full(len(obs), STOP), max_steps=20, seed=0)
+    side = train.image(0).shape[0]
+    assert drawing.shape == (side, 2 * side, 3) and drawing.dtype == np.uint8
+    for panel, task in zip((drawing[:, :side], drawing[:, side:]), (2, 0)):
+        full_image = [np.array([0.0, 0.0, 1.0, 1.0])] * 2  # STOP at once: the window stays on the full image
+        assert np.array_equal(panel, draw_episode(train.image(task), full_image, train.target_boxes[task]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torchvision
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import envs.patchloc
 import ppo_patchloc_mdr as ppo
 from envs import PatchLocEnv, PatchLocVecEnv, make_task_sets, procedural_image
 
@@ -988,7 +989,7 @@ def test_evaluate_runs_each_task_once_and_is_deterministic(monkeypatch):
                 counted.extend(zip(infos["episode"]["task_id"][mask].tolist(), infos["episode"]["r"][mask].tolist()))
             return out
 
-    monkeypatch.setattr(ppo, "PatchLocVecEnv", RecordingVecEnv)
+    monkeypatch.setattr(envs.patchloc, "PatchLocVecEnv", RecordingVecEnv)  # what envs.run_tasks builds
     args = tiny_args(num_eval_envs=3)  # fewer envs than tasks: the rest are queued
 
     first = ppo.evaluate(agent, test_tasks, 7, args, torch.device("cpu"))
@@ -1018,12 +1019,16 @@ def test_episode_scalars_are_percent_of_optimal_and_success_rate():
     }
 
 
-def test_render_episodes_draws_the_target_and_the_window_path():
+def test_drawn_episodes_show_the_target_and_the_window_path():
+    """The evaluation image: envs' draw_episodes with the script's greedy eval-mode policy, which restores the mode."""
     _, test_tasks = tiny_task_sets()
     agent = make_agent("bn")
-    args = tiny_args(num_render_episodes=3)
+    agent.train()
 
-    drawing = ppo.render_episodes(agent, test_tasks, args, torch.device("cpu"))
+    with ppo.greedy_policy(agent, torch.device("cpu")) as act:
+        assert not agent.training and not torch.is_grad_enabled()
+        drawing = ppo.draw_episodes(test_tasks, range(3), act, max_steps=20, seed=1)
+    assert agent.training and torch.is_grad_enabled()
 
     side = 4 * V
     assert drawing.shape == (side, 3 * side, 3) and drawing.dtype == np.uint8
@@ -1041,7 +1046,7 @@ def test_render_episodes_draws_the_target_and_the_window_path():
 
 def test_held_out_evaluation_uses_the_disjoint_test_tasks(tmp_path, monkeypatch):
     created, evaluated, rendered = [], [], []
-    original_make, original_evaluate, original_render = ppo.make_task_sets, ppo.evaluate, ppo.render_episodes
+    original_make, original_evaluate, original_render = ppo.make_task_sets, ppo.evaluate, ppo.draw_episodes
 
     def recording_make(*args, **kwargs):
         created.append(original_make(*args, **kwargs))
@@ -1051,13 +1056,13 @@ def test_held_out_evaluation_uses_the_disjoint_test_tasks(tmp_path, monkeypatch)
         evaluated.append((task_set, num_tasks))
         return original_evaluate(agent, task_set, num_tasks, args, device)
 
-    def recording_render(agent, task_set, args, device):
+    def recording_render(task_set, task_ids, act, max_steps, seed):
         rendered.append(task_set)
-        return original_render(agent, task_set, args, device)
+        return original_render(task_set, task_ids, act, max_steps, seed)
 
     monkeypatch.setattr(ppo, "make_task_sets", recording_make)
     monkeypatch.setattr(ppo, "evaluate", recording_evaluate)
-    monkeypatch.setattr(ppo, "render_episodes", recording_render)
+    monkeypatch.setattr(ppo, "draw_episodes", recording_render)
 
     ok_run(tmp_path, num_tasks=6, num_test_tasks=5)
 
@@ -1301,9 +1306,9 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
 
     def init(**kwargs):
         calls.append(kwargs)
-        return types.SimpleNamespace(id="new-id")
+        return types.SimpleNamespace(id="new-id", finish=lambda exit_code: calls.append(exit_code))  # Run.finish
 
-    fake_wandb = types.SimpleNamespace(init=init, finish=lambda exit_code: calls.append(exit_code))
+    fake_wandb = types.SimpleNamespace(init=init)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.chdir(tmp_path)
     args = tiny_args(track=True, norm="brn", seed=3)
