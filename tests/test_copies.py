@@ -241,3 +241,23 @@ def test_bare_mode_switches_are_the_methods_own(script):
 
     assert len(switches) >= 2  # collection and the update phases
     assert [(number, line) for number, line in switches if "# MDR" not in line] == []
+
+
+def lines_between(script: str, function: str, first: str, last: str) -> list:
+    lines = DEFINITIONS[script][function][1].splitlines()
+    start = next(i for i, line in enumerate(lines) if first in line)
+    return lines[start : next(i for i, line in enumerate(lines) if last in line) + 1]
+
+
+@pytest.mark.parametrize(
+    "function, first, last",
+    [
+        ("save_checkpoint", "np.random.get_state()", 'state["rng"] ='),
+        ("restore_checkpoint", 'checkpoint["rng"]', 'rng["diag"]'),
+    ],
+)
+def test_every_script_saves_and_restores_the_rng_streams_alike(function, first, last):
+    """save/restore_checkpoint differ per script (the env state), but their RNG lines are one copy."""
+    blocks = {script: lines_between(script, function, first, last) for script in SCRIPTS}
+    assert all(len(block) >= 4 for block in blocks.values()), blocks
+    assert len({tuple(block) for block in blocks.values()}) == 1, blocks
