@@ -87,6 +87,8 @@ def read_runs(runs_dir: str, option: str = "--runs-dir") -> list:
             run[column] = np.array([read_float(row[column]) for row in rows])
         run["entropy_source"] = "acting_entropy" if "acting_entropy" in rows[0] else "entropy"
         run["acting_entropy"] = np.array([read_float(row[run["entropy_source"]]) for row in rows])
+        signed = [read_float(row.get("trust_region_violation_signed")) for row in rows]  # NaN in runs before the column
+        run["trust_region_violation_signed"] = np.array(signed)
         runs.append(run)
     if not runs:
         raise ConfigError(f"{option} {runs_dir}: no runs found (no non-empty metrics.csv below it)")

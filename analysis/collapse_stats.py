@@ -46,6 +46,8 @@ ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probabi
 ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
 
 FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
+PRECURSOR_UPDATES = 10  # the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
+BASELINE_UPDATES = 5  # the fewest earlier updates that make a baseline (median Delta pi minus) for the spike ratio
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -202,6 +204,38 @@ def analyse(runs: list, reference: str) -> list:
     return results
 
 
+def spike(run, end: int) -> dict:
+    """Delta pi minus and the signed trust-region violation in the window of PRECURSOR_UPDATES + 1 updates ending at
+    update index `end` (included): their peaks, and Delta pi minus's peak over its median in the updates before the
+    window (its baseline; NaN with fewer than BASELINE_UPDATES of them)."""
+    start = max(0, end - PRECURSOR_UPDATES)
+    delta, violation = run["delta_pi_minus"], run["trust_region_violation_signed"]
+    window, before = delta[start : end + 1], delta[:start][np.isfinite(delta[:start])]
+    peak = float(np.nanmax(window)) if np.isfinite(window).any() else math.nan
+    baseline = float(np.median(before)) if len(before) >= BASELINE_UPDATES else math.nan
+    peak_violation = violation[start : end + 1]
+    return {
+        "end": end,
+        "peak": peak,
+        "ratio": peak / baseline if baseline > 0 else math.nan,
+        "violation": float(np.nanmax(peak_violation)) if np.isfinite(peak_violation).any() else math.nan,
+    }
+
+
+def precursors(run) -> dict:
+    """Before a collapse: the spike measures of the window that ends at its onset. For a run without a collapse, the
+    same at the window where the ratio is largest (its biggest spike), among the windows that end once learning has
+    started (where a collapse could have begun): a spike that precedes collapses is only a warning sign if runs that do
+    not collapse have no such spikes."""
+    if run["collapse_index"] is not None:
+        return spike(run, run["collapse_index"])
+    learning = np.flatnonzero(np.nan_to_num(run["smoothed_reward"], nan=-math.inf) >= LEARNING_STARTED)
+    first = max(PRECURSOR_UPDATES + BASELINE_UPDATES, learning[0] if len(learning) else len(run["iteration"]))
+    windows = [spike(run, end) for end in range(first, len(run["iteration"]))]
+    windows = [w for w in windows if math.isfinite(w["ratio"])]
+    return max(windows, key=lambda w: w["ratio"]) if windows else spike(run, len(run["iteration"]) - 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tables
 
@@ -261,6 +295,28 @@ def runs_table(runs: list) -> str:
             ]
         )
     header = ["run", "collapse", "best smoothed reward", "min entropy (column)", "AUC", "final reward", "updates"]
+    return markdown_table(header, rows)
+
+
+def precursors_table(runs: list) -> str:
+    """One row per run: Delta pi minus and the signed trust-region violation before its collapse (or at its biggest
+    Delta pi minus spike when it has none), against the run's medians."""
+    rows = []
+    for run in sorted(runs, key=lambda run: (run["mode"], run["collapse_index"] is None, run["name"])):
+        found = precursors(run)
+        violation = run["trust_region_violation_signed"]
+        where = "onset" if run["collapse_index"] is not None else "largest spike"
+        rows.append(
+            [
+                f"`{run['name']}`",
+                f"{where}, update {run['iteration'][found['end']]:g}",
+                f"{found['peak']:.3g}",
+                f"{found['ratio']:.0f}x" if math.isfinite(found["ratio"]) else "–",
+                f"{found['violation']:.2f}" if math.isfinite(found["violation"]) else "–",
+                f"{np.nanmedian(violation):.3f}" if np.isfinite(violation).any() else "–",
+            ]
+        )
+    header = ["run", "window ends at", "peak Δπ⁻", "peak / earlier median", "peak signed TR violation", "median TR violation"]
     return markdown_table(header, rows)
 
 
@@ -343,6 +399,13 @@ def main(argv=None) -> int:
         table + "\n",
         "## Runs\n",
         runs_table(runs) + "\n",
+        "## Before the collapse\n",
+        f"Delta pi minus and the signed trust-region violation (the clip would stop the sample's gradient under the eval-mode "
+        f"ratio r but not under the optimized train-mode r') over the {PRECURSOR_UPDATES + 1} updates that end at the "
+        "collapse's onset; for a run without a collapse, the window (ending once learning has started, i.e. where a "
+        "collapse could begin) where Delta pi minus's peak over its earlier median is largest. A spike before collapses is "
+        "a warning sign only if the runs that do not collapse have none as large.\n",
+        precursors_table(runs) + "\n",
     ]
     with open(os.path.join(out_dir, "collapse_stats.md"), "w") as f:
         f.write("\n".join(report))

@@ -152,6 +152,46 @@ def test_paired_bootstrap_edge_cases():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Precursors: Delta pi minus and the signed trust-region violation before a collapse
+
+
+def hand_run(delta, violation, smoothed, collapse_index=None) -> dict:
+    return {
+        "iteration": np.arange(1, len(delta) + 1, dtype=float),
+        "delta_pi_minus": np.asarray(delta, dtype=float),
+        "trust_region_violation_signed": np.asarray(violation, dtype=float),
+        "smoothed_reward": np.asarray(smoothed, dtype=float),
+        "collapse_index": collapse_index,
+    }
+
+
+def test_the_spike_before_a_collapse_is_its_window_peak_over_the_earlier_median():
+    delta = curve((1e-3, 40), (0.05, 1), (2e-3, 19))  # a spike at index 40, then the collapse at index 45
+    violation = curve((0.0, 38), (0.3, 1), (0.0, 21))
+    run = hand_run(delta, violation, curve((20.0, 60)), collapse_index=45)
+
+    found = cs.precursors(run)
+
+    assert found["end"] == 45 and found["peak"] == pytest.approx(0.05)
+    assert found["ratio"] == pytest.approx(0.05 / 1e-3)  # baseline: the median of the updates before index 35
+    assert found["violation"] == pytest.approx(0.3)
+    late = cs.spike(run, 59)  # the window 49..59 holds no spike; its baseline includes it, but the median ignores it
+    assert late["peak"] == pytest.approx(2e-3) and late["ratio"] == pytest.approx(2.0)
+
+
+def test_a_run_without_a_collapse_is_measured_at_its_biggest_spike_after_learning_started():
+    delta = curve((1e-3, 15), (0.2, 1), (1e-3, 34), (0.01, 1), (1e-3, 9))  # spikes at 15 and 50
+    smoothed = curve((0.0, 30), (30.0, 30))  # learning starts at index 30: windows end at 30 or later, so start at >= 20
+    run = hand_run(delta, np.full(60, NAN), smoothed)
+
+    found = cs.precursors(run)
+
+    assert 50 <= found["end"] <= 50 + cs.PRECURSOR_UPDATES and found["peak"] == pytest.approx(0.01)
+    assert found["ratio"] == pytest.approx(10.0) and math.isnan(found["violation"])  # old runs: no signed column
+    assert math.isnan(cs.spike(hand_run(delta[:8], np.zeros(8), smoothed[:8]), 7)["ratio"])  # no baseline yet
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
