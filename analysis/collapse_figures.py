@@ -254,12 +254,12 @@ def draw_summary(cells: list, path: str, note: str = ""):
     fig, axes = new_figure(1, 2, (13, 5))
     reward_ax, km_ax = axes[0]
     for index, (label, runs, km_times, km_survival) in enumerate(cells):
-        color = f"C{index % 10}"
+        color, style = f"C{index % 10}", ("-", "--", ":")[index // 10 % 3]  # the 11th cell on: dashed, not a reused colour
         iterations, _, quartiles = per_iteration(runs, "smoothed_reward", lambda v: np.percentile(v, [25, 50, 75]))
         if len(iterations):
             reward_ax.fill_between(iterations, quartiles[:, 0], quartiles[:, 2], color=color, alpha=0.2, lw=0)
-            reward_ax.plot(iterations, quartiles[:, 1], color=color, lw=1.8, label=f"{label} (n={len(runs)})")
-        km_ax.step(km_times, km_survival, where="post", color=color, lw=1.8, label=f"{label} (n={len(runs)})")
+            reward_ax.plot(iterations, quartiles[:, 1], color=color, ls=style, lw=1.8, label=f"{label} (n={len(runs)})")
+        km_ax.step(km_times, km_survival, where="post", color=color, ls=style, lw=1.8, label=f"{label} (n={len(runs)})")
     reward_ax.set(xlabel="update", ylabel="smoothed reward (% of optimum)", ylim=REWARD_YLIM)
     reward_ax.set_title("median and interquartile range over seeds", fontsize=9)
     km_ax.set(xlabel="update", ylabel="P(no collapse yet)", ylim=(-0.03, 1.03))

@@ -144,7 +144,8 @@ def finite_mean(values) -> float:
 def run_measures(run) -> dict:
     """Per run: time to collapse (update) and whether it collapsed; AUC = mean normalized reward over the updates in
     which an episode ended (the area under the raw normalized-reward curve divided by their number); final reward =
-    mean over the last FINAL_UPDATES updates; median Delta pi minus over the updates."""
+    mean over the last FINAL_UPDATES updates; mean and median Delta pi minus over the updates (the mean weighs the
+    spikes, the median the typical update)."""
     collapsed = run["collapse_index"] is not None
     index = run["collapse_index"] if collapsed else len(run["iteration"]) - 1
     deltas = run["delta_pi_minus"][np.isfinite(run["delta_pi_minus"])]
@@ -153,6 +154,7 @@ def run_measures(run) -> dict:
         "time": float(run["iteration"][index]),
         "auc": finite_mean(run["normalized_reward"]),
         "final": finite_mean(run["normalized_reward"][-FINAL_UPDATES:]),
+        "mean_delta": float(np.mean(deltas)) if len(deltas) else math.nan,
         "median_delta": float(np.median(deltas)) if len(deltas) else math.nan,
     }
 
@@ -176,6 +178,7 @@ def analyse(runs: list, reference: str) -> list:
             "collapses": collapses,
             "rate_ci": clopper_pearson(collapses, len(cell_runs)),
             "auc": finite_mean([m["auc"] for m in measures.values()]),
+            "mean_delta": finite_mean([m["mean_delta"] for m in measures.values()]),
             "median_delta": float(np.nanmedian([m["median_delta"] for m in measures.values()])),
             "wall_time": float(np.median(wall_times)) if wall_times else math.nan,
             "km": kaplan_meier(times, collapsed),
@@ -255,7 +258,7 @@ def format_difference(estimate: tuple) -> str:
 def stats_table(results: list, reference: str) -> str:
     header = ["mode"] + [SETTING_LABELS[s] for s in SETTINGS] + ["n", "collapses", "rate [95 % CP]"]
     header += [f"McNemar p vs {reference} (b/c, pairs)", "AUC", f"ΔAUC vs {reference} [95 % CI]"]
-    header += [f"Δfinal vs {reference} [95 % CI]", "median Δπ⁻", f"wall time / {reference}"]
+    header += [f"Δfinal vs {reference} [95 % CI]", "mean Δπ⁻", "median Δπ⁻", f"wall time / {reference}"]
     rows = []
     for result in results:
         low, high = result["rate_ci"]
@@ -268,7 +271,7 @@ def stats_table(results: list, reference: str) -> str:
             p = f"{comparison['p']:.3g}" if math.isfinite(comparison["p"]) else "–"
             row += [f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})", f"{result['auc']:.1f}"]
             row += [format_difference(comparison["auc"]), format_difference(comparison["final"])]
-        row += [f"{result['median_delta']:.2g}"]
+        row += [f"{result['mean_delta']:.2g}", f"{result['median_delta']:.2g}"]
         wall_ratio = comparison["wall_ratio"] if comparison else math.nan
         row += [f"{wall_ratio:.2f}" if math.isfinite(wall_ratio) else "–"]
         rows.append(row)
@@ -336,7 +339,8 @@ def methods_text(reference: str) -> str:
         "the b + c discordant pairs, p = 1/2); ΔAUC and Δfinal = mean over pairs of this mode minus "
         f"{reference}, paired bootstrap percentile interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). "
         "AUC = mean raw normalized reward over the updates (those without a finished episode skipped); final = mean "
-        f"over the last {FINAL_UPDATES} updates; median Δπ⁻ = median over runs of each run's median; wall time = "
+        f"over the last {FINAL_UPDATES} updates; mean Δπ⁻ = mean over runs of each run's mean over its updates, median "
+        "Δπ⁻ = median over runs of each run's median; wall time = "
         "median per run (summary.json), relative to the reference cell's."
     )
 

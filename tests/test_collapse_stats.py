@@ -202,7 +202,7 @@ def write_run(folder: Path, mode: str, seed: int, rewards, entropies, bn_momentu
         writer = csv.writer(f)
         writer.writerow(figures.SERIES + ("mode", "seed", "clip_coef", "ent_coef", "acting_entropy", "wall_time"))
         for i, (reward, entropy) in enumerate(zip(rewards, entropies), start=1):
-            delta_pi_minus = 0.0 if mode == "eval" else 0.01
+            delta_pi_minus = 0.0 if mode == "eval" else 0.41 if i == 1 else 0.01  # one spike: mean 0.02, median 0.01
             writer.writerow([i, 128 * i, reward, reward, delta_pi_minus, 1.0, mode, seed, 0.2, 0.01, entropy, i])
     args = {"mode": mode, "seed": seed, "bn_momentum": bn_momentum, "view_batching": "separate"}
     (folder / "summary.json").write_text(json.dumps({"wall_time_s": wall_time, "args": args}))
@@ -247,13 +247,13 @@ def test_cli_prints_the_check_and_the_table_and_writes_the_report_and_figures(st
     rows = table_rows(output)
     assert sorted(rows) == [("bn", "0.01"), ("bn-mdr", "0.01"), ("bn-mdr", "0.5"), ("eval", "0.1")]
     bn, mdr = rows[("bn", "0.01")], rows[("bn-mdr", "0.01")]
-    # columns: mode, clip, ent, bnm, views, n, collapses, rate, McNemar, AUC, dAUC, dfinal, median dpi, wall time
+    # columns: mode, clip, ent, bnm, views, n, collapses, rate, McNemar, AUC, dAUC, dfinal, mean dpi, median dpi, wall
     assert bn[5:8] == ["3", "3", "1.00 [0.29, 1.00]"] and bn[8] == "–" and bn[9] == "20.0"
     assert mdr[5:8] == ["3", "1", "0.33 [0.01, 0.91]"]
     assert mdr[8] == "0.5 (0/2, 3)"  # exact McNemar: 2 pairs where only BN collapsed, p = 2 x 0.5^2
     assert mdr[9] == "34.3"  # (41 + 42 + 20) / 3
     assert mdr[10].startswith("+14.3 [") and mdr[11].startswith("+27.7 [")  # paired: (21 + 22 + 0) / 3, (41 + 42 + 0) / 3
-    assert mdr[12] == "0.01" and mdr[13] == "1.50"
+    assert mdr[12] == "0.02" and mdr[13] == "0.01" and mdr[14] == "1.50"  # mean (0.41 + 39 x 0.01) / 40, median
     assert rows[("eval", "0.1")][8] == "–" and rows[("bn-mdr", "0.5")][8] == "–"  # no BN cell of these settings
     report = (out_dir / "collapse_stats.md").read_text()
     assert "| bn-mdr | 0.2 | 0.01 | 0.01 | separate | 3 | 1 | 0.33 [0.01, 0.91] | 0.5 (0/2, 3) |" in report
@@ -267,7 +267,7 @@ def test_cli_cell_filter_and_reference(study, tmp_path, capsys):
 
     rows = table_rows(capsys.readouterr().out)
     assert sorted(rows) == [("bn", "0.01"), ("bn-mdr", "0.01")]
-    assert rows[("bn", "0.01")][8] == "0.5 (2/0, 3)" and rows[("bn", "0.01")][13] == "0.67"
+    assert rows[("bn", "0.01")][8] == "0.5 (2/0, 3)" and rows[("bn", "0.01")][14] == "0.67"
 
 
 @pytest.mark.parametrize(
