@@ -7,9 +7,10 @@ Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy co
 and its runs differ by seed. Per cell: the collapse rate with a 95 % Clopper-Pearson interval; against the reference
 mode's cell of the same settings, paired by seed: an exact McNemar test (a two-sided binomial test of the discordant
 pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile method) of the differences in AUC and
-final reward; Kaplan-Meier curves of the time to collapse. Prints the table and writes collapse_stats.md (the same
-tables), collapse_stats.png (reward quartiles and Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout)
-to --out-dir. The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive runs)").
+final reward; Kaplan-Meier curves of the time to collapse. Prints the table and writes to --out-dir collapse_stats.md
+(the same table, each run's verdict, the table again under each criterion alone, the precursors of collapses),
+collapse_stats.png (reward quartiles and Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout).
+The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive runs)").
 """
 
 import math
@@ -44,6 +45,7 @@ REWARD_FRACTION = 0.25  # "far below its best"
 REWARD_UPDATES = 10  # a full moving-average window: a crash of a few updates cannot fill it
 ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probability on one action
 ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
+CRITERIA = ("reward", "entropy")  # the definition uses both; the report adds each alone as a sensitivity check
 
 FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
 PRECURSOR_UPDATES = 10  # the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
@@ -53,10 +55,10 @@ BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
 
 
-def collapse_onset(rewards, entropies) -> tuple:
+def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
     """(index of the collapse's first update, 'reward' or 'entropy'), or (None, None) if the run did not collapse.
     rewards: normalized reward per update (percent of optimal, NaN where no episode ended); entropies: the acting
-    policy's entropy per update. The first streak to reach its length decides."""
+    policy's entropy per update. The first streak of one of `criteria` to reach its length decides."""
     rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
     window = deque(maxlen=SMOOTH_WINDOW)
     best = -math.inf
@@ -70,7 +72,7 @@ def collapse_onset(rewards, entropies) -> tuple:
         low = {"reward": started and smoothed < REWARD_FRACTION * best, "entropy": started and entropies[index] < ENTROPY_MAX}
         for criterion, streak in streaks.items():
             streak[:] = streak + [index] if low[criterion] else []
-            if len(streak) == needed[criterion]:
+            if len(streak) == needed[criterion] and criterion in criteria:
                 return int(streak[0]), criterion
     return None, None
 
@@ -81,10 +83,11 @@ def detect_collapse(rewards, entropies) -> tuple:
     return (True, onset) if onset is not None else (False, len(rewards) - 1)
 
 
-def mark_collapses(runs: list) -> list:
-    """Sets each run's collapse_index (None: no collapse) and collapse_criterion; returns the runs."""
+def mark_collapses(runs: list, criteria=CRITERIA) -> list:
+    """Sets each run's collapse_index (None: no collapse) and collapse_criterion under `criteria`; returns the runs."""
     for run in runs:
-        run["collapse_index"], run["collapse_criterion"] = collapse_onset(run["normalized_reward"], run["acting_entropy"])
+        onset = collapse_onset(run["normalized_reward"], run["acting_entropy"], criteria)
+        run["collapse_index"], run["collapse_criterion"] = onset
     return runs
 
 
@@ -278,6 +281,11 @@ def stats_table(results: list, reference: str) -> str:
     return markdown_table(header, rows)
 
 
+def sensitivity_table(runs: list, reference: str, criterion: str) -> str:
+    """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the definition's verdict)."""
+    return stats_table(analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference), reference)
+
+
 def runs_table(runs: list) -> str:
     """One row per run: whether and where the definition flags a collapse, and what it looked at."""
     rows = []
@@ -286,6 +294,7 @@ def runs_table(runs: list) -> str:
         flagged = f"yes, update {measures['time']:g} ({run['collapse_criterion']})" if measures["collapsed"] else "no"
         smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
         entropy = run["acting_entropy"][np.isfinite(run["acting_entropy"])]
+        alone = [collapse_onset(run["normalized_reward"], run["acting_entropy"], (criterion,))[0] for criterion in CRITERIA]
         rows.append(
             [
                 f"`{run['name']}`",
@@ -295,9 +304,11 @@ def runs_table(runs: list) -> str:
                 f"{measures['auc']:.1f}",
                 f"{measures['final']:.1f}",
                 str(len(run["iteration"])),
+                " / ".join("–" if onset is None else f"{run['iteration'][onset]:g}" for onset in alone),
             ]
         )
     header = ["run", "collapse", "best smoothed reward", "min entropy (column)", "AUC", "final reward", "updates"]
+    header += [" / ".join(CRITERIA) + " criterion alone"]
     return markdown_table(header, rows)
 
 
@@ -403,6 +414,14 @@ def main(argv=None) -> int:
         table + "\n",
         "## Runs\n",
         runs_table(runs) + "\n",
+        "## Sensitivity: each criterion alone\n",
+        "The same statistics with only one of the definition's two criteria (a check of how much the verdict depends on "
+        "each, not a second definition): the reward criterion alone is the paper's reward collapse; the entropy "
+        "criterion alone also flags a near-deterministic policy that still earns its reward.\n",
+        *[
+            f"### The {criterion} criterion alone\n\n" + sensitivity_table(runs, args.reference, criterion) + "\n"
+            for criterion in CRITERIA
+        ],
         "## Before the collapse\n",
         f"Delta pi minus and the signed trust-region violation (the clip would stop the sample's gradient under the eval-mode "
         f"ratio r but not under the optimized train-mode r') over the {PRECURSOR_UPDATES + 1} updates that end at the "

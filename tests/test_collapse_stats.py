@@ -54,6 +54,16 @@ def test_an_entropy_collapse_with_the_reward_near_zero_is_flagged_at_its_first_u
     assert cs.collapse_onset(rewards, entropies) == (22, "entropy")  # before the reward criterion (from update 27)
 
 
+def test_each_criterion_alone_flags_only_its_own_collapse():
+    confident = curve((80.0, 60)), curve((1.4, 30), (0.05, 30))  # deterministic and still earning: entropy only
+    crashed = curve((50.0, 30), (0.0, 30)), curve((1.5, 60))  # the reward collapse of the first test: reward only
+
+    assert cs.collapse_onset(*confident) == (30, "entropy") == cs.collapse_onset(*confident, ("entropy",))
+    assert cs.collapse_onset(*confident, ("reward",)) == (None, None)
+    assert cs.collapse_onset(*crashed, ("reward",)) == (37, "reward")
+    assert cs.collapse_onset(*crashed, ("entropy",)) == (None, None)
+
+
 def test_a_dip_that_recovers_within_a_few_updates_is_not_a_collapse():
     rewards = curve((60.0, 40), (0.0, 4), (60.0, 40))  # smoothed: at least 36 = 60 % of the best
     entropies = curve((1.2, 41), (0.1, cs.ENTROPY_UPDATES - 1), (1.2, 39))
@@ -258,6 +268,9 @@ def test_cli_prints_the_check_and_the_table_and_writes_the_report_and_figures(st
     report = (out_dir / "collapse_stats.md").read_text()
     assert "| bn-mdr | 0.2 | 0.01 | 0.01 | separate | 3 | 1 | 0.33 [0.01, 0.91] | 0.5 (0/2, 3) |" in report
     assert "| `bn_s1` | yes, update 21 (entropy) |" in report
+    assert re.search(r"\| `bn_s1` \| yes, update 21 \(entropy\) \|.*\| 28 / 21 \|\n", report)  # reward: 8 zeros in the window
+    reward_alone = report[report.index("### The reward criterion alone") : report.index("### The entropy criterion alone")]
+    assert "| bn-mdr | 0.2 | 0.01 | 0.01 | separate | 3 | 1 | 0.33 [0.01, 0.91] | 0.5 (0/2, 3) |" in reward_alone
     for name in ("collapse_stats.png", "collapse_fig6.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
