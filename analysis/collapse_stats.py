@@ -1,6 +1,7 @@
 """Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
 
     python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
+                                      [--modes bn,eval,bn-mdr]
                                       [--check-definition docs/collapse]
 
 Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
@@ -376,6 +377,16 @@ def select_cells(runs: list, cell: str) -> list:
     return selected
 
 
+def select_modes(runs: list, modes: str) -> list:
+    """Runs of the comma-separated `modes` (all runs if empty); a mode without runs is an error."""
+    wanted = [mode for mode in modes.split(",") if mode]
+    missing = sorted(set(wanted) - {run["mode"] for run in runs})
+    if missing:
+        found = ", ".join(sorted({run["mode"] for run in runs}))
+        raise ConfigError(f"--modes {modes}: no runs of {', '.join(missing)} (modes found: {found})")
+    return [run for run in runs if not wanted or run["mode"] in wanted]
+
+
 def matches(setting, value: str) -> bool:
     if isinstance(setting, float):
         try:
@@ -391,13 +402,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=None, help="where the report and figures go (default: --runs-dir)")
     parser.add_argument("--reference", default="bn", help="the mode every other mode is compared with, paired by seed")
     parser.add_argument("--cell", default="", help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)")
+    parser.add_argument("--modes", default="", help="only these modes, comma-separated (default: every mode found)")
     parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
     args = parser.parse_args(argv)
 
     if args.check_definition:
         print(f"Collapse definition on the runs in {args.check_definition}: {definition_text()}\n")
         print(runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition"))) + "\n")
-    runs = select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell)
+    runs = select_modes(select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell), args.modes)
     modes = sorted({run["mode"] for run in runs})
     if args.reference not in modes:
         raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")

@@ -17,6 +17,8 @@ threads), which other jobs on a shared machine disturb far less.
     python benchmarks/bench_sps.py --device cuda --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
     python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design   # memory at paper settings
     python benchmarks/bench_sps.py --configs procgen/paper,procgen/paper-amp --shape 4,16,32 --warmup 0 --repeats 1  # smoke
+    python benchmarks/bench_sps.py --device cpu --configs probe/bn,probe/eval,probe/bn-mdr,probe/bn-recal,probe/bn-train,\
+probe/bn-oldtrain,probe/brn,probe/brn-mdr,probe/bn-wn,probe/gn,probe/none --repeats 3      # the rivals' cost (docs/rivals.md)
 
 Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
 minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper: 750 steps, minibatch 128, 112 px;
@@ -30,6 +32,7 @@ compile = --compile; paper, paper-amp, paper-compile, paper-nochannelslast = the
 on CPU; on CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagnostics off and no compute
 bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch (--alpha1 1 --alpha2 1): every
 minibatch has the paper's size, so the peak memory is the full iteration's; paper-memory-amp: the same with --amp.
+probe/<mode> for each rival mode of docs/rivals.md (bn-recal, bn-train, ..., none): the probe's defaults in that mode.
 --warmup and --iterations, where given, replace every configuration's own counts (on a GPU a paper-shape iteration takes
 seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces every configuration's envs, steps and
 minibatch size (a smoke test of the benchmark itself, as benchmarks/gpu_check.sh --quick runs it).
@@ -78,6 +81,7 @@ RUN_LENGTH = {"iterations": 2, "warmup": 1}  # measured iterations per run, and 
 PAPER_SHAPE = {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}
 NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
 MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
+PROBE_RIVALS = ("bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none")  # docs/rivals.md
 # name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's shape)
 CONFIGS = {
     "procgen/mdr": (MDR, {}, {}),
@@ -106,6 +110,7 @@ CONFIGS = {
     "probe/bn": ({"mode": "bn"}, {}, {}),
     "probe/eval": ({"mode": "eval"}, {}, {}),
     "probe/threads0": ({"mode": "bn-mdr", "torch_threads": 0}, {}, {}),
+    **{f"probe/{mode}": ({"mode": mode}, {}, {}) for mode in PROBE_RIVALS},
 }
 DEFAULT_CONFIGS = (
     "procgen/mdr,procgen/ppo,procgen/nodiag,procgen/ppo-nodiag,procgen/threads1,procgen/spin,procgen/amp,"
@@ -133,6 +138,7 @@ PAIRS = [
     ("probe/bn-mdr", "probe/bn", "Probe: bn-mdr / bn (same 3 epochs)"),
     ("probe/bn-mdr", "probe/eval", "Probe: bn-mdr / eval"),
     ("probe/threads0", "probe/bn-mdr", "Probe: both cores / its default 1 thread"),
+    *[(f"probe/{mode}", "probe/bn", f"Probe: {mode} / bn") for mode in PROBE_RIVALS],
 ]
 
 

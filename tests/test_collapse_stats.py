@@ -283,6 +283,12 @@ def test_cli_cell_filter_and_reference(study, tmp_path, capsys):
     assert rows[("bn", "0.01")][8] == "0.5 (2/0, 3)" and rows[("bn", "0.01")][14] == "0.67"
 
 
+def test_cli_modes_filter(study, tmp_path, capsys):
+    assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--modes", "bn,eval"]) == 0
+
+    assert sorted(table_rows(capsys.readouterr().out)) == [("bn", "0.01"), ("eval", "0.1")]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -291,6 +297,7 @@ def test_cli_cell_filter_and_reference(study, tmp_path, capsys):
         (["--reference", "gn"], "--reference gn: no runs of that mode (modes found: bn, bn-mdr, eval)"),
         (["--cell", "bnm=0.3"], "--cell bnm=0.3: no runs match"),
         (["--cell", "momentum=0.1"], "is not key=value with key one of mode, clip, ent, bnm, views"),
+        (["--modes", "bn,gn"], "--modes bn,gn: no runs of gn (modes found: bn, bn-mdr, eval)"),
         (["--check-definition", "missing"], "--check-definition missing: no such folder"),
     ],
 )
