@@ -1,7 +1,7 @@
 """Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
 
     python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
-                                      [--modes bn,eval,bn-mdr]
+                                      [--modes bn,eval,bn-mdr] [--seeds 1-4]
                                       [--check-definition docs/collapse]
 
 Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
@@ -387,6 +387,22 @@ def select_modes(runs: list, modes: str) -> list:
     return [run for run in runs if not wanted or run["mode"] in wanted]
 
 
+def select_seeds(runs: list, seeds: str) -> list:
+    """Runs whose seed is in `seeds` ("1-4", "1,2,5" or a mix; all runs if empty)."""
+    if not seeds:
+        return runs
+    wanted = set()
+    for item in seeds.split(","):
+        low, _, high = item.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ConfigError(f"--seeds {seeds}: '{item}' is not a seed or a range like 1-4")
+        wanted |= set(range(int(low), int(high or low) + 1))
+    selected = [run for run in runs if run["seed"] in wanted]
+    if not selected:
+        raise ConfigError(f"--seeds {seeds}: no runs with these seeds")
+    return selected
+
+
 def matches(setting, value: str) -> bool:
     if isinstance(setting, float):
         try:
@@ -403,6 +419,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", default="bn", help="the mode every other mode is compared with, paired by seed")
     parser.add_argument("--cell", default="", help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)")
     parser.add_argument("--modes", default="", help="only these modes, comma-separated (default: every mode found)")
+    parser.add_argument("--seeds", default="", help="only these seeds, e.g. 1-4 or 1,2,5 (default: all): modes on equal seeds")
     parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
     args = parser.parse_args(argv)
 
@@ -410,6 +427,7 @@ def main(argv=None) -> int:
         print(f"Collapse definition on the runs in {args.check_definition}: {definition_text()}\n")
         print(runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition"))) + "\n")
     runs = select_modes(select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell), args.modes)
+    runs = select_seeds(runs, args.seeds)
     modes = sorted({run["mode"] for run in runs})
     if args.reference not in modes:
         raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")

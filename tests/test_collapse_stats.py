@@ -289,6 +289,13 @@ def test_cli_modes_filter(study, tmp_path, capsys):
     assert sorted(table_rows(capsys.readouterr().out)) == [("bn", "0.01"), ("eval", "0.1")]
 
 
+def test_cli_seeds_filter(study, tmp_path, capsys):
+    assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--cell", "bnm=0.01", "--seeds", "1,3-3"]) == 0
+
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[("bn", "0.01")][5] == "2" and rows[("bn-mdr", "0.01")][5:9] == ["2", "1", "0.50 [0.01, 0.99]", "1 (0/1, 2)"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -298,6 +305,8 @@ def test_cli_modes_filter(study, tmp_path, capsys):
         (["--cell", "bnm=0.3"], "--cell bnm=0.3: no runs match"),
         (["--cell", "momentum=0.1"], "is not key=value with key one of mode, clip, ent, bnm, views"),
         (["--modes", "bn,gn"], "--modes bn,gn: no runs of gn (modes found: bn, bn-mdr, eval)"),
+        (["--seeds", "1-x"], "--seeds 1-x: '1-x' is not a seed or a range like 1-4"),
+        (["--seeds", "7"], "--seeds 7: no runs with these seeds"),
         (["--check-definition", "missing"], "--check-definition missing: no such folder"),
     ],
 )
