@@ -1,7 +1,7 @@
 """Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
 
     python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
-                                      [--modes bn,eval,bn-mdr] [--seeds 1-4]
+                                      [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank]
                                       [--check-definition docs/collapse]
 
 Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
@@ -419,6 +419,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", default="bn", help="the mode every other mode is compared with, paired by seed")
     parser.add_argument("--cell", default="", help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)")
     parser.add_argument("--modes", default="", help="only these modes, comma-separated (default: every mode found)")
+    parser.add_argument("--rank", action="store_true", help="order the table by AUC, highest first (default: by cell)")
     parser.add_argument("--seeds", default="", help="only these seeds, e.g. 1-4 or 1,2,5 (default: all): modes on equal seeds")
     parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
     args = parser.parse_args(argv)
@@ -432,6 +433,8 @@ def main(argv=None) -> int:
     if args.reference not in modes:
         raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")
     results = analyse(runs, args.reference)
+    if args.rank:  # a ranking table: the highest area under the reward curve first
+        results.sort(key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf)
     table = stats_table(results, args.reference)
     out_dir = args.out_dir or args.runs_dir
     os.makedirs(out_dir, exist_ok=True)

@@ -289,10 +289,20 @@ def test_cli_modes_filter(study, tmp_path, capsys):
     assert sorted(table_rows(capsys.readouterr().out)) == [("bn", "0.01"), ("eval", "0.1")]
 
 
+def test_cli_rank_orders_the_table_by_auc(study, tmp_path, capsys):
+    assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--rank"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()[2:6]
+    order = [(line.split("|")[1].strip(), line.split("|")[4].strip()) for line in lines]
+    assert sorted(order[:2]) == [("bn-mdr", "0.5"), ("eval", "0.1")]  # AUC 40 both
+    assert order[2:] == [("bn-mdr", "0.01"), ("bn", "0.01")]  # AUC 34.3, then 20
+
+
 def test_cli_seeds_filter(study, tmp_path, capsys):
     assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--cell", "bnm=0.01", "--seeds", "1,3-3"]) == 0
 
-    rows = table_rows(capsys.readouterr().out)
+    output = capsys.readouterr().out
+    rows = table_rows(output)
     assert rows[("bn", "0.01")][5] == "2" and rows[("bn-mdr", "0.01")][5:9] == ["2", "1", "0.50 [0.01, 0.99]", "1 (0/1, 2)"]
 
 
