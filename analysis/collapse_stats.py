@@ -63,7 +63,7 @@ def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
     rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
     window = deque(maxlen=SMOOTH_WINDOW)
     best = -math.inf
-    streaks = {"reward": [], "entropy": []}
+    streaks = {criterion: [] for criterion in criteria}  # only the criteria asked for can end the run
     needed = {"reward": REWARD_UPDATES, "entropy": ENTROPY_UPDATES}
     for index in np.flatnonzero(np.isfinite(rewards)):
         window.append(rewards[index])
@@ -73,7 +73,7 @@ def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
         low = {"reward": started and smoothed < REWARD_FRACTION * best, "entropy": started and entropies[index] < ENTROPY_MAX}
         for criterion, streak in streaks.items():
             streak[:] = streak + [index] if low[criterion] else []
-            if len(streak) == needed[criterion] and criterion in criteria:
+            if len(streak) == needed[criterion]:
                 return int(streak[0]), criterion
     return None, None
 
