@@ -1,7 +1,7 @@
 """Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
 
     python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
-                                      [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank]
+                                      [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank] [--cost-json bench.json]
                                       [--check-definition docs/collapse]
 
 Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
@@ -11,11 +11,16 @@ pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile me
 final reward; Kaplan-Meier curves of the time to collapse. Prints the table and writes to --out-dir collapse_stats.md
 (the same table, each run's verdict, the table again under each criterion alone, the precursors of collapses),
 collapse_stats.png (reward quartiles and Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout).
+The cost column is each cell's median wall time per run over the reference's, or, with --cost-json, the side-by-side
+measurement of `benchmarks/bench_sps.py --configs probe/<mode>,... --json FILE` (runs made at different times under
+different loads compare load, not cost).
 The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive runs)").
 """
 
+import json
 import math
 import os
+import statistics
 import sys
 from collections import deque
 
@@ -211,6 +216,25 @@ def analyse(runs: list, reference: str) -> list:
     return results
 
 
+def benchmark_cost(path: str, reference: str) -> dict:
+    """{mode: (median, min, max)} of the wall time per step of probe/<mode> over probe/<reference>, one ratio per round of
+    a `benchmarks/bench_sps.py --json` file (a round runs every configuration back to back, so each ratio saw one load)."""
+    try:
+        with open(path) as f:
+            rounds = {
+                name.removeprefix("probe/"): [statistics.median(repeat["sps"]) for repeat in repeats]
+                for name, repeats in json.load(f).items()
+                if name.startswith("probe/")
+            }
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, statistics.StatisticsError) as error:
+        raise ConfigError(f"--cost-json {path}: not a readable benchmarks/bench_sps.py --json file ({error})") from None
+    if reference not in rounds:
+        message = f"no probe/{reference} configuration to compare with; rerun bench_sps.py with it"
+        raise ConfigError(f"--cost-json {path}: {message}")
+    ratios = {mode: [ref / sps for ref, sps in zip(rounds[reference], sps_rounds)] for mode, sps_rounds in rounds.items()}
+    return {mode: (statistics.median(r), min(r), max(r)) for mode, r in ratios.items() if r}
+
+
 def spike(run, end: int) -> dict:
     """Delta pi minus and the signed trust-region violation in the window of PRECURSOR_UPDATES + 1 updates ending at
     update index `end` (included): their peaks, and Delta pi minus's peak over its median in the updates before the
@@ -259,10 +283,13 @@ def format_difference(estimate: tuple) -> str:
     return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else f"{mean:+.1f} [–]"
 
 
-def stats_table(results: list, reference: str) -> str:
+def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
+    """The statistics table; its last column is `cost` ({mode: (median, min, max)}, from benchmark_cost) if given,
+    else the runs' own wall times."""
     header = ["mode"] + [SETTING_LABELS[s] for s in SETTINGS] + ["n", "collapses", "rate [95 % CP]"]
     header += [f"McNemar p vs {reference} (b/c, pairs)", "AUC", f"ΔAUC vs {reference} [95 % CI]"]
-    header += [f"Δfinal vs {reference} [95 % CI]", "mean Δπ⁻", "median Δπ⁻", f"wall time / {reference}"]
+    header += [f"Δfinal vs {reference} [95 % CI]", "mean Δπ⁻", "median Δπ⁻"]
+    header += [f"wall time / {reference} (side by side)" if cost else f"wall time / {reference}"]
     rows = []
     for result in results:
         low, high = result["rate_ci"]
@@ -276,15 +303,19 @@ def stats_table(results: list, reference: str) -> str:
             row += [f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})", f"{result['auc']:.1f}"]
             row += [format_difference(comparison["auc"]), format_difference(comparison["final"])]
         row += [f"{result['mean_delta']:.2g}", f"{result['median_delta']:.2g}"]
-        wall_ratio = comparison["wall_ratio"] if comparison else math.nan
-        row += [f"{wall_ratio:.2f}" if math.isfinite(wall_ratio) else "–"]
+        if cost:
+            ratio = cost.get(result["key"][0])
+            row += [f"{ratio[0]:.2f} ({ratio[1]:.2f}-{ratio[2]:.2f})" if ratio else "–"]
+        else:
+            wall_ratio = comparison["wall_ratio"] if comparison else math.nan
+            row += [f"{wall_ratio:.2f}" if math.isfinite(wall_ratio) else "–"]
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def sensitivity_table(runs: list, reference: str, criterion: str) -> str:
+def sensitivity_table(runs: list, reference: str, criterion: str, cost: dict | None) -> str:
     """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the definition's verdict)."""
-    return stats_table(analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference), reference)
+    return stats_table(analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference), reference, cost)
 
 
 def runs_table(runs: list) -> str:
@@ -344,7 +375,7 @@ def definition_text() -> str:
     )
 
 
-def methods_text(reference: str) -> str:
+def methods_text(reference: str, cost_json: str | None) -> str:
     return (
         f"Rate: collapsed runs / runs, exact Clopper-Pearson {CONFIDENCE:.0%} interval. Against {reference}, pairs by seed "
         "in the cell of the same settings: exact McNemar (two-sided binomial test of b = this mode only collapsed among "
@@ -353,7 +384,12 @@ def methods_text(reference: str) -> str:
         "AUC = mean raw normalized reward over the updates (those without a finished episode skipped); final = mean "
         f"over the last {FINAL_UPDATES} updates; mean Δπ⁻ = mean over runs of each run's mean over its updates, median "
         "Δπ⁻ = median over runs of each run's median; wall time = "
-        "median per run (summary.json), relative to the reference cell's."
+        + (
+            f"time per step relative to the reference's, measured side by side ({cost_json}: median over rounds, "
+            "min-max; each round runs every mode once, back to back, at the probe's defaults)."
+            if cost_json
+            else "median per run (summary.json), relative to the reference cell's."
+        )
     )
 
 
@@ -421,6 +457,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="", help="only these modes, comma-separated (default: every mode found)")
     parser.add_argument("--rank", action="store_true", help="order the table by AUC, highest first (default: by cell)")
     parser.add_argument("--seeds", default="", help="only these seeds, e.g. 1-4 or 1,2,5 (default: all): modes on equal seeds")
+    parser.add_argument("--cost-json", default=None, help="wall-time column from this bench_sps.py --json (probe/<mode>)")
     parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
     args = parser.parse_args(argv)
 
@@ -432,10 +469,11 @@ def main(argv=None) -> int:
     modes = sorted({run["mode"] for run in runs})
     if args.reference not in modes:
         raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")
+    cost = benchmark_cost(args.cost_json, args.reference) if args.cost_json else None
     results = analyse(runs, args.reference)
     if args.rank:  # a ranking table: the highest area under the reward curve first
         results.sort(key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf)
-    table = stats_table(results, args.reference)
+    table = stats_table(results, args.reference, cost)
     out_dir = args.out_dir or args.runs_dir
     os.makedirs(out_dir, exist_ok=True)
     command = "python analysis/collapse_stats.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -443,7 +481,7 @@ def main(argv=None) -> int:
         f"# Collapse statistics of {args.runs_dir}\n",
         f"Written by `{command.strip()}`.\n",
         definition_text() + "\n",
-        methods_text(args.reference) + "\n",
+        methods_text(args.reference, args.cost_json) + "\n",
         table + "\n",
         "## Runs\n",
         runs_table(runs) + "\n",
@@ -452,7 +490,7 @@ def main(argv=None) -> int:
         "each, not a second definition): the reward criterion alone is the paper's reward collapse; the entropy "
         "criterion alone also flags a near-deterministic policy that still earns its reward.\n",
         *[
-            f"### The {criterion} criterion alone\n\n" + sensitivity_table(runs, args.reference, criterion) + "\n"
+            f"### The {criterion} criterion alone\n\n" + sensitivity_table(runs, args.reference, criterion, cost) + "\n"
             for criterion in CRITERIA
         ],
         "## Before the collapse\n",

@@ -306,10 +306,51 @@ def test_cli_seeds_filter(study, tmp_path, capsys):
     assert rows[("bn", "0.01")][5] == "2" and rows[("bn-mdr", "0.01")][5:9] == ["2", "1", "0.50 [0.01, 0.99]", "1 (0/1, 2)"]
 
 
+def write_bench(path: Path, sps_by_config: dict) -> Path:
+    """A benchmarks/bench_sps.py --json file: per configuration, one entry per round with its iterations' SPS."""
+    path.write_text(json.dumps({name: [{"sps": sps} for sps in rounds] for name, rounds in sps_by_config.items()}))
+    return path
+
+
+def test_cli_cost_json_gives_the_side_by_side_wall_time_column(study, tmp_path, capsys):
+    # per round: bn's median SPS over bn-mdr's = 10/5 and 20/8; eval has no configuration; patchloc is not a probe mode
+    bench = write_bench(
+        tmp_path / "bench.json",
+        {"probe/bn": [[9, 11], [20, 20]], "probe/bn-mdr": [[5, 5], [7, 9]], "patchloc/mdr": [[1, 1], [1, 1]]},
+    )
+
+    assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--cost-json", str(bench)]) == 0
+
+    output = capsys.readouterr().out
+    assert "| wall time / bn (side by side) |" in output.splitlines()[0]
+    rows = table_rows(output)
+    assert rows[("bn-mdr", "0.01")][14] == "2.25 (2.00-2.50)" and rows[("bn-mdr", "0.5")][14] == "2.25 (2.00-2.50)"
+    assert rows[("bn", "0.01")][14] == "1.00 (1.00-1.00)" and rows[("eval", "0.1")][14] == "–"
+    report = (tmp_path / "collapse_stats.md").read_text()
+    assert f"measured side by side ({bench}: median over rounds" in report
+    assert report.count("| wall time / bn (side by side) |") == 3  # the table and both sensitivity tables
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not a readable benchmarks/bench_sps.py --json file"),
+        ('{"probe/bn": [{"wall_s": 3}]}', "not a readable benchmarks/bench_sps.py --json file ('sps')"),
+        ('{"probe/eval": [{"sps": [1]}]}', "no probe/bn configuration to compare with; rerun bench_sps.py with it"),
+    ],
+)
+def test_a_bad_cost_json_is_a_config_error(study, tmp_path, content, message):
+    (tmp_path / "bench.json").write_text(content)
+    with pytest.raises(cs.ConfigError, match=re.escape(message)):
+        cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path / "out"), "--cost-json", str(tmp_path / "bench.json")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--runs-dir", "missing"], "--runs-dir missing: no such folder"),
+        (["--cost-json", "missing.json"], "--cost-json missing.json: not a readable benchmarks/bench_sps.py --json file"),
         (["--runs-dir", "empty"], "--runs-dir empty: no runs found"),
         (["--reference", "gn"], "--reference gn: no runs of that mode (modes found: bn, bn-mdr, eval)"),
         (["--cell", "bnm=0.3"], "--cell bnm=0.3: no runs match"),
