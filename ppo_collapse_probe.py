@@ -13,8 +13,10 @@ import csv
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -621,6 +623,26 @@ class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
+def provenance() -> dict:
+    """Where a run came from: the git commit of this script's checkout and whether tracked files differed from it
+    (None outside git), torch's version and the CPU model. analysis/collapse_stats.py pairs runs only within one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = dirty = None
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = bool(subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        pass
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
+
+
 # fields that may differ between a run and its --resume (everything else defines the computation)
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("checkpoint_interval", "cuda", "num_iterations", "torch_threads")
@@ -714,7 +736,7 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
     envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
     state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
     state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), rows=logger.rows)
-    state.update(b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id)
+    state.update(b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id, provenance=logger.provenance)
     name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
@@ -766,6 +788,9 @@ class RunLogger:
         self.recent_rewards = deque(rewards, maxlen=args.smooth_window)
         self.start_time = time.time() - (self.rows[-1]["wall_time"] if self.rows else 0.0)
         self.wandb_id = checkpoint.get("wandb_id") if checkpoint else None
+        # where each stretch of the run was computed: one entry per process (a resumed run adds one)
+        self.provenance = list(checkpoint.get("provenance", [])) if checkpoint else []
+        self.provenance.append({"from_iteration": len(self.rows) + 1, **provenance()})
         if args.track:
             import wandb
 
@@ -853,6 +878,7 @@ class RunLogger:
         best, peak = max(smoothed, default=(None, None)), max(deltas, default=(None, None))
         summary.update(best_reward=best[0], best_reward_iteration=best[1], peak_delta_pi_minus=peak[0])
         summary.update(peak_delta_pi_minus_iteration=peak[1], args=asdict(self.args))
+        summary.update(provenance=self.provenance[-1], provenance_segments=self.provenance)
         summary["reward_unit"] = "percent of the optimal return, moving average over --smooth-window updates"
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

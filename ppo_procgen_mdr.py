@@ -9,8 +9,10 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -581,6 +583,26 @@ class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
+def provenance() -> dict:
+    """Where a run came from: the git commit of this script's checkout and whether tracked files differed from it
+    (None outside git), torch's version and the CPU model. analysis/collapse_stats.py pairs runs only within one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = dirty = None
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = bool(subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        pass
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
+
+
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
 RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
@@ -714,8 +736,14 @@ class RunLogger:
 
     def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+        args_file = os.path.join(run_dir, "args.json")
+        earlier = []  # a resumed run keeps where its earlier stretches were computed, one entry per process
+        if global_step and os.path.exists(args_file):
+            with open(args_file) as f, contextlib.suppress(ValueError, AttributeError):
+                earlier = [p for p in json.load(f).get("provenance", []) if p.get("from_step", 0) < global_step]
+        here = [*earlier, {"from_step": global_step, **provenance()}]
+        with open(args_file, "w") as f:
+            json.dump({**asdict(args), "provenance": here}, f, indent=2)
         self.args, self.wandb_id, self.global_step, self.wandb_run = args, wandb_id, global_step, None
         self.start_time, self.start_step = time.time(), global_step
         if args.track:

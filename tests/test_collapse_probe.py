@@ -816,7 +816,13 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like
     strip = lambda rows: [{k: v for k, v in row.items() if k not in clock} for row in rows]  # noqa: E731
     whole_rows, resumed_rows = read_csv(tmp_path / "runs" / "whole" / "metrics.csv")[1], read_csv(stopped / "metrics.csv")[1]
     assert len(resumed_rows) == 4 and strip(resumed_rows) == strip(whole_rows)
-    assert json.loads((stopped / "summary.json").read_text())["status"] == "completed"
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    # issue 26: provenance, one segment per process; the resumed process took over at iteration 3
+    first, second = summary["provenance_segments"]
+    assert (first["from_iteration"], second["from_iteration"]) == (1, 3)
+    assert summary["provenance"] == second and set(second) == {"from_iteration", "commit", "dirty", "torch", "cpu"}
+    assert len(second["commit"]) == 40 and isinstance(second["dirty"], bool) and second["torch"] == torch.__version__
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):

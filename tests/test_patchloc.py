@@ -1213,7 +1213,10 @@ def logged_run(tmp_path_factory):
 def test_run_folder_holds_args_json(logged_run):
     assert logged_run.run_dir.name == "patchloc-procedural-4__ppo_patchloc_mdr__bn0.1__mdr2-1x2__s1"
     saved = json.loads((logged_run.run_dir / "args.json").read_text())
+    [provenance] = saved.pop("provenance")  # one process made this run
     assert saved == asdict(logged_run.args)
+    assert provenance["from_step"] == 0 and len(provenance["commit"]) == 40 and isinstance(provenance["dirty"], bool)
+    assert provenance["torch"] == ppo.torch.__version__ and provenance["cpu"]
     assert (saved["batch_size"], saved["num_iterations"], saved["run_name"]) == (32, 2, None)
 
 
@@ -1274,7 +1277,8 @@ def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tm
     scalars = scalars_of(tmp_path / "run")
     assert set(scalars) == {"charts/normalized_reward", "charts/SPS", "charts/test_normalized_reward"}
     assert scalars["charts/normalized_reward"] == [(32, 12.5)] and scalars["charts/test_normalized_reward"] == [(64, 3.0)]
-    assert json.loads((tmp_path / "run" / "args.json").read_text()) == asdict(args)
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert saved.pop("provenance")[0]["from_step"] == 0 and saved == asdict(args)
 
 
 class Terminal(io.StringIO):

@@ -1101,7 +1101,10 @@ def test_run_folder_is_named_from_the_arguments_and_holds_args_json(logged_run):
     args, run_dir, _, _ = logged_run
     assert run_dir.name == ppo.default_run_name(args)
     saved = json.loads((run_dir / "args.json").read_text())
+    [provenance] = saved.pop("provenance")  # one process made this run
     assert saved == json.loads(json.dumps(asdict(args)))
+    assert provenance["from_step"] == 0 and len(provenance["commit"]) == 40 and isinstance(provenance["dirty"], bool)
+    assert provenance["torch"] == ppo.torch.__version__ and provenance["cpu"]
     assert saved["batch_size"] == 64 and saved["num_iterations"] == 2  # filled in at run time
 
 
