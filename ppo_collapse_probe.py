@@ -166,7 +166,9 @@ CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha
 smoothed_reward success_rate delta_pi_minus delta_pi_plus ratio_gap trust_region_violation trust_region_violation_signed
 entropy acting_entropy approx_kl old_approx_kl clipfrac approx_kl_standard clipfrac_standard approx_kl_rectify
 clipfrac_rectify policy_loss value_loss explained_variance sps wall_time""".split()
-TENSORBOARD_COLUMNS = CSV_COLUMNS[CSV_COLUMNS.index("episodic_return") : CSV_COLUMNS.index("sps") + 1]
+TENSORBOARD_COLUMNS = CSV_COLUMNS[
+    CSV_COLUMNS.index("episodic_return") : CSV_COLUMNS.index("sps") + 1
+]
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -179,7 +181,9 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
     """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class BatchRenorm2d(nn.Module):
@@ -189,22 +193,35 @@ class BatchRenorm2d(nn.Module):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
-        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
-        self.weight, self.bias = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
+        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = (
+            momentum,
+            eps,
+            r_max,
+            d_max,
+            warmup,
+        )
+        self.weight, self.bias = (
+            nn.Parameter(torch.ones(num_features)),
+            nn.Parameter(torch.zeros(num_features)),
+        )
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x):
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         x = x.float()  # --amp: statistics in float32 (a no-op otherwise)
         mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
         std, running_std = (var + self.eps).sqrt(), (self.running_var + self.eps).sqrt()
         ramp = (self.num_batches_tracked.float() / max(self.warmup, 1)).clamp(max=1.0)
         r_max, d_max = 1.0 + (self.r_max - 1.0) * ramp, self.d_max * ramp
         r = torch.minimum(torch.maximum(std.detach() / running_std, 1.0 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max)
+        d = torch.minimum(
+            torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max
+        )
         channel = lambda t: t[None, :, None, None]  # noqa: E731
         x_hat = (x - channel(mean)) / channel(std) * channel(r) + channel(d)
         with torch.no_grad():
@@ -224,7 +241,9 @@ def make_backbone(args: Args) -> nn.Module:
         "brn-mdr": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
         "gn": lambda channels: nn.GroupNorm(32, channels),
         "none": lambda channels: nn.Identity(),
-    }.get(args.mode, partial(nn.BatchNorm2d, momentum=args.bn_momentum))  # bn, bn-mdr and the BatchNorm rivals
+    }.get(
+        args.mode, partial(nn.BatchNorm2d, momentum=args.bn_momentum)
+    )  # bn, bn-mdr and the BatchNorm rivals
     backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
     backbone.fc = nn.Identity()
@@ -235,7 +254,12 @@ def make_backbone(args: Args) -> nn.Module:
 
 def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
     """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
-    layers = [layer_init(nn.Linear(in_features, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, hidden)), nn.ReLU()]
+    layers = [
+        layer_init(nn.Linear(in_features, hidden)),
+        nn.ReLU(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.ReLU(),
+    ]
     return nn.Sequential(*layers, layer_init(nn.Linear(hidden, out_features), std=std))
 
 
@@ -267,7 +291,9 @@ class Agent(nn.Module):
 
     def get_policy_and_value(self, x):
         hidden = self.features(x)
-        policy = Categorical(logits=self.actor(hidden), validate_args=False)  # NaN logits reach the non-finite-loss check
+        policy = Categorical(
+            logits=self.actor(hidden), validate_args=False
+        )  # NaN logits reach the non-finite-loss check
         return policy, self.critic(hidden)
 
     def get_action_and_value(self, x, action=None):
@@ -308,15 +334,23 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
     newvalue = newvalue.view(-1)
     if args.clip_vloss:
         v_loss_unclipped = (newvalue - mb["returns"]) ** 2
-        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_clipped = mb["values"] + torch.clamp(
+            newvalue - mb["values"], -args.clip_coef, args.clip_coef
+        )
         v_loss_clipped = (v_clipped - mb["returns"]) ** 2
         v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
     else:
         v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
-    return loss, ratio, dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
+    stats = dict(
+        policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach()
+    )
+    return (
+        loss,
+        ratio,
+        dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac),
+    )
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
@@ -328,7 +362,9 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     loss, ratio, stats = clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args)
     if eval_ratio is not None:
-        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef))
+        stats.update(
+            trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef)
+        )
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -365,7 +401,10 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cpu_rng, cuda_rng = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
@@ -373,7 +412,11 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
         mb_inds = perm[start : start + minibatch_size]
         mb_obs = b_obs[mb_inds]
         with temporary_mode(agent, training=False):
-            eval_logits = agent.actor(agent.features(mb_obs)) if b_eval_logits is None else b_eval_logits[mb_inds]
+            eval_logits = (
+                agent.actor(agent.features(mb_obs))
+                if b_eval_logits is None
+                else b_eval_logits[mb_inds]
+            )
         with temporary_mode(agent, training=True):
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
@@ -399,24 +442,41 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
     |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
     r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
+    clipped = lambda ratio: (
+        ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))
+    )  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     gap = (train_ratio - eval_ratio).abs().mean()
-    return {"ratio_gap": gap, "trust_region_violation": violation, "trust_region_violation_signed": signed}
+    return {
+        "ratio_gap": gap,
+        "trust_region_violation": violation,
+        "trust_region_violation_signed": signed,
+    }
 
 
 def make_optimizer(agent, args: Args, device):
     """CleanRL's Adam. --mode bn-wn (CrossQ + WN): each conv weight feeds a BatchNorm that hides its scale, so it gets no
     weight decay and is projected to unit norm per output channel after each step (a constant effective learning rate)."""
-    convs = [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)] if args.mode == "bn-wn" else []
+    convs = (
+        [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)]
+        if args.mode == "bn-wn"
+        else []
+    )
     others = [p for p in agent.parameters() if all(p is not w for w in convs)]
     groups = [{"params": others}] + ([{"params": convs, "weight_decay": 0.0}] if convs else [])
     optimizer = torch.optim.Adam(
-        groups, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+        groups,
+        lr=args.learning_rate,
+        eps=1e-5,
+        weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     if convs:
-        project = lambda *_: [w.data.div_(torch.linalg.vector_norm(w.data, dim=(1, 2, 3), keepdim=True)) for w in convs]  # noqa: E731
+        project = lambda *_: [
+            w.data.div_(torch.linalg.vector_norm(w.data, dim=(1, 2, 3), keepdim=True))
+            for w in convs
+        ]  # noqa: E731
         project()
         optimizer.register_step_post_hook(project)
     return optimizer
@@ -435,10 +495,14 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
     (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
     statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
-    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
+    norms = [
+        m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)
+    ]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
-    record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
+    record = lambda m, inputs, _: stats[m].append(
+        (inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3)))
+    )  # noqa: E731
     hooks = [m.register_forward_hook(record) for m in norms]
     with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
         for start in range(0, len(b_obs), minibatch_size):
@@ -456,14 +520,18 @@ def main(args: Args):
     validate_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
+    checkpoint, run_dir = find_checkpoint(
+        args, os.path.join("runs", args.run_name or default_run_name(args))
+    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
+    torch.backends.cudnn.benchmark = (
+        not args.torch_deterministic
+    )  # fastest conv algorithms, picked by timing: not repeatable
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
@@ -473,7 +541,9 @@ def main(args: Args):
     # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by the probe)
     try:
         sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
-        train_tasks, _ = make_task_sets(*sizes, seed=args.seed, targets_per_image=args.targets_per_image)
+        train_tasks, _ = make_task_sets(
+            *sizes, seed=args.seed, targets_per_image=args.targets_per_image
+        )
         envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None
@@ -496,19 +566,35 @@ def main(args: Args):
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.as_tensor(next_obs).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
-    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
+    diag_generator = torch.Generator().manual_seed(
+        args.seed
+    )  # own stream: diagnostics never shift the training RNG
     b_inds = np.arange(args.batch_size)
-    live = {"agent": agent, "optimizer": optimizer, "envs": envs, "diag_generator": diag_generator, "b_inds": b_inds}
+    live = {
+        "agent": agent,
+        "optimizer": optimizer,
+        "envs": envs,
+        "diag_generator": diag_generator,
+        "b_inds": b_inds,
+    }
     if checkpoint is not None:
-        global_step, start_iteration, next_obs, next_done, _ = restore_checkpoint(checkpoint, live, device)
-    logger = RunLogger(run_dir, args, checkpoint)  # only now, after every check has passed, is anything written
-    print(f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}")
+        global_step, start_iteration, next_obs, next_done, _ = restore_checkpoint(
+            checkpoint, live, device
+        )
+    logger = RunLogger(
+        run_dir, args, checkpoint
+    )  # only now, after every check has passed, is anything written
+    print(
+        f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}"
+    )
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the update, save a checkpoint, exit
     status, exit_code = "completed", 0
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            agent.train(args.mode == "bn-train")  # MDR: D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
+            agent.train(
+                args.mode == "bn-train"
+            )  # MDR: D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
             finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
@@ -520,19 +606,29 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    logits[step] = (
+                        policy.logits
+                    )  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
                     finished["acting_entropy"].append(policy.entropy().mean())
-                next_obs_np, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+                next_obs_np, reward, terminations, truncations, infos = envs.step(
+                    action.cpu().numpy()
+                )
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
                 next_obs = torch.as_tensor(next_obs_np).to(device)
-                next_done = torch.as_tensor(np.logical_or(terminations, truncations), dtype=torch.float32).to(device)
+                next_done = torch.as_tensor(
+                    np.logical_or(terminations, truncations), dtype=torch.float32
+                ).to(device)
                 for key in ("r", "normalized_r", "success"):
-                    finished[key].extend(infos["episode"][key][infos["_episode"]] if "episode" in infos else [])
+                    finished[key].extend(
+                        infos["episode"][key][infos["_episode"]] if "episode" in infos else []
+                    )
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
-                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+                advantages, returns = compute_gae(
+                    rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda
+                )
             batch = {
                 "obs": obs.reshape((-1,) + obs.shape[2:]),
                 "logprobs": logprobs.reshape(-1),
@@ -542,37 +638,60 @@ def main(args: Args):
                 "values": values.reshape(-1),
             }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, None if args.mode == "bn-train" else logits.view(-1, num_actions))
+            delta_pi_minus = policy_mismatch(
+                *diag, None if args.mode == "bn-train" else logits.view(-1, num_actions)
+            )
 
             # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
-            theta_k = copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None  # the pre-update policy, frozen
+            theta_k = (
+                copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None
+            )  # the pre-update policy, frozen
             for epoch in range(args.alpha1 + args.alpha2):
-                agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification phase in eval mode
+                agent.train(
+                    epoch < args.alpha1
+                )  # MDR: standard phase in train mode, then rectification phase in eval mode
                 phase = "standard" if epoch < args.alpha1 else "rectify"
                 np.random.shuffle(b_inds)
-                epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                epoch_inds = torch.as_tensor(
+                    b_inds, device=device
+                )  # one host-to-device copy per epoch
                 for start in range(0, args.batch_size, args.minibatch_size):
-                    mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
+                    mb = {
+                        key: value[epoch_inds[start : start + args.minibatch_size]]
+                        for key, value in batch.items()
+                    }
                     measure = phase == "standard" and args.diag_ratio_every > 0
                     measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
                     eval_ratio = eval_mode_ratio(agent, mb) if measure else None
-                    mb["logprobs"] = mb["logprobs"] if theta_k is None else train_mode_logprobs(theta_k, mb)  # bn-oldtrain
+                    mb["logprobs"] = (
+                        mb["logprobs"] if theta_k is None else train_mode_logprobs(theta_k, mb)
+                    )  # bn-oldtrain
                     phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
-            if args.mode == "bn-recal":  # precise BN: the running statistics of the new weights on D_k
+            if (
+                args.mode == "bn-recal"
+            ):  # precise BN: the running statistics of the new weights on D_k
                 recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
             # 4. Logging: TensorBoard (and wandb through it) and one metrics.csv row per update
-            row = logger.log_update(iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus)
+            row = logger.log_update(
+                iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
+            )
             print(
                 f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
                 f"episodic_return={row['episodic_return']:.3f}, normalized_reward={row['normalized_reward']:.1f}%, "
                 f"smoothed={row['smoothed_reward']:.1f}%, delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
                 flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
-            if stop.requested or args.resume == "auto" and iteration % args.checkpoint_interval == 0:
-                save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger)
+            if (
+                stop.requested
+                or args.resume == "auto"
+                and iteration % args.checkpoint_interval == 0
+            ):
+                save_checkpoint(
+                    run_dir, live, args, iteration, global_step, (next_obs, next_done), logger
+                )
             if stop.requested:
                 status, exit_code = "stopped", 128 + stop.requested
                 break
@@ -580,7 +699,10 @@ def main(args: Args):
         print(f"error: {e}", file=sys.stderr)
         status, exit_code = "non-finite loss", 1
     except KeyboardInterrupt:
-        print("interrupted (a second Ctrl-C); metrics.csv and summary.json keep the finished updates", file=sys.stderr)
+        print(
+            "interrupted (a second Ctrl-C); metrics.csv and summary.json keep the finished updates",
+            file=sys.stderr,
+        )
         status, exit_code = "interrupted", 130
     finally:
         stop.restore()
@@ -605,9 +727,15 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained") from None
+        raise ConfigError(
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained"
+        ) from None
     own = backbone.state_dict()
-    loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
+    loadable = {
+        k: v
+        for k, v in state_dict.items()
+        if k in own and own[k].shape == v.shape and "num_batches" not in k
+    }
     backbone.load_state_dict(loadable, strict=False)
     return sorted(loadable)
 
@@ -615,7 +743,9 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
 def mean_stats(stats_list):
     """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
     keys = sorted({key for stats in stats_list for key in stats})
-    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
+    means = torch.stack(
+        [torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys]
+    )
     return dict(zip(keys, means.tolist()))
 
 
@@ -629,22 +759,36 @@ def provenance() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
         status = ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]
         if head.returncode == 0:
             commit = head.stdout.strip()
-            dirty = bool(subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip())
+            dirty = bool(
+                subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip()
+            )
     except (OSError, subprocess.SubprocessError):  # no git on this machine
         pass
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
 
 
 # fields that may differ between a run and its --resume (everything else defines the computation)
-RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
+RESUMABLE_FIELDS = (
+    "resume",
+    "total_timesteps",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "wandb_group",
+    "run_name",
+)
 RESUMABLE_FIELDS += ("checkpoint_interval", "cuda", "num_iterations", "torch_threads")
 
 
@@ -653,13 +797,23 @@ def validate_args(args: Args) -> None:
     all E = --update-epochs epochs in train mode, the MDR modes split them (default MDR(2,1) of 3)."""
     if args.mode not in MODES:
         raise ConfigError(f"unknown --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
-    for name in ("update_epochs", "num_envs", "num_steps", "minibatch_size", "num_tasks", "hidden_size", "smooth_window"):
+    for name in (
+        "update_epochs",
+        "num_envs",
+        "num_steps",
+        "minibatch_size",
+        "num_tasks",
+        "hidden_size",
+        "smooth_window",
+    ):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     epochs = args.update_epochs
     if args.mode not in ("bn-mdr", "brn-mdr"):
         if args.alpha1 is not None or args.alpha2 is not None:
-            raise ConfigError(f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E in train mode)")
+            raise ConfigError(
+                f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E in train mode)"
+            )
         args.alpha1, args.alpha2 = epochs, 0
     else:
         alpha2 = max(1, epochs // 3) if args.alpha1 is None and args.alpha2 is None else args.alpha2
@@ -675,21 +829,33 @@ def validate_args(args: Args) -> None:
     if not 0.0 < args.clip_coef or args.ent_coef < 0 or not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
     if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
-        raise ConfigError("need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0")
+        raise ConfigError(
+            "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0"
+        )
 
 
 def check_minibatches(args: Args) -> None:
     """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
     n, m = args.num_envs * args.num_steps, args.minibatch_size
     if m > n or args.total_timesteps < n:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}")
-    if args.norm_adv and (m == 1 or n % m == 1):  # a 1-sample minibatch's normalized advantage is NaN
-        raise ConfigError(f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv")
+        raise ConfigError(
+            f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}"
+        )
+    if args.norm_adv and (
+        m == 1 or n % m == 1
+    ):  # a 1-sample minibatch's normalized advantage is NaN
+        raise ConfigError(
+            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv"
+        )
 
 
 def default_run_name(args: Args) -> str:
     """The run's folder, a function of what defines it (so a rerun of the same command finds the same folder)."""
-    alphas = f"__mdr{args.alpha1}-{args.alpha2}" if args.alpha2 and (args.alpha1, args.alpha2) != (2, 1) else ""
+    alphas = (
+        f"__mdr{args.alpha1}-{args.alpha2}"
+        if args.alpha2 and (args.alpha1, args.alpha2) != (2, 1)
+        else ""
+    )
     momentum = "" if args.mode in ("eval", "gn", "none") else f"__bnm{args.bn_momentum:g}"
     loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
     return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
@@ -700,13 +866,18 @@ class StopRequest:
 
     def __init__(self):
         self.requested = 0
-        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {
+            s: signal.signal(s, self._request)
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        }
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)")
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)"
+        )
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -715,31 +886,65 @@ class StopRequest:
 
 def find_checkpoint(args: Args, run_dir: str):
     """(checkpoint or None, run folder) for --resume auto (the folder's, else fresh) or PATH; never overwrite a run."""
-    path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    path = (
+        args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    )
     if args.resume is None or args.resume == "auto" and not os.path.exists(path):
         if args.resume is None and os.path.exists(os.path.join(run_dir, "metrics.csv")):
-            raise ConfigError(f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another")
+            raise ConfigError(
+                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another"
+            )
         return None, run_dir
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = {**asdict(Args()), **checkpoint["args"]}
     except Exception as e:  # missing, truncated, not this script's
-        raise ConfigError(f"--resume {path}: not a checkpoint of this script ({type(e).__name__})") from None
-    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
+        raise ConfigError(
+            f"--resume {path}: not a checkpoint of this script ({type(e).__name__})"
+        ) from None
+    changed = [
+        name
+        for name, value in asdict(args).items()
+        if name not in RESUMABLE_FIELDS and saved[name] != value
+    ]
     if changed:
-        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+        raise ConfigError(
+            f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}"
+        )
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
     """All a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator, b_inds); atomic write."""
-    envs_state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in live["envs"].get_state().items()}
-    state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
-    state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), rows=logger.rows)
-    state.update(b_inds=torch.from_numpy(live["b_inds"]), wandb_id=logger.wandb_id, provenance=logger.provenance)
-    name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
+    envs_state = {
+        k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+        for k, v in live["envs"].get_state().items()
+    }
+    state = {
+        "agent": live["agent"].state_dict(),
+        "optimizer": live["optimizer"].state_dict(),
+        "args": asdict(args),
+    }
+    state.update(
+        global_step=global_step,
+        iteration=iteration,
+        run_name=os.path.relpath(run_dir, "runs"),
+        rows=logger.rows,
+    )
+    state.update(
+        b_inds=torch.from_numpy(live["b_inds"]),
+        wandb_id=logger.wandb_id,
+        provenance=logger.provenance,
+    )
+    name, keys, *rest = (
+        np.random.get_state()
+    )  # numpy's key array as a tensor: weights_only-loadable
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
+    rng = dict(
+        python=random.getstate(),
+        numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest],
+        cuda=cuda,
+    )
     state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
     state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
     path = os.path.join(run_dir, "checkpoint.pt")
@@ -751,20 +956,34 @@ def restore_checkpoint(checkpoint, live, device):
     """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
-    live["b_inds"][:] = checkpoint["b_inds"].numpy()  # the probe shuffles one index array across updates
+    live["b_inds"][:] = checkpoint[
+        "b_inds"
+    ].numpy()  # the probe shuffles one index array across updates
     env = checkpoint["env"]
-    live["envs"].set_state({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()})
+    live["envs"].set_state(
+        {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()}
+    )
     rng = checkpoint["rng"]
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"]))
+    random.setstate(
+        tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"])
+    )
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     live["diag_generator"].set_state(rng["diag"])
-    print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
+    print(
+        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}"
+    )
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
-    return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")
+    return (
+        checkpoint["global_step"],
+        checkpoint["iteration"] + 1,
+        next_obs,
+        next_done,
+        checkpoint.get("wandb_id"),
+    )
 
 
 def tensorboard_tag(column: str) -> str:
@@ -772,7 +991,15 @@ def tensorboard_tag(column: str) -> str:
     name, _, phase = column.rpartition("_")
     if phase in ("standard", "rectify"):
         return f"losses/{phase}/{name}"
-    if column in ("entropy", "approx_kl", "old_approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance"):
+    if column in (
+        "entropy",
+        "approx_kl",
+        "old_approx_kl",
+        "clipfrac",
+        "policy_loss",
+        "value_loss",
+        "explained_variance",
+    ):
         return f"losses/{column}"
     if column.startswith(("ratio", "trust")):
         return f"mdr/{column}"
@@ -783,8 +1010,14 @@ class RunLogger:
     """runs/<run>/: TensorBoard (wandb with --track), metrics.csv (a flushed row per update), summary.json at the end."""
 
     def __init__(self, run_dir: str, args: Args, checkpoint: Optional[dict]):
-        self.run_dir, self.args, self.rows = run_dir, args, list(checkpoint["rows"]) if checkpoint else []
-        rewards = [row["normalized_reward"] for row in self.rows if math.isfinite(row["normalized_reward"])]
+        self.run_dir, self.args, self.rows = (
+            run_dir,
+            args,
+            list(checkpoint["rows"]) if checkpoint else [],
+        )
+        rewards = [
+            row["normalized_reward"] for row in self.rows if math.isfinite(row["normalized_reward"])
+        ]
         self.recent_rewards = deque(rewards, maxlen=args.smooth_window)
         self.start_time = time.time() - (self.rows[-1]["wall_time"] if self.rows else 0.0)
         self.wandb_id = checkpoint.get("wandb_id") if checkpoint else None
@@ -795,16 +1028,24 @@ class RunLogger:
             import wandb
 
             run_name = os.path.basename(run_dir)
-            tags = [f"mode={args.mode}", f"clip={args.clip_coef:g}", f"ent={args.ent_coef:g}", f"seed={args.seed}"]
+            tags = [
+                f"mode={args.mode}",
+                f"clip={args.clip_coef:g}",
+                f"ent={args.ent_coef:g}",
+                f"seed={args.seed}",
+            ]
             tags += [f"bn_momentum={args.bn_momentum:g}", f"views={args.view_batching}"]
-            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
+            group = (
+                args.wandb_group or run_name.rsplit("__s", 1)[0]
+            )  # the seeds of one configuration
             self.wandb_id = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
                 config=vars(args), name=run_name, tags=tags, id=self.wandb_id, resume="allow", save_code=True,
             ).id  # fmt: skip
         self.writer = SummaryWriter(run_dir)
         self.writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()),
         )
         self.csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
         self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS)
@@ -812,7 +1053,9 @@ class RunLogger:
         for row in self.rows:  # a resumed run: the updates its checkpoint holds (later ones were lost with the process)
             self.write_row(row)
 
-    def log_update(self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus) -> dict:
+    def log_update(
+        self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
+    ) -> dict:
         """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf loss."""
         all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
         if not np.isfinite(all_stats["loss"]):
@@ -824,7 +1067,9 @@ class RunLogger:
         nan = float("nan")
         off = torch.tensor(nan)  # --diag-minibatches -1
         acting_entropy = torch.stack(finished["acting_entropy"]).mean()
-        deltas = torch.stack([off if d is None else d for d in (delta_pi_minus, delta_pi_plus)] + [acting_entropy])
+        deltas = torch.stack(
+            [off if d is None else d for d in (delta_pi_minus, delta_pi_plus)] + [acting_entropy]
+        )
         delta_pi_minus, delta_pi_plus, acting_entropy = deltas.tolist()  # one host sync
         normalized = 100.0 * float(np.mean(finished["normalized_r"])) if finished["r"] else nan
         if math.isfinite(normalized):
@@ -834,25 +1079,50 @@ class RunLogger:
         elapsed = time.time() - self.start_time
         mean = lambda values: float(np.mean(values)) if len(values) else nan  # noqa: E731
         row = {"iteration": iteration, "global_step": global_step, "episodes": len(finished["r"])}
-        row.update({key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed", "alpha1", "alpha2")})
-        row.update(episodic_return=mean(finished["r"]), normalized_reward=normalized, success_rate=mean(finished["success"]))
+        row.update(
+            {
+                key: getattr(self.args, key)
+                for key in ("mode", "clip_coef", "ent_coef", "seed", "alpha1", "alpha2")
+            }
+        )
+        row.update(
+            episodic_return=mean(finished["r"]),
+            normalized_reward=normalized,
+            success_rate=mean(finished["success"]),
+        )
         row.update(smoothed_reward=mean(self.recent_rewards), acting_entropy=acting_entropy)
         row.update(delta_pi_minus=delta_pi_minus, delta_pi_plus=delta_pi_plus)
         row.update(sps=int(global_step / elapsed), wall_time=elapsed)
-        row["explained_variance"] = nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
+        row["explained_variance"] = (
+            nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
+        )
         for key in ("ratio_gap", "trust_region_violation", "trust_region_violation_signed"):
             row[key] = phases["standard"].get(key, nan)
-        for key in ("entropy", "approx_kl", "old_approx_kl", "clipfrac", "policy_loss", "value_loss"):
+        for key in (
+            "entropy",
+            "approx_kl",
+            "old_approx_kl",
+            "clipfrac",
+            "policy_loss",
+            "value_loss",
+        ):
             row[key] = all_stats[key]
         for phase, key in ((phase, key) for phase in phases for key in ("approx_kl", "clipfrac")):
             row[f"{key}_{phase}"] = phases[phase].get(key, nan)
         self.rows.append(row)
         self.write_row(row)
-        self.log_scalars({tensorboard_tag(column): row[column] for column in TENSORBOARD_COLUMNS}, global_step)
+        self.log_scalars(
+            {tensorboard_tag(column): row[column] for column in TENSORBOARD_COLUMNS}, global_step
+        )
         return row
 
     def write_row(self, row: dict):
-        self.csv_writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
+        self.csv_writer.writerow(
+            {
+                key: f"{value:.6g}" if isinstance(value, float) else value
+                for key, value in row.items()
+            }
+        )
         self.csv_file.flush()
 
     def log_scalars(self, scalars: dict, global_step: int):
@@ -870,16 +1140,34 @@ class RunLogger:
 
             wandb.finish(exit_code=exit_code)
         rows = self.rows
-        deltas = [(row["delta_pi_minus"], row["iteration"]) for row in rows if math.isfinite(row["delta_pi_minus"])]
-        smoothed = [(row["smoothed_reward"], row["iteration"]) for row in rows if math.isfinite(row["smoothed_reward"])]
-        summary = {"status": status, **{key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed")}}
+        deltas = [
+            (row["delta_pi_minus"], row["iteration"])
+            for row in rows
+            if math.isfinite(row["delta_pi_minus"])
+        ]
+        smoothed = [
+            (row["smoothed_reward"], row["iteration"])
+            for row in rows
+            if math.isfinite(row["smoothed_reward"])
+        ]
+        summary = {
+            "status": status,
+            **{key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed")},
+        }
         summary.update(iterations=len(rows), global_step=rows[-1]["global_step"] if rows else 0)
-        summary.update(wall_time_s=rows[-1]["wall_time"] if rows else 0.0, final_reward=smoothed[-1][0] if smoothed else None)
+        summary.update(
+            wall_time_s=rows[-1]["wall_time"] if rows else 0.0,
+            final_reward=smoothed[-1][0] if smoothed else None,
+        )
         best, peak = max(smoothed, default=(None, None)), max(deltas, default=(None, None))
-        summary.update(best_reward=best[0], best_reward_iteration=best[1], peak_delta_pi_minus=peak[0])
+        summary.update(
+            best_reward=best[0], best_reward_iteration=best[1], peak_delta_pi_minus=peak[0]
+        )
         summary.update(peak_delta_pi_minus_iteration=peak[1], args=asdict(self.args))
         summary.update(provenance=self.provenance[-1], provenance_segments=self.provenance)
-        summary["reward_unit"] = "percent of the optimal return, moving average over --smooth-window updates"
+        summary["reward_unit"] = (
+            "percent of the optimal return, moving average over --smooth-window updates"
+        )
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         return summary

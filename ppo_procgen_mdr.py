@@ -36,7 +36,11 @@ from torchvision.models import ResNet18_Weights, resnet18
 from tqdm import tqdm
 
 # procgen imports the unmaintained `gym`, which prints a deprecation banner on import: noise, not our users' problem.
-with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+with (
+    warnings.catch_warnings(),
+    contextlib.redirect_stdout(io.StringIO()),
+    contextlib.redirect_stderr(io.StringIO()),
+):
     warnings.simplefilter("ignore")
     from procgen import ProcgenEnv
     from procgen.env import ENV_NAMES as PROCGEN_GAMES
@@ -179,7 +183,9 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
     """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class BatchRenorm2d(nn.Module):
@@ -189,22 +195,35 @@ class BatchRenorm2d(nn.Module):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
-        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = momentum, eps, r_max, d_max, warmup
-        self.weight, self.bias = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
+        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = (
+            momentum,
+            eps,
+            r_max,
+            d_max,
+            warmup,
+        )
+        self.weight, self.bias = (
+            nn.Parameter(torch.ones(num_features)),
+            nn.Parameter(torch.zeros(num_features)),
+        )
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x):
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         x = x.float()  # --amp: statistics in float32 (a no-op otherwise)
         mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
         std, running_std = (var + self.eps).sqrt(), (self.running_var + self.eps).sqrt()
         ramp = (self.num_batches_tracked.float() / max(self.warmup, 1)).clamp(max=1.0)
         r_max, d_max = 1.0 + (self.r_max - 1.0) * ramp, self.d_max * ramp
         r = torch.minimum(torch.maximum(std.detach() / running_std, 1.0 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max)
+        d = torch.minimum(
+            torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max
+        )
         channel = lambda t: t[None, :, None, None]  # noqa: E731
         x_hat = (x - channel(mean)) / channel(std) * channel(r) + channel(d)
         with torch.no_grad():
@@ -236,7 +255,12 @@ def make_backbone(args: Args) -> nn.Module:
 
 def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
     """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
-    layers = [layer_init(nn.Linear(in_features, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, hidden)), nn.ReLU()]
+    layers = [
+        layer_init(nn.Linear(in_features, hidden)),
+        nn.ReLU(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.ReLU(),
+    ]
     return nn.Sequential(*layers, layer_init(nn.Linear(hidden, out_features), std=std))
 
 
@@ -261,7 +285,9 @@ class Agent(nn.Module):
 
     def get_policy_and_value(self, x):
         hidden = self.features(x)
-        policy = Categorical(logits=self.actor(hidden), validate_args=False)  # NaN logits reach the non-finite-loss check
+        policy = Categorical(
+            logits=self.actor(hidden), validate_args=False
+        )  # NaN logits reach the non-finite-loss check
         return policy, self.critic(hidden)
 
     def get_action_and_value(self, x, action=None):
@@ -302,15 +328,23 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
     newvalue = newvalue.view(-1)
     if args.clip_vloss:
         v_loss_unclipped = (newvalue - mb["returns"]) ** 2
-        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_clipped = mb["values"] + torch.clamp(
+            newvalue - mb["values"], -args.clip_coef, args.clip_coef
+        )
         v_loss_clipped = (v_clipped - mb["returns"]) ** 2
         v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
     else:
         v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
-    return loss, ratio, dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
+    stats = dict(
+        policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach()
+    )
+    return (
+        loss,
+        ratio,
+        dict(**stats, old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac),
+    )
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
@@ -322,7 +356,9 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     loss, ratio, stats = clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args)
     if eval_ratio is not None:
-        stats.update(trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef))
+        stats.update(
+            trust_region_diagnostics(ratio.detach(), eval_ratio, mb_advantages, args.clip_coef)
+        )
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -359,7 +395,10 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cpu_rng, cuda_rng = (
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
@@ -367,7 +406,11 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
         mb_inds = perm[start : start + minibatch_size]
         mb_obs = b_obs[mb_inds]
         with temporary_mode(agent, training=False):
-            eval_logits = agent.actor(agent.features(mb_obs)) if b_eval_logits is None else b_eval_logits[mb_inds]
+            eval_logits = (
+                agent.actor(agent.features(mb_obs))
+                if b_eval_logits is None
+                else b_eval_logits[mb_inds]
+            )
         with temporary_mode(agent, training=True):
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
@@ -393,11 +436,17 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
     |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
     r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
     inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    clipped = lambda ratio: ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))  # noqa: E731
+    clipped = lambda ratio: (
+        ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))
+    )  # noqa: E731
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     gap = (train_ratio - eval_ratio).abs().mean()
-    return {"ratio_gap": gap, "trust_region_violation": violation, "trust_region_violation_signed": signed}
+    return {
+        "ratio_gap": gap,
+        "trust_region_violation": violation,
+        "trust_region_violation_signed": signed,
+    }
 
 
 @torch.no_grad()
@@ -405,10 +454,14 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
     """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
     (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
     statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
-    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]  # not eval-mode BatchNorm
+    norms = [
+        m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)
+    ]  # not eval-mode BatchNorm
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
-    record = lambda m, inputs, _: stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))  # noqa: E731
+    record = lambda m, inputs, _: stats[m].append(
+        (inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3)))
+    )  # noqa: E731
     hooks = [m.register_forward_hook(record) for m in norms]
     with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
         for start in range(0, len(b_obs), minibatch_size):
@@ -427,7 +480,12 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
     """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current eval-mode critic."""
     with temporary_mode(agent, training=False):
         m = args.minibatch_size
-        values = torch.cat([agent.get_value(batch["obs"][i : i + m]).flatten() for i in range(0, len(batch["obs"]), m)])
+        values = torch.cat(
+            [
+                agent.get_value(batch["obs"][i : i + m]).flatten()
+                for i in range(0, len(batch["obs"]), m)
+            ]
+        )
         next_value = agent.get_value(next_obs).reshape(1, -1)
     advantages, returns = compute_gae(rewards, values.view_as(rewards), dones, next_value, next_done,
                                       args.gamma, args.gae_lambda)  # fmt: skip
@@ -440,14 +498,18 @@ def main(args: Args):
         return evaluate_checkpoint(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint, run_dir = find_checkpoint(args, os.path.join("runs", args.run_name or default_run_name(args)))
+    checkpoint, run_dir = find_checkpoint(
+        args, os.path.join("runs", args.run_name or default_run_name(args))
+    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic  # fastest conv algorithms, picked by timing: not repeatable
+    torch.backends.cudnn.benchmark = (
+        not args.torch_deterministic
+    )  # fastest conv algorithms, picked by timing: not repeatable
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
@@ -458,15 +520,25 @@ def main(args: Args):
     envs = make_env(args, args.num_envs, 0, args.num_levels, args.seed)
     num_actions = envs.action_space.n
     agent = Agent(num_actions, args).to(device)
-    if args.channels_last and device.type == "cuda":  # NHWC observations already make the activations channels_last
-        agent = agent.to(memory_format=torch.channels_last)  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if (
+        args.channels_last and device.type == "cuda"
+    ):  # NHWC observations already make the activations channels_last
+        agent = agent.to(
+            memory_format=torch.channels_last
+        )  # (not on CPU: no gain there, and the grad-norm sum reorders)
     if args.compile:  # in place: the state_dict keys stay the same, so checkpoints load either way
         agent.backbone.compile(dynamic=False)
     optimizer = torch.optim.Adam(
-        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay, fused=device.type == "cuda"
+        agent.parameters(),
+        lr=args.learning_rate,
+        eps=1e-5,
+        weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     if args.alpha2 > 0 and args.norm not in ("bn", "brn", "dropout"):
-        print(f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one")
+        print(
+            f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one"
+        )
 
     # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
     obs_shape = envs.observation_space["rgb"].shape
@@ -483,21 +555,40 @@ def main(args: Args):
     next_obs = torch.as_tensor(envs.reset()["rgb"]).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
     tracker = EpisodeTracker(args.num_envs)
-    diag_generator = torch.Generator().manual_seed(args.seed)  # own stream: diagnostics never shift the training RNG
-    live = {"agent": agent, "optimizer": optimizer, "envs": envs, "tracker": tracker, "diag_generator": diag_generator}
+    diag_generator = torch.Generator().manual_seed(
+        args.seed
+    )  # own stream: diagnostics never shift the training RNG
+    live = {
+        "agent": agent,
+        "optimizer": optimizer,
+        "envs": envs,
+        "tracker": tracker,
+        "diag_generator": diag_generator,
+    }
     if checkpoint is not None:
-        global_step, start_iteration, next_obs, next_done, wandb_id = restore_checkpoint(checkpoint, live, device)
-    logger = RunLogger(run_dir, args, wandb_id, global_step)  # only now, after every check has passed, is anything written
+        global_step, start_iteration, next_obs, next_done, wandb_id = restore_checkpoint(
+            checkpoint, live, device
+        )
+    logger = RunLogger(
+        run_dir, args, wandb_id, global_step
+    )  # only now, after every check has passed, is anything written
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save a checkpoint, exit
     iteration, exit_code = start_iteration - 1, 0
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+                optimizer.param_groups[0]["lr"] = (
+                    1.0 - (iteration - 1.0) / args.num_iterations
+                ) * args.learning_rate
 
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            agent.train(args.collect_mode == "train")  # MDR: D_k is collected in eval mode, as the policy acts when deployed
-            finished = ([], [])  # returns and lengths of the training episodes that end in this rollout
+            agent.train(
+                args.collect_mode == "train"
+            )  # MDR: D_k is collected in eval mode, as the policy acts when deployed
+            finished = (
+                [],
+                [],
+            )  # returns and lengths of the training episodes that end in this rollout
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -508,7 +599,9 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    logits[step] = policy.logits  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    logits[step] = (
+                        policy.logits
+                    )  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
                 next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
                 next_obs = torch.as_tensor(next_obs_np["rgb"]).to(device)
@@ -520,45 +613,92 @@ def main(args: Args):
             # 2. Advantages and value targets (GAE) of the eval-mode values
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
-                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
-            batch = dict(obs=obs.reshape((-1,) + obs.shape[2:]), logprobs=logprobs.reshape(-1), actions=actions.reshape(-1))
-            batch.update(advantages=advantages.reshape(-1), returns=returns.reshape(-1), values=values.reshape(-1))
+                advantages, returns = compute_gae(
+                    rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda
+                )
+            batch = dict(
+                obs=obs.reshape((-1,) + obs.shape[2:]),
+                logprobs=logprobs.reshape(-1),
+                actions=actions.reshape(-1),
+            )
+            batch.update(
+                advantages=advantages.reshape(-1),
+                returns=returns.reshape(-1),
+                values=values.reshape(-1),
+            )
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(*diag, logits.view(-1, num_actions) if args.collect_mode == "eval" else None)
+            delta_pi_minus = policy_mismatch(
+                *diag, logits.view(-1, num_actions) if args.collect_mode == "eval" else None
+            )
 
             # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
-            b_inds = np.arange(args.batch_size)  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
+            b_inds = np.arange(
+                args.batch_size
+            )  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
             for mdr_round in range(args.mdr_rounds):
-                if mdr_round > 0:  # MDR: rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
-                    batch.update(recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args))
+                if (
+                    mdr_round > 0
+                ):  # MDR: rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
+                    batch.update(
+                        recompute_advantages(
+                            agent, batch, rewards, dones, next_obs, next_done, args
+                        )
+                    )
                 for epoch in range(args.alpha1 + args.alpha2):
-                    agent.train(epoch < args.alpha1)  # MDR: standard phase in train mode, then rectification in eval mode
+                    agent.train(
+                        epoch < args.alpha1
+                    )  # MDR: standard phase in train mode, then rectification in eval mode
                     phase = "standard" if epoch < args.alpha1 else "rectify"
                     np.random.shuffle(b_inds)
-                    epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy per epoch
+                    epoch_inds = torch.as_tensor(
+                        b_inds, device=device
+                    )  # one host-to-device copy per epoch
                     for start in range(0, args.batch_size, args.minibatch_size):
-                        mb = {key: value[epoch_inds[start : start + args.minibatch_size]] for key, value in batch.items()}
+                        mb = {
+                            key: value[epoch_inds[start : start + args.minibatch_size]]
+                            for key, value in batch.items()
+                        }
                         measure = phase == "standard" and args.diag_ratio_every > 0
                         measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
                         eval_ratio = eval_mode_ratio(agent, mb) if measure else None
-                        phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
-            if args.bn_recalibrate:  # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
+                        phase_stats[phase].append(
+                            ppo_update(agent, optimizer, mb, args, eval_ratio)
+                        )
+            if (
+                args.bn_recalibrate
+            ):  # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
                 recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
             # 4. Logging (host syncs once per iteration, not per minibatch), held-out evaluation, checkpoint
-            scalars = iteration_scalars(args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus))
+            scalars = iteration_scalars(
+                args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus)
+            )
             logger.log(scalars, iteration)
-            if (args.eval_interval and iteration % args.eval_interval == 0) or iteration == args.num_iterations:
+            if (
+                args.eval_interval and iteration % args.eval_interval == 0
+            ) or iteration == args.num_iterations:
                 test_returns = evaluate(agent, args, device, iteration)
                 logger.log(episode_scalars(args.env_id, test_returns, "test_"))
                 tqdm.write(f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f}")
-            due = args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations)
+            due = args.save_model and (
+                iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations
+            )
             if due or stop.requested:
-                save_checkpoint(run_dir, live, args, iteration, global_step, (next_obs, next_done), logger.wandb_id)
+                save_checkpoint(
+                    run_dir,
+                    live,
+                    args,
+                    iteration,
+                    global_step,
+                    (next_obs, next_done),
+                    logger.wandb_id,
+                )
             if stop.requested:
-                tqdm.write(f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)")
+                tqdm.write(
+                    f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)"
+                )
                 exit_code = 128 + stop.requested
                 break
     except FloatingPointError as e:
@@ -589,58 +729,116 @@ def provenance() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
         status = ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]
         if head.returncode == 0:
             commit = head.stdout.strip()
-            dirty = bool(subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip())
+            dirty = bool(
+                subprocess.run(status, capture_output=True, text=True, timeout=30).stdout.strip()
+            )
     except (OSError, subprocess.SubprocessError):  # no git on this machine
         pass
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
 
 
-RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity", "wandb_group", "run_name")
-RESUMABLE_FIELDS += ("save_model", "checkpoint_interval", "cuda", "num_iterations", "channels_last", "compile")
+RESUMABLE_FIELDS = (
+    "resume",
+    "total_timesteps",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "wandb_group",
+    "run_name",
+)
+RESUMABLE_FIELDS += (
+    "save_model",
+    "checkpoint_interval",
+    "cuda",
+    "num_iterations",
+    "channels_last",
+    "compile",
+)
 RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
-PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")  # the plain line per iteration
+PRINTED_KEYS = (
+    "charts/episodic_return",
+    "charts/delta_pi_minus",
+    "charts/SPS",
+)  # the plain line per iteration
 
 
 def validate_args(args: Args) -> None:
     """Reject impossible settings before anything is created."""
     if args.env_id not in PROCGEN_GAMES:
-        raise ConfigError(f"unknown --env-id {args.env_id!r}; valid Procgen games: {', '.join(PROCGEN_GAMES)}")
+        raise ConfigError(
+            f"unknown --env-id {args.env_id!r}; valid Procgen games: {', '.join(PROCGEN_GAMES)}"
+        )
     if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
-        raise ConfigError(f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 (e.g. 2 and 1)")
-    for name in ("mdr_rounds", "num_envs", "num_steps", "minibatch_size", "num_levels", "num_test_levels", "num_eval_envs"):
+        raise ConfigError(
+            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 (e.g. 2 and 1)"
+        )
+    for name in (
+        "mdr_rounds",
+        "num_envs",
+        "num_steps",
+        "minibatch_size",
+        "num_levels",
+        "num_test_levels",
+        "num_eval_envs",
+    ):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
-        raise ConfigError(f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum {args.bn_momentum} <= 1")
-    if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0:
-        raise ConfigError("need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0")
+        raise ConfigError(
+            f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum {args.bn_momentum} <= 1"
+        )
+    if (
+        args.checkpoint_interval < 1
+        or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0
+    ):
+        raise ConfigError(
+            "need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0"
+        )
     if args.diag_minibatches < -1 or (args.bn_recalibrate and args.norm not in ("bn", "brn")):
-        raise ConfigError(f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for --bn-recalibrate")
+        raise ConfigError(
+            f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for --bn-recalibrate"
+        )
 
 
 def check_minibatches(args: Args) -> None:
     """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
     n, m = args.num_envs * args.num_steps, args.minibatch_size
     if m > n or args.total_timesteps < n:
-        raise ConfigError(f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}")
-    if args.norm_adv and (m == 1 or n % m == 1):  # a 1-sample minibatch's normalized advantage is NaN
-        raise ConfigError(f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv")
+        raise ConfigError(
+            f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}"
+        )
+    if args.norm_adv and (
+        m == 1 or n % m == 1
+    ):  # a 1-sample minibatch's normalized advantage is NaN
+        raise ConfigError(
+            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv"
+        )
 
 
 def default_run_name(args: Args) -> str:
     """The run's folder under runs/, a function of what defines the run (so a requeued job finds its own folder)."""
-    norm = {"bn": f"bn{args.bn_momentum:g}", "brn": f"brn{args.bn_momentum:g}", "dropout": f"dropout{args.dropout_p:g}"}
+    norm = {
+        "bn": f"bn{args.bn_momentum:g}",
+        "brn": f"brn{args.bn_momentum:g}",
+        "dropout": f"dropout{args.dropout_p:g}",
+    }
     mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
-    mdr += ("__collecttrain" if args.collect_mode == "train" else "") + ("__bnrecal" if args.bn_recalibrate else "")
+    mdr += ("__collecttrain" if args.collect_mode == "train" else "") + (
+        "__bnrecal" if args.bn_recalibrate else ""
+    )
     return f"{args.env_id}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
 
 
@@ -651,9 +849,15 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained") from None
+        raise ConfigError(
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained"
+        ) from None
     own = backbone.state_dict()
-    loadable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape and "num_batches" not in k}
+    loadable = {
+        k: v
+        for k, v in state_dict.items()
+        if k in own and own[k].shape == v.shape and "num_batches" not in k
+    }
     backbone.load_state_dict(loadable, strict=False)
     return sorted(loadable)
 
@@ -661,7 +865,9 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
 def mean_stats(stats_list):
     """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
     keys = sorted({key for stats in stats_list for key in stats})
-    means = torch.stack([torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys])
+    means = torch.stack(
+        [torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys]
+    )
     return dict(zip(keys, means.tolist()))
 
 
@@ -670,18 +876,28 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     returns, lengths = finished
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
-        raise FloatingPointError("non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?")
+        raise FloatingPointError(
+            "non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?"
+        )
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
     scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
-    scalars["losses/explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    scalars["losses/explained_variance"] = (
+        np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    )
     for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
         scalars[f"losses/{key}"] = all_stats[key]
     for phase, stats_list in phase_stats.items():
         for key, value in (mean_stats(stats_list) if stats_list else {}).items():
-            scalars[f"mdr/{key}" if key.startswith(("ratio_gap", "trust_region")) else f"losses/{phase}/{key}"] = value
+            scalars[
+                f"mdr/{key}"
+                if key.startswith(("ratio_gap", "trust_region"))
+                else f"losses/{phase}/{key}"
+            ] = value
     if delta_pi[0] is not None:
-        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(delta_pi).tolist()
+        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
+            delta_pi
+        ).tolist()
     scalars.update(episode_scalars(args.env_id, returns, "") if returns else {})
     scalars.update({"charts/episodic_length": float(np.mean(lengths))} if lengths else {})
     return scalars
@@ -689,27 +905,46 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
 
 def find_checkpoint(args: Args, run_dir: str):
     """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh run); never mixes two runs."""
-    path = args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    path = (
+        args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
+    )
     args.save_model = args.save_model or args.resume == "auto"
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     if args.resume is None or args.resume == "auto" and not os.path.exists(path):
         if events and args.resume is None:
-            raise ConfigError(f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another")
-        for stale in events:  # --resume auto, and the job was stopped before its first checkpoint: start afresh
+            raise ConfigError(
+                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another"
+            )
+        for stale in (
+            events
+        ):  # --resume auto, and the job was stopped before its first checkpoint: start afresh
             os.remove(stale)
         return None, run_dir
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
-        raise ConfigError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model one") from None
+        raise ConfigError(
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model one"
+        ) from None
     required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
     missing = required - set(checkpoint) if isinstance(checkpoint, dict) else required
     if missing:
-        raise ConfigError(f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})")
-    saved = {**asdict(Args()), **checkpoint["args"]}  # a field added after the checkpoint was written: its default
-    changed = [name for name, value in asdict(args).items() if name not in RESUMABLE_FIELDS and saved[name] != value]
+        raise ConfigError(
+            f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})"
+        )
+    saved = {
+        **asdict(Args()),
+        **checkpoint["args"],
+    }  # a field added after the checkpoint was written: its default
+    changed = [
+        name
+        for name, value in asdict(args).items()
+        if name not in RESUMABLE_FIELDS and saved[name] != value
+    ]
     if changed:
-        raise ConfigError(f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}")
+        raise ConfigError(
+            f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}"
+        )
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
@@ -718,13 +953,18 @@ class StopRequest:
 
     def __init__(self):
         self.requested = 0
-        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {
+            s: signal.signal(s, self._request)
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        }
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)")
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)"
+        )
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -740,17 +980,28 @@ class RunLogger:
         earlier = []  # a resumed run keeps where its earlier stretches were computed, one entry per process
         if global_step and os.path.exists(args_file):
             with open(args_file) as f, contextlib.suppress(ValueError, AttributeError):
-                earlier = [p for p in json.load(f).get("provenance", []) if p.get("from_step", 0) < global_step]
+                earlier = [
+                    p
+                    for p in json.load(f).get("provenance", [])
+                    if p.get("from_step", 0) < global_step
+                ]
         here = [*earlier, {"from_step": global_step, **provenance()}]
         with open(args_file, "w") as f:
             json.dump({**asdict(args), "provenance": here}, f, indent=2)
-        self.args, self.wandb_id, self.global_step, self.wandb_run = args, wandb_id, global_step, None
+        self.args, self.wandb_id, self.global_step, self.wandb_run = (
+            args,
+            wandb_id,
+            global_step,
+            None,
+        )
         self.start_time, self.start_step = time.time(), global_step
         if args.track:
             import wandb
 
             run_name = os.path.relpath(run_dir, "runs")
-            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one configuration
+            group = (
+                args.wandb_group or run_name.rsplit("__s", 1)[0]
+            )  # the seeds of one configuration
             self.wandb_run = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
                 config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
@@ -760,7 +1011,11 @@ class RunLogger:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         total = args.num_iterations * args.batch_size
-        self.bar = tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True) if sys.stdout.isatty() else None
+        self.bar = (
+            tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True)
+            if sys.stdout.isatty()
+            else None
+        )
 
     def advance(self, steps: int):
         self.global_step += steps
@@ -770,13 +1025,23 @@ class RunLogger:
     def log(self, scalars: dict, iteration: Optional[int] = None):
         """Write the scalars at the current step; with `iteration`, also SPS and the progress line (or bar)."""
         if iteration is not None:
-            scalars = {**scalars, "charts/SPS": int((self.global_step - self.start_step) / (time.time() - self.start_time))}
+            scalars = {
+                **scalars,
+                "charts/SPS": int(
+                    (self.global_step - self.start_step) / (time.time() - self.start_time)
+                ),
+            }
             shown = {tag.split("/")[-1]: scalars[tag] for tag in PRINTED_KEYS if tag in scalars}
             if self.bar is not None:
-                self.bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items()}, refresh=False)
+                self.bar.set_postfix(
+                    {key: f"{value:.3g}" for key, value in shown.items()}, refresh=False
+                )
             else:
                 values = "".join(f", {key}={value:.4g}" for key, value in shown.items())
-                print(f"iteration={iteration}/{self.args.num_iterations}, global_step={self.global_step}{values}", flush=True)
+                print(
+                    f"iteration={iteration}/{self.args.num_iterations}, global_step={self.global_step}{values}",
+                    flush=True,
+                )
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, self.global_step)
@@ -791,14 +1056,23 @@ class RunLogger:
 
 def wandb_tags(args: Args) -> list:
     momentum = [f"bn_momentum={args.bn_momentum:g}"] if args.norm in ("bn", "brn") else []
-    return [args.env_id, f"norm={args.norm}", f"mdr=({args.alpha1},{args.alpha2})", f"seed={args.seed}", *momentum]
+    return [
+        args.env_id,
+        f"norm={args.norm}",
+        f"mdr=({args.alpha1},{args.alpha2})",
+        f"seed={args.seed}",
+        *momentum,
+    ]
 
 
 class EpisodeTracker:
     """Running return/length per env (procgen reports rewards and dones only); update(): the ended episodes' (R, length)."""
 
     def __init__(self, num_envs):
-        self.returns, self.lengths = np.zeros(num_envs, dtype=np.float64), np.zeros(num_envs, dtype=np.int64)
+        self.returns, self.lengths = (
+            np.zeros(num_envs, dtype=np.float64),
+            np.zeros(num_envs, dtype=np.int64),
+        )
 
     def update(self, rewards, dones):
         self.returns += rewards
@@ -813,7 +1087,9 @@ def episode_scalars(env_id, returns, prefix: str) -> dict:
     scalars = {f"charts/{prefix}episodic_return": float(np.mean(returns))}
     if env_id in PROCGEN_RETURN_RANGE:
         r_min, r_max = PROCGEN_RETURN_RANGE[env_id]
-        scalars[f"charts/{prefix}normalized_score"] = float((np.mean(returns) - r_min) / (r_max - r_min))
+        scalars[f"charts/{prefix}normalized_score"] = float(
+            (np.mean(returns) - r_min) / (r_max - r_min)
+        )
     return scalars
 
 
@@ -826,7 +1102,13 @@ def make_env(args: Args, num_envs, start_level, num_levels, seed):
 def evaluate(agent, args: Args, device, iteration, frames=None):
     """First episode of each of `num_eval_envs` envs on held-out levels, eval-mode policy; a fresh env and an RNG forked
     from (seed, iteration): a function of the parameters alone. `frames` receives the first env's episode (--capture-video)."""
-    envs = make_env(args, args.num_eval_envs, args.num_levels, args.num_test_levels, args.seed + 1_000_003 * iteration)
+    envs = make_env(
+        args,
+        args.num_eval_envs,
+        args.num_levels,
+        args.num_test_levels,
+        args.seed + 1_000_003 * iteration,
+    )
     tracker = EpisodeTracker(args.num_eval_envs)
     episode_returns = np.full(args.num_eval_envs, np.nan)
     rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
@@ -850,34 +1132,60 @@ def evaluate_checkpoint(args: Args) -> int:
     """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first episode -> eval_video.gif."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
-        evaluation = {name: getattr(args, name) for name in ("num_test_levels", "num_eval_envs", "cuda", "track")}
-        run_args = Args(**{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None})
+        evaluation = {
+            name: getattr(args, name)
+            for name in ("num_test_levels", "num_eval_envs", "cuda", "track")
+        }
+        run_args = Args(
+            **{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None}
+        )
         agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
         agent.load_state_dict(checkpoint["agent"])
     except Exception as e:  # missing, truncated, another script's
-        raise ConfigError(f"--evaluate {args.evaluate}: not a checkpoint of this script ({type(e).__name__})") from None
+        raise ConfigError(
+            f"--evaluate {args.evaluate}: not a checkpoint of this script ({type(e).__name__})"
+        ) from None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     frames = [] if args.capture_video else None
     returns = evaluate(agent.to(device), run_args, device, checkpoint["iteration"], frames)
-    result = {"checkpoint": args.evaluate, "iteration": checkpoint["iteration"], "global_step": checkpoint["global_step"]}
+    result = {
+        "checkpoint": args.evaluate,
+        "iteration": checkpoint["iteration"],
+        "global_step": checkpoint["global_step"],
+    }
     result.update(episode_scalars(run_args.env_id, returns, "test_"), test_returns=returns.tolist())
     folder = os.path.dirname(os.path.abspath(args.evaluate))
     with open(os.path.join(folder, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_returns"}))
-    frames = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames or []]  # 64 px shown 4x
+    frames = [
+        Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames or []
+    ]  # 64 px shown 4x
     video = os.path.join(folder, "eval_video.gif") if frames else None
-    if frames:  # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
-        frames[0].save(video, save_all=True, append_images=frames[1:], duration=66, loop=0)  # ms: one env step per frame
+    if (
+        frames
+    ):  # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
+        frames[0].save(
+            video, save_all=True, append_images=frames[1:], duration=66, loop=0
+        )  # ms: one env step per frame
         with open(video, "rb") as f:
-            gif = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=f.read())
+            gif = Summary.Image(
+                height=frames[0].height,
+                width=frames[0].width,
+                colorspace=3,
+                encoded_image_string=f.read(),
+            )
         with SummaryWriter(folder) as writer:
             summary = Summary(value=[Summary.Value(tag="eval/test_video", image=gif)])
             writer._get_file_writer().add_summary(summary, checkpoint["global_step"])
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{checkpoint['run_name']}-eval")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            name=f"{checkpoint['run_name']}-eval",
+        )
         scores = {key: value for key, value in result.items() if key.startswith("charts/")}
         wandb.log({**scores, **({"eval/video": wandb.Video(video)} if video else {})})
         wandb.finish()
@@ -886,15 +1194,38 @@ def evaluate_checkpoint(args: Args) -> int:
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
     """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs, next_done)); an atomic write."""
-    state = {"agent": live["agent"].state_dict(), "optimizer": live["optimizer"].state_dict(), "args": asdict(args)}
-    state.update(global_step=global_step, iteration=iteration, run_name=os.path.relpath(run_dir, "runs"), wandb_id=wandb_id)
-    name, keys, *rest = np.random.get_state()  # numpy's key array as a tensor: weights_only-loadable
+    state = {
+        "agent": live["agent"].state_dict(),
+        "optimizer": live["optimizer"].state_dict(),
+        "args": asdict(args),
+    }
+    state.update(
+        global_step=global_step,
+        iteration=iteration,
+        run_name=os.path.relpath(run_dir, "runs"),
+        wandb_id=wandb_id,
+    )
+    name, keys, *rest = (
+        np.random.get_state()
+    )  # numpy's key array as a tensor: weights_only-loadable
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = dict(python=random.getstate(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest], cuda=cuda)
+    rng = dict(
+        python=random.getstate(),
+        numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest],
+        cuda=cuda,
+    )
     state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
-    procgen = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in live["envs"].env.callmethod("get_state")]
-    tracker = {key: torch.from_numpy(getattr(live["tracker"], key).copy()) for key in ("returns", "lengths")}
-    state["env"] = dict(procgen=procgen, next_obs=rollout[0].cpu(), next_done=rollout[1].cpu(), **tracker)
+    procgen = [
+        torch.frombuffer(bytearray(s), dtype=torch.uint8)
+        for s in live["envs"].env.callmethod("get_state")
+    ]
+    tracker = {
+        key: torch.from_numpy(getattr(live["tracker"], key).copy())
+        for key in ("returns", "lengths")
+    }
+    state["env"] = dict(
+        procgen=procgen, next_obs=rollout[0].cpu(), next_done=rollout[1].cpu(), **tracker
+    )
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -906,18 +1237,31 @@ def restore_checkpoint(checkpoint, live, device):
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
     env = checkpoint["env"]
     live["envs"].env.callmethod("set_state", [bytes(state.numpy()) for state in env["procgen"]])
-    live["tracker"].returns, live["tracker"].lengths = env["returns"].numpy(), env["lengths"].numpy()
+    live["tracker"].returns, live["tracker"].lengths = (
+        env["returns"].numpy(),
+        env["lengths"].numpy(),
+    )
     rng = checkpoint["rng"]
-    random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"]))
+    random.setstate(
+        tuple(item if not isinstance(item, list) else tuple(item) for item in rng["python"])
+    )
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     live["diag_generator"].set_state(rng["diag"])
-    print(f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}")
+    print(
+        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}"
+    )
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
-    return checkpoint["global_step"], checkpoint["iteration"] + 1, next_obs, next_done, checkpoint.get("wandb_id")
+    return (
+        checkpoint["global_step"],
+        checkpoint["iteration"] + 1,
+        next_obs,
+        next_done,
+        checkpoint.get("wandb_id"),
+    )
 
 
 if __name__ == "__main__":

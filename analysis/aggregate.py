@@ -67,7 +67,15 @@ METRICS = {
     "procgen": ("charts/episodic_return", "charts/test_episodic_return", "charts/normalized_score"),
     "patchloc": ("charts/normalized_reward", "charts/test_normalized_reward", None),
 }
-NORM_NAMES = {"bn": "BN", "eval": "Eval", "brn": "BRN", "ln": "LN", "gn": "GN", "none": "NoNorm", "dropout": "Dropout"}
+NORM_NAMES = {
+    "bn": "BN",
+    "eval": "Eval",
+    "brn": "BRN",
+    "ln": "LN",
+    "gn": "GN",
+    "none": "NoNorm",
+    "dropout": "Dropout",
+}
 MODE_DEPENDENT_BN = ("bn", "brn")  # their running statistics move, so the momentum is a variant
 FIGURES = {  # (kind, dropout figure?) -> file, title, y label
     ("procgen", False): ("fig3_procgen", "Procgen (Fig. 3 bottom)", "score"),
@@ -103,7 +111,9 @@ class Run:
     @property
     def variant(self) -> str:
         c = self.config
-        text = f"({c['alpha1']},{c['alpha2']})" + (f"x{c['mdr_rounds']}" if int(c.get("mdr_rounds", 1)) > 1 else "")
+        text = f"({c['alpha1']},{c['alpha2']})" + (
+            f"x{c['mdr_rounds']}" if int(c.get("mdr_rounds", 1)) > 1 else ""
+        )
         return text + (f" m={float(c['bn_momentum']):g}" if c["norm"] in MODE_DEPENDENT_BN else "")
 
     @property
@@ -130,15 +140,22 @@ def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
     run are read in order; a step logged twice (before and after a restart) keeps its last value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(folder, size_guidance={"scalars": 0, "tensors": 0, "images": 1, "histograms": 1})
+    events = EventAccumulator(
+        folder, size_guidance={"scalars": 0, "tensors": 0, "images": 1, "histograms": 1}
+    )
     events.Reload()
     args_file = os.path.join(folder, "args.json")
     if os.path.exists(args_file):
         with open(args_file) as f:
             config = json.load(f)
     elif "hyperparameters/text_summary" in events.Tags()["tensors"]:
-        table = events.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-        config = {key: parse_value(value) for key, value in re.findall(r"^\|([^|]+)\|([^|]*)\|$", table, re.M)}
+        table = (
+            events.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+        )
+        config = {
+            key: parse_value(value)
+            for key, value in re.findall(r"^\|([^|]+)\|([^|]*)\|$", table, re.M)
+        }
     else:
         return None
     series = {}
@@ -151,7 +168,9 @@ def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
 
 def read_runs_dir(runs_dir: str) -> list[Run]:
     if not os.path.isdir(runs_dir):
-        raise UserError(f"--runs-dir {runs_dir}: no such folder (train with the scripts first, or pass --wandb-project)")
+        raise UserError(
+            f"--runs-dir {runs_dir}: no such folder (train with the scripts first, or pass --wandb-project)"
+        )
     runs = []
     for folder, _, files in sorted(os.walk(runs_dir)):
         if any(f.startswith("events.out.tfevents.") for f in files):
@@ -172,7 +191,10 @@ def read_wandb_project(project: str) -> list[Run]:
         kind = Run(wandb_run.name, config, {}).kind
         series = {}
         for tag in [tag for tag in METRICS.get(kind, ()) if tag]:
-            rows = [(row["global_step"], row[tag]) for row in wandb_run.scan_history(keys=["global_step", tag])]
+            rows = [
+                (row["global_step"], row[tag])
+                for row in wandb_run.scan_history(keys=["global_step", tag])
+            ]
             if rows:
                 by_step = dict(rows)
                 steps = np.array(sorted(by_step))
@@ -207,7 +229,8 @@ def group_runs(runs: list[Run]) -> dict:
         seed = run.config["seed"]
         if seed in seeds:
             print(
-                f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, keeping the longer", file=sys.stderr
+                f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, keeping the longer",
+                file=sys.stderr,
             )
             if logged_steps(run) <= logged_steps(seeds[seed]):
                 continue
@@ -234,7 +257,10 @@ def figure_groups(groups: dict, kind: str, dropout: bool, metric: str, fraction:
         if set(methods) <= {"NoNorm", "NoNorm+MDR"}:
             continue
         chosen[panel] = {
-            method: max(variants.items(), key=lambda item: np.mean(finals(item[1], metric, fraction) or [-math.inf]))
+            method: max(
+                variants.items(),
+                key=lambda item: np.mean(finals(item[1], metric, fraction) or [-math.inf]),
+            )
             for method, variants in sorted(methods.items())
         }
     return chosen
@@ -245,9 +271,15 @@ def curve(seeds: dict, tag: str, points: int):
     series = [run.series[tag] for run in seeds.values() if tag in run.series]
     if not series:
         return None
-    grid = np.linspace(max(steps[0] for steps, _ in series), min(steps[-1] for steps, _ in series), points)
+    grid = np.linspace(
+        max(steps[0] for steps, _ in series), min(steps[-1] for steps, _ in series), points
+    )
     values = np.array([np.interp(grid, steps, v) for steps, v in series])
-    return grid, values.mean(axis=0), values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(points)
+    return (
+        grid,
+        values.mean(axis=0),
+        values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(points),
+    )
 
 
 def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: int):
@@ -263,7 +295,9 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
                 if result is not None:
                     grid, mean, std = result
                     ax.plot(grid, mean, style, color=colors[method])
-                    ax.fill_between(grid, mean - std, mean + std, color=colors[method], alpha=0.15, linewidth=0)
+                    ax.fill_between(
+                        grid, mean - std, mean + std, color=colors[method], alpha=0.15, linewidth=0
+                    )
         ax.set_title(panel)
         ax.set_xlabel("steps")
         ax.set_ylabel(ylabel)
@@ -277,20 +311,34 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
     plt.close(fig)
 
 
-def iqm_and_improvement(chosen: dict, metric: str, fraction: float, reps: int, seed: int) -> list[str]:
+def iqm_and_improvement(
+    chosen: dict, metric: str, fraction: float, reps: int, seed: int
+) -> list[str]:
     """rliable on the final normalized scores of the figure's methods (each game: the variant drawn): the interquartile
     mean over games and seeds with 95 % stratified bootstrap intervals; P(X+MDR > X) for every pair present."""
     from rliable import library as rly
     from rliable import metrics
 
-    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # rliable's call into arch, not ours
+    warnings.filterwarnings(
+        "ignore", "random_state is deprecated", FutureWarning
+    )  # rliable's call into arch, not ours
 
-    games = sorted(panel for panel, best in chosen.items() if any(finals(seeds, metric, 1) for _, seeds in best.values()))
-    methods = [m for m in sorted({m for best in chosen.values() for m in best}) if all(m in chosen[g] for g in games)]
+    games = sorted(
+        panel
+        for panel, best in chosen.items()
+        if any(finals(seeds, metric, 1) for _, seeds in best.values())
+    )
+    methods = [
+        m
+        for m in sorted({m for best in chosen.values() for m in best})
+        if all(m in chosen[g] for g in games)
+    ]
     scores = {}
     for method in methods:
         per_game = [finals(chosen[game][method][1], metric, fraction) for game in games]
-        seeds = min(map(len, per_game), default=0)  # rliable wants runs x games: the seeds every game has
+        seeds = min(
+            map(len, per_game), default=0
+        )  # rliable wants runs x games: the seeds every game has
         if seeds:
             scores[method] = np.array([game_scores[:seeds] for game_scores in per_game]).T
     if not scores:
@@ -303,24 +351,36 @@ def iqm_and_improvement(chosen: dict, metric: str, fraction: float, reps: int, s
         "|---|---|---|---|",
     ]
     point, interval = rly.get_interval_estimates(
-        scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps, random_state=np.random.RandomState(seed)
+        scores,
+        lambda x: np.array([metrics.aggregate_iqm(x)]),
+        reps=reps,
+        random_state=np.random.RandomState(seed),
     )
     for method, matrix in scores.items():
         low, high = interval[method][:, 0]
         lines.append(
             f"| {method} | {matrix.shape[0]} x {matrix.shape[1]} | {point[method][0]:.3f} | [{low:.3f}, {high:.3f}] |"
         )
-    without_mdr = {m: m.removesuffix("+MDR") for m in scores if m.endswith("+MDR") and m.removesuffix("+MDR") in scores}
+    without_mdr = {
+        m: m.removesuffix("+MDR")
+        for m in scores
+        if m.endswith("+MDR") and m.removesuffix("+MDR") in scores
+    }
     pairs = {f"{m},{base}": (scores[m], scores[base]) for m, base in without_mdr.items()}
     if pairs:
         probability, interval = rly.get_interval_estimates(
-            pairs, metrics.probability_of_improvement, reps=reps, random_state=np.random.RandomState(seed)
+            pairs,
+            metrics.probability_of_improvement,
+            reps=reps,
+            random_state=np.random.RandomState(seed),
         )
         lines += ["", "| X | Y | P(X > Y) | 95 % CI |", "|---|---|---|---|"]
         for pair in pairs:
             x, y = pair.split(",")
             low, high = np.ravel(interval[pair])
-            lines.append(f"| {x} | {y} | {float(np.ravel(probability[pair])[0]):.3f} | [{low:.3f}, {high:.3f}] |")
+            lines.append(
+                f"| {x} | {y} | {float(np.ravel(probability[pair])[0]):.3f} | [{low:.3f}, {high:.3f}] |"
+            )
     return lines
 
 
@@ -329,7 +389,11 @@ def main(args: Args) -> int:
         raise UserError(f"--final-fraction {args.final_fraction}: use a fraction in (0, 1]")
     if args.reps < 1 or args.points < 2:
         raise UserError("--reps must be at least 1 and --points at least 2")
-    runs = read_wandb_project(args.wandb_project) if args.wandb_project else read_runs_dir(args.runs_dir)
+    runs = (
+        read_wandb_project(args.wandb_project)
+        if args.wandb_project
+        else read_runs_dir(args.runs_dir)
+    )
     source = args.wandb_project or args.runs_dir
     runs = [run for run in runs if run.kind is not None]
     if not runs:
@@ -361,12 +425,25 @@ def main(args: Args) -> int:
                     if scores:
                         mean, std = mean_std(scores)
                         texts.append(f"{mean:.2f} +- {std:.2f}")
-                        rows.append([file, panel, method, variant, tag, f"{mean:.6g}", f"{std:.6g}", len(scores)])
+                        rows.append(
+                            [
+                                file,
+                                panel,
+                                method,
+                                variant,
+                                tag,
+                                f"{mean:.6g}",
+                                f"{std:.6g}",
+                                len(scores),
+                            ]
+                        )
                 cells.append(" / ".join(texts) + f" ({variant}; {len(seeds)})")
             table.append(f"| {panel} | " + " | ".join(cells) + " |")
         table.append("")
         if normalized_tag and not dropout:
-            table += iqm_and_improvement(chosen, normalized_tag, args.final_fraction, args.reps, args.seed) + [""]
+            table += iqm_and_improvement(
+                chosen, normalized_tag, args.final_fraction, args.reps, args.seed
+            ) + [""]
     if not rows:
         scores = ", ".join(tag for tags in METRICS.values() for tag in tags if tag)
         raise UserError(f"{source}: the runs found log none of the scores ({scores})")

@@ -19,11 +19,43 @@ import numpy as np
 
 MODE_LABELS = {"bn": "BN", "eval": "Eval", "bn-mdr": "BN+MDR"}
 # Rows and legends in this order; modes not listed follow, alphabetically.
-MODE_ORDER = ("bn", "eval", "bn-mdr", "bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none")
-SETTINGS = ("clip_coef", "ent_coef", "bn_momentum", "view_batching")  # a cell = mode + these; seeds within a cell
-SETTING_LABELS = {"clip_coef": "clip", "ent_coef": "ent", "bn_momentum": "bnm", "view_batching": "views"}
-SERIES = ("iteration", "global_step", "normalized_reward", "smoothed_reward", "delta_pi_minus", "entropy")
-REWARD_YLIM = (-20.0, 100.0)  # normalized reward, percent of the optimal return (stopping at once: about -12)
+MODE_ORDER = (
+    "bn",
+    "eval",
+    "bn-mdr",
+    "bn-recal",
+    "bn-train",
+    "bn-oldtrain",
+    "brn",
+    "brn-mdr",
+    "bn-wn",
+    "gn",
+    "none",
+)
+SETTINGS = (
+    "clip_coef",
+    "ent_coef",
+    "bn_momentum",
+    "view_batching",
+)  # a cell = mode + these; seeds within a cell
+SETTING_LABELS = {
+    "clip_coef": "clip",
+    "ent_coef": "ent",
+    "bn_momentum": "bnm",
+    "view_batching": "views",
+}
+SERIES = (
+    "iteration",
+    "global_step",
+    "normalized_reward",
+    "smoothed_reward",
+    "delta_pi_minus",
+    "entropy",
+)
+REWARD_YLIM = (
+    -20.0,
+    100.0,
+)  # normalized reward, percent of the optimal return (stopping at once: about -12)
 DELTA_YLIM = (1e-5, 1.0)  # JS divergence in nats, <= ln 2
 
 
@@ -78,8 +110,12 @@ def read_runs(runs_dir: str, option: str = "--runs-dir") -> list:
             "seed": int(rows[0]["seed"]),
             "clip_coef": float(rows[0]["clip_coef"]),
             "ent_coef": float(rows[0]["ent_coef"]),
-            "bn_momentum": run_args.get("bn_momentum"),  # None: no summary.json (a run that crashed)
-            "view_batching": run_args.get("view_batching", "joint" if run_args else None),  # runs before the flag: joint
+            "bn_momentum": run_args.get(
+                "bn_momentum"
+            ),  # None: no summary.json (a run that crashed)
+            "view_batching": run_args.get(
+                "view_batching", "joint" if run_args else None
+            ),  # runs before the flag: joint
             "wall_time_s": summary.get("wall_time_s", read_float(rows[-1].get("wall_time"))),
             "collapse_index": None,  # set by collapse_stats.mark_collapses
         }
@@ -87,7 +123,9 @@ def read_runs(runs_dir: str, option: str = "--runs-dir") -> list:
             run[column] = np.array([read_float(row[column]) for row in rows])
         run["entropy_source"] = "acting_entropy" if "acting_entropy" in rows[0] else "entropy"
         run["acting_entropy"] = np.array([read_float(row[run["entropy_source"]]) for row in rows])
-        signed = [read_float(row.get("trust_region_violation_signed")) for row in rows]  # NaN in runs before the column
+        signed = [
+            read_float(row.get("trust_region_violation_signed")) for row in rows
+        ]  # NaN in runs before the column
         run["trust_region_violation_signed"] = np.array(signed)
         runs.append(run)
     if not runs:
@@ -120,12 +158,16 @@ def group_runs(runs: list, key=cell_key) -> dict:
 
 def varying_settings(runs: list) -> list:
     """The settings that differ between runs (the only ones worth naming in a label)."""
-    return [setting for setting in SETTINGS if len({format_setting(run[setting]) for run in runs}) > 1]
+    return [
+        setting for setting in SETTINGS if len({format_setting(run[setting]) for run in runs}) > 1
+    ]
 
 
 def cell_label(key: tuple, shown: list) -> str:
     settings = dict(zip(SETTINGS, key[1:]))
-    return ", ".join([mode_label(key[0])] + [f"{SETTING_LABELS[s]} {format_setting(settings[s])}" for s in shown])
+    return ", ".join(
+        [mode_label(key[0])] + [f"{SETTING_LABELS[s]} {format_setting(settings[s])}" for s in shown]
+    )
 
 
 def per_iteration(runs: list, column: str, statistic):
@@ -137,7 +179,11 @@ def per_iteration(runs: list, column: str, statistic):
                 by_iteration.setdefault(int(iteration), (step, []))[1].append(value)
     iterations = sorted(by_iteration)
     steps = np.array([by_iteration[i][0] for i in iterations])
-    return np.array(iterations), steps, np.array([statistic(by_iteration[i][1]) for i in iterations])
+    return (
+        np.array(iterations),
+        steps,
+        np.array([statistic(by_iteration[i][1]) for i in iterations]),
+    )
 
 
 def mean_curve(runs: list, column: str):
@@ -163,14 +209,22 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
         return
     delta_ax = ax.twinx()
     delta_x, delta = mean_curve(runs, "delta_pi_minus")
-    show_delta = bool(np.any(delta > DELTA_YLIM[0]))  # eval mode: 0 by definition (rounding leaves ~1e-8)
+    show_delta = bool(
+        np.any(delta > DELTA_YLIM[0])
+    )  # eval mode: 0 by definition (rounding leaves ~1e-8)
     for run in runs:
         ax.plot(run["global_step"], run["smoothed_reward"], color="tab:blue", lw=0.7, alpha=0.5)
         onset = [] if run["collapse_index"] is None else [run["collapse_index"]]
         ax.plot(run["global_step"][onset], run["smoothed_reward"][onset], "kx", ms=6, mew=1.5)
         positive = run["delta_pi_minus"] > 0
         if show_delta:
-            delta_ax.plot(run["global_step"][positive], run["delta_pi_minus"][positive], color="tab:red", lw=0.7, alpha=0.4)
+            delta_ax.plot(
+                run["global_step"][positive],
+                run["delta_pi_minus"][positive],
+                color="tab:red",
+                lw=0.7,
+                alpha=0.4,
+            )
     if aggregate == "min":
         worst = sorted(runs, key=fluctuation, reverse=True)[:2]
         length = min(len(run["smoothed_reward"]) for run in worst)
@@ -185,7 +239,16 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
         delta_ax.set_yscale("log")
         delta_ax.set_ylim(*DELTA_YLIM)
     else:
-        delta_ax.text(0.98, 0.04, "Δπ⁻ ≈ 0", ha="right", va="bottom", transform=ax.transAxes, color="tab:red", fontsize=8)
+        delta_ax.text(
+            0.98,
+            0.04,
+            "Δπ⁻ ≈ 0",
+            ha="right",
+            va="bottom",
+            transform=ax.transAxes,
+            color="tab:red",
+            fontsize=8,
+        )
         delta_ax.set_yticks([])
     ax.set_ylabel("reward (% of optimum)", color="tab:blue", fontsize=8)
     delta_ax.set_ylabel("Δπ⁻ (JS, nats)", color="tab:red", fontsize=8)
@@ -207,7 +270,9 @@ def save_figure(fig, title, path):
     """Title, tight layout, PNG at `path` (folders created), figure closed."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=9)  # ~15 characters per inch
+    fig.suptitle(
+        textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=9
+    )  # ~15 characters per inch
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -216,7 +281,9 @@ def save_figure(fig, title, path):
 
 def draw_fig6(runs: list, path: str, note: str = ""):
     """The paper's Fig. 6 layout: one row per mode (and per other setting that varies), one column per clip value."""
-    rows = group_runs(runs, key=lambda run: cell_key(run)[:1] + cell_key(run)[2:])  # the cell without its clip
+    rows = group_runs(
+        runs, key=lambda run: cell_key(run)[:1] + cell_key(run)[2:]
+    )  # the cell without its clip
     clips = sorted({run["clip_coef"] for run in runs}, reverse=True)
     shown = [setting for setting in varying_settings(runs) if setting != "clip_coef"]
     fig, axes = new_figure(len(rows), len(clips), (5.5 * len(clips), 2.9 * len(rows)))
@@ -235,14 +302,20 @@ def draw_entropy_comparison(runs: list, path: str, clip: float):
     at_clip = [run for run in runs if math.isclose(run["clip_coef"], clip)]
     ent_coefs = sorted({run["ent_coef"] for run in at_clip}, reverse=True)
     by_mode = group_runs(at_clip, key=lambda run: (run["mode"],))
-    modes = [key[0] for key, mode_runs in by_mode.items() if len({run["ent_coef"] for run in mode_runs}) > 1]
+    modes = [
+        key[0]
+        for key, mode_runs in by_mode.items()
+        if len({run["ent_coef"] for run in mode_runs}) > 1
+    ]
     if not modes:
         return False
     fig, axes = new_figure(len(modes), len(ent_coefs), (5.5 * len(ent_coefs), 3 * len(modes)))
     for row, mode in enumerate(modes):
         for col, ent in enumerate(ent_coefs):
             panel_runs = [run for run in by_mode[(mode,)] if math.isclose(run["ent_coef"], ent)]
-            draw_panel(axes[row][col], panel_runs, f"{mode_label(mode)}, entropy {ent:g}", aggregate="min")
+            draw_panel(
+                axes[row][col], panel_runs, f"{mode_label(mode)}, entropy {ent:g}", aggregate="min"
+            )
     title = f"App. B: entropy coefficient, clip {clip:g}; thick: min over the two most fluctuating seeds, x: collapse onset"
     save_figure(fig, title, path)
     return True
@@ -254,16 +327,41 @@ def draw_summary(cells: list, path: str, note: str = ""):
     fig, axes = new_figure(1, 2, (13, 5))
     reward_ax, km_ax = axes[0]
     for index, (label, runs, km_times, km_survival) in enumerate(cells):
-        color, style = f"C{index % 10}", ("-", "--", ":")[index // 10 % 3]  # the 11th cell on: dashed, not a reused colour
-        iterations, _, quartiles = per_iteration(runs, "smoothed_reward", lambda v: np.percentile(v, [25, 50, 75]))
+        color, style = (
+            f"C{index % 10}",
+            ("-", "--", ":")[index // 10 % 3],
+        )  # the 11th cell on: dashed, not a reused colour
+        iterations, _, quartiles = per_iteration(
+            runs, "smoothed_reward", lambda v: np.percentile(v, [25, 50, 75])
+        )
         if len(iterations):
-            reward_ax.fill_between(iterations, quartiles[:, 0], quartiles[:, 2], color=color, alpha=0.2, lw=0)
-            reward_ax.plot(iterations, quartiles[:, 1], color=color, ls=style, lw=1.8, label=f"{label} (n={len(runs)})")
-        km_ax.step(km_times, km_survival, where="post", color=color, ls=style, lw=1.8, label=f"{label} (n={len(runs)})")
+            reward_ax.fill_between(
+                iterations, quartiles[:, 0], quartiles[:, 2], color=color, alpha=0.2, lw=0
+            )
+            reward_ax.plot(
+                iterations,
+                quartiles[:, 1],
+                color=color,
+                ls=style,
+                lw=1.8,
+                label=f"{label} (n={len(runs)})",
+            )
+        km_ax.step(
+            km_times,
+            km_survival,
+            where="post",
+            color=color,
+            ls=style,
+            lw=1.8,
+            label=f"{label} (n={len(runs)})",
+        )
     reward_ax.set(xlabel="update", ylabel="smoothed reward (% of optimum)", ylim=REWARD_YLIM)
     reward_ax.set_title("median and interquartile range over seeds", fontsize=9)
     km_ax.set(xlabel="update", ylabel="P(no collapse yet)", ylim=(-0.03, 1.03))
-    km_ax.set_title("Kaplan-Meier: time to collapse (runs without one censored at their last update)", fontsize=9)
+    km_ax.set_title(
+        "Kaplan-Meier: time to collapse (runs without one censored at their last update)",
+        fontsize=9,
+    )
     for ax in (reward_ax, km_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -272,11 +370,29 @@ def draw_summary(cells: list, path: str, note: str = ""):
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default="docs/collapse", help="folder searched (recursively) for metrics.csv")
-    parser.add_argument("--out", default="docs/collapse_fig6.png", help="Fig. 6 layout (rows: mode, columns: clip)")
-    parser.add_argument("--entropy-out", default="docs/collapse_entropy.png", help="App. B layout (entropy coefficients)")
-    parser.add_argument("--ent-coef", type=float, default=None, help="Fig. 6's entropy coefficient (default: most common)")
-    parser.add_argument("--entropy-clip", type=float, default=0.2, help="clip coefficient of the App. B layout's runs")
+    parser.add_argument(
+        "--runs-dir", default="docs/collapse", help="folder searched (recursively) for metrics.csv"
+    )
+    parser.add_argument(
+        "--out", default="docs/collapse_fig6.png", help="Fig. 6 layout (rows: mode, columns: clip)"
+    )
+    parser.add_argument(
+        "--entropy-out",
+        default="docs/collapse_entropy.png",
+        help="App. B layout (entropy coefficients)",
+    )
+    parser.add_argument(
+        "--ent-coef",
+        type=float,
+        default=None,
+        help="Fig. 6's entropy coefficient (default: most common)",
+    )
+    parser.add_argument(
+        "--entropy-clip",
+        type=float,
+        default=0.2,
+        help="clip coefficient of the App. B layout's runs",
+    )
     args = parser.parse_args(argv)
     # collapse_stats imports this module's drawing; the collapse definition it holds is needed only here
     from collapse_stats import mark_collapses
@@ -286,13 +402,21 @@ def main(argv=None) -> int:
     ent_coef = max(set(ent_coefs), key=ent_coefs.count) if args.ent_coef is None else args.ent_coef
     fig6_runs = [run for run in runs if math.isclose(run["ent_coef"], ent_coef)]
     if not fig6_runs:
-        raise ConfigError(f"--ent-coef {ent_coef:g}: no runs with it (found {', '.join(f'{e:g}' for e in set(ent_coefs))})")
+        raise ConfigError(
+            f"--ent-coef {ent_coef:g}: no runs with it (found {', '.join(f'{e:g}' for e in set(ent_coefs))})"
+        )
     draw_fig6(fig6_runs, args.out, note=f"entropy {ent_coef:g}")
-    print(f"wrote {args.out} ({len(runs)} runs found, Fig. 6 uses the {len(fig6_runs)} at entropy {ent_coef:g})")
+    print(
+        f"wrote {args.out} ({len(runs)} runs found, Fig. 6 uses the {len(fig6_runs)} at entropy {ent_coef:g})"
+    )
     if draw_entropy_comparison(runs, args.entropy_out, args.entropy_clip):
-        print(f"wrote {args.entropy_out} (entropy coefficients {', '.join(f'{e:g}' for e in sorted(set(ent_coefs)))})")
+        print(
+            f"wrote {args.entropy_out} (entropy coefficients {', '.join(f'{e:g}' for e in sorted(set(ent_coefs)))})"
+        )
     else:
-        print(f"no {args.entropy_out}: no mode has runs at two entropy coefficients with clip {args.entropy_clip:g}")
+        print(
+            f"no {args.entropy_out}: no mode has runs at two entropy coefficients with clip {args.entropy_clip:g}"
+        )
     return 0
 
 

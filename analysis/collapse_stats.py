@@ -51,11 +51,16 @@ REWARD_FRACTION = 0.25  # "far below its best"
 REWARD_UPDATES = 10  # a full moving-average window: a crash of a few updates cannot fill it
 ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probability on one action
 ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
-CRITERIA = ("reward", "entropy")  # the definition uses both; the report adds each alone as a sensitivity check
+CRITERIA = (
+    "reward",
+    "entropy",
+)  # the definition uses both; the report adds each alone as a sensitivity check
 
 FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
 PRECURSOR_UPDATES = 10  # the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
-BASELINE_UPDATES = 5  # the fewest earlier updates that make a baseline (median Delta pi minus) for the spike ratio
+BASELINE_UPDATES = (
+    5  # the fewest earlier updates that make a baseline (median Delta pi minus) for the spike ratio
+)
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -68,14 +73,19 @@ def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
     rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
     window = deque(maxlen=SMOOTH_WINDOW)
     best = -math.inf
-    streaks = {criterion: [] for criterion in criteria}  # only the criteria asked for can end the run
+    streaks = {
+        criterion: [] for criterion in criteria
+    }  # only the criteria asked for can end the run
     needed = {"reward": REWARD_UPDATES, "entropy": ENTROPY_UPDATES}
     for index in np.flatnonzero(np.isfinite(rewards)):
         window.append(rewards[index])
         smoothed = float(np.mean(window))
         best = max(best, smoothed)
         started = best >= LEARNING_STARTED
-        low = {"reward": started and smoothed < REWARD_FRACTION * best, "entropy": started and entropies[index] < ENTROPY_MAX}
+        low = {
+            "reward": started and smoothed < REWARD_FRACTION * best,
+            "entropy": started and entropies[index] < ENTROPY_MAX,
+        }
         for criterion, streak in streaks.items():
             streak[:] = streak + [index] if low[criterion] else []
             if len(streak) == needed[criterion]:
@@ -103,7 +113,9 @@ def mark_collapses(runs: list, criteria=CRITERIA) -> list:
 
 def clopper_pearson(collapses: int, runs: int) -> tuple:
     """Exact (Clopper-Pearson) confidence interval of a binomial proportion."""
-    interval = stats.binomtest(collapses, runs).proportion_ci(confidence_level=CONFIDENCE, method="exact")
+    interval = stats.binomtest(collapses, runs).proportion_ci(
+        confidence_level=CONFIDENCE, method="exact"
+    )
     return interval.low, interval.high
 
 
@@ -116,8 +128,12 @@ def kaplan_meier(times, collapsed) -> tuple:
     """Kaplan-Meier estimate of P(no collapse by t): (times, survival) as a right-continuous step function from (0, 1).
     times: the collapse update, or the last update of a run without one (censored there)."""
     censored = ~np.asarray(collapsed, dtype=bool)
-    survival = stats.ecdf(stats.CensoredData.right_censored(np.asarray(times, dtype=float), censored)).sf
-    return np.concatenate([[0.0], survival.quantiles]), np.concatenate([[1.0], survival.probabilities])
+    survival = stats.ecdf(
+        stats.CensoredData.right_censored(np.asarray(times, dtype=float), censored)
+    ).sf
+    return np.concatenate([[0.0], survival.quantiles]), np.concatenate(
+        [[1.0], survival.probabilities]
+    )
 
 
 def paired_bootstrap(x, y) -> tuple:
@@ -222,16 +238,30 @@ def benchmark_cost(path: str, reference: str) -> dict:
     try:
         with open(path) as f:
             rounds = {
-                name.removeprefix("probe/"): [statistics.median(repeat["sps"]) for repeat in repeats]
+                name.removeprefix("probe/"): [
+                    statistics.median(repeat["sps"]) for repeat in repeats
+                ]
                 for name, repeats in json.load(f).items()
                 if name.startswith("probe/")
             }
-    except (OSError, ValueError, AttributeError, KeyError, TypeError, statistics.StatisticsError) as error:
-        raise ConfigError(f"--cost-json {path}: not a readable benchmarks/bench_sps.py --json file ({error})") from None
+    except (
+        OSError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        statistics.StatisticsError,
+    ) as error:
+        raise ConfigError(
+            f"--cost-json {path}: not a readable benchmarks/bench_sps.py --json file ({error})"
+        ) from None
     if reference not in rounds:
         message = f"no probe/{reference} configuration to compare with; rerun bench_sps.py with it"
         raise ConfigError(f"--cost-json {path}: {message}")
-    ratios = {mode: [ref / sps for ref, sps in zip(rounds[reference], sps_rounds)] for mode, sps_rounds in rounds.items()}
+    ratios = {
+        mode: [ref / sps for ref, sps in zip(rounds[reference], sps_rounds)]
+        for mode, sps_rounds in rounds.items()
+    }
     return {mode: (statistics.median(r), min(r), max(r)) for mode, r in ratios.items() if r}
 
 
@@ -249,7 +279,9 @@ def spike(run, end: int) -> dict:
         "end": end,
         "peak": peak,
         "ratio": peak / baseline if baseline > 0 else math.nan,
-        "violation": float(np.nanmax(peak_violation)) if np.isfinite(peak_violation).any() else math.nan,
+        "violation": float(np.nanmax(peak_violation))
+        if np.isfinite(peak_violation).any()
+        else math.nan,
     }
 
 
@@ -260,11 +292,18 @@ def precursors(run) -> dict:
     not collapse have no such spikes."""
     if run["collapse_index"] is not None:
         return spike(run, run["collapse_index"])
-    learning = np.flatnonzero(np.nan_to_num(run["smoothed_reward"], nan=-math.inf) >= LEARNING_STARTED)
-    first = max(PRECURSOR_UPDATES + BASELINE_UPDATES, learning[0] if len(learning) else len(run["iteration"]))
+    learning = np.flatnonzero(
+        np.nan_to_num(run["smoothed_reward"], nan=-math.inf) >= LEARNING_STARTED
+    )
+    first = max(
+        PRECURSOR_UPDATES + BASELINE_UPDATES,
+        learning[0] if len(learning) else len(run["iteration"]),
+    )
     windows = [spike(run, end) for end in range(first, len(run["iteration"]))]
     windows = [w for w in windows if math.isfinite(w["ratio"])]
-    return max(windows, key=lambda w: w["ratio"]) if windows else spike(run, len(run["iteration"]) - 1)
+    return (
+        max(windows, key=lambda w: w["ratio"]) if windows else spike(run, len(run["iteration"]) - 1)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -294,13 +333,20 @@ def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
     for result in results:
         low, high = result["rate_ci"]
         row = [result["key"][0]] + [format_setting(value) for value in result["key"][1:]]
-        row += [str(result["n"]), str(result["collapses"]), f"{result['collapses'] / result['n']:.2f} [{low:.2f}, {high:.2f}]"]
+        row += [
+            str(result["n"]),
+            str(result["collapses"]),
+            f"{result['collapses'] / result['n']:.2f} [{low:.2f}, {high:.2f}]",
+        ]
         comparison = result["comparison"]
         if comparison is None:
             row += ["–", f"{result['auc']:.1f}", "–", "–"]
         else:
             p = f"{comparison['p']:.3g}" if math.isfinite(comparison["p"]) else "–"
-            row += [f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})", f"{result['auc']:.1f}"]
+            row += [
+                f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})",
+                f"{result['auc']:.1f}",
+            ]
             row += [format_difference(comparison["auc"]), format_difference(comparison["final"])]
         row += [f"{result['mean_delta']:.2g}", f"{result['median_delta']:.2g}"]
         if cost:
@@ -315,7 +361,11 @@ def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
 
 def sensitivity_table(runs: list, reference: str, criterion: str, cost: dict | None) -> str:
     """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the definition's verdict)."""
-    return stats_table(analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference), reference, cost)
+    return stats_table(
+        analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference),
+        reference,
+        cost,
+    )
 
 
 def runs_table(runs: list) -> str:
@@ -323,10 +373,17 @@ def runs_table(runs: list) -> str:
     rows = []
     for run in sorted(runs, key=lambda run: run["name"]):
         measures = run_measures(run)
-        flagged = f"yes, update {measures['time']:g} ({run['collapse_criterion']})" if measures["collapsed"] else "no"
+        flagged = (
+            f"yes, update {measures['time']:g} ({run['collapse_criterion']})"
+            if measures["collapsed"]
+            else "no"
+        )
         smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
         entropy = run["acting_entropy"][np.isfinite(run["acting_entropy"])]
-        alone = [collapse_onset(run["normalized_reward"], run["acting_entropy"], (criterion,))[0] for criterion in CRITERIA]
+        alone = [
+            collapse_onset(run["normalized_reward"], run["acting_entropy"], (criterion,))[0]
+            for criterion in CRITERIA
+        ]
         rows.append(
             [
                 f"`{run['name']}`",
@@ -336,10 +393,20 @@ def runs_table(runs: list) -> str:
                 f"{measures['auc']:.1f}",
                 f"{measures['final']:.1f}",
                 str(len(run["iteration"])),
-                " / ".join("–" if onset is None else f"{run['iteration'][onset]:g}" for onset in alone),
+                " / ".join(
+                    "–" if onset is None else f"{run['iteration'][onset]:g}" for onset in alone
+                ),
             ]
         )
-    header = ["run", "collapse", "best smoothed reward", "min entropy (column)", "AUC", "final reward", "updates"]
+    header = [
+        "run",
+        "collapse",
+        "best smoothed reward",
+        "min entropy (column)",
+        "AUC",
+        "final reward",
+        "updates",
+    ]
     header += [" / ".join(CRITERIA) + " criterion alone"]
     return markdown_table(header, rows)
 
@@ -348,7 +415,9 @@ def precursors_table(runs: list) -> str:
     """One row per run: Delta pi minus and the signed trust-region violation before its collapse (or at its biggest
     Delta pi minus spike when it has none), against the run's medians."""
     rows = []
-    for run in sorted(runs, key=lambda run: (run["mode"], run["collapse_index"] is None, run["name"])):
+    for run in sorted(
+        runs, key=lambda run: (run["mode"], run["collapse_index"] is None, run["name"])
+    ):
         found = precursors(run)
         violation = run["trust_region_violation_signed"]
         where = "onset" if run["collapse_index"] is not None else "largest spike"
@@ -362,7 +431,14 @@ def precursors_table(runs: list) -> str:
                 f"{np.nanmedian(violation):.3f}" if np.isfinite(violation).any() else "–",
             ]
         )
-    header = ["run", "window ends at", "peak Δπ⁻", "peak / earlier median", "peak signed TR violation", "median TR violation"]
+    header = [
+        "run",
+        "window ends at",
+        "peak Δπ⁻",
+        "peak / earlier median",
+        "peak signed TR violation",
+        "median TR violation",
+    ]
     return markdown_table(header, rows)
 
 
@@ -404,7 +480,9 @@ def select_cells(runs: list, cell: str) -> list:
     for item in filter(None, cell.split(",")):
         name, _, value = item.partition("=")
         if name not in keys or not value:
-            raise ConfigError(f"--cell {cell}: '{item}' is not key=value with key one of {', '.join(keys)}")
+            raise ConfigError(
+                f"--cell {cell}: '{item}' is not key=value with key one of {', '.join(keys)}"
+            )
         setting = keys[name]
         selected = [run for run in selected if matches(run[setting], value)]
     if not selected:
@@ -419,7 +497,9 @@ def select_modes(runs: list, modes: str) -> list:
     missing = sorted(set(wanted) - {run["mode"] for run in runs})
     if missing:
         found = ", ".join(sorted({run["mode"] for run in runs}))
-        raise ConfigError(f"--modes {modes}: no runs of {', '.join(missing)} (modes found: {found})")
+        raise ConfigError(
+            f"--modes {modes}: no runs of {', '.join(missing)} (modes found: {found})"
+        )
     return [run for run in runs if not wanted or run["mode"] in wanted]
 
 
@@ -450,33 +530,76 @@ def matches(setting, value: str) -> bool:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default="docs/collapse/study", help="folder searched (recursively) for metrics.csv")
-    parser.add_argument("--out-dir", default=None, help="where the report and figures go (default: --runs-dir)")
-    parser.add_argument("--reference", default="bn", help="the mode every other mode is compared with, paired by seed")
-    parser.add_argument("--cell", default="", help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)")
-    parser.add_argument("--modes", default="", help="only these modes, comma-separated (default: every mode found)")
-    parser.add_argument("--rank", action="store_true", help="order the table by AUC, highest first (default: by cell)")
-    parser.add_argument("--seeds", default="", help="only these seeds, e.g. 1-4 or 1,2,5 (default: all): modes on equal seeds")
-    parser.add_argument("--cost-json", default=None, help="wall-time column from this bench_sps.py --json (probe/<mode>)")
-    parser.add_argument("--check-definition", default=None, help="first print the definition's verdict on these runs")
+    parser.add_argument(
+        "--runs-dir",
+        default="docs/collapse/study",
+        help="folder searched (recursively) for metrics.csv",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help="where the report and figures go (default: --runs-dir)"
+    )
+    parser.add_argument(
+        "--reference",
+        default="bn",
+        help="the mode every other mode is compared with, paired by seed",
+    )
+    parser.add_argument(
+        "--cell",
+        default="",
+        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)",
+    )
+    parser.add_argument(
+        "--modes", default="", help="only these modes, comma-separated (default: every mode found)"
+    )
+    parser.add_argument(
+        "--rank",
+        action="store_true",
+        help="order the table by AUC, highest first (default: by cell)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="only these seeds, e.g. 1-4 or 1,2,5 (default: all): modes on equal seeds",
+    )
+    parser.add_argument(
+        "--cost-json",
+        default=None,
+        help="wall-time column from this bench_sps.py --json (probe/<mode>)",
+    )
+    parser.add_argument(
+        "--check-definition",
+        default=None,
+        help="first print the definition's verdict on these runs",
+    )
     args = parser.parse_args(argv)
 
     if args.check_definition:
         print(f"Collapse definition on the runs in {args.check_definition}: {definition_text()}\n")
-        print(runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition"))) + "\n")
-    runs = select_modes(select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell), args.modes)
+        print(
+            runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition")))
+            + "\n"
+        )
+    runs = select_modes(
+        select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell), args.modes
+    )
     runs = select_seeds(runs, args.seeds)
     modes = sorted({run["mode"] for run in runs})
     if args.reference not in modes:
-        raise ConfigError(f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})")
+        raise ConfigError(
+            f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})"
+        )
     cost = benchmark_cost(args.cost_json, args.reference) if args.cost_json else None
     results = analyse(runs, args.reference)
     if args.rank:  # a ranking table: the highest area under the reward curve first
-        results.sort(key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf)
+        results.sort(
+            key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf
+        )
     table = stats_table(results, args.reference, cost)
     out_dir = args.out_dir or args.runs_dir
     os.makedirs(out_dir, exist_ok=True)
-    command = "python analysis/collapse_stats.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python analysis/collapse_stats.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     report = [
         f"# Collapse statistics of {args.runs_dir}\n",
         f"Written by `{command.strip()}`.\n",
@@ -490,7 +613,9 @@ def main(argv=None) -> int:
         "each, not a second definition): the reward criterion alone is the paper's reward collapse; the entropy "
         "criterion alone also flags a near-deterministic policy that still earns its reward.\n",
         *[
-            f"### The {criterion} criterion alone\n\n" + sensitivity_table(runs, args.reference, criterion, cost) + "\n"
+            f"### The {criterion} criterion alone\n\n"
+            + sensitivity_table(runs, args.reference, criterion, cost)
+            + "\n"
             for criterion in CRITERIA
         ],
         "## Before the collapse\n",
@@ -507,7 +632,9 @@ def main(argv=None) -> int:
     draw_summary(figure_cells, os.path.join(out_dir, "collapse_stats.png"))
     draw_fig6(runs, os.path.join(out_dir, "collapse_fig6.png"))
     print(table)
-    print(f"\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png to {out_dir} ({len(runs)} runs)")
+    print(
+        f"\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png to {out_dir} ({len(runs)} runs)"
+    )
     return 0
 
 

@@ -21,14 +21,28 @@ def load(folder: str) -> dict:
     if os.path.isfile(csv_path):
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        numeric = lambda value: value.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit() or value == "nan"  # noqa: E731
-        tags = [key for key in rows[0] if key != "global_step" and all(numeric(row[key]) for row in rows)] if rows else []
+        numeric = lambda value: (
+            value.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
+            or value == "nan"
+        )  # noqa: E731
+        tags = (
+            [
+                key
+                for key in rows[0]
+                if key != "global_step" and all(numeric(row[key]) for row in rows)
+            ]
+            if rows
+            else []
+        )
         return {tag: [(int(row["global_step"]), float(row[tag])) for row in rows] for tag in tags}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(folder, size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def compare(a: dict, b: dict, ignore=(), tolerance=0.0) -> list:
@@ -56,12 +70,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
-    parser.add_argument("--ignore", nargs="*", default=["charts/SPS", "perf/", "sps", "wall_time"], help="tag prefixes")
-    parser.add_argument("--tolerance", type=float, default=0.0, help="absolute tolerance (default: bitwise equal)")
+    parser.add_argument(
+        "--ignore",
+        nargs="*",
+        default=["charts/SPS", "perf/", "sps", "wall_time"],
+        help="tag prefixes",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.0, help="absolute tolerance (default: bitwise equal)"
+    )
     args = parser.parse_args(argv)
     for folder in (args.run_a, args.run_b):
         if not os.path.isdir(folder):
-            sys.exit(f"error: {folder}: no such folder (a run folder with TensorBoard events or a metrics.csv)")
+            sys.exit(
+                f"error: {folder}: no such folder (a run folder with TensorBoard events or a metrics.csv)"
+            )
     a, b = load(args.run_a), load(args.run_b)
     if not a or not b:
         sys.exit(f"error: no logged values in {args.run_a if not a else args.run_b}")

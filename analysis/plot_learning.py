@@ -28,7 +28,11 @@ def read_scalars(run_dir):
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    return {tag: np.array([(e.step, e.value) for e in accumulator.Scalars(tag)]) for tag in CURVES if tag in tags}
+    return {
+        tag: np.array([(e.step, e.value) for e in accumulator.Scalars(tag)])
+        for tag in CURVES
+        if tag in tags
+    }
 
 
 def smooth(values, window):
@@ -42,8 +46,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="runs/<run_name> of a ppo_patchloc_mdr.py run")
     parser.add_argument("--out", default="patchloc_learning.png", help="PNG to write")
-    parser.add_argument("--smooth", type=int, default=10, help="moving-average window of the training curve (points)")
-    parser.add_argument("--random-reference", type=float, default=None, help="a random policy's normalized reward (%%)")
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=10,
+        help="moving-average window of the training curve (points)",
+    )
+    parser.add_argument(
+        "--random-reference",
+        type=float,
+        default=None,
+        help="a random policy's normalized reward (%%)",
+    )
     parser.add_argument("--title", default="PPO + MDR on patch localization (CPU-sized run)")
     args = parser.parse_args()
 
@@ -55,14 +69,29 @@ def main():
     if train is not None:
         ax.plot(train[:, 0], train[:, 1], color="tab:blue", alpha=0.25, linewidth=1)
         label = CURVES["charts/normalized_reward"] + f", moving average of {args.smooth}"
-        ax.plot(train[:, 0], smooth(train[:, 1], args.smooth), color="tab:blue", linewidth=2, label=label)
+        ax.plot(
+            train[:, 0],
+            smooth(train[:, 1], args.smooth),
+            color="tab:blue",
+            linewidth=2,
+            label=label,
+        )
     test = scalars.get("charts/test_normalized_reward")
     if test is not None:
-        ax.plot(test[:, 0], test[:, 1], "o-", color="tab:orange", linewidth=2, label=CURVES["charts/test_normalized_reward"])
+        ax.plot(
+            test[:, 0],
+            test[:, 1],
+            "o-",
+            color="tab:orange",
+            linewidth=2,
+            label=CURVES["charts/test_normalized_reward"],
+        )
     gap = scalars.get("charts/generalization_gap")
     if test is not None and gap is not None and np.array_equal(test[:, 0], gap[:, 0]):
         label = CURVES["charts/generalization_gap"]
-        ax.plot(test[:, 0], test[:, 1] + gap[:, 1], "s--", color="tab:green", linewidth=1.5, label=label)
+        ax.plot(
+            test[:, 0], test[:, 1] + gap[:, 1], "s--", color="tab:green", linewidth=1.5, label=label
+        )
     if args.random_reference is not None:
         label = f"uniformly random policy ({args.random_reference:.1f}%)"
         ax.axhline(args.random_reference, color="gray", linestyle="--", label=label)

@@ -28,7 +28,11 @@ class NaiveVecEnv:
     """Same task and rewards (default parameters), rendered the slow way: crop + resize every step."""
 
     def __init__(self, images, targets, num_envs, view_size, seed=0):
-        self.images, self.targets, self.v = images, targets, view_size  # PIL m x m images; (zoom, row, col)
+        self.images, self.targets, self.v = (
+            images,
+            targets,
+            view_size,
+        )  # PIL m x m images; (zoom, row, col)
         self.m = images[0].width
         self.rng = np.random.default_rng(seed)
         self.envs = [self._reset() for _ in range(num_envs)]
@@ -45,11 +49,18 @@ class NaiveVecEnv:
 
     def _crop(self, task, box):
         y0, x0, y1, x1 = box
-        return self.images[task].resize((self.v, self.v), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+        return self.images[task].resize(
+            (self.v, self.v), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)
+        )
 
     def _reset(self):
         task = int(self.rng.integers(len(self.images)))
-        env = {"task": task, "window": (0, 0, 0), "t": 0, "target_box": self._box(*self.targets[task])}
+        env = {
+            "task": task,
+            "window": (0, 0, 0),
+            "t": 0,
+            "target_box": self._box(*self.targets[task]),
+        }
         env["target_view"] = np.asarray(self._crop(task, env["target_box"]))
         env["iou"] = self._iou(self._box(0, 0, 0), env["target_box"])
         return env
@@ -59,9 +70,12 @@ class NaiveVecEnv:
         overview = self.images[env["task"]].resize((self.v, self.v), Image.Resampling.BILINEAR)
         scale = self.v / self.m
         ImageDraw.Draw(overview).rectangle(
-            [box[1] * scale, box[0] * scale, box[3] * scale - 1, box[2] * scale - 1], outline=(255, 0, 255)
+            [box[1] * scale, box[0] * scale, box[3] * scale - 1, box[2] * scale - 1],
+            outline=(255, 0, 255),
         )
-        return np.stack([env["target_view"], np.asarray(overview), np.asarray(self._crop(env["task"], box))])
+        return np.stack(
+            [env["target_view"], np.asarray(overview), np.asarray(self._crop(env["task"], box))]
+        )
 
     def step(self, actions):
         obs, rewards, dones = [], [], []
@@ -77,7 +91,9 @@ class NaiveVecEnv:
             elif a == 5 and zoom > 0:
                 zoom -= 1
                 new_last = 4 * (2**zoom - 1)
-                row, col = (min(max((v - 2 + (v - 2 < new_last)) // 2, 0), new_last) for v in (row, col))
+                row, col = (
+                    min(max((v - 2 + (v - 2 < new_last)) // 2, 0), new_last) for v in (row, col)
+                )
             env["window"], env["t"] = (zoom, row, col), env["t"] + 1
             iou = self._iou(self._box(*env["window"]), env["target_box"])
             reward, env["iou"] = iou - env["iou"], iou
@@ -104,7 +120,9 @@ def steps_per_second(step, num_envs, calls, seed=0):
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -114,10 +132,16 @@ def main():
     parser.add_argument("--num-envs", type=int, default=4)
     parser.add_argument("--view-size", type=int, default=112)
     parser.add_argument("--steps", type=int, default=20000, help="step() calls of PatchLocVecEnv")
-    parser.add_argument("--naive-steps", type=int, default=300, help="step() calls of the naive env (it is slow)")
+    parser.add_argument(
+        "--naive-steps", type=int, default=300, help="step() calls of the naive env (it is slow)"
+    )
     parser.add_argument("--num-tasks", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=1024, help="m: the naive env keeps m x m images")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs of each")
+    parser.add_argument(
+        "--image-size", type=int, default=1024, help="m: the naive env keeps m x m images"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="best of this many timed runs of each"
+    )
     args = parser.parse_args()
     n, v, m = args.num_envs, args.view_size, args.image_size
 
@@ -127,28 +151,46 @@ def main():
     print(f"CPU: {cpu_model()} | pinned to one core: {pinned} | numpy {np.__version__}")
 
     start = time.perf_counter()
-    tasks, _ = make_task_sets(args.num_tasks, 1, image_size=args.image_size, view_size=args.view_size, seed=0)
+    tasks, _ = make_task_sets(
+        args.num_tasks, 1, image_size=args.image_size, view_size=args.view_size, seed=0
+    )
     build_s = time.perf_counter() - start
     fast = PatchLocVecEnv(tasks, args.num_envs)
     fast.reset(seed=0)
 
     # The naive env gets the same images at full resolution m (upsampled from the pyramid top: content is
     # irrelevant to the cost of resizing).
-    images = [Image.fromarray(tasks.image(i)).resize((m, m), Image.Resampling.BILINEAR) for i in range(len(tasks))]
+    images = [
+        Image.fromarray(tasks.image(i)).resize((m, m), Image.Resampling.BILINEAR)
+        for i in range(len(tasks))
+    ]
     naive = NaiveVecEnv(images, [tuple(t) for t in tasks.targets], args.num_envs, args.view_size)
 
-    fast_sps = max(steps_per_second(fast.step, args.num_envs, args.steps, seed=r) for r in range(args.repeats))
-    naive_sps = max(steps_per_second(naive.step, args.num_envs, args.naive_steps, seed=r) for r in range(args.repeats))
+    fast_sps = max(
+        steps_per_second(fast.step, args.num_envs, args.steps, seed=r) for r in range(args.repeats)
+    )
+    naive_sps = max(
+        steps_per_second(naive.step, args.num_envs, args.naive_steps, seed=r)
+        for r in range(args.repeats)
+    )
 
     per_task = tasks.nbytes / len(tasks)
     naive_per_task = m * m * 3
-    print(f"task set       : {args.num_tasks} procedural, {build_s:.2f} s ({build_s / args.num_tasks * 1e3:.1f} ms each)")
+    print(
+        f"task set       : {args.num_tasks} procedural, {build_s:.2f} s ({build_s / args.num_tasks * 1e3:.1f} ms each)"
+    )
     print(f"PatchLocVecEnv : {fast_sps:10,.0f} env steps/s ({n} envs, V={v}, {args.steps} calls)")
-    print(f"naive (PIL)    : {naive_sps:10,.0f} env steps/s ({n} envs, V={v}, m={m}, {args.naive_steps} calls)")
+    print(
+        f"naive (PIL)    : {naive_sps:10,.0f} env steps/s ({n} envs, V={v}, m={m}, {args.naive_steps} calls)"
+    )
     print(f"speed-up       : {fast_sps / naive_sps:10.1f} x")
-    print(f"memory per task: {per_task:,.0f} bytes of pyramid = (V^2 + 4V^2 + 16V^2) x 3 (naive m x m: {naive_per_task:,})")
+    print(
+        f"memory per task: {per_task:,.0f} bytes of pyramid = (V^2 + 4V^2 + 16V^2) x 3 (naive m x m: {naive_per_task:,})"
+    )
     mib = 1024 / 2**20
-    print(f"1024 tasks     : {per_task * mib:,.0f} MiB of pyramids (naive, m={m}: {naive_per_task * mib:,.0f} MiB)")
+    print(
+        f"1024 tasks     : {per_task * mib:,.0f} MiB of pyramids (naive, m={m}: {naive_per_task * mib:,.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,17 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCGEN_OBS = (64, 64, 3)
 NUM_PROCGEN_ACTIONS = 15
-SECTIONS = ("env", "inference", "update", "diagnostics", "other")  # "evaluation" is timed too, and left out
-CLOCKS = ("time", "cpu")  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
+SECTIONS = (
+    "env",
+    "inference",
+    "update",
+    "diagnostics",
+    "other",
+)  # "evaluation" is timed too, and left out
+CLOCKS = (
+    "time",
+    "cpu",
+)  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
 
 # script -> (module, the benchmark's shape, fixed overrides of its Args)
 SCRIPTS = {
@@ -77,11 +86,29 @@ SCRIPTS = {
     ),
     "probe": ("ppo_collapse_probe", {"num_envs": 4, "num_steps": 32, "minibatch_size": 32}, {}),
 }
-RUN_LENGTH = {"iterations": 2, "warmup": 1}  # measured iterations per run, and unmeasured ones before them
-PAPER_SHAPE = {"num_envs": 64, "num_steps": 256, "minibatch_size": 2048, "iterations": 1, "warmup": 0}
+RUN_LENGTH = {
+    "iterations": 2,
+    "warmup": 1,
+}  # measured iterations per run, and unmeasured ones before them
+PAPER_SHAPE = {
+    "num_envs": 64,
+    "num_steps": 256,
+    "minibatch_size": 2048,
+    "iterations": 1,
+    "warmup": 0,
+}
 NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
 MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
-PROBE_RIVALS = ("bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none")  # docs/rivals.md
+PROBE_RIVALS = (
+    "bn-recal",
+    "bn-train",
+    "bn-oldtrain",
+    "brn",
+    "brn-mdr",
+    "bn-wn",
+    "gn",
+    "none",
+)  # docs/rivals.md
 # name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's shape)
 CONFIGS = {
     "procgen/mdr": (MDR, {}, {}),
@@ -99,7 +126,11 @@ CONFIGS = {
     "procgen/paper-nochannelslast": ({"channels_last": False}, {}, PAPER_SHAPE),
     "procgen/paper-nodiag": (NO_DIAG, {}, {**PAPER_SHAPE, "bound": False}),
     "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
-    "procgen/paper-memory-amp": ({"alpha1": 1, "alpha2": 1, "amp": True}, {}, {**PAPER_SHAPE, "bound": False}),
+    "procgen/paper-memory-amp": (
+        {"alpha1": 1, "alpha2": 1, "amp": True},
+        {},
+        {**PAPER_SHAPE, "bound": False},
+    ),
     "patchloc/mdr": (MDR, {}, {}),
     "patchloc/ppo": (PPO, {}, {}),
     "patchloc/nodiag": ({**MDR, **NO_DIAG}, {}, {}),
@@ -128,8 +159,16 @@ PAIRS = [
     ("procgen/compile", "procgen/mdr", "Procgen: --compile / default"),
     ("procgen/paper-amp", "procgen/paper", "Procgen, paper shapes: --amp / default"),
     ("procgen/paper-compile", "procgen/paper", "Procgen, paper shapes: --compile / default"),
-    ("procgen/paper", "procgen/paper-nochannelslast", "Procgen, paper shapes: channels_last (default) / --no-channels-last"),
-    ("procgen/paper-nodiag", "procgen/paper", "Procgen, paper shapes: diagnostics off / default diagnostics"),
+    (
+        "procgen/paper",
+        "procgen/paper-nochannelslast",
+        "Procgen, paper shapes: channels_last (default) / --no-channels-last",
+    ),
+    (
+        "procgen/paper-nodiag",
+        "procgen/paper",
+        "Procgen, paper shapes: diagnostics off / default diagnostics",
+    ),
     ("patchloc/mdr", "patchloc/ppo", "Patch-loc: MDR(2,1) / PPO(3,0), 3 rounds"),
     ("patchloc/nodiag", "patchloc/ppo-nodiag", "Patch-loc: MDR(2,1) / PPO(3,0), diagnostics off"),
     ("patchloc/nodiag", "patchloc/mdr", "Patch-loc: diagnostics off / default diagnostics"),
@@ -160,12 +199,19 @@ def synchronize(device):
 def update_passes(script, ppo, args):
     """The update section's network passes of one iteration: [(training mode, minibatch size, backward)], in order."""
     alpha1, alpha2 = args.alpha1, args.alpha2  # the probe's validate_args sets them from its --mode
-    sizes = [min(args.minibatch_size, args.batch_size - start) for start in range(0, args.batch_size, args.minibatch_size)]
+    sizes = [
+        min(args.minibatch_size, args.batch_size - start)
+        for start in range(0, args.batch_size, args.minibatch_size)
+    ]
     passes = []
     for mdr_round in range(getattr(args, "mdr_rounds", 1)):
-        if mdr_round > 0:  # eval-mode values of D_k (chunked by the minibatch size), then the bootstrap value
+        if (
+            mdr_round > 0
+        ):  # eval-mode values of D_k (chunked by the minibatch size), then the bootstrap value
             passes += [(False, size, False) for size in sizes] + [(False, args.num_envs, False)]
-        passes += [(True, size, True) for size in sizes] * alpha1 + [(False, size, True) for size in sizes] * alpha2
+        passes += [(True, size, True) for size in sizes] * alpha1 + [
+            (False, size, True) for size in sizes
+        ] * alpha2
     return passes
 
 
@@ -176,7 +222,9 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
 
     torch.manual_seed(0)
     agent = ppo.Agent(num_actions, args).to(device)
-    if getattr(args, "channels_last", False) and device.type == "cuda":  # the probe has neither flag
+    if (
+        getattr(args, "channels_last", False) and device.type == "cuda"
+    ):  # the probe has neither flag
         agent = agent.to(memory_format=torch.channels_last)
     if getattr(args, "compile", False):
         agent.backbone.compile(dynamic=False)
@@ -198,7 +246,9 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
             (logprob.sum() + entropy.sum() + value.sum()).backward()
             agent.zero_grad(set_to_none=True)
 
-    for signature in sorted(set(passes) | {(False, args.num_envs, False)}):  # warm-up (and compilation) of each shape
+    for signature in sorted(
+        set(passes) | {(False, args.num_envs, False)}
+    ):  # warm-up (and compilation) of each shape
         run(*signature)
     synchronize(device)
     start = clocks()
@@ -233,9 +283,18 @@ class SectionTimer:
         "evaluate": "evaluation",
         "evaluate_and_log": "evaluation",
     }
-    AGENT_INFERENCE = ("get_policy_and_value", "get_value")  # outside any other section: the rollout's passes
-    ENV_FACTORIES = ("make_env", "PatchLocVecEnv")  # what main() builds its envs with; their step() is "env"
-    ITERATION_ENDS = ("log", "log_update")  # RunLogger: log(scalars, iteration) or the probe's log_update(iteration, ...)
+    AGENT_INFERENCE = (
+        "get_policy_and_value",
+        "get_value",
+    )  # outside any other section: the rollout's passes
+    ENV_FACTORIES = (
+        "make_env",
+        "PatchLocVecEnv",
+    )  # what main() builds its envs with; their step() is "env"
+    ITERATION_ENDS = (
+        "log",
+        "log_update",
+    )  # RunLogger: log(scalars, iteration) or the probe's log_update(iteration, ...)
 
     def __init__(self, synchronize=lambda: None):
         self.synchronize, self.open, self.patched = synchronize, None, []
@@ -254,7 +313,9 @@ class SectionTimer:
                 self.synchronize()
                 end, self.open = clocks(), None
                 for clock in CLOCKS:
-                    self.totals[section, clock] = self.totals.get((section, clock), 0.0) + end[clock] - start[clock]
+                    self.totals[section, clock] = (
+                        self.totals.get((section, clock), 0.0) + end[clock] - start[clock]
+                    )
 
         return timed
 
@@ -262,8 +323,13 @@ class SectionTimer:
         """Close the iteration that started at the previous end (or at instrument()); "other" is its unaccounted time."""
         self.synchronize()
         now = clocks()
-        record = {clock: {section: self.totals.get((section, clock), 0.0) for section in SECTIONS} for clock in CLOCKS}
-        record["evaluation"] = {clock: self.totals.get(("evaluation", clock), 0.0) for clock in CLOCKS}
+        record = {
+            clock: {section: self.totals.get((section, clock), 0.0) for section in SECTIONS}
+            for clock in CLOCKS
+        }
+        record["evaluation"] = {
+            clock: self.totals.get(("evaluation", clock), 0.0) for clock in CLOCKS
+        }
         for clock in CLOCKS:
             timed = sum(record[clock].values()) + record["evaluation"][clock]
             record[clock]["other"] = max(now[clock] - self.mark[clock] - timed, 0.0)
@@ -274,7 +340,9 @@ class SectionTimer:
         """After main(): the evaluation after the last iteration's log counts to it; every wrapper is removed."""
         if self.iterations:
             for clock in CLOCKS:
-                self.iterations[-1]["evaluation"][clock] += self.totals.get(("evaluation", clock), 0.0)
+                self.iterations[-1]["evaluation"][clock] += self.totals.get(
+                    ("evaluation", clock), 0.0
+                )
         for owner, name, original in reversed(self.patched):
             setattr(owner, name, original)
         self.patched = []
@@ -294,7 +362,9 @@ class SectionTimer:
                 self.patch(ppo, name, self.timed_env_factory(getattr(ppo, name)))
         for name in self.ITERATION_ENDS:
             if hasattr(ppo.RunLogger, name):
-                self.patch(ppo.RunLogger, name, self.ending_iteration(getattr(ppo.RunLogger, name), name))
+                self.patch(
+                    ppo.RunLogger, name, self.ending_iteration(getattr(ppo.RunLogger, name), name)
+                )
         self.mark = clocks()
 
     def timed_env_factory(self, factory):
@@ -309,7 +379,9 @@ class SectionTimer:
         def log(logger, *args, **kwargs):
             result = method(logger, *args, **kwargs)
             iteration = args[1] if name == "log" and len(args) > 1 else kwargs.get("iteration")
-            if name == "log_update" or iteration is not None:  # log(scalars) alone: the evaluation's scores
+            if (
+                name == "log_update" or iteration is not None
+            ):  # log(scalars) alone: the evaluation's scores
                 self.end_iteration()
             return result
 
@@ -321,7 +393,9 @@ def worker(spec):
     sys.path.insert(0, REPO_ROOT)
     script = spec["script"]
     module, _, fixed = SCRIPTS[script]
-    ppo = importlib.import_module(module)  # before torch: the script sets OpenMP's wait policy (passive)
+    ppo = importlib.import_module(
+        module
+    )  # before torch: the script sets OpenMP's wait policy (passive)
     import resource
 
     import numpy as np
@@ -354,13 +428,17 @@ def worker(spec):
     wall = time.perf_counter() - start
     timer.finish()
     assert exit_code in (0, None), exit_code
-    iterations = timer.iterations[shape["warmup"] :]  # {clock: {section: seconds}, "evaluation": {clock: seconds}}
+    iterations = timer.iterations[
+        shape["warmup"] :
+    ]  # {clock: {section: seconds}, "evaluation": {clock: seconds}}
     result = {
         "iterations": iterations,
         "sps": [batch_size / sum(it["time"].values()) for it in iterations],
         "cpu_ms_per_step": [1000 * sum(it["cpu"].values()) / batch_size for it in iterations],
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
-        "cuda_max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "cuda_max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
         "wall_s": wall,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -381,26 +459,39 @@ def memory_design_worker(design, num_envs, num_steps, minibatch_size):
 
     def vm(field):
         with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20  # GiB
+            return (
+                next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20
+            )  # GiB
 
     torch.manual_seed(0)
     agent = ppo.Agent(NUM_PROCGEN_ACTIONS, ppo.Args(pretrained=False))
     base = vm("VmRSS")
     dtype = torch.float32 if design == "cleanrl" else torch.uint8
-    obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(0, 256)  # every page touched
-    if design == "ours":  # the rollout's eval-mode logits, kept for delta_pi_minus (CleanRL keeps none)
+    obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(
+        0, 256
+    )  # every page touched
+    if (
+        design == "ours"
+    ):  # the rollout's eval-mode logits, kept for delta_pi_minus (CleanRL keeps none)
         logits = torch.zeros((num_steps, num_envs, NUM_PROCGEN_ACTIONS)).normal_()  # noqa: F841 (held until the end)
     b_obs = obs.reshape((-1,) + PROCGEN_OBS)
     mb_inds = torch.randperm(len(b_obs))[:minibatch_size]
     if design == "cleanrl":
-        x = b_obs[mb_inds].permute((0, 3, 1, 2)) / 255.0  # CleanRL: network input = x / 255.0 of a float gather
+        x = (
+            b_obs[mb_inds].permute((0, 3, 1, 2)) / 255.0
+        )  # CleanRL: network input = x / 255.0 of a float gather
     else:
         x = b_obs[mb_inds].permute(0, 3, 1, 2).float().div_(255.0)
     storage = vm("VmHWM") - base
     agent.train()
     hidden = agent.backbone(x)
     (agent.actor(hidden).sum() + agent.critic(hidden).sum()).backward()
-    result = {"design": design, "storage_gb": storage, "with_update_gb": vm("VmHWM") - base, "process_gb": vm("VmHWM")}
+    result = {
+        "design": design,
+        "storage_gb": storage,
+        "with_update_gb": vm("VmHWM") - base,
+        "process_gb": vm("VmHWM"),
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -410,10 +501,14 @@ def memory_design_worker(design, num_envs, num_steps, minibatch_size):
 
 def run_worker(argv, env_extra):
     env = {**os.environ, "WANDB_MODE": "offline", **env_extra}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv], env=env, capture_output=True, text=True
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not lines:
-        sys.exit(f"worker {argv} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        sys.exit(
+            f"worker {argv} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -424,15 +519,23 @@ def spread(values, fmt="{:.0f}"):
 
 def paired_ratios(results, a, b, key):
     """Per-round ratio of the medians of a over b (rounds interleave a and b, so each pair saw the same load)."""
-    return [statistics.median(ra[key]) / statistics.median(rb[key]) for ra, rb in zip(results[a], results[b])]
+    return [
+        statistics.median(ra[key]) / statistics.median(rb[key])
+        for ra, rb in zip(results[a], results[b])
+    ]
 
 
 def machine_line(device):
     import torch
 
     with open("/proc/cpuinfo") as cpuinfo:
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "no GPU"
+        model = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+            "?",
+        )
+    gpu = (
+        torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "no GPU"
+    )
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (
         f"{os.cpu_count()} CPU cores ({model}), {gpu}; Python {platform.python_version()}, torch {torch.__version__}; "
@@ -452,13 +555,19 @@ def print_speed_tables(names, results):
         for name in names:
             runs = results[name]
             shape = runs[0]["spec"]["shape"]
-            values = [v for run in runs for v in run["sps" if clock == "time" else "cpu_ms_per_step"]]
+            values = [
+                v for run in runs for v in run["sps" if clock == "time" else "cpu_ms_per_step"]
+            ]
             iterations = [it[clock] for run in runs for it in run["iterations"]]
-            fractions = [statistics.median(it[s] / sum(it.values()) for it in iterations) * 100 for s in SECTIONS]
+            fractions = [
+                statistics.median(it[s] / sum(it.values()) for it in iterations) * 100
+                for s in SECTIONS
+            ]
             bounds = {
                 phase: spread(
                     [
-                        statistics.median(it[clock][phase] for it in run["iterations"]) / run["bound"][phase][clock]
+                        statistics.median(it[clock][phase] for it in run["iterations"])
+                        / run["bound"][phase][clock]
                         for run in runs
                     ],
                     "{:.3f}",
@@ -487,8 +596,12 @@ def print_speed_tables(names, results):
 
     rows = [(label, a, b) for a, b, label in PAIRS if a in results and b in results]
     if rows:
-        print("\n### Speed ratios, paired by round (each round runs every configuration once, back to back)\n")
-        print("| ratio a / b | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |")
+        print(
+            "\n### Speed ratios, paired by round (each round runs every configuration once, back to back)\n"
+        )
+        print(
+            "| ratio a / b | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |"
+        )
         print("|---|---:|---:|---:|")
         for label, a, b in rows:
             sps = paired_ratios(results, a, b, "sps")
@@ -500,25 +613,47 @@ def memory_design(num_envs, num_steps, minibatch_size):
     """Computed bytes and measured peak RSS of the two storage designs, alone and with one update's activations."""
     n = num_envs * num_steps
     obs_bytes = PROCGEN_OBS[0] * PROCGEN_OBS[1] * PROCGEN_OBS[2]
-    cleanrl = n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4  # float32 buffer + float gather + (/ 255) copy
-    ours = n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4  # uint8 + uint8 gather + one float
-    ours += n * NUM_PROCGEN_ACTIONS * 4  # + the rollout's float32 logits (delta_pi_minus's eval-mode side)
+    cleanrl = (
+        n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4
+    )  # float32 buffer + float gather + (/ 255) copy
+    ours = (
+        n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4
+    )  # uint8 + uint8 gather + one float
+    ours += (
+        n * NUM_PROCGEN_ACTIONS * 4
+    )  # + the rollout's float32 logits (delta_pi_minus's eval-mode side)
     shape = [str(num_envs), str(num_steps), str(minibatch_size)]
-    measured = {design: run_worker(["--memory-worker", design, *shape], {}) for design in ("cleanrl", "ours")}
-    print(f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), peak RSS increase\n")
-    print("| design | storage + conversion, computed | measured | + one train-mode update of the network, measured |")
+    measured = {
+        design: run_worker(["--memory-worker", design, *shape], {})
+        for design in ("cleanrl", "ours")
+    }
+    print(
+        f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), peak RSS increase\n"
+    )
+    print(
+        "| design | storage + conversion, computed | measured | + one train-mode update of the network, measured |"
+    )
     print("|---|---:|---:|---:|")
     rows = [
         ("CleanRL: float32 buffer, float gather, `/ 255.0` copy", cleanrl, measured["cleanrl"]),
-        ("ours: uint8 buffer, uint8 gather, one float copy divided in place; float32 logits", ours, measured["ours"]),
+        (
+            "ours: uint8 buffer, uint8 gather, one float copy divided in place; float32 logits",
+            ours,
+            measured["ours"],
+        ),
     ]
     for label, computed, rss in rows:
         print(
             f"| {label} | {computed / 1e6:,.0f} MB | {rss['storage_gb'] * 2**30 / 1e6:,.0f} MB | "
             f"{rss['with_update_gb'] * 2**30 / 1e6:,.0f} MB |"
         )
-    ratio = {key: measured["ours"][key] / measured["cleanrl"][key] for key in ("storage_gb", "with_update_gb")}
-    print(f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {ratio['storage_gb']:.3f} | {ratio['with_update_gb']:.3f} |")
+    ratio = {
+        key: measured["ours"][key] / measured["cleanrl"][key]
+        for key in ("storage_gb", "with_update_gb")
+    }
+    print(
+        f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {ratio['storage_gb']:.3f} | {ratio['with_update_gb']:.3f} |"
+    )
     return measured
 
 
@@ -526,19 +661,43 @@ def parse_shape(text):
     try:
         num_envs, num_steps, minibatch_size = (int(value) for value in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give ENVS,STEPS,MINIBATCH, e.g. 4,16,32") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give ENVS,STEPS,MINIBATCH, e.g. 4,16,32"
+        ) from None
     return {"num_envs": num_envs, "num_steps": num_steps, "minibatch_size": minibatch_size}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--iterations", type=int, help="measured iterations per run (default 2; the paper configs: 1)")
-    parser.add_argument("--warmup", type=int, help="unmeasured iterations before them (default 1; the paper configs: 0)")
-    parser.add_argument("--shape", type=parse_shape, help="ENVS,STEPS,MINIBATCH for every configuration (a smoke test)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
-    parser.add_argument("--memory-design", action="store_true", help="also measure the storage designs at paper settings")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help="measured iterations per run (default 2; the paper configs: 1)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="unmeasured iterations before them (default 1; the paper configs: 0)",
+    )
+    parser.add_argument(
+        "--shape",
+        type=parse_shape,
+        help="ENVS,STEPS,MINIBATCH for every configuration (a smoke test)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per configuration, interleaved"
+    )
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}"
+    )
+    parser.add_argument(
+        "--memory-design",
+        action="store_true",
+        help="also measure the storage designs at paper settings",
+    )
     parser.add_argument("--json", help="write every raw result to this file (after every run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
@@ -559,7 +718,9 @@ def main():
     overrides_of_shape = {key: value for key, value in given.items() if value is not None}
     results = {name: [] for name in names}
     for repeat in range(cli.repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:  # A B C, C B A, ...: no config always runs first
+        for name in (
+            names if repeat % 2 == 0 else names[::-1]
+        ):  # A B C, C B A, ...: no config always runs first
             overrides, env_extra, shape = CONFIGS[name]
             script = name.split("/")[0]
             shape = {**SCRIPTS[script][1], **RUN_LENGTH, **shape, **overrides_of_shape}
@@ -569,13 +730,20 @@ def main():
             if cli.json:  # after every run: an interrupted benchmark keeps what it measured
                 with open(cli.json, "w") as f:
                     json.dump(results, f, indent=1)
-            sps, cpu = (", ".join(f"{v:.2f}" for v in result[key]) for key in ("sps", "cpu_ms_per_step"))
-            print(f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {sps}; CPU ms per step {cpu}", flush=True)
+            sps, cpu = (
+                ", ".join(f"{v:.2f}" for v in result[key]) for key in ("sps", "cpu_ms_per_step")
+            )
+            print(
+                f"  [{repeat + 1}/{cli.repeats}] {name}: SPS {sps}; CPU ms per step {cpu}",
+                flush=True,
+            )
 
     if names:
         print_speed_tables(names, results)
     if cli.memory_design:
-        results["memory_design"] = memory_design(*(PAPER_SHAPE[k] for k in ("num_envs", "num_steps", "minibatch_size")))
+        results["memory_design"] = memory_design(
+            *(PAPER_SHAPE[k] for k in ("num_envs", "num_steps", "minibatch_size"))
+        )
     if cli.json:
         with open(cli.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -57,13 +57,19 @@ def tissue_image(rng, side):
     dots = np.zeros((side // 8, side // 8), np.uint8)  # nuclei drawn at 1/8 scale, then blurred up
     dots.flat[rng.integers(dots.size, size=dots.size // 25)] = 255
     nuclei = np.asarray(Image.fromarray(dots).resize((side, side), Image.Resampling.BICUBIC))
-    glass, stroma, nucleus = (np.array(c, np.float32) for c in ((242, 238, 244), (228, 150, 190), (90, 50, 135)))
+    glass, stroma, nucleus = (
+        np.array(c, np.float32) for c in ((242, 238, 244), (228, 150, 190), (90, 50, 135))
+    )
     image = np.empty((side, side, 3), np.uint8)
     for y in range(0, side, 256):  # in bands: small temporaries, a few seconds for 8,000 x 8,000
         rows = slice(y, y + 256)
-        tissue = np.clip((islands[rows, :, None] / np.float32(255) - 0.4) * 8.0, 0.0, 1.0)  # soft-edged islands
+        tissue = np.clip(
+            (islands[rows, :, None] / np.float32(255) - 0.4) * 8.0, 0.0, 1.0
+        )  # soft-edged islands
         dark = np.clip(nuclei[rows, :, None] / np.float32(120), 0.0, 1.0)
-        stained = stroma * (0.8 + 0.35 / 255 * texture[rows, :, None]) * (1.0 - dark) + nucleus * dark
+        stained = (
+            stroma * (0.8 + 0.35 / 255 * texture[rows, :, None]) * (1.0 - dark) + nucleus * dark
+        )
         image[rows] = np.clip(glass * (1.0 - tissue) + stained * tissue, 0, 255)
     return image
 
@@ -98,18 +104,25 @@ def measure(folder, num_train, num_test, view_size, targets_per_image):
     import imagecodecs  # noqa: F401 - tifffile imports its codecs on first use: not part of what reading needs
 
     with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS: imports' transient peaks do not count
+        clear_refs.write(
+            "5"
+        )  # reset the peak (VmHWM) to the current RSS: imports' transient peaks do not count
     before = status_kib("VmRSS")
     start, start_cpu = time.perf_counter(), time.process_time()
-    train, test = make_task_sets(num_train, num_test, folder, None, view_size, seed=0, targets_per_image=targets_per_image)
+    train, test = make_task_sets(
+        num_train, num_test, folder, None, view_size, seed=0, targets_per_image=targets_per_image
+    )
     return {
         "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - start_cpu,  # what a shared machine's load does not inflate
+        "cpu_seconds": time.process_time()
+        - start_cpu,  # what a shared machine's load does not inflate
         "images": train.num_images + test.num_images,
         "tasks": train.num_tasks + test.num_tasks,
         "peak_rss_growth": (status_kib("VmHWM") - before) * 1024,
         "pyramids": train.nbytes + test.nbytes,
-        "file_bytes": 0 if folder == "procedural" else sum(f.stat().st_size for f in Path(folder).iterdir()),
+        "file_bytes": 0
+        if folder == "procedural"
+        else sum(f.stat().st_size for f in Path(folder).iterdir()),
     }
 
 
@@ -129,13 +142,28 @@ def main():
         print(json.dumps(measure(args.measure, num_train, num_test, args.view_size, k)))
         return
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     import imagecodecs  # only for the version line
 
-    print(f"# {date.today()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__},")
-    print(f"# Pillow {PIL.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}")
-    print(f"# {args.num_images} images of {args.image_side} x {args.image_side}, view {args.view_size}, image_size None ->")
-    print(f"# {4 * args.view_size}, {k} targets per image ({num_train} + {num_test} tasks); one core per build")
+    print(
+        f"# {date.today()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__},"
+    )
+    print(
+        f"# Pillow {PIL.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}"
+    )
+    print(
+        f"# {args.num_images} images of {args.image_side} x {args.image_side}, view {args.view_size}, image_size None ->"
+    )
+    print(
+        f"# {4 * args.view_size}, {k} targets per image ({num_train} + {num_test} tasks); one core per build"
+    )
     full_bytes = args.image_side**2 * 3
     with tempfile.TemporaryDirectory(prefix="bench_taskset_") as tmp:
         start = time.perf_counter()
@@ -143,7 +171,9 @@ def main():
         print(
             f"# images written in {time.perf_counter() - start:.0f} s; one full-resolution image: {full_bytes / 2**20:.0f} MiB"
         )
-        print("| format | files (MiB) | wall (s) | CPU (s) | CPU s / image | CPU ms / task | peak RSS growth (MiB) |")
+        print(
+            "| format | files (MiB) | wall (s) | CPU (s) | CPU s / image | CPU ms / task | peak RSS growth (MiB) |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, folder in folders.items():
             child = [sys.executable, __file__, "--measure", str(folder), *sys.argv[1:]]

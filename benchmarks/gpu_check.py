@@ -36,8 +36,26 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_COMMAND = ("ppo_procgen_mdr.py", "--env-id", "bigfish", "--norm", "bn", "--alpha1", "2", "--alpha2", "1", "--cuda")
-PROBE_COMMAND = ("ppo_collapse_probe.py", "--mode", "bn", "--clip-coef", "0.2", "--cuda")  # + --seed, one per run
+USER_COMMAND = (
+    "ppo_procgen_mdr.py",
+    "--env-id",
+    "bigfish",
+    "--norm",
+    "bn",
+    "--alpha1",
+    "2",
+    "--alpha2",
+    "1",
+    "--cuda",
+)
+PROBE_COMMAND = (
+    "ppo_collapse_probe.py",
+    "--mode",
+    "bn",
+    "--clip-coef",
+    "0.2",
+    "--cuda",
+)  # + --seed, one per run
 FINAL_SECONDS = 15  # kept back at the end for the summary and the archive
 
 
@@ -63,14 +81,19 @@ PLANS = {
         budget=470,
         test_seconds=75,
         bench_configs=("procgen/paper", "procgen/paper-amp", "procgen/paper-nochannelslast"),
-        bench_args=tuple("--warmup 1 --iterations 2 --repeats 1".split()),  # a GPU iteration takes seconds
+        bench_args=tuple(
+            "--warmup 1 --iterations 2 --repeats 1".split()
+        ),  # a GPU iteration takes seconds
         bench_seconds=80,
         compile_configs=("procgen/paper-compile",),
         user_args=(),
         user_seconds=120,
         user_startup=20,
         user_grace=20,
-        probe_args=("--total-timesteps", "5120"),  # 40 updates; the per-update time extrapolates to a full run
+        probe_args=(
+            "--total-timesteps",
+            "5120",
+        ),  # 40 updates; the per-update time extrapolates to a full run
         side_by_side=(1, 4, 8),
         probe_seconds=30,
     ),
@@ -81,11 +104,15 @@ PLANS = {
         bench_args=tuple("--shape 2,16,16 --warmup 0 --iterations 1 --repeats 1".split()),
         bench_seconds=90,
         compile_configs=(),  # ~1 min per graph on a CPU
-        user_args=tuple("--num-envs 2 --num-steps 16 --minibatch-size 16 --num-eval-envs 2".split()),
+        user_args=tuple(
+            "--num-envs 2 --num-steps 16 --minibatch-size 16 --num-eval-envs 2".split()
+        ),
         user_seconds=10,
         user_startup=90,
         user_grace=30,
-        probe_args=tuple("--num-envs 2 --num-steps 8 --minibatch-size 8 --total-timesteps 32 --view-size 16".split())
+        probe_args=tuple(
+            "--num-envs 2 --num-steps 8 --minibatch-size 8 --total-timesteps 32 --view-size 16".split()
+        )
         + ("--image-size", "64", "--hidden-size", "32"),
         side_by_side=(1, 2),
         probe_seconds=60,
@@ -98,7 +125,9 @@ def log(message):
 
 
 def load_bench_sps():
-    spec = importlib.util.spec_from_file_location("bench_sps", os.path.join(REPO_ROOT, "benchmarks", "bench_sps.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_sps", os.path.join(REPO_ROOT, "benchmarks", "bench_sps.py")
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -113,7 +142,9 @@ def signal_group(process, signum):
         os.killpg(process.pid, signum)
 
 
-def run_processes(commands, logs, seconds, stop_signal=signal.SIGTERM, grace=10, start_when=None, startup=0):
+def run_processes(
+    commands, logs, seconds, stop_signal=signal.SIGTERM, grace=10, start_when=None, startup=0
+):
     """Start every (argv, cwd) at once, each in its own process group with its output in its log; `seconds` later
     (counted from when the glob `start_when` first matches, if given, within `startup` seconds), send `stop_signal` to
     those still running (the scripts then finish cleanly: checkpoint, summary.json), SIGKILL after `grace`. Returns the
@@ -126,7 +157,9 @@ def run_processes(commands, logs, seconds, stop_signal=signal.SIGTERM, grace=10,
             log_file.write(f"$ cd {cwd} && {shlex.join(argv)}\n")
             log_file.flush()
             processes.append(
-                subprocess.Popen(argv, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    argv, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                )
             )
     ended = {}
 
@@ -144,7 +177,11 @@ def run_processes(commands, logs, seconds, stop_signal=signal.SIGTERM, grace=10,
             break
         poll()
         time.sleep(0.2)
-    running = [process for index, process in enumerate(processes) if index not in ended and process.poll() is None]
+    running = [
+        process
+        for index, process in enumerate(processes)
+        if index not in ended and process.poll() is None
+    ]
     for process in running:
         signal_group(process, stop_signal)
     grace_end = time.time() + grace
@@ -175,7 +212,13 @@ class GpuSampler:
             self.thread.start()
 
     def run(self):
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+        query = [
+            "nvidia-smi",
+            "--query-gpu=utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            "0",
+        ]
         while not self.done.wait(1.0):
             with contextlib.suppress(ValueError, subprocess.TimeoutExpired):
                 result = subprocess.run(query, capture_output=True, text=True, timeout=10)
@@ -212,7 +255,9 @@ def tensorboard_scalars(run_glob):
         accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+            scalars.setdefault(tag, []).extend(
+                (event.step, event.value) for event in accumulator.Scalars(tag)
+            )
     return scalars
 
 
@@ -230,7 +275,9 @@ def junit_counts(path):
         return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
     root = ElementTree.parse(path).getroot()
     cases = list(root.iter("testcase"))
-    failing = [case for case in cases if case.find("failure") is not None or case.find("error") is not None]
+    failing = [
+        case for case in cases if case.find("failure") is not None or case.find("error") is not None
+    ]
     skipped = [case for case in cases if case.find("skipped") is not None]
     errors = sum(int(suite.get("errors", 0)) for suite in root.iter("testsuite"))
     return {
@@ -257,9 +304,13 @@ def bench_figures(bench, path):
         figures[name] = {
             "shape": runs[0]["spec"]["shape"],
             "sps": round(statistics.median(v for run in runs for v in run["sps"]), 1),
-            "cpu_ms_per_step": round(statistics.median(v for run in runs for v in run["cpu_ms_per_step"]), 3),
+            "cpu_ms_per_step": round(
+                statistics.median(v for run in runs for v in run["cpu_ms_per_step"]), 3
+            ),
             "sections": {
-                section: round(statistics.median(it[section] / sum(it.values()) for it in iterations), 3)
+                section: round(
+                    statistics.median(it[section] / sum(it.values()) for it in iterations), 3
+                )
                 for section in bench.SECTIONS
             },
             "peak_rss_gb": round(max(run["peak_rss_gb"] for run in runs), 2),
@@ -270,7 +321,8 @@ def bench_figures(bench, path):
             for phase in ("update", "inference"):
                 figures[name][f"{phase}_over_bound"] = round(
                     statistics.median(
-                        statistics.median(it["time"][phase] for it in run["iterations"]) / run["bound"][phase]["time"]
+                        statistics.median(it["time"][phase] for it in run["iterations"])
+                        / run["bound"][phase]["time"]
                         for run in runs
                     ),
                     3,
@@ -302,7 +354,9 @@ class Check:
                 "quick": cli.quick,
                 "budget_seconds": plan.budget,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "wheelhouse": os.environ.get("GPU_CHECK_WHEELHOUSE", "not run through gpu_check.sh"),
+                "wheelhouse": os.environ.get(
+                    "GPU_CHECK_WHEELHOUSE", "not run through gpu_check.sh"
+                ),
             },
         }
 
@@ -318,41 +372,67 @@ class Check:
         total = self.limit(seconds + startup)
         seconds, startup = min(seconds, total), total - min(seconds, total)
         logs = [
-            os.path.join(self.logs, f"{name}.log" if len(commands) == 1 else f"{name}_{index + 1}.log")
+            os.path.join(
+                self.logs, f"{name}.log" if len(commands) == 1 else f"{name}_{index + 1}.log"
+            )
             for index in range(len(commands))
         ]
-        log(f"{name}: {len(commands)} process(es), at most {seconds:.0f} s: {shlex.join(commands[0][0])}")
+        log(
+            f"{name}: {len(commands)} process(es), at most {seconds:.0f} s: {shlex.join(commands[0][0])}"
+        )
         start = time.time()
         result = run_processes(commands, logs, seconds, startup=startup, **stop)
-        status = "timeout" if result["stopped"] else "ok" if all(code == 0 for code in result["exit_codes"]) else "failed"
+        status = (
+            "timeout"
+            if result["stopped"]
+            else "ok"
+            if all(code == 0 for code in result["exit_codes"])
+            else "failed"
+        )
         record = {"status": status, **result, **self.gpu.between(start, time.time())}
         record["logs"] = [os.path.relpath(path, self.work) for path in logs]
         ending = "stopped at its time limit" if status == "timeout" else status
         log(f"{name}: {ending} after {result['seconds']} s (exit codes {result['exit_codes']})")
-        if status == "failed":  # the end of the first failed log, so that check.log alone says what went wrong
+        if (
+            status == "failed"
+        ):  # the end of the first failed log, so that check.log alone says what went wrong
             failed = next(path for path, code in zip(logs, result["exit_codes"]) if code != 0)
             with open(failed) as f:
                 print("".join(f.readlines()[-15:]), flush=True)
         return record
 
     def environment(self):
-        record = self.run("environment", [([self.python, __file__, "--print-environment"], REPO_ROOT)], 60)
+        record = self.run(
+            "environment", [([self.python, __file__, "--print-environment"], REPO_ROOT)], 60
+        )
         with open(os.path.join(self.logs, "environment.log")) as f:
             lines = [line for line in f if line.startswith("ENVIRONMENT ")]
         environment = json.loads(lines[-1][len("ENVIRONMENT ") :]) if lines else {}
-        self.summary["environment"] = {**environment, "status": record["status"], "logs": record["logs"]}
+        self.summary["environment"] = {
+            **environment,
+            "status": record["status"],
+            "logs": record["logs"],
+        }
         if record["status"] != "ok" or not environment:
-            self.problems.append("torch, the three scripts or their packages do not import (logs/environment.log)")
+            self.problems.append(
+                "torch, the three scripts or their packages do not import (logs/environment.log)"
+            )
             return False
         gpu, procgen = environment["gpu"], environment["packages"]["procgen-mirror"]
         log(
             f"GPU: {gpu['name'] if gpu else 'none'}"
-            + (f" ({gpu['memory_gb']} GiB, sm_{gpu['capability']}), driver {gpu['driver']}" if gpu else "")
+            + (
+                f" ({gpu['memory_gb']} GiB, sm_{gpu['capability']}), driver {gpu['driver']}"
+                if gpu
+                else ""
+            )
             + f"; torch {environment['torch']}, CUDA {environment['cuda']}, cuDNN {environment['cudnn']}; "
             f"Python {environment['python']}, numpy {environment['numpy']}, procgen {procgen}"
         )
         if self.cli.device == "cuda" and not gpu:
-            self.problems.append("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+            self.problems.append(
+                "--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)"
+            )
             return False
         return True
 
@@ -365,55 +445,89 @@ class Check:
         self.summary["tests"] = {**record, **counts}
         ran = counts["passed"] + counts["failed"]
         if record["status"] != "ok" or counts["failed"] or counts["errors"]:
-            self.problems.append(f"pytest -m cuda: {record['status']}, {counts['failed']} failed {counts['failures']}")
+            self.problems.append(
+                f"pytest -m cuda: {record['status']}, {counts['failed']} failed {counts['failures']}"
+            )
         elif self.cli.device == "cuda" and (ran == 0 or counts["skipped"]):
-            self.problems.append(f"pytest -m cuda: {ran} ran, {counts['skipped']} skipped on the GPU (logs/tests.log)")
+            self.problems.append(
+                f"pytest -m cuda: {ran} ran, {counts['skipped']} skipped on the GPU (logs/tests.log)"
+            )
 
     def bench_step(self, name, configs, seconds):
         path = os.path.join(self.work, f"{name}.json")
-        argv = [self.python, "benchmarks/bench_sps.py", "--device", self.cli.device, "--configs", ",".join(configs)]
+        argv = [
+            self.python,
+            "benchmarks/bench_sps.py",
+            "--device",
+            self.cli.device,
+            "--configs",
+            ",".join(configs),
+        ]
         argv += [*self.plan.bench_args, "--json", path]
         record = self.run(name, [(argv, REPO_ROOT)], seconds)
         figures = bench_figures(self.bench, path)
         self.summary[name] = {**record, "configs": figures}
         missing = [config for config in configs if config not in figures]
         if record["status"] == "timeout":
-            self.cut_short.append(f"{name}: stopped after {record['seconds']} s; no result for {missing}")
+            self.cut_short.append(
+                f"{name}: stopped after {record['seconds']} s; no result for {missing}"
+            )
         elif record["status"] != "ok" or missing:
-            self.problems.append(f"bench_sps.py: {record['status']}, no result for {missing} (logs/{name}.log)")
+            self.problems.append(
+                f"bench_sps.py: {record['status']}, no result for {missing} (logs/{name}.log)"
+            )
 
     def user_command(self):
         cwd = os.path.join(self.work, "user_command")
-        argv = [self.python, os.path.join(REPO_ROOT, USER_COMMAND[0]), *USER_COMMAND[1:], "--no-pretrained"]
+        argv = [
+            self.python,
+            os.path.join(REPO_ROOT, USER_COMMAND[0]),
+            *USER_COMMAND[1:],
+            "--no-pretrained",
+        ]
         argv += self.plan.user_args
         record = self.run(
             "user_command",
             [(argv, cwd)],
             self.plan.user_seconds,
             startup=self.plan.user_startup,
-            start_when=os.path.join(cwd, "runs", "*"),  # its SummaryWriter: set up, and its Ctrl-C handler installed
+            start_when=os.path.join(
+                cwd, "runs", "*"
+            ),  # its SummaryWriter: set up, and its Ctrl-C handler installed
             stop_signal=signal.SIGINT,
             grace=self.plan.user_grace,
         )
         scalars = tensorboard_scalars(os.path.join(cwd, "runs", "*"))
-        trained = [points for tag, points in scalars.items() if tag.startswith(("charts/", "losses/"))]
+        trained = [
+            points for tag, points in scalars.items() if tag.startswith(("charts/", "losses/"))
+        ]
         steps = sorted({step for points in trained for step, _ in points})
         (exit_code,) = record["exit_codes"]
         sps = scalars.get("charts/SPS", [])
         self.summary["user_command"] = {
             **record,
-            "status": "ok" if exit_code in (0, 130) else "failed",  # 130: it stopped at our Ctrl-C, as asked
-            "command": shlex.join(["python", *USER_COMMAND, "--no-pretrained", *self.plan.user_args]),
+            "status": "ok"
+            if exit_code in (0, 130)
+            else "failed",  # 130: it stopped at our Ctrl-C, as asked
+            "command": shlex.join(
+                ["python", *USER_COMMAND, "--no-pretrained", *self.plan.user_args]
+            ),
             "iterations_logged": len(steps),
             "global_step": steps[-1] if steps else 0,
             "sps_last": sps[-1][1] if sps else None,
-            "test_episodic_return": [value for _, value in scalars.get("charts/test_episodic_return", [])],
+            "test_episodic_return": [
+                value for _, value in scalars.get("charts/test_episodic_return", [])
+            ],
             "tags": len(scalars),
         }
         if exit_code not in (0, 130):
-            self.problems.append(f"the user's command exited with {exit_code} (logs/user_command.log)")
+            self.problems.append(
+                f"the user's command exited with {exit_code} (logs/user_command.log)"
+            )
         if not steps:
-            self.problems.append(f"the user's command logged no iteration in {record['seconds']} s (logs/user_command.log)")
+            self.problems.append(
+                f"the user's command logged no iteration in {record['seconds']} s (logs/user_command.log)"
+            )
 
     def probes(self, default_updates):
         """Each phase runs n probe runs side by side (seeds 1..n, a folder each). Their per-update times and the
@@ -424,7 +538,13 @@ class Check:
             name = f"probe_{concurrent}"
             commands = [
                 (
-                    [self.python, os.path.join(REPO_ROOT, PROBE_COMMAND[0]), *PROBE_COMMAND[1:], "--seed", str(seed)]
+                    [
+                        self.python,
+                        os.path.join(REPO_ROOT, PROBE_COMMAND[0]),
+                        *PROBE_COMMAND[1:],
+                        "--seed",
+                        str(seed),
+                    ]
                     + list(self.plan.probe_args),
                     os.path.join(self.work, name, f"seed{seed}"),
                 )
@@ -444,7 +564,9 @@ class Check:
                     overheads.append(seconds - len(wall) * per_update[-1])
             phase = {"concurrent": concurrent, **record, "updates": updates}
             if per_update:
-                run_seconds = statistics.median(o + default_updates * p for o, p in zip(overheads, per_update))
+                run_seconds = statistics.median(
+                    o + default_updates * p for o, p in zip(overheads, per_update)
+                )
                 phase.update(
                     seconds_per_update=round(statistics.median(per_update), 4),
                     overhead_seconds=round(statistics.median(overheads), 1),
@@ -453,9 +575,13 @@ class Check:
                 )
             phases.append(phase)
             if record["status"] == "failed" or min(updates) == 0:
-                self.problems.append(f"{name}: {record['status']}, updates logged per run {updates} ({record['logs'][0]})")
+                self.problems.append(
+                    f"{name}: {record['status']}, updates logged per run {updates} ({record['logs'][0]})"
+                )
             elif record["status"] == "timeout":
-                self.cut_short.append(f"{name}: stopped after {record['seconds']} s at updates {updates}")
+                self.cut_short.append(
+                    f"{name}: stopped after {record['seconds']} s at updates {updates}"
+                )
         rated = [phase for phase in phases if "runs_per_hour" in phase]
         best = max(rated, key=lambda phase: phase["runs_per_hour"]) if rated else None
         self.summary["probe"] = {
@@ -468,7 +594,10 @@ class Check:
 
     def bench_compile(self):
         if not self.plan.compile_configs:
-            self.summary["bench_compile"] = {"status": "skipped", "reason": "--quick: compiling takes minutes on a CPU"}
+            self.summary["bench_compile"] = {
+                "status": "skipped",
+                "reason": "--quick: compiling takes minutes on a CPU",
+            }
             return
         seconds = self.limit(self.time_left())
         if seconds < 60:
@@ -478,7 +607,10 @@ class Check:
         self.bench_step("bench_compile", self.plan.compile_configs, seconds)
 
     def ratios(self):
-        figures = {**self.summary["bench"]["configs"], **self.summary["bench_compile"].get("configs", {})}
+        figures = {
+            **self.summary["bench"]["configs"],
+            **self.summary["bench_compile"].get("configs", {}),
+        }
         base = figures.get("procgen/paper")
         self.summary["bench_ratios"] = {
             f"{name} / procgen/paper": round(config["sps"] / base["sps"], 3)
@@ -495,7 +627,11 @@ class Check:
             json.dump(self.summary, f, indent=1)
         archive = os.path.join(self.cli.out, "logs.tar.gz")
         with tarfile.open(archive, "w:gz") as tar:  # checkpoints (tens of MB) left out
-            tar.add(self.work, arcname="gpu_check", filter=lambda info: None if info.name.endswith(".pt") else info)
+            tar.add(
+                self.work,
+                arcname="gpu_check",
+                filter=lambda info: None if info.name.endswith(".pt") else info,
+            )
         if not self.cli.keep:
             shutil.rmtree(self.work, ignore_errors=True)
         verdict = "ok" if self.summary["ok"] else "PROBLEMS:\n  " + "\n  ".join(self.problems)
@@ -527,7 +663,11 @@ def print_environment():
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"]
-        driver = subprocess.run(query, capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else ""
+        driver = (
+            subprocess.run(query, capture_output=True, text=True).stdout.strip()
+            if shutil.which("nvidia-smi")
+            else ""
+        )
         gpu = {
             "name": properties.name,
             "memory_gb": round(properties.total_memory / 2**30, 1),
@@ -535,7 +675,9 @@ def print_environment():
             "count": torch.cuda.device_count(),
             "driver": driver or None,
         }
-    ppo_procgen_mdr.ProcgenEnv(num_envs=1, env_name="bigfish").close()  # libenv.so loads (Qt, libGL, glib)
+    ppo_procgen_mdr.ProcgenEnv(
+        num_envs=1, env_name="bigfish"
+    ).close()  # libenv.so loads (Qt, libGL, glib)
     probe = ppo_collapse_probe.Args()
     environment = {
         "python": platform.python_version(),
@@ -543,12 +685,24 @@ def print_environment():
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "tf32": {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+        "tf32": {
+            "cudnn_conv": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+        },
         "gpu": gpu,
         "cpu_count": os.cpu_count(),
         "packages": {
             name: version(name)
-            for name in ("torchvision", "procgen-mirror", "gym3", "gym", "gymnasium", "tyro", "tensorboard", "pytest")
+            for name in (
+                "torchvision",
+                "procgen-mirror",
+                "gym3",
+                "gym",
+                "gymnasium",
+                "tyro",
+                "tensorboard",
+                "pytest",
+            )
         },
         "probe_default_updates": probe.total_timesteps // (probe.num_envs * probe.num_steps),
     }
@@ -556,11 +710,19 @@ def print_environment():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes everywhere, no compile: a dry run (~1 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes everywhere, no compile: a dry run (~1 min)",
+    )
     parser.add_argument("--out", help="folder for summary.json and logs.tar.gz (required)")
-    parser.add_argument("--keep", action="store_true", help="keep the working folder (its path is printed)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the working folder (its path is printed)"
+    )
     parser.add_argument("--print-environment", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.print_environment:
@@ -570,7 +732,9 @@ def main():
 
     os.environ.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     check = Check(cli, PLANS["quick" if cli.quick else "full"])
-    log(f"gpu_check: --device {cli.device}{' --quick' if cli.quick else ''}, budget {check.plan.budget} s, in {check.work}")
+    log(
+        f"gpu_check: --device {cli.device}{' --quick' if cli.quick else ''}, budget {check.plan.budget} s, in {check.work}"
+    )
     try:
         if check.environment():
             check.tests()

@@ -58,7 +58,9 @@ from envs.patchloc import (
 )
 
 ENV_ID = "PatchLoc-v0"
-if ENV_ID not in gymnasium.registry:  # a re-import must not re-register (gymnasium warns on overrides)
+if (
+    ENV_ID not in gymnasium.registry
+):  # a re-import must not re-register (gymnasium warns on overrides)
     # No max_episode_steps here: the env truncates itself at max_steps, which its exact optimal returns assume.
     gymnasium.register(
         id=ENV_ID,

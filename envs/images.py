@@ -122,19 +122,31 @@ def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
     Raises if the folder is missing or holds no image file.
     """
     path = Path(folder)
-    if not str(folder).strip():  # Path("") is the current folder: never what an empty --image-source meant
-        raise PatchLocConfigError("image_source is empty; pass a folder of images, or 'procedural' for built-in images")
+    if not str(
+        folder
+    ).strip():  # Path("") is the current folder: never what an empty --image-source meant
+        raise PatchLocConfigError(
+            "image_source is empty; pass a folder of images, or 'procedural' for built-in images"
+        )
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise PatchLocConfigError(
             f"image folder '{path}' {what}; pass a folder of {_SUFFIX_LIST} images, or 'procedural' for built-in images"
         )
     files = []
-    for root, dirs, names in os.walk(path, followlinks=True):  # data sets linked in as subfolders count too
+    for root, dirs, names in os.walk(
+        path, followlinks=True
+    ):  # data sets linked in as subfolders count too
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        files += [
+            Path(root, n)
+            for n in names
+            if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+        ]
     if not files:
-        raise PatchLocConfigError(f"image folder '{path}' holds no {_SUFFIX_LIST} files (subfolders included); add images")
+        raise PatchLocConfigError(
+            f"image folder '{path}' holds no {_SUFFIX_LIST} files (subfolders included); add images"
+        )
     return sorted(files, key=lambda f: f.relative_to(path).as_posix())
 
 
@@ -156,14 +168,21 @@ def _square(im: Image.Image, image_size: int, side: int) -> np.ndarray:
     crop = min(w, h)
     factor = crop // image_size
     left, top = (w - crop) // 2, (h - crop) // 2
-    if im.mode not in ("RGB", "L"):  # palette, 16-bit, CMYK, alpha...: averaging needs plain channels
+    if im.mode not in (
+        "RGB",
+        "L",
+    ):  # palette, 16-bit, CMYK, alpha...: averaging needs plain channels
         im = im.convert("RGB")
-    if factor >= 2:  # area-average first: cheap and alias-free, and LANCZOS then works on a small image
+    if (
+        factor >= 2
+    ):  # area-average first: cheap and alias-free, and LANCZOS then works on a small image
         crop -= crop % factor
         im = im.reduce(factor, box=(left, top, left + crop, top + crop))
         left, top, crop = 0, 0, crop // factor
     im = im.convert("RGB")
-    im = im.resize((image_size, image_size), Image.Resampling.LANCZOS, box=(left, top, left + crop, top + crop))
+    im = im.resize(
+        (image_size, image_size), Image.Resampling.LANCZOS, box=(left, top, left + crop, top + crop)
+    )
     if image_size != side:
         im = im.resize((side, side), Image.Resampling.LANCZOS)
     return np.asarray(im, dtype=np.uint8)
@@ -174,13 +193,17 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
     tiles are decoded one at a time (the full-resolution image is never held), from the smallest pyramid
     level that is still large enough. None for a layout this does not handle (Pillow reads those)."""
     with tifffile.TiffFile(file) as tif:
-        levels = sorted((level.keyframe for level in tif.series[0].levels), key=lambda p: -p.imagelength * p.imagewidth)
+        levels = sorted(
+            (level.keyframe for level in tif.series[0].levels),
+            key=lambda p: -p.imagelength * p.imagewidth,
+        )
         if min(levels[0].imagelength, levels[0].imagewidth) < image_size:
             raise UnusableImage(f"smaller than {image_size} px")
         page = [p for p in levels if min(p.imagelength, p.imagewidth) >= image_size][-1]
         # JPEG tiles stored as YCbCr (how scanners and tifffile write them) come out of the JPEG codec as RGB.
         rgb = page.photometric == tifffile.PHOTOMETRIC.RGB or (
-            page.photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression == tifffile.COMPRESSION.JPEG
+            page.photometric == tifffile.PHOTOMETRIC.YCBCR
+            and page.compression == tifffile.COMPRESSION.JPEG
         )
         grey = page.photometric == tifffile.PHOTOMETRIC.MINISBLACK
         if (
@@ -209,8 +232,13 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
                 continue
             part = segment[ya - sy : yb - sy, xa - sx : xb - sx, :channels]
             rows, cols = (np.arange(ya, yb) - y0) // factor, (np.arange(xa, xb) - x0) // factor
-            row_starts, col_starts = np.flatnonzero(np.diff(rows, prepend=-1)), np.flatnonzero(np.diff(cols, prepend=-1))
-            block = np.add.reduceat(np.add.reduceat(part, row_starts, axis=0, dtype=np.uint64), col_starts, axis=1)
+            row_starts, col_starts = (
+                np.flatnonzero(np.diff(rows, prepend=-1)),
+                np.flatnonzero(np.diff(cols, prepend=-1)),
+            )
+            block = np.add.reduceat(
+                np.add.reduceat(part, row_starts, axis=0, dtype=np.uint64), col_starts, axis=1
+            )
             sums[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += block
     area = factor * factor
     pixels = ((sums + area // 2) // area).astype(np.uint8)
@@ -231,18 +259,24 @@ def load_image(file: Path, image_size: int, side: int) -> np.ndarray:
                 reduced = _tiff_center_reduced(file, image_size)
             except UnusableImage:
                 raise
-            except Exception:  # not a TIFF tifffile reads (or a codec it lacks): Pillow may still read it
+            except (
+                Exception
+            ):  # not a TIFF tifffile reads (or a codec it lacks): Pillow may still read it
                 reduced = None
             if reduced is not None:
                 return _square(reduced, image_size, side)
         with _huge_images_allowed(), Image.open(file) as im:
             if min(im.size) < image_size:
                 raise UnusableImage(f"smaller than {image_size} px")
-            im.draft("RGB", (image_size, image_size))  # JPEG: decode at the smallest scale >= image_size
+            im.draft(
+                "RGB", (image_size, image_size)
+            )  # JPEG: decode at the smallest scale >= image_size
             if im.width * im.height > MAX_DECODED_PIXELS:
                 raise UnusableImage("too large to decode (save it as a tiled TIFF or a JPEG)")
             return _square(im, image_size, side)
     except UnusableImage:
         raise
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+    except (
+        Exception
+    ) as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise UnusableImage("unreadable") from exc

@@ -43,7 +43,12 @@ def state_index(zoom, row, col):
 
 
 def _build_states() -> np.ndarray:
-    zrc = [(z, r, c) for z in range(NUM_ZOOMS) for r in range(lattice_size(z)) for c in range(lattice_size(z))]
+    zrc = [
+        (z, r, c)
+        for z in range(NUM_ZOOMS)
+        for r in range(lattice_size(z))
+        for c in range(lattice_size(z))
+    ]
     return np.array(zrc, dtype=np.int64)
 
 
@@ -52,7 +57,9 @@ STATES.flags.writeable = False
 _Z, _R, _C = STATES.T
 _STEP = 4 >> _Z  # lattice step, in units
 _SIDE = UNITS >> _Z  # window side, in units
-BOXES = np.stack([_R * _STEP, _C * _STEP, _R * _STEP + _SIDE, _C * _STEP + _SIDE], axis=1)  # (195, 4) y0, x0, y1, x1
+BOXES = np.stack(
+    [_R * _STEP, _C * _STEP, _R * _STEP + _SIDE, _C * _STEP + _SIDE], axis=1
+)  # (195, 4) y0, x0, y1, x1
 BOXES.flags.writeable = False
 NORMALIZED_BOXES = BOXES / UNITS  # (195, 4) in [0, 1], y1/x1 exclusive
 NORMALIZED_BOXES.flags.writeable = False
@@ -126,11 +133,15 @@ def _reachable(config: EpisodeConfig, targets: np.ndarray) -> tuple[np.ndarray, 
     """
     success = IOU[targets] >= config.success_iou  # (T, 195)
     adjacency = np.zeros((NUM_STATES, NUM_STATES))
-    adjacency[np.repeat(np.arange(NUM_STATES), NUM_ACTIONS - 1), TRANSITIONS[:, :STOP].ravel()] = 1.0
+    adjacency[np.repeat(np.arange(NUM_STATES), NUM_ACTIONS - 1), TRANSITIONS[:, :STOP].ravel()] = (
+        1.0
+    )
     reach = np.zeros((config.max_steps + 1, len(targets), NUM_STATES), dtype=bool)
     reach[0, :, INITIAL_STATE] = True
     for d in range(config.max_steps):
-        reach[d + 1] = ((reach[d] & ~success) @ adjacency) > 0  # success states are terminal: not expanded
+        reach[d + 1] = (
+            (reach[d] & ~success) @ adjacency
+        ) > 0  # success states are terminal: not expanded
     return reach, success
 
 
@@ -148,7 +159,9 @@ def _episode_endings(config: EpisodeConfig, targets: np.ndarray) -> tuple[np.nda
     depth = np.arange(horizon + 1)[:, None, None]
     values[..., 0] = np.where(reach & success & (depth >= 1), gain + config.success_bonus, -np.inf)
     # Stop is an action, so it needs a step left; the state before it must not be a success state.
-    values[..., 1] = np.where(reach & ~success & (depth < horizon), gain - config.stop_penalty, -np.inf)
+    values[..., 1] = np.where(
+        reach & ~success & (depth < horizon), gain - config.stop_penalty, -np.inf
+    )
     values[..., 2] = np.where(reach & ~success & (depth == horizon), gain, -np.inf)
     return reach, values
 
@@ -161,7 +174,9 @@ def _optimal_returns_by_target(config: EpisodeConfig) -> np.ndarray:
     return best  # (195,): optimal return when the target is state t
 
 
-def optimal_returns(target_states: np.ndarray, config: EpisodeConfig = EpisodeConfig()) -> np.ndarray:
+def optimal_returns(
+    target_states: np.ndarray, config: EpisodeConfig = EpisodeConfig()
+) -> np.ndarray:
     """Exact optimal (undiscounted) episode return for each target state (array of state indices)."""
     return _optimal_returns_by_target(config)[np.asarray(target_states)]
 
@@ -176,7 +191,9 @@ def optimal_actions(target_state: int, config: EpisodeConfig = EpisodeConfig()) 
     success = IOU[target_state] >= config.success_iou
     actions = [STOP] if kind == 1 else []
     for d in range(depth, 0, -1):  # walk back through states that keep the episode running
-        prev = np.flatnonzero(reach[d - 1] & ~success & (TRANSITIONS[:, :STOP] == state).any(axis=1))[0]
+        prev = np.flatnonzero(
+            reach[d - 1] & ~success & (TRANSITIONS[:, :STOP] == state).any(axis=1)
+        )[0]
         actions.append(int(np.flatnonzero(TRANSITIONS[prev, :STOP] == state)[0]))
         state = prev
     return actions[::-1]

@@ -15,7 +15,14 @@ import numpy as np
 from gymnasium.vector.utils import batch_space
 from tqdm import tqdm
 
-from envs.images import PatchLocConfigError, UnusableImage, build_pyramid, list_image_files, load_image, procedural_image
+from envs.images import (
+    PatchLocConfigError,
+    UnusableImage,
+    build_pyramid,
+    list_image_files,
+    load_image,
+    procedural_image,
+)
 from envs.lattice import (
     INITIAL_STATE,
     IOU,
@@ -41,13 +48,26 @@ logger = logging.getLogger(__name__)
 # Outline colours for the overview, bright and saturated; each task uses the one that stands out most
 # from its image (a fixed magenta would vanish on H&E-stained histopathology, a fixed green on foliage).
 OUTLINE_COLOURS = np.array(
-    [[255, 0, 255], [0, 255, 0], [0, 255, 255], [255, 255, 0], [255, 0, 0], [0, 0, 255], [255, 255, 255]], dtype=np.uint8
+    [
+        [255, 0, 255],
+        [0, 255, 0],
+        [0, 255, 255],
+        [255, 255, 0],
+        [255, 0, 0],
+        [0, 0, 255],
+        [255, 255, 255],
+    ],
+    dtype=np.uint8,
 )
 _SPLITS = {"train": 0, "test": 1}
 _FILE_ORDER_STREAM = 2  # seed stream of the folder permutation (the splits use 0 and 1)
-_TARGET_STREAM = 1  # per-image sub-stream of the target choice (the image uses the image's main stream)
+_TARGET_STREAM = (
+    1  # per-image sub-stream of the target choice (the image uses the image's main stream)
+)
 _NAMED_PER_REASON = 3  # skipped files named in the summary, per reason
-_PROGRESS_DELAY_S = 2.0  # a task-set build shows a progress bar (on a terminal) once it has taken this long
+_PROGRESS_DELAY_S = (
+    2.0  # a task-set build shows a progress bar (on a terminal) once it has taken this long
+)
 
 
 class TaskSet:
@@ -71,7 +91,15 @@ class TaskSet:
     """
 
     def __init__(
-        self, split: str, view_size: int, image_size: int, levels, task_images, target_states, image_colours, image_names
+        self,
+        split: str,
+        view_size: int,
+        image_size: int,
+        levels,
+        task_images,
+        target_states,
+        image_colours,
+        image_names,
     ):
         self.split, self.view_size, self.image_size = split, view_size, image_size
         self.levels: tuple[np.ndarray, np.ndarray, np.ndarray] = tuple(levels)
@@ -81,7 +109,9 @@ class TaskSet:
         self.image_names: list[str] = list(image_names)
         # Per state: pyramid level and top-left pixel of its view (lattice step = V/4 pixels at every level)...
         quarter = view_size // 4
-        self.view_offsets = np.stack([STATES[:, 0], STATES[:, 1] * quarter, STATES[:, 2] * quarter], axis=1)
+        self.view_offsets = np.stack(
+            [STATES[:, 0], STATES[:, 1] * quarter, STATES[:, 2] * quarter], axis=1
+        )
         # ... and its outline on the overview: first and last row/column, inclusive, in overview pixels.
         self.outline_pixels = _inclusive_pixel_boxes(view_size)
 
@@ -145,7 +175,9 @@ class TaskSet:
         the two colours that stand out most from the image (the window in the overview's colour): (4V, 4V, 3)."""
         frame = self.image(task_id).copy()
         side = frame.shape[0]
-        window_colour, target_colour = OUTLINE_COLOURS[_colour_ranking(self.levels[0][self.task_images[task_id]])[:2]]
+        window_colour, target_colour = OUTLINE_COLOURS[
+            _colour_ranking(self.levels[0][self.task_images[task_id]])[:2]
+        ]
         pixel_boxes = _inclusive_pixel_boxes(side)
         thickness = max(1, side // 128)
         _draw_outline(frame, pixel_boxes[self.target_states[task_id]], target_colour, thickness)
@@ -184,7 +216,9 @@ def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thicknes
 # ----------------------------------------------------------------------------------------------------
 # Task-set creation
 # ----------------------------------------------------------------------------------------------------
-def _choose_targets(task_set: TaskSet, image: int, count: int, target_zooms: Sequence[int], min_std: float, rng) -> list:
+def _choose_targets(
+    task_set: TaskSet, image: int, count: int, target_zooms: Sequence[int], min_std: float, rng
+) -> list:
     """`count` distinct random lattice targets at target_zooms (zooms equally likely) whose patches are not
     near-uniform; raises UnusableImage if the image has fewer such crops."""
     candidates = np.flatnonzero(np.isin(STATES[:, 0], target_zooms))
@@ -206,11 +240,23 @@ def _colour_ranking(overview: np.ndarray) -> np.ndarray:
     """Indices of OUTLINE_COLOURS, the colour farthest from most of the overview's pixels (10th percentile distance)
     first."""
     pixels = overview[::2, ::2].reshape(-1, 1, 3).astype(np.float32)  # every other pixel is plenty
-    dist = np.linalg.norm(pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2)  # (V*V, colours)
+    dist = np.linalg.norm(
+        pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2
+    )  # (V*V, colours)
     return np.argsort(-np.percentile(dist, 10, axis=0), kind="stable")
 
 
-def _fill(task_set: TaskSet, sources, load_top, seed, targets_per_image, target_zooms, min_target_std, progress, skipped):
+def _fill(
+    task_set: TaskSet,
+    sources,
+    load_top,
+    seed,
+    targets_per_image,
+    target_zooms,
+    min_target_std,
+    progress,
+    skipped,
+):
     """Load images from `sources`, in order, into task_set's image slots and choose their targets, until every slot
     is filled; unusable sources are appended to skipped[reason]. Returns (slots filled, sources examined)."""
     split_stream = _SPLITS[task_set.split]
@@ -224,15 +270,22 @@ def _fill(task_set: TaskSet, sources, load_top, seed, targets_per_image, target_
             top, name = load_top(source, np.random.default_rng([seed, split_stream, filled]))
             for z, level in enumerate(build_pyramid(top)):
                 task_set.levels[z][filled] = level
-            tasks = slice(filled * targets_per_image, min((filled + 1) * targets_per_image, task_set.num_tasks))
+            tasks = slice(
+                filled * targets_per_image,
+                min((filled + 1) * targets_per_image, task_set.num_tasks),
+            )
             rng = np.random.default_rng([seed, split_stream, filled, _TARGET_STREAM])
             count = tasks.stop - tasks.start
-            task_set.target_states[tasks] = _choose_targets(task_set, filled, count, target_zooms, min_target_std, rng)
+            task_set.target_states[tasks] = _choose_targets(
+                task_set, filled, count, target_zooms, min_target_std, rng
+            )
         except UnusableImage as unusable:
             skipped.setdefault(unusable.reason, []).append(source)
             progress.set_postfix(skipped=sum(map(len, skipped.values())), refresh=False)
             continue
-        task_set.image_colours[filled] = OUTLINE_COLOURS[_colour_ranking(task_set.levels[0][filled])[0]]
+        task_set.image_colours[filled] = OUTLINE_COLOURS[
+            _colour_ranking(task_set.levels[0][filled])[0]
+        ]
         task_set.image_names.append(name)
         filled += 1
         progress.update()
@@ -285,7 +338,9 @@ def _build_task_sets(
         )
     target_zooms = tuple(sorted(set(int(z) for z in target_zooms)))
     if not target_zooms or not set(target_zooms) <= {1, 2}:
-        raise PatchLocConfigError(f"target_zooms must be a non-empty subset of (1, 2) (got {target_zooms})")
+        raise PatchLocConfigError(
+            f"target_zooms must be a non-empty subset of (1, 2) (got {target_zooms})"
+        )
     max_targets = int(np.isin(STATES[:, 0], target_zooms).sum())
     _check_int("targets_per_image", targets_per_image, 1)
     if targets_per_image > max_targets:
@@ -298,12 +353,21 @@ def _build_task_sets(
     task_sets = {}
     for split, n in num_tasks.items():
         num_images = -(-n // targets_per_image)
-        levels = [np.empty((num_images, view_size << z, view_size << z, 3), dtype=np.uint8) for z in range(3)]
+        levels = [
+            np.empty((num_images, view_size << z, view_size << z, 3), dtype=np.uint8)
+            for z in range(3)
+        ]
         task_images = np.arange(n) // targets_per_image
         colours = np.zeros((num_images, 3), dtype=np.uint8)
-        task_sets[split] = TaskSet(split, view_size, image_size, levels, task_images, np.zeros(n, np.int64), colours, [])
+        task_sets[split] = TaskSet(
+            split, view_size, image_size, levels, task_images, np.zeros(n, np.int64), colours, []
+        )
     procedural = str(image_source) == "procedural"
-    built = [split for split in ("test", "train") if split in splits or (split == "test" and not procedural)]
+    built = [
+        split
+        for split in ("test", "train")
+        if split in splits or (split == "test" and not procedural)
+    ]
     fill_args = (seed, targets_per_image, target_zooms, min_target_std)
     skipped: dict[str, list] = {}
     progress = tqdm(
@@ -320,7 +384,10 @@ def _build_task_sets(
                 return procedural_image(rng, side), image_id
 
             for split in built:
-                names = [f"procedural:seed={seed}:{split}:{i}" for i in range(task_sets[split].num_images)]
+                names = [
+                    f"procedural:seed={seed}:{split}:{i}"
+                    for i in range(task_sets[split].num_images)
+                ]
                 filled, _ = _fill(task_sets[split], names, load_top, *fill_args, progress, skipped)
                 if filled < task_sets[split].num_images:
                     raise PatchLocConfigError(
@@ -338,10 +405,19 @@ def _build_task_sets(
         # one inwards (held-out: the file before its block, then earlier ones).
         first_test = max(len(files) - task_sets["test"].num_images, 0)
         test_order = np.concatenate([order[first_test:], order[:first_test][::-1]])
-        usable, examined = _fill(task_sets["test"], [files[i] for i in test_order], load_top, *fill_args, progress, skipped)
+        usable, examined = _fill(
+            task_sets["test"],
+            [files[i] for i in test_order],
+            load_top,
+            *fill_args,
+            progress,
+            skipped,
+        )
         if usable == task_sets["test"].num_images and "train" in built:
             train_files = [files[i] for i in order[: len(files) - examined]]
-            filled, _ = _fill(task_sets["train"], train_files, load_top, *fill_args, progress, skipped)
+            filled, _ = _fill(
+                task_sets["train"], train_files, load_top, *fill_args, progress, skipped
+            )
             usable += filled
     needed = {split: task_sets[split].num_images for split in ("train", "test")}
     summary = _skip_summary(skipped, image_source)
@@ -349,7 +425,9 @@ def _build_task_sets(
         raise PatchLocConfigError(
             f"image folder '{image_source}' has {usable} usable images but {sum(needed.values())} are needed "
             f"({needed['train']} for {num_train_tasks} training tasks + {needed['test']} for {num_test_tasks} held-out "
-            f"tasks, targets_per_image={targets_per_image})" + (f"; skipped {summary}" if summary else "") + "; add "
+            f"tasks, targets_per_image={targets_per_image})"
+            + (f"; skipped {summary}" if summary else "")
+            + "; add "
             "images, raise targets_per_image (--targets-per-image), lower image_size or ask for fewer tasks"
         )
     if skipped:
@@ -446,7 +524,9 @@ def _resolve_task_set(task_set: Optional[TaskSet], settings: dict[str, Any]) -> 
     if task_set is None:
         return make_task_set(**settings)
     if settings:
-        raise PatchLocConfigError(f"pass either a task_set or task-set settings ({', '.join(settings)}), not both")
+        raise PatchLocConfigError(
+            f"pass either a task_set or task-set settings ({', '.join(settings)}), not both"
+        )
     return task_set
 
 
@@ -490,12 +570,16 @@ class _Batch:
             self.task_set.draw_overview(self.obs[i, 1], task, state)
             self.obs[i, 2] = self.task_set.view(task, state)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Advance every env by one action (table look-ups); does not render. Returns (reward, terminated,
         truncated, success, stopped)."""
         cfg = self.config
         if actions.shape != self.states.shape or actions.min() < 0 or actions.max() >= NUM_ACTIONS:
-            raise ValueError(f"expected {len(self.states)} actions in 0..{NUM_ACTIONS - 1}, got {actions!r}")
+            raise ValueError(
+                f"expected {len(self.states)} actions in 0..{NUM_ACTIONS - 1}, got {actions!r}"
+            )
         self.states = TRANSITIONS[self.states, actions]
         ious = IOU[self.target_states, self.states]
         success = ious >= cfg.success_iou
@@ -510,7 +594,9 @@ class _Batch:
         return reward, terminated, truncated, success, stopped
 
 
-def _episode_config(task_set: TaskSet, max_steps, success_iou, success_bonus, stop_penalty) -> EpisodeConfig:
+def _episode_config(
+    task_set: TaskSet, max_steps, success_iou, success_bonus, stop_penalty
+) -> EpisodeConfig:
     _check_int("max_steps", max_steps, 1)
     start_iou = float(task_set.initial_ious().max())
     if not start_iou < success_iou <= 1.0:
@@ -518,7 +604,9 @@ def _episode_config(task_set: TaskSet, max_steps, success_iou, success_bonus, st
             f"success_iou must be in ({start_iou:g}, 1] (got {success_iou}): the starting full-image window "
             f"already has IoU {start_iou:g} with the largest targets"
         )
-    return EpisodeConfig(int(max_steps), float(success_iou), float(success_bonus), float(stop_penalty))
+    return EpisodeConfig(
+        int(max_steps), float(success_iou), float(success_bonus), float(stop_penalty)
+    )
 
 
 _ENV_ARGS_DOC = """
@@ -581,7 +669,11 @@ class PatchLocEnv(gym.Env):
 
     def _info(self) -> dict[str, Any]:
         task = int(self._batch.tasks[0])
-        return {"task_id": task, "iou": float(self._batch.ious[0]), "optimal_return": float(self.optimal_returns[task])}
+        return {
+            "task_id": task,
+            "iou": float(self._batch.ious[0]),
+            "optimal_return": float(self.optimal_returns[task]),
+        }
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
         super().reset(seed=seed)
@@ -589,21 +681,33 @@ class PatchLocEnv(gym.Env):
         if task is None:
             task = self.np_random.integers(self.task_set.num_tasks)
         elif not 0 <= task < self.task_set.num_tasks:
-            raise PatchLocConfigError(f"options['task_id'] must be in 0..{self.task_set.num_tasks - 1} (got {task})")
+            raise PatchLocConfigError(
+                f"options['task_id'] must be in 0..{self.task_set.num_tasks - 1} (got {task})"
+            )
         self._batch.start(np.zeros(1, dtype=np.int64), np.array([task]))
         return self._batch.obs[0].copy(), self._info()
 
     def step(self, action):
-        reward, terminated, truncated, success, stopped = self._batch.step(np.array([action], dtype=np.int64))
+        reward, terminated, truncated, success, stopped = self._batch.step(
+            np.array([action], dtype=np.int64)
+        )
         self._batch.render([0])
         info = self._info()
         info.update(success=bool(success[0]), stopped=bool(stopped[0]))
-        return self._batch.obs[0].copy(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
+        return (
+            self._batch.obs[0].copy(),
+            float(reward[0]),
+            bool(terminated[0]),
+            bool(truncated[0]),
+            info,
+        )
 
     def render(self) -> Optional[np.ndarray]:
         """render_mode "rgb_array": the image with the target and the current window outlined, uint8 (4V, 4V, 3)."""
         if self.render_mode is None:
-            gym.logger.warn("PatchLocEnv.render() was called without a render_mode; pass render_mode='rgb_array'")
+            gym.logger.warn(
+                "PatchLocEnv.render() was called without a render_mode; pass render_mode='rgb_array'"
+            )
             return None
         return self.task_set.draw_frame(self._batch.tasks[0], self._batch.states[0])
 
@@ -629,7 +733,12 @@ Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations (N, 3, V,
 
 
 def run_tasks(
-    task_set: TaskSet, num_tasks: int, act: Policy, num_envs: int = 50, max_steps: int = 20, seed: Optional[int] = None
+    task_set: TaskSet,
+    num_tasks: int,
+    act: Policy,
+    num_envs: int = 50,
+    max_steps: int = 20,
+    seed: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
     """Tasks 0..num_tasks-1 of `task_set`, each played exactly once by `act` in min(num_envs, num_tasks) envs (the
     held-out evaluation protocol): per-episode arrays of the return r, normalized_r (return / exact optimum), success."""
@@ -639,14 +748,18 @@ def run_tasks(
     while len(results["r"]) < num_tasks:
         next_obs, _, _, _, infos = envs.step(act(next_obs))
         if "episode" in infos:
-            counted = infos["_episode"] & infos["episode"]["from_queue"]  # later episodes draw random tasks
+            counted = (
+                infos["_episode"] & infos["episode"]["from_queue"]
+            )  # later episodes draw random tasks
             for key in results:
                 results[key].extend(infos["episode"][key][counted])
     envs.close()
     return {key: np.asarray(values) for key, values in results.items()}
 
 
-def episode_windows(task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None) -> list:
+def episode_windows(
+    task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None
+) -> list:
     """The window boxes (normalised, like TaskSet.target_boxes) of one episode of task `task_id` played by `act`, from
     the full image to the last step."""
     env = PatchLocEnv(task_set, max_steps=max_steps)
@@ -660,13 +773,19 @@ def episode_windows(task_set: TaskSet, task_id: int, act: Policy, max_steps: int
 
 
 def draw_episodes(
-    task_set: TaskSet, task_ids: Sequence[int], act: Policy, max_steps: int = 20, seed: Optional[int] = None
+    task_set: TaskSet,
+    task_ids: Sequence[int],
+    act: Policy,
+    max_steps: int = 20,
+    seed: Optional[int] = None,
 ) -> np.ndarray:
     """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side by side: (4V, n 4V, 3) uint8."""
     drawings = []
     for task_id in task_ids:
         boxes = episode_windows(task_set, task_id, act, max_steps, seed)
-        drawings.append(draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id]))
+        drawings.append(
+            draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id])
+        )
     return np.concatenate(drawings, axis=1)
 
 
@@ -679,7 +798,9 @@ def draw_episode_steps(
     return [draw_episode(image, boxes[: t + 1], target) for t in range(len(boxes))]
 
 
-def draw_episode(image: np.ndarray, window_boxes: Sequence[np.ndarray], target_box: np.ndarray) -> np.ndarray:
+def draw_episode(
+    image: np.ndarray, window_boxes: Sequence[np.ndarray], target_box: np.ndarray
+) -> np.ndarray:
     """The full image with the target (green) and the window's path, one outline per step (blue -> yellow)."""
     canvas = image.copy()
     side = canvas.shape[0]
@@ -694,13 +815,19 @@ def draw_episode(image: np.ndarray, window_boxes: Sequence[np.ndarray], target_b
     outline(target_box, (0, 255, 0), width=max(2, side // 100))
     for t, box in enumerate(window_boxes):
         frac = t / max(len(window_boxes) - 1, 1)
-        outline(box, (int(255 * frac), int(255 * frac), int(255 * (1 - frac))), width=max(1, side // 200))
+        outline(
+            box,
+            (int(255 * frac), int(255 * frac), int(255 * (1 - frac))),
+            width=max(1, side // 200),
+        )
     return canvas
 
 
 def _check_render_mode(render_mode: Optional[str], metadata: dict) -> Optional[str]:
     if render_mode is not None and render_mode not in metadata["render_modes"]:
-        raise PatchLocConfigError(f"render_mode must be None or one of {metadata['render_modes']} (got {render_mode!r})")
+        raise PatchLocConfigError(
+            f"render_mode must be None or one of {metadata['render_modes']} (got {render_mode!r})"
+        )
     return render_mode
 
 
@@ -775,7 +902,11 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         self._queue = np.zeros(0, dtype=np.int64)
         if task_ids is not None:
             task_ids = np.asarray(task_ids, dtype=np.int64).reshape(-1)
-            if len(task_ids) < self.num_envs or task_ids.min() < 0 or task_ids.max() >= self.task_set.num_tasks:
+            if (
+                len(task_ids) < self.num_envs
+                or task_ids.min() < 0
+                or task_ids.max() >= self.task_set.num_tasks
+            ):
                 raise PatchLocConfigError(
                     f"options['task_ids'] needs at least {self.num_envs} ids in 0..{self.task_set.num_tasks - 1} "
                     f"(got {len(task_ids)} ids)"
@@ -787,14 +918,18 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
 
     def step(self, actions):
         batch = self._batch
-        reward, terminated, truncated, success, stopped = batch.step(np.asarray(actions, dtype=np.int64).reshape(-1))
+        reward, terminated, truncated, success, stopped = batch.step(
+            np.asarray(actions, dtype=np.int64).reshape(-1)
+        )
         done = terminated | truncated
         infos: dict[str, Any] = {}
         if done.any():
             ended = np.flatnonzero(done)
             # Episode statistics, gymnasium convention: arrays over all envs + a "_episode" mask.
             optimal = self.optimal_returns[batch.tasks]
-            normalized = np.divide(batch.returns, optimal, out=np.full(self.num_envs, np.nan), where=optimal > 0)
+            normalized = np.divide(
+                batch.returns, optimal, out=np.full(self.num_envs, np.nan), where=optimal > 0
+            )
             infos["episode"] = {
                 "r": np.where(done, batch.returns, 0.0).astype(np.float32),
                 "l": np.where(done, batch.steps, 0).astype(np.int32),
@@ -821,9 +956,14 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
     def render(self) -> Optional[tuple[np.ndarray, ...]]:
         """render_mode "rgb_array": one frame per env, the image with the target and the window outlined (4V, 4V, 3)."""
         if self.render_mode is None:
-            gym.logger.warn("PatchLocVecEnv.render() was called without a render_mode; pass render_mode='rgb_array'")
+            gym.logger.warn(
+                "PatchLocVecEnv.render() was called without a render_mode; pass render_mode='rgb_array'"
+            )
             return None
-        return tuple(self.task_set.draw_frame(task, state) for task, state in zip(self._batch.tasks, self._batch.states))
+        return tuple(
+            self.task_set.draw_frame(task, state)
+            for task, state in zip(self._batch.tasks, self._batch.states)
+        )
 
     @property
     def tasks(self) -> np.ndarray:
@@ -847,8 +987,15 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         int64 / float64 / bool, so that a checkpoint can store them as tensors (torch.load(weights_only=True))."""
         rng = self.np_random.bit_generator.state
         if rng["bit_generator"] != "PCG64":
-            raise TypeError(f"get_state supports the PCG64 generator of gymnasium's seeding, not {rng['bit_generator']}")
-        words = [rng["state"]["state"] >> 64, rng["state"]["state"], rng["state"]["inc"] >> 64, rng["state"]["inc"]]
+            raise TypeError(
+                f"get_state supports the PCG64 generator of gymnasium's seeding, not {rng['bit_generator']}"
+            )
+        words = [
+            rng["state"]["state"] >> 64,
+            rng["state"]["state"],
+            rng["state"]["inc"] >> 64,
+            rng["state"]["inc"],
+        ]
         words = [w & (2**64 - 1) for w in words] + [rng["has_uint32"], rng["uinteger"]]
         b = self._batch
         return {

@@ -28,7 +28,9 @@ STAGE_C_PHOTO_ARMS = ("bn", "bn-mdr21")
 STAGE_C_SEEDS = tuple(range(11, 27))
 STAGE_C_PHOTO_SEEDS = tuple(range(11, 19))
 STAGE_C_STEPS = 25_600  # 200 updates of 128 transitions
-STAGE_C_TARGETS_PER_IMAGE = 2  # real photos: 4 training tasks on 2 photos, the held-out task on a third
+STAGE_C_TARGETS_PER_IMAGE = (
+    2  # real photos: 4 training tasks on 2 photos, the held-out task on a third
+)
 RIVALS = ["bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none"]
 HEADERS = {
     "stage-a": "Stage A (regime): BN and BN+MDR(2,1), 3 paired seeds, views batched separately, BN momentum 0.01 and 0.1.\n"
@@ -66,28 +68,63 @@ def stage_c_line(arm: str, momentum: str, seed: int, image_source: str) -> str:
 
 def run_list(stage: str, momentum: str, seeds: list, image_source: str = "procedural") -> list:
     if stage == "stage-c":
-        return [stage_c_line(arm, momentum, seed, "procedural") for seed in seeds for arm in STAGE_C_ARMS]
+        return [
+            stage_c_line(arm, momentum, seed, "procedural")
+            for seed in seeds
+            for arm in STAGE_C_ARMS
+        ]
     if stage == "stage-c-photos":
-        return [stage_c_line(arm, momentum, seed, image_source) for seed in seeds for arm in STAGE_C_PHOTO_ARMS]
+        return [
+            stage_c_line(arm, momentum, seed, image_source)
+            for seed in seeds
+            for arm in STAGE_C_PHOTO_ARMS
+        ]
     if stage == "stage-a":
-        return [line(mode, m, seed, stage) for seed in STAGE_A_SEEDS for m in ("0.01", "0.1") for mode in ("bn", "bn-mdr")]
+        return [
+            line(mode, m, seed, stage)
+            for seed in STAGE_A_SEEDS
+            for m in ("0.01", "0.1")
+            for mode in ("bn", "bn-mdr")
+        ]
     if stage == "rivals":
         return [line(mode, momentum, seed, stage) for seed in seeds for mode in RIVALS]
     ran_in_stage_a = {(mode, seed) for mode in ("bn", "bn-mdr") for seed in STAGE_A_SEEDS}
-    runs = [(seed, mode) for seed in seeds for mode in ("bn", "bn-mdr", "eval") if (mode, seed) not in ran_in_stage_a]
-    runs.sort(key=lambda run: run[0] in STAGE_A_SEEDS)  # new BN/BN+MDR pairs first: a queue stopped early still tests
+    runs = [
+        (seed, mode)
+        for seed in seeds
+        for mode in ("bn", "bn-mdr", "eval")
+        if (mode, seed) not in ran_in_stage_a
+    ]
+    runs.sort(
+        key=lambda run: run[0] in STAGE_A_SEEDS
+    )  # new BN/BN+MDR pairs first: a queue stopped early still tests
     return [line(mode, momentum, seed, stage) for seed, mode in runs]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=sorted(HEADERS))
-    parser.add_argument("--bn-momentum", default="0.01", help="the regime's BN momentum (stage-b, rivals)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="default: 1-10 (stage-b), 1-4 (rivals), 11-26 / 11-18 (stage-c)")
-    parser.add_argument("--image-source", default="data/photos", help="stage-c-photos: the photo folder, as the runs see it")
+    parser.add_argument(
+        "--bn-momentum", default="0.01", help="the regime's BN momentum (stage-b, rivals)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="default: 1-10 (stage-b), 1-4 (rivals), 11-26 / 11-18 (stage-c)",
+    )
+    parser.add_argument(
+        "--image-source",
+        default="data/photos",
+        help="stage-c-photos: the photo folder, as the runs see it",
+    )
     parser.add_argument("--out", type=Path, help=f"the list's file (default: {OUT}/<stage>.txt)")
     args = parser.parse_args(argv)
-    default_seeds = {"stage-b": range(1, 11), "stage-c": STAGE_C_SEEDS, "stage-c-photos": STAGE_C_PHOTO_SEEDS}
+    default_seeds = {
+        "stage-b": range(1, 11),
+        "stage-c": STAGE_C_SEEDS,
+        "stage-c-photos": STAGE_C_PHOTO_SEEDS,
+    }
     seeds = args.seeds or list(default_seeds.get(args.stage, range(1, 5)))
     runs_dir = OUT_C if args.stage.startswith("stage-c") else OUT
     out = args.out or runs_dir / f"{args.stage.replace('-', '_')}.txt"

@@ -20,14 +20,31 @@ import tyro
 import yaml
 
 PROCGEN, PATCHLOC = "ppo_procgen_mdr.py", "ppo_patchloc_mdr.py"
-GAMES = ["bigfish", "bossfight", "caveflyer", "chaser", "coinrun", "starpilot"]  # the paper's six (Sec. 4.1)
+GAMES = [
+    "bigfish",
+    "bossfight",
+    "caveflyer",
+    "chaser",
+    "coinrun",
+    "starpilot",
+]  # the paper's six (Sec. 4.1)
 SEEDS = [1, 2, 3]
 # epochs per rollout are 3 (Procgen) or 3 rounds x 3 (patch-loc, --mdr-rounds 3 is its default): PPO puts all of them
 # in train mode, MDR splits them (paper Sec. 4 and App. C)
 PPO = {"alpha1": 3, "alpha2": 0}
 MDR21 = {"alpha1": 2, "alpha2": 1}
 MDR12 = {"alpha1": 1, "alpha2": 2}
-FLAG_ORDER = ["env-id", "num-tasks", "image-source", "norm", "alpha1", "alpha2", "bn-momentum", "dropout-p", "seed"]
+FLAG_ORDER = [
+    "env-id",
+    "num-tasks",
+    "image-source",
+    "norm",
+    "alpha1",
+    "alpha2",
+    "bn-momentum",
+    "dropout-p",
+    "seed",
+]
 METRIC = {PROCGEN: "charts/episodic_return", PATCHLOC: "charts/normalized_reward"}
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +60,10 @@ class Family:
     axes: dict  # flag -> values; seeds are added by the grid
 
     def configs(self) -> list[dict]:
-        return [{**self.fixed, **dict(zip(self.axes, values))} for values in itertools.product(*self.axes.values())]
+        return [
+            {**self.fixed, **dict(zip(self.axes, values))}
+            for values in itertools.product(*self.axes.values())
+        ]
 
 
 @dataclass(frozen=True)
@@ -54,11 +74,15 @@ class Grid:
 
     def lines(self) -> list[str]:
         configs = [config for family in self.families for config in family.configs()]
-        return [command(self.script, {**config, "seed": seed}) for seed in SEEDS for config in configs]
+        return [
+            command(self.script, {**config, "seed": seed}) for seed in SEEDS for config in configs
+        ]
 
 
 def command(script: str, flags: dict) -> str:
-    return " ".join(["python", script] + [f"--{flag} {flags[flag]}" for flag in FLAG_ORDER if flag in flags])
+    return " ".join(
+        ["python", script] + [f"--{flag} {flags[flag]}" for flag in FLAG_ORDER if flag in flags]
+    )
 
 
 def families(image_sources: list[str]) -> dict[str, Family]:
@@ -115,7 +139,10 @@ def sweep_file(family: Family) -> str:
     """A wandb grid sweep over the family; the agent runs `python SCRIPT --flag=value ... --track` per grid point."""
     parameters = {flag: {"value": value} for flag, value in family.fixed.items()}
     parameters |= {flag: {"values": values} for flag, values in family.axes.items()}
-    parameters |= {"seed": {"values": SEEDS}, "track": {"value": True}}  # a boolean: `--track` via args_no_boolean_flags
+    parameters |= {
+        "seed": {"values": SEEDS},
+        "track": {"value": True},
+    }  # a boolean: `--track` via args_no_boolean_flags
     sweep = {
         "name": family.name,
         "description": family.what,
@@ -148,14 +175,18 @@ def main(args: Args) -> None:
         sys.exit("error: --image-source needs at least one source (procedural or a folder)")
     for source in args.image_source:
         if not re.fullmatch(r"[\w./+-]+", source):
-            sys.exit(f"error: --image-source {source!r}: use a path of letters, digits and ._/+- (list lines split on spaces)")
+            sys.exit(
+                f"error: --image-source {source!r}: use a path of letters, digits and ._/+- (list lines split on spaces)"
+            )
     all_grids = grids(args.image_source)
     if args.list:
         print(f"{'grid':<15}{'script':<21}{'runs':>5}  what")
         for name, grid in all_grids.items():
             print(f"{name:<15}{grid.script:<21}{len(grid.lines()):>5}  {grid.what}")
         distinct = {line for grid in all_grids.values() for line in grid.lines()}
-        print(f"{'all':<36}{len(distinct):>5}  distinct runs (a run in two grids is one run folder, run once)")
+        print(
+            f"{'all':<36}{len(distinct):>5}  distinct runs (a run in two grids is one run folder, run once)"
+        )
         return
     out = Path(args.out) if args.out else HERE
     (out / "lists").mkdir(parents=True, exist_ok=True)
@@ -165,7 +196,9 @@ def main(args: Args) -> None:
     all_families = families(args.image_source)
     for family in all_families.values():
         (out / "wandb" / f"{family.name}.yaml").write_text(sweep_file(family))
-    print(f"wrote {len(all_grids)} run lists to {out / 'lists'} and {len(all_families)} sweep files to {out / 'wandb'}")
+    print(
+        f"wrote {len(all_grids)} run lists to {out / 'lists'} and {len(all_families)} sweep files to {out / 'wandb'}"
+    )
 
 
 if __name__ == "__main__":

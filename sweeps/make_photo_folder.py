@@ -54,8 +54,16 @@ def source_files() -> list:
             raise UserError(f"{package} is not installed: pip install {INSTALL[package]}") from None
         path = Path(module.__file__).parent / folder / file
         if not path.is_file():
-            raise UserError(f"{path}: not in this {INSTALL[package]} installation (is it a trimmed install?)")
-        found.append((f"{package}-{file}", path, f"{INSTALL[package]} {module.__version__}: {package}/{folder}/{file}"))
+            raise UserError(
+                f"{path}: not in this {INSTALL[package]} installation (is it a trimmed install?)"
+            )
+        found.append(
+            (
+                f"{package}-{file}",
+                path,
+                f"{INSTALL[package]} {module.__version__}: {package}/{folder}/{file}",
+            )
+        )
     return found
 
 
@@ -64,24 +72,36 @@ def write_folder(dest: Path, check=None) -> dict:
     files = source_files()
     manifest = {
         "source": "sweeps/make_photo_folder.py",
-        "photos": [{"file": name, "from": origin, "sha256": sha256(path)} for name, path, origin in files],
+        "photos": [
+            {"file": name, "from": origin, "sha256": sha256(path)} for name, path, origin in files
+        ],
     }
     if check is not None:
         try:
-            expected = {p["file"]: p["sha256"] for p in json.loads(Path(check).read_text())["photos"]}
+            expected = {
+                p["file"]: p["sha256"] for p in json.loads(Path(check).read_text())["photos"]
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--check {check}: not a photos.json manifest ({type(e).__name__})") from None
+            raise UserError(
+                f"--check {check}: not a photos.json manifest ({type(e).__name__})"
+            ) from None
         got = {p["file"]: p["sha256"] for p in manifest["photos"]}
-        differ = sorted(name for name in set(expected) | set(got) if expected.get(name) != got.get(name))
+        differ = sorted(
+            name for name in set(expected) | set(got) if expected.get(name) != got.get(name)
+        )
         if differ:
-            raise UserError(f"these photographs differ from {check} (another package version?): {', '.join(differ)}")
+            raise UserError(
+                f"these photographs differ from {check} (another package version?): {', '.join(differ)}"
+            )
     wanted = {name for name, _, _ in files} | {"photos.json"}
     if dest.exists():
         if not dest.is_dir():
             raise UserError(f"{dest} exists and is not a folder")
         others = sorted(p.name for p in dest.iterdir() if p.name not in wanted)
         if others:
-            raise UserError(f"{dest} already holds other files ({', '.join(others[:3])}); give an empty or new folder")
+            raise UserError(
+                f"{dest} already holds other files ({', '.join(others[:3])}); give an empty or new folder"
+            )
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for name, path, _ in files:
@@ -94,15 +114,21 @@ def write_folder(dest: Path, check=None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dest", type=Path, help="the folder to write (created; may already hold an earlier copy)")
-    parser.add_argument("--check", type=Path, help="a photos.json whose hashes the photographs must match")
+    parser.add_argument(
+        "dest", type=Path, help="the folder to write (created; may already hold an earlier copy)"
+    )
+    parser.add_argument(
+        "--check", type=Path, help="a photos.json whose hashes the photographs must match"
+    )
     args = parser.parse_args(argv)
     try:
         manifest = write_folder(args.dest, args.check)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(manifest['photos'])} photographs to {os.path.normpath(args.dest)} (photos.json lists them)")
+    print(
+        f"wrote {len(manifest['photos'])} photographs to {os.path.normpath(args.dest)} (photos.json lists them)"
+    )
     return 0
 
 

@@ -44,14 +44,20 @@ def fake_runs():
             series = {"charts/normalized_reward": ramp}
             test_tag = "charts/test_normalized_reward"
         if test_final is not None:
-            series[test_tag] = {step: test_final for step in (500, 1000)}  # evaluated every few iterations
+            series[test_tag] = {
+                step: test_final for step in (500, 1000)
+            }  # evaluated every few iterations
         runs.append((config, series))
 
     for game_offset, game in enumerate(PROCGEN_GAMES):
         for seed in (1, 2, 3):
             add(procgen(game, "bn", 3, 0, seed, bn_momentum=0.1), 1 + game_offset + seed)
-            add(procgen(game, "bn", 3, 0, seed, bn_momentum=0.01), 2 + game_offset + seed)  # BN's best momentum
-            add(procgen(game, "bn", 2, 1, seed, bn_momentum=0.1), 4 + game_offset + seed)  # BN+MDR: 7 +- 1 on bigfish
+            add(
+                procgen(game, "bn", 3, 0, seed, bn_momentum=0.01), 2 + game_offset + seed
+            )  # BN's best momentum
+            add(
+                procgen(game, "bn", 2, 1, seed, bn_momentum=0.1), 4 + game_offset + seed
+            )  # BN+MDR: 7 +- 1 on bigfish
             add(procgen(game, "bn", 1, 2, seed, bn_momentum=0.01), 3 + game_offset + seed)
             add(procgen(game, "none", 3, 0, seed), 2 + seed, test_final=1.0)
             add(procgen(game, "dropout", 3, 0, seed), 1 + seed, test_final=0.5)
@@ -67,7 +73,10 @@ def fake_runs():
 
 def write_run(folder, config, series, with_args_json=True):
     writer = SummaryWriter(str(folder))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()),
+    )
     for tag, values in series.items():
         for step, value in values.items():
             writer.add_scalar(tag, value, step)
@@ -80,13 +89,25 @@ def write_run(folder, config, series, with_args_json=True):
 def runs_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for i, (config, series) in enumerate(fake_runs()):
-        write_run(root / f"run{i:03d}", config, series, with_args_json=i % 5 != 0)  # some with the text summary only
+        write_run(
+            root / f"run{i:03d}", config, series, with_args_json=i % 5 != 0
+        )  # some with the text summary only
     # a resumed run: its first event file logged steps 0-600 with wrong values, the resumed one re-logs 500-1000
     config = procgen("caveflyer", "bn", 2, 1, seed=1)
-    write_run(root / "resumed", config, {"charts/episodic_return": {s: -5.0 for s in range(0, 601, 100)}})
-    write_run(root / "resumed", config, {"charts/episodic_return": {s: 9.0 for s in range(500, 1001, 100)}})
+    write_run(
+        root / "resumed", config, {"charts/episodic_return": {s: -5.0 for s in range(0, 601, 100)}}
+    )
+    write_run(
+        root / "resumed",
+        config,
+        {"charts/episodic_return": {s: 9.0 for s in range(500, 1001, 100)}},
+    )
     # the same configuration and seed twice (a run restarted under another --run-name, stopped early): the longer counts
-    write_run(root / "stopped", procgen("bigfish", "bn", 2, 1, seed=1), {"charts/episodic_return": {0: 0.0, 100: 100.0}})
+    write_run(
+        root / "stopped",
+        procgen("bigfish", "bn", 2, 1, seed=1),
+        {"charts/episodic_return": {0: 0.0, 100: 100.0}},
+    )
     # not a run of the two training scripts (a collapse-probe run): skipped
     write_run(root / "probe", {"mode": "bn", "seed": 1}, {"charts/normalized_reward": {0: 1.0}})
     return root
@@ -112,30 +133,58 @@ def test_final_scores_are_mean_and_std_over_seeds(aggregated):
     _, rows, table = aggregated
     row = rows[("fig3_procgen", "bigfish", "BN+MDR", "charts/episodic_return")]
     # seeds end at 5, 6, 7 (x 1.0 at step 1000, x 0.9 at step 900): finals 4.75, 5.7, 6.65
-    assert float(row["mean"]) == pytest.approx(5.7) and float(row["std"]) == pytest.approx(0.95) and row["seeds"] == "3"
+    assert (
+        float(row["mean"]) == pytest.approx(5.7)
+        and float(row["std"]) == pytest.approx(0.95)
+        and row["seeds"] == "3"
+    )
     assert "| bigfish |" in table and "5.70 +- 0.95" in table
 
 
 def test_best_variant_per_method_as_the_paper_reports(aggregated):
     _, rows, _ = aggregated
-    assert rows[("fig3_procgen", "coinrun", "BN", "charts/episodic_return")]["variant"] == "(3,0) m=0.01"
-    assert rows[("fig3_procgen", "coinrun", "BN+MDR", "charts/episodic_return")]["variant"] == "(2,1) m=0.1"  # beat (1,2)
+    assert (
+        rows[("fig3_procgen", "coinrun", "BN", "charts/episodic_return")]["variant"]
+        == "(3,0) m=0.01"
+    )
+    assert (
+        rows[("fig3_procgen", "coinrun", "BN+MDR", "charts/episodic_return")]["variant"]
+        == "(2,1) m=0.1"
+    )  # beat (1,2)
     methods = {method for figure, _, method, _ in rows if figure == "fig3_procgen"}
     assert methods == {"BN", "BN+MDR", "NoNorm"}  # dropout runs are Fig. 4's
 
 
 def test_dropout_figures_have_train_and_held_out_scores(aggregated):
     _, rows, _ = aggregated
-    assert {m for f, _, m, _ in rows if f == "fig4_procgen_dropout"} == {"NoNorm", "Dropout", "Dropout+MDR"}
-    assert float(rows[("fig4_procgen_dropout", "coinrun", "Dropout+MDR", "charts/test_episodic_return")]["mean"]) == 2.0
+    assert {m for f, _, m, _ in rows if f == "fig4_procgen_dropout"} == {
+        "NoNorm",
+        "Dropout",
+        "Dropout+MDR",
+    }
+    assert (
+        float(
+            rows[("fig4_procgen_dropout", "coinrun", "Dropout+MDR", "charts/test_episodic_return")][
+                "mean"
+            ]
+        )
+        == 2.0
+    )
     fig5 = {(panel, m) for f, panel, m, _ in rows if f == "fig5_patchloc_dropout"}
-    assert fig5 == {("procedural, 2048 tasks", m) for m in ["NoNorm", "Dropout 20%", "Dropout 20%+MDR"]}
-    assert {panel for f, panel, _, _ in rows if f == "fig3_patchloc"} == {"procedural, 256 tasks"}  # NoNorm alone: no panel
+    assert fig5 == {
+        ("procedural, 2048 tasks", m) for m in ["NoNorm", "Dropout 20%", "Dropout 20%+MDR"]
+    }
+    assert {panel for f, panel, _, _ in rows if f == "fig3_patchloc"} == {
+        "procedural, 256 tasks"
+    }  # NoNorm alone: no panel
 
 
 def test_a_resumed_run_keeps_the_values_logged_last(aggregated):
     _, rows, _ = aggregated
-    assert float(rows[("fig3_procgen", "caveflyer", "BN+MDR", "charts/episodic_return")]["mean"]) == 9.0
+    assert (
+        float(rows[("fig3_procgen", "caveflyer", "BN+MDR", "charts/episodic_return")]["mean"])
+        == 9.0
+    )
 
 
 def test_interquartile_mean_and_probability_of_improvement(aggregated):
@@ -149,7 +198,9 @@ def test_interquartile_mean_and_probability_of_improvement(aggregated):
     levels["NoNorm"] = [[2 + s] * 2 for s in (1, 2, 3)]
     for method, level in levels.items():
         iqm = scipy.stats.trim_mean(0.095 * np.array(level), 0.25, axis=None)
-        row = re.search(rf"\| {re.escape(method)} \| 3 x 2 \| ([\d.]+) \| \[([\d.]+), ([\d.]+)\] \|", table)
+        row = re.search(
+            rf"\| {re.escape(method)} \| 3 x 2 \| ([\d.]+) \| \[([\d.]+), ([\d.]+)\] \|", table
+        )
         assert row and float(row.group(1)) == pytest.approx(iqm, abs=1e-3), table
         assert float(row.group(2)) <= iqm <= float(row.group(3))
     # P(X > Y) per game (ties count half), averaged over games
@@ -169,7 +220,10 @@ def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
 
         def scan_history(self, keys):
             tag = next(k for k in keys if k != "global_step")
-            return [{"global_step": step, tag: value} for step, value in self.series.get(tag, {}).items()]
+            return [
+                {"global_step": step, tag: value}
+                for step, value in self.series.get(tag, {}).items()
+            ]
 
     class FakeApi:
         def runs(self, project):
@@ -177,10 +231,14 @@ def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
             return [FakeRun(i, config, series) for i, (config, series) in enumerate(fake_runs())]
 
     monkeypatch.setattr(wandb, "Api", FakeApi)
-    assert aggregate.main(aggregate.Args(wandb_project="me/mdr", out_dir=str(tmp_path), reps=200)) == 0
+    assert (
+        aggregate.main(aggregate.Args(wandb_project="me/mdr", out_dir=str(tmp_path), reps=200)) == 0
+    )
     out, _, _ = aggregated
     with open(out / "final_scores.csv") as f:
-        from_runs_dir = [r for r in csv.DictReader(f) if r["panel"] != "caveflyer"]  # the resumed run is not in wandb's
+        from_runs_dir = [
+            r for r in csv.DictReader(f) if r["panel"] != "caveflyer"
+        ]  # the resumed run is not in wandb's
     with open(tmp_path / "final_scores.csv") as f:
         from_wandb = list(csv.DictReader(f))
     numbers = ("mean", "std")  # TensorBoard stores float32
@@ -188,15 +246,26 @@ def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
         {k: v for k, v in r.items() if k not in numbers} for r in from_runs_dir
     ]
     for wandb_row, runs_dir_row in zip(from_wandb, from_runs_dir):
-        assert [float(wandb_row[k]) for k in numbers] == pytest.approx([float(runs_dir_row[k]) for k in numbers], rel=1e-5)
+        assert [float(wandb_row[k]) for k in numbers] == pytest.approx(
+            [float(runs_dir_row[k]) for k in numbers], rel=1e-5
+        )
 
 
 def test_no_runs_is_a_one_line_error(repo_root, tmp_path):
     (tmp_path / "runs").mkdir()
     result = subprocess.run(
-        [sys.executable, str(repo_root / "analysis" / "aggregate.py"), "--runs-dir", str(tmp_path / "runs")],
+        [
+            sys.executable,
+            str(repo_root / "analysis" / "aggregate.py"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
+    assert (
+        result.returncode == 1
+        and result.stderr.count("\n") == 1
+        and result.stderr.startswith("error:")
+    ), result.stderr

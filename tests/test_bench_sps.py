@@ -55,18 +55,32 @@ def expected_iteration(script, module, args):
 
 
 def test_update_passes_by_hand():
-    args = ppo_patchloc_mdr.Args(num_envs=2, num_steps=35, minibatch_size=32, alpha1=2, alpha2=1, mdr_rounds=2)
+    args = ppo_patchloc_mdr.Args(
+        num_envs=2, num_steps=35, minibatch_size=32, alpha1=2, alpha2=1, mdr_rounds=2
+    )
     args.batch_size = 70  # minibatches of 32, 32 and 6
     train, rectify = (
         [(True, 32, True), (True, 32, True), (True, 6, True)],
         [(False, 32, True), (False, 32, True), (False, 6, True)],
     )
-    values = [(False, 32, False), (False, 32, False), (False, 6, False), (False, 2, False)]  # D_k chunks + bootstrap
-    assert bench.update_passes("patchloc", ppo_patchloc_mdr, args) == train * 2 + rectify + values + train * 2 + rectify
+    values = [
+        (False, 32, False),
+        (False, 32, False),
+        (False, 6, False),
+        (False, 2, False),
+    ]  # D_k chunks + bootstrap
+    assert (
+        bench.update_passes("patchloc", ppo_patchloc_mdr, args)
+        == train * 2 + rectify + values + train * 2 + rectify
+    )
 
 
 def test_bound_counts_the_procgen_script_passes(recorded_passes, tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo_procgen_mdr, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs))
+    monkeypatch.setattr(
+        ppo_procgen_mdr,
+        "evaluate",
+        lambda agent, args, device, iteration: np.zeros(args.num_eval_envs),
+    )
     args = ppo_procgen_mdr.Args(
         num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
         pretrained=False, cuda=False, mdr_rounds=2, diag_minibatches=-1, diag_ratio_every=0,
@@ -84,10 +98,14 @@ def test_bound_counts_the_patchloc_script_passes(recorded_passes, tmp_path, monk
         pretrained=False, cuda=False, diag_minibatches=-1, diag_ratio_every=0,
     )  # fmt: skip
     run(ppo_patchloc_mdr, args, tmp_path, monkeypatch)
-    assert (True, 8, True) in bench.update_passes("patchloc", ppo_patchloc_mdr, args)  # the ragged last minibatch
+    assert (True, 8, True) in bench.update_passes(
+        "patchloc", ppo_patchloc_mdr, args
+    )  # the ragged last minibatch
     measured = expected_iteration("patchloc", ppo_patchloc_mdr, args) * args.num_iterations
     assert recorded_passes[: len(measured)] == measured
-    assert all(not training and not grad for training, _, grad in recorded_passes[len(measured) :])  # the evaluation
+    assert all(
+        not training and not grad for training, _, grad in recorded_passes[len(measured) :]
+    )  # the evaluation
 
 
 @pytest.mark.parametrize("mode", ["bn-mdr", "eval"])
@@ -98,14 +116,18 @@ def test_bound_counts_the_probe_gradient_passes(mode, recorded_passes, tmp_path,
         image_size=64, hidden_size=32,
     )  # fmt: skip
     run(ppo_collapse_probe, args, tmp_path, monkeypatch)
-    counted = [p for p in bench.update_passes("probe", ppo_collapse_probe, args) if p[2]] * args.num_iterations
+    counted = [
+        p for p in bench.update_passes("probe", ppo_collapse_probe, args) if p[2]
+    ] * args.num_iterations
     assert [p for p in recorded_passes if p[2]] == counted
     assert len(counted) == 3 * 3 * args.num_iterations  # 3 epochs of minibatches 8, 8, 4
 
 
 def test_section_timer_charges_a_nested_call_to_the_outer_section(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(bench, "clocks", lambda: {"time": now[0], "cpu": 2 * now[0]})  # CPU: two busy threads
+    monkeypatch.setattr(
+        bench, "clocks", lambda: {"time": now[0], "cpu": 2 * now[0]}
+    )  # CPU: two busy threads
     timer = bench.SectionTimer()
     timer.mark = bench.clocks()
 
@@ -128,12 +150,18 @@ def test_section_timer_charges_a_nested_call_to_the_outer_section(monkeypatch):
 
 
 def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo_procgen_mdr, "evaluate", lambda agent, args, *rest: np.zeros(args.num_eval_envs))
+    monkeypatch.setattr(
+        ppo_procgen_mdr, "evaluate", lambda agent, args, *rest: np.zeros(args.num_eval_envs)
+    )
     args = ppo_procgen_mdr.Args(
         num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
         pretrained=False, cuda=False,
     )  # fmt: skip
-    originals = (ppo_procgen_mdr.ppo_update, ppo_procgen_mdr.Agent.get_value, ppo_procgen_mdr.RunLogger.log)
+    originals = (
+        ppo_procgen_mdr.ppo_update,
+        ppo_procgen_mdr.Agent.get_value,
+        ppo_procgen_mdr.RunLogger.log,
+    )
     timer = bench.SectionTimer()
     timer.instrument(ppo_procgen_mdr)
     try:
@@ -143,7 +171,16 @@ def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_pat
 
     assert len(timer.iterations) == args.num_iterations == 2
     for iteration in timer.iterations:
-        assert all(iteration["time"][section] > 0 for section in ("env", "inference", "update", "diagnostics"))
+        assert all(
+            iteration["time"][section] > 0
+            for section in ("env", "inference", "update", "diagnostics")
+        )
         assert iteration["time"]["other"] >= 0
-    assert timer.iterations[-1]["evaluation"]["time"] > 0  # the final evaluation, after the last iteration's log
-    assert (ppo_procgen_mdr.ppo_update, ppo_procgen_mdr.Agent.get_value, ppo_procgen_mdr.RunLogger.log) == originals
+    assert (
+        timer.iterations[-1]["evaluation"]["time"] > 0
+    )  # the final evaluation, after the last iteration's log
+    assert (
+        ppo_procgen_mdr.ppo_update,
+        ppo_procgen_mdr.Agent.get_value,
+        ppo_procgen_mdr.RunLogger.log,
+    ) == originals

@@ -40,12 +40,22 @@ def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None,
             if i == 1:
                 reward = float("nan")  # no episode finished in the first update
             row = {column: 0.0 for column in columns}
-            row.update(iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed)
-            row.update(normalized_reward=reward, smoothed_reward=reward, entropy=1.5, acting_entropy=1.4, wall_time=2.0 * i)
+            row.update(
+                iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed
+            )
+            row.update(
+                normalized_reward=reward,
+                smoothed_reward=reward,
+                entropy=1.5,
+                acting_entropy=1.4,
+                wall_time=2.0 * i,
+            )
             row["delta_pi_minus"] = 0.0 if mode == "eval" else 1e-4 * math.exp(i / 8)
             writer.writerow(row)
     run_args = {"bn_momentum": 0.01} if old else {"bn_momentum": 0.1, "view_batching": "separate"}
-    (folder / "summary.json").write_text(json.dumps({"wall_time_s": 2.0 * iterations, "args": run_args}))
+    (folder / "summary.json").write_text(
+        json.dumps({"wall_time_s": 2.0 * iterations, "args": run_args})
+    )
 
 
 def test_read_runs_reads_old_and_new_runs(tmp_path):
@@ -54,7 +64,9 @@ def test_read_runs_reads_old_and_new_runs(tmp_path):
     write_run(tmp_path / "crashed", "eval", 0.2, 0.01, 3, iterations=4)
     (tmp_path / "crashed" / "summary.json").unlink()
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "metrics.csv").write_text(",".join(probe.CSV_COLUMNS) + "\n")  # killed before its first update
+    (tmp_path / "empty" / "metrics.csv").write_text(
+        ",".join(probe.CSV_COLUMNS) + "\n"
+    )  # killed before its first update
 
     runs = {run["name"]: run for run in figures.read_runs(str(tmp_path))}
 
@@ -62,10 +74,23 @@ def test_read_runs_reads_old_and_new_runs(tmp_path):
     old, new, crashed = runs["old"], runs["new/a"], runs["crashed"]
     assert (old["entropy_source"], new["entropy_source"]) == ("entropy", "acting_entropy")
     assert list(old["acting_entropy"]) == [1.5] * 5 and list(new["acting_entropy"]) == [1.4] * 7
-    assert (old["bn_momentum"], old["view_batching"]) == (0.01, "joint")  # before --view-batching: one joint pass
-    assert (new["mode"], new["seed"], new["clip_coef"], new["ent_coef"], new["bn_momentum"]) == ("bn-mdr", 2, 0.05, 0.0, 0.1)
+    assert (old["bn_momentum"], old["view_batching"]) == (
+        0.01,
+        "joint",
+    )  # before --view-batching: one joint pass
+    assert (new["mode"], new["seed"], new["clip_coef"], new["ent_coef"], new["bn_momentum"]) == (
+        "bn-mdr",
+        2,
+        0.05,
+        0.0,
+        0.1,
+    )
     assert new["view_batching"] == "separate" and new["wall_time_s"] == 14.0
-    assert (crashed["bn_momentum"], crashed["view_batching"], crashed["wall_time_s"]) == (None, None, 8.0)
+    assert (crashed["bn_momentum"], crashed["view_batching"], crashed["wall_time_s"]) == (
+        None,
+        None,
+        8.0,
+    )
     assert math.isnan(new["normalized_reward"][0]) and list(new["iteration"]) == list(range(1, 8))
 
 
@@ -78,10 +103,22 @@ def test_fig6_and_entropy_comparison_from_old_and_new_runs(tmp_path):
                 folder = runs_dir / f"{mode}_clip{clip}_ent0.01_seed{seed}"
                 write_run(folder, mode, clip, 0.01, seed, crash_at=crash, old=seed == 1)
     for seed in (1, 2, 3):
-        write_run(runs_dir / f"bn-mdr_clip0.2_ent0_seed{seed}", "bn-mdr", 0.2, 0.0, seed, iterations=30 + seed)
+        write_run(
+            runs_dir / f"bn-mdr_clip0.2_ent0_seed{seed}",
+            "bn-mdr",
+            0.2,
+            0.0,
+            seed,
+            iterations=30 + seed,
+        )
     out, entropy_out = tmp_path / "figs" / "fig6.png", tmp_path / "figs" / "entropy.png"
 
-    assert figures.main(["--runs-dir", str(runs_dir), "--out", str(out), "--entropy-out", str(entropy_out)]) == 0
+    assert (
+        figures.main(
+            ["--runs-dir", str(runs_dir), "--out", str(out), "--entropy-out", str(entropy_out)]
+        )
+        == 0
+    )
 
     for path in (out, entropy_out):
         data = path.read_bytes()
@@ -92,7 +129,14 @@ def test_cli_with_one_cell_draws_fig6_and_says_why_there_is_no_entropy_figure(tm
     write_run(tmp_path / "collapse" / "bn_clip0.2_ent0.01_seed1", "bn", 0.2, 0.01, 1, crash_at=25)
 
     result = subprocess.run(
-        [sys.executable, str(ANALYSIS / "collapse_figures.py"), "--runs-dir", "collapse", "--out", "fig6.png"],
+        [
+            sys.executable,
+            str(ANALYSIS / "collapse_figures.py"),
+            "--runs-dir",
+            "collapse",
+            "--out",
+            "fig6.png",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -101,7 +145,10 @@ def test_cli_with_one_cell_draws_fig6_and_says_why_there_is_no_entropy_figure(tm
 
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "fig6.png").stat().st_size > 10_000
-    assert "no docs/collapse_entropy.png: no mode has runs at two entropy coefficients" in result.stdout
+    assert (
+        "no docs/collapse_entropy.png: no mode has runs at two entropy coefficients"
+        in result.stdout
+    )
     assert not (tmp_path / "docs").exists()
 
 
@@ -122,12 +169,16 @@ def test_draw_panel_marks_an_empty_cell_and_draws_seeds_mean_and_collapse_onsets
     figures.draw_panel(full_ax, runs, "BN, clip 0.2")
 
     assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
-    assert len(full_ax.lines) == 3 + 3 + 1  # per seed: reward and collapse onset (none, one, none); the mean
+    assert (
+        len(full_ax.lines) == 3 + 3 + 1
+    )  # per seed: reward and collapse onset (none, one, none); the mean
     onsets = [line for line in full_ax.lines if line.get_marker() == "x"]
     assert [len(line.get_xdata()) for line in onsets] == [0, 1, 0]
     assert onsets[1].get_xdata()[0] == runs[1]["global_step"][7]
     mean_line = full_ax.lines[-1]
-    assert len(mean_line.get_xdata()) == 22  # the mean spans the longest run (23 updates), from update 2
+    assert (
+        len(mean_line.get_xdata()) == 22
+    )  # the mean spans the longest run (23 updates), from update 2
     expected_first = np.mean([run["smoothed_reward"][1] for run in runs])
     assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
     plt.close(fig)

@@ -25,13 +25,19 @@ def test_stage_a_regenerates_the_committed_list(tmp_path):
     assert commands(tmp_path / "a.txt") == commands(COMMITTED)
 
 
-@pytest.mark.parametrize("stage, modes, seeds", [("stage-b", 3, 10), ("rivals", len(lists.RIVALS), 4)])
+@pytest.mark.parametrize(
+    "stage, modes, seeds", [("stage-b", 3, 10), ("rivals", len(lists.RIVALS), 4)]
+)
 def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, seeds, tmp_path):
     lists.main([stage, "--bn-momentum", "0.1", "--out", str(tmp_path / "l.txt")])
     lines = commands(tmp_path / "l.txt")
-    if stage == "stage-b":  # BN and BN+MDR seeds 1-3 of the regime are Stage A's runs: the cell is Stage A's + Stage B's
+    if (
+        stage == "stage-b"
+    ):  # BN and BN+MDR seeds 1-3 of the regime are Stage A's runs: the cell is Stage A's + Stage B's
         stage_a = [line for line in commands(COMMITTED) if "--bn-momentum 0.1 " in line]
-        assert len(stage_a) == 2 * 3 and not set(stage_a) & {line.replace("stage_b/", "stage_a/") for line in lines}
+        assert len(stage_a) == 2 * 3 and not set(stage_a) & {
+            line.replace("stage_b/", "stage_a/") for line in lines
+        }
         lines += stage_a
     assert len(lines) == modes * seeds
     parsed = []
@@ -48,5 +54,7 @@ def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, s
             and args.view_batching == "separate"
             and args.run_name.startswith((stage.replace("-", "_"), "stage_a/"))
         )
-    assert all(seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values())  # paired
+    assert all(
+        seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values()
+    )  # paired
     assert set(by_mode) <= set(probe.MODES)

@@ -24,10 +24,26 @@ import torch.nn as nn
 import ppo_collapse_probe as probe
 
 SCRIPT = Path(probe.__file__).resolve()
-TINY = dict(num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, view_size=16, image_size=64, hidden_size=32)
+TINY = dict(
+    num_envs=2,
+    num_steps=16,
+    minibatch_size=8,
+    total_timesteps=64,
+    view_size=16,
+    image_size=64,
+    hidden_size=32,
+)
 TINY_CLI = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
 # per --mode: 2 updates of 2 envs x 4 steps, 2 minibatches of 4 per epoch, 3 epochs (6 optimizer steps per update)
-MODE_RUN = dict(num_envs=2, num_steps=4, minibatch_size=4, total_timesteps=16, view_size=16, image_size=64, hidden_size=32)
+MODE_RUN = dict(
+    num_envs=2,
+    num_steps=4,
+    minibatch_size=4,
+    total_timesteps=16,
+    view_size=16,
+    image_size=64,
+    hidden_size=32,
+)
 MDR_MODES = ("bn-mdr", "brn-mdr")
 NUM_ACTIONS = 7  # PatchLoc: 6 moves + stop
 
@@ -37,7 +53,12 @@ def run_script(cwd, *args):
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(SCRIPT.parent), "WANDB_MODE": "offline", "COLUMNS": "300"},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(SCRIPT.parent),
+            "WANDB_MODE": "offline",
+            "COLUMNS": "300",
+        },
         capture_output=True,
         text=True,
         timeout=300,
@@ -53,7 +74,9 @@ def assert_one_line_error(result, message):
 
 
 def tiny_agent(mode="bn", **overrides):
-    return probe.Agent(NUM_ACTIONS, probe.Args(mode=mode, view_size=16, hidden_size=32, **overrides))
+    return probe.Agent(
+        NUM_ACTIONS, probe.Args(mode=mode, view_size=16, hidden_size=32, **overrides)
+    )
 
 
 def random_obs(n, generator_seed=0):
@@ -67,7 +90,12 @@ def random_minibatch(agent, n=16, seed=3):
     obs, actions = random_obs(n, seed), torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
     with torch.no_grad(), probe.temporary_mode(agent, training=False):
         policy, values = agent.get_policy_and_value(obs)
-    mb = {"obs": obs, "actions": actions, "logprobs": policy.log_prob(actions), "logits": policy.logits}
+    mb = {
+        "obs": obs,
+        "actions": actions,
+        "logprobs": policy.log_prob(actions),
+        "logits": policy.logits,
+    }
     advantages, returns = torch.randn(2, n, generator=generator)
     mb.update(values=values.flatten(), advantages=advantages, returns=returns)
     return mb
@@ -84,7 +112,14 @@ def run_main(cwd, args, monkeypatch) -> dict:
     optimizer, the mode of every rollout forward, each minibatch step (the agent's mode, the optimized ratio, the stats,
     the BN running mean at its start), the running mean when each eval-mode ratio r was measured, and the
     recalibrations. Returns those, the exit code, metrics.csv (header, rows), summary.json and the run folder."""
-    rec = {"agents": [], "initial": [], "optimizers": [], "rollout_modes": [], "updates": [], "eval_ratio_stats": []}
+    rec = {
+        "agents": [],
+        "initial": [],
+        "optimizers": [],
+        "rollout_modes": [],
+        "updates": [],
+        "eval_ratio_stats": [],
+    }
     rec["recalibrations"] = []
 
     def running_mean(agent):
@@ -98,7 +133,9 @@ def run_main(cwd, args, monkeypatch) -> dict:
             rec["initial"].append(copy.deepcopy(self.state_dict()))
 
         def get_policy_and_value(self, x):
-            if sys._getframe(1).f_code.co_name == "main":  # the rollout's forward, not the update's or a diagnostic's
+            if (
+                sys._getframe(1).f_code.co_name == "main"
+            ):  # the rollout's forward, not the update's or a diagnostic's
                 rec["rollout_modes"].append(self.training)
             return super().get_policy_and_value(x)
 
@@ -117,15 +154,22 @@ def run_main(cwd, args, monkeypatch) -> dict:
 
     def ppo_update(agent, optimizer, mb, args, eval_ratio=None):
         measured = eval_ratio is not None
-        rec["updates"].append({"training": agent.training, "running_mean": running_mean(agent), "measured": measured})
+        rec["updates"].append(
+            {"training": agent.training, "running_mean": running_mean(agent), "measured": measured}
+        )
         rec["updates"][-1]["stats"] = original["ppo_update"](agent, optimizer, mb, args, eval_ratio)
         return rec["updates"][-1]["stats"]
 
     def recalibrate_batchnorm(agent, b_obs, minibatch_size):
         original["recalibrate_batchnorm"](agent, b_obs, minibatch_size)
-        rec["recalibrations"].append({"batch": len(b_obs), "minibatch_size": minibatch_size, "updates": len(rec["updates"])})
+        rec["recalibrations"].append(
+            {"batch": len(b_obs), "minibatch_size": minibatch_size, "updates": len(rec["updates"])}
+        )
 
-    original = {name: getattr(probe, name) for name in ("make_optimizer", "eval_mode_ratio", "clipped_ppo_loss")}
+    original = {
+        name: getattr(probe, name)
+        for name in ("make_optimizer", "eval_mode_ratio", "clipped_ppo_loss")
+    }
     original.update(ppo_update=probe.ppo_update, recalibrate_batchnorm=probe.recalibrate_batchnorm)
     monkeypatch.setattr(probe, "Agent", RecordedAgent)
     for name, wrapper in (("make_optimizer", make_optimizer), ("eval_mode_ratio", eval_mode_ratio)):
@@ -143,7 +187,14 @@ def run_main(cwd, args, monkeypatch) -> dict:
     (run_dir,) = list(Path(cwd, "runs").iterdir())
     columns, rows = read_csv(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**rec, "exit_code": exit_code, "columns": columns, "rows": rows, "summary": summary, "run_dir": run_dir}
+    return {
+        **rec,
+        "exit_code": exit_code,
+        "columns": columns,
+        "rows": rows,
+        "summary": summary,
+        "run_dir": run_dir,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +227,15 @@ def test_js_divergence_two_classes_matches_hand_value():
     expected = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + 0.5 * sum(
         qi * math.log(qi / mi) for qi, mi in zip(q, m)
     )
-    logits_p, logits_q = torch.log(torch.tensor([p], dtype=torch.float64)), torch.log(torch.tensor([q], dtype=torch.float64))
+    logits_p, logits_q = (
+        torch.log(torch.tensor([p], dtype=torch.float64)),
+        torch.log(torch.tensor([q], dtype=torch.float64)),
+    )
 
     assert probe.js_divergence(logits_p, logits_q).item() == pytest.approx(expected, rel=1e-9)
-    assert probe.js_divergence(logits_q, logits_p).item() == pytest.approx(expected, rel=1e-9)  # symmetric
+    assert probe.js_divergence(logits_q, logits_p).item() == pytest.approx(
+        expected, rel=1e-9
+    )  # symmetric
 
 
 def test_js_divergence_of_disjoint_distributions_is_ln2_and_never_above():
@@ -201,12 +257,16 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     agent = tiny_agent("bn")
     b_obs = random_obs(24)
     agent.train()
-    with torch.no_grad():  # a few train-mode passes so that the running stats are not the initial 0/1
+    with (
+        torch.no_grad()
+    ):  # a few train-mode passes so that the running stats are not the initial 0/1
         for _ in range(3):
             agent.get_value(b_obs[:8])
     agent.eval()
     state_before = copy.deepcopy(agent.state_dict())
-    assert state_before["backbone.bn1.num_batches_tracked"].item() == 9  # 3 passes x 3 views (--view-batching separate)
+    assert (
+        state_before["backbone.bn1.num_batches_tracked"].item() == 9
+    )  # 3 passes x 3 views (--view-batching separate)
     rng_before = torch.get_rng_state()
 
     delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
@@ -214,7 +274,9 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     assert not agent.training  # mode restored
     state_after = agent.state_dict()
     assert state_after.keys() == state_before.keys()
-    changed = [name for name in state_before if not torch.equal(state_before[name], state_after[name])]
+    changed = [
+        name for name in state_before if not torch.equal(state_before[name], state_after[name])
+    ]
     assert changed == [], f"policy_mismatch changed {changed}"
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert 0.0 < delta.item() <= math.log(2.0)  # train vs eval BatchNorm really differ here
@@ -222,7 +284,9 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     agent.train()
     probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
     assert agent.training
-    assert probe.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(1)) is None  # -1 = off
+    assert (
+        probe.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(1)) is None
+    )  # -1 = off
 
 
 def peaked_agent_and_expected_divergences(b_obs):
@@ -231,12 +295,17 @@ def peaked_agent_and_expected_divergences(b_obs):
     torch.manual_seed(0)
     agent = tiny_agent("bn")
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(100.0)  # a peaked policy: at init delta_pi is too small to tell anything apart
+        agent.actor[-1].weight.mul_(
+            100.0
+        )  # a peaked policy: at init delta_pi is too small to tell anything apart
         agent.train()
         for _ in range(3):
             agent.get_value(b_obs[:8])
     perm = torch.randperm(len(b_obs), generator=torch.Generator().manual_seed(1))
-    eval_logits, train_logits = torch.zeros(len(b_obs), NUM_ACTIONS), torch.zeros(len(b_obs), NUM_ACTIONS)
+    eval_logits, train_logits = (
+        torch.zeros(len(b_obs), NUM_ACTIONS),
+        torch.zeros(len(b_obs), NUM_ACTIONS),
+    )
     for start in range(0, len(b_obs), 8):
         mb_inds = perm[start : start + 8]
         with torch.no_grad():
@@ -247,7 +316,9 @@ def peaked_agent_and_expected_divergences(b_obs):
 
 
 def mean_divergence(perm, train_logits, eval_logits, minibatches):
-    divergences = [probe.js_divergence(train_logits[inds], eval_logits[inds]).mean() for inds in perm.split(8)]
+    divergences = [
+        probe.js_divergence(train_logits[inds], eval_logits[inds]).mean() for inds in perm.split(8)
+    ]
     return torch.stack(divergences[:minibatches]).mean().item()
 
 
@@ -260,9 +331,13 @@ def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_w
     delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
     first_only = probe.policy_mismatch(agent, b_obs, 8, 1, torch.Generator().manual_seed(1))
 
-    assert delta.item() == pytest.approx(mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-5)
+    assert delta.item() == pytest.approx(
+        mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-5
+    )
     first = mean_divergence(perm, train_logits, eval_logits, 1)
-    assert first_only.item() == pytest.approx(first, rel=1e-5)  # --diag-minibatches 1: the first minibatch only
+    assert first_only.item() == pytest.approx(
+        first, rel=1e-5
+    )  # --diag-minibatches 1: the first minibatch only
     assert first != pytest.approx(delta.item(), rel=1e-3)
     assert delta.item() > 1e-3
 
@@ -271,14 +346,24 @@ def test_policy_mismatch_takes_the_eval_side_from_given_logits():
     """Delta pi minus takes its eval-mode side from the rollout's logits (eq. 6's behaviour policy)."""
     b_obs = random_obs(24)
     agent, perm, train_logits, eval_logits = peaked_agent_and_expected_divergences(b_obs)
-    other_logits = 5.0 * torch.randn(len(b_obs), NUM_ACTIONS, generator=torch.Generator().manual_seed(2))
+    other_logits = 5.0 * torch.randn(
+        len(b_obs), NUM_ACTIONS, generator=torch.Generator().manual_seed(2)
+    )
 
     given = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1), eval_logits)
-    other = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1), other_logits)
+    other = probe.policy_mismatch(
+        agent, b_obs, 8, 0, torch.Generator().manual_seed(1), other_logits
+    )
 
-    assert given.item() == pytest.approx(mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-4)
-    assert other.item() == pytest.approx(mean_divergence(perm, train_logits, other_logits, 3), rel=1e-4)
-    assert other.item() != pytest.approx(given.item(), rel=0.1)  # each sample's given row is really the one used
+    assert given.item() == pytest.approx(
+        mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-4
+    )
+    assert other.item() == pytest.approx(
+        mean_divergence(perm, train_logits, other_logits, 3), rel=1e-4
+    )
+    assert other.item() != pytest.approx(
+        given.item(), rel=0.1
+    )  # each sample's given row is really the one used
 
 
 def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
@@ -300,7 +385,9 @@ def test_ppo_update_reports_the_gap_between_the_optimized_ratio_and_the_given_ev
     probe.validate_args(args)
     agent = probe.Agent(NUM_ACTIONS, args)
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(100.0)  # a peaked policy, sensitive to the statistics it is normalized with
+        agent.actor[-1].weight.mul_(
+            100.0
+        )  # a peaked policy, sensitive to the statistics it is normalized with
     mb = random_minibatch(agent)
     agent.train()
     reference = copy.deepcopy(agent)
@@ -317,7 +404,15 @@ def test_ppo_update_reports_the_gap_between_the_optimized_ratio_and_the_given_ev
     assert expected_gap > 1e-3
     assert {"trust_region_violation", "trust_region_violation_signed"} <= set(stats)
     assert "ratio_gap" not in unmeasured and "trust_region_violation" not in unmeasured
-    assert set(unmeasured) == {"policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "loss"}
+    assert set(unmeasured) == {
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "old_approx_kl",
+        "approx_kl",
+        "clipfrac",
+        "loss",
+    }
 
 
 def test_eval_mode_ratio_is_side_effect_free_and_restores_the_mode():
@@ -331,7 +426,9 @@ def test_eval_mode_ratio_is_side_effect_free_and_restores_the_mode():
 
     assert agent.training
     assert all(torch.equal(tensor, agent.state_dict()[name]) for name, tensor in state.items())
-    assert torch.allclose(ratio, torch.ones(16), atol=1e-5)  # the old log-probs are this eval-mode policy's
+    assert torch.allclose(
+        ratio, torch.ones(16), atol=1e-5
+    )  # the old log-probs are this eval-mode policy's
 
 
 def test_trust_region_violation_signed_counts_only_the_clip_that_would_stop_the_gradient():
@@ -355,11 +452,17 @@ def test_the_eval_ratio_is_measured_before_the_minibatch_moves_the_running_stati
     run = mode_run("bn-mdr")
     measured = [update for update in run["updates"] if update["measured"]]
 
-    assert [update["measured"] for update in run["updates"]] == [update["training"] for update in run["updates"]]
-    assert len(measured) == len(run["eval_ratio_stats"]) == 8  # 2 updates x alpha1 2 epochs x 2 minibatches
+    assert [update["measured"] for update in run["updates"]] == [
+        update["training"] for update in run["updates"]
+    ]
+    assert (
+        len(measured) == len(run["eval_ratio_stats"]) == 8
+    )  # 2 updates x alpha1 2 epochs x 2 minibatches
     for update, at_measurement in zip(measured, run["eval_ratio_stats"]):
         assert torch.equal(update["running_mean"], at_measurement)
-    assert not torch.equal(measured[0]["running_mean"], measured[1]["running_mean"])  # the passes do move them
+    assert not torch.equal(
+        measured[0]["running_mean"], measured[1]["running_mean"]
+    )  # the passes do move them
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -374,10 +477,24 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
     assert run["columns"] == probe.CSV_COLUMNS
     assert [int(row["iteration"]) for row in run["rows"]] == [1, 2]
     expected_alphas = ("2", "1") if mode in MDR_MODES else ("3", "0")
-    assert {(row["mode"], row["alpha1"], row["alpha2"]) for row in run["rows"]} == {(mode, *expected_alphas)}
+    assert {(row["mode"], row["alpha1"], row["alpha2"]) for row in run["rows"]} == {
+        (mode, *expected_alphas)
+    }
     always_finite = ["delta_pi_minus", "delta_pi_plus", "ratio_gap", "trust_region_violation"]
-    always_finite += ["trust_region_violation_signed", "entropy", "acting_entropy", "approx_kl", "old_approx_kl"]
-    always_finite += ["clipfrac", "approx_kl_standard", "clipfrac_standard", "policy_loss", "value_loss"]
+    always_finite += [
+        "trust_region_violation_signed",
+        "entropy",
+        "acting_entropy",
+        "approx_kl",
+        "old_approx_kl",
+    ]
+    always_finite += [
+        "clipfrac",
+        "approx_kl_standard",
+        "clipfrac_standard",
+        "policy_loss",
+        "value_loss",
+    ]
     for row in run["rows"]:
         for column in always_finite:
             assert math.isfinite(float(row[column])), column
@@ -385,7 +502,10 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
         assert 0.0 <= float(row["trust_region_violation"]) <= 1.0
         assert 0.0 <= float(row["acting_entropy"]) <= math.log(NUM_ACTIONS) + 1e-6
         assert 0.0 <= float(row["delta_pi_minus"]) <= math.log(2.0)
-        for column in ("approx_kl_rectify", "clipfrac_rectify"):  # only the MDR modes have a rectification phase
+        for column in (
+            "approx_kl_rectify",
+            "clipfrac_rectify",
+        ):  # only the MDR modes have a rectification phase
             assert math.isfinite(float(row[column])) == (mode in MDR_MODES), column
 
 
@@ -414,7 +534,9 @@ def test_collection_is_in_eval_mode_except_for_bn_train(mode, mode_run):
 @pytest.mark.parametrize("mode", ["bn", "bn-mdr", "bn-oldtrain"])
 def test_update_phases_train_mode_then_eval_mode(mode, mode_run):
     run = mode_run(mode)
-    expected = [True] * 4 + ([False] * 2 if mode in MDR_MODES else [True] * 2)  # per update: 3 epochs x 2 minibatches
+    expected = [True] * 4 + (
+        [False] * 2 if mode in MDR_MODES else [True] * 2
+    )  # per update: 3 epochs x 2 minibatches
 
     assert [u["training"] for u in run["updates"]] == expected * 2
 
@@ -426,9 +548,23 @@ def norm_layers(agent):
 
 @pytest.mark.parametrize(
     "mode, norm_type",
-    [("bn", nn.BatchNorm2d), ("bn-mdr", nn.BatchNorm2d), ("bn-recal", nn.BatchNorm2d), ("bn-train", nn.BatchNorm2d)]
-    + [("bn-oldtrain", nn.BatchNorm2d), ("bn-wn", nn.BatchNorm2d), ("eval", probe.EvalModeBatchNorm2d)]
-    + [("brn", probe.BatchRenorm2d), ("brn-mdr", probe.BatchRenorm2d), ("gn", nn.GroupNorm), ("none", None)],
+    [
+        ("bn", nn.BatchNorm2d),
+        ("bn-mdr", nn.BatchNorm2d),
+        ("bn-recal", nn.BatchNorm2d),
+        ("bn-train", nn.BatchNorm2d),
+    ]
+    + [
+        ("bn-oldtrain", nn.BatchNorm2d),
+        ("bn-wn", nn.BatchNorm2d),
+        ("eval", probe.EvalModeBatchNorm2d),
+    ]
+    + [
+        ("brn", probe.BatchRenorm2d),
+        ("brn-mdr", probe.BatchRenorm2d),
+        ("gn", nn.GroupNorm),
+        ("none", None),
+    ],
 )
 def test_each_mode_builds_its_norm_layer(mode, norm_type):
     torch.manual_seed(0)
@@ -437,9 +573,13 @@ def test_each_mode_builds_its_norm_layer(mode, norm_type):
 
     if norm_type is None:
         assert layers == []
-        assert isinstance(agent.backbone.bn1, nn.Identity) and isinstance(agent.backbone.layer3[0].bn2, nn.Identity)
+        assert isinstance(agent.backbone.bn1, nn.Identity) and isinstance(
+            agent.backbone.layer3[0].bn2, nn.Identity
+        )
         return
-    assert len(layers) == 15  # stem + 2 blocks x 2 in layer1..3 + 2 downsamples: the shallow ResNet-18 without layer4
+    assert (
+        len(layers) == 15
+    )  # stem + 2 blocks x 2 in layer1..3 + 2 downsamples: the shallow ResNet-18 without layer4
     assert {type(layer) for layer in layers} == {norm_type}
     if norm_type in (nn.BatchNorm2d, probe.BatchRenorm2d):
         assert {layer.momentum for layer in layers} == {0.05}
@@ -472,18 +612,26 @@ def test_bn_wn_keeps_every_conv_weight_at_unit_norm_per_output_channel(mode_run)
     for weight in convs:
         norms = torch.linalg.vector_norm(weight.detach(), dim=(1, 2, 3))
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
-    assert not torch.equal(agent.backbone.conv1.weight.detach(), initial["backbone.conv1.weight"])  # trained, then projected
+    assert not torch.equal(
+        agent.backbone.conv1.weight.detach(), initial["backbone.conv1.weight"]
+    )  # trained, then projected
     initial_norms = torch.linalg.vector_norm(initial["backbone.conv1.weight"], dim=(1, 2, 3))
-    assert not torch.allclose(initial_norms, torch.ones_like(initial_norms), atol=1e-2)  # the projection did something
+    assert not torch.allclose(
+        initial_norms, torch.ones_like(initial_norms), atol=1e-2
+    )  # the projection did something
 
 
 def test_bn_wn_conv_weights_have_no_weight_decay_and_the_rest_the_configured_one(mode_run):
     run = mode_run("bn-wn")
     agent, optimizer = run["agents"][0], run["optimizers"][0]
     convs = {id(weight) for weight in conv_weights(agent)}
-    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    decay = {
+        id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]
+    }
 
-    assert sorted(decay) == sorted(id(p) for p in agent.parameters())  # every parameter exactly once
+    assert sorted(decay) == sorted(
+        id(p) for p in agent.parameters()
+    )  # every parameter exactly once
     for name, parameter in agent.named_parameters():
         expected = 0.0 if id(parameter) in convs else probe.Args().weight_decay
         assert decay[id(parameter)] == expected, name
@@ -493,7 +641,9 @@ def test_other_modes_decay_and_leave_the_conv_norms_free(mode_run):
     run = mode_run("bn")
     optimizer = run["optimizers"][0]
 
-    assert {group["weight_decay"] for group in optimizer.param_groups} == {probe.Args().weight_decay}
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {
+        probe.Args().weight_decay
+    }
     norms = torch.linalg.vector_norm(run["agents"][0].backbone.conv1.weight.detach(), dim=(1, 2, 3))
     assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
 
@@ -514,7 +664,9 @@ def test_train_mode_logprobs_is_a_train_mode_forward_at_theta_k():
 
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=0)
     assert not theta_k.training  # mode restored
-    assert not torch.allclose(logprobs, mb["logprobs"], atol=1e-4)  # differs from the eval-mode old log-probs
+    assert not torch.allclose(
+        logprobs, mb["logprobs"], atol=1e-4
+    )  # differs from the eval-mode old log-probs
 
 
 def test_bn_oldtrain_starts_each_update_at_ratio_one(mode_run):
@@ -526,7 +678,9 @@ def test_bn_oldtrain_starts_each_update_at_ratio_one(mode_run):
         assert torch.equal(first["ratio"], torch.ones_like(first["ratio"]))
         assert first["stats"]["old_approx_kl"].item() == 0.0
     assert not torch.equal(bn["updates"][0]["ratio"], torch.ones_like(bn["updates"][0]["ratio"]))
-    assert not torch.equal(oldtrain["updates"][1]["ratio"], torch.ones_like(oldtrain["updates"][1]["ratio"]))  # moved
+    assert not torch.equal(
+        oldtrain["updates"][1]["ratio"], torch.ones_like(oldtrain["updates"][1]["ratio"])
+    )  # moved
 
 
 # --mode bn-recal (precise BN)
@@ -535,9 +689,14 @@ def test_bn_oldtrain_starts_each_update_at_ratio_one(mode_run):
 @pytest.mark.parametrize("mode", ["bn-recal", "bn"])
 def test_recalibration_runs_once_per_update_in_bn_recal_only(mode, mode_run):
     run = mode_run(mode)
-    expected = [{"batch": 8, "minibatch_size": 4, "updates": 6}, {"batch": 8, "minibatch_size": 4, "updates": 12}]
+    expected = [
+        {"batch": 8, "minibatch_size": 4, "updates": 6},
+        {"batch": 8, "minibatch_size": 4, "updates": 12},
+    ]
 
-    assert run["recalibrations"] == (expected if mode == "bn-recal" else [])  # after each update's last minibatch step
+    assert run["recalibrations"] == (
+        expected if mode == "bn-recal" else []
+    )  # after each update's last minibatch step
 
 
 def conv1_statistics(agent, b_obs):
@@ -567,12 +726,16 @@ def test_recalibrate_with_one_minibatch_gives_the_exact_statistics_of_d_k():
 
     mean, var = conv1_statistics(agent, b_obs)
     torch.testing.assert_close(agent.backbone.bn1.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(agent.backbone.bn1.running_var.double(), var, rtol=1e-5, atol=1e-7)  # unbiased: N/(N-1)
+    torch.testing.assert_close(
+        agent.backbone.bn1.running_var.double(), var, rtol=1e-5, atol=1e-7
+    )  # unbiased: N/(N-1)
     assert not agent.training and torch.equal(torch.get_rng_state(), rng)
     after = agent.state_dict()
     for name in before:
         moved = not torch.equal(before[name], after[name])
-        assert moved == name.endswith(("running_mean", "running_var")), name  # only the running statistics change
+        assert moved == name.endswith(("running_mean", "running_var")), (
+            name
+        )  # only the running statistics change
 
 
 def test_recalibrate_averages_the_minibatch_statistics():
@@ -584,10 +747,16 @@ def test_recalibrate_averages_the_minibatch_statistics():
     per_minibatch = [conv1_statistics(agent, b_obs[start : start + 4]) for start in range(0, 12, 4)]
     expected_mean = torch.stack([mean for mean, _ in per_minibatch]).mean(0)
     expected_var = torch.stack([var for _, var in per_minibatch]).mean(0)
-    torch.testing.assert_close(agent.backbone.bn1.running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(agent.backbone.bn1.running_var.double(), expected_var, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        agent.backbone.bn1.running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        agent.backbone.bn1.running_var.double(), expected_var, rtol=1e-5, atol=1e-7
+    )
     exact_var = conv1_statistics(agent, b_obs)[1]
-    assert not torch.allclose(expected_var, exact_var, rtol=1e-3)  # the minibatch average is not the exact variance
+    assert not torch.allclose(
+        expected_var, exact_var, rtol=1e-3
+    )  # the minibatch average is not the exact variance
 
 
 def test_recalibrate_sets_the_deeper_layers_from_train_mode_passes_under_the_current_weights():
@@ -595,15 +764,21 @@ def test_recalibrate_sets_the_deeper_layers_from_train_mode_passes_under_the_cur
     b_obs = random_obs(12)
     inputs = []
     reference = copy.deepcopy(agent).train()
-    reference.backbone.layer3[1].bn2.register_forward_hook(lambda m, args, out: inputs.append(args[0].double()))
+    reference.backbone.layer3[1].bn2.register_forward_hook(
+        lambda m, args, out: inputs.append(args[0].double())
+    )
     with torch.no_grad():
         reference.features(b_obs)
 
     probe.recalibrate_batchnorm(agent, b_obs, minibatch_size=12)
 
     bn = agent.backbone.layer3[1].bn2
-    torch.testing.assert_close(bn.running_mean.double(), inputs[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(bn.running_var.double(), inputs[0].var((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        bn.running_mean.double(), inputs[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        bn.running_var.double(), inputs[0].var((0, 2, 3)), rtol=1e-4, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -648,7 +823,9 @@ def test_separate_view_batching_normalizes_each_view_type_with_its_own_batch_sta
     per_view = copy.deepcopy(separate).train()
     batch_sizes = {"separate": [], "joint": []}
     for name, agent in (("separate", separate), ("joint", joint)):
-        agent.backbone.bn1.register_forward_pre_hook(lambda m, args, name=name: batch_sizes[name].append(len(args[0])))
+        agent.backbone.bn1.register_forward_pre_hook(
+            lambda m, args, name=name: batch_sizes[name].append(len(args[0]))
+        )
 
     with torch.no_grad():
         train_features = separate.train().features(obs), joint.train().features(obs)
@@ -657,9 +834,13 @@ def test_separate_view_batching_normalizes_each_view_type_with_its_own_batch_sta
 
     assert batch_sizes == {"separate": [6, 6, 6], "joint": [18]}
     torch.testing.assert_close(train_features[0], expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(train_features[0], train_features[1], atol=1e-3)  # train mode: per-view statistics differ
+    assert not torch.allclose(
+        train_features[0], train_features[1], atol=1e-3
+    )  # train mode: per-view statistics differ
     running = separate.backbone.bn1.running_mean, joint.backbone.bn1.running_mean
-    assert not torch.allclose(running[0], running[1], atol=1e-4)  # so do the running statistics they leave
+    assert not torch.allclose(
+        running[0], running[1], atol=1e-4
+    )  # so do the running statistics they leave
 
 
 def test_features_convert_in_place_without_changing_values():
@@ -667,14 +848,20 @@ def test_features_convert_in_place_without_changing_values():
     separate, joint = agents_separate_and_joint()
     captured = {"separate": [], "joint": []}
     for name, agent in (("separate", separate), ("joint", joint)):
-        agent.eval().backbone.conv1.register_forward_pre_hook(lambda m, args, name=name: captured[name].append(args[0]))
+        agent.eval().backbone.conv1.register_forward_pre_hook(
+            lambda m, args, name=name: captured[name].append(args[0])
+        )
 
     with torch.no_grad():
         separate.features(obs), joint.features(obs)
 
-    images = obs.reshape(12, 16, 16, 3).permute(0, 3, 1, 2).float() / 255.0  # per sample: target, overview, current view
+    images = (
+        obs.reshape(12, 16, 16, 3).permute(0, 3, 1, 2).float() / 255.0
+    )  # per sample: target, overview, current view
     assert torch.equal(captured["joint"][0], images)  # views stacked sample by sample
-    assert captured["joint"][0].is_contiguous(memory_format=torch.channels_last)  # NHWC observations: channels_last
+    assert captured["joint"][0].is_contiguous(
+        memory_format=torch.channels_last
+    )  # NHWC observations: channels_last
     for view in range(3):
         assert torch.equal(captured["separate"][view], images[view::3])
 
@@ -683,13 +870,47 @@ def test_features_convert_in_place_without_changing_values():
 # metrics.csv (6 significant digits). --view-batching joint must reproduce it; delta_pi_minus's eval-mode side now comes
 # from the rollout's logits instead of a recomputation (same function, other rounding).
 BAE95B5_ROWS = [
-    dict(episodes=5, episodic_return=-0.204708, normalized_reward=-12.1454, smoothed_reward=-12.1454, success_rate=0)
-    | dict(delta_pi_minus=4.24394e-06, delta_pi_plus=0.00463289, ratio_gap=0.0354448, trust_region_violation=0)
-    | dict(entropy=1.94496, approx_kl=0.00117671, clipfrac=0, policy_loss=-0.0168365, value_loss=0.339507)
+    dict(
+        episodes=5,
+        episodic_return=-0.204708,
+        normalized_reward=-12.1454,
+        smoothed_reward=-12.1454,
+        success_rate=0,
+    )
+    | dict(
+        delta_pi_minus=4.24394e-06,
+        delta_pi_plus=0.00463289,
+        ratio_gap=0.0354448,
+        trust_region_violation=0,
+    )
+    | dict(
+        entropy=1.94496,
+        approx_kl=0.00117671,
+        clipfrac=0,
+        policy_loss=-0.0168365,
+        value_loss=0.339507,
+    )
     | dict(explained_variance=-0.154094),
-    dict(episodes=7, episodic_return=0.0306087, normalized_reward=0.918964, smoothed_reward=-5.61322, success_rate=0.142857)
-    | dict(delta_pi_minus=0.00454742, delta_pi_plus=0.000581453, ratio_gap=0.163014, trust_region_violation=0)
-    | dict(entropy=1.91017, approx_kl=0.0263806, clipfrac=0.385417, policy_loss=-0.00781431, value_loss=0.12939)
+    dict(
+        episodes=7,
+        episodic_return=0.0306087,
+        normalized_reward=0.918964,
+        smoothed_reward=-5.61322,
+        success_rate=0.142857,
+    )
+    | dict(
+        delta_pi_minus=0.00454742,
+        delta_pi_plus=0.000581453,
+        ratio_gap=0.163014,
+        trust_region_violation=0,
+    )
+    | dict(
+        entropy=1.91017,
+        approx_kl=0.0263806,
+        clipfrac=0.385417,
+        policy_loss=-0.00781431,
+        value_loss=0.12939,
+    )
     | dict(explained_variance=-0.0486215),
 ]
 
@@ -707,14 +928,26 @@ def test_joint_view_batching_reproduces_bae95b5(joint_run):
     for row, reference in zip(joint_run["rows"], BAE95B5_ROWS):
         for column, value in reference.items():
             rel = 1e-3 if column == "delta_pi_minus" else 1e-4
-            assert float(row[column]) == pytest.approx(value, rel=rel, abs=1e-7), (row["iteration"], column)
+            assert float(row[column]) == pytest.approx(value, rel=rel, abs=1e-7), (
+                row["iteration"],
+                column,
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The CSV and the summary of a real (tiny) run
 
 
-SUMMARY_KEYS = {"status", "mode", "clip_coef", "ent_coef", "seed", "iterations", "global_step", "wall_time_s"}
+SUMMARY_KEYS = {
+    "status",
+    "mode",
+    "clip_coef",
+    "ent_coef",
+    "seed",
+    "iterations",
+    "global_step",
+    "wall_time_s",
+}
 SUMMARY_KEYS |= {"best_reward", "best_reward_iteration", "final_reward", "peak_delta_pi_minus"}
 SUMMARY_KEYS |= {"peak_delta_pi_minus_iteration", "reward_unit", "args"}
 
@@ -726,12 +959,18 @@ def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
     assert joint_run["columns"] == probe.CSV_COLUMNS
     assert [int(row["iteration"]) for row in rows] == [1, 2]  # 64 steps / (2 envs x 16 steps)
     assert [int(row["global_step"]) for row in rows] == [32, 64]
-    assert {(row["mode"], float(row["clip_coef"]), float(row["ent_coef"]), row["seed"]) for row in rows} == {
-        ("bn-mdr", 0.2, 0.01, "1")
-    }
-    assert not {"collapse_flag", "collapse_count"} & set(joint_run["columns"])  # analysis/collapse_stats.py decides
+    assert {
+        (row["mode"], float(row["clip_coef"]), float(row["ent_coef"]), row["seed"]) for row in rows
+    } == {("bn-mdr", 0.2, 0.01, "1")}
+    assert not {"collapse_flag", "collapse_count"} & set(
+        joint_run["columns"]
+    )  # analysis/collapse_stats.py decides
     assert set(summary) == SUMMARY_KEYS
-    assert summary["status"] == "completed" and summary["iterations"] == 2 and summary["global_step"] == 64
+    assert (
+        summary["status"] == "completed"
+        and summary["iterations"] == 2
+        and summary["global_step"] == 64
+    )
     assert summary["mode"] == "bn-mdr" and summary["args"]["view_batching"] == "joint"
     deltas = [float(row["delta_pi_minus"]) for row in rows]
     assert summary["peak_delta_pi_minus"] == pytest.approx(max(deltas), rel=1e-5)
@@ -771,7 +1010,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monke
         assert probe.main(probe.Args(mode="bn", **MODE_RUN)) == 1
 
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "metrics.csv").read_text().strip().splitlines() == [",".join(probe.CSV_COLUMNS)]
+    assert (run_dir / "metrics.csv").read_text().strip().splitlines() == [
+        ",".join(probe.CSV_COLUMNS)
+    ]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "non-finite loss" and summary["iterations"] == 0
 
@@ -803,7 +1044,9 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
         stop_in_second_update(patch, signum)
         assert probe.main(probe.Args(**args, run_name="stopped")) == 128 + signum
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)] == handlers_before
+    assert [
+        signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    ] == handlers_before
     stopped = tmp_path / "runs" / "stopped"
     assert json.loads((stopped / "summary.json").read_text())["status"] == "stopped"
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["iteration"] == 2
@@ -814,18 +1057,33 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like
 
     clock = ("sps", "wall_time")
     strip = lambda rows: [{k: v for k, v in row.items() if k not in clock} for row in rows]  # noqa: E731
-    whole_rows, resumed_rows = read_csv(tmp_path / "runs" / "whole" / "metrics.csv")[1], read_csv(stopped / "metrics.csv")[1]
+    whole_rows, resumed_rows = (
+        read_csv(tmp_path / "runs" / "whole" / "metrics.csv")[1],
+        read_csv(stopped / "metrics.csv")[1],
+    )
     assert len(resumed_rows) == 4 and strip(resumed_rows) == strip(whole_rows)
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "completed"
     # issue 26: provenance, one segment per process; the resumed process took over at iteration 3
     first, second = summary["provenance_segments"]
     assert (first["from_iteration"], second["from_iteration"]) == (1, 3)
-    assert summary["provenance"] == second and set(second) == {"from_iteration", "commit", "dirty", "torch", "cpu"}
-    assert len(second["commit"]) == 40 and isinstance(second["dirty"], bool) and second["torch"] == torch.__version__
+    assert summary["provenance"] == second and set(second) == {
+        "from_iteration",
+        "commit",
+        "dirty",
+        "torch",
+        "cpu",
+    }
+    assert (
+        len(second["commit"]) == 40
+        and isinstance(second["dirty"], bool)
+        and second["torch"] == torch.__version__
+    )
 
 
-def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):
+def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     original, calls = probe.policy_mismatch, []
 
@@ -838,13 +1096,18 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits
 
     monkeypatch.setattr(probe, "policy_mismatch", two_ctrl_c)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert probe.main(probe.Args(mode="bn", **{**MODE_RUN, "total_timesteps": 40}, resume="auto")) == 130
+        assert (
+            probe.main(probe.Args(mode="bn", **{**MODE_RUN, "total_timesteps": 40}, resume="auto"))
+            == 130
+        )
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert [row["iteration"] for row in read_csv(run_dir / "metrics.csv")[1]] == ["1"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["iterations"] == 1
-    assert not (run_dir / "checkpoint.pt").exists()  # --checkpoint-interval 10: none yet, and a second Ctrl-C saves none
+    assert not (
+        run_dir / "checkpoint.pt"
+    ).exists()  # --checkpoint-interval 10: none yet, and a second Ctrl-C saves none
 
 
 def test_resume_with_a_different_seed_is_rejected(tmp_path, monkeypatch):
@@ -869,12 +1132,22 @@ def run_name(**overrides):
 def test_default_run_names_tell_the_configurations_apart():
     names = [run_name(mode=mode) for mode in probe.MODES]
     names += [run_name(mode="bn", bn_momentum=0.1), run_name(mode="brn", bn_momentum=0.1)]
-    names += [run_name(mode="bn", view_batching="joint"), run_name(mode="bn", seed=2), run_name(mode="bn", clip_coef=0.05)]
-    names += [run_name(mode="bn", ent_coef=0.0), run_name(mode="bn-mdr", alpha1=1), run_name(mode="bn-mdr", update_epochs=6)]
+    names += [
+        run_name(mode="bn", view_batching="joint"),
+        run_name(mode="bn", seed=2),
+        run_name(mode="bn", clip_coef=0.05),
+    ]
+    names += [
+        run_name(mode="bn", ent_coef=0.0),
+        run_name(mode="bn-mdr", alpha1=1),
+        run_name(mode="bn-mdr", update_epochs=6),
+    ]
 
     assert len(set(names)) == len(names), names
     assert all("/" not in name and " " not in name for name in names)
-    assert run_name(mode="eval", bn_momentum=0.1) == run_name(mode="eval")  # eval's statistics never move
+    assert run_name(mode="eval", bn_momentum=0.1) == run_name(
+        mode="eval"
+    )  # eval's statistics never move
 
 
 def test_default_run_names_contain_no_clock(monkeypatch):
@@ -883,7 +1156,9 @@ def test_default_run_names_contain_no_clock(monkeypatch):
     monkeypatch.setattr(probe.time, "time", lambda: 4_000_000_000.0)
 
     assert run_name(mode="bn-mdr") == early
-    assert run_name(mode="bn-mdr", seed=7).endswith("__s7")  # the seed closes the name (wandb's group drops it)
+    assert run_name(mode="bn-mdr", seed=7).endswith(
+        "__s7"
+    )  # the seed closes the name (wandb's group drops it)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -922,7 +1197,10 @@ def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
         (dict(mode="bn-mdr", alpha1=3), "--alpha1 3 --alpha2 0"),
         (dict(mode="bn-mdr", alpha2=4), "--alpha1 -1 --alpha2 4"),
         (dict(update_epochs=0), "--update-epochs 0"),
-        (dict(minibatch_size=1000), "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 128"),
+        (
+            dict(minibatch_size=1000),
+            "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 128",
+        ),
         (dict(total_timesteps=100), "--total-timesteps >= num_envs x num_steps = 128"),
         (dict(clip_coef=0.0), "--clip-coef"),
         (dict(bn_momentum=0.0), "--bn-momentum"),
@@ -937,7 +1215,9 @@ def test_validate_args_rejects_bad_input(overrides, message):
 
 def test_a_one_sample_minibatch_is_rejected():
     with pytest.raises(probe.ConfigError, match="one sample"):
-        probe.validate_args(probe.Args(num_envs=3, num_steps=3, minibatch_size=8, total_timesteps=9))
+        probe.validate_args(
+            probe.Args(num_envs=3, num_steps=3, minibatch_size=8, total_timesteps=9)
+        )
 
 
 def test_cli_unknown_mode_is_one_line_error_listing_the_modes(tmp_path):

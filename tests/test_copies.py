@@ -14,19 +14,47 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROCGEN, PATCHLOC, PROBE = SCRIPTS = ("ppo_procgen_mdr.py", "ppo_patchloc_mdr.py", "ppo_collapse_probe.py")
+PROCGEN, PATCHLOC, PROBE = SCRIPTS = (
+    "ppo_procgen_mdr.py",
+    "ppo_patchloc_mdr.py",
+    "ppo_collapse_probe.py",
+)
 TRAINING = (PROCGEN, PATCHLOC)
 
 # Meant to be one definition copied verbatim, and the scripts that must hold it (the identity check below covers every
 # name defined in two or three scripts; this list makes sure that none of these leaves a script unnoticed).
 SHARED = {
     name: SCRIPTS
-    for name in ["layer_init", "EvalModeBatchNorm2d", "BatchRenorm2d", "compute_gae", "clipped_ppo_loss", "ppo_update"]
-    + ["temporary_mode", "js_divergence", "policy_mismatch", "eval_mode_ratio", "trust_region_diagnostics"]
-    + ["recalibrate_batchnorm", "mean_stats", "load_imagenet_weights", "ConfigError", "mlp", "check_minibatches"]
+    for name in [
+        "layer_init",
+        "EvalModeBatchNorm2d",
+        "BatchRenorm2d",
+        "compute_gae",
+        "clipped_ppo_loss",
+        "ppo_update",
+    ]
+    + [
+        "temporary_mode",
+        "js_divergence",
+        "policy_mismatch",
+        "eval_mode_ratio",
+        "trust_region_diagnostics",
+    ]
+    + [
+        "recalibrate_batchnorm",
+        "mean_stats",
+        "load_imagenet_weights",
+        "ConfigError",
+        "mlp",
+        "check_minibatches",
+    ]
 }
 SHARED.update(
-    {name: TRAINING for name in ["recompute_advantages", "find_checkpoint"] + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]}
+    {
+        name: TRAINING
+        for name in ["recompute_advantages", "find_checkpoint"]
+        + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]
+    }
 )
 MISSING = {}  # findings for the lead: (name, script) -> why that script lacks the copy; the test passes once it holds it
 
@@ -69,57 +97,97 @@ def definitions(path: Path) -> dict:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             found[node.name] = (node, ast.get_source_segment(source, node))
         elif isinstance(node, ast.ClassDef):
-            methods = [m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            methods = [
+                m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+            ]
             shell = copy.copy(node)
             shell.body = [statement for statement in node.body if statement not in methods]
             header = f"class {node.name}({', '.join(ast.unparse(base) for base in node.bases)}):"
-            found[node.name] = (shell, "\n".join([header] + [ast.get_source_segment(source, s) for s in shell.body]))
+            found[node.name] = (
+                shell,
+                "\n".join([header] + [ast.get_source_segment(source, s) for s in shell.body]),
+            )
             for method in methods:
-                found[f"{node.name}.{method.name}"] = (method, ast.get_source_segment(source, method))
+                found[f"{node.name}.{method.name}"] = (
+                    method,
+                    ast.get_source_segment(source, method),
+                )
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if len(targets) == 1 and isinstance(targets[0], ast.Name):  # a constant, with its later `+=` lines
-                statements, text = found.get(targets[0].id, (ast.Module(body=[], type_ignores=[]), None))
+            if len(targets) == 1 and isinstance(
+                targets[0], ast.Name
+            ):  # a constant, with its later `+=` lines
+                statements, text = found.get(
+                    targets[0].id, (ast.Module(body=[], type_ignores=[]), None)
+                )
                 statements.body.append(node)
                 segment = ast.get_source_segment(source, node)
-                found[targets[0].id] = (statements, segment if text is None else f"{text}\n{segment}")
+                found[targets[0].id] = (
+                    statements,
+                    segment if text is None else f"{text}\n{segment}",
+                )
     return found
 
 
 DEFINITIONS = {script: definitions(ROOT / script) for script in SCRIPTS}
-COMMON = sorted({name for name in set().union(*DEFINITIONS.values()) if sum(name in d for d in DEFINITIONS.values()) >= 2})
+COMMON = sorted(
+    {
+        name
+        for name in set().union(*DEFINITIONS.values())
+        if sum(name in d for d in DEFINITIONS.values()) >= 2
+    }
+)
 
 
 def compared_copies(name: str) -> list:
     """The scripts whose copies of `name` must be identical."""
     if name in INTENDED_DIFFERENCES:
         return []
-    return [s for s in SCRIPTS if name in DEFINITIONS[s] and f"{name}@{s}" not in INTENDED_DIFFERENCES]
+    return [
+        s for s in SCRIPTS if name in DEFINITIONS[s] and f"{name}@{s}" not in INTENDED_DIFFERENCES
+    ]
 
 
 def unified_diff(name: str, a: str, b: str) -> str:
     lines = difflib.unified_diff(
-        DEFINITIONS[a][name][1].splitlines(), DEFINITIONS[b][name][1].splitlines(), f"{a}: {name}", f"{b}: {name}", lineterm=""
+        DEFINITIONS[a][name][1].splitlines(),
+        DEFINITIONS[b][name][1].splitlines(),
+        f"{a}: {name}",
+        f"{b}: {name}",
+        lineterm="",
     )
     return "\n".join(lines)
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DRIFT[n])) if n in KNOWN_DRIFT else n for n in COMMON],
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DRIFT[n]))
+        if n in KNOWN_DRIFT
+        else n
+        for n in COMMON
+    ],
 )
 def test_shared_definitions_are_identical(name):
     reference, *others = compared_copies(name) or [None]
-    differing = [s for s in others if ast.dump(DEFINITIONS[s][name][0]) != ast.dump(DEFINITIONS[reference][name][0])]
+    differing = [
+        s
+        for s in others
+        if ast.dump(DEFINITIONS[s][name][0]) != ast.dump(DEFINITIONS[reference][name][0])
+    ]
     if differing:
         diffs = "\n".join(unified_diff(name, reference, other) for other in differing)
-        pytest.fail(f"{name} differs between copies (intended? list it in INTENDED_DIFFERENCES with the reason):\n{diffs}")
+        pytest.fail(
+            f"{name} differs between copies (intended? list it in INTENDED_DIFFERENCES with the reason):\n{diffs}"
+        )
 
 
 @pytest.mark.parametrize(
     "name, script",
     [
-        pytest.param(n, s, marks=pytest.mark.xfail(strict=True, reason=MISSING[n, s])) if (n, s) in MISSING else (n, s)
+        pytest.param(n, s, marks=pytest.mark.xfail(strict=True, reason=MISSING[n, s]))
+        if (n, s) in MISSING
+        else (n, s)
         for n, scripts in SHARED.items()
         for s in scripts
     ],
@@ -135,9 +203,15 @@ def test_every_listed_difference_names_a_real_and_differing_copy():
         holders = [s for s in SCRIPTS if name in DEFINITIONS[s]]
         assert len(holders) >= 2, f"{key}: {name} is defined in {holders} only"
         assert script in ("", *holders), f"{key}: {script} has no {name}"
-        pairs = [(script, other) for other in holders if other != script] if script else itertools.combinations(holders, 2)
+        pairs = (
+            [(script, other) for other in holders if other != script]
+            if script
+            else itertools.combinations(holders, 2)
+        )
         dumps = {s: ast.dump(DEFINITIONS[s][name][0]) for s in holders}
-        assert any(dumps[a] != dumps[b] for a, b in pairs), f"{key}: the copies agree now, remove the entry"
+        assert any(dumps[a] != dumps[b] for a, b in pairs), (
+            f"{key}: the copies agree now, remove the entry"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,18 +223,26 @@ def source(script: str) -> str:
 
 
 def function(script: str, name: str) -> ast.FunctionDef:
-    (node,) = [n for n in ast.parse(source(script)).body if isinstance(n, ast.FunctionDef) and n.name == name]
+    (node,) = [
+        n
+        for n in ast.parse(source(script)).body
+        if isinstance(n, ast.FunctionDef) and n.name == name
+    ]
     return node
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_method_lines_are_tagged(script):
-    tagged = [line for line in source(script).splitlines() if "# MDR" in line]  # what `grep -c "# MDR"` counts
+    tagged = [
+        line for line in source(script).splitlines() if "# MDR" in line
+    ]  # what `grep -c "# MDR"` counts
     assert len(tagged) >= 3, tagged
 
 
 BANNER = "# Infrastructure:"
-ABOVE_BANNER_LIMIT = 720  # the method and its network: a guard against growth, not a target (issue 24)
+ABOVE_BANNER_LIMIT = (
+    720  # the method and its network: a guard against growth, not a target (issue 24)
+)
 
 
 def lines_above_banner(text: str) -> int:
@@ -192,7 +274,11 @@ BLOCKS = (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.If, ast
 def block_depths(node, name: str, depth=0):
     """Depth (enclosing For/While/With/If/Try nodes) of every call to `name` under `node`."""
     for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.Call) and isinstance(child.func, ast.Name) and child.func.id == name:
+        if (
+            isinstance(child, ast.Call)
+            and isinstance(child.func, ast.Name)
+            and child.func.id == name
+        ):
             yield depth
         yield from block_depths(child, name, depth + isinstance(child, BLOCKS))
 
@@ -204,7 +290,9 @@ def test_the_minibatch_step_is_at_most_5_blocks_deep_in_main(script):
 
 
 def test_block_depth_counts_what_it_should():
-    tree = ast.parse("def main():\n for a in b:\n  with c:\n   if d:\n    pass\n   else:\n    ppo_update(x)\n  ppo_update(y)")
+    tree = ast.parse(
+        "def main():\n for a in b:\n  with c:\n   if d:\n    pass\n   else:\n    ppo_update(x)\n  ppo_update(y)"
+    )
     assert list(block_depths(tree.body[0], "ppo_update")) == [3, 1]
 
 
@@ -216,7 +304,11 @@ def test_no_plotting_library_in_the_scripts(script):
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in (node.names if isinstance(node, ast.Import) else [None])
     ]
-    assert not [module for module in imported if module and module.split(".")[0] in ("matplotlib", "seaborn", "plotly")]
+    assert not [
+        module
+        for module in imported
+        if module and module.split(".")[0] in ("matplotlib", "seaborn", "plotly")
+    ]
 
 
 def dead_flags(script: str) -> list:

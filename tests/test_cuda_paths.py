@@ -18,7 +18,10 @@ import ppo_procgen_mdr
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these)",
+    ),
 ]
 
 CUDA = torch.device("cuda")
@@ -30,7 +33,14 @@ ROUNDING = {"logits": 1e-3, "value": 1e-3, "running_mean": 1e-3, "gradient": 2e-
 MAIN_RUNS = {
     "procgen": (
         ppo_procgen_mdr,
-        dict(num_envs=2, num_steps=16, minibatch_size=16, total_timesteps=64, num_eval_envs=2, eval_interval=0),
+        dict(
+            num_envs=2,
+            num_steps=16,
+            minibatch_size=16,
+            total_timesteps=64,
+            num_eval_envs=2,
+            eval_interval=0,
+        ),
         True,
     ),
     "patchloc": (
@@ -54,7 +64,15 @@ MAIN_RUNS = {
     ),  # fmt: skip
     "probe": (
         ppo_collapse_probe,
-        dict(num_envs=2, num_steps=8, minibatch_size=8, total_timesteps=32, view_size=16, image_size=64, hidden_size=32),
+        dict(
+            num_envs=2,
+            num_steps=8,
+            minibatch_size=8,
+            total_timesteps=32,
+            view_size=16,
+            image_size=64,
+            hidden_size=32,
+        ),
         False,
     ),
 }
@@ -77,13 +95,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def procgen_agent(**overrides) -> ppo_procgen_mdr.Agent:
     torch.manual_seed(0)
-    return ppo_procgen_mdr.Agent(NUM_PROCGEN_ACTIONS, ppo_procgen_mdr.Args(pretrained=False, **overrides)).to(CUDA)
+    return ppo_procgen_mdr.Agent(
+        NUM_PROCGEN_ACTIONS, ppo_procgen_mdr.Args(pretrained=False, **overrides)
+    ).to(CUDA)
 
 
 def passes(agent, training: bool, batch: int = 16) -> dict:
     """One forward and backward pass as in an update (random uint8 observations, seeded): logits, value, gradient."""
     generator = torch.Generator(device=CUDA).manual_seed(1)
-    obs = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, device=CUDA, generator=generator)
+    obs = torch.randint(
+        0, 256, (batch, 64, 64, 3), dtype=torch.uint8, device=CUDA, generator=generator
+    )
     actions = torch.randint(0, NUM_PROCGEN_ACTIONS, (batch,), device=CUDA, generator=generator)
     agent.train(training)
     agent.zero_grad(set_to_none=True)
@@ -98,14 +120,18 @@ def passes(agent, training: bool, batch: int = 16) -> dict:
 
 
 @pytest.mark.parametrize("script", MAIN_RUNS)
-def test_main_on_cuda_trains_with_fused_adam_and_channels_last_weights(script, tmp_path, monkeypatch):
+def test_main_on_cuda_trains_with_fused_adam_and_channels_last_weights(
+    script, tmp_path, monkeypatch
+):
     module, fields, channels_last = MAIN_RUNS[script]
     optimizers = []
 
     class RecordedAdam(torch.optim.Adam):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.initial = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+            self.initial = [
+                p.detach().clone() for group in self.param_groups for p in group["params"]
+            ]
             optimizers.append(self)
 
     monkeypatch.setattr(torch.optim, "Adam", RecordedAdam)
@@ -121,9 +147,13 @@ def test_main_on_cuda_trains_with_fused_adam_and_channels_last_weights(script, t
     assert optimizer.defaults["fused"] is True
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     assert all(p.is_cuda and torch.isfinite(p).all() for p in parameters)
-    assert any(not torch.equal(p, initial) for p, initial in zip(parameters, optimizer.initial))  # Adam stepped
+    assert any(
+        not torch.equal(p, initial) for p, initial in zip(parameters, optimizer.initial)
+    )  # Adam stepped
     conv_weights = [p for p in parameters if p.dim() == 4 and p.shape[-1] > 1]
-    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in conv_weights)
+    assert conv_weights and all(
+        p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in conv_weights
+    )
     assert (Path(tmp_path) / "runs").is_dir()
 
 
@@ -144,7 +174,9 @@ def test_amp_on_cuda_runs_the_backbone_in_bfloat16_close_to_float32():
     amp = procgen_agent(amp=True)
     amp.load_state_dict(float32.state_dict())
     conv_outputs = []
-    amp.backbone.conv1.register_forward_hook(lambda module, inputs, output: conv_outputs.append(output.dtype))
+    amp.backbone.conv1.register_forward_hook(
+        lambda module, inputs, output: conv_outputs.append(output.dtype)
+    )
 
     expected, got = passes(float32, True), passes(amp, True)
 
@@ -152,8 +184,12 @@ def test_amp_on_cuda_runs_the_backbone_in_bfloat16_close_to_float32():
     assert got["logits"].dtype == got["value"].dtype == torch.float32
     assert relative_error(got["value"], expected["value"]) < 0.05
     assert relative_error(got["logits"], expected["logits"]) < 0.05
-    cosine = torch.nn.functional.cosine_similarity(got["gradient"].double(), expected["gradient"].double(), dim=0)
-    assert cosine > 0.9  # bfloat16 keeps 8 bits of mantissa: the same direction, not the same digits
+    cosine = torch.nn.functional.cosine_similarity(
+        got["gradient"].double(), expected["gradient"].double(), dim=0
+    )
+    assert (
+        cosine > 0.9
+    )  # bfloat16 keeps 8 bits of mantissa: the same direction, not the same digits
 
 
 def test_compile_on_cuda_matches_eager(ieee_float32):

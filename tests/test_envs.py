@@ -76,7 +76,9 @@ def ref_move(y, x, side, action):
             for k in range(13):
                 cand = k * new_side // 4
                 ok = can & (cand + new_side <= 16)
-                key = np.abs(2 * cand + new_side - (2 * coord + side)) * 100 + np.abs(2 * cand + new_side - 16)
+                key = np.abs(2 * cand + new_side - (2 * coord + side)) * 100 + np.abs(
+                    2 * cand + new_side - 16
+                )
                 better = ok & (key < best_key)
                 best[better], best_key[better] = cand[better], key[better]
             coord[can] = best[can]
@@ -95,7 +97,12 @@ def ref_iou(a, b):
 
 def ref_all_windows():
     """Every lattice window (y, x, side) in units, enumerated from the definition."""
-    wins = [(r * s // 4, c * s // 4, s) for s in (16, 8, 4) for r in range(4 * 16 // s - 3) for c in range(4 * 16 // s - 3)]
+    wins = [
+        (r * s // 4, c * s // 4, s)
+        for s in (16, 8, 4)
+        for r in range(4 * 16 // s - 3)
+        for c in range(4 * 16 // s - 3)
+    ]
     return tuple(np.array(v) for v in zip(*wins))
 
 
@@ -109,14 +116,20 @@ def box_of(y, x, side):
 def test_observation_shape_dtype_and_content(train):
     env = PatchLocEnv(train)
     obs, info = env.reset(seed=0, options={"task_id": 2})
-    assert obs.shape == (3, V, V, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    assert (
+        obs.shape == (3, V, V, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    )
     assert env.action_space == gym.spaces.Discrete(7) and NUM_ACTIONS == 7
     assert set(info) >= {"task_id", "iou", "optimal_return"} and info["task_id"] == 2
     np.testing.assert_array_equal(obs[0], train.target_patch(2))
     np.testing.assert_array_equal(obs[2], train.levels[0][2])  # the first window is the full image
     venv = PatchLocVecEnv(train, num_envs=3)
     vobs, _ = venv.reset(seed=0)
-    assert vobs.shape == (3, 3, V, V, 3) and vobs.dtype == np.uint8 and venv.observation_space.contains(vobs)
+    assert (
+        vobs.shape == (3, 3, V, V, 3)
+        and vobs.dtype == np.uint8
+        and venv.observation_space.contains(vobs)
+    )
     assert venv.single_observation_space.shape == (3, V, V, 3) and venv.single_action_space.n == 7
     assert venv.action_space.shape == (3,)
     assert venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
@@ -134,11 +147,15 @@ def test_action_table_matches_reference_geometry():
     y, x, side = boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0]
     for action in range(NUM_ACTIONS):
         ny, nx, nside = ref_move(y, x, side, action)
-        np.testing.assert_array_equal(boxes[TRANSITIONS[:, action]], box_of(ny, nx, nside), err_msg=f"action {action}")
+        np.testing.assert_array_equal(
+            boxes[TRANSITIONS[:, action]], box_of(ny, nx, nside), err_msg=f"action {action}"
+        )
 
 
 def test_actions_move_the_window(train):
-    far = copy.copy(train)  # every target at (2, 7, 5): far from the windows visited below, so no success
+    far = copy.copy(
+        train
+    )  # every target at (2, 7, 5): far from the windows visited below, so no success
     far.target_states = np.full(train.num_tasks, state_index(2, 7, 5))
     env = PatchLocEnv(far, max_steps=100)
     env.reset(seed=0, options={"task_id": 0})
@@ -152,7 +169,9 @@ def test_actions_move_the_window(train):
     for a in (UP, DOWN, LEFT, RIGHT, ZOOM_OUT):  # the full image cannot move or zoom out
         act(a, (0, 0, 0))
     act(ZOOM_IN, (1, 2, 2))
-    np.testing.assert_allclose(env.window_box, [0.25, 0.25, 0.75, 0.75])  # same centre, half the side
+    np.testing.assert_allclose(
+        env.window_box, [0.25, 0.25, 0.75, 0.75]
+    )  # same centre, half the side
     act(UP, (1, 1, 2))
     act(UP, (1, 0, 2))
     act(UP, (1, 0, 2))  # border: no-op
@@ -160,10 +179,14 @@ def test_actions_move_the_window(train):
     act(LEFT, (1, 0, 0))
     act(LEFT, (1, 0, 0))
     act(ZOOM_IN, (2, 2, 2))
-    np.testing.assert_allclose(env.window_box, [1 / 8, 1 / 8, 3 / 8, 3 / 8])  # centre (1/4, 1/4) kept
+    np.testing.assert_allclose(
+        env.window_box, [1 / 8, 1 / 8, 3 / 8, 3 / 8]
+    )  # centre (1/4, 1/4) kept
     act(ZOOM_IN, (2, 2, 2))  # zoom 2 is the deepest
     act(UP, (2, 1, 2))
-    act(ZOOM_OUT, (1, 0, 0))  # exact position would be (-1/2, 0): rounded and clamped inside the image
+    act(
+        ZOOM_OUT, (1, 0, 0)
+    )  # exact position would be (-1/2, 0): rounded and clamped inside the image
     for _ in range(5):
         env.step(DOWN)
         env.step(RIGHT)
@@ -178,7 +201,9 @@ def test_actions_move_the_window(train):
     act(ZOOM_OUT, (1, 4, 4))  # clamped to the bottom-right corner
     act(ZOOM_IN, (2, 10, 10))
     env.step(UP)
-    act(ZOOM_OUT, (1, 3, 4))  # centre (11, 12) units: rows 3 and 4 are equally close, ties go towards the image centre
+    act(
+        ZOOM_OUT, (1, 3, 4)
+    )  # centre (11, 12) units: rows 3 and 4 are equally close, ties go towards the image centre
     act(ZOOM_OUT, (0, 0, 0))
     act(STOP, (0, 0, 0))
 
@@ -195,7 +220,12 @@ def test_zoom_keeps_centre_everywhere():
     new_step = (after[:, 2] - after[:, 0]) / 4
     # Off the border the centre moves by at most half a lattice step of the new zoom.
     shift = np.abs(centre[TRANSITIONS[outer, ZOOM_OUT]] - centre[outer]).max(axis=1)
-    free = (boxes[outer, 0] > 0.25) & (boxes[outer, 2] < 0.75) & (boxes[outer, 1] > 0.25) & (boxes[outer, 3] < 0.75)
+    free = (
+        (boxes[outer, 0] > 0.25)
+        & (boxes[outer, 2] < 0.75)
+        & (boxes[outer, 1] > 0.25)
+        & (boxes[outer, 3] < 0.75)
+    )
     assert (shift[free] <= new_step[free] / 2 + 1e-12).all()
 
 
@@ -232,7 +262,12 @@ def test_target_patch_is_the_target_window(train):
         y0, x0, y1, x1 = np.round(train.target_boxes[task] * 4 * V).astype(int)
         f = (y1 - y0) // V
         assert f in (2, 1)  # targets have side m/2 (zoom 1) or m/4 (zoom 2)
-        crop = train.image(task)[y0:y1, x0:x1].astype(np.float32).reshape(V, f, V, f, 3).mean(axis=(1, 3))
+        crop = (
+            train.image(task)[y0:y1, x0:x1]
+            .astype(np.float32)
+            .reshape(V, f, V, f, 3)
+            .mean(axis=(1, 3))
+        )
         assert np.abs(train.target_patch(task).astype(np.float32) - crop).max() <= 1.0
 
 
@@ -240,7 +275,12 @@ def test_target_patch_is_the_target_window(train):
 # Reward and optimal return
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "params", [{}, {"success_bonus": 0.5, "stop_penalty": 0.0, "max_steps": 7}, {"success_iou": 0.9, "stop_penalty": -0.1}]
+    "params",
+    [
+        {},
+        {"success_bonus": 0.5, "stop_penalty": 0.0, "max_steps": 7},
+        {"success_iou": 0.9, "stop_penalty": -0.1},
+    ],
 )
 def test_rewards_telescope(train, params):
     cfg = EpisodeConfig(**params)
@@ -263,8 +303,12 @@ def test_rewards_telescope(train, params):
             assert info["iou"] == pytest.approx(ref_iou(train.target_boxes[task], env.window_box))
         success, stopped = info["success"], info["stopped"]
         assert success == (info["iou"] >= cfg.success_iou) and not (success and stopped)
-        assert truncated == (not success and not stopped) and (length == cfg.max_steps or not truncated)
-        expected = info["iou"] - start_iou + cfg.success_bonus * success - cfg.stop_penalty * stopped
+        assert truncated == (not success and not stopped) and (
+            length == cfg.max_steps or not truncated
+        )
+        expected = (
+            info["iou"] - start_iou + cfg.success_bonus * success - cfg.stop_penalty * stopped
+        )
         assert total == pytest.approx(expected, abs=1e-9)
         assert total <= info["optimal_return"] + 1e-9
         outcomes.add("success" if success else "stop" if stopped else "truncated")
@@ -281,7 +325,10 @@ def brute_force_optimal(config: EpisodeConfig):
         y, x, side = (np.concatenate([g[k] for g in grown]) for k in range(3))
         path_boxes = [np.concatenate([p] * 7) for p in path_boxes] + [box_of(y, x, side)[:, None]]
         path_actions = np.concatenate(
-            [np.concatenate([path_actions, np.full((len(path_actions), 1), a)], 1) for a in range(7)]
+            [
+                np.concatenate([path_actions, np.full((len(path_actions), 1), a)], 1)
+                for a in range(7)
+            ]
         )
     assert len(np.unique(path_actions, axis=0)) == 7**horizon  # every sequence, once
     boxes = np.concatenate(path_boxes, axis=1)  # (7^H, H+1, 4)
@@ -312,7 +359,9 @@ def brute_force_optimal(config: EpisodeConfig):
 )
 def test_optimal_return_matches_exhaustive_enumeration(config):
     targets = np.flatnonzero(STATES[:, 0] > 0)  # every possible target window
-    np.testing.assert_allclose(optimal_returns(targets, config), brute_force_optimal(config)[targets], atol=1e-12)
+    np.testing.assert_allclose(
+        optimal_returns(targets, config), brute_force_optimal(config)[targets], atol=1e-12
+    )
 
 
 def test_optimal_return_matches_recursive_search_at_full_horizon():
@@ -320,7 +369,10 @@ def test_optimal_return_matches_recursive_search_at_full_horizon():
     config = EpisodeConfig()
     windows = [tuple(int(v) for v in w) for w in zip(*ref_all_windows())]
     # The reference dynamics, tabulated once as a dict for speed: window -> next window per move.
-    nxt = {a: [tuple(int(v) for v in w) for w in zip(*ref_move(*ref_all_windows(), a))] for a in range(6)}
+    nxt = {
+        a: [tuple(int(v) for v in w) for w in zip(*ref_move(*ref_all_windows(), a))]
+        for a in range(6)
+    }
     moves = {w: [nxt[a][k] for a in range(6)] for k, w in enumerate(windows)}
     targets = [t for t in range(1, 195) if STATES[t, 0] == 1 or t % 7 == 0]
     for t in targets:
@@ -328,7 +380,9 @@ def test_optimal_return_matches_recursive_search_at_full_horizon():
         iou = {w: float(ref_iou(box_of(*w), target)) for w in windows}
         assert iou[(0, 0, 16)] < config.success_iou
         value = recursive_value(config, moves, iou)
-        assert optimal_returns([t], config)[0] == pytest.approx(value((0, 0, 16), config.max_steps), abs=1e-12)
+        assert optimal_returns([t], config)[0] == pytest.approx(
+            value((0, 0, 16), config.max_steps), abs=1e-12
+        )
 
 
 def recursive_value(config, moves, iou):
@@ -362,7 +416,9 @@ def test_oracle_path_achieves_the_optimal_return(train):
             for k, action in enumerate(actions):
                 _, reward, terminated, truncated, _ = env.step(action)
                 total += reward
-                assert (terminated or truncated) == (k == len(actions) - 1)  # ends exactly with the path
+                assert (terminated or truncated) == (
+                    k == len(actions) - 1
+                )  # ends exactly with the path
             assert total == pytest.approx(env.optimal_returns[task], abs=1e-9)
     # With the defaults every target is found: the optimum includes the success bonus.
     assert (train.optimal_returns() > 1.0).all()
@@ -379,9 +435,13 @@ def test_run_tasks_plays_each_task_once_with_the_policy(train):
         return np.full(len(obs), STOP)
 
     results = run_tasks(train, 7, always_stop, num_envs=3, max_steps=20, seed=0)
-    assert set(results) == {"r", "normalized_r", "success"} and all(len(v) == 7 for v in results.values())
+    assert set(results) == {"r", "normalized_r", "success"} and all(
+        len(v) == 7 for v in results.values()
+    )
     assert np.allclose(results["r"], -EpisodeConfig().stop_penalty) and not results["success"].any()
-    assert seen == [(3, 3, V, V, 3)] * 3  # 3 envs, one STOP each: 9 episodes, the 7 queued ones counted
+    assert (
+        seen == [(3, 3, V, V, 3)] * 3
+    )  # 3 envs, one STOP each: 9 episodes, the 7 queued ones counted
     wide = run_tasks(train, train.num_tasks, lambda obs: np.full(len(obs), STOP), num_envs=50)
     assert len(wide["r"]) == train.num_tasks  # more envs than tasks: min(num_envs, num_tasks) envs
 
@@ -390,28 +450,46 @@ def test_episode_windows_follow_the_policy_and_reach_the_target(train):
     env = PatchLocEnv(train)
     for task in range(3):
         actions = iter(env.optimal_actions(task))
-        boxes = episode_windows(train, task, lambda obs, path=actions: np.array([next(path)]), max_steps=20, seed=0)
+        boxes = episode_windows(
+            train, task, lambda obs, path=actions: np.array([next(path)]), max_steps=20, seed=0
+        )
         assert np.array_equal(boxes[0], [0.0, 0.0, 1.0, 1.0])  # episodes start on the full image
         assert len(boxes) == len(env.optimal_actions(task)) + 1 and next(actions, None) is None
-        assert ref_iou(boxes[-1], train.target_boxes[task]) >= 0.5  # the oracle path ends on the target
+        assert (
+            ref_iou(boxes[-1], train.target_boxes[task]) >= 0.5
+        )  # the oracle path ends on the target
 
 
 def test_draw_episode_steps_draws_the_path_so_far_after_every_step(train):
     actions = iter(PatchLocEnv(train).optimal_actions(1))
-    frames = draw_episode_steps(train, 1, lambda obs: np.array([next(actions)]), max_steps=20, seed=0)
-    boxes = episode_windows(train, 1, lambda obs, path=iter(PatchLocEnv(train).optimal_actions(1)): np.array([next(path)]))
+    frames = draw_episode_steps(
+        train, 1, lambda obs: np.array([next(actions)]), max_steps=20, seed=0
+    )
+    boxes = episode_windows(
+        train,
+        1,
+        lambda obs, path=iter(PatchLocEnv(train).optimal_actions(1)): np.array([next(path)]),
+    )
     assert len(frames) == len(boxes) >= 2
     for t, frame in enumerate(frames):
-        assert np.array_equal(frame, draw_episode(train.image(1), boxes[: t + 1], train.target_boxes[1]))
+        assert np.array_equal(
+            frame, draw_episode(train.image(1), boxes[: t + 1], train.target_boxes[1])
+        )
 
 
 def test_draw_episodes_puts_each_drawn_episode_side_by_side(train):
-    drawing = draw_episodes(train, [2, 0], lambda obs: np.full(len(obs), STOP), max_steps=20, seed=0)
+    drawing = draw_episodes(
+        train, [2, 0], lambda obs: np.full(len(obs), STOP), max_steps=20, seed=0
+    )
     side = train.image(0).shape[0]
     assert drawing.shape == (side, 2 * side, 3) and drawing.dtype == np.uint8
     for panel, task in zip((drawing[:, :side], drawing[:, side:]), (2, 0)):
-        full_image = [np.array([0.0, 0.0, 1.0, 1.0])] * 2  # STOP at once: the window stays on the full image
-        assert np.array_equal(panel, draw_episode(train.image(task), full_image, train.target_boxes[task]))
+        full_image = [
+            np.array([0.0, 0.0, 1.0, 1.0])
+        ] * 2  # STOP at once: the window stays on the full image
+        assert np.array_equal(
+            panel, draw_episode(train.image(task), full_image, train.target_boxes[task])
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,7 +527,9 @@ def task_set_digest(task_set):
         (3, 2, 32, 0, ("40746c098eced1d6", "f41f91376b3ee366"), [36, 22, 23]),
     ],
 )
-def test_procedural_task_sets_unchanged(num_train, num_test, view_size, seed, digests, train_targets):
+def test_procedural_task_sets_unchanged(
+    num_train, num_test, view_size, seed, digests, train_targets
+):
     """Pinned with the code before targets_per_image existed: committed results depend on these exact tasks."""
     train, test = make_task_sets(num_train, num_test, view_size=view_size, seed=seed)
     assert train.target_states.tolist() == train_targets
@@ -477,18 +557,26 @@ def test_procedural_images_have_local_structure():
     for seed in range(4):
         img = procedural_image(np.random.default_rng(seed), side).astype(np.float32)
         q = side // 16
-        windows = [img[r * q : r * q + side // 4, c * q : c * q + side // 4] for r in range(13) for c in range(13)]
+        windows = [
+            img[r * q : r * q + side // 4, c * q : c * q + side // 4]
+            for r in range(13)
+            for c in range(13)
+        ]
         assert min(w.std() for w in windows) > 10  # no flat zoom-2 window
         # Not noise: neighbouring pixels are far more alike than random pairs.
         neighbour = np.abs(np.diff(img, axis=1)).mean()
-        shuffled = np.abs(img.reshape(-1, 3) - np.random.default_rng(0).permutation(img.reshape(-1, 3))).mean()
+        shuffled = np.abs(
+            img.reshape(-1, 3) - np.random.default_rng(0).permutation(img.reshape(-1, 3))
+        ).mean()
         assert neighbour < shuffled / 4
 
 
 def write_images(folder, sizes, kinds):
     folder.mkdir(exist_ok=True)
     for i, ((w, h), kind) in enumerate(zip(sizes, kinds)):
-        img = Image.fromarray(procedural_image(np.random.default_rng(100 + i), max(w, h))).crop((0, 0, w, h))
+        img = Image.fromarray(procedural_image(np.random.default_rng(100 + i), max(w, h))).crop(
+            (0, 0, w, h)
+        )
         img.save(folder / f"img{i:02d}.{kind}", quality=95)
 
 
@@ -506,8 +594,15 @@ def test_folder_source(tmp_path):
         for i, name in enumerate(ts.image_ids):  # the center crop of the file, resized
             im = Image.open(name).convert("RGB")
             s = min(im.size)
-            box = ((im.width - s) // 2, (im.height - s) // 2, (im.width - s) // 2 + s, (im.height - s) // 2 + s)
-            ref = np.asarray(im.resize((4 * V, 4 * V), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+            box = (
+                (im.width - s) // 2,
+                (im.height - s) // 2,
+                (im.width - s) // 2 + s,
+                (im.height - s) // 2 + s,
+            )
+            ref = np.asarray(
+                im.resize((4 * V, 4 * V), Image.Resampling.BILINEAR, box=box), dtype=np.float32
+            )
             assert np.abs(ts.image(i) - ref).mean() < 12
     again = make_task_sets(3, 2, image_source=str(folder), image_size=64, view_size=V, seed=0)
     assert again[0].image_ids == train.image_ids and again[1].image_ids == test.image_ids
@@ -524,30 +619,62 @@ def one_line_error(match, *args, **kwargs):
 
 
 def test_bad_inputs_raise_one_line_errors(tmp_path):
-    one_line_error("does not exist", 2, 1, image_source=tmp_path / "missing", image_size=64, view_size=V)
+    one_line_error(
+        "does not exist", 2, 1, image_source=tmp_path / "missing", image_size=64, view_size=V
+    )
     one_line_error("image_source is empty", 2, 1, image_source="", view_size=V)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
-    one_line_error("holds no .jpg/.jpeg/.png/.tif/.tiff files", 2, 1, image_source=empty, image_size=64, view_size=V)
+    one_line_error(
+        "holds no .jpg/.jpeg/.png/.tif/.tiff files",
+        2,
+        1,
+        image_source=empty,
+        image_size=64,
+        view_size=V,
+    )
     few = tmp_path / "few"
     write_images(few, [(64, 64)] * 2, ["png"] * 2)
-    msg = one_line_error("has 2 usable images but 3 are needed", 2, 1, image_source=few, image_size=64, view_size=V)
+    msg = one_line_error(
+        "has 2 usable images but 3 are needed", 2, 1, image_source=few, image_size=64, view_size=V
+    )
     assert "2 for 2 training tasks + 1 for 1 held-out tasks" in msg and "skipped" not in msg
     # Unusable files are skipped; the error (too few left) counts them by reason and names them.
     corrupt = tmp_path / "corrupt"
     write_images(corrupt, [(64, 64)] * 3, ["png"] * 3)
     (corrupt / "img01.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    one_line_error(r"2 usable images but 3 .*skipped 1 unreadable \(img01.png\)", 2, 1, image_source=corrupt, view_size=V)
+    one_line_error(
+        r"2 usable images but 3 .*skipped 1 unreadable \(img01.png\)",
+        2,
+        1,
+        image_source=corrupt,
+        view_size=V,
+    )
     small = tmp_path / "small"
     write_images(small, [(64, 64), (70, 50), (80, 64)], ["png"] * 3)
-    one_line_error(r"skipped 1 smaller than 64 px \(img01.png\)", 2, 1, image_source=small, image_size=64, view_size=V)
+    one_line_error(
+        r"skipped 1 smaller than 64 px \(img01.png\)",
+        2,
+        1,
+        image_source=small,
+        image_size=64,
+        view_size=V,
+    )
     flat = tmp_path / "flat"
     write_images(flat, [(64, 64)] * 2, ["png"] * 2)
     Image.new("RGB", (64, 64), (120, 130, 140)).save(flat / "img02.png")
-    one_line_error(r"skipped 1 near-uniform \(pixel std < 8\) \(img02.png\)", 2, 1, image_source=flat, view_size=V)
+    one_line_error(
+        r"skipped 1 near-uniform \(pixel std < 8\) \(img02.png\)",
+        2,
+        1,
+        image_source=flat,
+        view_size=V,
+    )
     one_line_error("view_size must be a multiple of 4", 2, 1, image_size=64, view_size=18)
-    one_line_error(r"image_size \(60\) must be >= 4 \* view_size \(64\)", 2, 1, image_size=60, view_size=V)
+    one_line_error(
+        r"image_size \(60\) must be >= 4 \* view_size \(64\)", 2, 1, image_size=60, view_size=V
+    )
     one_line_error("num_train_tasks must be an integer >= 1", 0, 1, image_size=64, view_size=V)
     one_line_error("num_test_tasks must be an integer >= 1", 2, -1, image_size=64, view_size=V)
     one_line_error("target_zooms", 2, 1, image_size=64, view_size=V, target_zooms=(0,))
@@ -595,7 +722,9 @@ def test_vec_env_autoreset_and_episode_statistics(train):
         lengths += 1
         done = term | trunc
         assert ("episode" in infos) == done.any()
-        for i in range(n):  # every env's obs shows its current task and window, whether or not it was reset
+        for i in range(
+            n
+        ):  # every env's obs shows its current task and window, whether or not it was reset
             task, window = env.tasks[i], env.windows()[i]
             np.testing.assert_array_equal(obs[i, 0], train.target_patch(task))
             np.testing.assert_array_equal(obs[i, 2], train.view(task, state_index(*window)))
@@ -608,10 +737,14 @@ def test_vec_env_autoreset_and_episode_statistics(train):
                 assert ep["task_id"][i] == task
                 assert ep["r"][i] == pytest.approx(returns[i], abs=1e-5)
                 assert ep["l"][i] == lengths[i] and (lengths[i] == 8 or term[i])
-                assert ep["normalized_r"][i] == pytest.approx(returns[i] / env.optimal_returns[task], abs=1e-5)
+                assert ep["normalized_r"][i] == pytest.approx(
+                    returns[i] / env.optimal_returns[task], abs=1e-5
+                )
                 assert ep["success"][i] == (term[i] and actions[i] != STOP)
                 assert ep["stopped"][i] == (actions[i] == STOP)
-                outcomes.add("success" if ep["success"][i] else "stop" if ep["stopped"][i] else "truncated")
+                outcomes.add(
+                    "success" if ep["success"][i] else "stop" if ep["stopped"][i] else "truncated"
+                )
                 # Same-step auto-reset: the obs is the first obs of the next episode ...
                 new_task = env.tasks[i]
                 assert tuple(env.windows()[i]) == (0, 0, 0)
@@ -650,7 +783,9 @@ def test_vec_env_determinism_by_seed(train):
     b = run_random(PatchLocVecEnv(train, num_envs=4), 200, seed=11)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    c = run_random(PatchLocVecEnv(train, num_envs=4), 200, seed=12, actions_rng=np.random.default_rng(11))
+    c = run_random(
+        PatchLocVecEnv(train, num_envs=4), 200, seed=12, actions_rng=np.random.default_rng(11)
+    )
     assert any(not np.array_equal(x, y) for x, y in zip(a, c))
 
 
@@ -661,7 +796,10 @@ def test_vec_env_get_state_set_state_resumes_exactly(train):
     for _ in range(5):
         env.step(rng.integers(7, size=3))
     state = env.get_state()
-    assert all(isinstance(v, np.ndarray) and v.dtype in (np.int64, np.float64, bool) for v in state.values())
+    assert all(
+        isinstance(v, np.ndarray) and v.dtype in (np.int64, np.float64, bool)
+        for v in state.values()
+    )
     saved = {k: v.copy() for k, v in state.items()}
     resumed = PatchLocVecEnv(train, num_envs=3)
     resumed.reset(seed=99)  # a different history: everything must come from the saved state
@@ -681,12 +819,16 @@ def test_vec_env_get_state_set_state_resumes_exactly(train):
 
 def test_vec_env_window_boxes_and_targets(train):
     env = PatchLocVecEnv(train, num_envs=2)
-    small_targets = np.flatnonzero(train.targets[:, 0] == 2)[:2]  # IoU <= 0.25 with any m/2 window: no success
+    small_targets = np.flatnonzero(train.targets[:, 0] == 2)[
+        :2
+    ]  # IoU <= 0.25 with any m/2 window: no success
     env.reset(seed=0, options={"task_ids": small_targets})
     np.testing.assert_allclose(env.window_boxes(), [[0, 0, 1, 1]] * 2)
     env.step(np.array([ZOOM_IN, ZOOM_IN]))
     env.step(np.array([RIGHT, DOWN]))
-    np.testing.assert_allclose(env.window_boxes(), [[0.25, 0.375, 0.75, 0.875], [0.375, 0.25, 0.875, 0.75]])
+    np.testing.assert_allclose(
+        env.window_boxes(), [[0.25, 0.375, 0.75, 0.875], [0.375, 0.25, 0.875, 0.75]]
+    )
     assert train.target_boxes.shape == (train.num_tasks, 4)
     assert ((train.target_boxes >= 0) & (train.target_boxes <= 1)).all()
     assert train.image(0).shape == (4 * V, 4 * V, 3) and train.image(0).dtype == np.uint8

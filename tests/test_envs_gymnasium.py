@@ -21,7 +21,15 @@ from PIL import Image
 import envs
 import envs.images
 import envs.patchloc
-from envs import ENV_ID, PatchLocConfigError, PatchLocEnv, PatchLocVecEnv, make_task_set, make_task_sets, procedural_image
+from envs import (
+    ENV_ID,
+    PatchLocConfigError,
+    PatchLocEnv,
+    PatchLocVecEnv,
+    make_task_set,
+    make_task_sets,
+    procedural_image,
+)
 from envs.images import UnusableImage, load_image
 from envs.lattice import optimal_returns
 
@@ -47,7 +55,9 @@ def save(folder, name, array, **kwargs):
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".tif", ".tiff"):
-        tifffile.imwrite(path, array, **{"photometric": "rgb" if array.ndim == 3 else "minisblack", **kwargs})
+        tifffile.imwrite(
+            path, array, **{"photometric": "rgb" if array.ndim == 3 else "minisblack", **kwargs}
+        )
     else:
         Image.fromarray(array).save(path, **kwargs)
     return path
@@ -60,7 +70,12 @@ def test_make_and_make_vec_with_defaults():
     assert gym.spec(ENV_ID).vector_entry_point == "envs.patchloc:PatchLocVecEnv"
     env = gym.make(ENV_ID)  # procedural images, 64 training tasks, 112-px views (the paper's)
     task_set = env.unwrapped.task_set
-    assert (task_set.split, task_set.num_tasks, task_set.view_size, task_set.image_size) == ("train", 64, 112, 448)
+    assert (task_set.split, task_set.num_tasks, task_set.view_size, task_set.image_size) == (
+        "train",
+        64,
+        112,
+        448,
+    )
     obs, info = env.reset(seed=0)
     assert obs.shape == (3, 112, 112, 3) and obs.dtype == np.uint8 and 0 <= info["task_id"] < 64
     obs, reward, terminated, truncated, info = env.step(envs.ZOOM_IN)
@@ -80,7 +95,9 @@ def test_make_settings_are_make_task_sets_arguments():
     assert_same_tasks(gym.make(ENV_ID, **kwargs).unwrapped.task_set, train)
     assert_same_tasks(gym.make(ENV_ID, split="test", **kwargs).unwrapped.task_set, test)
     assert_same_tasks(gym.make_vec(ENV_ID, num_envs=2, split="test", **kwargs).task_set, test)
-    assert gym.make(ENV_ID, task_set=test).unwrapped.task_set is test  # or a task set made beforehand
+    assert (
+        gym.make(ENV_ID, task_set=test).unwrapped.task_set is test
+    )  # or a task set made beforehand
     env = gym.make(ENV_ID, task_set=test, max_steps=7)  # episode settings pass through
     assert env.unwrapped.config.max_steps == 7
     assert PatchLocEnv(view_size=V, num_tasks=2).task_set.num_tasks == 2  # no task set needed
@@ -94,10 +111,30 @@ def test_make_settings_are_make_task_sets_arguments():
 
 def test_make_and_make_vec_with_a_folder(tmp_path):
     # 8 ordinary photos of mixed sizes and formats make 48 training + 16 held-out tasks (8 targets per image).
-    sizes = [(100, 80), (90, 130), (64, 64), (200, 120), (77, 96), (150, 150), (640, 427), (300, 300)]
+    sizes = [
+        (100, 80),
+        (90, 130),
+        (64, 64),
+        (200, 120),
+        (77, 96),
+        (150, 150),
+        (640, 427),
+        (300, 300),
+    ]
     for i, (w, h) in enumerate(sizes):
-        save(tmp_path, f"photo{i}.{['jpg', 'png', 'tif'][i % 3]}", textured(max(w, h), 100 + i)[:h, :w])
-    kwargs = dict(image_source=tmp_path, num_tasks=48, num_test_tasks=16, targets_per_image=8, view_size=V, seed=1)
+        save(
+            tmp_path,
+            f"photo{i}.{['jpg', 'png', 'tif'][i % 3]}",
+            textured(max(w, h), 100 + i)[:h, :w],
+        )
+    kwargs = dict(
+        image_source=tmp_path,
+        num_tasks=48,
+        num_test_tasks=16,
+        targets_per_image=8,
+        view_size=V,
+        seed=1,
+    )
     env = gym.make(ENV_ID, **kwargs)
     train = env.unwrapped.task_set
     assert (train.num_tasks, train.num_images) == (48, 6)
@@ -105,7 +142,9 @@ def test_make_and_make_vec_with_a_folder(tmp_path):
     assert obs.shape == (3, V, V, 3)
     vec = gym.make_vec(ENV_ID, num_envs=4, split="test", **kwargs)
     assert (vec.task_set.num_tasks, vec.task_set.num_images) == (16, 2)
-    assert not set(train.image_names) & set(vec.task_set.image_names)  # held-out images stay held out
+    assert not set(train.image_names) & set(
+        vec.task_set.image_names
+    )  # held-out images stay held out
     assert len(set(train.image_names) | set(vec.task_set.image_names)) == 8
     vec.reset(seed=0)
     vec.step(np.zeros(4, dtype=np.int64))
@@ -119,22 +158,32 @@ def test_check_env_and_render():
     assert not [str(w.message) for w in caught]
 
     task_set = env.unwrapped.task_set
-    task = next(i for i in range(6) if (task_set.targets[i, 1:] > 0).all())  # a target away from the image border
+    task = next(
+        i for i in range(6) if (task_set.targets[i, 1:] > 0).all()
+    )  # a target away from the image border
     env.reset(seed=0, options={"task_id": task})
     frame = env.render()
     side = 4 * V
     assert frame.shape == (side, side, 3) and frame.dtype == np.uint8
     window_colour = task_set.outline_colours[task]
-    np.testing.assert_array_equal(frame[0, :], np.broadcast_to(window_colour, (side, 3)))  # the window: whole image
+    np.testing.assert_array_equal(
+        frame[0, :], np.broadcast_to(window_colour, (side, 3))
+    )  # the window: whole image
     y0, x0, y1, x1 = np.round(task_set.target_boxes[task] * side).astype(int)
     top_edge = frame[y0, x0:x1]
-    assert (top_edge == top_edge[0]).all() and not (top_edge[0] == window_colour).all()  # target: another colour
+    assert (top_edge == top_edge[0]).all() and not (
+        top_edge[0] == window_colour
+    ).all()  # target: another colour
     inside = (slice(y0 + 1, y1 - 1), slice(x0 + 1, x1 - 1))
-    np.testing.assert_array_equal(frame[inside], task_set.image(task)[inside])  # the image itself, unchanged
+    np.testing.assert_array_equal(
+        frame[inside], task_set.image(task)[inside]
+    )  # the image itself, unchanged
     for action in env.unwrapped.optimal_actions(task)[:-1]:
         env.step(action)
     wy0, wx0, wy1, wx1 = np.round(env.unwrapped.window_box * side).astype(int)
-    np.testing.assert_array_equal(env.render()[wy0, wx0:wx1], np.broadcast_to(window_colour, (wx1 - wx0, 3)))
+    np.testing.assert_array_equal(
+        env.render()[wy0, wx0:wx1], np.broadcast_to(window_colour, (wx1 - wx0, 3))
+    )
 
     vec = gym.make_vec(ENV_ID, num_envs=2, num_tasks=6, view_size=V, render_mode="rgb_array")
     vec.reset(seed=0)
@@ -186,12 +235,29 @@ def mixed_folder(tmp_path_factory):
     RGBA and palette PNGs);
     skipped: 2 unreadable, 2 too small, 1 near-uniform; ignored: a hidden file and a text file."""
     folder = tmp_path_factory.mktemp("slides")
-    huge = textured(6000, 1, block=100)  # 6,000 x 6,000 in flat 100-px squares: ~1 MB as deflate TIFF
+    huge = textured(
+        6000, 1, block=100
+    )  # 6,000 x 6,000 in flat 100-px squares: ~1 MB as deflate TIFF
     usable = [
         save(folder, "huge.tif", huge, tile=(512, 512), compression="zlib", photometric="rgb"),
-        save(folder, "scanner/huge_jpeg.tif", huge, tile=(512, 512), compression="jpeg"),  # stored as YCbCr
-        save(folder, "strips.tiff", textured(300, 2)[:, :250], rowsperstrip=16, compression="zlib", photometric="rgb"),
-        save(folder, "grey.tif", textured(120, 3)[..., 1], compression="zlib", photometric="minisblack"),
+        save(
+            folder, "scanner/huge_jpeg.tif", huge, tile=(512, 512), compression="jpeg"
+        ),  # stored as YCbCr
+        save(
+            folder,
+            "strips.tiff",
+            textured(300, 2)[:, :250],
+            rowsperstrip=16,
+            compression="zlib",
+            photometric="rgb",
+        ),
+        save(
+            folder,
+            "grey.tif",
+            textured(120, 3)[..., 1],
+            compression="zlib",
+            photometric="minisblack",
+        ),
         save(folder, "case_a/patient_1/tile.jpeg", textured(200, 4), quality=90),
         save(folder, "case_b/TILE.PNG", textured(90, 5)),
         save(folder, "rgba.png", np.dstack([textured(100, 6), np.full((100, 100), 200, np.uint8)])),
@@ -213,29 +279,45 @@ def mixed_folder(tmp_path_factory):
 def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, caplog):
     folder, huge, usable = mixed_folder
     with caplog.at_level(logging.WARNING, logger="envs"):
-        train, test = make_task_sets(6, 2, image_source=folder, view_size=V, seed=0)  # image_size None: 4V
+        train, test = make_task_sets(
+            6, 2, image_source=folder, view_size=V, seed=0
+        )  # image_size None: 4V
     assert train.image_size == test.image_size == 4 * V
-    assert sorted(train.image_names + test.image_names) == usable  # every usable image used, in subfolders too
+    assert (
+        sorted(train.image_names + test.image_names) == usable
+    )  # every usable image used, in subfolders too
     # Files after the last one needed are not opened: the line counts and names those that were, by reason.
     [record] = caplog.records
     line = record.getMessage()
-    unusable = {"unreadable": {"corrupt.jpg", "case_a/truncated.jpg"}, "smaller than 64 px": {"tiny.png", "case_a/thin.tif"}}
+    unusable = {
+        "unreadable": {"corrupt.jpg", "case_a/truncated.jpg"},
+        "smaller than 64 px": {"tiny.png", "case_a/thin.tif"},
+    }
     unusable["near-uniform (pixel std < 8)"] = {"blank.png"}
     counts = re.findall(r"(\d+) (.+?) \(([^()]*)\)(?:, |$)", line.split("': ", 1)[1])
-    assert "\n" not in line and line.startswith(f"warning: skipped {sum(int(c) for c, _, _ in counts)} of 13 image files")
-    assert counts and all(set(names.split(", ")) <= unusable[reason] for _, reason, names in counts), line
+    assert "\n" not in line and line.startswith(
+        f"warning: skipped {sum(int(c) for c, _, _ in counts)} of 13 image files"
+    )
+    assert counts and all(
+        set(names.split(", ")) <= unusable[reason] for _, reason, names in counts
+    ), line
     # The huge TIFF was area-averaged tile by tile while decoding: the same as Pillow's reduce of the whole image.
     task_set = train if str(folder / "huge.tif") in train.image_names else test
     image = task_set.image_names.index(str(folder / "huge.tif"))
     factor = 6000 // (4 * V)
-    reduced = Image.fromarray(huge).reduce(factor, box=(0, 0, 6000 // factor * factor, 6000 // factor * factor))
+    reduced = Image.fromarray(huge).reduce(
+        factor, box=(0, 0, 6000 // factor * factor, 6000 // factor * factor)
+    )
     ref = np.asarray(reduced.resize((4 * V, 4 * V), Image.Resampling.LANCZOS), dtype=np.int16)
     assert np.abs(task_set.levels[2][image] - ref).max() <= 1
     # Too few usable images: the error says how many are needed and how many were usable.
     with pytest.raises(PatchLocConfigError) as err:
         make_task_sets(7, 2, image_source=folder, view_size=V, seed=0)
     msg = str(err.value)
-    assert "\n" not in msg and "has 8 usable images but 9 are needed (7 for 7 training tasks + 2 for 2 held-out" in msg
+    assert (
+        "\n" not in msg
+        and "has 8 usable images but 9 are needed (7 for 7 training tasks + 2 for 2 held-out" in msg
+    )
     # All 13 files were opened: every unusable one is counted, by reason, most frequent first.
     assert msg.endswith(
         "; skipped 2 smaller than 64 px (case_a/thin.tif, tiny.png), 2 unreadable (case_a/truncated.jpg, corrupt.jpg), "
@@ -263,7 +345,12 @@ def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root, nam
         "load_image(Path(sys.argv[1]), 64, 64); open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS:')\n"
         "top = load_image(Path(sys.argv[1]), 64, 64); print(top.shape, kib('VmHWM:') - before)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(folder / name)], cwd=repo_root, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder / name)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+    )
     shape, grown_kib = out.stdout.rsplit(" ", 1)
     assert shape == "(64, 64, 3)", out.stderr
     assert int(grown_kib) * 1024 < huge.nbytes / 4, (
@@ -275,16 +362,30 @@ def test_pyramidal_tiff_is_read_from_the_smallest_level_large_enough(tmp_path):
     # Whole-slide TIFFs carry reduced copies (sub-IFDs); each level here is filled with its own grey, to tell them apart.
     path = tmp_path / "slide.tif"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(np.full((1024, 1024, 3), 100, np.uint8), tile=(256, 256), compression="zlib", subifds=2, photometric="rgb")
+        tif.write(
+            np.full((1024, 1024, 3), 100, np.uint8),
+            tile=(256, 256),
+            compression="zlib",
+            subifds=2,
+            photometric="rgb",
+        )
         for side, grey in ((512, 50), (256, 150)):
             tif.write(
-                np.full((side, side, 3), grey, np.uint8), tile=(256, 256), compression="zlib", subfiletype=1, photometric="rgb"
+                np.full((side, side, 3), grey, np.uint8),
+                tile=(256, 256),
+                compression="zlib",
+                subfiletype=1,
+                photometric="rgb",
             )
     assert [load_image(path, size, size).mean() for size in (200, 300, 600)] == [150, 50, 100]
 
 
-def test_huge_images_pass_the_decompression_bomb_check_and_jpegs_decode_reduced(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # stands for Pillow's limit (89 M pixels): 800 K is "huge"
+def test_huge_images_pass_the_decompression_bomb_check_and_jpegs_decode_reduced(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 100_000
+    )  # stands for Pillow's limit (89 M pixels): 800 K is "huge"
     jpeg = save(tmp_path, "slide.jpg", textured(1000, 11)[:800], quality=90)
     png = save(tmp_path, "slide.png", textured(1000, 12)[:800])
     with pytest.raises(Image.DecompressionBombError):

@@ -15,10 +15,32 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ppo_patchloc_mdr as patchloc
 import ppo_procgen_mdr as procgen
 
-PROCGEN = dict(env_id="coinrun", num_envs=2, num_steps=16, minibatch_size=16, total_timesteps=32, num_eval_envs=2)
+PROCGEN = dict(
+    env_id="coinrun",
+    num_envs=2,
+    num_steps=16,
+    minibatch_size=16,
+    total_timesteps=32,
+    num_eval_envs=2,
+)
 PROCGEN.update(eval_interval=0, pretrained=False, cuda=False, save_model=True, run_name="trained")
-PATCHLOC = dict(num_tasks=4, num_test_tasks=3, view_size=16, num_envs=2, num_steps=8, minibatch_size=8, total_timesteps=16)
-PATCHLOC.update(num_eval_envs=2, hidden_size=32, pretrained=False, cuda=False, num_render_episodes=0, mdr_rounds=1)
+PATCHLOC = dict(
+    num_tasks=4,
+    num_test_tasks=3,
+    view_size=16,
+    num_envs=2,
+    num_steps=8,
+    minibatch_size=8,
+    total_timesteps=16,
+)
+PATCHLOC.update(
+    num_eval_envs=2,
+    hidden_size=32,
+    pretrained=False,
+    cuda=False,
+    num_render_episodes=0,
+    mdr_rounds=1,
+)
 PATCHLOC.update(eval_interval=0, max_episode_steps=6, save_model=True, run_name="trained")
 
 
@@ -47,7 +69,9 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
     checkpoint = folder / "runs" / "trained" / "checkpoint.pt"
     evaluation = {"num_eval_envs": 3, "cuda": False}
 
-    exit_code, stdout = quiet(script.main, script.Args(evaluate=str(checkpoint), capture_video=True, **evaluation))
+    exit_code, stdout = quiet(
+        script.main, script.Args(evaluate=str(checkpoint), capture_video=True, **evaluation)
+    )
 
     assert exit_code == 0
     result = json.loads((checkpoint.parent / "evaluation.json").read_text())
@@ -61,13 +85,20 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
     assert video.n_frames >= 2  # the first held-out episode, step by step
     events = EventAccumulator(str(checkpoint.parent), size_guidance={"images": 0})
     events.Reload()
-    assert "eval/test_video" in events.Tags()["images"]  # the same GIF, animated in TensorBoard's image panel
+    assert (
+        "eval/test_video" in events.Tags()["images"]
+    )  # the same GIF, animated in TensorBoard's image panel
     (shown,) = events.Images("eval/test_video")
-    assert shown.encoded_image_string[:6] in (b"GIF87a", b"GIF89a") and shown.step == fields["total_timesteps"]
+    assert (
+        shown.encoded_image_string[:6] in (b"GIF87a", b"GIF89a")
+        and shown.step == fields["total_timesteps"]
+    )
     assert not (folder / "runs" / "trained" / "events.out.tfevents.x").exists()
     # the evaluation is a function of the checkpoint: a second call gives the same scores
     exit_code, _ = quiet(script.main, script.Args(evaluate=str(checkpoint), **evaluation))
-    assert exit_code == 0 and json.loads((checkpoint.parent / "evaluation.json").read_text()) == result
+    assert (
+        exit_code == 0 and json.loads((checkpoint.parent / "evaluation.json").read_text()) == result
+    )
 
 
 def test_evaluate_runs_the_held_out_set_never_the_training_one(trained, monkeypatch):
@@ -82,11 +113,16 @@ def test_evaluate_runs_the_held_out_set_never_the_training_one(trained, monkeypa
 
     monkeypatch.setattr(script, "evaluate", recording_evaluate)
     checkpoint = folder / "runs" / "trained" / "checkpoint.pt"
-    assert quiet(script.main, script.Args(evaluate=str(checkpoint), num_eval_envs=2, cuda=False))[0] == 0
+    assert (
+        quiet(script.main, script.Args(evaluate=str(checkpoint), num_eval_envs=2, cuda=False))[0]
+        == 0
+    )
     (call,) = calls
     if script is procgen:
         run_args = call[1]
-        assert run_args.num_levels == 500 and run_args.num_test_levels == 500  # levels 500.. , never 0..499
+        assert (
+            run_args.num_levels == 500 and run_args.num_test_levels == 500
+        )  # levels 500.. , never 0..499
     else:
         task_set = call[1]
         assert task_set.split == "test" and len(task_set) == fields["num_test_tasks"]

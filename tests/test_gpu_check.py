@@ -36,7 +36,9 @@ def dry_run(repo_root, tmp_path_factory):
         text=True,
         timeout=1200,
     )
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    summary = (
+        json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    )
     return result, out, summary
 
 
@@ -63,7 +65,9 @@ def test_dry_run_records_the_environment_and_the_skipped_cuda_tests(dry_run, rep
     tests = summary["tests"]
     assert tests["status"] == "ok" and tests["passed"] == tests["failed"] == tests["errors"] == 0
     # every CUDA test was collected by `-m cuda` and skipped here, none ran
-    assert tests["skipped"] >= (repo_root / "tests" / "test_cuda_paths.py").read_text().count("\ndef test_")
+    assert tests["skipped"] >= (repo_root / "tests" / "test_cuda_paths.py").read_text().count(
+        "\ndef test_"
+    )
 
 
 def test_dry_run_measures_each_bench_config(dry_run, gpu_check):
@@ -72,7 +76,9 @@ def test_dry_run_measures_each_bench_config(dry_run, gpu_check):
     assert summary["bench"]["status"] == "ok"
     assert list(configs) == list(gpu_check.PLANS["quick"].bench_configs)
     for figures in configs.values():
-        assert figures["sps"] > 0 and figures["update_over_bound"] > 0 and figures["peak_rss_gb"] > 0
+        assert (
+            figures["sps"] > 0 and figures["update_over_bound"] > 0 and figures["peak_rss_gb"] > 0
+        )
         assert abs(sum(figures["sections"].values()) - 1) < 0.01
     assert list(summary["bench_ratios"]) == ["procgen/paper-nochannelslast / procgen/paper"]
     assert summary["bench_compile"]["status"] == "skipped"
@@ -81,9 +87,13 @@ def test_dry_run_measures_each_bench_config(dry_run, gpu_check):
 def test_dry_run_stops_the_users_command_with_ctrl_c_after_it_logged(dry_run):
     _, _, summary = dry_run
     user = summary["user_command"]
-    assert user["command"].startswith("python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda")
+    assert user["command"].startswith(
+        "python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda"
+    )
     assert "--no-pretrained" in user["command"]
-    assert user["exit_codes"] == [130] and user["stopped"] and user["status"] == "ok"  # our Ctrl-C, a clean stop
+    assert (
+        user["exit_codes"] == [130] and user["stopped"] and user["status"] == "ok"
+    )  # our Ctrl-C, a clean stop
     assert user["started_after_seconds"] is not None
     assert user["iterations_logged"] >= 1 and user["global_step"] > 0 and user["sps_last"] > 0
 
@@ -95,10 +105,14 @@ def test_dry_run_rates_the_probe_alone_and_side_by_side(dry_run, gpu_check):
     assert [phase["concurrent"] for phase in phases] == list(gpu_check.PLANS["quick"].side_by_side)
     for phase in phases:
         assert phase["status"] == "ok"
-        assert phase["updates"] == [2] * phase["concurrent"]  # --total-timesteps 32 of 2 envs x 8 steps
+        assert (
+            phase["updates"] == [2] * phase["concurrent"]
+        )  # --total-timesteps 32 of 2 envs x 8 steps
         assert phase["seconds_per_update"] > 0 and phase["runs_per_hour"] > 0
         # a full run = the overhead + the default number of updates at the measured pace
-        expected = phase["overhead_seconds"] + probe["default_updates"] * phase["seconds_per_update"]
+        expected = (
+            phase["overhead_seconds"] + probe["default_updates"] * phase["seconds_per_update"]
+        )
         assert phase["run_seconds_at_default"] == pytest.approx(expected, rel=0.05, abs=1)
     assert probe["best_runs_per_hour"] == max(phase["runs_per_hour"] for phase in phases)
 
@@ -107,11 +121,18 @@ def test_dry_run_archives_every_log_and_run(dry_run):
     _, out, summary = dry_run
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
-    logs = [log for record in (summary["tests"], summary["bench"], summary["user_command"]) for log in record["logs"]]
+    logs = [
+        log
+        for record in (summary["tests"], summary["bench"], summary["user_command"])
+        for log in record["logs"]
+    ]
     logs += [log for phase in summary["probe"]["phases"] for log in phase["logs"]]
     for log in logs + ["logs/environment.log", "bench.json", "tests.xml"]:
         assert f"gpu_check/{log}" in names
-    assert any(name.startswith("gpu_check/user_command/runs/") and "events.out.tfevents" in name for name in names)
+    assert any(
+        name.startswith("gpu_check/user_command/runs/") and "events.out.tfevents" in name
+        for name in names
+    )
     assert sum(name.endswith("metrics.csv") for name in names) == sum(
         phase["concurrent"] for phase in summary["probe"]["phases"]
     )
@@ -124,15 +145,24 @@ def test_full_plan_fits_eight_minutes_and_names_known_configs(gpu_check, repo_ro
     assert set(full.bench_configs + full.compile_configs) <= set(bench.CONFIGS)
     assert full.budget <= 8 * 60
     user = full.user_startup + full.user_seconds + full.user_grace
-    steps = full.test_seconds + full.bench_seconds + user + full.probe_seconds * len(full.side_by_side)
-    assert steps + gpu_check.FINAL_SECONDS < full.budget  # what is left goes to the compile benchmark
+    steps = (
+        full.test_seconds + full.bench_seconds + user + full.probe_seconds * len(full.side_by_side)
+    )
+    assert (
+        steps + gpu_check.FINAL_SECONDS < full.budget
+    )  # what is left goes to the compile benchmark
     header = (repo_root / "ppo_procgen_mdr.py").read_text()
-    assert f"# Run:   python {' '.join(gpu_check.USER_COMMAND)}\n" in header  # still the user's command
+    assert (
+        f"# Run:   python {' '.join(gpu_check.USER_COMMAND)}\n" in header
+    )  # still the user's command
 
 
 def test_bench_sps_rejects_a_bad_shape_in_one_line(repo_root):
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_sps.py", "--shape", "4,16"], cwd=repo_root, capture_output=True, text=True
+        [sys.executable, "benchmarks/bench_sps.py", "--shape", "4,16"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "--shape: '4,16': give ENVS,STEPS,MINIBATCH, e.g. 4,16,32" in result.stderr

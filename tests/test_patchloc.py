@@ -120,7 +120,11 @@ def cli_flags(fields: dict) -> list:
     flags = []
     for name, value in fields.items():
         flag = name.replace("_", "-")
-        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        flags += (
+            [f"--{flag}" if value else f"--no-{flag}"]
+            if isinstance(value, bool)
+            else [f"--{flag}", str(value)]
+        )
     return flags
 
 
@@ -132,7 +136,9 @@ def tiny_args(**overrides) -> ppo.Args:
 def run_script(cwd, *args, timeout=300):
     """Run the script as a user would, in `cwd`, with the tiny configuration and `args`; returns the CompletedProcess."""
     command = [sys.executable, str(SCRIPT), *cli_flags(TINY_FIELDS), *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def script_env(pythonpath=str(REPO_ROOT)) -> dict:
@@ -140,7 +146,9 @@ def script_env(pythonpath=str(REPO_ROOT)) -> dict:
 
 
 def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
 
 
 def assert_one_line_error(stderr: str, message: str):
@@ -165,7 +173,11 @@ def run_main(cwd, args=None, **overrides) -> Run:
     """main() as `python ppo_patchloc_mdr.py` would run it in `cwd` (stdout and stderr captured, so not a terminal)."""
     args = args or tiny_args(**overrides)
     stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
         patch.chdir(cwd)
         exit_code = ppo.main(args)
     run_dir = Path(cwd, "runs", args.run_name or ppo.default_run_name(args))
@@ -195,7 +207,9 @@ def scalars_of(run_dir) -> dict:
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+            scalars.setdefault(tag, []).extend(
+                (event.step, event.value) for event in accumulator.Scalars(tag)
+            )
     return {tag: sorted(points) for tag, points in scalars.items()}
 
 
@@ -206,7 +220,9 @@ def make_agent(norm="bn", seed=0, **overrides) -> ppo.Agent:
 
 def random_obs(n=8, seed=0) -> torch.Tensor:
     """uint8 (n, 3 views, V, V, 3), as the env returns."""
-    return torch.randint(0, 256, (n, 3, V, V, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, 3, V, V, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def make_batch(agent, n=16, seed=0) -> dict:
@@ -216,8 +232,18 @@ def make_batch(agent, n=16, seed=0) -> dict:
     actions = torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
     with ppo.temporary_mode(agent, training=False), torch.no_grad():
         policy, values = agent.get_policy_and_value(obs)
-    batch = {"obs": obs, "actions": actions, "logprobs": policy.log_prob(actions), "logits": policy.logits}
-    return {**batch, "values": values.flatten(), "advantages": torch.randn(n, generator=generator), "returns": torch.randn(n)}
+    batch = {
+        "obs": obs,
+        "actions": actions,
+        "logprobs": policy.log_prob(actions),
+        "logits": policy.logits,
+    }
+    return {
+        **batch,
+        "values": values.flatten(),
+        "advantages": torch.randn(n, generator=generator),
+        "returns": torch.randn(n),
+    }
 
 
 def clone_state(module: nn.Module) -> dict:
@@ -225,7 +251,11 @@ def clone_state(module: nn.Module) -> dict:
 
 
 def changed_entries(before: dict, module: nn.Module) -> list:
-    return [name for name, tensor in module.state_dict().items() if not torch.equal(before[name], tensor)]
+    return [
+        name
+        for name, tensor in module.state_dict().items()
+        if not torch.equal(before[name], tensor)
+    ]
 
 
 def batchnorms(agent) -> list:
@@ -234,7 +264,9 @@ def batchnorms(agent) -> list:
 
 def running_stats(agent) -> torch.Tensor:
     """Every BatchNorm running mean and variance of the agent, concatenated (a copy)."""
-    return torch.cat([torch.cat([m.running_mean, m.running_var]) for m in batchnorms(agent)]).clone()
+    return torch.cat(
+        [torch.cat([m.running_mean, m.running_var]) for m in batchnorms(agent)]
+    ).clone()
 
 
 def write_images(folder, count, height=80, width=100, seed=0):
@@ -271,16 +303,23 @@ def outline_mask(side, box, width):
 def test_three_view_forward_shapes_and_backbone_passes(view_batching, passes):
     agent = make_agent("bn", view_batching=view_batching)
     calls = []
-    agent.backbone.register_forward_hook(lambda module, inputs, output: calls.append((inputs[0].shape, output.shape)))
+    agent.backbone.register_forward_hook(
+        lambda module, inputs, output: calls.append((inputs[0].shape, output.shape))
+    )
     obs = random_obs(5)
 
     action, logprob, entropy, value = agent.get_action_and_value(obs)
 
     assert action.shape == logprob.shape == entropy.shape == (5,)
     assert value.shape == (5, 1) and 0 <= action.min() and action.max() < NUM_ACTIONS
-    assert agent.features(obs).shape == (5, 768) and agent.actor(agent.features(obs)).shape == (5, NUM_ACTIONS)
+    assert agent.features(obs).shape == (5, 768) and agent.actor(agent.features(obs)).shape == (
+        5,
+        NUM_ACTIONS,
+    )
     # separate: one backbone pass per view over its B images; joint: one pass over all 3B; 256 features per image
-    assert calls[: len(passes)] == [(torch.Size([n, 3, V, V]), torch.Size([n, 256])) for n in passes]
+    assert calls[: len(passes)] == [
+        (torch.Size([n, 3, V, V]), torch.Size([n, 256])) for n in passes
+    ]
     assert len(calls) == 3 * len(passes)
     agent.get_value(obs)
     assert len(calls) == 4 * len(passes)
@@ -288,7 +327,9 @@ def test_three_view_forward_shapes_and_backbone_passes(view_batching, passes):
 
 @pytest.mark.parametrize("view_batching", ["separate", "joint"])
 def test_views_share_the_backbone_and_keep_their_place_in_the_features(view_batching):
-    agent = make_agent("bn", view_batching=view_batching).eval()  # eval mode: running statistics, images on their own
+    agent = make_agent(
+        "bn", view_batching=view_batching
+    ).eval()  # eval mode: running statistics, images on their own
     obs = random_obs(4, seed=3)
     perm = [2, 0, 1]  # view v of the permuted observation is view perm[v] of the original
 
@@ -296,11 +337,15 @@ def test_views_share_the_backbone_and_keep_their_place_in_the_features(view_batc
         features = agent.features(obs).reshape(4, 3, 256)
         permuted = agent.features(obs[:, perm]).reshape(4, 3, 256)
         # each 256-d chunk is the backbone applied to that view alone (one network, not three)
-        alone = torch.stack([agent.backbone(obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)], dim=1)
+        alone = torch.stack(
+            [agent.backbone(obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)], dim=1
+        )
 
     torch.testing.assert_close(permuted, features[:, perm], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(features, alone, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(features[:, 0], features[:, 1])  # different images, different features
+    assert not torch.allclose(
+        features[:, 0], features[:, 1]
+    )  # different images, different features
 
 
 def separate_and_joint(norm="bn"):
@@ -321,7 +366,9 @@ def test_separate_and_joint_view_batching_agree_in_eval_mode(norm):
 
     torch.testing.assert_close(outputs[0][0].logits, outputs[1][0].logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(running_stats(separate), running_stats(joint))  # an eval-mode pass moves no statistic
+    assert torch.equal(
+        running_stats(separate), running_stats(joint)
+    )  # an eval-mode pass moves no statistic
 
 
 def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statistics():
@@ -334,11 +381,20 @@ def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statisti
     with torch.no_grad():
         separate_features = separate.train().features(obs)
         joint_features = joint.train().features(obs)
-        view_by_view = [reference.backbone(obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)]
+        view_by_view = [
+            reference.backbone(obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)
+        ]
 
-    torch.testing.assert_close(separate_features, torch.cat(view_by_view, dim=1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(separate.state_dict(), reference.state_dict())  # the same three running-stats updates
-    assert separate.backbone.bn1.num_batches_tracked.item() == 3 and joint.backbone.bn1.num_batches_tracked.item() == 1
+    torch.testing.assert_close(
+        separate_features, torch.cat(view_by_view, dim=1), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        separate.state_dict(), reference.state_dict()
+    )  # the same three running-stats updates
+    assert (
+        separate.backbone.bn1.num_batches_tracked.item() == 3
+        and joint.backbone.bn1.num_batches_tracked.item() == 1
+    )
     assert not torch.allclose(separate_features, joint_features, atol=1e-3)
     assert not torch.allclose(running_stats(separate), running_stats(joint))
 
@@ -346,7 +402,9 @@ def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statisti
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory):
     """2 iterations of MDR(2,1) x 2 rounds with --view-batching joint: the configuration of BAE95B5_SCALARS."""
-    return ok_run(tmp_path_factory.mktemp("joint"), total_timesteps=64, mdr_rounds=2, view_batching="joint")
+    return ok_run(
+        tmp_path_factory.mktemp("joint"), total_timesteps=64, mdr_rounds=2, view_batching="joint"
+    )
 
 
 def test_joint_view_batching_logs_the_values_of_bae95b5(joint_run):
@@ -354,7 +412,9 @@ def test_joint_view_batching_logs_the_values_of_bae95b5(joint_run):
 
     for tag, expected in BAE95B5_SCALARS.items():
         assert [step for step, _ in scalars[tag]] == [32, 64], tag
-        assert [value for _, value in scalars[tag]] == pytest.approx(expected, rel=1e-4, abs=1e-9), tag
+        assert [value for _, value in scalars[tag]] == pytest.approx(
+            expected, rel=1e-4, abs=1e-9
+        ), tag
 
 
 def test_separate_view_batching_is_the_default_and_changes_the_run(joint_run, logged_run):
@@ -363,7 +423,12 @@ def test_separate_view_batching_is_the_default_and_changes_the_run(joint_run, lo
     assert ppo.Args().view_batching == "separate" and logged_run.args.view_batching == "separate"
     separate, joint = scalars_of(logged_run.run_dir), scalars_of(joint_run.run_dir)
 
-    for tag in ("charts/delta_pi_minus", "charts/delta_pi_plus", "losses/standard/value_loss", "mdr/ratio_gap"):
+    for tag in (
+        "charts/delta_pi_minus",
+        "charts/delta_pi_plus",
+        "losses/standard/value_loss",
+        "mdr/ratio_gap",
+    ):
         assert separate[tag][0][0] == joint[tag][0][0] == 32
         assert separate[tag][0][1] != pytest.approx(joint[tag][0][1], rel=1e-3), tag
 
@@ -385,9 +450,19 @@ class Recorder:
         self.updates, self.events, self.others, self.recompute_passes = [], [], [], []
         self.shuffles, self.gae, self.mismatch_obs, self.rollout_logits_checked = [], [], [], 0
         self.depth = 0  # > 0 inside a wrapped call: inner passes belong to it
-        original = {name: getattr(ppo, name) for name in ("ppo_update", "eval_mode_ratio", "recompute_advantages")}
-        original.update(policy_mismatch=ppo.policy_mismatch, compute_gae=ppo.compute_gae, shuffle=np.random.shuffle)
-        original_get_policy_and_value, original_get_value = ppo.Agent.get_policy_and_value, ppo.Agent.get_value
+        original = {
+            name: getattr(ppo, name)
+            for name in ("ppo_update", "eval_mode_ratio", "recompute_advantages")
+        }
+        original.update(
+            policy_mismatch=ppo.policy_mismatch,
+            compute_gae=ppo.compute_gae,
+            shuffle=np.random.shuffle,
+        )
+        original_get_policy_and_value, original_get_value = (
+            ppo.Agent.get_policy_and_value,
+            ppo.Agent.get_value,
+        )
 
         def tracked(kind, function):
             def wrapper(agent, *args, **kwargs):
@@ -397,7 +472,14 @@ class Recorder:
                     result = function(agent, *args, **kwargs)
                 finally:
                     self.depth -= 1
-                self.others.append((kind, training, torch.is_grad_enabled(), not torch.equal(before, running_stats(agent))))
+                self.others.append(
+                    (
+                        kind,
+                        training,
+                        torch.is_grad_enabled(),
+                        not torch.equal(before, running_stats(agent)),
+                    )
+                )
                 return result
 
             return wrapper
@@ -405,12 +487,18 @@ class Recorder:
         def recording_update(agent, optimizer, mb, args, eval_ratio=None):
             before, training = running_stats(agent), agent.training
             self.depth += 1
-            if eval_ratio is not None:  # r at the running statistics this minibatch starts with (before its pass)
-                torch.testing.assert_close(eval_ratio, original["eval_mode_ratio"](agent, mb), rtol=0, atol=0)
+            if (
+                eval_ratio is not None
+            ):  # r at the running statistics this minibatch starts with (before its pass)
+                torch.testing.assert_close(
+                    eval_ratio, original["eval_mode_ratio"](agent, mb), rtol=0, atol=0
+                )
             stats = original["ppo_update"](agent, optimizer, mb, args, eval_ratio)
             self.depth -= 1
             moved = not torch.equal(before, running_stats(agent))
-            self.updates.append(dict(training=training, moved=moved, measured=eval_ratio is not None, mb=mb))
+            self.updates.append(
+                dict(training=training, moved=moved, measured=eval_ratio is not None, mb=mb)
+            )
             self.events.append("train" if training else "eval")
             return stats
 
@@ -418,9 +506,15 @@ class Recorder:
             self.events.append("recompute")
             return tracked("recompute", original["recompute_advantages"])(agent, *args, **kwargs)
 
-        def recording_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-            self.mismatch_obs.append(b_obs.clone())  # (the rollout storage is overwritten by the next iteration)
-            if b_eval_logits is not None:  # delta_pi_minus reads the rollout's logits: those of theta_k in eval mode
+        def recording_mismatch(
+            agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None
+        ):
+            self.mismatch_obs.append(
+                b_obs.clone()
+            )  # (the rollout storage is overwritten by the next iteration)
+            if (
+                b_eval_logits is not None
+            ):  # delta_pi_minus reads the rollout's logits: those of theta_k in eval mode
                 self.depth += 1
                 with ppo.temporary_mode(agent, training=False), torch.no_grad():
                     recomputed = agent.get_policy_and_value(b_obs)[0].logits
@@ -432,7 +526,9 @@ class Recorder:
 
         def recording_gae(rewards, values, *args):
             advantages, returns = original["compute_gae"](rewards, values, *args)
-            self.gae.append(dict(values=values.reshape(-1).clone(), advantages=advantages.reshape(-1).clone()))
+            self.gae.append(
+                dict(values=values.reshape(-1).clone(), advantages=advantages.reshape(-1).clone())
+            )
             return advantages, returns
 
         def recording_shuffle(indices):
@@ -443,7 +539,9 @@ class Recorder:
             if self.depth:  # recompute_advantages' critic passes
                 self.recompute_passes.append((agent.training, torch.is_grad_enabled()))
                 return original_get_value(agent, x)
-            return tracked("bootstrap", original_get_value)(agent, x)  # the value after the rollout (step 2)
+            return tracked("bootstrap", original_get_value)(
+                agent, x
+            )  # the value after the rollout (step 2)
 
         def recording_get_policy_and_value(agent, x):
             if self.depth:  # inside the update or a diagnostic
@@ -464,7 +562,9 @@ class Recorder:
 
 
 def expected_events(alpha1, alpha2, rounds, minibatches_per_epoch):
-    one_round = ["train"] * alpha1 * minibatches_per_epoch + ["eval"] * alpha2 * minibatches_per_epoch
+    one_round = ["train"] * alpha1 * minibatches_per_epoch + [
+        "eval"
+    ] * alpha2 * minibatches_per_epoch
     return one_round + (["recompute"] + one_round) * (rounds - 1)
 
 
@@ -482,7 +582,11 @@ def recorded_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorder = Recorder(monkeypatch)
         args = tiny_args(alpha1=2, alpha2=1, mdr_rounds=3, minibatch_size=12)
-        assert (args.alpha1, args.alpha2, args.mdr_rounds) == (ppo.Args().alpha1, ppo.Args().alpha2, ppo.Args().mdr_rounds)
+        assert (args.alpha1, args.alpha2, args.mdr_rounds) == (
+            ppo.Args().alpha1,
+            ppo.Args().alpha2,
+            ppo.Args().mdr_rounds,
+        )
         ok_run(tmp_path_factory.mktemp("recorded"), args)
     return recorder, args
 
@@ -496,18 +600,28 @@ def test_mode_of_every_phase_and_which_phase_moves_batchnorm(recorded_run):
     # the rollout and its bootstrap value: eval mode, no grad; the diagnostics and rounds 2..R: eval mode
     assert recorder.kinds("collect") == [(False, False, False)] * args.num_steps
     assert recorder.kinds("bootstrap") == [(False, False, False)]
-    assert [kind for kind, *_ in recorder.others if kind == "mismatch"] == ["mismatch"] * 2  # minus and plus
+    assert [kind for kind, *_ in recorder.others if kind == "mismatch"] == [
+        "mismatch"
+    ] * 2  # minus and plus
     assert recorder.rollout_logits_checked == 1
-    assert recorder.recompute_passes == [(False, False)] * (2 * (3 + 1))  # 3 chunks of D_k + the next state
+    assert recorder.recompute_passes == [(False, False)] * (
+        2 * (3 + 1)
+    )  # 3 chunks of D_k + the next state
 
 
 def test_ratio_gap_measured_before_the_pass_on_every_8th_standard_minibatch(recorded_run):
     recorder, _ = recorded_run
 
     standard = [u["measured"] for u in recorder.updates if u["training"]]
-    assert [i for i, measured in enumerate(standard) if measured] == [0, 8, 16]  # of 18 standard minibatches
+    assert [i for i, measured in enumerate(standard) if measured] == [
+        0,
+        8,
+        16,
+    ]  # of 18 standard minibatches
     assert not any(u["measured"] for u in recorder.updates if not u["training"])
-    assert len(recorder.kinds("ratio")) == 3 and not any(moved for *_, moved in recorder.kinds("ratio"))
+    assert len(recorder.kinds("ratio")) == 3 and not any(
+        moved for *_, moved in recorder.kinds("ratio")
+    )
 
 
 def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advantages(recorded_run):
@@ -525,9 +639,13 @@ def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advanta
                 mb, inds = recorder.updates[3 * epoch + j]["mb"], perm[12 * j : 12 * j + size]
                 assert len(mb["obs"]) == size
                 assert torch.equal(mb["obs"], b_obs[inds])
-                assert torch.equal(mb["values"], gae["values"][inds])  # round r's values and advantages
+                assert torch.equal(
+                    mb["values"], gae["values"][inds]
+                )  # round r's values and advantages
                 assert torch.equal(mb["advantages"], gae["advantages"][inds])
-        if r > 0:  # the recomputed values are new (eval-mode critic after the update), and so are the advantages
+        if (
+            r > 0
+        ):  # the recomputed values are new (eval-mode critic after the update), and so are the advantages
             assert not torch.allclose(gae["values"], recorder.gae[r - 1]["values"])
             assert not torch.allclose(gae["advantages"], recorder.gae[r - 1]["advantages"])
     assert not np.array_equal(recorder.shuffles[0], recorder.shuffles[1])  # reshuffled every epoch
@@ -538,10 +656,14 @@ def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advanta
     [(1, 2, 2, 1), (3, 0, 2, 2), (0, 3, 2, 1)],
     ids=["mdr1-2x2", "ppo3x2", "eval-only3x2"],
 )
-def test_phase_mode_sequence_and_rollouts_in_eval_mode(alpha1, alpha2, rounds, iterations, tmp_path, monkeypatch):
+def test_phase_mode_sequence_and_rollouts_in_eval_mode(
+    alpha1, alpha2, rounds, iterations, tmp_path, monkeypatch
+):
     """Plain PPO (--alpha2 0) ends its update in train mode: two iterations show that the next rollout is eval mode."""
     recorder = Recorder(monkeypatch)
-    args = tiny_args(alpha1=alpha1, alpha2=alpha2, mdr_rounds=rounds, total_timesteps=32 * iterations)  # K = 2
+    args = tiny_args(
+        alpha1=alpha1, alpha2=alpha2, mdr_rounds=rounds, total_timesteps=32 * iterations
+    )  # K = 2
 
     ok_run(tmp_path, args)
 
@@ -549,8 +671,12 @@ def test_phase_mode_sequence_and_rollouts_in_eval_mode(alpha1, alpha2, rounds, i
     # values and the bootstrap value recomputed in eval mode even when the round ended in train mode (plain PPO,
     # --alpha2 0): before the fix, that bootstrap pass moved the running statistics
     assert recorder.recompute_passes == [(False, False)] * (iterations * (rounds - 1) * 3)
-    assert recorder.kinds("collect") == [(False, False, False)] * (iterations * args.num_steps)  # eval mode, no grad
-    assert recorder.rollout_logits_checked == iterations  # the second one's logits come from an updated network
+    assert recorder.kinds("collect") == [(False, False, False)] * (
+        iterations * args.num_steps
+    )  # eval mode, no grad
+    assert (
+        recorder.rollout_logits_checked == iterations
+    )  # the second one's logits come from an updated network
     assert_only_the_standard_phase_moves_batchnorm(recorder)
 
 
@@ -559,25 +685,39 @@ def test_recompute_advantages_uses_the_eval_mode_critic_from_either_mode(norm):
     agent = make_agent(norm).train()
     generator = torch.Generator().manual_seed(5)
     obs, next_obs = random_obs(10, seed=4), random_obs(2, seed=6)  # a rollout of 5 steps x 2 envs
-    rewards, dones = torch.randn(5, 2, generator=generator), (torch.rand(5, 2, generator=generator) < 0.3).float()
+    rewards, dones = (
+        torch.randn(5, 2, generator=generator),
+        (torch.rand(5, 2, generator=generator) < 0.3).float(),
+    )
     next_done = torch.tensor([0.0, 1.0])
     with torch.no_grad():
         train_mode = agent.get_value(obs).flatten()  # (moves BatchNorm's running statistics: first)
         with ppo.temporary_mode(agent, training=False):
-            values, next_value = agent.get_value(obs).flatten(), agent.get_value(next_obs).reshape(1, -1)
+            values, next_value = (
+                agent.get_value(obs).flatten(),
+                agent.get_value(next_obs).reshape(1, -1),
+            )
     args = tiny_args(minibatch_size=4)  # chunks of 4, 4 and 2
     expected_advantages, expected_returns = ppo.compute_gae(
         rewards, values.view(5, 2), dones, next_value, next_done, args.gamma, args.gae_lambda
     )
     before = clone_state(agent)
 
-    result = ppo.recompute_advantages(agent, {"obs": obs}, rewards, dones, next_obs, next_done, args)
+    result = ppo.recompute_advantages(
+        agent, {"obs": obs}, rewards, dones, next_obs, next_done, args
+    )
 
     torch.testing.assert_close(result["values"], values, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(result["advantages"], expected_advantages.reshape(-1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(result["returns"], expected_returns.reshape(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        result["advantages"], expected_advantages.reshape(-1), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        result["returns"], expected_returns.reshape(-1), rtol=1e-5, atol=1e-6
+    )
     assert not torch.allclose(result["values"], train_mode)
-    assert agent.training and changed_entries(before, agent) == []  # the bootstrap pass too: eval mode
+    assert (
+        agent.training and changed_entries(before, agent) == []
+    )  # the bootstrap pass too: eval mode
 
 
 def test_temporary_mode_restores_the_mode_even_on_error():
@@ -594,8 +734,12 @@ def test_temporary_mode_restores_the_mode_even_on_error():
 def test_compute_gae_cuts_the_bootstrap_at_episode_starts():
     rewards = torch.tensor([[1.0], [0.0], [2.0]])
     values = torch.tensor([[0.5], [0.25], [1.0]])
-    dones = torch.tensor([[0.0], [0.0], [1.0]])  # obs[2] starts a new episode: no bootstrap from step 2 into step 1
-    advantages, returns = ppo.compute_gae(rewards, values, dones, torch.tensor([[4.0]]), torch.tensor([0.0]), 0.5, 0.5)
+    dones = torch.tensor(
+        [[0.0], [0.0], [1.0]]
+    )  # obs[2] starts a new episode: no bootstrap from step 2 into step 1
+    advantages, returns = ppo.compute_gae(
+        rewards, values, dones, torch.tensor([[4.0]]), torch.tensor([0.0]), 0.5, 0.5
+    )
 
     delta2 = 2.0 + 0.5 * 4.0 - 1.0
     delta1 = 0.0 - 0.25
@@ -611,21 +755,36 @@ def test_compute_gae_cuts_the_bootstrap_at_episode_starts():
 
 def test_clipped_ppo_loss_uses_the_advantages_it_is_given():
     args = tiny_args(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, clip_vloss=False)
-    mb = {"logprobs": torch.zeros(4), "returns": torch.tensor([1.0, 0.0, 0.0, 2.0]), "values": torch.zeros(4)}
-    newlogprob = torch.log(torch.tensor([1.5, 0.5, 1.1, 1.0]))  # ratios 1.5 (clipped to 1.2), 0.5 (to 0.8), 1.1, 1
+    mb = {
+        "logprobs": torch.zeros(4),
+        "returns": torch.tensor([1.0, 0.0, 0.0, 2.0]),
+        "values": torch.zeros(4),
+    }
+    newlogprob = torch.log(
+        torch.tensor([1.5, 0.5, 1.1, 1.0])
+    )  # ratios 1.5 (clipped to 1.2), 0.5 (to 0.8), 1.1, 1
     advantages = torch.tensor([1.0, 1.0, -1.0, 2.0])
     entropy, newvalue = torch.full((4,), 1.5), torch.tensor([[1.0], [1.0], [0.0], [0.0]])
 
     loss, ratio, stats = ppo.clipped_ppo_loss(newlogprob, entropy, newvalue, advantages, mb, args)
 
-    policy_loss = -(1.2 * 1.0 + 0.5 * 1.0 + 1.1 * -1.0 + 1.0 * 2.0) / 4  # pessimistic: max of the two losses per sample
+    policy_loss = (
+        -(1.2 * 1.0 + 0.5 * 1.0 + 1.1 * -1.0 + 1.0 * 2.0) / 4
+    )  # pessimistic: max of the two losses per sample
     value_loss = 0.5 * (0 + 1 + 0 + 4) / 4
     assert stats["policy_loss"].item() == pytest.approx(policy_loss, rel=1e-6)
     assert stats["value_loss"].item() == pytest.approx(value_loss, rel=1e-6)
     assert loss.item() == pytest.approx(policy_loss - 0.01 * 1.5 + 0.5 * value_loss, rel=1e-6)
     torch.testing.assert_close(ratio, torch.tensor([1.5, 0.5, 1.1, 1.0]))
     assert stats["clipfrac"].item() == 0.5
-    assert set(stats) == {"policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"}
+    assert set(stats) == {
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "old_approx_kl",
+        "approx_kl",
+        "clipfrac",
+    }
 
 
 def test_ppo_update_normalizes_the_advantages_and_reports_the_trust_region_of_eval_ratio():
@@ -636,18 +795,30 @@ def test_ppo_update_normalizes_the_advantages_and_reports_the_trust_region_of_ev
     eval_ratio = ppo.eval_mode_ratio(agent, batch)
     args = tiny_args()
 
-    stats = ppo.ppo_update(agent, torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5), batch, args, eval_ratio)
+    stats = ppo.ppo_update(
+        agent, torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5), batch, args, eval_ratio
+    )
 
-    _, newlogprob, entropy, newvalue = reference.get_action_and_value(batch["obs"], batch["actions"])
-    normalized = (batch["advantages"] - batch["advantages"].mean()) / (batch["advantages"].std() + 1e-8)
-    loss, ratio, expected = ppo.clipped_ppo_loss(newlogprob, entropy, newvalue, normalized, batch, args)
-    expected.update(ppo.trust_region_diagnostics(ratio.detach(), eval_ratio, normalized, args.clip_coef))
+    _, newlogprob, entropy, newvalue = reference.get_action_and_value(
+        batch["obs"], batch["actions"]
+    )
+    normalized = (batch["advantages"] - batch["advantages"].mean()) / (
+        batch["advantages"].std() + 1e-8
+    )
+    loss, ratio, expected = ppo.clipped_ppo_loss(
+        newlogprob, entropy, newvalue, normalized, batch, args
+    )
+    expected.update(
+        ppo.trust_region_diagnostics(ratio.detach(), eval_ratio, normalized, args.clip_coef)
+    )
     assert stats.keys() == {*expected, "loss"}
     for key, value in expected.items():
         assert stats[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), key
     assert stats["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     assert changed_entries(reference.state_dict(), agent)  # one optimizer step
-    assert "ratio_gap" not in ppo.ppo_update(agent, torch.optim.SGD(agent.parameters(), lr=0.0), batch, args)
+    assert "ratio_gap" not in ppo.ppo_update(
+        agent, torch.optim.SGD(agent.parameters(), lr=0.0), batch, args
+    )
 
 
 def schedule(kind, iterations=10, peak=3e-4):
@@ -705,19 +876,34 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
     rollout's eval-mode logits, given as b_eval_logits, give the same value with one pass per minibatch instead of two."""
     agent = make_agent(norm)
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(100.0)  # a peaked policy: at init delta_pi is too small to tell anything apart
+        agent.actor[-1].weight.mul_(
+            100.0
+        )  # a peaked policy: at init delta_pi is too small to tell anything apart
     b_obs = random_obs(24, seed=1)
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
-    rng_state, expected = torch.get_rng_state(), []  # the same dropout masks for the reference and the function
-    for start in range(0, 24, 8):  # each minibatch on fresh copies: nothing has moved their statistics
+    rng_state, expected = (
+        torch.get_rng_state(),
+        [],
+    )  # the same dropout masks for the reference and the function
+    for start in range(
+        0, 24, 8
+    ):  # each minibatch on fresh copies: nothing has moved their statistics
         with torch.no_grad():
             eval_copy, train_copy = copy.deepcopy(agent).eval(), copy.deepcopy(agent).train()
             mb_obs = b_obs[perm[start : start + 8]]
             train_logits = train_copy.actor(train_copy.features(mb_obs))
-            expected.append(ppo.js_divergence(train_logits, eval_copy.actor(eval_copy.features(mb_obs))).mean().item())
+            expected.append(
+                ppo.js_divergence(train_logits, eval_copy.actor(eval_copy.features(mb_obs)))
+                .mean()
+                .item()
+            )
     agent.eval()
-    with torch.no_grad():  # the eval-mode logits as the rollout computes them: 2 envs per step, not minibatches of 8
-        b_eval_logits = torch.cat([agent.get_policy_and_value(b_obs[i : i + 2])[0].logits for i in range(0, 24, 2)])
+    with (
+        torch.no_grad()
+    ):  # the eval-mode logits as the rollout computes them: 2 envs per step, not minibatches of 8
+        b_eval_logits = torch.cat(
+            [agent.get_policy_and_value(b_obs[i : i + 2])[0].logits for i in range(0, 24, 2)]
+        )
     agent.train()
     passes, original_features = [], ppo.Agent.features
 
@@ -732,12 +918,18 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
         assert passes == [False, True] * 3
         passes.clear()
         torch.set_rng_state(rng_state)
-        given = ppo.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits)
+        given = ppo.policy_mismatch(
+            agent, b_obs, 8, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits
+        )
         assert passes == [True] * 3
         passes.clear()
-        ppo.policy_mismatch(agent, b_obs, 8, 1, torch.Generator().manual_seed(0))  # one minibatch (the default)
+        ppo.policy_mismatch(
+            agent, b_obs, 8, 1, torch.Generator().manual_seed(0)
+        )  # one minibatch (the default)
         assert passes == [False, True]
-        assert ppo.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(0)) is None  # off
+        assert (
+            ppo.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(0)) is None
+        )  # off
         assert passes == [False, True]
 
     assert computed.item() == pytest.approx(np.mean(expected), rel=1e-5)
@@ -757,12 +949,18 @@ def test_js_divergence_is_capped_at_ln_2():
     assert (js <= math.log(2)).all() and (js >= 0).all()
 
 
-def test_collect_mode_train_stores_the_train_mode_log_probs_of_the_collecting_network(tmp_path, monkeypatch):
+def test_collect_mode_train_stores_the_train_mode_log_probs_of_the_collecting_network(
+    tmp_path, monkeypatch
+):
     """--collect-mode train: each stored log-prob is the train-mode output of the network that acted, i.e. normalized
     with the batch statistics of the envs' observations at that step; its running statistics moved once per step and
     once for the bootstrap value; delta_pi_minus is then computed, not read from the rollout."""
     seen = {}
-    original_scalars, original_update, original_mismatch = ppo.iteration_scalars, ppo.ppo_update, ppo.policy_mismatch
+    original_scalars, original_update, original_mismatch = (
+        ppo.iteration_scalars,
+        ppo.ppo_update,
+        ppo.policy_mismatch,
+    )
 
     def capture_scalars(args, optimizer, finished, phase_stats, batch, delta_pi):
         seen.setdefault("batch", batch)
@@ -787,11 +985,18 @@ def test_collect_mode_train_stores_the_train_mode_log_probs_of_the_collecting_ne
     batch, n = seen["batch"], args.num_envs
     with torch.no_grad():
         steps = [slice(i, i + n) for i in range(0, args.batch_size, n)]  # the rollout, step by step
-        train_mode = torch.cat([theta_0.train().get_action_and_value(batch["obs"][s], batch["actions"][s])[1] for s in steps])
+        train_mode = torch.cat(
+            [
+                theta_0.train().get_action_and_value(batch["obs"][s], batch["actions"][s])[1]
+                for s in steps
+            ]
+        )
         eval_mode = theta_0.eval().get_action_and_value(batch["obs"], batch["actions"])[1]
     torch.testing.assert_close(batch["logprobs"], train_mode, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batch["logprobs"], eval_mode, rtol=1e-5, atol=1e-5)
-    assert seen["tracked"] == 3 * (args.num_steps + 1)  # separate view batching: 3 BatchNorm passes per forward
+    assert seen["tracked"] == 3 * (
+        args.num_steps + 1
+    )  # separate view batching: 3 BatchNorm passes per forward
     assert seen["eval_logits"] == (None,)
 
 
@@ -827,16 +1032,22 @@ def test_trust_region_diagnostics_values():
 
     same = ppo.trust_region_diagnostics(inside, ppo.eval_mode_ratio(agent, batch), advantages, 0.2)
     assert same["ratio_gap"].item() == pytest.approx(0.0, abs=1e-5)
-    assert same["trust_region_violation"].item() == same["trust_region_violation_signed"].item() == 0.0
+    assert (
+        same["trust_region_violation"].item() == same["trust_region_violation_signed"].item() == 0.0
+    )
 
     # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample, r' = 1 inside
     shifted_ratio = ppo.eval_mode_ratio(agent, {**batch, "logprobs": batch["logprobs"] - 0.5})
     shifted = ppo.trust_region_diagnostics(inside, shifted_ratio, advantages, 0.2)
     assert shifted["ratio_gap"].item() == pytest.approx(math.exp(0.5) - 1.0, rel=1e-4)
     assert shifted["trust_region_violation"].item() == 1.0
-    assert shifted["trust_region_violation_signed"].item() == 1.0  # A > 0 and r > 1 + eps: r's clip stops the gradient
+    assert (
+        shifted["trust_region_violation_signed"].item() == 1.0
+    )  # A > 0 and r > 1 + eps: r's clip stops the gradient
     against = ppo.trust_region_diagnostics(inside, shifted_ratio, -advantages, 0.2)
-    assert against["trust_region_violation_signed"].item() == 0.0  # A < 0: the clip never stops r > 1 + eps
+    assert (
+        against["trust_region_violation_signed"].item() == 0.0
+    )  # A < 0: the clip never stops r > 1 + eps
 
     half = ppo.trust_region_diagnostics(
         torch.tensor([1.0, 1.0, 1.5, 1.5]), torch.tensor([1.0, 1.5, 1.0, 1.5]), torch.ones(4), 0.2
@@ -850,7 +1061,9 @@ def test_trust_region_diagnostics_values():
         torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0]),
         0.2,
     )
-    assert signed["trust_region_violation_signed"].item() == pytest.approx(2 / 6)  # the first two samples
+    assert signed["trust_region_violation_signed"].item() == pytest.approx(
+        2 / 6
+    )  # the first two samples
     assert signed["trust_region_violation"].item() == pytest.approx(4 / 6)
 
 
@@ -871,7 +1084,9 @@ def batchnorm_inputs(agent, obs) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("minibatch_size, sizes", [(12, [12]), (5, [5, 5, 2])], ids=["all-of-d_k", "minibatch-average"])
+@pytest.mark.parametrize(
+    "minibatch_size, sizes", [(12, [12]), (5, [5, 5, 2])], ids=["all-of-d_k", "minibatch-average"]
+)
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics_of_d_k(minibatch_size, sizes):
     """With one minibatch = D_k (joint view batching): each running mean / var becomes the exact mean and unbiased
     variance of the layer's input on D_k (for the first one, conv1's output); with several, the average over the
@@ -881,7 +1096,9 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics_of_d_k(minibatc
     expected = {}
     for start, size in zip(range(0, 12, minibatch_size), sizes):
         for name, [x] in batchnorm_inputs(agent, b_obs[start : start + size]).items():
-            expected.setdefault(name, []).append((x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)))
+            expected.setdefault(name, []).append(
+                (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True))
+            )
     with torch.no_grad():
         conv1 = agent.backbone.conv1(b_obs.reshape(36, V, V, 3).permute(0, 3, 1, 2).float() / 255.0)
     before, rng_state = clone_state(agent), torch.get_rng_state()
@@ -897,18 +1114,24 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics_of_d_k(minibatc
     if len(sizes) == 1:
         bn1 = agent.backbone.bn1
         torch.testing.assert_close(bn1.running_mean, conv1.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(bn1.running_var, conv1.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            bn1.running_var, conv1.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6
+        )
     else:  # the average of minibatch statistics is not the statistics of D_k
         assert not torch.allclose(agent.backbone.bn1.running_var, conv1.var((0, 2, 3)), rtol=1e-3)
     changed = changed_entries(before, agent)
-    assert set(changed) == {f"{name}.running_{stat}" for name in expected for stat in ("mean", "var")}
+    assert set(changed) == {
+        f"{name}.running_{stat}" for name in expected for stat in ("mean", "var")
+    }
 
 
 def test_recalibrate_batchnorm_with_separate_views_averages_the_three_view_statistics():
     agent = make_agent("bn").eval()
     b_obs = random_obs(12, seed=7)
     with torch.no_grad():
-        conv1 = [agent.backbone.conv1(b_obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)]
+        conv1 = [
+            agent.backbone.conv1(b_obs[:, v].permute(0, 3, 1, 2).float() / 255.0) for v in range(3)
+        ]
 
     ppo.recalibrate_batchnorm(agent, b_obs, 12)
 
@@ -927,7 +1150,9 @@ def test_recalibrate_batchnorm_works_on_batch_renorm():
 
     changed = changed_entries(before, agent)
     assert "backbone.bn1.running_mean" in changed and "backbone.bn1.running_var" in changed
-    assert not [name for name in changed if "num_batches_tracked" in name]  # Batch Renorm's warm-up clock stays
+    assert not [
+        name for name in changed if "num_batches_tracked" in name
+    ]  # Batch Renorm's warm-up clock stays
 
 
 def test_recalibrate_batchnorm_leaves_frozen_eval_mode_batchnorm_alone():
@@ -947,14 +1172,24 @@ def test_bn_recalibrate_run_is_finite_and_differs_from_without(joint_run, tmp_pa
         return original(agent, b_obs, minibatch_size)
 
     monkeypatch.setattr(ppo, "recalibrate_batchnorm", counting)
-    run = ok_run(tmp_path, total_timesteps=64, mdr_rounds=2, view_batching="joint", bn_recalibrate=True)
+    run = ok_run(
+        tmp_path, total_timesteps=64, mdr_rounds=2, view_batching="joint", bn_recalibrate=True
+    )
     scalars, without = scalars_of(run.run_dir), scalars_of(joint_run.run_dir)
 
-    assert calls == [(False, 32, 16)] * 2  # once per iteration, after the update (its last phase: eval mode)
+    assert (
+        calls == [(False, 32, 16)] * 2
+    )  # once per iteration, after the update (its last phase: eval mode)
     assert all(math.isfinite(value) for points in scalars.values() for _, value in points)
-    assert scalars["charts/delta_pi_plus"][0] != without["charts/delta_pi_plus"][0]  # measured after the recalibration
-    assert scalars["losses/standard/value_loss"][1] != without["losses/standard/value_loss"][1]  # the next rollout
-    assert scalars["losses/standard/value_loss"][0] == without["losses/standard/value_loss"][0]  # same first update
+    assert (
+        scalars["charts/delta_pi_plus"][0] != without["charts/delta_pi_plus"][0]
+    )  # measured after the recalibration
+    assert (
+        scalars["losses/standard/value_loss"][1] != without["losses/standard/value_loss"][1]
+    )  # the next rollout
+    assert (
+        scalars["losses/standard/value_loss"][0] == without["losses/standard/value_loss"][0]
+    )  # same first update
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -986,10 +1221,17 @@ def test_evaluate_runs_each_task_once_and_is_deterministic(monkeypatch):
             infos = out[4]
             if "episode" in infos:
                 mask = infos["_episode"] & infos["episode"]["from_queue"]
-                counted.extend(zip(infos["episode"]["task_id"][mask].tolist(), infos["episode"]["r"][mask].tolist()))
+                counted.extend(
+                    zip(
+                        infos["episode"]["task_id"][mask].tolist(),
+                        infos["episode"]["r"][mask].tolist(),
+                    )
+                )
             return out
 
-    monkeypatch.setattr(envs.patchloc, "PatchLocVecEnv", RecordingVecEnv)  # what envs.run_tasks builds
+    monkeypatch.setattr(
+        envs.patchloc, "PatchLocVecEnv", RecordingVecEnv
+    )  # what envs.run_tasks builds
     args = tiny_args(num_eval_envs=3)  # fewer envs than tasks: the rest are queued
 
     first = ppo.evaluate(agent, test_tasks, 7, args, torch.device("cpu"))
@@ -997,20 +1239,32 @@ def test_evaluate_runs_each_task_once_and_is_deterministic(monkeypatch):
     second = ppo.evaluate(agent, test_tasks, 7, args, torch.device("cpu"))
 
     assert agent.training  # the mode is restored
-    assert {key: len(values) for key, values in first.items()} == {"r": 7, "normalized_r": 7, "success": 7}
+    assert {key: len(values) for key, values in first.items()} == {
+        "r": 7,
+        "normalized_r": 7,
+        "success": 7,
+    }
     assert sorted(task for task, _ in runs_of_first) == list(range(7))  # every task exactly once
     for key in first:
         np.testing.assert_array_equal(first[key], second[key])
     # the returns are those of the greedy eval-mode policy, task by task
     agent.eval()
     for task, episode_return in runs_of_first:
-        assert episode_return == pytest.approx(greedy_return(agent, test_tasks, task, args.max_episode_steps), abs=1e-5)
+        assert episode_return == pytest.approx(
+            greedy_return(agent, test_tasks, task, args.max_episode_steps), abs=1e-5
+        )
     optimal = PatchLocEnv(test_tasks).optimal_returns[[task for task, _ in runs_of_first]]
-    np.testing.assert_allclose(first["normalized_r"], first["r"] / optimal, rtol=1e-5)  # in the order episodes ended
+    np.testing.assert_allclose(
+        first["normalized_r"], first["r"] / optimal, rtol=1e-5
+    )  # in the order episodes ended
 
 
 def test_episode_scalars_are_percent_of_optimal_and_success_rate():
-    episodes = {"r": np.array([1.0, 3.0]), "normalized_r": np.array([0.25, 0.75]), "success": np.array([False, True])}
+    episodes = {
+        "r": np.array([1.0, 3.0]),
+        "normalized_r": np.array([0.25, 0.75]),
+        "success": np.array([False, True]),
+    }
 
     assert ppo.episode_scalars(episodes, "test_") == {
         "charts/test_episodic_return": 2.0,
@@ -1036,8 +1290,12 @@ def test_drawn_episodes_show_the_target_and_the_window_path():
         panel, image = drawing[:, i * side : (i + 1) * side], test_tasks.image(i)
         green = np.all(panel == GREEN, axis=-1) & ~np.all(image == GREEN, axis=-1)
         target_outline = outline_mask(side, test_tasks.target_boxes[i], width=2)
-        assert green.any() and not (green & ~target_outline).any()  # green only on the target's outline ...
-        assert green[target_outline].mean() > 0.5  # ... and most of it visible under the window path
+        assert (
+            green.any() and not (green & ~target_outline).any()
+        )  # green only on the target's outline ...
+        assert (
+            green[target_outline].mean() > 0.5
+        )  # ... and most of it visible under the window path
         # the first window (the full image) is outlined along the image border, in a colour of the path (blue -> yellow)
         border = panel[0].astype(int)
         assert np.all((border[:, 0] == border[:, 1]) & (border[:, 2] == 255 - border[:, 0])), border
@@ -1046,7 +1304,11 @@ def test_drawn_episodes_show_the_target_and_the_window_path():
 
 def test_held_out_evaluation_uses_the_disjoint_test_tasks(tmp_path, monkeypatch):
     created, evaluated, rendered = [], [], []
-    original_make, original_evaluate, original_render = ppo.make_task_sets, ppo.evaluate, ppo.draw_episodes
+    original_make, original_evaluate, original_render = (
+        ppo.make_task_sets,
+        ppo.evaluate,
+        ppo.draw_episodes,
+    )
 
     def recording_make(*args, **kwargs):
         created.append(original_make(*args, **kwargs))
@@ -1067,7 +1329,12 @@ def test_held_out_evaluation_uses_the_disjoint_test_tasks(tmp_path, monkeypatch)
     ok_run(tmp_path, num_tasks=6, num_test_tasks=5)
 
     [(train_tasks, test_tasks)] = created
-    assert (train_tasks.split, train_tasks.num_tasks, test_tasks.split, test_tasks.num_tasks) == ("train", 6, "test", 5)
+    assert (train_tasks.split, train_tasks.num_tasks, test_tasks.split, test_tasks.num_tasks) == (
+        "train",
+        6,
+        "test",
+        5,
+    )
     assert not set(train_tasks.image_ids) & set(test_tasks.image_ids)
     # held-out tasks all once, then as many training tasks as possible for the generalization gap
     assert evaluated == [(test_tasks, 5), (train_tasks, 5)]
@@ -1079,7 +1346,12 @@ def test_folder_task_sets_share_no_image_file(tmp_path):
     args = tiny_args(image_source=str(tmp_path / "images"), num_test_tasks=4)
 
     train_tasks, test_tasks = make_task_sets(
-        args.num_tasks, args.num_test_tasks, args.image_source, args.image_size, args.view_size, seed=args.seed
+        args.num_tasks,
+        args.num_test_tasks,
+        args.image_source,
+        args.image_size,
+        args.view_size,
+        seed=args.seed,
     )
 
     assert len(set(train_tasks.image_ids)) == 4 and len(set(test_tasks.image_ids)) == 4
@@ -1121,7 +1393,9 @@ def no_download(monkeypatch):
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
-def test_pretrained_weights_load_into_the_shared_backbone(norm, fake_imagenet_home, no_download, monkeypatch):
+def test_pretrained_weights_load_into_the_shared_backbone(
+    norm, fake_imagenet_home, no_download, monkeypatch
+):
     torch_home, saved = fake_imagenet_home
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
@@ -1151,8 +1425,13 @@ def test_missing_imagenet_weights_offline_is_a_config_error(tmp_path, no_downloa
 
 def test_default_run_name_is_a_function_of_the_arguments():
     args = ppo.Args()
-    assert ppo.default_run_name(args) == "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1"
-    assert ppo.default_run_name(ppo.Args()) == ppo.default_run_name(args)  # no clock: a requeued job finds its folder
+    assert (
+        ppo.default_run_name(args)
+        == "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1"
+    )
+    assert ppo.default_run_name(ppo.Args()) == ppo.default_run_name(
+        args
+    )  # no clock: a requeued job finds its folder
     names = {
         ppo.default_run_name(ppo.Args(**fields))
         for fields in (
@@ -1198,7 +1477,10 @@ def test_each_norm_variant_runs(norm, tmp_path):
     assert "iteration=1/1, global_step=32" in run.stdout
     assert "held-out evaluation: test_normalized_reward=" in run.stdout
     label = {"bn": "bn0.1", "brn": "brn0.1", "dropout": "dropout0.1"}.get(norm, norm)
-    assert single_run_dir(tmp_path).name == f"patchloc-procedural-4__ppo_patchloc_mdr__{label}__mdr2-1__s1"
+    assert (
+        single_run_dir(tmp_path).name
+        == f"patchloc-procedural-4__ppo_patchloc_mdr__{label}__mdr2-1__s1"
+    )
     assert list(run.run_dir.glob("events.out.tfevents.*"))
     assert ("has no mode-dependent layer" in run.stdout) == (norm in MODE_FREE_NORMS)
 
@@ -1215,7 +1497,11 @@ def test_run_folder_holds_args_json(logged_run):
     saved = json.loads((logged_run.run_dir / "args.json").read_text())
     [provenance] = saved.pop("provenance")  # one process made this run
     assert saved == asdict(logged_run.args)
-    assert provenance["from_step"] == 0 and len(provenance["commit"]) == 40 and isinstance(provenance["dirty"], bool)
+    assert (
+        provenance["from_step"] == 0
+        and len(provenance["commit"]) == 40
+        and isinstance(provenance["dirty"], bool)
+    )
     assert provenance["torch"] == ppo.torch.__version__ and provenance["cpu"]
     assert (saved["batch_size"], saved["num_iterations"], saved["run_name"]) == (32, 2, None)
 
@@ -1227,13 +1513,26 @@ def test_tensorboard_log_holds_every_key_with_finite_values(logged_run):
     for key in TB_KEYS:
         values = [value for _, value in scalars[key]]
         assert values and np.all(np.isfinite(values)), (key, values)
-    for key in ("charts/SPS", "charts/delta_pi_minus", "losses/value_loss", "mdr/ratio_gap", "charts/test_normalized_reward"):
+    for key in (
+        "charts/SPS",
+        "charts/delta_pi_minus",
+        "losses/value_loss",
+        "mdr/ratio_gap",
+        "charts/test_normalized_reward",
+    ):
         assert [step for step, _ in scalars[key]] == [32, 64], key  # one point per iteration
     for key in ("charts/delta_pi_minus", "charts/delta_pi_plus"):
         assert all(0.0 <= value <= math.log(2) for _, value in scalars[key]), key
-    for key in ("mdr/trust_region_violation", "mdr/trust_region_violation_signed", "charts/test_success_rate"):
+    for key in (
+        "mdr/trust_region_violation",
+        "mdr/trust_region_violation_signed",
+        "charts/test_success_rate",
+    ):
         assert all(0.0 <= value <= 1.0 for _, value in scalars[key]), key
-    for key in ("charts/normalized_reward", "charts/test_normalized_reward"):  # percent of the optimal return
+    for key in (
+        "charts/normalized_reward",
+        "charts/test_normalized_reward",
+    ):  # percent of the optimal return
         assert all(-100.0 <= value <= 100.0 for _, value in scalars[key]), key
 
 
@@ -1267,7 +1566,14 @@ def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tm
     args.batch_size, args.num_iterations = 32, 3
     logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=0)
     logger.advance(32)
-    logger.log({"charts/normalized_reward": 12.5, "losses/explained_variance": math.nan, "a/inf": math.inf}, iteration=1)
+    logger.log(
+        {
+            "charts/normalized_reward": 12.5,
+            "losses/explained_variance": math.nan,
+            "a/inf": math.inf,
+        },
+        iteration=1,
+    )
     logger.advance(32)
     logger.log({"charts/test_normalized_reward": 3.0})
     logger.close(0)
@@ -1275,8 +1581,14 @@ def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tm
     [line] = capsys.readouterr().out.splitlines()  # stdout is not a terminal here: no progress bar
     assert line.startswith("iteration=1/3, global_step=32, normalized_reward=12.5, SPS=")
     scalars = scalars_of(tmp_path / "run")
-    assert set(scalars) == {"charts/normalized_reward", "charts/SPS", "charts/test_normalized_reward"}
-    assert scalars["charts/normalized_reward"] == [(32, 12.5)] and scalars["charts/test_normalized_reward"] == [(64, 3.0)]
+    assert set(scalars) == {
+        "charts/normalized_reward",
+        "charts/SPS",
+        "charts/test_normalized_reward",
+    }
+    assert scalars["charts/normalized_reward"] == [(32, 12.5)] and scalars[
+        "charts/test_normalized_reward"
+    ] == [(64, 3.0)]
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
     assert saved.pop("provenance")[0]["from_step"] == 0 and saved == asdict(args)
 
@@ -1292,7 +1604,9 @@ def test_run_logger_on_a_terminal_shows_a_progress_bar_instead_of_lines(tmp_path
     monkeypatch.setattr(sys, "stderr", stderr)  # tqdm's bar
     args = tiny_args()
     args.batch_size, args.num_iterations = 32, 2
-    logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=32)  # a resumed run: the bar starts at 32
+    logger = ppo.RunLogger(
+        str(tmp_path / "run"), args, None, global_step=32
+    )  # a resumed run: the bar starts at 32
 
     logger.advance(32)
     logger.log({"charts/normalized_reward": 12.5}, iteration=2)
@@ -1310,7 +1624,9 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
 
     def init(**kwargs):
         calls.append(kwargs)
-        return types.SimpleNamespace(id="new-id", finish=lambda exit_code: calls.append(exit_code))  # Run.finish
+        return types.SimpleNamespace(
+            id="new-id", finish=lambda exit_code: calls.append(exit_code)
+        )  # Run.finish
 
     fake_wandb = types.SimpleNamespace(init=init)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
@@ -1318,15 +1634,26 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
     args = tiny_args(track=True, norm="brn", seed=3)
     args.batch_size, args.num_iterations = 32, 1
 
-    logger = ppo.RunLogger(os.path.join("runs", ppo.default_run_name(args)), args, "saved-id", global_step=0)
+    logger = ppo.RunLogger(
+        os.path.join("runs", ppo.default_run_name(args)), args, "saved-id", global_step=0
+    )
     logger.close(143)
-    grouped = ppo.RunLogger(os.path.join("runs", "mine"), tiny_args(track=True, wandb_group="sweep-7"), None, 0)
+    grouped = ppo.RunLogger(
+        os.path.join("runs", "mine"), tiny_args(track=True, wandb_group="sweep-7"), None, 0
+    )
     grouped.close(0)
 
     first, exit_code, second, _ = calls
     assert first["name"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1__s3"
-    assert first["group"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1"  # the name without the seed
-    assert (first["id"], first["resume"], logger.wandb_id, exit_code) == ("saved-id", "allow", "new-id", 143)
+    assert (
+        first["group"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1"
+    )  # the name without the seed
+    assert (first["id"], first["resume"], logger.wandb_id, exit_code) == (
+        "saved-id",
+        "allow",
+        "new-id",
+        143,
+    )
     assert first["tags"] == ppo.wandb_tags(args) and "bn_momentum=0.1" in first["tags"]
     assert (second["name"], second["group"], second["id"]) == ("mine", "sweep-7", None)
 
@@ -1360,19 +1687,33 @@ def assert_same_training(run_dir, reference_dir):
     """Bitwise the same parameters, optimizer state, RNG streams and episodes in progress at the end, and the same
     TensorBoard scalars at every step (all but SPS)."""
     full, resumed = read_checkpoint(reference_dir), read_checkpoint(run_dir)
-    assert resumed["global_step"] == full["global_step"] and resumed["iteration"] == full["iteration"]
-    assert [name for name in full["agent"] if not torch.equal(full["agent"][name], resumed["agent"][name])] == []
-    assert [k for k, v in full["env"]["envs"].items() if not torch.equal(v, resumed["env"]["envs"][k])] == []
+    assert (
+        resumed["global_step"] == full["global_step"] and resumed["iteration"] == full["iteration"]
+    )
+    assert [
+        name
+        for name in full["agent"]
+        if not torch.equal(full["agent"][name], resumed["agent"][name])
+    ] == []
+    assert [
+        k for k, v in full["env"]["envs"].items() if not torch.equal(v, resumed["env"]["envs"][k])
+    ] == []
     assert torch.equal(full["env"]["next_obs"], resumed["env"]["next_obs"])
     assert torch.equal(full["rng"]["torch"], resumed["rng"]["torch"])
-    assert full["optimizer"]["state"][0]["exp_avg"].equal(resumed["optimizer"]["state"][0]["exp_avg"])
+    assert full["optimizer"]["state"][0]["exp_avg"].equal(
+        resumed["optimizer"]["state"][0]["exp_avg"]
+    )
     expected, scalars = scalars_of(reference_dir), scalars_of(run_dir)
     expected.pop("charts/SPS"), scalars.pop("charts/SPS")
     assert scalars == expected
 
 
-@pytest.mark.parametrize("signum, iteration", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)], ids=["SIGTERM", "SIGUSR1"])
-def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(signum, iteration, uninterrupted, tmp_path):
+@pytest.mark.parametrize(
+    "signum, iteration", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)], ids=["SIGTERM", "SIGUSR1"]
+)
+def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
+    signum, iteration, uninterrupted, tmp_path
+):
     """A cluster's stop signal mid-iteration: the iteration finishes, its checkpoint (agent, optimizer, RNG streams, the
     PatchLocVecEnv's episodes in progress) is written, the exit code is 128 + signum; the requeued job (the same
     command, --resume auto) ends where the uninterrupted run ends."""
@@ -1406,9 +1747,14 @@ def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path):
     assert ppo.find_checkpoint(args, str(run_dir)) == (None, str(run_dir))
 
     assert not (run_dir / "events.out.tfevents.0.stale").exists() and args.save_model
-    assert ppo.find_checkpoint(args, str(tmp_path / "runs" / "new")) == (None, str(tmp_path / "runs" / "new"))
+    assert ppo.find_checkpoint(args, str(tmp_path / "runs" / "new")) == (
+        None,
+        str(tmp_path / "runs" / "new"),
+    )
     with pytest.raises(ppo.ConfigError, match="not a readable checkpoint"):
-        ppo.find_checkpoint(tiny_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir))  # a path must exist
+        ppo.find_checkpoint(
+            tiny_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir)
+        )  # a path must exist
 
 
 def test_resume_path_may_grow_total_timesteps(tmp_path):
@@ -1420,22 +1766,44 @@ def test_resume_path_may_grow_total_timesteps(tmp_path):
         run_main(tmp_path, resume=str(checkpoint_path), total_timesteps=64, seed=2)
     grown = ok_run(tmp_path, resume=str(checkpoint_path), total_timesteps=64, save_model=True)
 
-    assert "at iteration 1, global_step 32" in grown.stdout and "iteration=2/2, global_step=64" in grown.stdout
+    assert (
+        "at iteration 1, global_step 32" in grown.stdout
+        and "iteration=2/2, global_step=64" in grown.stdout
+    )
     assert (saved["iteration"], read_checkpoint(first.run_dir)["iteration"]) == (1, 2)
     learning_rates = scalars_of(first.run_dir)["charts/learning_rate"]
-    assert learning_rates == [(32, pytest.approx(4e-5)), (64, pytest.approx(4e-5 / 2))]  # the new schedule from iteration 2
-    assert not torch.equal(read_checkpoint(first.run_dir)["agent"]["actor.4.weight"], saved["agent"]["actor.4.weight"])
+    assert learning_rates == [
+        (32, pytest.approx(4e-5)),
+        (64, pytest.approx(4e-5 / 2)),
+    ]  # the new schedule from iteration 2
+    assert not torch.equal(
+        read_checkpoint(first.run_dir)["agent"]["actor.4.weight"], saved["agent"]["actor.4.weight"]
+    )
 
 
 def test_checkpoint_contents(uninterrupted):
-    checkpoint = read_checkpoint(uninterrupted.run_dir)  # weights_only=True: plain tensors and Python containers
+    checkpoint = read_checkpoint(
+        uninterrupted.run_dir
+    )  # weights_only=True: plain tensors and Python containers
 
-    assert {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env", "wandb_id"} <= set(checkpoint)
+    assert {
+        "agent",
+        "optimizer",
+        "global_step",
+        "iteration",
+        "args",
+        "run_name",
+        "rng",
+        "env",
+        "wandb_id",
+    } <= set(checkpoint)
     assert checkpoint["global_step"] == 96 and checkpoint["iteration"] == 3
     assert checkpoint["run_name"] == uninterrupted.run_dir.name
     assert checkpoint["args"]["norm"] == "bn" and checkpoint["args"]["view_size"] == V
     assert set(checkpoint["rng"]) == {"python", "numpy", "torch", "cuda", "diag"}
-    assert checkpoint["env"]["next_obs"].shape == (2, 3, V, V, 3) and checkpoint["env"]["next_done"].shape == (2,)
+    assert checkpoint["env"]["next_obs"].shape == (2, 3, V, V, 3) and checkpoint["env"][
+        "next_done"
+    ].shape == (2,)
     agent = ppo.Agent(NUM_ACTIONS, tiny_args(norm="bn"))
     agent.load_state_dict(checkpoint["agent"])  # strict: every parameter and buffer
 
@@ -1458,7 +1826,9 @@ def test_second_ctrl_c_quits_at_once_without_a_checkpoint(tmp_path, monkeypatch)
 
 def test_validate_args_rejects_a_minibatch_of_one_sample():
     with pytest.raises(ppo.ConfigError, match="minibatch of one sample"):
-        ppo.validate_args(tiny_args(minibatch_size=31))  # 32 = 31 + 1: the last minibatch's advantage std is NaN
+        ppo.validate_args(
+            tiny_args(minibatch_size=31)
+        )  # 32 = 31 + 1: the last minibatch's advantage std is NaN
     ppo.validate_args(tiny_args(minibatch_size=31, norm_adv=False))
     ppo.validate_args(tiny_args(minibatch_size=30))
 
@@ -1466,16 +1836,27 @@ def test_validate_args_rejects_a_minibatch_of_one_sample():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(minibatch_size=33), "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 32"),
-        (dict(total_timesteps=31), "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 32"),
-        (dict(minibatch_size=1), "--minibatch-size 1 leaves a minibatch of one sample in a rollout of 32"),
+        (
+            dict(minibatch_size=33),
+            "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 32",
+        ),
+        (
+            dict(total_timesteps=31),
+            "--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = 32",
+        ),
+        (
+            dict(minibatch_size=1),
+            "--minibatch-size 1 leaves a minibatch of one sample in a rollout of 32",
+        ),
     ],
 )
 def test_check_minibatches(fields, message):
     with pytest.raises(ppo.ConfigError) as error:
         ppo.check_minibatches(tiny_args(**fields))
     assert message in str(error.value) and "\n" not in str(error.value)
-    ppo.check_minibatches(tiny_args(minibatch_size=32, total_timesteps=32))  # one minibatch of all of D_k
+    ppo.check_minibatches(
+        tiny_args(minibatch_size=32, total_timesteps=32)
+    )  # one minibatch of all of D_k
     ppo.check_minibatches(tiny_args(minibatch_size=1, norm_adv=False))
 
 
@@ -1503,7 +1884,9 @@ def bad_input(case, tmp_path) -> dict:
         write_images(tmp_path / "images", 6)  # 80 x 100 pixels
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
     torch.save({"agent": {}}, tmp_path / "foreign.pt")
-    if case == "existing-run-folder":  # a fresh run into the folder of an earlier run with the same arguments
+    if (
+        case == "existing-run-folder"
+    ):  # a fresh run into the folder of an earlier run with the same arguments
         run_dir = tmp_path / "runs" / ppo.default_run_name(tiny_args())
         run_dir.mkdir(parents=True)
         (run_dir / "events.out.tfevents.0.earlier").write_bytes(b"")
@@ -1511,7 +1894,9 @@ def bad_input(case, tmp_path) -> dict:
         "missing-folder": dict(image_source=str(tmp_path / "nowhere")),
         "empty-folder": dict(image_source=str(tmp_path / "images")),
         "too-few-usable-images": dict(image_source=str(tmp_path / "images")),
-        "images-smaller-than-image-size": dict(image_source=str(tmp_path / "images"), image_size=128),
+        "images-smaller-than-image-size": dict(
+            image_source=str(tmp_path / "images"), image_size=128
+        ),
         "image-size-below-4-views": dict(image_size=32),
         "no-epochs": dict(alpha1=0, alpha2=0),
         "recalibrate-without-batchnorm": dict(norm="gn", bn_recalibrate=True),
@@ -1557,7 +1942,9 @@ def test_non_finite_loss_stops_the_run_with_a_one_line_error(tmp_path, monkeypat
 
     assert run.exit_code == 1
     assert_one_line_error(run.stderr, "non-finite loss")
-    assert not (run.run_dir / "checkpoint.pt").exists()  # the last checkpoint (none here) is left as it was
+    assert not (
+        run.run_dir / "checkpoint.pt"
+    ).exists()  # the last checkpoint (none here) is left as it was
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1575,7 +1962,9 @@ def test_image_folder_source_runs(tmp_path):
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
-    result = run_script(tmp_path, "--track", "--save-model", "--norm", "brn", "--alpha1", "1", "--alpha2", "2")
+    result = run_script(
+        tmp_path, "--track", "--save-model", "--norm", "brn", "--alpha1", "1", "--alpha2", "2"
+    )
 
     assert_ok(result)
     run_folders = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -1585,9 +1974,17 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     records = wandb_files[0].read_bytes()
     run_dir = single_run_dir(tmp_path)
     assert run_dir.name == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr1-2__s1"
-    for expected in (run_dir.name, "norm=brn", "mdr=(1,2)", "tasks=4", "bn_momentum=0.1"):  # name and tags
+    for expected in (
+        run_dir.name,
+        "norm=brn",
+        "mdr=(1,2)",
+        "tasks=4",
+        "bn_momentum=0.1",
+    ):  # name and tags
         assert expected.encode() in records, expected
-    assert wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"  # --resume continues this run
+    assert (
+        wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"
+    )  # --resume continues this run
 
 
 def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
@@ -1597,15 +1994,29 @@ def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
     alone = tmp_path / "alone"
     alone.mkdir()
     script = Path(shutil.copy(SCRIPT, alone))
-    shutil.copytree(REPO_ROOT / "envs", alone / "envs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "envs", alone / "envs", ignore=shutil.ignore_patterns("__pycache__")
+    )
     assert sorted(path.name for path in alone.iterdir()) == ["envs", "ppo_patchloc_mdr.py"]
-    command = [sys.executable, str(script), *cli_flags(TINY_FIELDS), "--total-timesteps", "3200", "--run-name", "my-run"]
+    command = [
+        sys.executable,
+        str(script),
+        *cli_flags(TINY_FIELDS),
+        "--total-timesteps",
+        "3200",
+        "--run-name",
+        "my-run",
+    ]
 
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen(command, cwd=alone, env=script_env(pythonpath=""), **pipes)
     try:
-        first_line = process.stdout.readline()  # 100 iterations: the signal comes long before the end
-        assert first_line.startswith("iteration=1/100, global_step=32"), first_line + process.stderr.read()
+        first_line = (
+            process.stdout.readline()
+        )  # 100 iterations: the signal comes long before the end
+        assert first_line.startswith("iteration=1/100, global_step=32"), (
+            first_line + process.stderr.read()
+        )
         process.send_signal(signal.SIGUSR1)
         stdout, stderr = process.communicate(timeout=120)
     finally:

@@ -38,7 +38,9 @@ def tiny_args(**overrides) -> ppo.Args:
 def run_main(cwd, monkeypatch, **overrides):
     """main() in `cwd` with the held-out evaluation stubbed out; returns (agent state, TensorBoard scalars, stdout)."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs))
+    monkeypatch.setattr(
+        ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
+    )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert ppo.main(tiny_args(**overrides)) == 0
@@ -46,7 +48,9 @@ def run_main(cwd, monkeypatch, **overrides):
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    scalars = {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    scalars = {
+        tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
     return checkpoint["agent"], scalars, stdout.getvalue()
 
 
@@ -56,7 +60,13 @@ def differing(a: dict, b: dict) -> list:
 
 def distance(a: dict, b: dict) -> float:
     """Euclidean distance between two states over their floating-point parameters and running statistics."""
-    return math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a if a[k].is_floating_point()))
+    return math.sqrt(
+        sum(
+            ((a[k].double() - b[k].double()) ** 2).sum().item()
+            for k in a
+            if a[k].is_floating_point()
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,9 @@ def reference(tmp_path_factory):
     "overrides",
     [
         dict(channels_last=False),  # a CUDA-only fast path: a no-op on CPU
-        dict(diag_minibatches=-1, diag_ratio_every=0),  # diagnostics off: they never touch the training
+        dict(
+            diag_minibatches=-1, diag_ratio_every=0
+        ),  # diagnostics off: they never touch the training
         dict(diag_minibatches=0, diag_ratio_every=1),  # ... nor when they measure everything
     ],
     ids=["no-channels-last", "diagnostics-off", "diagnostics-all"],
@@ -95,11 +107,18 @@ def test_reference_run_differs_from_a_different_seed(reference, tmp_path, monkey
 def test_diagnostics_off_logs_no_diagnostics(reference, tmp_path, monkeypatch):
     _, scalars, stdout = run_main(tmp_path, monkeypatch, diag_minibatches=-1, diag_ratio_every=0)
 
-    diagnostics = ("charts/delta_pi_minus", "charts/delta_pi_plus", "mdr/ratio_gap", "mdr/trust_region_violation")
+    diagnostics = (
+        "charts/delta_pi_minus",
+        "charts/delta_pi_plus",
+        "mdr/ratio_gap",
+        "mdr/trust_region_violation",
+    )
     for key in (*diagnostics, "mdr/trust_region_violation_signed"):
         assert key in reference[1]
         assert key not in scalars
-    assert "delta_pi_minus=" in reference[2] and "delta_pi_minus=" not in stdout  # the progress line leaves it out
+    assert (
+        "delta_pi_minus=" in reference[2] and "delta_pi_minus=" not in stdout
+    )  # the progress line leaves it out
     assert "losses/policy_loss" in scalars
 
 
@@ -108,14 +127,25 @@ def test_diagnostics_off_logs_no_diagnostics(reference, tmp_path, monkeypatch):
 # at all (over several steps Adam turns rounding-level gradient differences into lr-sized ones: even 1 vs 2 threads then
 # differ by ~40 % of the distance trained)
 
-ONE_STEP = dict(total_timesteps=16, minibatch_size=16, alpha1=1, alpha2=0, diag_minibatches=-1, diag_ratio_every=0)
+ONE_STEP = dict(
+    total_timesteps=16,
+    minibatch_size=16,
+    alpha1=1,
+    alpha2=0,
+    diag_minibatches=-1,
+    diag_ratio_every=0,
+)
 
 
 def update_cosine(a: dict, b: dict) -> float:
     """Cosine between the parameter updates (from the common initial parameters) of two runs."""
     torch.manual_seed(tiny_args().seed)  # as main() does right before it builds the agent
     initial = ppo.Agent(NUM_ACTIONS, tiny_args()).state_dict()
-    names = [name for name, tensor in initial.items() if tensor.is_floating_point() and "running" not in name]
+    names = [
+        name
+        for name, tensor in initial.items()
+        if tensor.is_floating_point() and "running" not in name
+    ]
     delta_a = torch.cat([(a[name] - initial[name]).double().flatten() for name in names])
     delta_b = torch.cat([(b[name] - initial[name]).double().flatten() for name in names])
     return float(delta_a @ delta_b / (delta_a.norm() * delta_b.norm()))
@@ -131,7 +161,9 @@ def one_step_reference(tmp_path_factory):
 def test_one_step_reference_moved_from_the_initial_parameters(one_step_reference):
     torch.manual_seed(tiny_args().seed)
     initial = ppo.Agent(NUM_ACTIONS, tiny_args()).state_dict()
-    assert "actor.4.weight" in differing(initial, one_step_reference)  # the cosines below compare real updates
+    assert "actor.4.weight" in differing(
+        initial, one_step_reference
+    )  # the cosines below compare real updates
 
 
 def test_amp_on_cpu_trains_like_float32(one_step_reference, tmp_path, monkeypatch):
@@ -153,10 +185,14 @@ def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
     finally:
         torch._dynamo.reset()
 
-    assert compiled.keys() == one_step_reference.keys()  # compiled in place: checkpoints load either way
+    assert (
+        compiled.keys() == one_step_reference.keys()
+    )  # compiled in place: checkpoints load either way
     assert update_cosine(compiled, one_step_reference) > 0.999
     for name in compiled:  # the first Adam step moves each weight by at most ~lr = 5e-4
-        torch.testing.assert_close(compiled[name], one_step_reference[name], rtol=0, atol=1.1e-3, msg=name)
+        torch.testing.assert_close(
+            compiled[name], one_step_reference[name], rtol=0, atol=1.1e-3, msg=name
+        )
 
 
 def test_torch_threads_sets_the_intra_op_threads(one_step_reference, tmp_path, monkeypatch):
@@ -166,7 +202,9 @@ def test_torch_threads_sets_the_intra_op_threads(one_step_reference, tmp_path, m
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert update_cosine(agent, one_step_reference) > 0.999  # another split of the reductions: rounding only
+    assert (
+        update_cosine(agent, one_step_reference) > 0.999
+    )  # another split of the reductions: rounding only
 
 
 @pytest.mark.parametrize("norm", ["bn", "brn", "ln", "dropout"])
@@ -175,7 +213,9 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(norm):
     agent = ppo.Agent(NUM_ACTIONS, tiny_args(norm=norm, amp=True))
     obs = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
     conv_outputs = []
-    agent.backbone.conv1.register_forward_hook(lambda module, inputs, output: conv_outputs.append(output.dtype))
+    agent.backbone.conv1.register_forward_hook(
+        lambda module, inputs, output: conv_outputs.append(output.dtype)
+    )
     agent.train()
 
     _, logprob, entropy, value = agent.get_action_and_value(obs, torch.arange(8))
@@ -198,18 +238,25 @@ def test_features_convert_in_place_without_changing_values():
     agent = ppo.Agent(NUM_ACTIONS, tiny_args())
     agent.eval()
     captured = []
-    agent.backbone.conv1.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    agent.backbone.conv1.register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0])
+    )
 
     with torch.no_grad():
         agent.features(obs)
 
     assert torch.equal(captured[0], obs.permute(0, 3, 1, 2).float() / 255.0)
-    assert captured[0].is_contiguous(memory_format=torch.channels_last)  # NHWC observations: channels_last activations
+    assert captured[0].is_contiguous(
+        memory_format=torch.channels_last
+    )  # NHWC observations: channels_last activations
 
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(diag_minibatches=-2), "--diag-minibatches -2 >= -1"), (dict(torch_threads=-1), "--torch-threads >= 0")],
+    [
+        (dict(diag_minibatches=-2), "--diag-minibatches -2 >= -1"),
+        (dict(torch_threads=-1), "--torch-threads >= 0"),
+    ],
 )
 def test_validate_args_rejects_bad_speed_settings(overrides, message):
     with pytest.raises(ppo.ConfigError) as error:
@@ -221,23 +268,33 @@ def resume_from_fake_checkpoint(tmp_path, saved_args, args: ppo.Args):
     """find_checkpoint on a file with what it checks: the required keys and the run's arguments."""
     path = tmp_path / "checkpoint.pt"
     contents = {key: {} for key in ("agent", "optimizer", "rng", "env")}
-    torch.save({**contents, "global_step": 0, "iteration": 1, "run_name": "x", "args": saved_args}, path)
+    torch.save(
+        {**contents, "global_step": 0, "iteration": 1, "run_name": "x", "args": saved_args}, path
+    )
     args.resume = str(path)
     return ppo.find_checkpoint(args, str(tmp_path / "runs" / "x"))
 
 
 def test_resume_accepts_other_speed_flags_and_rejects_amp(tmp_path):
     speed_flags = tiny_args(torch_threads=1, compile=True, channels_last=False)
-    checkpoint, run_dir = resume_from_fake_checkpoint(tmp_path, asdict(tiny_args()), speed_flags)  # accepted
+    checkpoint, run_dir = resume_from_fake_checkpoint(
+        tmp_path, asdict(tiny_args()), speed_flags
+    )  # accepted
     assert checkpoint["iteration"] == 1 and run_dir == "runs/x"
 
     with pytest.raises(ppo.ConfigError) as error:
-        resume_from_fake_checkpoint(tmp_path, asdict(tiny_args()), tiny_args(amp=True))  # bfloat16 changes what is computed
+        resume_from_fake_checkpoint(
+            tmp_path, asdict(tiny_args()), tiny_args(amp=True)
+        )  # bfloat16 changes what is computed
     assert "the run used different --amp" in str(error.value)
 
 
 def test_resume_of_a_checkpoint_older_than_a_field_uses_its_default(tmp_path):
-    older = {key: value for key, value in asdict(tiny_args()).items() if key not in ("amp", "compile", "collect_mode")}
+    older = {
+        key: value
+        for key, value in asdict(tiny_args()).items()
+        if key not in ("amp", "compile", "collect_mode")
+    }
 
     resume_from_fake_checkpoint(tmp_path, older, tiny_args())  # no "the run used different --amp"
     with pytest.raises(ppo.ConfigError) as error:

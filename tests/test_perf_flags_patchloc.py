@@ -63,7 +63,9 @@ def run_main(cwd, monkeypatch, **overrides):
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    scalars = {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    scalars = {
+        tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
     return checkpoint["agent"], scalars, stdout.getvalue(), run_dir / "checkpoint.pt"
 
 
@@ -80,7 +82,9 @@ def assert_trained_identically(run, reference):
 
 def random_obs(n=8, seed=0) -> torch.Tensor:
     """uint8 (n, 3 views, V, V, 3), as the env returns."""
-    return torch.randint(0, 256, (n, 3, V, V, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, 3, V, V, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +97,26 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def diagnostics_off(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        return run_main(tmp_path_factory.mktemp("diagnostics_off"), monkeypatch, diag_minibatches=-1, diag_ratio_every=0)
+        return run_main(
+            tmp_path_factory.mktemp("diagnostics_off"),
+            monkeypatch,
+            diag_minibatches=-1,
+            diag_ratio_every=0,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # flags that change nothing on CPU: bitwise the same parameters
 
 
-def test_no_channels_last_and_diagnostics_everywhere_leave_the_training_bitwise_unchanged(reference, tmp_path, monkeypatch):
+def test_no_channels_last_and_diagnostics_everywhere_leave_the_training_bitwise_unchanged(
+    reference, tmp_path, monkeypatch
+):
     # --no-channels-last: channels_last is a CUDA-only fast path, a no-op on CPU; Delta pi over all of D_k and the ratio
     # gap on every standard-phase minibatch never touch the training either (one run for both: neither can undo the other)
-    run = run_main(tmp_path, monkeypatch, channels_last=False, diag_minibatches=0, diag_ratio_every=1)
+    run = run_main(
+        tmp_path, monkeypatch, channels_last=False, diag_minibatches=0, diag_ratio_every=1
+    )
     assert_trained_identically(run, reference)
 
 
@@ -122,9 +135,16 @@ def test_reference_run_differs_from_a_different_seed(reference, tmp_path, monkey
 def test_diagnostics_off_logs_no_diagnostics(reference, diagnostics_off):
     _, scalars, stdout, _ = diagnostics_off
 
-    diagnostics = ("charts/delta_pi_minus", "charts/delta_pi_plus", "mdr/ratio_gap", "mdr/trust_region_violation")
+    diagnostics = (
+        "charts/delta_pi_minus",
+        "charts/delta_pi_plus",
+        "mdr/ratio_gap",
+        "mdr/trust_region_violation",
+    )
     for key in (*diagnostics, "mdr/trust_region_violation_signed"):
-        assert key in reference[1]  # the defaults measure them (1 minibatch; every 8th standard-phase minibatch)
+        assert (
+            key in reference[1]
+        )  # the defaults measure them (1 minibatch; every 8th standard-phase minibatch)
         assert key not in scalars
     progress = [line for line in stdout.splitlines() if line.startswith("iteration=")]
     assert len(progress) == 2 and not [line for line in progress if "delta_pi_minus" in line]
@@ -142,7 +162,9 @@ def test_policy_mismatch_off_returns_none_and_touches_nothing():
     assert ppo.policy_mismatch(agent, random_obs(8), 4, -1, generator) is None
 
     assert differing(before, agent.state_dict()) == [] and agent.training
-    assert torch.equal(generator.get_state(), generator_state) and torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.equal(generator.get_state(), generator_state) and torch.equal(
+        torch.get_rng_state(), rng_state
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,13 +188,19 @@ ONE_STEP = dict(
 
 
 def initial_state() -> dict:
-    torch.manual_seed(tiny_args().seed)  # as main() does before it builds the agent (the task sets draw from numpy)
+    torch.manual_seed(
+        tiny_args().seed
+    )  # as main() does before it builds the agent (the task sets draw from numpy)
     return ppo.Agent(NUM_ACTIONS, tiny_args()).state_dict()
 
 
 def moved_by_adam(state: dict) -> list:
     """Names of the entries the optimizer updates: floating-point, not running statistics."""
-    return [name for name, tensor in state.items() if tensor.is_floating_point() and "running" not in name]
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and "running" not in name
+    ]
 
 
 def update_cosine(a: dict, b: dict) -> float:
@@ -231,7 +259,9 @@ def test_amp_gradient_is_close_to_float32(norm):
     before = {name: tensor.clone() for name, tensor in agent.state_dict().items()}
     gradients = []
     for amp in (False, True):
-        agent.load_state_dict(before)  # the same running statistics (and Batch Renorm warm-up) for both passes
+        agent.load_state_dict(
+            before
+        )  # the same running statistics (and Batch Renorm warm-up) for both passes
         agent.amp = amp
         agent.zero_grad()
         _, logprob, _, value = agent.get_action_and_value(obs, actions)
@@ -239,7 +269,9 @@ def test_amp_gradient_is_close_to_float32(norm):
         gradients.append(torch.cat([p.grad.flatten() for p in agent.parameters()]).double())
 
     cosine = float(gradients[0] @ gradients[1] / (gradients[0].norm() * gradients[1].norm()))
-    assert 0.9 < cosine < 1.0, cosine  # measured 0.94 (bn and brn); 1.0 would mean autocast was not active
+    assert 0.9 < cosine < 1.0, (
+        cosine
+    )  # measured 0.94 (bn and brn); 1.0 would mean autocast was not active
 
 
 def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
@@ -256,15 +288,23 @@ def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
         torch._dynamo.reset()
 
     assert graphs >= 1, "nothing was compiled"  # measured 2
-    assert compiled.keys() == one_step_reference.keys()  # compiled in place: checkpoints load either way
+    assert (
+        compiled.keys() == one_step_reference.keys()
+    )  # compiled in place: checkpoints load either way
     assert update_cosine(compiled, one_step_reference) > 0.999
-    atol = 2.2 * tiny_args().learning_rate  # each run moved each weight by at most lr from the same start
+    atol = (
+        2.2 * tiny_args().learning_rate
+    )  # each run moved each weight by at most lr from the same start
     for name in compiled:
-        torch.testing.assert_close(compiled[name], one_step_reference[name], rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(
+            compiled[name], one_step_reference[name], rtol=0, atol=atol, msg=name
+        )
 
 
 def test_torch_threads_sets_the_intra_op_threads(one_step_reference, tmp_path, monkeypatch):
-    torch.set_num_threads(2)  # (two threads would oversubscribe this machine's cores: the run itself uses one)
+    torch.set_num_threads(
+        2
+    )  # (two threads would oversubscribe this machine's cores: the run itself uses one)
     try:
         agent, _, _, _ = run_main(tmp_path, monkeypatch, torch_threads=1, **ONE_STEP)
         assert torch.get_num_threads() == 1
@@ -278,13 +318,19 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(norm):
     torch.manual_seed(0)
     agent = ppo.Agent(NUM_ACTIONS, tiny_args(norm=norm, amp=True))
     conv_outputs = []
-    agent.backbone.conv1.register_forward_hook(lambda module, inputs, output: conv_outputs.append(output.dtype))
+    agent.backbone.conv1.register_forward_hook(
+        lambda module, inputs, output: conv_outputs.append(output.dtype)
+    )
     agent.train()
 
-    _, logprob, entropy, value = agent.get_action_and_value(random_obs(), torch.arange(8) % NUM_ACTIONS)
+    _, logprob, entropy, value = agent.get_action_and_value(
+        random_obs(), torch.arange(8) % NUM_ACTIONS
+    )
     (logprob.sum() + value.sum()).backward()
 
-    assert conv_outputs == [torch.bfloat16] * 3  # one backbone pass per view (--view-batching separate), in bfloat16
+    assert (
+        conv_outputs == [torch.bfloat16] * 3
+    )  # one backbone pass per view (--view-batching separate), in bfloat16
     assert logprob.dtype == entropy.dtype == value.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in agent.parameters() if p.grad is not None)
     for name, buf in agent.named_buffers():  # running statistics stay float32
@@ -302,14 +348,20 @@ def test_features_convert_in_place_without_changing_values(view_batching):
     agent = ppo.Agent(NUM_ACTIONS, tiny_args(view_batching=view_batching))
     agent.eval()
     captured = []
-    agent.backbone.conv1.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    agent.backbone.conv1.register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0])
+    )
 
     with torch.no_grad():
         agent.features(obs)
 
     if view_batching == "joint":
-        assert torch.equal(captured[0], obs.reshape(12, V, V, 3).permute(0, 3, 1, 2).float() / 255.0)
-        assert captured[0].is_contiguous(memory_format=torch.channels_last)  # NHWC observations: channels_last activations
+        assert torch.equal(
+            captured[0], obs.reshape(12, V, V, 3).permute(0, 3, 1, 2).float() / 255.0
+        )
+        assert captured[0].is_contiguous(
+            memory_format=torch.channels_last
+        )  # NHWC observations: channels_last activations
     else:  # three passes over views of one float copy of the minibatch, each channels_last within its images
         assert len(captured) == 3
         for v, images in enumerate(captured):
@@ -320,7 +372,10 @@ def test_features_convert_in_place_without_changing_values(view_batching):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(diag_minibatches=-2), "--diag-minibatches -2 >= -1"), (dict(torch_threads=-1), "--torch-threads >= 0")],
+    [
+        (dict(diag_minibatches=-2), "--diag-minibatches -2 >= -1"),
+        (dict(torch_threads=-1), "--torch-threads >= 0"),
+    ],
 )
 def test_validate_args_rejects_bad_speed_settings(overrides, message):
     with pytest.raises(ppo.ConfigError) as error:
@@ -337,7 +392,9 @@ def find_checkpoint(path, **overrides):
     args = tiny_args(resume=str(path), **overrides)
     args.batch_size = args.num_envs * args.num_steps
     checkpoint, run_dir = ppo.find_checkpoint(args, "runs/unused")
-    assert run_dir == str(Path("runs", checkpoint["run_name"]))  # the checkpoint's run folder, not the default one
+    assert run_dir == str(
+        Path("runs", checkpoint["run_name"])
+    )  # the checkpoint's run folder, not the default one
     return checkpoint
 
 
@@ -352,12 +409,24 @@ def test_resume_accepts_other_speed_flags_and_rejects_amp(reference):
 
 def test_resume_of_a_checkpoint_older_than_a_field_uses_its_default(reference, tmp_path):
     checkpoint = torch.load(reference[3], map_location="cpu", weights_only=True)
-    newer_fields = ("channels_last", "amp", "compile", "torch_threads", "view_batching", "collect_mode", "bn_recalibrate")
-    checkpoint["args"] = {key: value for key, value in checkpoint["args"].items() if key not in newer_fields}
+    newer_fields = (
+        "channels_last",
+        "amp",
+        "compile",
+        "torch_threads",
+        "view_batching",
+        "collect_mode",
+        "bn_recalibrate",
+    )
+    checkpoint["args"] = {
+        key: value for key, value in checkpoint["args"].items() if key not in newer_fields
+    }
     torch.save(checkpoint, tmp_path / "older.pt")
 
     find_checkpoint(tmp_path / "older.pt")  # no "the run used different --amp"
-    with pytest.raises(ppo.ConfigError, match="--amp"):  # the missing field counts as its default, False
+    with pytest.raises(
+        ppo.ConfigError, match="--amp"
+    ):  # the missing field counts as its default, False
         find_checkpoint(tmp_path / "older.pt", amp=True)
     with pytest.raises(ppo.ConfigError, match="--view-batching"):
         find_checkpoint(tmp_path / "older.pt", view_batching="joint")
@@ -367,6 +436,13 @@ def test_defaults_keep_the_diagnostics_cheap():
     """Defaults as in ppo_procgen_mdr.py: Delta pi on one minibatch, the ratio gap on every 8th standard-phase one."""
     args = ppo.Args()
     assert (args.diag_minibatches, args.diag_ratio_every) == (1, 8)
-    assert (args.channels_last, args.amp, args.compile, args.torch_threads) == (True, False, False, 0)
+    assert (args.channels_last, args.amp, args.compile, args.torch_threads) == (
+        True,
+        False,
+        False,
+        0,
+    )
     assert {"channels_last", "compile", "torch_threads"} <= set(ppo.RESUMABLE_FIELDS)
-    assert not {"amp", "view_batching", "collect_mode", "bn_recalibrate"} & set(ppo.RESUMABLE_FIELDS)
+    assert not {"amp", "view_batching", "collect_mode", "bn_recalibrate"} & set(
+        ppo.RESUMABLE_FIELDS
+    )

@@ -17,8 +17,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ppo_collapse_probe as probe
 
-TINY = dict(num_envs=2, num_steps=8, minibatch_size=8, total_timesteps=32, view_size=16, image_size=64, hidden_size=32)
-CLOCK_COLUMNS = ("sps", "wall_time")  # the only metrics.csv columns that two identical runs may differ in
+TINY = dict(
+    num_envs=2,
+    num_steps=8,
+    minibatch_size=8,
+    total_timesteps=32,
+    view_size=16,
+    image_size=64,
+    hidden_size=32,
+)
+CLOCK_COLUMNS = (
+    "sps",
+    "wall_time",
+)  # the only metrics.csv columns that two identical runs may differ in
 
 
 def tiny_args(**overrides) -> probe.Args:
@@ -57,7 +68,10 @@ def run_main(cwd, monkeypatch, **overrides) -> dict:
         "columns": reader.fieldnames,
         "rows": rows,
         "summary": json.loads((run_dir / "summary.json").read_text()),
-        "scalars": {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]},
+        "scalars": {
+            tag: [e.value for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]
+        },
     }
 
 
@@ -102,18 +116,31 @@ def test_reference_run_differs_from_a_different_seed(reference, tmp_path, monkey
 
 def test_the_run_trains_every_parameter(reference):
     trained = differing(reference["initial"], reference["final"])
-    parameters = [name for name, tensor in reference["initial"].items() if "running" not in name and "num_batches" not in name]
+    parameters = [
+        name
+        for name, tensor in reference["initial"].items()
+        if "running" not in name and "num_batches" not in name
+    ]
 
     assert sorted(set(parameters) - set(trained)) == []  # every weight moved: a real run to compare
 
 
 def test_csv_columns_and_tensorboard_scalars(reference):
-    assert reference["columns"] == probe.CSV_COLUMNS  # analysis/collapse_stats.py and collapse_figures.py read them
+    assert (
+        reference["columns"] == probe.CSV_COLUMNS
+    )  # analysis/collapse_stats.py and collapse_figures.py read them
     tags = {probe.tensorboard_tag(column): column for column in probe.TENSORBOARD_COLUMNS}
     assert set(reference["scalars"]) <= set(tags)  # no perf/ keys: --timing is gone
-    for tag in ("charts/delta_pi_minus", "mdr/ratio_gap", "mdr/trust_region_violation_signed", "charts/acting_entropy"):
+    for tag in (
+        "charts/delta_pi_minus",
+        "mdr/ratio_gap",
+        "mdr/trust_region_violation_signed",
+        "charts/acting_entropy",
+    ):
         column = tags[tag]
-        expected = [float(row[column]) for row in reference["rows"]]  # one point per update, the CSV's value
+        expected = [
+            float(row[column]) for row in reference["rows"]
+        ]  # one point per update, the CSV's value
         assert reference["scalars"][tag] == pytest.approx(expected, rel=1e-5, abs=1e-9), tag
 
 

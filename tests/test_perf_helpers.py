@@ -8,7 +8,10 @@ import ppo_patchloc_mdr
 import ppo_procgen_mdr
 
 
-@pytest.fixture(params=[ppo_procgen_mdr, ppo_patchloc_mdr, ppo_collapse_probe], ids=lambda module: module.__name__)
+@pytest.fixture(
+    params=[ppo_procgen_mdr, ppo_patchloc_mdr, ppo_collapse_probe],
+    ids=lambda module: module.__name__,
+)
 def ppo(request):
     return request.param
 

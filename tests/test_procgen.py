@@ -68,7 +68,9 @@ TB_KEYS = [
 ]
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-ONE_SHORT_ROLLOUT = dict(num_steps=8, minibatch_size=8, total_timesteps=16)  # 2 envs x 8 steps, 2 minibatches of 8
+ONE_SHORT_ROLLOUT = dict(
+    num_steps=8, minibatch_size=8, total_timesteps=16
+)  # 2 envs x 8 steps, 2 minibatches of 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,14 +95,19 @@ def tiny_args(**overrides) -> ppo.Args:
 def stub_evaluate(monkeypatch):
     """The held-out evaluation plays until each env's first episode ends: seconds per call on CPU, so runs that do not
     test it get a stand-in (its own test is test_evaluate_is_a_function_of_the_parameters)."""
-    monkeypatch.setattr(ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs))
+    monkeypatch.setattr(
+        ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
+    )
 
 
 def run_main(cwd, monkeypatch, args: ppo.Args):
     """main(args) in `cwd` with the evaluation stubbed out; returns (exit code, stdout, stderr)."""
     monkeypatch.chdir(cwd)
     stub_evaluate(monkeypatch)
-    stdout, stderr = io.StringIO(), io.StringIO()  # not a TTY: the plain progress line per iteration
+    stdout, stderr = (
+        io.StringIO(),
+        io.StringIO(),
+    )  # not a TTY: the plain progress line per iteration
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         exit_code = ppo.main(args)
     return exit_code, stdout.getvalue(), stderr.getvalue()
@@ -147,7 +154,10 @@ def read_scalars(run_dir) -> dict:
     """{tag: [(step, value), ...]} from every TensorBoard event file of a run folder (a resumed run has several)."""
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def load_checkpoint(run_dir) -> dict:
@@ -160,7 +170,9 @@ def make_agent(norm="bn", seed=0, **overrides) -> ppo.Agent:
 
 
 def random_obs(n=16, seed=0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def make_minibatch(agent, n=16, seed=0) -> dict:
@@ -186,12 +198,16 @@ def clone_state(module: nn.Module) -> dict:
 
 
 def changed_entries(before: dict, module_or_state) -> list:
-    after = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    after = (
+        module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    )
     return [name for name, tensor in after.items() if not torch.equal(before[name], tensor)]
 
 
 def running_stat_names(module: nn.Module) -> list:
-    return [name for name, _ in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    return [
+        name for name, _ in module.named_buffers() if name.endswith(("running_mean", "running_var"))
+    ]
 
 
 def progress_lines(stdout: str) -> list:
@@ -210,9 +226,13 @@ def test_compute_gae_matches_hand_computed_values():
     values = torch.tensor([[0.5, 1.0], [0.2, 0.4], [0.3, 0.6]])
     dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # env 0: obs[1] starts a new episode
     next_value = torch.tensor([[0.7, 0.8]])
-    next_done = torch.tensor([0.0, 1.0])  # env 1: the observation after the rollout starts a new episode
+    next_done = torch.tensor(
+        [0.0, 1.0]
+    )  # env 1: the observation after the rollout starts a new episode
 
-    advantages, returns = ppo.compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda)
+    advantages, returns = ppo.compute_gae(
+        rewards, values, dones, next_value, next_done, gamma, gae_lambda
+    )
 
     # env 0: t=2: delta = 1 + 0.9*0.7 - 0.3 = 1.33                            -> A = 1.33
     #        t=1: delta = 0 + 0.9*0.3 - 0.2 = 0.07 (dones[2]=0)               -> A = 0.07 + 0.45*1.33 = 0.6685
@@ -235,14 +255,23 @@ def test_recompute_advantages_uses_the_eval_mode_critic(norm):
     agent = make_agent(norm)
     obs, next_obs = random_obs(num_steps * num_envs), random_obs(num_envs, seed=1)
     generator = torch.Generator().manual_seed(2)
-    rewards, dones = torch.randn(num_steps, num_envs, generator=generator), torch.zeros(num_steps, num_envs)
+    rewards, dones = (
+        torch.randn(num_steps, num_envs, generator=generator),
+        torch.zeros(num_steps, num_envs),
+    )
     next_done = torch.zeros(num_envs)
     agent.eval()
     with torch.no_grad():
         expected_values = agent.get_value(obs).flatten()
         expected_next_value = agent.get_value(next_obs).reshape(1, -1)
     expected_advantages, expected_returns = ppo.compute_gae(
-        rewards, expected_values.view(num_steps, num_envs), dones, expected_next_value, next_done, 0.999, 0.95
+        rewards,
+        expected_values.view(num_steps, num_envs),
+        dones,
+        expected_next_value,
+        next_done,
+        0.999,
+        0.95,
     )
     agent.train()  # e.g. after a standard phase with --alpha2 0
     before = clone_state(agent)
@@ -258,8 +287,12 @@ def test_recompute_advantages_uses_the_eval_mode_critic(norm):
     )
 
     torch.testing.assert_close(recomputed["values"], expected_values, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(recomputed["advantages"], expected_advantages.reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(recomputed["returns"], expected_returns.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        recomputed["advantages"], expected_advantages.reshape(-1), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        recomputed["returns"], expected_returns.reshape(-1), rtol=1e-5, atol=1e-5
+    )
     assert agent.training
     assert changed_entries(before, agent) == []  # no running-stat update
 
@@ -280,10 +313,15 @@ def test_recompute_advantages_uses_the_eval_mode_critic(norm):
         (2, 1, 2, 8, "train"),
     ],
 )
-def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, minibatch_size, collect_mode, tmp_path, monkeypatch):
+def test_mode_sequence_of_one_update(
+    alpha1, alpha2, rounds, minibatch_size, collect_mode, tmp_path, monkeypatch
+):
     events, rollout_modes, value_modes = [], [], []
     original_update, original_recompute = ppo.ppo_update, ppo.recompute_advantages
-    original_get_action_and_value, original_get_value = ppo.Agent.get_action_and_value, ppo.Agent.get_value
+    original_get_action_and_value, original_get_value = (
+        ppo.Agent.get_action_and_value,
+        ppo.Agent.get_value,
+    )
     original_get_policy_and_value, inside_get_action_and_value = ppo.Agent.get_policy_and_value, []
 
     def recording_update(agent, optimizer, mb, *args, **kwargs):
@@ -294,7 +332,9 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, minibatch_size, col
         events.append(("recompute", agent.training))
         return original_recompute(agent, *args, **kwargs)
 
-    def recording_get_action_and_value(self, x, action=None):  # the update's and the ratio gap's passes
+    def recording_get_action_and_value(
+        self, x, action=None
+    ):  # the update's and the ratio gap's passes
         inside_get_action_and_value.append(True)
         try:
             return original_get_action_and_value(self, x, action)
@@ -302,7 +342,9 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, minibatch_size, col
             inside_get_action_and_value.pop()
 
     def recording_get_policy_and_value(self, x):
-        if not inside_get_action_and_value:  # called directly: rollout collection (evaluate is stubbed out)
+        if (
+            not inside_get_action_and_value
+        ):  # called directly: rollout collection (evaluate is stubbed out)
             rollout_modes.append((self.training, torch.is_grad_enabled()))
         return original_get_policy_and_value(self, x)
 
@@ -315,13 +357,23 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, minibatch_size, col
     monkeypatch.setattr(ppo.Agent, "get_action_and_value", recording_get_action_and_value)
     monkeypatch.setattr(ppo.Agent, "get_policy_and_value", recording_get_policy_and_value)
     monkeypatch.setattr(ppo.Agent, "get_value", recording_get_value)
-    args = tiny_args(alpha1=alpha1, alpha2=alpha2, mdr_rounds=rounds, collect_mode=collect_mode, **ONE_SHORT_ROLLOUT)
+    args = tiny_args(
+        alpha1=alpha1,
+        alpha2=alpha2,
+        mdr_rounds=rounds,
+        collect_mode=collect_mode,
+        **ONE_SHORT_ROLLOUT,
+    )
     args.minibatch_size = minibatch_size
 
     assert run_main(tmp_path, monkeypatch, args)[0] == 0
 
-    sizes = [min(minibatch_size, 16 - start) for start in range(0, 16, minibatch_size)]  # |D_k| = 16
-    one_round = [("train", size) for size in sizes] * alpha1 + [("eval", size) for size in sizes] * alpha2
+    sizes = [
+        min(minibatch_size, 16 - start) for start in range(0, 16, minibatch_size)
+    ]  # |D_k| = 16
+    one_round = [("train", size) for size in sizes] * alpha1 + [
+        ("eval", size) for size in sizes
+    ] * alpha2
     expected = one_round + ([("recompute", alpha2 == 0)] + one_round) * (rounds - 1)
     assert events == expected
     collecting_in_train_mode = collect_mode == "train"
@@ -329,14 +381,18 @@ def test_mode_sequence_of_one_update(alpha1, alpha2, rounds, minibatch_size, col
     # the bootstrap value after the rollout (in the collection's mode), then per extra round the eval-mode critic on
     # D_k (|D_k|/m chunks) and on the state after it
     chunks = len(sizes)
-    assert value_modes == [(collecting_in_train_mode, False)] + [(False, False)] * (rounds - 1) * (chunks + 1)
+    assert value_modes == [(collecting_in_train_mode, False)] + [(False, False)] * (rounds - 1) * (
+        chunks + 1
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. BN running statistics: moved by the standard phase only
 
 
-@pytest.mark.parametrize("norm, moves_in_train_mode", [("bn", True), ("brn", True), ("eval", False)])
+@pytest.mark.parametrize(
+    "norm, moves_in_train_mode", [("bn", True), ("brn", True), ("eval", False)]
+)
 def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
     agent = make_agent(norm)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
@@ -358,8 +414,12 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
     before = clone_state(agent)
     ppo.ppo_update(agent, optimizer, mb, args)
     changed = changed_entries(before, agent)
-    assert not [name for name in changed if name in dict(agent.named_buffers())]  # stats and num_batches_tracked
-    assert "backbone.bn1.weight" in changed  # ... while the parameters (affine ones too) still learn
+    assert not [
+        name for name in changed if name in dict(agent.named_buffers())
+    ]  # stats and num_batches_tracked
+    assert (
+        "backbone.bn1.weight" in changed
+    )  # ... while the parameters (affine ones too) still learn
 
 
 def test_temporary_mode_restores_the_mode_even_on_error():
@@ -413,20 +473,30 @@ def test_policy_mismatch_counts_its_minibatches(monkeypatch):
     monkeypatch.setattr(ppo.Agent, "features", recording_features)
     for num_minibatches, expected_passes in [(0, 4), (1, 2), (2, 4), (5, 4), (-1, 0)]:
         passes.clear()
-        delta_pi = ppo.policy_mismatch(agent, b_obs, 16, num_minibatches, torch.Generator().manual_seed(0))
-        assert passes == [16] * expected_passes, num_minibatches  # an eval-mode and a train-mode pass per minibatch
+        delta_pi = ppo.policy_mismatch(
+            agent, b_obs, 16, num_minibatches, torch.Generator().manual_seed(0)
+        )
+        assert passes == [16] * expected_passes, (
+            num_minibatches
+        )  # an eval-mode and a train-mode pass per minibatch
         assert (delta_pi is None) == (num_minibatches == -1)
 
 
 @pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
 def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(norm, monkeypatch):
     agent = make_agent(norm)
-    with torch.no_grad():  # a peaked policy: at init (logits ~0.01) delta_pi ~1e-6 is at the level of float rounding
+    with (
+        torch.no_grad()
+    ):  # a peaked policy: at init (logits ~0.01) delta_pi ~1e-6 is at the level of float rounding
         agent.actor[-1].weight.mul_(100.0)
     b_obs = random_obs(32, seed=1)
     agent.eval()
-    with torch.no_grad():  # the eval-mode logits computed as the rollout does: 8 envs per step, not minibatches of 16
-        b_eval_logits = torch.cat([agent.get_policy_and_value(b_obs[i : i + 8])[0].logits for i in range(0, 32, 8)])
+    with (
+        torch.no_grad()
+    ):  # the eval-mode logits computed as the rollout does: 8 envs per step, not minibatches of 16
+        b_eval_logits = torch.cat(
+            [agent.get_policy_and_value(b_obs[i : i + 8])[0].logits for i in range(0, 32, 8)]
+        )
     agent.train()
     original_features, modes = ppo.Agent.features, []
 
@@ -436,10 +506,17 @@ def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(
 
     monkeypatch.setattr(ppo.Agent, "features", recording_features)
     computed = ppo.policy_mismatch(agent, b_obs, 16, 0, torch.Generator().manual_seed(0))
-    assert modes == [False, True, False, True]  # per minibatch: an eval-mode, then a train-mode pass
+    assert modes == [
+        False,
+        True,
+        False,
+        True,
+    ]  # per minibatch: an eval-mode, then a train-mode pass
     modes.clear()
     before = clone_state(agent)
-    given = ppo.policy_mismatch(agent, b_obs, 16, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits)
+    given = ppo.policy_mismatch(
+        agent, b_obs, 16, 0, torch.Generator().manual_seed(0), b_eval_logits=b_eval_logits
+    )
     assert modes == [True, True]  # the eval-mode side is read, not recomputed
     assert changed_entries(before, agent) == [] and agent.training
     assert given.item() == pytest.approx(computed.item(), rel=1e-3)
@@ -455,12 +532,20 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
     calls, snapshots, batches, given_logits = [], [], [], []
     original_mismatch, original_scalars = ppo.policy_mismatch, ppo.iteration_scalars
 
-    def recording_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
+    def recording_mismatch(
+        agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None
+    ):
         calls.append(num_minibatches)
-        if len(calls) % 2 == 1:  # the first call of an iteration: Delta pi minus, before the update (then plus)
+        if (
+            len(calls) % 2 == 1
+        ):  # the first call of an iteration: Delta pi minus, before the update (then plus)
             snapshots.append(copy.deepcopy(agent))
-            given_logits.append(None if b_eval_logits is None else b_eval_logits.clone())  # a view of the rollout
-        return original_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits)
+            given_logits.append(
+                None if b_eval_logits is None else b_eval_logits.clone()
+            )  # a view of the rollout
+        return original_mismatch(
+            agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits
+        )
 
     def recording_scalars(args, optimizer, finished, phase_stats, batch, delta_pi):
         batches.append({key: value.clone() for key, value in batch.items()})
@@ -469,30 +554,47 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
     monkeypatch.setattr(ppo, "policy_mismatch", recording_mismatch)
     monkeypatch.setattr(ppo, "iteration_scalars", recording_scalars)
     # two iterations: the second one's rollout comes from an updated network; Delta pi off (its call is still made)
-    args = tiny_args(num_steps=8, total_timesteps=32, collect_mode=collect_mode, diag_minibatches=-1, diag_ratio_every=0)
+    args = tiny_args(
+        num_steps=8,
+        total_timesteps=32,
+        collect_mode=collect_mode,
+        diag_minibatches=-1,
+        diag_ratio_every=0,
+    )
 
     assert run_main(tmp_path, monkeypatch, args)[0] == 0
 
     assert len(snapshots) == len(batches) == 2
     for theta_k, batch, logits in zip(snapshots, batches, given_logits):
         theta_k.train(collect_mode == "train")
-        with torch.no_grad():  # one forward per rollout step (env batch of num_envs), as in collection
+        with (
+            torch.no_grad()
+        ):  # one forward per rollout step (env batch of num_envs), as in collection
             steps = [theta_k.get_policy_and_value(obs) for obs in batch["obs"].split(args.num_envs)]
         recomputed_logits = torch.cat([policy.logits for policy, _ in steps])
         recomputed_values = torch.cat([value.flatten() for _, value in steps])
         recomputed_logprobs = torch.cat(
-            [policy.log_prob(action) for (policy, _), action in zip(steps, batch["actions"].split(args.num_envs))]
+            [
+                policy.log_prob(action)
+                for (policy, _), action in zip(steps, batch["actions"].split(args.num_envs))
+            ]
         )
         torch.testing.assert_close(batch["logprobs"], recomputed_logprobs, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(batch["values"], recomputed_values, rtol=1e-4, atol=1e-5)
         if collect_mode == "eval":
-            assert "logits" not in batch  # the minibatches never need them: only Delta pi minus reads the rollout's
+            assert (
+                "logits" not in batch
+            )  # the minibatches never need them: only Delta pi minus reads the rollout's
             torch.testing.assert_close(logits, recomputed_logits, rtol=1e-4, atol=1e-5)
         else:
-            assert logits is None  # train-mode logits are no eval-mode side: Delta pi minus computes its own
+            assert (
+                logits is None
+            )  # train-mode logits are no eval-mode side: Delta pi minus computes its own
             # the test can tell: the whole of D_k in one batch gives other batch statistics, eval mode other outputs
             with torch.no_grad():
-                whole_batch = theta_k.get_policy_and_value(batch["obs"])[0].log_prob(batch["actions"])
+                whole_batch = theta_k.get_policy_and_value(batch["obs"])[0].log_prob(
+                    batch["actions"]
+                )
                 theta_k.eval()
                 eval_mode = theta_k.get_policy_and_value(batch["obs"])[0].log_prob(batch["actions"])
             assert not torch.allclose(batch["logprobs"], whole_batch, rtol=1e-4, atol=1e-5)
@@ -536,7 +638,9 @@ def test_trust_region_diagnostics_values():
     shifted = ppo.trust_region_diagnostics(inside, shifted_ratio, advantages, 0.2)
     assert shifted["ratio_gap"].item() == pytest.approx(math.exp(0.5) - 1.0, rel=1e-4)
     assert shifted["trust_region_violation"].item() == 1.0
-    assert shifted["trust_region_violation_signed"].item() == 1.0  # A > 0 and r > 1 + eps: the clip would stop it
+    assert (
+        shifted["trust_region_violation_signed"].item() == 1.0
+    )  # A > 0 and r > 1 + eps: the clip would stop it
 
     half = ppo.trust_region_diagnostics(
         torch.tensor([1.0, 1.0, 1.5, 1.5]), torch.tensor([1.0, 1.5, 1.0, 1.5]), torch.ones(4), 0.2
@@ -565,19 +669,26 @@ def test_ppo_update_diagnostics_use_the_given_r_and_the_normalized_advantages():
     """ppo_update compares the given eval-mode r with its own train-mode r' (at the parameters before its step), and
     the sign-aware count uses the advantages the surrogate uses: normalized per minibatch with --norm-adv."""
     agent = make_agent("bn")
-    mb = {**make_minibatch(agent), "advantages": torch.arange(1.0, 17.0)}  # all > 0; normalized: 0-7 < 0 < 8-15
+    mb = {
+        **make_minibatch(agent),
+        "advantages": torch.arange(1.0, 17.0),
+    }  # all > 0; normalized: 0-7 < 0 < 8-15
     agent.train()
     reference = copy.deepcopy(agent)
     with torch.no_grad():
         _, train_logprob, _, _ = reference.get_action_and_value(mb["obs"], mb["actions"])
     train_ratio = (train_logprob - mb["logprobs"]).exp()
-    assert ((train_ratio - 1).abs() < 0.2).all()  # r' inside the trust region: every stop below is r's
+    assert (
+        (train_ratio - 1).abs() < 0.2
+    ).all()  # r' inside the trust region: every stop below is r's
     eval_ratio = torch.full((16,), 1.5)  # above 1 + eps: the clip stops it where A > 0
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
 
     stats = ppo.ppo_update(agent, optimizer, mb, tiny_args(), eval_ratio)
 
-    assert stats["ratio_gap"].item() == pytest.approx((train_ratio - eval_ratio).abs().mean().item(), rel=1e-4)
+    assert stats["ratio_gap"].item() == pytest.approx(
+        (train_ratio - eval_ratio).abs().mean().item(), rel=1e-4
+    )
     assert stats["trust_region_violation"].item() == 1.0
     # normalized, samples 8-15 have A > 0: half are stopped under r (the raw advantages, all > 0, would give all)
     assert stats["trust_region_violation_signed"].item() == 0.5
@@ -591,14 +702,22 @@ def test_ppo_update_normalizes_the_advantages_per_minibatch():
         agent = make_agent("bn")
         mb = {**make_minibatch(agent), "advantages": advantages}
         optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
-        return ppo.ppo_update(agent, optimizer, mb, tiny_args(norm_adv=norm_adv))["policy_loss"].item()
+        return ppo.ppo_update(agent, optimizer, mb, tiny_args(norm_adv=norm_adv))[
+            "policy_loss"
+        ].item()
 
     advantages = torch.randn(16, generator=torch.Generator().manual_seed(3))
-    assert loss_with(advantages, True) == pytest.approx(loss_with(10.0 * advantages + 5.0, True), rel=1e-4, abs=1e-6)
-    assert loss_with(advantages, False) != pytest.approx(loss_with(10.0 * advantages + 5.0, False), rel=1e-2)
+    assert loss_with(advantages, True) == pytest.approx(
+        loss_with(10.0 * advantages + 5.0, True), rel=1e-4, abs=1e-6
+    )
+    assert loss_with(advantages, False) != pytest.approx(
+        loss_with(10.0 * advantages + 5.0, False), rel=1e-2
+    )
 
 
-def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minibatch(tmp_path, monkeypatch):
+def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minibatch(
+    tmp_path, monkeypatch
+):
     """The loop measures r (eval mode) right before the train-mode pass of standard minibatches 0, k, 2k, ... of the
     iteration (counted across epochs and rounds), at the parameters and running statistics that minibatch starts with."""
     calls = []
@@ -612,14 +731,23 @@ def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minib
     def recording_update(agent, optimizer, mb, args, eval_ratio=None):
         if eval_ratio is not None:
             kind, state, measured = calls[-1]
-            assert kind == "ratio" and measured is eval_ratio  # the measurement just taken, on this minibatch
+            assert (
+                kind == "ratio" and measured is eval_ratio
+            )  # the measurement just taken, on this minibatch
             assert changed_entries(state, agent) == []  # nothing moved in between
         calls.append(("train" if agent.training else "eval", eval_ratio is not None))
         return original_update(agent, optimizer, mb, args, eval_ratio)
 
     monkeypatch.setattr(ppo, "eval_mode_ratio", recording_ratio)
     monkeypatch.setattr(ppo, "ppo_update", recording_update)
-    args = tiny_args(alpha1=2, alpha2=1, mdr_rounds=2, diag_ratio_every=3, diag_minibatches=-1, **ONE_SHORT_ROLLOUT)
+    args = tiny_args(
+        alpha1=2,
+        alpha2=1,
+        mdr_rounds=2,
+        diag_ratio_every=3,
+        diag_minibatches=-1,
+        **ONE_SHORT_ROLLOUT,
+    )
 
     assert run_main(tmp_path, monkeypatch, args)[0] == 0
 
@@ -627,7 +755,9 @@ def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minib
     standard = [measured for phase, measured in updates if phase == "train"]
     assert len(standard) == 8  # 2 rounds x 2 epochs x 2 minibatches
     assert [i for i, measured in enumerate(standard) if measured] == [0, 3, 6]
-    assert not [measured for phase, measured in updates if phase == "eval" and measured]  # never in rectification
+    assert not [
+        measured for phase, measured in updates if phase == "eval" and measured
+    ]  # never in rectification
     assert len(calls) == len(updates) + 3
 
 
@@ -637,7 +767,9 @@ def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minib
 
 def test_js_divergence_of_identical_distributions_is_zero():
     logits = torch.randn(4, NUM_ACTIONS, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ppo.js_divergence(logits, logits.clone()), torch.zeros(4), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        ppo.js_divergence(logits, logits.clone()), torch.zeros(4), rtol=0, atol=1e-6
+    )
 
 
 def test_js_divergence_hand_computed():
@@ -648,15 +780,22 @@ def test_js_divergence_hand_computed():
     expected = 0.5 * (kl_pm + kl_qm)  # ~ 0.0338 nats
     assert m == tuple((a + b) / 2 for a, b in zip(p, q))
 
-    logits_p, logits_q = torch.tensor([p]).log(), torch.tensor([q]).log() + 3.0  # logits are shift-invariant
+    logits_p, logits_q = (
+        torch.tensor([p]).log(),
+        torch.tensor([q]).log() + 3.0,
+    )  # logits are shift-invariant
     js = ppo.js_divergence(logits_p, logits_q)
     assert js.shape == (1,)
     assert js.item() == pytest.approx(expected, rel=1e-5)
-    assert ppo.js_divergence(logits_q, logits_p).item() == pytest.approx(expected, rel=1e-5)  # symmetric
+    assert ppo.js_divergence(logits_q, logits_p).item() == pytest.approx(
+        expected, rel=1e-5
+    )  # symmetric
 
 
 def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
-    js = ppo.js_divergence(torch.tensor([[50.0, -50.0], [1e4, -1e4]]), torch.tensor([[-50.0, 50.0], [-1e4, 1e4]]))
+    js = ppo.js_divergence(
+        torch.tensor([[50.0, -50.0], [1e4, -1e4]]), torch.tensor([[-50.0, 50.0], [-1e4, 1e4]])
+    )
     assert js.tolist() == pytest.approx([math.log(2)] * 2, rel=1e-5)
     assert (js <= math.log(2)).all()  # capped: rounding never reports more than the maximum
 
@@ -666,7 +805,9 @@ def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
 
 
 @pytest.mark.parametrize("norm", ["bn", "brn"])
-@pytest.mark.parametrize("minibatch_size", [32, 16, 24], ids=["all-of-D_k", "two-minibatches", "uneven-minibatches"])
+@pytest.mark.parametrize(
+    "minibatch_size", [32, 16, 24], ids=["all-of-D_k", "two-minibatches", "uneven-minibatches"]
+)
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch_size):
     """Running mean/var of every BN layer = the average over D_k's minibatches (in order) of the batch mean and the
     unbiased batch variance of its input, each minibatch's pass made from the statistics the update left. One minibatch
@@ -684,7 +825,9 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch
     deep_inputs = []  # the last BN's inputs, from a fresh copy per minibatch (what "the statistics the update left" means)
     for mb in minibatches:
         fresh = copy.deepcopy(agent).train()
-        fresh.backbone.layer3[1].bn2.register_forward_hook(lambda module, inputs, output: deep_inputs.append(inputs[0]))
+        fresh.backbone.layer3[1].bn2.register_forward_hook(
+            lambda module, inputs, output: deep_inputs.append(inputs[0])
+        )
         with torch.no_grad():
             fresh.features(mb)
     before = clone_state(agent)
@@ -693,14 +836,24 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch
     ppo.recalibrate_batchnorm(agent, b_obs, minibatch_size)
 
     bn1, last = agent.backbone.bn1, agent.backbone.layer3[1].bn2
-    torch.testing.assert_close(bn1.running_mean, torch.stack([x.mean((0, 2, 3)) for x in conv1]).mean(0))
-    torch.testing.assert_close(bn1.running_var, torch.stack([x.var((0, 2, 3), unbiased=True) for x in conv1]).mean(0))
-    torch.testing.assert_close(last.running_mean, torch.stack([x.mean((0, 2, 3)) for x in deep_inputs]).mean(0))
-    torch.testing.assert_close(last.running_var, torch.stack([x.var((0, 2, 3)) for x in deep_inputs]).mean(0))
+    torch.testing.assert_close(
+        bn1.running_mean, torch.stack([x.mean((0, 2, 3)) for x in conv1]).mean(0)
+    )
+    torch.testing.assert_close(
+        bn1.running_var, torch.stack([x.var((0, 2, 3), unbiased=True) for x in conv1]).mean(0)
+    )
+    torch.testing.assert_close(
+        last.running_mean, torch.stack([x.mean((0, 2, 3)) for x in deep_inputs]).mean(0)
+    )
+    torch.testing.assert_close(
+        last.running_var, torch.stack([x.var((0, 2, 3)) for x in deep_inputs]).mean(0)
+    )
     if minibatch_size == 32:  # the exact statistics of D_k
         whole = conv1[0].permute(1, 0, 2, 3).reshape(64, -1).double()
         torch.testing.assert_close(bn1.running_mean.double(), whole.mean(1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn1.running_var.double(), whole.var(1, unbiased=True), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            bn1.running_var.double(), whole.var(1, unbiased=True), rtol=1e-5, atol=1e-6
+        )
     assert sorted(changed_entries(before, agent)) == sorted(
         running_stat_names(agent)
     )  # num_batches_tracked, weights: as they were
@@ -720,7 +873,9 @@ def one_iteration(tmp_path_factory):
     return load_checkpoint(run_dir)["agent"], read_scalars(run_dir)
 
 
-def test_bn_recalibrate_run_logs_finite_values_and_other_running_stats(one_iteration, tmp_path, monkeypatch):
+def test_bn_recalibrate_run_logs_finite_values_and_other_running_stats(
+    one_iteration, tmp_path, monkeypatch
+):
     assert run_main(tmp_path, monkeypatch, tiny_args(save_model=True, bn_recalibrate=True))[0] == 0
 
     run_dir = single_run_dir(tmp_path)
@@ -742,7 +897,9 @@ def test_collect_mode_train_run_differs_from_eval(one_iteration, tmp_path, monke
     run_dir = single_run_dir(tmp_path)
     agent, scalars = load_checkpoint(run_dir)["agent"], read_scalars(run_dir)
     assert np.isfinite([value for points in scalars.values() for _, value in points]).all()
-    assert "actor.4.weight" in changed_entries(one_iteration[0], agent)  # other log-probs, other gradient
+    assert "actor.4.weight" in changed_entries(
+        one_iteration[0], agent
+    )  # other log-probs, other gradient
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -758,7 +915,16 @@ def fake_imagenet_home(tmp_path_factory):
     for name, tensor in state_dict.items():
         if name.endswith("running_var"):
             tensor.copy_(torch.rand_like(tensor) + 0.5)
-        elif name.endswith(("running_mean", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", "downsample.1.bias")):
+        elif name.endswith(
+            (
+                "running_mean",
+                "bn1.weight",
+                "bn1.bias",
+                "bn2.weight",
+                "bn2.bias",
+                "downsample.1.bias",
+            )
+        ):
             tensor.copy_(torch.randn_like(tensor))
     checkpoints = torch_home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -780,17 +946,29 @@ def no_download(monkeypatch):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_pretrained_weights_load_into_each_variant(norm, fake_imagenet_home, no_download, monkeypatch):
+def test_pretrained_weights_load_into_each_variant(
+    norm, fake_imagenet_home, no_download, monkeypatch
+):
     torch_home, saved = fake_imagenet_home
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
     own = make_agent(norm, pretrained=True).backbone.state_dict()
 
     assert no_download == []
-    for name in ("conv1.weight", "layer3.0.conv1.weight", "layer3.1.conv2.weight", "layer3.0.downsample.0.weight"):
+    for name in (
+        "conv1.weight",
+        "layer3.0.conv1.weight",
+        "layer3.1.conv2.weight",
+        "layer3.0.downsample.0.weight",
+    ):
         assert torch.equal(own[name], saved[name]), name
     norm_tensors = ("bn1.weight", "bn1.bias", "layer3.1.bn2.weight", "layer3.0.downsample.1.bias")
-    running_stats = ("bn1.running_mean", "bn1.running_var", "layer3.1.bn2.running_mean", "layer2.0.downsample.1.running_var")
+    running_stats = (
+        "bn1.running_mean",
+        "bn1.running_var",
+        "layer3.1.bn2.running_mean",
+        "layer2.0.downsample.1.running_var",
+    )
     if norm in ("bn", "eval", "brn"):
         for name in norm_tensors + running_stats:
             assert torch.equal(own[name], saved[name]), name
@@ -815,11 +993,15 @@ def test_missing_imagenet_weights_offline_is_a_config_error(tmp_path, no_downloa
     assert "--no-pretrained" in str(error.value)
 
 
-def test_corrupt_cached_imagenet_weights_is_a_config_error(tmp_path, fake_imagenet_home, no_download, monkeypatch):
+def test_corrupt_cached_imagenet_weights_is_a_config_error(
+    tmp_path, fake_imagenet_home, no_download, monkeypatch
+):
     complete = (fake_imagenet_home[0] / "hub" / "checkpoints" / IMAGENET_FILE).read_bytes()
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / IMAGENET_FILE).write_bytes(complete[: len(complete) // 2])  # an interrupted download
+    (checkpoints / IMAGENET_FILE).write_bytes(
+        complete[: len(complete) // 2]
+    )  # an interrupted download
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     with pytest.raises(ppo.ConfigError) as error:
@@ -839,8 +1021,14 @@ def bn_and_brn(channels=8, **brn_kwargs):
     generator = torch.Generator().manual_seed(0)
     bn = nn.BatchNorm2d(channels, momentum=0.1)
     brn = ppo.BatchRenorm2d(channels, momentum=0.1, **brn_kwargs)
-    weight, bias = torch.rand(channels, generator=generator) + 0.5, torch.randn(channels, generator=generator)
-    running_mean, running_var = torch.randn(channels, generator=generator), torch.rand(channels, generator=generator) + 0.5
+    weight, bias = (
+        torch.rand(channels, generator=generator) + 0.5,
+        torch.randn(channels, generator=generator),
+    )
+    running_mean, running_var = (
+        torch.randn(channels, generator=generator),
+        torch.rand(channels, generator=generator) + 0.5,
+    )
     for module in (bn, brn):
         with torch.no_grad():
             module.weight.copy_(weight)
@@ -859,7 +1047,10 @@ def renorm_input(seed=1):
     "brn_kwargs, batches_tracked",
     [
         (dict(r_max=1.0, d_max=0.0, warmup=1), 10_000),  # bounds (1, 0), long after the warm-up
-        (dict(r_max=3.0, d_max=5.0, warmup=5000), 0),  # wider bounds, but at the start of the warm-up ramp
+        (
+            dict(r_max=3.0, d_max=5.0, warmup=5000),
+            0,
+        ),  # wider bounds, but at the start of the warm-up ramp
     ],
     ids=["rmax1-dmax0", "warmup-start"],
 )
@@ -868,7 +1059,9 @@ def test_batch_renorm_equals_batchnorm_with_unit_bounds(brn_kwargs, batches_trac
     brn.num_batches_tracked.fill_(batches_tracked)
     x = renorm_input()
 
-    assert torch.equal(brn.eval()(x), bn.eval()(x))  # eval mode: both normalize with the same running statistics
+    assert torch.equal(
+        brn.eval()(x), bn.eval()(x)
+    )  # eval mode: both normalize with the same running statistics
     torch.testing.assert_close(brn.train()(x), bn.train()(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(brn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(brn.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
@@ -889,7 +1082,9 @@ def test_batch_renorm_differs_from_batchnorm_after_warmup_with_stale_stats():
     # per channel, Batch Renorm's output is BatchNorm's x_hat * r + d, before the same affine transform
     x_hat = (bn_out - bn.bias[None, :, None, None]) / bn.weight[None, :, None, None]
     renormed = (brn_out - brn.bias[None, :, None, None]) / brn.weight[None, :, None, None]
-    assert (renormed.mean(dim=(0, 2, 3)) - x_hat.mean(dim=(0, 2, 3))).abs().min() > 0.5  # d != 0 on every channel
+    assert (
+        renormed.mean(dim=(0, 2, 3)) - x_hat.mean(dim=(0, 2, 3))
+    ).abs().min() > 0.5  # d != 0 on every channel
 
 
 def test_norm_layers_use_the_fixed_settings():
@@ -906,16 +1101,25 @@ def test_norm_layers_use_the_fixed_settings():
 
 
 def test_validate_args_accepts_the_tiny_config():
-    ppo.validate_args(tiny_args())  # the base of the bad cases below is valid: each case breaks one thing
-    ppo.validate_args(tiny_args(minibatch_size=24))  # m need not divide |D_k| = 32: the last minibatch has 8
-    ppo.validate_args(tiny_args(minibatch_size=31, norm_adv=False))  # a 1-sample minibatch is fine unnormalized
+    ppo.validate_args(
+        tiny_args()
+    )  # the base of the bad cases below is valid: each case breaks one thing
+    ppo.validate_args(
+        tiny_args(minibatch_size=24)
+    )  # m need not divide |D_k| = 32: the last minibatch has 8
+    ppo.validate_args(
+        tiny_args(minibatch_size=31, norm_adv=False)
+    )  # a 1-sample minibatch is fine unnormalized
     ppo.validate_args(tiny_args(bn_recalibrate=True, norm="brn"))
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(env_id="notagame"), "valid Procgen games: bigfish, bossfight, caveflyer, chaser, climber, coinrun"),
+        (
+            dict(env_id="notagame"),
+            "valid Procgen games: bigfish, bossfight, caveflyer, chaser, climber, coinrun",
+        ),
         (dict(alpha1=-1), "--alpha1 -1"),
         (dict(alpha2=-1), "--alpha2 -1"),
         (dict(alpha1=0, alpha2=0), "one > 0"),
@@ -933,7 +1137,9 @@ def test_validate_args_accepts_the_tiny_config():
         (dict(bn_recalibrate=True, norm="ln"), "--bn-recalibrate"),
         (dict(bn_recalibrate=True, norm="eval"), "--norm bn or brn"),
     ],
-    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+    ids=lambda value: (
+        "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None
+    ),
 )
 def test_validate_args_rejects_bad_input(overrides, message):
     with pytest.raises(ppo.ConfigError) as error:
@@ -968,24 +1174,49 @@ def test_cli_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch, c
 
 def test_default_run_name_is_a_function_of_the_arguments():
     name = ppo.default_run_name
-    assert name(tiny_args()) == "bigfish__ppo_procgen_mdr__bn0.1__mdr2-1__s1"  # no clock: a requeued job finds it
+    assert (
+        name(tiny_args()) == "bigfish__ppo_procgen_mdr__bn0.1__mdr2-1__s1"
+    )  # no clock: a requeued job finds it
     assert name(tiny_args(norm="brn", bn_momentum=0.01, alpha1=1, alpha2=2, seed=7)) == (
         "bigfish__ppo_procgen_mdr__brn0.01__mdr1-2__s7"
     )
-    assert name(tiny_args(env_id="coinrun", mdr_rounds=3, alpha2=0)) == "coinrun__ppo_procgen_mdr__bn0.1__mdr2-0x3__s1"
-    assert name(tiny_args(norm="dropout", dropout_p=0.2)) == "bigfish__ppo_procgen_mdr__dropout0.2__mdr2-1__s1"
-    for norm in ("eval", "ln", "gn", "none"):  # no BN momentum where there is no running statistic that uses it
-        assert name(tiny_args(norm=norm, bn_momentum=0.01)) == f"bigfish__ppo_procgen_mdr__{norm}__mdr2-1__s1"
-    names = {name(tiny_args(**change)) for change in ({}, dict(seed=2), dict(bn_momentum=0.01), dict(alpha1=3))}
+    assert (
+        name(tiny_args(env_id="coinrun", mdr_rounds=3, alpha2=0))
+        == "coinrun__ppo_procgen_mdr__bn0.1__mdr2-0x3__s1"
+    )
+    assert (
+        name(tiny_args(norm="dropout", dropout_p=0.2))
+        == "bigfish__ppo_procgen_mdr__dropout0.2__mdr2-1__s1"
+    )
+    for norm in (
+        "eval",
+        "ln",
+        "gn",
+        "none",
+    ):  # no BN momentum where there is no running statistic that uses it
+        assert (
+            name(tiny_args(norm=norm, bn_momentum=0.01))
+            == f"bigfish__ppo_procgen_mdr__{norm}__mdr2-1__s1"
+        )
+    names = {
+        name(tiny_args(**change))
+        for change in ({}, dict(seed=2), dict(bn_momentum=0.01), dict(alpha1=3))
+    }
     assert len(names) == 4
 
 
 def test_find_checkpoint_without_resume_refuses_a_folder_that_holds_a_run(tmp_path):
     run_dir = tmp_path / "runs" / "x"
-    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (None, str(run_dir))  # no folder yet: fresh
+    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
+        None,
+        str(run_dir),
+    )  # no folder yet: fresh
     run_dir.mkdir(parents=True)
     (run_dir / "args.json").write_text("{}")
-    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (None, str(run_dir))  # no events: nothing to mix into
+    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
+        None,
+        str(run_dir),
+    )  # no events: nothing to mix into
     (run_dir / "events.out.tfevents.1.host.1.0").write_bytes(b"")
 
     with pytest.raises(ppo.ConfigError) as error:
@@ -1018,7 +1249,9 @@ def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, mon
     exit_code = run_cli(tmp_path, monkeypatch, *TINY)
 
     assert_one_line_error(exit_code, capsys, str(Path("runs") / run_dir.name), "--resume auto")
-    assert sorted(path.name for path in run_dir.iterdir()) == ["events.out.tfevents.1.host.1.0"]  # untouched
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "events.out.tfevents.1.host.1.0"
+    ]  # untouched
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1028,7 +1261,9 @@ def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, mon
 @pytest.mark.parametrize("norm", NORMS)
 def test_each_norm_variant_runs(norm, tmp_path, monkeypatch):
     # one rollout of 2 envs x 8 steps, one minibatch, MDR(1,1)
-    args = tiny_args(norm=norm, num_steps=8, total_timesteps=16, alpha1=1, alpha2=1, run_name=f"norm-{norm}")
+    args = tiny_args(
+        norm=norm, num_steps=8, total_timesteps=16, alpha1=1, alpha2=1, run_name=f"norm-{norm}"
+    )
 
     exit_code, stdout, _ = run_main(tmp_path, monkeypatch, args)
 
@@ -1037,7 +1272,9 @@ def test_each_norm_variant_runs(norm, tmp_path, monkeypatch):
     assert "held-out evaluation: test_episodic_return=" in stdout
     assert single_run_dir(tmp_path).name == f"norm-{norm}"  # --run-name
     scalars = read_scalars(single_run_dir(tmp_path))
-    assert np.isfinite(scalars["losses/policy_loss"][0][1]) and np.isfinite(scalars["charts/delta_pi_plus"][0][1])
+    assert np.isfinite(scalars["losses/policy_loss"][0][1]) and np.isfinite(
+        scalars["charts/delta_pi_plus"][0][1]
+    )
     # MDR changes nothing without a mode-dependent layer, and the script says so
     assert ("has no mode-dependent layer" in stdout) == (norm in MODE_FREE_NORMS)
 
@@ -1062,10 +1299,18 @@ def test_tensorboard_log_holds_every_key_with_finite_values(logged_run):
     for key in TB_KEYS:
         values = [value for _, value in scalars[key]]
         assert np.all(np.isfinite(values)), (key, values)
-    for key in ("charts/learning_rate", "charts/SPS", "charts/delta_pi_minus", "losses/value_loss", "mdr/ratio_gap"):
+    for key in (
+        "charts/learning_rate",
+        "charts/SPS",
+        "charts/delta_pi_minus",
+        "losses/value_loss",
+        "mdr/ratio_gap",
+    ):
         assert [step for step, _ in scalars[key]] == [64, 128], key  # one point per iteration
     assert len(scalars["charts/test_episodic_return"]) == 2  # --eval-interval 1
-    assert [value for _, value in scalars["charts/learning_rate"]] == pytest.approx([5e-4, 2.5e-4])  # annealed
+    assert [value for _, value in scalars["charts/learning_rate"]] == pytest.approx(
+        [5e-4, 2.5e-4]
+    )  # annealed
 
 
 def test_tensorboard_diagnostics_are_within_their_bounds(logged_run):
@@ -1073,7 +1318,11 @@ def test_tensorboard_diagnostics_are_within_their_bounds(logged_run):
     for key in ("charts/delta_pi_minus", "charts/delta_pi_plus"):
         for _, value in scalars[key]:
             assert 0.0 <= value <= math.log(2), (key, value)
-    for key in ("mdr/trust_region_violation", "mdr/trust_region_violation_signed", "losses/clipfrac"):
+    for key in (
+        "mdr/trust_region_violation",
+        "mdr/trust_region_violation_signed",
+        "losses/clipfrac",
+    ):
         for _, value in scalars[key]:
             assert 0.0 <= value <= 1.0, (key, value)
 
@@ -1081,9 +1330,16 @@ def test_tensorboard_diagnostics_are_within_their_bounds(logged_run):
 def test_progress_line_per_iteration_when_stdout_is_not_a_terminal(logged_run):
     args, _, stdout, scalars = logged_run
     lines = progress_lines(stdout)
-    assert [(line["iteration"], line["global_step"]) for line in lines] == [("1/2", "64"), ("2/2", "128")]
+    assert [(line["iteration"], line["global_step"]) for line in lines] == [
+        ("1/2", "64"),
+        ("2/2", "128"),
+    ]
     # bigfish, seed 1, 2 envs x 64 steps: an episode ends in iteration 2 (the levels and the policy are seeded)
-    printed = {int(line["global_step"]): float(line["episodic_return"]) for line in lines if "episodic_return" in line}
+    printed = {
+        int(line["global_step"]): float(line["episodic_return"])
+        for line in lines
+        if "episodic_return" in line
+    }
     assert printed, "no episode ended during the run; the TensorBoard check needs one"
     logged = dict(scalars.get("charts/episodic_return", []))
     assert sorted(logged) == sorted(printed)  # printed exactly when logged
@@ -1103,7 +1359,11 @@ def test_run_folder_is_named_from_the_arguments_and_holds_args_json(logged_run):
     saved = json.loads((run_dir / "args.json").read_text())
     [provenance] = saved.pop("provenance")  # one process made this run
     assert saved == json.loads(json.dumps(asdict(args)))
-    assert provenance["from_step"] == 0 and len(provenance["commit"]) == 40 and isinstance(provenance["dirty"], bool)
+    assert (
+        provenance["from_step"] == 0
+        and len(provenance["commit"]) == 40
+        and isinstance(provenance["dirty"], bool)
+    )
     assert provenance["torch"] == ppo.torch.__version__ and provenance["cpu"]
     assert saved["batch_size"] == 64 and saved["num_iterations"] == 2  # filled in at run time
 
@@ -1125,7 +1385,10 @@ def test_run_logger_progress_and_non_finite_scalars(terminal, tmp_path, monkeypa
 
     logger = ppo.RunLogger(str(run_dir), args, None, 0)
     logger.advance(32)
-    logger.log({"charts/episodic_return": 2.5, "charts/delta_pi_minus": 0.001, "losses/x": float("nan")}, iteration=1)
+    logger.log(
+        {"charts/episodic_return": 2.5, "charts/delta_pi_minus": 0.001, "losses/x": float("nan")},
+        iteration=1,
+    )
     logger.log({"charts/test_episodic_return": float("inf"), "charts/test_normalized_score": 0.5})
     logger.close(0)
 
@@ -1156,7 +1419,9 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
     calls = []
     fake_wandb = types.ModuleType("wandb")
     run_finish = lambda exit_code: calls.append(("finish", exit_code))  # noqa: E731  (the run's: Run.finish)
-    fake_wandb.init = lambda **kwargs: calls.append(("init", kwargs)) or types.SimpleNamespace(id="abc123", finish=run_finish)
+    fake_wandb.init = lambda **kwargs: (
+        calls.append(("init", kwargs)) or types.SimpleNamespace(id="abc123", finish=run_finish)
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
@@ -1171,7 +1436,9 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
         (_, init), finish = calls
         assert init["name"] == run_name and init["group"] == run_name[: -len("__s7")]
         assert init["tags"] == ["bigfish", f"norm={norm}", "mdr=(1,2)", "seed=7", *momentum_tag]
-        assert init["id"] == "previous-id" and init["resume"] == "allow" and init["sync_tensorboard"]
+        assert (
+            init["id"] == "previous-id" and init["resume"] == "allow" and init["sync_tensorboard"]
+        )
         assert logger.wandb_id == "abc123"  # what the checkpoint stores
         assert finish == ("finish", 143)
     args = tiny_args(track=True, wandb_group="mine")
@@ -1183,7 +1450,9 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
 # 12. Checkpoints, signals and exact resume
 
 
-RESUMABLE = dict(num_steps=8, minibatch_size=8, total_timesteps=48)  # 3 iterations of 2 envs x 8 steps
+RESUMABLE = dict(
+    num_steps=8, minibatch_size=8, total_timesteps=48
+)  # 3 iterations of 2 envs x 8 steps
 
 
 @pytest.fixture(scope="module")
@@ -1194,19 +1463,42 @@ def uninterrupted(tmp_path_factory):
         exit_code, stdout, _ = run_main(cwd, monkeypatch, tiny_args(resume="auto", **RESUMABLE))
     assert exit_code == 0
     run_dir = single_run_dir(cwd)
-    return {"stdout": stdout, "run_dir": run_dir, "checkpoint": load_checkpoint(run_dir), "scalars": read_scalars(run_dir)}
+    return {
+        "stdout": stdout,
+        "run_dir": run_dir,
+        "checkpoint": load_checkpoint(run_dir),
+        "scalars": read_scalars(run_dir),
+    }
 
 
 def test_resume_auto_in_an_empty_folder_starts_fresh_and_checkpoints(uninterrupted):
     assert "resumed" not in uninterrupted["stdout"]
-    assert [line["iteration"] for line in progress_lines(uninterrupted["stdout"])] == ["1/3", "2/3", "3/3"]
-    assert uninterrupted["checkpoint"]["iteration"] == 3  # checkpoints on, though --save-model was not given
+    assert [line["iteration"] for line in progress_lines(uninterrupted["stdout"])] == [
+        "1/3",
+        "2/3",
+        "3/3",
+    ]
+    assert (
+        uninterrupted["checkpoint"]["iteration"] == 3
+    )  # checkpoints on, though --save-model was not given
 
 
 def test_checkpoint_contents(uninterrupted):
-    checkpoint = uninterrupted["checkpoint"]  # loaded with weights_only=True: plain tensors and Python containers
+    checkpoint = uninterrupted[
+        "checkpoint"
+    ]  # loaded with weights_only=True: plain tensors and Python containers
 
-    assert {"agent", "optimizer", "global_step", "iteration", "args", "rng", "env", "run_name", "wandb_id"} <= set(checkpoint)
+    assert {
+        "agent",
+        "optimizer",
+        "global_step",
+        "iteration",
+        "args",
+        "rng",
+        "env",
+        "run_name",
+        "wandb_id",
+    } <= set(checkpoint)
     assert checkpoint["global_step"] == 48 and checkpoint["iteration"] == 3
     assert checkpoint["run_name"] == uninterrupted["run_dir"].name
     assert checkpoint["args"]["norm"] == "bn" and checkpoint["args"]["seed"] == 1
@@ -1260,7 +1552,9 @@ def test_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     command = dict(save_model=True, **RESUMABLE)  # --resume PATH: checkpoints from --save-model
     with monkeypatch.context() as interrupting:
         interrupt_during_iteration_2(interrupting, signum)
-        exit_code, stdout, _ = run_main(tmp_path, interrupting, tiny_args(resume=resume_arg(resume, None), **command))
+        exit_code, stdout, _ = run_main(
+            tmp_path, interrupting, tiny_args(resume=resume_arg(resume, None), **command)
+        )
 
     assert exit_code == 128 + signum  # 143, 138, 130
     assert f"{signal.Signals(signum).name}: finishing this iteration" in stdout
@@ -1272,16 +1566,22 @@ def test_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     assert [line["iteration"] for line in progress_lines(stdout)] == ["1/3", "2/3"]
 
     resume_path = str(run_dir / "checkpoint.pt")
-    exit_code, stdout, _ = run_main(tmp_path, monkeypatch, tiny_args(resume=resume_arg(resume, resume_path), **command))
+    exit_code, stdout, _ = run_main(
+        tmp_path, monkeypatch, tiny_args(resume=resume_arg(resume, resume_path), **command)
+    )
 
     assert exit_code == 0
     assert f"resumed {run_dir.name} at iteration 2, global_step 32" in stdout
     assert [line["iteration"] for line in progress_lines(stdout)] == ["3/3"]
     assert single_run_dir(tmp_path) == run_dir
     full, resumed = uninterrupted["checkpoint"]["agent"], load_checkpoint(run_dir)["agent"]
-    assert changed_entries(full, resumed) == [], "parameters/buffers differ between the resumed and the uninterrupted run"
+    assert changed_entries(full, resumed) == [], (
+        "parameters/buffers differ between the resumed and the uninterrupted run"
+    )
     assert changed_entries(checkpoint["agent"], resumed), "the resumed run did not train"
-    expected = {tag: points for tag, points in uninterrupted["scalars"].items() if tag != "charts/SPS"}
+    expected = {
+        tag: points for tag, points in uninterrupted["scalars"].items() if tag != "charts/SPS"
+    }
     scalars = {tag: points for tag, points in read_scalars(run_dir).items() if tag != "charts/SPS"}
     assert [tag for tag in expected if tag.startswith(("losses/", "charts/"))], "nothing to compare"
     assert scalars == expected
@@ -1300,11 +1600,22 @@ def test_second_ctrl_c_quits_at_once(sentinel_handlers, tmp_path, monkeypatch):
     assert all(signal.getsignal(s) is sentinel_handlers for s in STOP_SIGNALS)
 
 
-def test_resume_with_different_arguments_is_one_line_error(uninterrupted, tmp_path, monkeypatch, capsys):
+def test_resume_with_different_arguments_is_one_line_error(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
     checkpoint = uninterrupted["run_dir"] / "checkpoint.pt"
-    resumable = ["--num-steps", "8", "--minibatch-size", "8", "--total-timesteps", "96"]  # a longer run: allowed
+    resumable = [
+        "--num-steps",
+        "8",
+        "--minibatch-size",
+        "8",
+        "--total-timesteps",
+        "96",
+    ]  # a longer run: allowed
 
-    exit_code = run_cli(tmp_path, monkeypatch, *TINY, *resumable, "--resume", checkpoint, "--norm", "gn")
+    exit_code = run_cli(
+        tmp_path, monkeypatch, *TINY, *resumable, "--resume", checkpoint, "--norm", "gn"
+    )
 
     assert_one_line_error(exit_code, capsys, "the run used different --norm")
     assert "--total-timesteps" not in exit_code
@@ -1312,12 +1623,17 @@ def test_resume_with_different_arguments_is_one_line_error(uninterrupted, tmp_pa
 
 
 def test_resume_accepts_a_longer_run(uninterrupted):
-    args = tiny_args(resume=str(uninterrupted["run_dir"] / "checkpoint.pt"), **{**RESUMABLE, "total_timesteps": 96})
+    args = tiny_args(
+        resume=str(uninterrupted["run_dir"] / "checkpoint.pt"),
+        **{**RESUMABLE, "total_timesteps": 96},
+    )
     args.batch_size, args.num_iterations = 16, 6  # as main sets them
 
     checkpoint, run_dir = ppo.find_checkpoint(args, "runs/ignored")
 
-    assert checkpoint["iteration"] == 3 and run_dir == os.path.join("runs", uninterrupted["run_dir"].name)
+    assert checkpoint["iteration"] == 3 and run_dir == os.path.join(
+        "runs", uninterrupted["run_dir"].name
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1359,7 +1675,11 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert len(iterations) == 2  # the run stopped there
     checkpoint = load_checkpoint(single_run_dir(tmp_path))
     assert checkpoint["iteration"] == 1 and checkpoint["global_step"] == 32
-    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["agent"].values() if tensor.is_floating_point())
+    assert all(
+        torch.isfinite(tensor).all()
+        for tensor in checkpoint["agent"].values()
+        if tensor.is_floating_point()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1383,7 +1703,9 @@ def test_evaluate_is_a_function_of_the_parameters(monkeypatch):
     for seed in (0, 99):
         rng_state = torch.manual_seed(seed).get_state()
         returns.append(ppo.evaluate(agent, args, torch.device("cpu"), iteration=3))
-        assert torch.equal(torch.get_rng_state(), rng_state), "evaluation moved the training RNG stream"
+        assert torch.equal(torch.get_rng_state(), rng_state), (
+            "evaluation moved the training RNG stream"
+        )
 
     assert returns[0].shape == (1,) and np.isfinite(returns[0]).all()
     np.testing.assert_array_equal(returns[0], returns[1])
@@ -1406,8 +1728,12 @@ def test_script_runs_alone_and_tracks_offline(tmp_path):
         script=script,
     )  # fmt: skip
 
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "iteration=1/1, global_step=64" in result.stdout  # stdout is a pipe: the plain line, no bar
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    assert (
+        "iteration=1/1, global_step=64" in result.stdout
+    )  # stdout is a pipe: the plain line, no bar
     assert "held-out evaluation: test_episodic_return=" in result.stdout
     run_dir = single_run_dir(alone)
     assert run_dir.name == "bigfish__ppo_procgen_mdr__brn0.1__mdr1-2__s7"
@@ -1418,7 +1744,13 @@ def test_script_runs_alone_and_tracks_offline(tmp_path):
     wandb_files = list(run_folders[0].glob("run-*.wandb"))
     assert len(wandb_files) == 1
     records = wandb_files[0].read_bytes()
-    for expected in (run_dir.name, "norm=brn", "mdr=(1,2)", "seed=7", "bn_momentum=0.1"):  # run name and tags
+    for expected in (
+        run_dir.name,
+        "norm=brn",
+        "mdr=(1,2)",
+        "seed=7",
+        "bn_momentum=0.1",
+    ):  # run name and tags
         assert expected.encode() in records, expected
     # the checkpoint carries the wandb run id, so that --resume continues the same wandb run
     wandb_id = load_checkpoint(run_dir)["wandb_id"]

@@ -23,8 +23,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 DAEMONS = ["sbatch", "munged", "slurmctld", "slurmd"]
 missing = [name for name in DAEMONS if shutil.which(name) is None]
 pytestmark = [
-    pytest.mark.skipif(bool(missing), reason=f"no {', '.join(missing)}: apt-get install slurm-wlm munge (.ci/run does)"),
-    pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="a one-node SLURM needs root for slurmd"),
+    pytest.mark.skipif(
+        bool(missing),
+        reason=f"no {', '.join(missing)}: apt-get install slurm-wlm munge (.ci/run does)",
+    ),
+    pytest.mark.skipif(
+        hasattr(os, "geteuid") and os.geteuid() != 0,
+        reason="a one-node SLURM needs root for slurmd",
+    ),
 ]
 ITERATIONS, STEPS_PER_ITERATION = 8, 32
 # 2 envs x 16 steps per iteration on the CPU, one thread per run (the node has 2 CPUs), a checkpoint every 2 iterations
@@ -50,11 +56,15 @@ def wait_for(condition, timeout, what, logs=(), env=None):
         if result:
             return result
         time.sleep(0.5)
-    tails = "\n".join(f"--- {log}:\n{Path(log).read_text()[-3000:]}" for log in logs if Path(log).exists())
+    tails = "\n".join(
+        f"--- {log}:\n{Path(log).read_text()[-3000:]}" for log in logs if Path(log).exists()
+    )
     if env is not None:
         tails += (
             "\n--- scontrol show job:\n"
-            + subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True).stdout
+            + subprocess.run(
+                ["scontrol", "show", "job"], env=env, capture_output=True, text=True
+            ).stdout
         )
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
 
@@ -100,27 +110,53 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
     )
     env = {**os.environ, "SLURM_CONF": str(home / "slurm.conf")}
-    munged = ["munged", "-F", "--force", f"--socket={home}/munge.socket", f"--key-file={key}", f"--log-file={home}/munged.log"]
+    munged = [
+        "munged",
+        "-F",
+        "--force",
+        f"--socket={home}/munge.socket",
+        f"--key-file={key}",
+        f"--log-file={home}/munged.log",
+    ]
     munged += [f"--pid-file={home}/munged.pid", f"--seed-file={home}/munge.seed"]
     commands = [munged, ["slurmctld", "-D", "-i"], ["slurmd", "-D"]]
     daemons = []
     try:
         for command in commands:
-            daemons.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            daemons.append(
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
             if command[0] == "munged":
-                wait_for((home / "munge.socket").exists, 30, "munged's socket", [home / "munged.log"])
+                wait_for(
+                    (home / "munge.socket").exists, 30, "munged's socket", [home / "munged.log"]
+                )
 
         def node_idle():
-            return "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            return (
+                "idle"
+                in subprocess.run(
+                    ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+                ).stdout
+            )
 
-        wait_for(node_idle, 60, "the node to be idle", [home / "slurmctld.log", home / "slurmd.log"])
+        wait_for(
+            node_idle, 60, "the node to be idle", [home / "slurmctld.log", home / "slurmd.log"]
+        )
         yield env
     finally:
-        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)  # this cluster's jobs: the test's
-        deadline = time.monotonic() + 90  # cancelled runs checkpoint and exit; then their node daemon can go
+        subprocess.run(
+            ["scancel", "--user", "root"], env=env, capture_output=True
+        )  # this cluster's jobs: the test's
+        deadline = (
+            time.monotonic() + 90
+        )  # cancelled runs checkpoint and exit; then their node daemon can go
         while squeue(env) and time.monotonic() < deadline:
             time.sleep(1)
-        for daemon in reversed(daemons):  # slurmd, slurmctld, munged: each one this fixture started, by its process
+        for daemon in reversed(
+            daemons
+        ):  # slurmd, slurmctld, munged: each one this fixture started, by its process
             daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(timeout=15)
@@ -136,7 +172,9 @@ def squeue(env) -> str:
 
 def job(env, job_id) -> dict:
     """`scontrol show job` as a dict (JobState, Reason, Restarts, ExitCode, ...)."""
-    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -159,16 +197,29 @@ def scalars(folder: Path) -> dict:
     return {tag: {event.step: event.value for event in events.Scalars(tag)} for tag in tags}
 
 
-def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(slurm, repo_root, tmp_path):
+def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
+    slurm, repo_root, tmp_path
+):
     work, reference = tmp_path / "slurm", tmp_path / "reference"
     work.mkdir()
     reference.mkdir()
     lines = [f"python {repo_root / 'ppo_procgen_mdr.py'} {TINY} --seed {seed}" for seed in (1, 2)]
     (work / "list.txt").write_text("\n".join(lines) + "\n")
     env = {**slurm, "PYTHON": sys.executable, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    logs = [work / "task-1.out", work / "task-2.out", Path(slurm["SLURM_CONF"]).parent / "slurmctld.log"]
+    logs = [
+        work / "task-1.out",
+        work / "task-2.out",
+        Path(slurm["SLURM_CONF"]).parent / "slurmctld.log",
+    ]
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--array=1-2", "--cpus-per-task=1", f"--chdir={work}", f"--output={work}/task-%a.out"]
+        [
+            "sbatch",
+            "--parsable",
+            "--array=1-2",
+            "--cpus-per-task=1",
+            f"--chdir={work}",
+            f"--output={work}/task-%a.out",
+        ]
         + [str(repo_root / "sweeps" / "slurm_array.sh"), "list.txt"],
         env=env,
         capture_output=True,
@@ -182,7 +233,11 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(sl
     for line, log in zip(lines, reference_logs):
         with open(log, "w") as out:
             command = [sys.executable, *line.split()[1:], "--resume", "auto"]
-            references.append(subprocess.Popen(command, cwd=reference, env=env, stdout=out, stderr=subprocess.STDOUT))
+            references.append(
+                subprocess.Popen(
+                    command, cwd=reference, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            )
 
     # mid-run, as soon as its run has written a checkpoint: task 1 gets the time-limit signal, task 2 is requeued
     interrupt = {
@@ -210,22 +265,37 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(sl
             state = job(slurm, task_id)
             if state.get("JobState") == "PENDING":
                 if time.monotonic() - pending_since.setdefault(task_id, time.monotonic()) > 5:
-                    subprocess.run(["scontrol", "update", f"JobId={task_id}", "StartTime=now"], env=slurm, capture_output=True)
-            return state.get("Restarts") == "1" and state.get("JobState") in ("RUNNING", "COMPLETED")
+                    subprocess.run(
+                        ["scontrol", "update", f"JobId={task_id}", "StartTime=now"],
+                        env=slurm,
+                        capture_output=True,
+                    )
+            return state.get("Restarts") == "1" and state.get("JobState") in (
+                "RUNNING",
+                "COMPLETED",
+            )
 
         wait_for(restarted, 120, f"task {task} to be requeued and started again", logs, slurm)
     wait_for(lambda: all(job(slurm, f"{array_id}_{t}").get("JobState") == "COMPLETED" for t in (1, 2)), 180,
              "both tasks to complete", logs, slurm)  # fmt: skip
     for process, log in zip(references, reference_logs):
-        assert process.wait(timeout=180) == 0, f"the uninterrupted run failed:\n{log.read_text()[-3000:]}"
+        assert process.wait(timeout=180) == 0, (
+            f"the uninterrupted run failed:\n{log.read_text()[-3000:]}"
+        )
 
     for task, seed in zip((1, 2), (1, 2)):
         state = job(slurm, f"{array_id}_{task}")
         assert state["ExitCode"] == "0:0" and state["Restarts"] == "1", state
         log = logs[task - 1].read_text()
         resumed = re.search(r"resumed .* at iteration (\d+)", log)
-        assert resumed and 0 < int(resumed.group(1)) < ITERATIONS, f"task {task} did not resume mid-run:\n{log[-3000:]}"
+        assert resumed and 0 < int(resumed.group(1)) < ITERATIONS, (
+            f"task {task} did not resume mid-run:\n{log[-3000:]}"
+        )
         interrupted, uninterrupted = scalars(run_dir(work, seed)), scalars(run_dir(reference, seed))
         assert interrupted.keys() == uninterrupted.keys() and "losses/value_loss" in interrupted
-        assert max(interrupted["losses/value_loss"].keys()) == STEPS_PER_ITERATION * ITERATIONS  # the last step
-        assert interrupted == uninterrupted, f"task {task}: metrics differ from the uninterrupted run"
+        assert (
+            max(interrupted["losses/value_loss"].keys()) == STEPS_PER_ITERATION * ITERATIONS
+        )  # the last step
+        assert interrupted == uninterrupted, (
+            f"task {task}: metrics differ from the uninterrupted run"
+        )

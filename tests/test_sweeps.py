@@ -18,13 +18,19 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 import ppo_patchloc_mdr
 import ppo_procgen_mdr
 
-SCRIPT_ARGS = {"ppo_procgen_mdr.py": ppo_procgen_mdr.Args, "ppo_patchloc_mdr.py": ppo_patchloc_mdr.Args}
+SCRIPT_ARGS = {
+    "ppo_procgen_mdr.py": ppo_procgen_mdr.Args,
+    "ppo_patchloc_mdr.py": ppo_patchloc_mdr.Args,
+}
 GRID_SIZES = {"procgen_fig3": 216, "procgen_fig4": 54, "patchloc_fig3": 42, "patchloc_fig5": 15}
 
 
 def run_generator(repo_root, *args):
     return subprocess.run(
-        [sys.executable, str(repo_root / "sweeps" / "make_grids.py"), *args], capture_output=True, text=True, timeout=60
+        [sys.executable, str(repo_root / "sweeps" / "make_grids.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -32,11 +38,16 @@ def parse(words):
     """`python SCRIPT --flag value ...` -> (script, the script's Args as a hashable tuple, without --track)."""
     assert words[0] == "python", words
     args = tyro.cli(SCRIPT_ARGS[words[1]], args=words[2:])
-    return words[1], tuple(sorted((k, str(v)) for k, v in dataclasses.asdict(args).items() if k != "track"))
+    return words[1], tuple(
+        sorted((k, str(v)) for k, v in dataclasses.asdict(args).items() if k != "track")
+    )
 
 
 def list_lines(repo_root):
-    return {path.stem: path.read_text().splitlines() for path in sorted((repo_root / "sweeps" / "lists").glob("*.txt"))}
+    return {
+        path.stem: path.read_text().splitlines()
+        for path in sorted((repo_root / "sweeps" / "lists").glob("*.txt"))
+    }
 
 
 def test_list_prints_every_grid_and_its_size(repo_root):
@@ -54,9 +65,15 @@ def test_committed_lists_and_sweeps_are_the_generators_output(repo_root, tmp_pat
     assert result.returncode == 0, result.stderr
     for folder in ["lists", "wandb"]:
         comparison = filecmp.dircmp(tmp_path / folder, repo_root / "sweeps" / folder)
-        assert not comparison.left_only and not comparison.right_only, f"{folder}: rerun python sweeps/make_grids.py"
-        _, mismatch, errors = filecmp.cmpfiles(tmp_path / folder, repo_root / "sweeps" / folder, comparison.common_files)
-        assert not mismatch and not errors, f"sweeps/{folder} {mismatch} differ: rerun python sweeps/make_grids.py"
+        assert not comparison.left_only and not comparison.right_only, (
+            f"{folder}: rerun python sweeps/make_grids.py"
+        )
+        _, mismatch, errors = filecmp.cmpfiles(
+            tmp_path / folder, repo_root / "sweeps" / folder, comparison.common_files
+        )
+        assert not mismatch and not errors, (
+            f"sweeps/{folder} {mismatch} differ: rerun python sweeps/make_grids.py"
+        )
 
 
 def test_every_list_line_parses_and_sets_what_it_names(repo_root):
@@ -64,7 +81,9 @@ def test_every_list_line_parses_and_sets_what_it_names(repo_root):
     assert {grid: len(grid_lines) for grid, grid_lines in lines.items()} == GRID_SIZES
     for line in itertools.chain(*lines.values()):
         words = line.split()
-        args = tyro.cli(SCRIPT_ARGS[words[1]], args=[*words[2:], "--resume", "auto"])  # as sweeps/slurm_array.sh runs it
+        args = tyro.cli(
+            SCRIPT_ARGS[words[1]], args=[*words[2:], "--resume", "auto"]
+        )  # as sweeps/slurm_array.sh runs it
         for flag, value in zip(words[2::2], words[3::2]):
             assert str(getattr(args, flag[2:].replace("-", "_"))) == value, line
         assert args.resume == "auto"
@@ -77,7 +96,10 @@ def test_grids_hold_the_papers_variants(repo_root):
     for flags in fig3:
         assert ("--bn-momentum" in flags) == (flags["--norm"] in ("bn", "brn")), flags
     methods = {(f["--norm"], f["--alpha1"], f["--alpha2"]) for f in fig3}
-    assert methods == {(n, "3", "0") for n in ["none", "bn", "eval", "brn", "ln", "gn"]} | {("bn", "2", "1"), ("bn", "1", "2")}
+    assert methods == {(n, "3", "0") for n in ["none", "bn", "eval", "brn", "ln", "gn"]} | {
+        ("bn", "2", "1"),
+        ("bn", "1", "2"),
+    }
     fig5 = [dict(zip(line.split()[2::2], line.split()[3::2])) for line in lines["patchloc_fig5"]]
     assert {f["--num-tasks"] for f in fig5} == {"2048"}
     assert {(f["--norm"], f.get("--dropout-p"), f["--alpha2"]) for f in fig5} == {
@@ -93,9 +115,14 @@ def test_wandb_sweeps_expand_to_the_run_lists(repo_root):
     for path in sorted((repo_root / "sweeps" / "wandb").glob("*.yaml")):
         sweep = yaml.safe_load(path.read_text())
         assert sweep["method"] == "grid" and "${args_no_boolean_flags}" in sweep["command"], path
-        axes = [[(name, v) for v in spec.get("values", [spec.get("value")])] for name, spec in sweep["parameters"].items()]
+        axes = [
+            [(name, v) for v in spec.get("values", [spec.get("value")])]
+            for name, spec in sweep["parameters"].items()
+        ]
         for point in itertools.product(*axes):
-            flags = create_sweep_command_args({"args": {name: {"value": value} for name, value in point}})
+            flags = create_sweep_command_args(
+                {"args": {name: {"value": value} for name, value in point}}
+            )
             macros = {"${env}": [], "${program}": [sweep["program"]]}
             macros["${args_no_boolean_flags}"] = flags["args_no_boolean_flags"]
             words = [w for word in sweep["command"] for w in macros.get(word, [word])]
@@ -120,8 +147,12 @@ def test_lock_pins_every_requirement(repo_root):
         requirement = Requirement(line)
         if requirement.marker is None or requirement.marker.evaluate():
             name = canonicalize_name(requirement.name)
-            assert name in pins, f"{name} is not in requirements-lock.txt: rerun sweeps/make_lock.sh"
-            assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {line}: rerun sweeps/make_lock.sh"
+            assert name in pins, (
+                f"{name} is not in requirements-lock.txt: rerun sweeps/make_lock.sh"
+            )
+            assert requirement.specifier.contains(pins[name]), (
+                f"{name}=={pins[name]} breaks {line}: rerun sweeps/make_lock.sh"
+            )
 
 
 def test_bad_image_source_is_a_one_line_error(repo_root, tmp_path):
@@ -134,7 +165,9 @@ def test_bad_image_source_is_a_one_line_error(repo_root, tmp_path):
 @pytest.fixture
 def array_script(repo_root, tmp_path):
     """Runs sweeps/slurm_array.sh as SLURM would, with PYTHON=echo: prints the command of the array task's line."""
-    (tmp_path / "list.txt").write_text("python ppo_procgen_mdr.py --seed 1\npython ppo_procgen_mdr.py --seed 2\n")
+    (tmp_path / "list.txt").write_text(
+        "python ppo_procgen_mdr.py --seed 1\npython ppo_procgen_mdr.py --seed 2\n"
+    )
 
     def run(task, **env):
         return subprocess.run(
@@ -152,7 +185,10 @@ def array_script(repo_root, tmp_path):
 def test_array_script_runs_its_line_with_resume_auto(array_script):
     result = array_script(2, EXTRA_ARGS="--track --wandb-project-name mdr")
     assert result.returncode == 0, result.stderr
-    assert "ppo_procgen_mdr.py --seed 2 --resume auto --track --wandb-project-name mdr\n" in result.stdout
+    assert (
+        "ppo_procgen_mdr.py --seed 2 --resume auto --track --wandb-project-name mdr\n"
+        in result.stdout
+    )
     assert "--seed 1" not in result.stdout
 
 
