@@ -1,8 +1,9 @@
-"""Speed and memory of the patch-localization env: PatchLocVecEnv vs a naive implementation, side by side.
+"""Speed and memory of the patch-localization env: PatchLocVecEnv vs a
+naive implementation, side by side.
 
-The naive env (written below) is what one writes first: keep every full m x m image, and on every step
-crop the window and resize it to V x V with PIL, and resize the full image again for the overview.
-PatchLocVecEnv precomputes one pyramid per task so that every view is an array slice.
+The naive env (written below) is what one writes first: keep every full m x m image, and on every
+step crop the window and resize it to V x V with PIL, and resize the full image again for the
+overview. PatchLocVecEnv precomputes one pyramid per task so that every view is an array slice.
 
     python benchmarks/bench_env.py --num-envs 4 --view-size 112 --steps 20000 --num-tasks 64
 
@@ -17,22 +18,20 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: no hidden BLAS threads
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs import PatchLocVecEnv, make_task_sets  # noqa: E402
+from envs import PatchLocVecEnv, make_task_sets
 
 
 class NaiveVecEnv:
-    """Same task and rewards (default parameters), rendered the slow way: crop + resize every step."""
+    """Same task and rewards (default parameters), rendered the slow way: crop + resize every
+    step."""
 
     def __init__(self, images, targets, num_envs, view_size, seed=0):
-        self.images, self.targets, self.v = (
-            images,
-            targets,
-            view_size,
-        )  # PIL m x m images; (zoom, row, col)
+        # PIL m x m images; (zoom, row, col)
+        self.images, self.targets, self.v = images, targets, view_size
         self.m = images[0].width
         self.rng = np.random.default_rng(seed)
         self.envs = [self._reset() for _ in range(num_envs)]
@@ -158,8 +157,8 @@ def main():
     fast = PatchLocVecEnv(tasks, args.num_envs)
     fast.reset(seed=0)
 
-    # The naive env gets the same images at full resolution m (upsampled from the pyramid top: content is
-    # irrelevant to the cost of resizing).
+    # The naive env gets the same images at full resolution m (upsampled from the pyramid top:
+    # content is irrelevant to the cost of resizing).
     images = [
         Image.fromarray(tasks.image(i)).resize((m, m), Image.Resampling.BILINEAR)
         for i in range(len(tasks))
@@ -177,19 +176,23 @@ def main():
     per_task = tasks.nbytes / len(tasks)
     naive_per_task = m * m * 3
     print(
-        f"task set       : {args.num_tasks} procedural, {build_s:.2f} s ({build_s / args.num_tasks * 1e3:.1f} ms each)"
+        f"task set       : {args.num_tasks} procedural, {build_s:.2f} s "
+        f"({build_s / args.num_tasks * 1e3:.1f} ms each)"
     )
     print(f"PatchLocVecEnv : {fast_sps:10,.0f} env steps/s ({n} envs, V={v}, {args.steps} calls)")
     print(
-        f"naive (PIL)    : {naive_sps:10,.0f} env steps/s ({n} envs, V={v}, m={m}, {args.naive_steps} calls)"
+        f"naive (PIL)    : {naive_sps:10,.0f} env steps/s ({n} envs, V={v}, m={m}, "
+        f"{args.naive_steps} calls)"
     )
     print(f"speed-up       : {fast_sps / naive_sps:10.1f} x")
     print(
-        f"memory per task: {per_task:,.0f} bytes of pyramid = (V^2 + 4V^2 + 16V^2) x 3 (naive m x m: {naive_per_task:,})"
+        f"memory per task: {per_task:,.0f} bytes of pyramid = (V^2 + 4V^2 + 16V^2) x 3 (naive m x "
+        f"m: {naive_per_task:,})"
     )
     mib = 1024 / 2**20
     print(
-        f"1024 tasks     : {per_task * mib:,.0f} MiB of pyramids (naive, m={m}: {naive_per_task * mib:,.0f} MiB)"
+        f"1024 tasks     : {per_task * mib:,.0f} MiB of pyramids (naive, m={m}: "
+        f"{naive_per_task * mib:,.0f} MiB)"
     )
 
 

@@ -1,19 +1,22 @@
-"""Task-set build time and peak memory for a folder of large images (what a researcher's slide tiles look like).
+"""Task-set build time and peak memory for a folder of large images (what a researcher's slide
+tiles look like).
 
-Writes --num-images synthetic tissue-like images (H&E-like stain colours: pale background, pink stroma, purple
-nuclei) of --image-side pixels into a temp folder, once per format, then builds make_task_sets over each folder
-in a fresh process pinned to one core, and reports seconds per image and per task and how much the process's peak
-resident memory grew during the build (against the size of one full-resolution image).
+Writes --num-images synthetic tissue-like images (H&E-like stain colours: pale background, pink
+stroma, purple nuclei) of --image-side pixels into a temp folder, once per format, then builds
+make_task_sets over each folder in a fresh process pinned to one core, and reports seconds per image
+and per task and how much the process's peak resident memory grew during the build (against the size
+of one full-resolution image).
 
-    python benchmarks/bench_taskset.py                                   # 8 images of 8,000 x 8,000, ~3 minutes
+    python benchmarks/bench_taskset.py     # 8 images of 8,000 x 8,000, ~3 minutes
     python benchmarks/bench_taskset.py --formats tiff-jpeg --image-side 20000 --num-images 2
 
-Formats: tiff-jpeg (tiled 512 x 512, JPEG q90: how scanners write slides), tiff-deflate (tiled, lossless),
-tiff-lzw (strips of 64 rows), jpeg (q90), png (the one format decoded whole); procedural (the built-in generator at
-4V, no files: the reference).
+Formats: tiff-jpeg (tiled 512 x 512, JPEG q90: how scanners write slides), tiff-deflate (tiled,
+lossless), tiff-lzw (strips of 64 rows), jpeg (q90), png (the one format decoded whole); procedural
+(the built-in generator at 4V, no files: the reference).
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -26,14 +29,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import PIL  # noqa: E402
-import tifffile  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import PIL
+import tifffile
+from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from envs import make_task_sets  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from envs import make_task_sets
 
 FORMATS = {
     "tiff-jpeg": ("tif", dict(tile=(512, 512), compression="jpeg", compressionargs={"level": 90})),
@@ -46,13 +48,15 @@ FORMATS = {
 
 
 def smooth_field(rng, side, cells):
-    """A smooth random uint8 field of side x side: a cells x cells random grid, bicubic-upsampled (in C)."""
+    """A smooth random uint8 field of side x side: a cells x cells random
+    grid, bicubic-upsampled (in C)."""
     grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
     return np.asarray(grid.resize((side, side), Image.Resampling.BICUBIC))
 
 
 def tissue_image(rng, side):
-    """(side, side, 3) uint8: tissue islands of pink stroma dotted with purple nuclei (~side/600 px) on pale glass."""
+    """(side, side, 3) uint8: tissue islands of pink stroma dotted with purple nuclei
+    (~side/600 px) on pale glass."""
     islands, texture = smooth_field(rng, side, 6), smooth_field(rng, side, side // 40)
     dots = np.zeros((side // 8, side // 8), np.uint8)  # nuclei drawn at 1/8 scale, then blurred up
     dots.flat[rng.integers(dots.size, size=dots.size // 25)] = 255
@@ -63,9 +67,8 @@ def tissue_image(rng, side):
     image = np.empty((side, side, 3), np.uint8)
     for y in range(0, side, 256):  # in bands: small temporaries, a few seconds for 8,000 x 8,000
         rows = slice(y, y + 256)
-        tissue = np.clip(
-            (islands[rows, :, None] / np.float32(255) - 0.4) * 8.0, 0.0, 1.0
-        )  # soft-edged islands
+        # Soft-edged islands
+        tissue = np.clip((islands[rows, :, None] / np.float32(255) - 0.4) * 8.0, 0.0, 1.0)
         dark = np.clip(nuclei[rows, :, None] / np.float32(120), 0.0, 1.0)
         stained = (
             stroma * (0.8 + 0.35 / 255 * texture[rows, :, None]) * (1.0 - dark) + nucleus * dark
@@ -99,14 +102,15 @@ def status_kib(field):
 
 
 def measure(folder, num_train, num_test, view_size, targets_per_image):
-    """In this (fresh) process: build the task sets; seconds, peak-RSS growth over the RSS before, files' bytes."""
+    """In this (fresh) process: build the task sets; seconds, peak-RSS growth over
+    the RSS before, files' bytes."""
     os.sched_setaffinity(0, {0})
-    import imagecodecs  # noqa: F401 - tifffile imports its codecs on first use: not part of what reading needs
+    # tifffile imports its codecs on first use: imported here, not part of what reading needs
+    importlib.import_module("imagecodecs")
 
     with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write(
-            "5"
-        )  # reset the peak (VmHWM) to the current RSS: imports' transient peaks do not count
+        # Reset the peak (VmHWM) to the current RSS: imports' transient peaks do not count
+        clear_refs.write("5")
     before = status_kib("VmRSS")
     start, start_cpu = time.perf_counter(), time.process_time()
     train, test = make_task_sets(
@@ -114,8 +118,8 @@ def measure(folder, num_train, num_test, view_size, targets_per_image):
     )
     return {
         "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time()
-        - start_cpu,  # what a shared machine's load does not inflate
+        # What a shared machine's load does not inflate
+        "cpu_seconds": time.process_time() - start_cpu,
         "images": train.num_images + test.num_images,
         "tasks": train.num_tasks + test.num_tasks,
         "peak_rss_growth": (status_kib("VmHWM") - before) * 1024,
@@ -153,26 +157,32 @@ def main():
     import imagecodecs  # only for the version line
 
     print(
-        f"# {date.today()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__},"
+        f"# {date.today()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {np.__version__},"
     )
     print(
-        f"# Pillow {PIL.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}"
+        f"# Pillow {PIL.__version__}, tifffile {tifffile.__version__}, imagecodecs "
+        f"{imagecodecs.__version__}"
     )
     print(
-        f"# {args.num_images} images of {args.image_side} x {args.image_side}, view {args.view_size}, image_size None ->"
+        f"# {args.num_images} images of {args.image_side} x {args.image_side}, view "
+        f"{args.view_size}, image_size None ->"
     )
     print(
-        f"# {4 * args.view_size}, {k} targets per image ({num_train} + {num_test} tasks); one core per build"
+        f"# {4 * args.view_size}, {k} targets per image ({num_train} + {num_test} tasks); one core "
+        "per build"
     )
     full_bytes = args.image_side**2 * 3
     with tempfile.TemporaryDirectory(prefix="bench_taskset_") as tmp:
         start = time.perf_counter()
         folders = write_folders(Path(tmp), args.formats, args.num_images, args.image_side, seed=0)
         print(
-            f"# images written in {time.perf_counter() - start:.0f} s; one full-resolution image: {full_bytes / 2**20:.0f} MiB"
+            f"# images written in {time.perf_counter() - start:.0f} s; one full-resolution image: "
+            f"{full_bytes / 2**20:.0f} MiB"
         )
         print(
-            "| format | files (MiB) | wall (s) | CPU (s) | CPU s / image | CPU ms / task | peak RSS growth (MiB) |"
+            "| format | files (MiB) | wall (s) | CPU (s) | CPU s / image | CPU ms / task | peak "
+            "RSS growth (MiB) |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, folder in folders.items():
@@ -181,7 +191,8 @@ def main():
             r = json.loads(result.stdout.strip().splitlines()[-1])
             cpu = r["cpu_seconds"]
             print(
-                f"| {name} | {r['file_bytes'] / 2**20:.0f} | {r['seconds']:.1f} | {cpu:.1f} | {cpu / r['images']:.2f} "
+                f"| {name} | {r['file_bytes'] / 2**20:.0f} | {r['seconds']:.1f} | {cpu:.1f} | "
+                f"{cpu / r['images']:.2f} "
                 f"| {1000 * cpu / r['tasks']:.0f} | {r['peak_rss_growth'] / 2**20:.0f} |",
                 flush=True,
             )

@@ -16,20 +16,23 @@ from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
-# Formats decoded whole (PNG, and TIFF layouts tifffile does not reduce) are refused above this many pixels
-# (1.6 GB as RGB): Pillow's own decompression-bomb limit is lifted for the large slide tiles people have.
+# Formats decoded whole (PNG, and TIFF layouts tifffile does not reduce) are refused above
+# this many pixels (1.6 GB as RGB): Pillow's own decompression-bomb limit is lifted for the
+# large slide tiles people have.
 MAX_DECODED_PIXELS = 2**29
 
 
 class PatchLocConfigError(ValueError):
-    """A bad setting or input file; the message is one line saying what is wrong and how to fix it."""
+    """A bad setting or input file; the message is one line saying what
+    is wrong and how to fix it."""
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pyramid
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def build_pyramid(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(4V, 4V, 3) uint8 -> levels (V, 2V, 4V sides), each level the previous one at half resolution."""
+    """(4V, 4V, 3) uint8 -> levels (V, 2V, 4V sides), each level the
+    previous one at half resolution."""
     levels = [top]
     for _ in range(2):
         a = levels[-1].astype(np.uint16)
@@ -39,9 +42,9 @@ def build_pyramid(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return levels[2], levels[1], levels[0]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Procedural images
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _upsample(grid: np.ndarray, side: int) -> np.ndarray:
     """Bilinear upsampling of a small (g, g, C) grid to (side, side, C) float32: a smooth field."""
     g = grid.shape[0]
@@ -64,11 +67,13 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def procedural_image(rng: np.random.Generator, side: int) -> np.ndarray:
-    """A (side, side, 3) uint8 image with structure at several scales, generated directly at this side.
+    """A (side, side, 3) uint8 image with structure at several scales,
+    generated directly at this side.
 
-    A smooth colour background plus mid-frequency value noise (so no region is uniform), covered by
-    random ellipses, rectangles, rings and striped shapes whose sizes span 1/50 to 1/4 of the image
-    (so every window, at every zoom, contains distinctive content that a policy can match by looking).
+    A smooth colour background plus mid-frequency value noise (so no region is uniform),
+    covered by random ellipses, rectangles, rings and striped shapes whose sizes span 1/50
+    to 1/4 of the image (so every window, at every zoom, contains distinctive content that
+    a policy can match by looking).
     """
     img = _upsample(rng.uniform(0.1, 0.9, (4, 4, 3)), side)
     img += _upsample(rng.uniform(-0.12, 0.12, (12, 12, 3)), side)
@@ -104,11 +109,12 @@ def procedural_image(rng: np.random.Generator, side: int) -> np.ndarray:
     return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image folders
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class UnusableImage(Exception):
-    """An image file that cannot make a task; `reason` names the kind (the key of the skip summary)."""
+    """An image file that cannot make a task; `reason` names the kind
+    (the key of the skip summary)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -116,10 +122,11 @@ class UnusableImage(Exception):
 
 
 def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
-    """Image files (IMAGE_SUFFIXES, any case) of a folder and its subfolders, sorted by relative path.
+    """Image files (IMAGE_SUFFIXES, any case) of a folder and its
+    subfolders, sorted by relative path.
 
-    Hidden files and folders (names starting with '.', e.g. macOS '._photo.jpg' companions) are left out.
-    Raises if the folder is missing or holds no image file.
+    Hidden files and folders (names starting with '.', e.g. macOS '._photo.jpg' companions) are left
+    out. Raises if the folder is missing or holds no image file.
     """
     path = Path(folder)
     if not str(
@@ -131,12 +138,12 @@ def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise PatchLocConfigError(
-            f"image folder '{path}' {what}; pass a folder of {_SUFFIX_LIST} images, or 'procedural' for built-in images"
+            f"image folder '{path}' {what}; pass a folder of {_SUFFIX_LIST} images, or "
+            "'procedural' for built-in images"
         )
     files = []
-    for root, dirs, names in os.walk(
-        path, followlinks=True
-    ):  # data sets linked in as subfolders count too
+    # Data sets linked in as subfolders count too
+    for root, dirs, names in os.walk(path, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         files += [
             Path(root, n)
@@ -152,8 +159,9 @@ def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
 
 @contextmanager
 def _huge_images_allowed():
-    """Lift Pillow's decompression-bomb limit while a file is opened: large slide tiles are legitimate, and
-    what is decoded is bounded by MAX_DECODED_PIXELS after JPEG draft scaling instead."""
+    """Lift Pillow's decompression-bomb limit while a file is opened: large slide
+    tiles are legitimate, and what is decoded is bounded by MAX_DECODED_PIXELS after
+    JPEG draft scaling instead."""
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -163,19 +171,17 @@ def _huge_images_allowed():
 
 
 def _square(im: Image.Image, image_size: int, side: int) -> np.ndarray:
-    """Center square of `im`, box-reduced by an integer factor (if 2+), resized to image_size, then to side."""
+    """Center square of `im`, box-reduced by an integer factor (if 2+), resized
+    to image_size, then to side."""
     w, h = im.size
     crop = min(w, h)
     factor = crop // image_size
     left, top = (w - crop) // 2, (h - crop) // 2
-    if im.mode not in (
-        "RGB",
-        "L",
-    ):  # palette, 16-bit, CMYK, alpha...: averaging needs plain channels
+    # Palette, 16-bit, CMYK, alpha...: averaging needs plain channels
+    if im.mode not in ("RGB", "L"):
         im = im.convert("RGB")
-    if (
-        factor >= 2
-    ):  # area-average first: cheap and alias-free, and LANCZOS then works on a small image
+    # Area-average first: cheap and alias-free, and LANCZOS then works on a small image
+    if factor >= 2:
         crop -= crop % factor
         im = im.reduce(factor, box=(left, top, left + crop, top + crop))
         left, top, crop = 0, 0, crop // factor
@@ -189,9 +195,10 @@ def _square(im: Image.Image, image_size: int, side: int) -> np.ndarray:
 
 
 def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
-    """The center square of an 8-bit RGB/grey TIFF, area-averaged by an integer factor while its strips or
-    tiles are decoded one at a time (the full-resolution image is never held), from the smallest pyramid
-    level that is still large enough. None for a layout this does not handle (Pillow reads those)."""
+    """The center square of an 8-bit RGB/grey TIFF, area-averaged by an integer factor while its
+    strips or tiles are decoded one at a time (the full-resolution image is never held), from
+    the smallest pyramid level that is still large enough. None for a layout this does not
+    handle (Pillow reads those)."""
     with tifffile.TiffFile(file) as tif:
         levels = sorted(
             (level.keyframe for level in tif.series[0].levels),
@@ -200,7 +207,8 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
         if min(levels[0].imagelength, levels[0].imagewidth) < image_size:
             raise UnusableImage(f"smaller than {image_size} px")
         page = [p for p in levels if min(p.imagelength, p.imagewidth) >= image_size][-1]
-        # JPEG tiles stored as YCbCr (how scanners and tifffile write them) come out of the JPEG codec as RGB.
+        # JPEG tiles stored as YCbCr (how scanners and tifffile write them) come
+        # out of the JPEG codec as RGB.
         rgb = page.photometric == tifffile.PHOTOMETRIC.RGB or (
             page.photometric == tifffile.PHOTOMETRIC.YCBCR
             and page.compression == tifffile.COMPRESSION.JPEG
@@ -221,7 +229,8 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
         y1, x1 = y0 + out_side * factor, x0 + out_side * factor
         channels = 1 if grey else 3
         sums = np.zeros((out_side, out_side, channels), dtype=np.uint64)
-        # One segment decoded at a time (maxworkers=1) and reads of at most 4 MB: memory stays bounded.
+        # One segment decoded at a time (maxworkers=1) and reads of at
+        # most 4 MB: memory stays bounded.
         for segment, (_, _, sy, sx, _), _ in page.segments(maxworkers=1, buffersize=2**22):
             if segment is None:  # an empty segment (not written): zeros, nothing to add
                 continue
@@ -246,12 +255,14 @@ def _tiff_center_reduced(file: Path, image_size: int) -> Optional[Image.Image]:
 
 
 def load_image(file: Path, image_size: int, side: int) -> np.ndarray:
-    """Read an image file, center-crop it to a square, resize it to image_size, then to `side` (the top pyramid
-    level). Any size: JPEGs are decoded at a reduced scale (1/2..1/8) and TIFF strips/tiles are averaged while
-    they are decoded, so a 20,000 x 20,000 slide tile is never held at full resolution; other formats are
-    decoded whole (up to MAX_DECODED_PIXELS), then area-reduced. An image is never upsampled.
+    """Read an image file, center-crop it to a square, resize it to image_size, then to `side` (the
+    top pyramid level). Any size: JPEGs are decoded at a reduced scale (1/2..1/8) and TIFF
+    strips/tiles are averaged while they are decoded, so a 20,000 x 20,000 slide tile is never held
+    at full resolution; other formats are decoded whole (up to MAX_DECODED_PIXELS), then
+    area-reduced. An image is never upsampled.
 
-    Raises UnusableImage (reason: unreadable, smaller than image_size, too large) for a file that cannot be used.
+    Raises UnusableImage (reason: unreadable, smaller than image_size, too large)
+    for a file that cannot be used.
     """
     try:
         if file.suffix.lower() in (".tif", ".tiff"):
@@ -259,18 +270,16 @@ def load_image(file: Path, image_size: int, side: int) -> np.ndarray:
                 reduced = _tiff_center_reduced(file, image_size)
             except UnusableImage:
                 raise
-            except (
-                Exception
-            ):  # not a TIFF tifffile reads (or a codec it lacks): Pillow may still read it
+            # Not a TIFF tifffile reads (or a codec it lacks): Pillow may still read it
+            except Exception:
                 reduced = None
             if reduced is not None:
                 return _square(reduced, image_size, side)
         with _huge_images_allowed(), Image.open(file) as im:
             if min(im.size) < image_size:
                 raise UnusableImage(f"smaller than {image_size} px")
-            im.draft(
-                "RGB", (image_size, image_size)
-            )  # JPEG: decode at the smallest scale >= image_size
+            # JPEG: decode at the smallest scale >= image_size
+            im.draft("RGB", (image_size, image_size))
             if im.width * im.height > MAX_DECODED_PIXELS:
                 raise UnusableImage("too large to decode (save it as a tiled TIFF or a JPEG)")
             return _square(im, image_size, side)

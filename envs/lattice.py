@@ -1,10 +1,10 @@
 """Window lattice of the patch-localization task: states, moves, IoU and the exact optimal return.
 
-Geometry only (no pixels, no images). Everything is measured in *units* of m/16, where m is the image
-side: a window at zoom z has side 16/2^z units (16, 8, 4) and moves on a lattice of a quarter of its
-side, 4/2^z units (4, 2, 1). Its top-left corner is (row, col) * 4/2^z units with row, col in
-0..4*(2^z - 1), so zoom 0 has 1 position, zoom 1 has 5x5 and zoom 2 has 13x13: 195 window states in all.
-A target is itself a lattice window at zoom 1 or 2, hence an exact match is always reachable.
+Geometry only (no pixels, no images). Everything is measured in *units* of m/16, where m is the
+image side: a window at zoom z has side 16/2^z units (16, 8, 4) and moves on a lattice of a quarter
+of its side, 4/2^z units (4, 2, 1). Its top-left corner is (row, col) * 4/2^z units with row, col in
+0..4*(2^z - 1), so zoom 0 has 1 position, zoom 1 has 5x5 and zoom 2 has 13x13: 195 window states in
+all. A target is itself a lattice window at zoom 1 or 2, hence an exact match is always reachable.
 
 Since states are few, the whole dynamics is a (195, 7) transition table and the IoU of every
 (target, window) pair a (195, 195) matrix: stepping an env is two table look-ups.
@@ -57,9 +57,8 @@ STATES.flags.writeable = False
 _Z, _R, _C = STATES.T
 _STEP = 4 >> _Z  # lattice step, in units
 _SIDE = UNITS >> _Z  # window side, in units
-BOXES = np.stack(
-    [_R * _STEP, _C * _STEP, _R * _STEP + _SIDE, _C * _STEP + _SIDE], axis=1
-)  # (195, 4) y0, x0, y1, x1
+# (195, 4) y0, x0, y1, x1
+BOXES = np.stack([_R * _STEP, _C * _STEP, _R * _STEP + _SIDE, _C * _STEP + _SIDE], axis=1)
 BOXES.flags.writeable = False
 NORMALIZED_BOXES = BOXES / UNITS  # (195, 4) in [0, 1], y1/x1 exclusive
 NORMALIZED_BOXES.flags.writeable = False
@@ -77,12 +76,14 @@ def _move(zoom: int, row: int, col: int, action: int) -> tuple[int, int, int]:
     elif action == RIGHT:
         col = min(col + 1, last)
     elif action == ZOOM_IN and zoom < NUM_ZOOMS - 1:
-        # The centre is at (row + 2) * step; at zoom + 1 the step halves and the side becomes 4 new
-        # steps, so the new top-left is (row + 2) * 2 - 2 = 2 * row + 2 new steps: always exact and inside.
+        # The centre is at (row + 2) * step; at zoom + 1 the step halves and the side
+        # becomes 4 new steps, so the new top-left is (row + 2) * 2 - 2 = 2 * row + 2 new
+        # steps: always exact and inside.
         zoom, row, col = zoom + 1, 2 * row + 2, 2 * col + 2
     elif action == ZOOM_OUT and zoom > 0:
-        # Inverse of the above: the exact new position is (row - 2) / 2. For odd rows it falls between
-        # two lattice points; round towards the image centre (symmetric under mirroring), then clamp.
+        # Inverse of the above: the exact new position is (row - 2) / 2. For odd rows it
+        # falls between two lattice points; round towards the image centre (symmetric
+        # under mirroring), then clamp.
         zoom -= 1
         new_last = lattice_size(zoom) - 1
         row, col = (min(max((v - 2 + int(v - 2 < new_last)) // 2, 0), new_last) for v in (row, col))
@@ -146,10 +147,12 @@ def _reachable(config: EpisodeConfig, targets: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _episode_endings(config: EpisodeConfig, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Value of every way an episode can end, as (depth, target, state, kind) with kind 0 success, 1 stop, 2 timeout.
+    """Value of every way an episode can end, as (depth, target, state, kind) with
+    kind 0 success, 1 stop, 2 timeout.
 
-    Returns (reach, values) with values (H+1, T, 195, 3), -inf where that ending is impossible. Returns
-    telescope, so an ending's value is IoU_final - IoU_initial + bonus * [success] - penalty * [stopped].
+    Returns (reach, values) with values (H+1, T, 195, 3), -inf where that ending is
+    impossible. Returns telescope, so an ending's value is IoU_final - IoU_initial + bonus *
+    [success] - penalty * [stopped].
     """
     reach, success = _reachable(config, targets)
     iou = IOU[targets]  # (T, 195)
@@ -177,16 +180,19 @@ def _optimal_returns_by_target(config: EpisodeConfig) -> np.ndarray:
 def optimal_returns(
     target_states: np.ndarray, config: EpisodeConfig = EpisodeConfig()
 ) -> np.ndarray:
-    """Exact optimal (undiscounted) episode return for each target state (array of state indices)."""
+    """Exact optimal (undiscounted) episode return for each target
+    state (array of state indices)."""
     return _optimal_returns_by_target(config)[np.asarray(target_states)]
 
 
 def optimal_actions(target_state: int, config: EpisodeConfig = EpisodeConfig()) -> list[int]:
-    """An action sequence achieving the optimal return for this target (shortest among optimal ones)."""
+    """An action sequence achieving the optimal return for this target
+    (shortest among optimal ones)."""
     reach, values = _episode_endings(config, np.array([int(target_state)]))
     reach, values = reach[:, 0], values[:, 0]  # (H+1, 195), (H+1, 195, 3)
     best = values.max()
-    # First (shallowest) ending with the optimal value: argmax over the flattened (depth, state, kind).
+    # First (shallowest) ending with the optimal value: argmax over the
+    # flattened (depth, state, kind).
     depth, state, kind = np.unravel_index(int(np.argmax(values >= best - 1e-12)), values.shape)
     success = IOU[target_state] >= config.success_iou
     actions = [STOP] if kind == 1 else []

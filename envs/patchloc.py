@@ -1,4 +1,5 @@
-"""Patch-localization task sets and environments (a single gymnasium.Env and a native batched VectorEnv).
+"""Patch-localization task sets and environments (a single gymnasium.Env
+and a native batched VectorEnv).
 
 See envs/__init__.py for the task, envs/lattice.py for the window dynamics and the exact optimal
 return, envs/images.py for the image sources.
@@ -45,8 +46,9 @@ except ImportError:  # pragma: no cover - older gymnasium
 
 logger = logging.getLogger(__name__)
 
-# Outline colours for the overview, bright and saturated; each task uses the one that stands out most
-# from its image (a fixed magenta would vanish on H&E-stained histopathology, a fixed green on foliage).
+# Outline colours for the overview, bright and saturated; each task uses the one that
+# stands out most from its image (a fixed magenta would vanish on H&E-stained
+# histopathology, a fixed green on foliage).
 OUTLINE_COLOURS = np.array(
     [
         [255, 0, 255],
@@ -73,21 +75,28 @@ _PROGRESS_DELAY_S = (
 class TaskSet:
     """A fixed set of tasks (image pyramid + target window), shared by any number of envs.
 
-    Several tasks may share an image (make_task_sets' targets_per_image); its pyramid is stored once.
+    Several tasks may share an image (make_task_sets' targets_per_image); its pyramid is stored
+    once.
 
     Attributes:
         split: "train" or "test".
         view_size: V, the side of every view in the observation.
-        image_size: m, the nominal image side (folder images are resized to it before the pyramid).
-        levels: three uint8 arrays; levels[z] has shape (num_images, V*2^z, V*2^z, 3) and holds the image
-            at the resolution where a zoom-z window is exactly V pixels wide. levels[0] is the overview.
-        task_images: (num_tasks,) index of each task's image in levels (task i // targets_per_image).
-        target_states: (num_tasks,) lattice state index of each target window (see envs.lattice).
-        targets: (num_tasks, 3) int (zoom, row, col) of each target; zoom is 1 (side m/2) or 2 (side m/4).
+        image_size: m, the nominal image side (folder images are resized to it before the
+            pyramid).
+        levels: three uint8 arrays; levels[z] has shape (num_images, V*2^z, V*2^z, 3) and holds
+            the image at the resolution where a zoom-z window is exactly V pixels wide. levels[0]
+            is the overview.
+        task_images: (num_tasks,) index of each task's image in levels (task i //
+            targets_per_image).
+        target_states: (num_tasks,) lattice state index of each target window (see
+            envs.lattice).
+        targets: (num_tasks, 3) int (zoom, row, col) of each target; zoom is 1 (side m/2) or 2
+            (side m/4).
         target_boxes: (num_tasks, 4) float (y0, x0, y1, x1) of each target, normalised to [0, 1]
             (y1, x1 exclusive); multiply by the side of image(i) for pixel coordinates.
         outline_colours: (num_tasks, 3) uint8 colour of the window outline drawn on the overview.
-        image_names: one string per image (file path, or procedural seed/split/index); image_ids: one per task.
+        image_names: one string per image (file path, or procedural seed/split/index); image_ids:
+            one per task.
     """
 
     def __init__(
@@ -107,12 +116,14 @@ class TaskSet:
         self.target_states = np.asarray(target_states, dtype=np.int64)
         self.image_colours = np.asarray(image_colours, dtype=np.uint8)
         self.image_names: list[str] = list(image_names)
-        # Per state: pyramid level and top-left pixel of its view (lattice step = V/4 pixels at every level)...
+        # Per state: pyramid level and top-left pixel of its view (lattice step =
+        # V/4 pixels at every level)...
         quarter = view_size // 4
         self.view_offsets = np.stack(
             [STATES[:, 0], STATES[:, 1] * quarter, STATES[:, 2] * quarter], axis=1
         )
-        # ... and its outline on the overview: first and last row/column, inclusive, in overview pixels.
+        # ... and its outline on the overview: first and last row/column,
+        # inclusive, in overview pixels.
         self.outline_pixels = _inclusive_pixel_boxes(view_size)
 
     def __len__(self) -> int:
@@ -148,11 +159,13 @@ class TaskSet:
         return sum(level.nbytes for level in self.levels)
 
     def image(self, task_id: int) -> np.ndarray:
-        """The task's image at the finest stored resolution: uint8 (4V, 4V, 3) (a view, do not modify)."""
+        """The task's image at the finest stored resolution: uint8 (4V, 4V,
+        3) (a view, do not modify)."""
         return self.levels[2][self.task_images[task_id]]
 
     def image_view(self, image: int, state: int) -> np.ndarray:
-        """The V x V view of lattice window `state` (an index into envs.lattice.STATES) of image `image`: a slice."""
+        """The V x V view of lattice window `state` (an index into
+        envs.lattice.STATES) of image `image`: a slice."""
         zoom, y, x = self.view_offsets[state]
         return self.levels[zoom][image, y : y + self.view_size, x : x + self.view_size]
 
@@ -165,14 +178,16 @@ class TaskSet:
         return self.view(task_id, self.target_states[task_id])
 
     def draw_overview(self, out: np.ndarray, task_id: int, state: int) -> None:
-        """Write the overview (levels[0]) with window `state` outlined (1-px rectangle) into `out` (V, V, 3)."""
+        """Write the overview (levels[0]) with window `state` outlined (1-px
+        rectangle) into `out` (V, V, 3)."""
         image = self.task_images[task_id]
         out[...] = self.levels[0][image]
         _draw_outline(out, self.outline_pixels[state], self.image_colours[image], 1)
 
     def draw_frame(self, task_id: int, state: int) -> np.ndarray:
-        """The task's image (4V x 4V) with the target outlined and window `state` outlined on top, each in one of
-        the two colours that stand out most from the image (the window in the overview's colour): (4V, 4V, 3)."""
+        """The task's image (4V x 4V) with the target outlined and window `state` outlined on top,
+        each in one of the two colours that stand out most from the image (the window in the
+        overview's colour): (4V, 4V, 3)."""
         frame = self.image(task_id).copy()
         side = frame.shape[0]
         window_colour, target_colour = OUTLINE_COLOURS[
@@ -185,11 +200,13 @@ class TaskSet:
         return frame
 
     def initial_ious(self) -> np.ndarray:
-        """IoU of the starting window (the full image) with each target: 0.25 for m/2 targets, 0.0625 for m/4."""
+        """IoU of the starting window (the full image) with each target: 0.25 for
+        m/2 targets, 0.0625 for m/4."""
         return IOU[self.target_states, INITIAL_STATE]
 
     def optimal_returns(self, config: EpisodeConfig = EpisodeConfig()) -> np.ndarray:
-        """(num_tasks,) exact optimal undiscounted return of each task (breadth-first search, envs.lattice)."""
+        """(num_tasks,) exact optimal undiscounted return of each task
+        (breadth-first search, envs.lattice)."""
         return optimal_returns(self.target_states, config)
 
     def optimal_actions(self, task_id: int, config: EpisodeConfig = EpisodeConfig()) -> list[int]:
@@ -198,13 +215,15 @@ class TaskSet:
 
 
 def _inclusive_pixel_boxes(side: int) -> np.ndarray:
-    """(195, 4) first and last row/column (inclusive) of every lattice window on a side x side image."""
+    """(195, 4) first and last row/column (inclusive) of every lattice
+    window on a side x side image."""
     edges = np.round(NORMALIZED_BOXES * side).astype(np.int64)
     return np.clip(edges - np.array([0, 0, 1, 1]), 0, side - 1)
 
 
 def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thickness: int) -> None:
-    """Draw a rectangle outline `thickness` pixels wide, inside the inclusive pixel box (y0, x0, y1, x1), into out."""
+    """Draw a rectangle outline `thickness` pixels wide, inside the inclusive pixel box
+    (y0, x0, y1, x1), into out."""
     y0, x0, y1, x1 = box
     t = thickness
     out[y0 : y0 + t, x0 : x1 + 1] = colour
@@ -213,14 +232,14 @@ def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thicknes
     out[y0 : y1 + 1, x1 - t + 1 : x1 + 1] = colour
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Task-set creation
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _choose_targets(
     task_set: TaskSet, image: int, count: int, target_zooms: Sequence[int], min_std: float, rng
 ) -> list:
-    """`count` distinct random lattice targets at target_zooms (zooms equally likely) whose patches are not
-    near-uniform; raises UnusableImage if the image has fewer such crops."""
+    """`count` distinct random lattice targets at target_zooms (zooms equally likely) whose patches
+    are not near-uniform; raises UnusableImage if the image has fewer such crops."""
     candidates = np.flatnonzero(np.isin(STATES[:, 0], target_zooms))
     counts = np.bincount(STATES[candidates, 0])
     # Weighted random order without replacement (Efraimidis-Spirakis keys log(u)/w): with weights
@@ -237,12 +256,11 @@ def _choose_targets(
 
 
 def _colour_ranking(overview: np.ndarray) -> np.ndarray:
-    """Indices of OUTLINE_COLOURS, the colour farthest from most of the overview's pixels (10th percentile distance)
-    first."""
+    """Indices of OUTLINE_COLOURS, the colour farthest from most of the overview's pixels (10th
+    percentile distance) first."""
     pixels = overview[::2, ::2].reshape(-1, 1, 3).astype(np.float32)  # every other pixel is plenty
-    dist = np.linalg.norm(
-        pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2
-    )  # (V*V, colours)
+    # (V*V, colours)
+    dist = np.linalg.norm(pixels - OUTLINE_COLOURS[None].astype(np.float32), axis=2)
     return np.argsort(-np.percentile(dist, 10, axis=0), kind="stable")
 
 
@@ -257,15 +275,17 @@ def _fill(
     progress,
     skipped,
 ):
-    """Load images from `sources`, in order, into task_set's image slots and choose their targets, until every slot
-    is filled; unusable sources are appended to skipped[reason]. Returns (slots filled, sources examined)."""
+    """Load images from `sources`, in order, into task_set's image slots and choose their
+    targets, until every slot is filled; unusable sources are appended to skipped[reason].
+    Returns (slots filled, sources examined)."""
     split_stream = _SPLITS[task_set.split]
     filled = examined = 0
     for source in sources:
         if filled == task_set.num_images:
             break
         examined += 1
-        # Random streams per image (seed, split, index[, purpose]): image i does not depend on the task counts.
+        # Random streams per image (seed, split, index[, purpose]): image i does
+        # not depend on the task counts.
         try:
             top, name = load_top(source, np.random.default_rng([seed, split_stream, filled]))
             for z, level in enumerate(build_pyramid(top)):
@@ -319,22 +339,25 @@ def _build_task_sets(
     targets_per_image,
     splits,
 ) -> dict[str, TaskSet]:
-    """make_task_sets, building only `splits` (a folder's held-out images are always chosen: training avoids them)."""
+    """make_task_sets, building only `splits` (a folder's held-out images are always
+    chosen: training avoids them)."""
     _check_int("num_train_tasks", num_train_tasks, 1)
     _check_int("num_test_tasks", num_test_tasks, 1)
     _check_int("seed", seed, 0)
     _check_int("view_size", view_size, 4)
     if view_size % 4:
         raise PatchLocConfigError(
-            f"view_size must be a multiple of 4 (got {view_size}): windows move on a lattice of a quarter of the view"
+            f"view_size must be a multiple of 4 (got {view_size}): windows move on a lattice of a "
+            "quarter of the view"
         )
     if image_size is None:
         image_size = 4 * view_size
     _check_int("image_size", image_size, 1)
     if image_size < 4 * view_size:
         raise PatchLocConfigError(
-            f"image_size ({image_size}) must be >= 4 * view_size ({4 * view_size}) so that a zoom-2 window "
-            "(image_size/4 pixels) covers at least view_size pixels; raise image_size or lower view_size"
+            f"image_size ({image_size}) must be >= 4 * view_size ({4 * view_size}) so that a "
+            "zoom-2 window (image_size/4 pixels) covers at least view_size pixels; raise "
+            "image_size or lower view_size"
         )
     target_zooms = tuple(sorted(set(int(z) for z in target_zooms)))
     if not target_zooms or not set(target_zooms) <= {1, 2}:
@@ -345,8 +368,8 @@ def _build_task_sets(
     _check_int("targets_per_image", targets_per_image, 1)
     if targets_per_image > max_targets:
         raise PatchLocConfigError(
-            f"targets_per_image must be <= {max_targets}, the lattice windows at target_zooms {target_zooms} "
-            f"(got {targets_per_image})"
+            f"targets_per_image must be <= {max_targets}, the lattice windows at target_zooms "
+            f"{target_zooms} (got {targets_per_image})"
         )
     side = 4 * view_size
     num_tasks = {"train": num_train_tasks, "test": num_test_tasks}
@@ -391,7 +414,8 @@ def _build_task_sets(
                 filled, _ = _fill(task_sets[split], names, load_top, *fill_args, progress, skipped)
                 if filled < task_sets[split].num_images:
                     raise PatchLocConfigError(
-                        f"procedural image '{names[filled]}' is near-uniform at min_target_std={min_target_std}; lower it"
+                        f"procedural image '{names[filled]}' is near-uniform at "
+                        f"min_target_std={min_target_std}; lower it"
                     )
             return {split: task_sets[split] for split in splits}
 
@@ -400,9 +424,10 @@ def _build_task_sets(
 
         files = list_image_files(image_source)
         order = np.random.default_rng([seed, _FILE_ORDER_STREAM]).permutation(len(files))
-        # Held-out images come from the end of a seeded permutation and training images from its start, so the
-        # held-out set does not change with the number of training tasks; an unusable file is replaced by the next
-        # one inwards (held-out: the file before its block, then earlier ones).
+        # Held-out images come from the end of a seeded permutation and training images from
+        # its start, so the held-out set does not change with the number of training tasks;
+        # an unusable file is replaced by the next one inwards (held-out: the file before
+        # its block, then earlier ones).
         first_test = max(len(files) - task_sets["test"].num_images, 0)
         test_order = np.concatenate([order[first_test:], order[:first_test][::-1]])
         usable, examined = _fill(
@@ -423,12 +448,14 @@ def _build_task_sets(
     summary = _skip_summary(skipped, image_source)
     if usable < sum(needed[s] for s in built):
         raise PatchLocConfigError(
-            f"image folder '{image_source}' has {usable} usable images but {sum(needed.values())} are needed "
-            f"({needed['train']} for {num_train_tasks} training tasks + {needed['test']} for {num_test_tasks} held-out "
-            f"tasks, targets_per_image={targets_per_image})"
+            f"image folder '{image_source}' has {usable} usable images but {sum(needed.values())} "
+            f"are needed ({needed['train']} for {num_train_tasks} training tasks + "
+            f"{needed['test']} for {num_test_tasks} held-out tasks, "
+            f"targets_per_image={targets_per_image})"
             + (f"; skipped {summary}" if summary else "")
             + "; add "
-            "images, raise targets_per_image (--targets-per-image), lower image_size or ask for fewer tasks"
+            "images, raise targets_per_image (--targets-per-image), lower image_size or ask for "
+            "fewer tasks"
         )
     if skipped:
         logger.warning(
@@ -456,22 +483,27 @@ def make_task_sets(
 
     Args:
         num_train_tasks, num_test_tasks: tasks per set (>= 1 each).
-        image_source: "procedural" (built-in generator, no download) or a folder of .jpg/.jpeg/.png/.tif/.tiff
-            images of any size, subfolders included; each is center-cropped to a square and resized to image_size.
-            Unreadable, too small or near-uniform files are skipped (one warning line counts them by reason); it
-            is an error only when too few usable images remain.
-        image_size: m, the side images are processed at; must be >= 4 * view_size so that a zoom-2 window
-            (m/4 pixels) is never upsampled. None: 4 * view_size. Procedural images are generated directly at 4V.
-        view_size: V, the side of each of the three observation views; a multiple of 4 (lattice step V/4).
-        seed: same seed -> identical tasks and images. Per image, the stream is (seed, split, index), so
-            task i does not depend on how many tasks were asked for.
+        image_source: "procedural" (built-in generator, no download) or a folder of
+            .jpg/.jpeg/.png/.tif/.tiff images of any size, subfolders included; each is
+            center-cropped to a square and resized to image_size. Unreadable, too small or
+            near-uniform files are skipped (one warning line counts them by reason); it is an
+            error only when too few usable images remain.
+        image_size: m, the side images are processed at; must be >= 4 * view_size so that a
+            zoom-2 window (m/4 pixels) is never upsampled. None: 4 * view_size. Procedural
+            images are generated directly at 4V.
+        view_size: V, the side of each of the three observation views; a multiple of 4 (lattice
+            step V/4).
+        seed: same seed -> identical tasks and images. Per image, the stream is (seed, split,
+            index), so task i does not depend on how many tasks were asked for.
         target_zooms: zoom levels of the targets: 1 (side m/2), 2 (side m/4), equally likely.
-        min_target_std: target crops whose pixel std (per channel, averaged; 0-255 scale) is below this are
-            rejected as near-uniform.
-        targets_per_image: k, tasks per image (distinct targets): task i is on image i // k, so a set of n
-            tasks needs ceil(n / k) images. k = 1 gives the same tasks as before this option existed.
+        min_target_std: target crops whose pixel std (per channel, averaged; 0-255 scale) is
+            below this are rejected as near-uniform.
+        targets_per_image: k, tasks per image (distinct targets): task i is on image i // k, so a
+            set of n tasks needs ceil(n / k) images. k = 1 gives the same tasks as before this
+            option existed.
     Raises:
-        PatchLocConfigError (a ValueError) with a one-line message on any bad setting or too few usable images.
+        PatchLocConfigError (a ValueError) with a one-line message on any bad setting or too few
+        usable images.
     """
     sets = _build_task_sets(
         num_train_tasks,
@@ -500,9 +532,10 @@ def make_task_set(
     target_zooms: Sequence[int] = (1, 2),
     min_target_std: float = 8.0,
 ) -> TaskSet:
-    """One split of make_task_sets(num_tasks, num_test_tasks, ...): the same tasks, without building the other split
-    (except a folder's held-out images, which training must avoid). These are the task-set settings that
-    PatchLocEnv, PatchLocVecEnv and gymnasium.make("PatchLoc-v0", ...) accept in place of a task_set."""
+    """One split of make_task_sets(num_tasks, num_test_tasks, ...): the same tasks, without
+    building the other split (except a folder's held-out images, which training must avoid). These
+    are the task-set settings that PatchLocEnv, PatchLocVecEnv and gymnasium.make("PatchLoc-v0",
+    ...) accept in place of a task_set."""
     if split not in _SPLITS:
         raise PatchLocConfigError(f"split must be 'train' or 'test' (got {split!r})")
     sets = _build_task_sets(
@@ -530,9 +563,9 @@ def _resolve_task_set(task_set: Optional[TaskSet], settings: dict[str, Any]) -> 
     return task_set
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Environments
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class _Batch:
     """State of N episodes as flat arrays, and the observation buffer they render into.
 
@@ -551,7 +584,8 @@ class _Batch:
         self.obs = np.zeros((num_envs, 3, v, v, 3), dtype=np.uint8)
 
     def start(self, env_ids: np.ndarray, task_ids: np.ndarray) -> None:
-        """Begin new episodes of these tasks in these envs (window = full image); renders their obs."""
+        """Begin new episodes of these tasks in these envs (window =
+        full image); renders their obs."""
         self.tasks[env_ids] = task_ids
         self.target_states[env_ids] = self.task_set.target_states[task_ids]
         self.states[env_ids] = INITIAL_STATE
@@ -561,8 +595,8 @@ class _Batch:
         self.render(env_ids, target=True)
 
     def render(self, env_ids, target: bool = False) -> None:
-        """Write views 1 (outlined overview) and 2 (current window) of these envs into self.obs; view 0
-        (the target patch, constant during an episode) too if `target`."""
+        """Write views 1 (outlined overview) and 2 (current window) of these envs into self.obs;
+        view 0 (the target patch, constant during an episode) too if `target`."""
         for i in env_ids:
             task, state = self.tasks[i], self.states[i]
             if target:
@@ -573,8 +607,8 @@ class _Batch:
     def step(
         self, actions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Advance every env by one action (table look-ups); does not render. Returns (reward, terminated,
-        truncated, success, stopped)."""
+        """Advance every env by one action (table look-ups); does not render. Returns (reward,
+        terminated, truncated, success, stopped)."""
         cfg = self.config
         if actions.shape != self.states.shape or actions.min() < 0 or actions.max() >= NUM_ACTIONS:
             raise ValueError(
@@ -601,8 +635,8 @@ def _episode_config(
     start_iou = float(task_set.initial_ious().max())
     if not start_iou < success_iou <= 1.0:
         raise PatchLocConfigError(
-            f"success_iou must be in ({start_iou:g}, 1] (got {success_iou}): the starting full-image window "
-            f"already has IoU {start_iou:g} with the largest targets"
+            f"success_iou must be in ({start_iou:g}, 1] (got {success_iou}): the starting "
+            f"full-image window already has IoU {start_iou:g} with the largest targets"
         )
     return EpisodeConfig(
         int(max_steps), float(success_iou), float(success_bonus), float(stop_penalty)
@@ -613,28 +647,32 @@ _ENV_ARGS_DOC = """
     Episode and reward (constructor arguments; returns telescope to
     IoU_final - IoU_initial + success_bonus * [success] - stop_penalty * [stopped]):
         max_steps (20): steps before truncation.
-        success_iou (0.5): the episode ends in success as soon as IoU(window, target) >= this, detected
-            by the env. Each step is rewarded with its IoU improvement.
+        success_iou (0.5): the episode ends in success as soon as IoU(window, target) >= this,
+            detected by the env. Each step is rewarded with its IoU improvement.
         success_bonus (1.0): added on success.
         stop_penalty (0.2): subtracted when the agent gives up with `stop`.
-    Why this reward (measured on a small prototype, SPEC section 7): a step cost plus a bonus only on a
-    successful *stop* taught PPO to stop at once; +1/-1 on stop taught it never to stop; with success
-    detected by the env (this design) the return rose steadily. The exact optimal return of each task
-    (breadth-first search over the 195 lattice windows within max_steps) is `optimal_returns`.
+    Why this reward (measured on a small prototype, SPEC section 7): a step cost plus a bonus only
+    on a successful *stop* taught PPO to stop at once; +1/-1 on stop taught it never to stop; with
+    success detected by the env (this design) the return rose steadily. The exact optimal return
+    of each task (breadth-first search over the 195 lattice windows within max_steps) is
+    `optimal_returns`.
 """
 
 
 _TASKS_DOC = """
-    Tasks: task_set (from make_task_sets), or, when it is None, task-set settings passed on to make_task_set:
-    split ("train"), num_tasks (64), num_test_tasks (16), image_source ("procedural" or a folder),
-    targets_per_image (1), image_size (None: 4 x view_size), view_size (112), seed (0), target_zooms, min_target_std.
-    render_mode "rgb_array": render() returns the image (4V x 4V) with the target and the window outlined.
+    Tasks: task_set (from make_task_sets), or, when it is None, task-set settings passed on to
+    make_task_set: split ("train"), num_tasks (64), num_test_tasks (16), image_source ("procedural"
+    or a folder), targets_per_image (1), image_size (None: 4 x view_size), view_size (112), seed
+    (0), target_zooms, min_target_std.
+    render_mode "rgb_array": render() returns the image (4V x 4V) with the target and the window
+    outlined.
 """
 
 
 class PatchLocEnv(gym.Env):
     __doc__ = (
-        """Single patch-localization env over a TaskSet; gymnasium.make("PatchLoc-v0", ...) makes one.
+        """Single patch-localization env over a TaskSet; gymnasium.make("PatchLoc-v0", ...) makes
+    one.
 
     Observation: uint8 (3, V, V, 3): target patch, overview with the window outlined, current view.
     Actions: Discrete(7): up, down, left, right, zoom in, zoom out, stop (see envs.lattice).
@@ -703,10 +741,12 @@ class PatchLocEnv(gym.Env):
         )
 
     def render(self) -> Optional[np.ndarray]:
-        """render_mode "rgb_array": the image with the target and the current window outlined, uint8 (4V, 4V, 3)."""
+        """render_mode "rgb_array": the image with the target and the current window
+        outlined, uint8 (4V, 4V, 3)."""
         if self.render_mode is None:
             gym.logger.warn(
-                "PatchLocEnv.render() was called without a render_mode; pass render_mode='rgb_array'"
+                "PatchLocEnv.render() was called without a render_mode; pass "
+                "render_mode='rgb_array'"
             )
             return None
         return self.task_set.draw_frame(self._batch.tasks[0], self._batch.states[0])
@@ -722,13 +762,15 @@ class PatchLocEnv(gym.Env):
         return NORMALIZED_BOXES[self._batch.states[0]].copy()
 
     def optimal_actions(self, task_id: int) -> list[int]:
-        """An oracle action sequence achieving optimal_returns[task_id] under this env's parameters."""
+        """An oracle action sequence achieving optimal_returns[task_id]
+        under this env's parameters."""
         return self.task_set.optimal_actions(task_id, self.config)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Policy helpers: the held-out protocol, an episode's window path, drawn (the script's images and --capture-video)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Policy helpers: the held-out protocol, an episode's window path, drawn (the script's images and
+# --capture-video)
+# --------------------------------------------------------------------------------------------------
 Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations (N, 3, V, V, 3) -> N actions
 
 
@@ -740,17 +782,17 @@ def run_tasks(
     max_steps: int = 20,
     seed: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
-    """Tasks 0..num_tasks-1 of `task_set`, each played exactly once by `act` in min(num_envs, num_tasks) envs (the
-    held-out evaluation protocol): per-episode arrays of the return r, normalized_r (return / exact optimum), success."""
+    """Tasks 0..num_tasks-1 of `task_set`, each played exactly once by `act` in min(num_envs,
+    num_tasks) envs (the held-out evaluation protocol): per-episode arrays of the return r,
+    normalized_r (return / exact optimum), success."""
     envs = PatchLocVecEnv(task_set, min(num_envs, num_tasks), max_steps=max_steps)
     next_obs, _ = envs.reset(seed=seed, options={"task_ids": np.arange(num_tasks)})
     results = {"r": [], "normalized_r": [], "success": []}
     while len(results["r"]) < num_tasks:
         next_obs, _, _, _, infos = envs.step(act(next_obs))
         if "episode" in infos:
-            counted = (
-                infos["_episode"] & infos["episode"]["from_queue"]
-            )  # later episodes draw random tasks
+            # Later episodes draw random tasks
+            counted = infos["_episode"] & infos["episode"]["from_queue"]
             for key in results:
                 results[key].extend(infos["episode"][key][counted])
     envs.close()
@@ -760,8 +802,8 @@ def run_tasks(
 def episode_windows(
     task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None
 ) -> list:
-    """The window boxes (normalised, like TaskSet.target_boxes) of one episode of task `task_id` played by `act`, from
-    the full image to the last step."""
+    """The window boxes (normalised, like TaskSet.target_boxes) of one episode of task `task_id`
+    played by `act`, from the full image to the last step."""
     env = PatchLocEnv(task_set, max_steps=max_steps)
     obs, _ = env.reset(seed=seed, options={"task_id": task_id})
     boxes, done = [env.window_box], False
@@ -779,7 +821,8 @@ def draw_episodes(
     max_steps: int = 20,
     seed: Optional[int] = None,
 ) -> np.ndarray:
-    """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side by side: (4V, n 4V, 3) uint8."""
+    """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side
+    by side: (4V, n 4V, 3) uint8."""
     drawings = []
     for task_id in task_ids:
         boxes = episode_windows(task_set, task_id, act, max_steps, seed)
@@ -792,7 +835,8 @@ def draw_episodes(
 def draw_episode_steps(
     task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None
 ) -> list[np.ndarray]:
-    """One episode of task `task_id` played by `act`, drawn after every step (the path so far): the frames of a video."""
+    """One episode of task `task_id` played by `act`, drawn after every step (the path so
+    far): the frames of a video."""
     boxes = episode_windows(task_set, task_id, act, max_steps, seed)
     image, target = task_set.image(task_id), task_set.target_boxes[task_id]
     return [draw_episode(image, boxes[: t + 1], target) for t in range(len(boxes))]
@@ -801,7 +845,8 @@ def draw_episode_steps(
 def draw_episode(
     image: np.ndarray, window_boxes: Sequence[np.ndarray], target_box: np.ndarray
 ) -> np.ndarray:
-    """The full image with the target (green) and the window's path, one outline per step (blue -> yellow)."""
+    """The full image with the target (green) and the window's path, one
+    outline per step (blue -> yellow)."""
     canvas = image.copy()
     side = canvas.shape[0]
 
@@ -833,24 +878,30 @@ def _check_render_mode(render_mode: Optional[str], metadata: dict) -> Optional[s
 
 class PatchLocVecEnv(gym.vector.VectorEnv):
     __doc__ = (
-        """Native batched patch-localization env: num_envs episodes in flat numpy arrays, same-step auto-reset.
-    gymnasium.make_vec("PatchLoc-v0", num_envs=N, ...) makes one.
+        """Native batched patch-localization env: num_envs episodes in flat numpy arrays, same-step
+    auto-reset. gymnasium.make_vec("PatchLoc-v0", num_envs=N, ...) makes one.
 
-    step(actions) -> obs (N, 3, V, V, 3) uint8, rewards float32 (N,), terminations, truncations, infos.
-    When an episode ends the returned obs is already the first obs of the env's next episode (tasks drawn
-    uniformly from the TaskSet with np_random, seeded by reset(seed=...)); infos then holds
+    step(actions) -> obs (N, 3, V, V, 3) uint8, rewards float32 (N,), terminations, truncations,
+    infos. When an episode ends the returned obs is already the first obs of the env's next episode
+    (tasks drawn uniformly from the TaskSet with np_random, seeded by reset(seed=...)); infos then
+    holds
         infos["episode"] = {"r": float32, "l": int32, "normalized_r": float32 (r / optimal return),
-                            "success": bool, "stopped": bool, "final_iou": float32, "task_id": int64,
-                            "from_queue": bool (the task came from reset's task_ids)}   (arrays of N)
+                            "success": bool, "stopped": bool, "final_iou": float32,
+                            "task_id": int64,
+                            "from_queue": bool (the task came from reset's task_ids)}
+                           (arrays of N)
         infos["_episode"] = bool mask of the envs whose episode ended (other entries are 0),
-        infos["final_obs"] = object array of the last obs of those episodes (None elsewhere), "_final_obs".
-    reset(seed=None, options={"task_ids": ids}) starts env i on task ids[i]; extra ids (len(ids) > N) are
-    queued and handed out, in order, at the next auto-resets (then tasks are random again): run each
-    held-out task once by passing all its ids and counting episodes with from_queue.
-    window_boxes() -> (N, 4) current windows (y0, x0, y1, x1) normalised to [0, 1] (TaskSet.target_boxes).
+        infos["final_obs"] = object array of the last obs of those episodes (None elsewhere),
+        "_final_obs".
+    reset(seed=None, options={"task_ids": ids}) starts env i on task ids[i]; extra ids
+    (len(ids) > N) are queued and handed out, in order, at the next auto-resets (then tasks are
+    random again): run each held-out task once by passing all its ids and counting episodes with
+    from_queue.
+    window_boxes() -> (N, 4) current windows (y0, x0, y1, x1) normalised to [0, 1]
+    (TaskSet.target_boxes).
     get_state() / set_state(state): numpy arrays to checkpoint and resume exactly.
-    copy (True): return a copy of the internal observation buffer (False: the buffer itself, overwritten
-    by the next step).
+    copy (True): return a copy of the internal observation buffer (False: the buffer itself,
+    overwritten by the next step).
     render() (render_mode "rgb_array"): a tuple of N frames, as PatchLocEnv.render().
     """
         + _TASKS_DOC
@@ -908,8 +959,8 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
                 or task_ids.max() >= self.task_set.num_tasks
             ):
                 raise PatchLocConfigError(
-                    f"options['task_ids'] needs at least {self.num_envs} ids in 0..{self.task_set.num_tasks - 1} "
-                    f"(got {len(task_ids)} ids)"
+                    f"options['task_ids'] needs at least {self.num_envs} ids in "
+                    f"0..{self.task_set.num_tasks - 1} (got {len(task_ids)} ids)"
                 )
             self._queue = task_ids
         tasks, self._from_queue = self._draw_tasks(self.num_envs)
@@ -954,10 +1005,12 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         return self._observations(), reward.astype(np.float32), terminated, truncated, infos
 
     def render(self) -> Optional[tuple[np.ndarray, ...]]:
-        """render_mode "rgb_array": one frame per env, the image with the target and the window outlined (4V, 4V, 3)."""
+        """render_mode "rgb_array": one frame per env, the image with the target and the
+        window outlined (4V, 4V, 3)."""
         if self.render_mode is None:
             gym.logger.warn(
-                "PatchLocVecEnv.render() was called without a render_mode; pass render_mode='rgb_array'"
+                "PatchLocVecEnv.render() was called without a render_mode; pass "
+                "render_mode='rgb_array'"
             )
             return None
         return tuple(
@@ -975,20 +1028,24 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         return STATES[self._batch.states].copy()
 
     def window_boxes(self) -> np.ndarray:
-        """(N, 4) float current windows (y0, x0, y1, x1) normalised to [0, 1], y1/x1 exclusive (as target_boxes)."""
+        """(N, 4) float current windows (y0, x0, y1, x1) normalised to [0, 1], y1/x1
+        exclusive (as target_boxes)."""
         return NORMALIZED_BOXES[self._batch.states].copy()
 
     def optimal_actions(self, task_id: int) -> list[int]:
-        """An oracle action sequence achieving optimal_returns[task_id] under this env's parameters."""
+        """An oracle action sequence achieving optimal_returns[task_id]
+        under this env's parameters."""
         return self.task_set.optimal_actions(task_id, self.config)
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume exactly (episodes in progress, task queue, task RNG), as numpy arrays of
-        int64 / float64 / bool, so that a checkpoint can store them as tensors (torch.load(weights_only=True))."""
+        """Everything needed to resume exactly (episodes in progress, task queue, task RNG), as
+        numpy arrays of int64 / float64 / bool, so that a checkpoint can store them as tensors
+        (torch.load(weights_only=True))."""
         rng = self.np_random.bit_generator.state
         if rng["bit_generator"] != "PCG64":
             raise TypeError(
-                f"get_state supports the PCG64 generator of gymnasium's seeding, not {rng['bit_generator']}"
+                "get_state supports the PCG64 generator of gymnasium's seeding, not "
+                f"{rng['bit_generator']}"
             )
         words = [
             rng["state"]["state"] >> 64,
@@ -1009,13 +1066,15 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore get_state() from an env with the same TaskSet and num_envs: the next step continues exactly."""
+        """Restore get_state() from an env with the same TaskSet and num_envs: the
+        next step continues exactly."""
         b, n = self._batch, self.num_envs
         tasks = np.asarray(state["tasks"], dtype=np.int64)
         if tasks.shape != (n,) or tasks.max() >= self.task_set.num_tasks:
             raise PatchLocConfigError(
-                f"saved env state is for {len(tasks)} envs over >= {tasks.max() + 1} tasks, not {n} envs over "
-                f"{self.task_set.num_tasks}; resume with the settings of the saved run"
+                f"saved env state is for {len(tasks)} envs over >= {tasks.max() + 1} tasks, not "
+                f"{n} envs over {self.task_set.num_tasks}; resume with the settings of the saved "
+                "run"
             )
         b.tasks[:], b.target_states[:] = tasks, self.task_set.target_states[tasks]
         b.states[:], b.steps[:], b.returns[:] = state["states"], state["steps"], state["returns"]

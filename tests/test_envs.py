@@ -35,7 +35,8 @@ from envs import (
 )
 from envs.lattice import NORMALIZED_BOXES, STATES, TRANSITIONS, optimal_returns, state_index
 
-V = 16  # small views keep the tests fast; V = 16 makes one lattice unit (m/16) exactly one overview pixel
+# Small views keep the tests fast; V = 16 makes one lattice unit (m/16) exactly one overview pixel
+V = 16
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,9 @@ def train(sets):
     return sets[0]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Independent reference geometry: a window is (y, x, side) in units of m/16 (image side = 16 units).
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def ref_move(y, x, side, action):
     """Reference dynamics, vectorised over windows (int arrays), from the task's definition."""
     y, x, side = (np.array(v, dtype=np.int64, copy=True) for v in (y, x, side))
@@ -91,7 +92,10 @@ def ref_iou(a, b):
     ih = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     iw = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = ih * iw
-    area = lambda c: (c[..., 2] - c[..., 0]) * (c[..., 3] - c[..., 1])  # noqa: E731
+
+    def area(c):
+        return (c[..., 2] - c[..., 0]) * (c[..., 3] - c[..., 1])
+
     return inter / (area(a) + area(b) - inter)
 
 
@@ -110,9 +114,9 @@ def box_of(y, x, side):
     return np.stack([y, x, y + side, x + side], axis=-1)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Observations and actions
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_observation_shape_dtype_and_content(train):
     env = PatchLocEnv(train)
     obs, info = env.reset(seed=0, options={"task_id": 2})
@@ -153,9 +157,8 @@ def test_action_table_matches_reference_geometry():
 
 
 def test_actions_move_the_window(train):
-    far = copy.copy(
-        train
-    )  # every target at (2, 7, 5): far from the windows visited below, so no success
+    # Every target at (2, 7, 5): far from the windows visited below, so no success
+    far = copy.copy(train)
     far.target_states = np.full(train.num_tasks, state_index(2, 7, 5))
     env = PatchLocEnv(far, max_steps=100)
     env.reset(seed=0, options={"task_id": 0})
@@ -169,9 +172,8 @@ def test_actions_move_the_window(train):
     for a in (UP, DOWN, LEFT, RIGHT, ZOOM_OUT):  # the full image cannot move or zoom out
         act(a, (0, 0, 0))
     act(ZOOM_IN, (1, 2, 2))
-    np.testing.assert_allclose(
-        env.window_box, [0.25, 0.25, 0.75, 0.75]
-    )  # same centre, half the side
+    # Same centre, half the side
+    np.testing.assert_allclose(env.window_box, [0.25, 0.25, 0.75, 0.75])
     act(UP, (1, 1, 2))
     act(UP, (1, 0, 2))
     act(UP, (1, 0, 2))  # border: no-op
@@ -179,14 +181,12 @@ def test_actions_move_the_window(train):
     act(LEFT, (1, 0, 0))
     act(LEFT, (1, 0, 0))
     act(ZOOM_IN, (2, 2, 2))
-    np.testing.assert_allclose(
-        env.window_box, [1 / 8, 1 / 8, 3 / 8, 3 / 8]
-    )  # centre (1/4, 1/4) kept
+    # Centre (1/4, 1/4) kept
+    np.testing.assert_allclose(env.window_box, [1 / 8, 1 / 8, 3 / 8, 3 / 8])
     act(ZOOM_IN, (2, 2, 2))  # zoom 2 is the deepest
     act(UP, (2, 1, 2))
-    act(
-        ZOOM_OUT, (1, 0, 0)
-    )  # exact position would be (-1/2, 0): rounded and clamped inside the image
+    # Exact position would be (-1/2, 0): rounded and clamped inside the image
+    act(ZOOM_OUT, (1, 0, 0))
     for _ in range(5):
         env.step(DOWN)
         env.step(RIGHT)
@@ -201,9 +201,8 @@ def test_actions_move_the_window(train):
     act(ZOOM_OUT, (1, 4, 4))  # clamped to the bottom-right corner
     act(ZOOM_IN, (2, 10, 10))
     env.step(UP)
-    act(
-        ZOOM_OUT, (1, 3, 4)
-    )  # centre (11, 12) units: rows 3 and 4 are equally close, ties go towards the image centre
+    # Centre (11, 12) units: rows 3 and 4 are equally close, ties go towards the image centre
+    act(ZOOM_OUT, (1, 3, 4))
     act(ZOOM_OUT, (0, 0, 0))
     act(STOP, (0, 0, 0))
 
@@ -271,9 +270,9 @@ def test_target_patch_is_the_target_window(train):
         assert np.abs(train.target_patch(task).astype(np.float32) - crop).max() <= 1.0
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reward and optimal return
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "params",
     [
@@ -316,7 +315,8 @@ def test_rewards_telescope(train, params):
 
 
 def brute_force_optimal(config: EpisodeConfig):
-    """Optimal return for each of the 195 possible targets by enumerating ALL 7^H action sequences."""
+    """Optimal return for each of the 195 possible targets by
+    enumerating ALL 7^H action sequences."""
     horizon = config.max_steps
     y, x, side = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.full(1, 16)
     path_boxes, path_actions = [box_of(y, x, side)[:, None]], np.zeros((1, 0), dtype=np.int64)
@@ -365,7 +365,8 @@ def test_optimal_return_matches_exhaustive_enumeration(config):
 
 
 def test_optimal_return_matches_recursive_search_at_full_horizon():
-    """A differently written search (memoised recursion over reference windows) at the default horizon 20."""
+    """A differently written search (memoised recursion over reference
+    windows) at the default horizon 20."""
     config = EpisodeConfig()
     windows = [tuple(int(v) for v in w) for w in zip(*ref_all_windows())]
     # The reference dynamics, tabulated once as a dict for speed: window -> next window per move.
@@ -416,17 +417,16 @@ def test_oracle_path_achieves_the_optimal_return(train):
             for k, action in enumerate(actions):
                 _, reward, terminated, truncated, _ = env.step(action)
                 total += reward
-                assert (terminated or truncated) == (
-                    k == len(actions) - 1
-                )  # ends exactly with the path
+                # Ends exactly with the path
+                assert (terminated or truncated) == (k == len(actions) - 1)
             assert total == pytest.approx(env.optimal_returns[task], abs=1e-9)
     # With the defaults every target is found: the optimum includes the success bonus.
     assert (train.optimal_returns() > 1.0).all()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Policy helpers: the held-out protocol (each task once), an episode's window path, its drawing
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_run_tasks_plays_each_task_once_with_the_policy(train):
     seen = []
 
@@ -439,9 +439,8 @@ def test_run_tasks_plays_each_task_once_with_the_policy(train):
         len(v) == 7 for v in results.values()
     )
     assert np.allclose(results["r"], -EpisodeConfig().stop_penalty) and not results["success"].any()
-    assert (
-        seen == [(3, 3, V, V, 3)] * 3
-    )  # 3 envs, one STOP each: 9 episodes, the 7 queued ones counted
+    # 3 envs, one STOP each: 9 episodes, the 7 queued ones counted
+    assert seen == [(3, 3, V, V, 3)] * 3
     wide = run_tasks(train, train.num_tasks, lambda obs: np.full(len(obs), STOP), num_envs=50)
     assert len(wide["r"]) == train.num_tasks  # more envs than tasks: min(num_envs, num_tasks) envs
 
@@ -455,9 +454,8 @@ def test_episode_windows_follow_the_policy_and_reach_the_target(train):
         )
         assert np.array_equal(boxes[0], [0.0, 0.0, 1.0, 1.0])  # episodes start on the full image
         assert len(boxes) == len(env.optimal_actions(task)) + 1 and next(actions, None) is None
-        assert (
-            ref_iou(boxes[-1], train.target_boxes[task]) >= 0.5
-        )  # the oracle path ends on the target
+        # The oracle path ends on the target
+        assert ref_iou(boxes[-1], train.target_boxes[task]) >= 0.5
 
 
 def test_draw_episode_steps_draws_the_path_so_far_after_every_step(train):
@@ -492,9 +490,9 @@ def test_draw_episodes_puts_each_drawn_episode_side_by_side(train):
         )
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Task sets and image sources
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_same_seed_same_tasks_different_seed_different(sets):
     again = make_task_sets(12, 4, image_size=4 * V, view_size=V, seed=3)
     other = make_task_sets(12, 4, image_size=4 * V, view_size=V, seed=4)
@@ -510,7 +508,8 @@ def test_same_seed_same_tasks_different_seed_different(sets):
 
 
 def task_set_digest(task_set):
-    """Hash of everything a task set holds: pyramids, targets, exact optimal returns, outline colours."""
+    """Hash of everything a task set holds: pyramids, targets, exact
+    optimal returns, outline colours."""
     h = hashlib.sha256()
     for level in task_set.levels:
         h.update(np.ascontiguousarray(level).tobytes())
@@ -530,7 +529,8 @@ def task_set_digest(task_set):
 def test_procedural_task_sets_unchanged(
     num_train, num_test, view_size, seed, digests, train_targets
 ):
-    """Pinned with the code before targets_per_image existed: committed results depend on these exact tasks."""
+    """Pinned with the code before targets_per_image existed: committed results
+    depend on these exact tasks."""
     train, test = make_task_sets(num_train, num_test, view_size=view_size, seed=seed)
     assert train.target_states.tolist() == train_targets
     assert (task_set_digest(train), task_set_digest(test)) == digests
@@ -693,9 +693,9 @@ def test_bad_env_arguments(train):
         env.step(np.array([0, 7]))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vector env
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def run_random(env, steps, seed, actions_rng=None):
     rng = actions_rng or np.random.default_rng(seed)
     trace = [env.reset(seed=seed)[0]]
@@ -722,9 +722,8 @@ def test_vec_env_autoreset_and_episode_statistics(train):
         lengths += 1
         done = term | trunc
         assert ("episode" in infos) == done.any()
-        for i in range(
-            n
-        ):  # every env's obs shows its current task and window, whether or not it was reset
+        # Every env's obs shows its current task and window, whether or not it was reset
+        for i in range(n):
             task, window = env.tasks[i], env.windows()[i]
             np.testing.assert_array_equal(obs[i, 0], train.target_patch(task))
             np.testing.assert_array_equal(obs[i, 2], train.view(task, state_index(*window)))
@@ -750,7 +749,8 @@ def test_vec_env_autoreset_and_episode_statistics(train):
                 assert tuple(env.windows()[i]) == (0, 0, 0)
                 np.testing.assert_array_equal(obs[i, 0], train.target_patch(new_task))
                 np.testing.assert_array_equal(obs[i, 2], train.levels[0][new_task])
-                # ... and the last obs of the finished one is in final_obs (same target, moved window unless stop at once).
+                # ... and the last obs of the finished one is in final_obs (same target, moved
+                # window unless stop at once).
                 np.testing.assert_array_equal(infos["final_obs"][i][0], prev_obs[i, 0])
                 returns[i], lengths[i] = 0.0, 0
             assert all(infos["final_obs"][i] is None for i in np.flatnonzero(~done))

@@ -1,7 +1,9 @@
-"""The patch-localization env the gymnasium way, and task sets from image folders as people have them.
+"""The patch-localization env the gymnasium way, and task sets from
+image folders as people have them.
 
-gymnasium.make / make_vec / check_env (render included), several targets per image with held-out images kept
-apart, folders with tiny, corrupt, huge, TIFF and nested files, the progress bar, and the default image size.
+gymnasium.make / make_vec / check_env (render included), several targets per image with
+held-out images kept apart, folders with tiny, corrupt, huge, TIFF and nested files, the
+progress bar, and the default image size.
 """
 
 import io
@@ -45,8 +47,8 @@ def assert_same_tasks(a, b):
 
 
 def textured(side, seed, block=1):
-    """A (side, side, 3) image with structure at every scale; block > 1 makes it out of flat block x block squares
-    (compresses to little, for huge test files)."""
+    """A (side, side, 3) image with structure at every scale; block > 1 makes it out of flat block x
+    block squares (compresses to little, for huge test files)."""
     small = procedural_image(np.random.default_rng(seed), -(-side // block))
     return np.repeat(np.repeat(small, block, axis=0), block, axis=1)[:side, :side]
 
@@ -63,9 +65,9 @@ def save(folder, name, array, **kwargs):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # gymnasium.make, make_vec, check_env
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_make_and_make_vec_with_defaults():
     assert gym.spec(ENV_ID).vector_entry_point == "envs.patchloc:PatchLocVecEnv"
     env = gym.make(ENV_ID)  # procedural images, 64 training tasks, 112-px views (the paper's)
@@ -95,9 +97,8 @@ def test_make_settings_are_make_task_sets_arguments():
     assert_same_tasks(gym.make(ENV_ID, **kwargs).unwrapped.task_set, train)
     assert_same_tasks(gym.make(ENV_ID, split="test", **kwargs).unwrapped.task_set, test)
     assert_same_tasks(gym.make_vec(ENV_ID, num_envs=2, split="test", **kwargs).task_set, test)
-    assert (
-        gym.make(ENV_ID, task_set=test).unwrapped.task_set is test
-    )  # or a task set made beforehand
+    # Or a task set made beforehand
+    assert gym.make(ENV_ID, task_set=test).unwrapped.task_set is test
     env = gym.make(ENV_ID, task_set=test, max_steps=7)  # episode settings pass through
     assert env.unwrapped.config.max_steps == 7
     assert PatchLocEnv(view_size=V, num_tasks=2).task_set.num_tasks == 2  # no task set needed
@@ -110,7 +111,8 @@ def test_make_settings_are_make_task_sets_arguments():
 
 
 def test_make_and_make_vec_with_a_folder(tmp_path):
-    # 8 ordinary photos of mixed sizes and formats make 48 training + 16 held-out tasks (8 targets per image).
+    # 8 ordinary photos of mixed sizes and formats make 48 training + 16 held-out
+    # tasks (8 targets per image).
     sizes = [
         (100, 80),
         (90, 130),
@@ -142,9 +144,8 @@ def test_make_and_make_vec_with_a_folder(tmp_path):
     assert obs.shape == (3, V, V, 3)
     vec = gym.make_vec(ENV_ID, num_envs=4, split="test", **kwargs)
     assert (vec.task_set.num_tasks, vec.task_set.num_images) == (16, 2)
-    assert not set(train.image_names) & set(
-        vec.task_set.image_names
-    )  # held-out images stay held out
+    # Held-out images stay held out
+    assert not set(train.image_names) & set(vec.task_set.image_names)
     assert len(set(train.image_names) | set(vec.task_set.image_names)) == 8
     vec.reset(seed=0)
     vec.step(np.zeros(4, dtype=np.int64))
@@ -158,26 +159,23 @@ def test_check_env_and_render():
     assert not [str(w.message) for w in caught]
 
     task_set = env.unwrapped.task_set
-    task = next(
-        i for i in range(6) if (task_set.targets[i, 1:] > 0).all()
-    )  # a target away from the image border
+    # A target away from the image border
+    task = next(i for i in range(6) if (task_set.targets[i, 1:] > 0).all())
     env.reset(seed=0, options={"task_id": task})
     frame = env.render()
     side = 4 * V
     assert frame.shape == (side, side, 3) and frame.dtype == np.uint8
     window_colour = task_set.outline_colours[task]
-    np.testing.assert_array_equal(
-        frame[0, :], np.broadcast_to(window_colour, (side, 3))
-    )  # the window: whole image
+    # The window: whole image
+    np.testing.assert_array_equal(frame[0, :], np.broadcast_to(window_colour, (side, 3)))
     y0, x0, y1, x1 = np.round(task_set.target_boxes[task] * side).astype(int)
     top_edge = frame[y0, x0:x1]
     assert (top_edge == top_edge[0]).all() and not (
         top_edge[0] == window_colour
     ).all()  # target: another colour
     inside = (slice(y0 + 1, y1 - 1), slice(x0 + 1, x1 - 1))
-    np.testing.assert_array_equal(
-        frame[inside], task_set.image(task)[inside]
-    )  # the image itself, unchanged
+    # The image itself, unchanged
+    np.testing.assert_array_equal(frame[inside], task_set.image(task)[inside])
     for action in env.unwrapped.optimal_actions(task)[:-1]:
         env.step(action)
     wy0, wx0, wy1, wx1 = np.round(env.unwrapped.window_box * side).astype(int)
@@ -192,9 +190,9 @@ def test_check_env_and_render():
     np.testing.assert_array_equal(frames[1], task_set.draw_frame(vec.tasks[1], 0))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Several targets per image
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_several_targets_per_image_procedural():
     k = 4
     train, test = make_task_sets(10, 5, view_size=V, seed=1, targets_per_image=k)
@@ -206,7 +204,8 @@ def test_several_targets_per_image_procedural():
             states = task_set.target_states[task_set.task_images == image]
             assert len(set(states)) == len(states)  # distinct targets on one image
     assert len(set(train.image_ids)) == 3 and not set(train.image_ids) & set(test.image_ids)
-    # Image i and the first target on it are those of one target per image; task i does not depend on the counts.
+    # Image i and the first target on it are those of one target per image; task i
+    # does not depend on the counts.
     one, _ = make_task_sets(3, 1, view_size=V, seed=1)
     np.testing.assert_array_equal(train.levels[2], one.levels[2])
     np.testing.assert_array_equal(train.target_states[::k], one.target_states)
@@ -226,18 +225,17 @@ def test_several_targets_per_image_procedural():
         make_task_sets(2, 1, view_size=V, target_zooms=(1,), targets_per_image=26)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Folders as people have them
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory):
-    """Usable: 8 images (huge tiled TIFFs, deflate and scanner-style JPEG, striped TIFF, grey TIFF, nested JPEG, .PNG,
-    RGBA and palette PNGs);
-    skipped: 2 unreadable, 2 too small, 1 near-uniform; ignored: a hidden file and a text file."""
+    """Usable: 8 images (huge tiled TIFFs, deflate and scanner-style JPEG, striped TIFF, grey TIFF,
+    nested JPEG, .PNG, RGBA and palette PNGs); skipped: 2 unreadable, 2 too small, 1 near-uniform;
+    ignored: a hidden file and a text file."""
     folder = tmp_path_factory.mktemp("slides")
-    huge = textured(
-        6000, 1, block=100
-    )  # 6,000 x 6,000 in flat 100-px squares: ~1 MB as deflate TIFF
+    # 6,000 x 6,000 in flat 100-px squares: ~1 MB as deflate TIFF
+    huge = textured(6000, 1, block=100)
     usable = [
         save(folder, "huge.tif", huge, tile=(512, 512), compression="zlib", photometric="rgb"),
         save(
@@ -279,14 +277,13 @@ def mixed_folder(tmp_path_factory):
 def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, caplog):
     folder, huge, usable = mixed_folder
     with caplog.at_level(logging.WARNING, logger="envs"):
-        train, test = make_task_sets(
-            6, 2, image_source=folder, view_size=V, seed=0
-        )  # image_size None: 4V
+        # image_size None: 4V
+        train, test = make_task_sets(6, 2, image_source=folder, view_size=V, seed=0)
     assert train.image_size == test.image_size == 4 * V
-    assert (
-        sorted(train.image_names + test.image_names) == usable
-    )  # every usable image used, in subfolders too
-    # Files after the last one needed are not opened: the line counts and names those that were, by reason.
+    # Every usable image used, in subfolders too
+    assert sorted(train.image_names + test.image_names) == usable
+    # Files after the last one needed are not opened: the line counts and
+    # names those that were, by reason.
     [record] = caplog.records
     line = record.getMessage()
     unusable = {
@@ -301,7 +298,8 @@ def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, 
     assert counts and all(
         set(names.split(", ")) <= unusable[reason] for _, reason, names in counts
     ), line
-    # The huge TIFF was area-averaged tile by tile while decoding: the same as Pillow's reduce of the whole image.
+    # The huge TIFF was area-averaged tile by tile while decoding: the same as
+    # Pillow's reduce of the whole image.
     task_set = train if str(folder / "huge.tif") in train.image_names else test
     image = task_set.image_names.index(str(folder / "huge.tif"))
     factor = 6000 // (4 * V)
@@ -320,9 +318,10 @@ def test_mixed_folder_skips_unusable_images_with_one_warning_line(mixed_folder, 
     )
     # All 13 files were opened: every unusable one is counted, by reason, most frequent first.
     assert msg.endswith(
-        "; skipped 2 smaller than 64 px (case_a/thin.tif, tiny.png), 2 unreadable (case_a/truncated.jpg, corrupt.jpg), "
-        "1 near-uniform (pixel std < 8) (blank.png); add images, raise targets_per_image (--targets-per-image), "
-        "lower image_size or ask for fewer tasks"
+        "; skipped 2 smaller than 64 px (case_a/thin.tif, tiny.png), 2 unreadable "
+        "(case_a/truncated.jpg, corrupt.jpg), 1 near-uniform (pixel std < 8) (blank.png); add "
+        "images, raise targets_per_image (--targets-per-image), lower image_size or ask for fewer "
+        "tasks"
     )
 
 
@@ -337,12 +336,16 @@ def test_folder_held_out_images_do_not_depend_on_training_count(mixed_folder):
 @pytest.mark.parametrize("name", ["huge.tif", "scanner/huge_jpeg.tif"])
 def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root, name):
     folder, huge, _ = mixed_folder
-    # A fresh process reads the image twice (the first time imports the codecs), resetting its peak resident memory
-    # before the second: the peak then grows by what reading needs, whoever allocates it (Pillow: the whole image).
+    # A fresh process reads the image twice (the first time imports the codecs), resetting its peak
+    # resident memory before the second: the peak then grows by what reading needs, whoever
+    # allocates it (Pillow: the whole image).
     code = (
         "import sys; from pathlib import Path; from envs.images import load_image\n"
-        "def kib(field): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(field)))\n"
-        "load_image(Path(sys.argv[1]), 64, 64); open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS:')\n"
+        "def kib(field):\n"
+        "    status = open('/proc/self/status')\n"
+        "    return int(next(l.split()[1] for l in status if l.startswith(field)))\n"
+        "load_image(Path(sys.argv[1]), 64, 64)\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS:')\n"
         "top = load_image(Path(sys.argv[1]), 64, 64); print(top.shape, kib('VmHWM:') - before)"
     )
     out = subprocess.run(
@@ -359,7 +362,8 @@ def test_huge_tiff_is_never_held_at_full_resolution(mixed_folder, repo_root, nam
 
 
 def test_pyramidal_tiff_is_read_from_the_smallest_level_large_enough(tmp_path):
-    # Whole-slide TIFFs carry reduced copies (sub-IFDs); each level here is filled with its own grey, to tell them apart.
+    # Whole-slide TIFFs carry reduced copies (sub-IFDs); each level here is filled with its
+    # own grey, to tell them apart.
     path = tmp_path / "slide.tif"
     with tifffile.TiffWriter(path) as tif:
         tif.write(
@@ -383,16 +387,16 @@ def test_pyramidal_tiff_is_read_from_the_smallest_level_large_enough(tmp_path):
 def test_huge_images_pass_the_decompression_bomb_check_and_jpegs_decode_reduced(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(
-        Image, "MAX_IMAGE_PIXELS", 100_000
-    )  # stands for Pillow's limit (89 M pixels): 800 K is "huge"
+    # Stands for Pillow's limit (89 M pixels): 800 K is "huge"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
     jpeg = save(tmp_path, "slide.jpg", textured(1000, 11)[:800], quality=90)
     png = save(tmp_path, "slide.png", textured(1000, 12)[:800])
     with pytest.raises(Image.DecompressionBombError):
         Image.open(jpeg)
     assert load_image(jpeg, 64, 64).shape == load_image(png, 64, 64).shape == (64, 64, 3)
     assert Image.MAX_IMAGE_PIXELS == 100_000  # lifted only while reading
-    # What is decoded is bounded instead: the JPEG at 1/8 scale (125 x 100) fits, the PNG (decoded whole) does not.
+    # What is decoded is bounded instead: the JPEG at 1/8 scale (125 x 100) fits, the
+    # PNG (decoded whole) does not.
     monkeypatch.setattr(envs.images, "MAX_DECODED_PIXELS", 50_000)
     assert load_image(jpeg, 64, 64).shape == (64, 64, 3)
     with pytest.raises(UnusableImage, match="too large to decode"):
