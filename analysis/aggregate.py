@@ -1,22 +1,27 @@
-"""The paper's figures and a table of final scores from your runs: TensorBoard folders under runs/ or a wandb project.
+"""The paper's figures and a table of final scores from your runs: TensorBoard folders or wandb.
 
     python analysis/aggregate.py                                  # runs/ -> figures/
-    python analysis/aggregate.py --wandb-project ENTITY/PROJECT   # the same from runs made with --track
+    python analysis/aggregate.py --wandb-project ENTITY/PROJECT   # runs made with --track
 
-Runs are grouped by their arguments (runs/<run>/args.json; the TensorBoard `hyperparameters` text where it is missing;
-the wandb config): a method (BN, BN+MDR, Dropout 20%+MDR, ...), its variant (MDR ratio, BN momentum), a panel (Procgen
-game, or patch-loc image source and task count) and a seed. Each figure shows, per panel and method, the mean and one
-standard deviation over seeds on a common step grid; where a method was run in several variants (Procgen: BN momentum
-0.1/0.01, MDR(2,1)/(1,2)), the one with the best final training score in that panel, as the paper reports (Sec. 4.1).
-Written to --out-dir, each where its runs exist:
+Runs are grouped by their arguments (runs/<run>/args.json; the TensorBoard `hyperparameters` text
+where it is missing; the wandb config): a method (BN, BN+MDR, Dropout 20%+MDR, ...), its variant
+(MDR ratio, BN momentum), a panel (Procgen game, or patch-loc image source and task count) and a
+seed. Each figure shows, per panel and method, the mean and one standard deviation over seeds on a
+common step grid; where a method was run in several variants (Procgen: BN momentum 0.1/0.01,
+MDR(2,1)/(1,2)), the one with the best final training score in that panel, as the paper reports
+(Sec. 4.1). Written to --out-dir, each where its runs exist:
 
-    fig3_procgen.png           Fig. 3 bottom: Procgen score over steps per game, every method but dropout
-    fig4_procgen_dropout.png   Fig. 4: NoNorm, Dropout, Dropout+MDR; training solid, held-out levels dashed
+    fig3_procgen.png           Fig. 3 bottom: Procgen score over steps per game, every method but
+                               dropout
+    fig4_procgen_dropout.png   Fig. 4: NoNorm, Dropout, Dropout+MDR; training solid, held-out
+                               levels dashed
     fig3_patchloc.png          Fig. 3 top: patch-loc normalized reward (% of optimal) per task set
-    fig5_patchloc_dropout.png  Fig. 5: the same for NoNorm and dropout runs; training solid, held-out tasks dashed
-    final_scores.md            final score mean +- std per panel and method (the mean over the last --final-fraction of
-                               each run's steps); Procgen: interquartile mean over games of the normalized score with 95 %
-                               stratified bootstrap intervals, and the probability that X+MDR improves on X (rliable)
+    fig5_patchloc_dropout.png  Fig. 5: the same for NoNorm and dropout runs; training solid,
+                               held-out tasks dashed
+    final_scores.md            final score mean +- std per panel and method (the mean over the last
+                               --final-fraction of each run's steps); Procgen: interquartile mean
+                               over games of the normalized score with 95 % stratified bootstrap
+                               intervals, and the probability that X+MDR improves on X (rliable)
     final_scores.csv           the same per panel, method, variant and metric, one row each
 """
 
@@ -43,7 +48,8 @@ import tyro  # noqa: E402
 @dataclass
 class Args:
     runs_dir: str = "runs"
-    """folder of run folders (TensorBoard event files, args.json), read when --wandb-project is not given"""
+    """folder of run folders (TensorBoard event files, args.json), read when --wandb-project is not
+    given"""
     wandb_project: Optional[str] = None
     """read the runs of this wandb project (ENTITY/PROJECT or PROJECT) instead of --runs-dir"""
     out_dir: str = "figures"
@@ -62,7 +68,8 @@ class UserError(Exception):
     """Bad input: one line on stderr, exit 1."""
 
 
-# what each script logs (README "Log keys"): the figure's score, its held-out counterpart, and the normalized score
+# what each script logs (README "Log keys"): the figure's score, its held-out counterpart, and the
+# normalized score
 METRICS = {
     "procgen": ("charts/episodic_return", "charts/test_episodic_return", "charts/normalized_score"),
     "patchloc": ("charts/normalized_reward", "charts/test_normalized_reward", None),
@@ -77,13 +84,21 @@ NORM_NAMES = {
     "dropout": "Dropout",
 }
 MODE_DEPENDENT_BN = ("bn", "brn")  # their running statistics move, so the momentum is a variant
+PATCHLOC_YLABEL = "normalized reward (% of optimal)"
 FIGURES = {  # (kind, dropout figure?) -> file, title, y label
     ("procgen", False): ("fig3_procgen", "Procgen (Fig. 3 bottom)", "score"),
-    ("procgen", True): ("fig4_procgen_dropout", "Procgen, dropout (Fig. 4): training solid, held-out dashed", "score"),
-    ("patchloc", False): ("fig3_patchloc", "Patch localization (Fig. 3 top)", "normalized reward (% of optimal)"),
-    ("patchloc", True): ("fig5_patchloc_dropout", "Patch localization, dropout (Fig. 5): training solid, held-out dashed",
-                         "normalized reward (% of optimal)"),
-}  # fmt: skip
+    ("procgen", True): (
+        "fig4_procgen_dropout",
+        "Procgen, dropout (Fig. 4): training solid, held-out dashed",
+        "score",
+    ),
+    ("patchloc", False): ("fig3_patchloc", "Patch localization (Fig. 3 top)", PATCHLOC_YLABEL),
+    ("patchloc", True): (
+        "fig5_patchloc_dropout",
+        "Patch localization, dropout (Fig. 5): training solid, held-out dashed",
+        PATCHLOC_YLABEL,
+    ),
+}
 
 
 @dataclass
@@ -124,7 +139,7 @@ class Run:
         return f"{os.path.basename(source.rstrip('/')) or source}, {self.config['num_tasks']} tasks"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reading runs
 
 
@@ -136,8 +151,9 @@ def parse_value(text: str):
 
 
 def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
-    """A run folder: its arguments (args.json, else the `hyperparameters` text) and its scalars. Event files of a resumed
-    run are read in order; a step logged twice (before and after a restart) keeps its last value."""
+    """A run folder: its arguments (args.json, else the `hyperparameters` text) and its scalars.
+    Event files of a resumed run are read in order; a step logged twice (before and after a restart)
+    keeps its last value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(
@@ -169,7 +185,8 @@ def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
 def read_runs_dir(runs_dir: str) -> list[Run]:
     if not os.path.isdir(runs_dir):
         raise UserError(
-            f"--runs-dir {runs_dir}: no such folder (train with the scripts first, or pass --wandb-project)"
+            f"--runs-dir {runs_dir}: no such folder "
+            "(train with the scripts first, or pass --wandb-project)"
         )
     runs = []
     for folder, _, files in sorted(os.walk(runs_dir)):
@@ -181,8 +198,8 @@ def read_runs_dir(runs_dir: str) -> list[Run]:
 
 
 def read_wandb_project(project: str) -> list[Run]:
-    """Runs made with --track: the config is the script's Args, the scalars are the TensorBoard ones (sync_tensorboard),
-    stepped by global_step."""
+    """Runs made with --track: the config is the script's Args, the scalars are the TensorBoard ones
+    (sync_tensorboard), stepped by global_step."""
     import wandb
 
     runs = []
@@ -203,7 +220,7 @@ def read_wandb_project(project: str) -> list[Run]:
     return runs
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # aggregation
 
 
@@ -222,14 +239,16 @@ def logged_steps(run: Run) -> int:
 
 
 def group_runs(runs: list[Run]) -> dict:
-    """(kind, panel, method, variant) -> {seed: Run}. Two runs of the same seed: the longer one, with a warning."""
+    """(kind, panel, method, variant) -> {seed: Run}. Two runs of the same seed: the longer one,
+    with a warning."""
     groups = defaultdict(dict)
     for run in runs:
         seeds = groups[(run.kind, run.panel, run.method, run.variant)]
         seed = run.config["seed"]
         if seed in seeds:
             print(
-                f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, keeping the longer",
+                f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, "
+                "keeping the longer",
                 file=sys.stderr,
             )
             if logged_steps(run) <= logged_steps(seeds[seed]):
@@ -244,9 +263,10 @@ def finals(seeds: dict, tag: str, fraction: float) -> list[float]:
 
 
 def figure_groups(groups: dict, kind: str, dropout: bool, metric: str, fraction: float) -> dict:
-    """panel -> method -> (variant, {seed: Run}): the figure's panels and methods, each method's best variant by the
-    mean final `metric`. Dropout figures: NoNorm and the dropout methods, in the panels with dropout runs; the others:
-    every method without dropout, in the panels with a normalization layer (NoNorm alone makes no panel)."""
+    """panel -> method -> (variant, {seed: Run}): the figure's panels and methods, each method's
+    best variant by the mean final `metric`. Dropout figures: NoNorm and the dropout methods, in the
+    panels with dropout runs; the others: every method without dropout, in the panels with a
+    normalization layer (NoNorm alone makes no panel)."""
     candidates = defaultdict(lambda: defaultdict(dict))
     for (run_kind, panel, method, variant), seeds in groups.items():
         norm = next(iter(seeds.values())).config["norm"]
@@ -267,7 +287,8 @@ def figure_groups(groups: dict, kind: str, dropout: bool, metric: str, fraction:
 
 
 def curve(seeds: dict, tag: str, points: int):
-    """Mean and standard deviation over seeds on a common step grid, over the steps every seed logged."""
+    """Mean and standard deviation over seeds on a common step grid, over the steps every seed
+    logged."""
     series = [run.series[tag] for run in seeds.values() if tag in run.series]
     if not series:
         return None
@@ -314,8 +335,9 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
 def iqm_and_improvement(
     chosen: dict, metric: str, fraction: float, reps: int, seed: int
 ) -> list[str]:
-    """rliable on the final normalized scores of the figure's methods (each game: the variant drawn): the interquartile
-    mean over games and seeds with 95 % stratified bootstrap intervals; P(X+MDR > X) for every pair present."""
+    """rliable on the final normalized scores of the figure's methods (each game: the variant
+    drawn): the interquartile mean over games and seeds with 95 % stratified bootstrap intervals;
+    P(X+MDR > X) for every pair present."""
     from rliable import library as rly
     from rliable import metrics
 
@@ -344,7 +366,8 @@ def iqm_and_improvement(
     if not scores:
         return []
     lines = [
-        f"Interquartile mean of the final `{metric}` over {len(games)} game{'s' * (len(games) > 1)} ({', '.join(games)}), "
+        f"Interquartile mean of the final `{metric}` over {len(games)} "
+        f"game{'s' * (len(games) > 1)} ({', '.join(games)}), "
         f"95 % stratified bootstrap interval ({reps} resamples):",
         "",
         "| method | runs x games | IQM | 95 % CI |",
@@ -359,7 +382,8 @@ def iqm_and_improvement(
     for method, matrix in scores.items():
         low, high = interval[method][:, 0]
         lines.append(
-            f"| {method} | {matrix.shape[0]} x {matrix.shape[1]} | {point[method][0]:.3f} | [{low:.3f}, {high:.3f}] |"
+            f"| {method} | {matrix.shape[0]} x {matrix.shape[1]} | {point[method][0]:.3f} "
+            f"| [{low:.3f}, {high:.3f}] |"
         )
     without_mdr = {
         m: m.removesuffix("+MDR")
@@ -378,9 +402,8 @@ def iqm_and_improvement(
         for pair in pairs:
             x, y = pair.split(",")
             low, high = np.ravel(interval[pair])
-            lines.append(
-                f"| {x} | {y} | {float(np.ravel(probability[pair])[0]):.3f} | [{low:.3f}, {high:.3f}] |"
-            )
+            p_improve = float(np.ravel(probability[pair])[0])
+            lines.append(f"| {x} | {y} | {p_improve:.3f} | [{low:.3f}, {high:.3f}] |")
     return lines
 
 
@@ -409,8 +432,11 @@ def main(args: Args) -> int:
         tags = [train_tag, test_tag] if dropout else [train_tag]
         draw(chosen, tags, title, ylabel, os.path.join(args.out_dir, f"{file}.png"), args.points)
         methods = sorted({m for best in chosen.values() for m in best})
-        table += [f"## {title}", "", f"`{file}.png`: final {', '.join(f'`{t}`' for t in tags)}, mean +- std over seeds "
-                  "(the variant drawn; seeds)", ""]  # fmt: skip
+        tag_names = ", ".join(f"`{t}`" for t in tags)
+        caption = (
+            f"`{file}.png`: final {tag_names}, mean +- std over seeds (the variant drawn; seeds)"
+        )
+        table += [f"## {title}", "", caption, ""]
         table += ["| panel | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for panel, best in chosen.items():
             cells = []

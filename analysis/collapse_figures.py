@@ -1,10 +1,13 @@
-"""Figures of the reward-collapse probe's runs (ppo_collapse_probe.py): the paper's Fig. 6 layout, the App. B entropy
-comparison, and the summary figure of analysis/collapse_stats.py. Reads every metrics.csv (+ summary.json) under a folder,
-old runs (with the retired collapse_flag column, no acting_entropy) and new ones alike.
+"""Figures of the reward-collapse probe's runs (ppo_collapse_probe.py): the paper's Fig. 6 layout,
+the App. B entropy comparison, and the summary figure of analysis/collapse_stats.py. Reads every
+metrics.csv (+ summary.json) under a folder, old runs (with the retired collapse_flag column, no
+acting_entropy) and new ones alike.
 
-    python analysis/collapse_figures.py --runs-dir docs/collapse   # docs/collapse_fig6.png, docs/collapse_entropy.png
+    python analysis/collapse_figures.py --runs-dir docs/collapse
+    # writes docs/collapse_fig6.png, docs/collapse_entropy.png
 
-x marks the collapse onset of analysis/collapse_stats.py's definition (docs/collapse.md, "Collapse definition").
+x marks the collapse onset of analysis/collapse_stats.py's definition (docs/collapse.md, "Collapse
+definition").
 """
 
 import argparse
@@ -84,9 +87,10 @@ def read_float(value) -> float:
 
 
 def read_runs(runs_dir: str, option: str = "--runs-dir") -> list:
-    """Every metrics.csv under runs_dir (recursively) as a dict: name (folder relative to runs_dir), mode, seed, the cell
-    settings, wall_time_s, one array per SERIES column and acting_entropy: the eval-mode acting policy's entropy where the
-    run logged it, else the loss's (train-mode) entropy, which is all that old runs have (entropy_source says which)."""
+    """Every metrics.csv under runs_dir (recursively) as a dict: name (folder relative to
+    runs_dir), mode, seed, the cell settings, wall_time_s, one array per SERIES column and
+    acting_entropy: the eval-mode acting policy's entropy where the run logged it, else the loss's
+    (train-mode) entropy, which is all that old runs have (entropy_source says which)."""
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"{option} {runs_dir}: no such folder")
     runs = []
@@ -171,7 +175,8 @@ def cell_label(key: tuple, shown: list) -> str:
 
 
 def per_iteration(runs: list, column: str, statistic):
-    """statistic(values of the runs that reached it) per iteration, NaN values left out; (iterations, steps, values)."""
+    """statistic(values of the runs that reached it) per iteration, NaN values left out;
+    (iterations, steps, values)."""
     by_iteration = {}
     for run in runs:
         for iteration, step, value in zip(run["iteration"], run["global_step"], run[column]):
@@ -187,20 +192,23 @@ def per_iteration(runs: list, column: str, statistic):
 
 
 def mean_curve(runs: list, column: str):
-    """Mean over runs per iteration (runs of different lengths: the mean of those that reached it); (steps, mean)."""
+    """Mean over runs per iteration (runs of different lengths: the mean of those that reached it);
+    (steps, mean)."""
     _, steps, mean = per_iteration(runs, column, np.mean)
     return steps, mean
 
 
 def fluctuation(run) -> float:
-    """Std of the update-to-update change of the smoothed reward (App. B picks the most fluctuating seeds)."""
+    """Std of the update-to-update change of the smoothed reward (App. B picks the most fluctuating
+    seeds)."""
     values = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
     return float(np.std(np.diff(values))) if len(values) > 2 else 0.0
 
 
 def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
-    """Reward (left axis) and Delta pi minus (right axis, log) of `runs`: seeds thin, aggregate thick, collapse onsets x.
-    aggregate: 'mean' over seeds (Fig. 6) or 'min' over the two most fluctuating seeds (App. B)."""
+    """Reward (left axis) and Delta pi minus (right axis, log) of `runs`: seeds thin, aggregate
+    thick, collapse onsets x. aggregate: 'mean' over seeds (Fig. 6) or 'min' over the two most
+    fluctuating seeds (App. B)."""
     ax.set_title(f"{title} ({len(runs)} seed{'s' * (len(runs) != 1)})", fontsize=9)
     if not runs:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="grey")
@@ -280,7 +288,8 @@ def save_figure(fig, title, path):
 
 
 def draw_fig6(runs: list, path: str, note: str = ""):
-    """The paper's Fig. 6 layout: one row per mode (and per other setting that varies), one column per clip value."""
+    """The paper's Fig. 6 layout: one row per mode (and per other setting that varies), one column
+    per clip value."""
     rows = group_runs(
         runs, key=lambda run: cell_key(run)[:1] + cell_key(run)[2:]
     )  # the cell without its clip
@@ -292,13 +301,17 @@ def draw_fig6(runs: list, path: str, note: str = ""):
         for col, clip in enumerate(clips):
             panel_runs = [run for run in row_runs if math.isclose(run["clip_coef"], clip)]
             draw_panel(axes[row][col], panel_runs, f"{label}, clip {clip:g}")
-    title = "Reward (blue, moving average) and Δπ⁻ (red, log) per update; thin: seeds, thick: mean, x: collapse onset"
+    title = (
+        "Reward (blue, moving average) and Δπ⁻ (red, log) per update; "
+        "thin: seeds, thick: mean, x: collapse onset"
+    )
     save_figure(fig, title + (f"; {note}" if note else ""), path)
 
 
 def draw_entropy_comparison(runs: list, path: str, clip: float):
-    """App. B layout: one row per mode that has runs at two or more entropy coefficients (at `clip`), one column per
-    coefficient; thick line: the minimum over the two most fluctuating seeds."""
+    """App. B layout: one row per mode that has runs at two or more entropy coefficients (at
+    `clip`), one column per coefficient; thick line: the minimum over the two most fluctuating
+    seeds."""
     at_clip = [run for run in runs if math.isclose(run["clip_coef"], clip)]
     ent_coefs = sorted({run["ent_coef"] for run in at_clip}, reverse=True)
     by_mode = group_runs(at_clip, key=lambda run: (run["mode"],))
@@ -316,14 +329,18 @@ def draw_entropy_comparison(runs: list, path: str, clip: float):
             draw_panel(
                 axes[row][col], panel_runs, f"{mode_label(mode)}, entropy {ent:g}", aggregate="min"
             )
-    title = f"App. B: entropy coefficient, clip {clip:g}; thick: min over the two most fluctuating seeds, x: collapse onset"
+    title = (
+        f"App. B: entropy coefficient, clip {clip:g}; "
+        "thick: min over the two most fluctuating seeds, x: collapse onset"
+    )
     save_figure(fig, title, path)
     return True
 
 
 def draw_summary(cells: list, path: str, note: str = ""):
-    """collapse_stats.png. cells: (label, runs, km_times, km_survival) per cell. Left: median and interquartile band of
-    the smoothed reward over the cell's runs per update; right: Kaplan-Meier curves of the time to collapse."""
+    """collapse_stats.png. cells: (label, runs, km_times, km_survival) per cell. Left: median and
+    interquartile band of the smoothed reward over the cell's runs per update; right: Kaplan-Meier
+    curves of the time to collapse."""
     fig, axes = new_figure(1, 2, (13, 5))
     reward_ax, km_ax = axes[0]
     for index, (label, runs, km_times, km_survival) in enumerate(cells):
@@ -394,7 +411,8 @@ def main(argv=None) -> int:
         help="clip coefficient of the App. B layout's runs",
     )
     args = parser.parse_args(argv)
-    # collapse_stats imports this module's drawing; the collapse definition it holds is needed only here
+    # collapse_stats imports this module's drawing; the collapse definition it holds is needed only
+    # here
     from collapse_stats import mark_collapses
 
     runs = mark_collapses(read_runs(args.runs_dir))
@@ -402,20 +420,20 @@ def main(argv=None) -> int:
     ent_coef = max(set(ent_coefs), key=ent_coefs.count) if args.ent_coef is None else args.ent_coef
     fig6_runs = [run for run in runs if math.isclose(run["ent_coef"], ent_coef)]
     if not fig6_runs:
-        raise ConfigError(
-            f"--ent-coef {ent_coef:g}: no runs with it (found {', '.join(f'{e:g}' for e in set(ent_coefs))})"
-        )
+        found = ", ".join(f"{e:g}" for e in set(ent_coefs))
+        raise ConfigError(f"--ent-coef {ent_coef:g}: no runs with it (found {found})")
     draw_fig6(fig6_runs, args.out, note=f"entropy {ent_coef:g}")
     print(
-        f"wrote {args.out} ({len(runs)} runs found, Fig. 6 uses the {len(fig6_runs)} at entropy {ent_coef:g})"
+        f"wrote {args.out} ({len(runs)} runs found, "
+        f"Fig. 6 uses the {len(fig6_runs)} at entropy {ent_coef:g})"
     )
     if draw_entropy_comparison(runs, args.entropy_out, args.entropy_clip):
-        print(
-            f"wrote {args.entropy_out} (entropy coefficients {', '.join(f'{e:g}' for e in sorted(set(ent_coefs)))})"
-        )
+        found = ", ".join(f"{e:g}" for e in sorted(set(ent_coefs)))
+        print(f"wrote {args.entropy_out} (entropy coefficients {found})")
     else:
         print(
-            f"no {args.entropy_out}: no mode has runs at two entropy coefficients with clip {args.entropy_clip:g}"
+            f"no {args.entropy_out}: no mode has runs at two entropy coefficients "
+            f"with clip {args.entropy_clip:g}"
         )
     return 0
 

@@ -1,20 +1,23 @@
-"""Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of the reward-collapse probe's runs.
+"""Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of probe runs.
 
-    python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR] [--reference bn] [--cell bnm=0.1]
-                                      [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank] [--cost-json bench.json]
-                                      [--check-definition docs/collapse]
+    python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR]
+        [--reference bn] [--cell bnm=0.1] [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank]
+        [--cost-json bench.json] [--check-definition docs/collapse]
 
-Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN momentum, view batching)
-and its runs differ by seed. Per cell: the collapse rate with a 95 % Clopper-Pearson interval; against the reference
-mode's cell of the same settings, paired by seed: an exact McNemar test (a two-sided binomial test of the discordant
-pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile method) of the differences in AUC and
-final reward; Kaplan-Meier curves of the time to collapse. Prints the table and writes to --out-dir collapse_stats.md
-(the same table, each run's verdict, the table again under each criterion alone, the precursors of collapses),
-collapse_stats.png (reward quartiles and Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout).
-The cost column is each cell's median wall time per run over the reference's, or, with --cost-json, the side-by-side
-measurement of `benchmarks/bench_sps.py --configs probe/<mode>,... --json FILE` (runs made at different times under
-different loads compare load, not cost).
-The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive runs)").
+Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN
+momentum, view batching) and its runs differ by seed. Per cell: the collapse rate with a 95 %
+Clopper-Pearson interval; against the reference mode's cell of the same settings, paired by seed: an
+exact McNemar test (a two-sided binomial test of the discordant pairs, b of b + c at p = 1/2) and
+paired bootstrap 95 % intervals (percentile method) of the differences in AUC and final reward;
+Kaplan-Meier curves of the time to collapse. Prints the table and writes to --out-dir
+collapse_stats.md (the same table, each run's verdict, the table again under each criterion alone,
+the precursors of collapses), collapse_stats.png (reward quartiles and Kaplan-Meier curves) and
+collapse_fig6.png (the paper's Fig. 6 layout).
+The cost column is each cell's median wall time per run over the reference's, or, with --cost-json,
+the side-by-side measurement of `benchmarks/bench_sps.py --configs probe/<mode>,... --json FILE`
+(runs made at different times under different loads compare load, not cost).
+The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive
+runs)").
 """
 
 import json
@@ -40,10 +43,13 @@ from collapse_figures import (
 )
 from scipy import stats
 
-# The collapse definition. A run has collapsed at the first update that starts a streak of consecutive updates in which,
-# after learning has started (its smoothed reward was once >= LEARNING_STARTED), either
-#   the smoothed reward stays below REWARD_FRACTION x its best so far for REWARD_UPDATES updates (a reward collapse), or
-#   the acting policy's entropy stays below ENTROPY_MAX for ENTROPY_UPDATES updates (an entropy collapse).
+# The collapse definition. A run has collapsed at the first update that starts a streak of
+# consecutive updates in which, after learning has started (its smoothed reward was once >=
+# LEARNING_STARTED), either
+#   the smoothed reward stays below REWARD_FRACTION x its best so far for REWARD_UPDATES updates
+#   (a reward collapse), or
+#   the acting policy's entropy stays below ENTROPY_MAX for ENTROPY_UPDATES updates (an entropy
+#   collapse).
 # Updates in which no episode ended (reward NaN) are skipped: they neither count nor break a streak.
 SMOOTH_WINDOW = 10  # updates in the reward's moving average (the probe's --smooth-window default)
 LEARNING_STARTED = 10.0  # percent of the optimal return; a uniformly random policy scores about -6
@@ -51,25 +57,24 @@ REWARD_FRACTION = 0.25  # "far below its best"
 REWARD_UPDATES = 10  # a full moving-average window: a crash of a few updates cannot fill it
 ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probability on one action
 ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
-CRITERIA = (
-    "reward",
-    "entropy",
-)  # the definition uses both; the report adds each alone as a sensitivity check
+# the definition uses both; the report adds each alone as a sensitivity check
+CRITERIA = ("reward", "entropy")
 
 FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
-PRECURSOR_UPDATES = 10  # the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
-BASELINE_UPDATES = (
-    5  # the fewest earlier updates that make a baseline (median Delta pi minus) for the spike ratio
-)
+# the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
+PRECURSOR_UPDATES = 10
+# the fewest earlier updates that make a baseline (median Delta pi minus) for the spike ratio
+BASELINE_UPDATES = 5
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
 
 
 def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
-    """(index of the collapse's first update, 'reward' or 'entropy'), or (None, None) if the run did not collapse.
-    rewards: normalized reward per update (percent of optimal, NaN where no episode ended); entropies: the acting
-    policy's entropy per update. The first streak of one of `criteria` to reach its length decides."""
+    """(index of the collapse's first update, 'reward' or 'entropy'), or (None, None) if the run
+    did not collapse. rewards: normalized reward per update (percent of optimal, NaN where no
+    episode ended); entropies: the acting policy's entropy per update. The first streak of one of
+    `criteria` to reach its length decides."""
     rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
     window = deque(maxlen=SMOOTH_WINDOW)
     best = -math.inf
@@ -94,20 +99,22 @@ def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
 
 
 def detect_collapse(rewards, entropies) -> tuple:
-    """(True, index of the collapse's first update) or (False, index of the last update: the run is censored there)."""
+    """(True, index of the collapse's first update) or (False, index of the last update: the run is
+    censored there)."""
     onset, _ = collapse_onset(rewards, entropies)
     return (True, onset) if onset is not None else (False, len(rewards) - 1)
 
 
 def mark_collapses(runs: list, criteria=CRITERIA) -> list:
-    """Sets each run's collapse_index (None: no collapse) and collapse_criterion under `criteria`; returns the runs."""
+    """Sets each run's collapse_index (None: no collapse) and collapse_criterion under `criteria`;
+    returns the runs."""
     for run in runs:
         onset = collapse_onset(run["normalized_reward"], run["acting_entropy"], criteria)
         run["collapse_index"], run["collapse_criterion"] = onset
     return runs
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Statistics (scipy)
 
 
@@ -120,13 +127,15 @@ def clopper_pearson(collapses: int, runs: int) -> tuple:
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Exact McNemar p-value: two-sided binomial test of b discordant pairs of one kind among b + c at p = 1/2."""
+    """Exact McNemar p-value: two-sided binomial test of b discordant pairs of one kind among b + c
+    at p = 1/2."""
     return 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
 
 
 def kaplan_meier(times, collapsed) -> tuple:
-    """Kaplan-Meier estimate of P(no collapse by t): (times, survival) as a right-continuous step function from (0, 1).
-    times: the collapse update, or the last update of a run without one (censored there)."""
+    """Kaplan-Meier estimate of P(no collapse by t): (times, survival) as a right-continuous step
+    function from (0, 1). times: the collapse update, or the last update of a run without one
+    (censored there)."""
     censored = ~np.asarray(collapsed, dtype=bool)
     survival = stats.ecdf(
         stats.CensoredData.right_censored(np.asarray(times, dtype=float), censored)
@@ -137,8 +146,8 @@ def kaplan_meier(times, collapsed) -> tuple:
 
 
 def paired_bootstrap(x, y) -> tuple:
-    """(mean of x - y, low, high): paired bootstrap percentile interval of the mean difference (pairs with a NaN
-    dropped; the interval is NaN with fewer than 2 pairs)."""
+    """(mean of x - y, low, high): paired bootstrap percentile interval of the mean difference
+    (pairs with a NaN dropped; the interval is NaN with fewer than 2 pairs)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
@@ -167,10 +176,11 @@ def finite_mean(values) -> float:
 
 
 def run_measures(run) -> dict:
-    """Per run: time to collapse (update) and whether it collapsed; AUC = mean normalized reward over the updates in
-    which an episode ended (the area under the raw normalized-reward curve divided by their number); final reward =
-    mean over the last FINAL_UPDATES updates; mean and median Delta pi minus over the updates (the mean weighs the
-    spikes, the median the typical update)."""
+    """Per run: time to collapse (update) and whether it collapsed; AUC = mean normalized reward
+    over the updates in which an episode ended (the area under the raw normalized-reward curve
+    divided by their number); final reward = mean over the last FINAL_UPDATES updates; mean and
+    median Delta pi minus over the updates (the mean weighs the spikes, the median the typical
+    update)."""
     collapsed = run["collapse_index"] is not None
     index = run["collapse_index"] if collapsed else len(run["iteration"]) - 1
     deltas = run["delta_pi_minus"][np.isfinite(run["delta_pi_minus"])]
@@ -185,8 +195,9 @@ def run_measures(run) -> dict:
 
 
 def analyse(runs: list, reference: str) -> list:
-    """One dict per cell: its runs' measures, the rate and its interval, Kaplan-Meier curve, and the paired comparison
-    with the reference mode's cell of the same settings (None when there is none, or for the reference itself)."""
+    """One dict per cell: its runs' measures, the rate and its interval, Kaplan-Meier curve, and the
+    paired comparison with the reference mode's cell of the same settings (None when there is none,
+    or for the reference itself)."""
     cells = group_runs(runs)
     shown = varying_settings(runs)
     results = []
@@ -233,8 +244,9 @@ def analyse(runs: list, reference: str) -> list:
 
 
 def benchmark_cost(path: str, reference: str) -> dict:
-    """{mode: (median, min, max)} of the wall time per step of probe/<mode> over probe/<reference>, one ratio per round of
-    a `benchmarks/bench_sps.py --json` file (a round runs every configuration back to back, so each ratio saw one load)."""
+    """{mode: (median, min, max)} of the wall time per step of probe/<mode> over probe/<reference>,
+    one ratio per round of a `benchmarks/bench_sps.py --json` file (a round runs every configuration
+    back to back, so each ratio saw one load)."""
     try:
         with open(path) as f:
             rounds = {
@@ -266,9 +278,10 @@ def benchmark_cost(path: str, reference: str) -> dict:
 
 
 def spike(run, end: int) -> dict:
-    """Delta pi minus and the signed trust-region violation in the window of PRECURSOR_UPDATES + 1 updates ending at
-    update index `end` (included): their peaks, and Delta pi minus's peak over its median in the updates before the
-    window (its baseline; NaN with fewer than BASELINE_UPDATES of them)."""
+    """Delta pi minus and the signed trust-region violation in the window of PRECURSOR_UPDATES + 1
+    updates ending at update index `end` (included): their peaks, and Delta pi minus's peak over its
+    median in the updates before the window (its baseline; NaN with fewer than BASELINE_UPDATES of
+    them)."""
     start = max(0, end - PRECURSOR_UPDATES)
     delta, violation = run["delta_pi_minus"], run["trust_region_violation_signed"]
     window, before = delta[start : end + 1], delta[:start][np.isfinite(delta[:start])]
@@ -286,10 +299,10 @@ def spike(run, end: int) -> dict:
 
 
 def precursors(run) -> dict:
-    """Before a collapse: the spike measures of the window that ends at its onset. For a run without a collapse, the
-    same at the window where the ratio is largest (its biggest spike), among the windows that end once learning has
-    started (where a collapse could have begun): a spike that precedes collapses is only a warning sign if runs that do
-    not collapse have no such spikes."""
+    """Before a collapse: the spike measures of the window that ends at its onset. For a run without
+    a collapse, the same at the window where the ratio is largest (its biggest spike), among the
+    windows that end once learning has started (where a collapse could have begun): a spike that
+    precedes collapses is only a warning sign if runs that do not collapse have no such spikes."""
     if run["collapse_index"] is not None:
         return spike(run, run["collapse_index"])
     learning = np.flatnonzero(
@@ -306,7 +319,7 @@ def precursors(run) -> dict:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -323,8 +336,8 @@ def format_difference(estimate: tuple) -> str:
 
 
 def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
-    """The statistics table; its last column is `cost` ({mode: (median, min, max)}, from benchmark_cost) if given,
-    else the runs' own wall times."""
+    """The statistics table; its last column is `cost` ({mode: (median, min, max)}, from
+    benchmark_cost) if given, else the runs' own wall times."""
     header = ["mode"] + [SETTING_LABELS[s] for s in SETTINGS] + ["n", "collapses", "rate [95 % CP]"]
     header += [f"McNemar p vs {reference} (b/c, pairs)", "AUC", f"ΔAUC vs {reference} [95 % CI]"]
     header += [f"Δfinal vs {reference} [95 % CI]", "mean Δπ⁻", "median Δπ⁻"]
@@ -360,7 +373,8 @@ def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
 
 
 def sensitivity_table(runs: list, reference: str, criterion: str, cost: dict | None) -> str:
-    """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the definition's verdict)."""
+    """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the
+    definition's verdict)."""
     return stats_table(
         analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference),
         reference,
@@ -412,8 +426,8 @@ def runs_table(runs: list) -> str:
 
 
 def precursors_table(runs: list) -> str:
-    """One row per run: Delta pi minus and the signed trust-region violation before its collapse (or at its biggest
-    Delta pi minus spike when it has none), against the run's medians."""
+    """One row per run: Delta pi minus and the signed trust-region violation before its collapse (or
+    at its biggest Delta pi minus spike when it has none), against the run's medians."""
     rows = []
     for run in sorted(
         runs, key=lambda run: (run["mode"], run["collapse_index"] is None, run["name"])
@@ -444,37 +458,41 @@ def precursors_table(runs: list) -> str:
 
 def definition_text() -> str:
     return (
-        f"Collapse: after the smoothed reward (moving average over {SMOOTH_WINDOW} updates) was once >= "
-        f"{LEARNING_STARTED:g} % of optimal, either the smoothed reward < {REWARD_FRACTION:g} x its best so far for "
-        f"{REWARD_UPDATES} consecutive updates, or the acting entropy < {ENTROPY_MAX:g} nats for {ENTROPY_UPDATES}; "
-        "the collapse's update is the streak's first. Runs without one are censored at their last update."
+        f"Collapse: after the smoothed reward (moving average over {SMOOTH_WINDOW} updates) was "
+        f"once >= {LEARNING_STARTED:g} % of optimal, either the smoothed reward < "
+        f"{REWARD_FRACTION:g} x its best so far for {REWARD_UPDATES} consecutive updates, or the "
+        f"acting entropy < {ENTROPY_MAX:g} nats for {ENTROPY_UPDATES}; the collapse's update is "
+        "the streak's first. Runs without one are censored at their last update."
     )
 
 
 def methods_text(reference: str, cost_json: str | None) -> str:
     return (
-        f"Rate: collapsed runs / runs, exact Clopper-Pearson {CONFIDENCE:.0%} interval. Against {reference}, pairs by seed "
-        "in the cell of the same settings: exact McNemar (two-sided binomial test of b = this mode only collapsed among "
-        "the b + c discordant pairs, p = 1/2); ΔAUC and Δfinal = mean over pairs of this mode minus "
-        f"{reference}, paired bootstrap percentile interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). "
-        "AUC = mean raw normalized reward over the updates (those without a finished episode skipped); final = mean "
-        f"over the last {FINAL_UPDATES} updates; mean Δπ⁻ = mean over runs of each run's mean over its updates, median "
-        "Δπ⁻ = median over runs of each run's median; wall time = "
+        f"Rate: collapsed runs / runs, exact Clopper-Pearson {CONFIDENCE:.0%} interval. Against "
+        f"{reference}, pairs by seed in the cell of the same settings: exact McNemar (two-sided "
+        "binomial test of b = this mode only collapsed among the b + c discordant pairs, p = 1/2); "
+        f"ΔAUC and Δfinal = mean over pairs of this mode minus {reference}, paired bootstrap "
+        f"percentile interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). AUC = mean "
+        "raw normalized reward over the updates (those without a finished episode skipped); final "
+        f"= mean over the last {FINAL_UPDATES} updates; mean Δπ⁻ = mean over runs of each run's "
+        "mean over its updates, median Δπ⁻ = median over runs of each run's median; wall time = "
         + (
-            f"time per step relative to the reference's, measured side by side ({cost_json}: median over rounds, "
-            "min-max; each round runs every mode once, back to back, at the probe's defaults)."
+            "time per step relative to the reference's, measured side by side "
+            f"({cost_json}: median over rounds, min-max; each round runs every mode once, back to "
+            "back, at the probe's defaults)."
             if cost_json
             else "median per run (summary.json), relative to the reference cell's."
         )
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
 def select_cells(runs: list, cell: str) -> list:
-    """Runs whose settings match every key=value of `cell` (keys: mode and the SETTING_LABELS values)."""
+    """Runs whose settings match every key=value of `cell` (keys: mode and the SETTING_LABELS
+    values)."""
     keys = {"mode": "mode", **{label: setting for setting, label in SETTING_LABELS.items()}}
     selected = runs
     for item in filter(None, cell.split(",")):
@@ -609,9 +627,10 @@ def main(argv=None) -> int:
         "## Runs\n",
         runs_table(runs) + "\n",
         "## Sensitivity: each criterion alone\n",
-        "The same statistics with only one of the definition's two criteria (a check of how much the verdict depends on "
-        "each, not a second definition): the reward criterion alone is the paper's reward collapse; the entropy "
-        "criterion alone also flags a near-deterministic policy that still earns its reward.\n",
+        "The same statistics with only one of the definition's two criteria (a check of how much "
+        "the verdict depends on each, not a second definition): the reward criterion alone is the "
+        "paper's reward collapse; the entropy criterion alone also flags a near-deterministic "
+        "policy that still earns its reward.\n",
         *[
             f"### The {criterion} criterion alone\n\n"
             + sensitivity_table(runs, args.reference, criterion, cost)
@@ -619,11 +638,12 @@ def main(argv=None) -> int:
             for criterion in CRITERIA
         ],
         "## Before the collapse\n",
-        f"Delta pi minus and the signed trust-region violation (the clip would stop the sample's gradient under the eval-mode "
-        f"ratio r but not under the optimized train-mode r') over the {PRECURSOR_UPDATES + 1} updates that end at the "
-        "collapse's onset; for a run without a collapse, the window (ending once learning has started, i.e. where a "
-        "collapse could begin) where Delta pi minus's peak over its earlier median is largest. A spike before collapses is "
-        "a warning sign only if the runs that do not collapse have none as large.\n",
+        "Delta pi minus and the signed trust-region violation (the clip would stop the sample's "
+        "gradient under the eval-mode ratio r but not under the optimized train-mode r') over the "
+        f"{PRECURSOR_UPDATES + 1} updates that end at the collapse's onset; for a run without a "
+        "collapse, the window (ending once learning has started, i.e. where a collapse could "
+        "begin) where Delta pi minus's peak over its earlier median is largest. A spike before "
+        "collapses is a warning sign only if the runs that do not collapse have none as large.\n",
         precursors_table(runs) + "\n",
     ]
     with open(os.path.join(out_dir, "collapse_stats.md"), "w") as f:
@@ -633,7 +653,8 @@ def main(argv=None) -> int:
     draw_fig6(runs, os.path.join(out_dir, "collapse_fig6.png"))
     print(table)
     print(
-        f"\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png to {out_dir} ({len(runs)} runs)"
+        "\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png "
+        f"to {out_dir} ({len(runs)} runs)"
     )
     return 0
 

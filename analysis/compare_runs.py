@@ -1,11 +1,13 @@
-"""Did a code change alter training? Compare the logged values of two runs, tag by tag and step by step.
+"""Did a code change alter training? Compare the logged values of two runs tag by tag, step by step.
 
-    python analysis/compare_runs.py runs/before runs/after [--ignore charts/SPS perf/] [--tolerance 0]
+    python analysis/compare_runs.py runs/before runs/after \
+        [--ignore charts/SPS perf/] [--tolerance 0]
 
-Each run is a TensorBoard folder (the training scripts) or a folder with a metrics.csv (the collapse probe). Prints one
-line per tag: SAME, DIFF (with the first step that differs) or ONLY IN A/B; exits 0 when every shared tag is equal
-within --tolerance (absolute) and 1 otherwise. Used to check that the issue-11 restructure changed no value
-(docs/benchmarks.md, "Readability restructure: same values before and after").
+Each run is a TensorBoard folder (the training scripts) or a folder with a metrics.csv (the collapse
+probe). Prints one line per tag: SAME, DIFF (with the first step that differs) or ONLY IN A/B; exits
+0 when every shared tag is equal within --tolerance (absolute) and 1 otherwise. Used to check that
+the issue-11 restructure changed no value (docs/benchmarks.md, "Readability restructure: same values
+before and after").
 """
 
 import argparse
@@ -16,7 +18,8 @@ import sys
 
 
 def load(folder: str) -> dict:
-    """{tag: [(step, value), ...]} from metrics.csv (columns as tags, global_step as step) or TensorBoard events."""
+    """{tag: [(step, value), ...]} from metrics.csv (columns as tags, global_step as step) or
+    TensorBoard events."""
     csv_path = os.path.join(folder, "metrics.csv")
     if os.path.isfile(csv_path):
         with open(csv_path, newline="") as f:
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
     for folder in (args.run_a, args.run_b):
         if not os.path.isdir(folder):
             sys.exit(
-                f"error: {folder}: no such folder (a run folder with TensorBoard events or a metrics.csv)"
+                f"error: {folder}: no such folder "
+                "(a run folder with TensorBoard events or a metrics.csv)"
             )
     a, b = load(args.run_a), load(args.run_b)
     if not a or not b:

@@ -1,11 +1,12 @@
-"""Learning curve of a ppo_patchloc_mdr.py run: training and held-out normalized reward vs global step.
+"""Learning curve of a ppo_patchloc_mdr.py run: train and held-out normalized reward vs global step.
 
 Reads the TensorBoard event file(s) of one run folder and saves a PNG:
 
-    python analysis/plot_learning.py runs/<run_name> --out docs/patchloc_learning.png --random-reference -14.2
+    python analysis/plot_learning.py runs/<run_name> --out docs/patchloc_learning.png \
+        --random-reference -14.2
 
-The normalized reward is the return as a percentage of each task's exact optimal return (envs/); the optional
---random-reference draws a uniformly random policy's value as a dashed line.
+The normalized reward is the return as a percentage of each task's exact optimal return (envs/); the
+optional --random-reference draws a uniformly random policy's value as a dashed line.
 """
 
 import argparse

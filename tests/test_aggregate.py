@@ -1,5 +1,5 @@
-"""Tests of analysis/aggregate.py on tiny runs written here (TensorBoard event files and args.json, as the scripts write
-them; no training), read from runs/ and from a stand-in for the wandb API."""
+"""Tests of analysis/aggregate.py on tiny runs written here (TensorBoard event files and args.json,
+as the scripts write them; no training), read from runs/ and from a stand-in for the wandb API."""
 
 import csv
 import json
@@ -20,17 +20,37 @@ PROCGEN_GAMES = ["bigfish", "coinrun"]
 
 
 def procgen(env_id, norm, alpha1, alpha2, seed, bn_momentum=0.1, dropout_p=0.1):
-    return dict(exp_name="ppo_procgen_mdr", env_id=env_id, norm=norm, alpha1=alpha1, alpha2=alpha2, mdr_rounds=1,
-                bn_momentum=bn_momentum, dropout_p=dropout_p, seed=seed)  # fmt: skip
+    return dict(
+        exp_name="ppo_procgen_mdr",
+        env_id=env_id,
+        norm=norm,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        mdr_rounds=1,
+        bn_momentum=bn_momentum,
+        dropout_p=dropout_p,
+        seed=seed,
+    )
 
 
 def patchloc(num_tasks, norm, alpha1, alpha2, seed, dropout_p=0.1):
-    return dict(exp_name="ppo_patchloc_mdr", num_tasks=num_tasks, image_source="procedural", norm=norm, alpha1=alpha1,
-                alpha2=alpha2, mdr_rounds=3, bn_momentum=0.1, dropout_p=dropout_p, seed=seed)  # fmt: skip
+    return dict(
+        exp_name="ppo_patchloc_mdr",
+        num_tasks=num_tasks,
+        image_source="procedural",
+        norm=norm,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        mdr_rounds=3,
+        bn_momentum=0.1,
+        dropout_p=dropout_p,
+        seed=seed,
+    )
 
 
 def fake_runs():
-    """(config, {tag: {step: value}}): each run's curve rises linearly to a final level that names what the test expects."""
+    """(config, {tag: {step: value}}): each run's curve rises linearly to a final level that names
+    what the test expects."""
     runs = []
 
     def add(config, final, test_final=None, normalized=True):
@@ -92,7 +112,8 @@ def runs_dir(tmp_path_factory):
         write_run(
             root / f"run{i:03d}", config, series, with_args_json=i % 5 != 0
         )  # some with the text summary only
-    # a resumed run: its first event file logged steps 0-600 with wrong values, the resumed one re-logs 500-1000
+    # a resumed run: its first event file logged steps 0-600 with wrong values, the resumed one
+    # re-logs 500-1000
     config = procgen("caveflyer", "bn", 2, 1, seed=1)
     write_run(
         root / "resumed", config, {"charts/episodic_return": {s: -5.0 for s in range(0, 601, 100)}}
@@ -102,7 +123,8 @@ def runs_dir(tmp_path_factory):
         config,
         {"charts/episodic_return": {s: 9.0 for s in range(500, 1001, 100)}},
     )
-    # the same configuration and seed twice (a run restarted under another --run-name, stopped early): the longer counts
+    # the same configuration and seed twice (a run restarted under another --run-name, stopped
+    # early): the longer counts
     write_run(
         root / "stopped",
         procgen("bigfish", "bn", 2, 1, seed=1),
@@ -189,7 +211,8 @@ def test_a_resumed_run_keeps_the_values_logged_last(aggregated):
 
 def test_interquartile_mean_and_probability_of_improvement(aggregated):
     _, _, table = aggregated
-    # the games with a normalized score and every method: bigfish and coinrun (caveflyer has BN+MDR alone); final
+    # the games with a normalized score and every method: bigfish and coinrun (caveflyer has BN+MDR
+    # alone); final
     # normalized scores 0.095 x the final level (seeds x games)
     levels = {
         "BN": [[2 + g + s for g in (0, 1)] for s in (1, 2, 3)],
@@ -211,7 +234,8 @@ def test_interquartile_mean_and_probability_of_improvement(aggregated):
 
 
 def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
-    """--wandb-project reads the same runs through wandb's public API (a stand-in here: config and scan_history)."""
+    """--wandb-project reads the same runs through wandb's public API (a stand-in here: config and
+    scan_history)."""
     import wandb
 
     class FakeRun:

@@ -1,5 +1,5 @@
-"""Tests of analysis/collapse_figures.py: reading old and new probe runs, the Fig. 6 and App. B layouts from hand-written
-CSVs, one panel's content, bad input."""
+"""Tests of analysis/collapse_figures.py: reading old and new probe runs, the Fig. 6 and App. B
+layouts from hand-written CSVs, one panel's content, bad input."""
 
 import csv
 import json
@@ -17,16 +17,17 @@ ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 import collapse_figures as figures  # noqa: E402
 
-# Runs committed before the probe logged acting_entropy (and while it had an online collapse detector)
+# Runs committed before the probe logged acting_entropy (and while it had an online collapse
+# detector)
 OLD_RUN = ANALYSIS.parent / "docs" / "collapse" / "bn_clip0.2_ent0.01_seed1"
 with open(OLD_RUN / "metrics.csv", newline="") as old_csv:
     OLD_COLUMNS = next(csv.reader(old_csv))
 
 
 def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None, old=False):
-    """A run as the probe writes it (old=True: the columns and summary of the runs committed before acting_entropy and
-    --view-batching): a rising reward (crashing at `crash_at`; none in update 1), a growing Delta pi minus (0 in eval
-    mode), the acting entropy 0.1 below the loss's."""
+    """A run as the probe writes it (old=True: the columns and summary of the runs committed before
+    acting_entropy and --view-batching): a rising reward (crashing at `crash_at`; none in update 1),
+    a growing Delta pi minus (0 in eval mode), the acting entropy 0.1 below the loss's."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     columns = OLD_COLUMNS if old else probe.CSV_COLUMNS

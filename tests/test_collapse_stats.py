@@ -1,5 +1,6 @@
-"""Tests of analysis/collapse_stats.py: the collapse definition on hand-made curves and on the 16 committed probe runs,
-the statistics on small cases with known answers, the command line on a folder of tiny hand-written runs."""
+"""Tests of analysis/collapse_stats.py: the collapse definition on hand-made curves and on the 16
+committed probe runs, the statistics on small cases with known answers, the command line on a folder
+of tiny hand-written runs."""
 
 import csv
 import json
@@ -26,11 +27,11 @@ def curve(*pieces) -> np.ndarray:
     return np.concatenate([np.full(length, value, dtype=float) for value, length in pieces])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The definition on hand-made curves
 
 
-def test_a_sustained_reward_crash_is_flagged_where_the_smoothed_reward_falls_below_a_quarter_of_its_best():
+def test_a_sustained_reward_crash_is_flagged_where_the_smoothed_reward_falls_below_a_quarter():
     rewards = curve((50.0, 30), (0.0, 30))
     entropies = curve(
         (1.5, 60)
@@ -45,7 +46,8 @@ def test_a_sustained_reward_crash_is_flagged_where_the_smoothed_reward_falls_bel
     "low_updates, flagged", [(cs.REWARD_UPDATES - 1, False), (cs.REWARD_UPDATES, True)]
 )
 def test_the_reward_must_stay_low_for_reward_updates_in_a_row(low_updates, flagged):
-    # the smoothed reward is below 12.5 from update 37 on while its window holds at most two 50s: zeros - 5 updates
+    # the smoothed reward is below 12.5 from update 37 on while its window holds at most two 50s:
+    # zeros - 5 updates
     rewards = curve((50.0, 30), (0.0, low_updates + 5), (50.0, 20))
 
     assert cs.detect_collapse(rewards, curve((1.5, len(rewards)))) == (
@@ -113,9 +115,10 @@ def test_updates_without_a_finished_episode_are_skipped():
 
 
 def test_the_definition_flags_exactly_the_documented_collapses_of_the_committed_runs():
-    """docs/collapse.md, 'Collapse definition (fixed before the decisive runs)': BN 4/4, BN+MDR seed 2 in all three
-    BN+MDR cells, no Eval run; the update is the collapse's first."""
-    # the 16 runs of the first sessions (docs/collapse/study/ holds the study's runs, made after the definition was fixed)
+    """docs/collapse.md, 'Collapse definition (fixed before the decisive runs)': BN 4/4, BN+MDR seed
+    2 in all three BN+MDR cells, no Eval run; the update is the collapse's first."""
+    # the 16 runs of the first sessions (docs/collapse/study/ holds the study's runs, made after the
+    # definition was fixed)
     runs = [
         run
         for run in figures.read_runs(str(COMMITTED_RUNS))
@@ -147,7 +150,7 @@ def test_the_definition_flags_exactly_the_documented_collapses_of_the_committed_
         np.testing.assert_allclose(window, run["smoothed_reward"], atol=1e-3)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Statistics with known answers
 
 
@@ -171,7 +174,8 @@ def test_exact_mcnemar_is_the_binomial_test_of_the_discordant_pairs(b, c, p):
 
 
 def test_kaplan_meier_of_a_small_censored_sample_computed_by_hand():
-    # at 3: 4/5; at 5: one of 4 at risk collapses (the other 5 is censored) -> 0.8 x 3/4; 8 censored; 10: the last
+    # at 3: 4/5; at 5: one of 4 at risk collapses (the other 5 is censored) -> 0.8 x 3/4; 8
+    # censored; 10: the last
     times, survival = cs.kaplan_meier([3, 5, 5, 8, 10], [True, True, False, False, True])
 
     assert list(times) == [0, 3, 5, 8, 10]
@@ -185,7 +189,8 @@ def test_kaplan_meier_without_collapses_stays_at_one():
 
 
 def test_paired_bootstrap_of_two_pairs_spans_the_resampled_means():
-    # differences 1 and 3: resampled means 1, 2, 3 with probabilities 1/4, 1/2, 1/4 -> the 2.5 and 97.5 % points are 1, 3
+    # differences 1 and 3: resampled means 1, 2, 3 with probabilities 1/4, 1/2, 1/4 -> the 2.5 and
+    # 97.5 % points are 1, 3
     assert cs.paired_bootstrap([11.0, 23.0], [10.0, 20.0]) == pytest.approx((2.0, 1.0, 3.0))
 
 
@@ -199,7 +204,7 @@ def test_paired_bootstrap_edge_cases():
     assert mean == 4.0 and math.isnan(low) and math.isnan(high)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Precursors: Delta pi minus and the signed trust-region violation before a collapse
 
 
@@ -251,7 +256,7 @@ def test_a_run_without_a_collapse_is_measured_at_its_biggest_spike_after_learnin
     )  # no baseline yet
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -279,8 +284,9 @@ def write_run(
 
 @pytest.fixture
 def study(tmp_path):
-    """BN collapses in seeds 1-3 (entropy, at update 21), BN+MDR in seed 3 only; Eval in seeds 1-2 (not paired: its
-    BN momentum differs); a BN+MDR run at another BN momentum with no BN run to pair with."""
+    """BN collapses in seeds 1-3 (entropy, at update 21), BN+MDR in seed 3 only; Eval in seeds 1-2
+    (not paired: its BN momentum differs); a BN+MDR run at another BN momentum with no BN run to
+    pair with."""
     learned, collapsed = curve((40.0, 40)), curve((40.0, 20), (0.0, 20))
     high, low = curve((1.5, 40)), curve((1.5, 20), (0.0, 20))
     for seed in (1, 2, 3):
@@ -339,7 +345,8 @@ def test_cli_prints_the_check_and_the_table_and_writes_the_report_and_figures(
     rows = table_rows(output)
     assert sorted(rows) == [("bn", "0.01"), ("bn-mdr", "0.01"), ("bn-mdr", "0.5"), ("eval", "0.1")]
     bn, mdr = rows[("bn", "0.01")], rows[("bn-mdr", "0.01")]
-    # columns: mode, clip, ent, bnm, views, n, collapses, rate, McNemar, AUC, dAUC, dfinal, mean dpi, median dpi, wall
+    # columns: mode, clip, ent, bnm, views, n, collapses, rate, McNemar, AUC, dAUC, dfinal, mean
+    # dpi, median dpi, wall
     assert bn[5:8] == ["3", "3", "1.00 [0.29, 1.00]"] and bn[8] == "–" and bn[9] == "20.0"
     assert mdr[5:8] == ["3", "1", "0.33 [0.01, 0.91]"]
     assert mdr[8] == "0.5 (0/2, 3)"  # exact McNemar: 2 pairs where only BN collapsed, p = 2 x 0.5^2
@@ -442,7 +449,8 @@ def test_cli_seeds_filter(study, tmp_path, capsys):
 
 
 def write_bench(path: Path, sps_by_config: dict) -> Path:
-    """A benchmarks/bench_sps.py --json file: per configuration, one entry per round with its iterations' SPS."""
+    """A benchmarks/bench_sps.py --json file: per configuration, one entry per round with its
+    iterations' SPS."""
     path.write_text(
         json.dumps(
             {name: [{"sps": sps} for sps in rounds] for name, rounds in sps_by_config.items()}
@@ -452,7 +460,8 @@ def write_bench(path: Path, sps_by_config: dict) -> Path:
 
 
 def test_cli_cost_json_gives_the_side_by_side_wall_time_column(study, tmp_path, capsys):
-    # per round: bn's median SPS over bn-mdr's = 10/5 and 20/8; eval has no configuration; patchloc is not a probe mode
+    # per round: bn's median SPS over bn-mdr's = 10/5 and 20/8; eval has no configuration; patchloc
+    # is not a probe mode
     bench = write_bench(
         tmp_path / "bench.json",
         {
