@@ -1,4 +1,5 @@
-"""Shared pytest setup: offline W&B for every test, and the repository root importable (the scripts are single files)."""
+"""Shared pytest setup: offline W&B for every test, and the repository root importable (the scripts
+are single files)."""
 
 import os
 import sys

@@ -1,7 +1,8 @@
-"""benchmarks/bench_sps.py's compute bound must time the network passes a script really makes in an iteration, or its
-"update / bound" efficiency means nothing. Each test runs a script's main() on a tiny config, records every pass through
-Agent.features (mode, batch size, gradient on or off) and compares it with what the benchmark counts. Its SectionTimer
-(the scripts carry no timing code) must charge each call to one section and cut iterations where main() logs them."""
+"""benchmarks/bench_sps.py's compute bound must time the network passes a script really makes in an
+iteration, or its "update / bound" efficiency means nothing. Each test runs a script's main() on a
+tiny config, records every pass through Agent.features (mode, batch size, gradient on or off) and
+compares it with what the benchmark counts. Its SectionTimer (the scripts carry no timing code) must
+charge each call to one section and cut iterations where main() logs them."""
 
 import contextlib
 import importlib.util
@@ -25,7 +26,8 @@ spec.loader.exec_module(bench)
 
 @pytest.fixture
 def recorded_passes(monkeypatch):
-    """Every Agent.features call of the three scripts, as (training, batch size, gradient enabled)."""
+    """Every Agent.features call of the three scripts, as (training, batch size, gradient
+    enabled)."""
     passes = []
     for module in (ppo_procgen_mdr, ppo_patchloc_mdr, ppo_collapse_probe):
         original = module.Agent.features
@@ -48,8 +50,8 @@ def run(module, args, cwd, monkeypatch):
 
 
 def expected_iteration(script, module, args):
-    """The rollout's inference passes (eval mode, no gradient), then the update section's passes as the benchmark
-    counts them."""
+    """The rollout's inference passes (eval mode, no gradient), then the update section's passes as
+    the benchmark counts them."""
     rollout = [(False, args.num_envs, False)] * (args.num_steps + 1)
     return rollout + bench.update_passes(script, module, args)
 
@@ -63,12 +65,13 @@ def test_update_passes_by_hand():
         [(True, 32, True), (True, 32, True), (True, 6, True)],
         [(False, 32, True), (False, 32, True), (False, 6, True)],
     )
+    # D_k chunks + bootstrap
     values = [
         (False, 32, False),
         (False, 32, False),
         (False, 6, False),
         (False, 2, False),
-    ]  # D_k chunks + bootstrap
+    ]
     assert (
         bench.update_passes("patchloc", ppo_patchloc_mdr, args)
         == train * 2 + rectify + values + train * 2 + rectify
@@ -82,9 +85,18 @@ def test_bound_counts_the_procgen_script_passes(recorded_passes, tmp_path, monke
         lambda agent, args, device, iteration: np.zeros(args.num_eval_envs),
     )
     args = ppo_procgen_mdr.Args(
-        num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
-        pretrained=False, cuda=False, mdr_rounds=2, diag_minibatches=-1, diag_ratio_every=0,
-    )  # fmt: skip
+        num_envs=2,
+        num_steps=16,
+        minibatch_size=8,
+        total_timesteps=64,
+        num_eval_envs=2,
+        eval_interval=0,
+        pretrained=False,
+        cuda=False,
+        mdr_rounds=2,
+        diag_minibatches=-1,
+        diag_ratio_every=0,
+    )
     run(ppo_procgen_mdr, args, tmp_path, monkeypatch)
     iteration = expected_iteration("procgen", ppo_procgen_mdr, args)
     assert (False, 8, False) in iteration  # the values recomputed before round 2
@@ -93,28 +105,48 @@ def test_bound_counts_the_procgen_script_passes(recorded_passes, tmp_path, monke
 
 def test_bound_counts_the_patchloc_script_passes(recorded_passes, tmp_path, monkeypatch):
     args = ppo_patchloc_mdr.Args(
-        num_envs=2, num_steps=16, minibatch_size=12, total_timesteps=64, num_tasks=4, num_test_tasks=4, view_size=16,
-        image_size=64, num_eval_envs=2, num_render_episodes=0, hidden_size=32, mdr_rounds=2, eval_interval=0,
-        pretrained=False, cuda=False, diag_minibatches=-1, diag_ratio_every=0,
-    )  # fmt: skip
+        num_envs=2,
+        num_steps=16,
+        minibatch_size=12,
+        total_timesteps=64,
+        num_tasks=4,
+        num_test_tasks=4,
+        view_size=16,
+        image_size=64,
+        num_eval_envs=2,
+        num_render_episodes=0,
+        hidden_size=32,
+        mdr_rounds=2,
+        eval_interval=0,
+        pretrained=False,
+        cuda=False,
+        diag_minibatches=-1,
+        diag_ratio_every=0,
+    )
     run(ppo_patchloc_mdr, args, tmp_path, monkeypatch)
-    assert (True, 8, True) in bench.update_passes(
-        "patchloc", ppo_patchloc_mdr, args
-    )  # the ragged last minibatch
+    # the ragged last minibatch
+    assert (True, 8, True) in bench.update_passes("patchloc", ppo_patchloc_mdr, args)
     measured = expected_iteration("patchloc", ppo_patchloc_mdr, args) * args.num_iterations
     assert recorded_passes[: len(measured)] == measured
-    assert all(
-        not training and not grad for training, _, grad in recorded_passes[len(measured) :]
-    )  # the evaluation
+    # the evaluation
+    assert all(not training and not grad for training, _, grad in recorded_passes[len(measured) :])
 
 
 @pytest.mark.parametrize("mode", ["bn-mdr", "eval"])
 def test_bound_counts_the_probe_gradient_passes(mode, recorded_passes, tmp_path, monkeypatch):
-    """The probe's diagnostics cannot be switched off (they are its measurement): compare the passes with gradient."""
+    """The probe's diagnostics cannot be switched off (they are its measurement): compare the passes
+    with gradient."""
     args = ppo_collapse_probe.Args(
-        mode=mode, num_envs=2, num_steps=10, minibatch_size=8, total_timesteps=40, num_tasks=2, view_size=16,
-        image_size=64, hidden_size=32,
-    )  # fmt: skip
+        mode=mode,
+        num_envs=2,
+        num_steps=10,
+        minibatch_size=8,
+        total_timesteps=40,
+        num_tasks=2,
+        view_size=16,
+        image_size=64,
+        hidden_size=32,
+    )
     run(ppo_collapse_probe, args, tmp_path, monkeypatch)
     counted = [
         p for p in bench.update_passes("probe", ppo_collapse_probe, args) if p[2]
@@ -125,9 +157,8 @@ def test_bound_counts_the_probe_gradient_passes(mode, recorded_passes, tmp_path,
 
 def test_section_timer_charges_a_nested_call_to_the_outer_section(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(
-        bench, "clocks", lambda: {"time": now[0], "cpu": 2 * now[0]}
-    )  # CPU: two busy threads
+    # CPU: two busy threads
+    monkeypatch.setattr(bench, "clocks", lambda: {"time": now[0], "cpu": 2 * now[0]})
     timer = bench.SectionTimer()
     timer.mark = bench.clocks()
 
@@ -154,9 +185,15 @@ def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_pat
         ppo_procgen_mdr, "evaluate", lambda agent, args, *rest: np.zeros(args.num_eval_envs)
     )
     args = ppo_procgen_mdr.Args(
-        num_envs=2, num_steps=16, minibatch_size=8, total_timesteps=64, num_eval_envs=2, eval_interval=0,
-        pretrained=False, cuda=False,
-    )  # fmt: skip
+        num_envs=2,
+        num_steps=16,
+        minibatch_size=8,
+        total_timesteps=64,
+        num_eval_envs=2,
+        eval_interval=0,
+        pretrained=False,
+        cuda=False,
+    )
     originals = (
         ppo_procgen_mdr.ppo_update,
         ppo_procgen_mdr.Agent.get_value,
@@ -176,9 +213,8 @@ def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_pat
             for section in ("env", "inference", "update", "diagnostics")
         )
         assert iteration["time"]["other"] >= 0
-    assert (
-        timer.iterations[-1]["evaluation"]["time"] > 0
-    )  # the final evaluation, after the last iteration's log
+    # the final evaluation, after the last iteration's log
+    assert timer.iterations[-1]["evaluation"]["time"] > 0
     assert (
         ppo_procgen_mdr.ppo_update,
         ppo_procgen_mdr.Agent.get_value,

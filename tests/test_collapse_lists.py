@@ -1,8 +1,9 @@
-"""sweeps/make_collapse_lists.py: the collapse study's run lists (issues 12, 13) are what docs/collapse.md describes,
-name distinct folders, pair their seeds across modes, and parse as the probe's own arguments."""
+"""sweeps/make_collapse_lists.py: the collapse study's run lists (issues 12, 13) are what
+docs/collapse.md describes, name distinct folders, pair their seeds across modes, and parse as the
+probe's own arguments."""
 
+import importlib.util
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,12 @@ import tyro
 
 import ppo_collapse_probe as probe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sweeps"))
-import make_collapse_lists as lists  # noqa: E402
+SPEC = importlib.util.spec_from_file_location(
+    "make_collapse_lists",
+    Path(__file__).resolve().parent.parent / "sweeps" / "make_collapse_lists.py",
+)
+lists = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(lists)
 
 COMMITTED = Path(lists.OUT) / "stage_a.txt"
 
@@ -33,7 +38,9 @@ def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, s
     lines = commands(tmp_path / "l.txt")
     if (
         stage == "stage-b"
-    ):  # BN and BN+MDR seeds 1-3 of the regime are Stage A's runs: the cell is Stage A's + Stage B's
+        # BN and BN+MDR seeds 1-3 of the regime are Stage A's runs: the cell is Stage A's + Stage
+        # B's
+    ):
         stage_a = [line for line in commands(COMMITTED) if "--bn-momentum 0.1 " in line]
         assert len(stage_a) == 2 * 3 and not set(stage_a) & {
             line.replace("stage_b/", "stage_a/") for line in lines
@@ -54,7 +61,6 @@ def test_lists_pair_seeds_across_modes_and_name_distinct_folders(stage, modes, s
             and args.view_batching == "separate"
             and args.run_name.startswith((stage.replace("-", "_"), "stage_a/"))
         )
-    assert all(
-        seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values()
-    )  # paired
+    # paired
+    assert all(seeds_of_mode == set(range(1, seeds + 1)) for seeds_of_mode in by_mode.values())
     assert set(by_mode) <= set(probe.MODES)

@@ -1,7 +1,8 @@
-"""Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta pi, the ratio gap
-and its sign-aware violation, every --mode in a tiny in-process run (what each rival changes), --view-batching, the
-per-update CSV and summary, run names, bad input. The figures: tests/test_collapse_figures.py; the collapse definition:
-tests/test_collapse_stats.py; determinism: tests/test_perf_flags_probe.py."""
+"""Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta
+pi, the ratio gap and its sign-aware violation, every --mode in a tiny in-process run (what each
+rival changes), --view-batching, the per-update CSV and summary, run names, bad input. The figures:
+tests/test_collapse_figures.py; the collapse definition: tests/test_collapse_stats.py; determinism:
+tests/test_perf_flags_probe.py."""
 
 import contextlib
 import copy
@@ -34,7 +35,8 @@ TINY = dict(
     hidden_size=32,
 )
 TINY_CLI = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
-# per --mode: 2 updates of 2 envs x 4 steps, 2 minibatches of 4 per epoch, 3 epochs (6 optimizer steps per update)
+# per --mode: 2 updates of 2 envs x 4 steps, 2 minibatches of 4 per epoch, 3 epochs (6 optimizer
+# steps per update)
 MODE_RUN = dict(
     num_envs=2,
     num_steps=4,
@@ -49,7 +51,8 @@ NUM_ACTIONS = 7  # PatchLoc: 6 moves + stop
 
 
 def run_script(cwd, *args):
-    """Run the script as a user would, in `cwd`; returns the CompletedProcess (text stdout/stderr)."""
+    """Run the script as a user would, in `cwd`; returns the CompletedProcess (text
+    stdout/stderr)."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=cwd,
@@ -85,9 +88,11 @@ def random_obs(n, generator_seed=0):
 
 
 def random_minibatch(agent, n=16, seed=3):
-    """A minibatch dict as main() builds it, with old log-probs from the eval-mode policy (the behaviour policy)."""
+    """A minibatch dict as main() builds it, with old log-probs from the eval-mode policy (the
+    behaviour policy)."""
     generator = torch.Generator().manual_seed(seed)
-    obs, actions = random_obs(n, seed), torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
+    obs = random_obs(n, seed)
+    actions = torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
     with torch.no_grad(), probe.temporary_mode(agent, training=False):
         policy, values = agent.get_policy_and_value(obs)
     mb = {
@@ -108,10 +113,11 @@ def read_csv(path):
 
 
 def run_main(cwd, args, monkeypatch) -> dict:
-    """main(args) in `cwd`, recording what the tests below look at: the agent (initial state, final object), the
-    optimizer, the mode of every rollout forward, each minibatch step (the agent's mode, the optimized ratio, the stats,
-    the BN running mean at its start), the running mean when each eval-mode ratio r was measured, and the
-    recalibrations. Returns those, the exit code, metrics.csv (header, rows), summary.json and the run folder."""
+    """main(args) in `cwd`, recording what the tests below look at: the agent (initial state, final
+    object), the optimizer, the mode of every rollout forward, each minibatch step (the agent's
+    mode, the optimized ratio, the stats, the BN running mean at its start), the running mean when
+    each eval-mode ratio r was measured, and the recalibrations. Returns those, the exit code,
+    metrics.csv (header, rows), summary.json and the run folder."""
     rec = {
         "agents": [],
         "initial": [],
@@ -199,7 +205,8 @@ def run_main(cwd, args, monkeypatch) -> dict:
 
 @pytest.fixture(scope="module")
 def mode_run(tmp_path_factory):
-    """mode -> the recorded tiny run of that --mode (MODE_RUN), made on first use and shared by the tests below."""
+    """mode -> the recorded tiny run of that --mode (MODE_RUN), made on first use and shared by the
+    tests below."""
     runs = {}
 
     def get(mode):
@@ -212,7 +219,7 @@ def mode_run(tmp_path_factory):
     return get
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # JS divergence
 
 
@@ -233,9 +240,8 @@ def test_js_divergence_two_classes_matches_hand_value():
     )
 
     assert probe.js_divergence(logits_p, logits_q).item() == pytest.approx(expected, rel=1e-9)
-    assert probe.js_divergence(logits_q, logits_p).item() == pytest.approx(
-        expected, rel=1e-9
-    )  # symmetric
+    # symmetric
+    assert probe.js_divergence(logits_q, logits_p).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_js_divergence_of_disjoint_distributions_is_ln2_and_never_above():
@@ -248,7 +254,7 @@ def test_js_divergence_of_disjoint_distributions_is_ln2_and_never_above():
     assert torch.all(js <= math.log(2.0))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Delta pi: side-effect free, measured at the running statistics it was called with
 
 
@@ -264,9 +270,8 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
             agent.get_value(b_obs[:8])
     agent.eval()
     state_before = copy.deepcopy(agent.state_dict())
-    assert (
-        state_before["backbone.bn1.num_batches_tracked"].item() == 9
-    )  # 3 passes x 3 views (--view-batching separate)
+    # 3 passes x 3 views (--view-batching separate)
+    assert state_before["backbone.bn1.num_batches_tracked"].item() == 9
     rng_before = torch.get_rng_state()
 
     delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
@@ -284,20 +289,19 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     agent.train()
     probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
     assert agent.training
-    assert (
-        probe.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(1)) is None
-    )  # -1 = off
+    # -1 = off
+    assert probe.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(1)) is None
 
 
 def peaked_agent_and_expected_divergences(b_obs):
-    """A BN agent with a peaked policy and moved running statistics, and eq. 6 on each minibatch of the permutation
-    that policy_mismatch draws from manual_seed(1), each computed on fresh copies (nothing has moved their statistics)."""
+    """A BN agent with a peaked policy and moved running statistics, and eq. 6 on each minibatch of
+    the permutation that policy_mismatch draws from manual_seed(1), each computed on fresh copies
+    (nothing has moved their statistics)."""
     torch.manual_seed(0)
     agent = tiny_agent("bn")
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(
-            100.0
-        )  # a peaked policy: at init delta_pi is too small to tell anything apart
+        # a peaked policy: at init delta_pi is too small to tell anything apart
+        agent.actor[-1].weight.mul_(100.0)
         agent.train()
         for _ in range(3):
             agent.get_value(b_obs[:8])
@@ -323,8 +327,9 @@ def mean_divergence(perm, train_logits, eval_logits, minibatches):
 
 
 def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_was_called_with():
-    """Each minibatch's two sides are those of eq. 6 at the call's running statistics: a train-mode pass moves them
-    (momentum 0.01 here), so an eval-mode side computed after it, or after an earlier minibatch's, is measured off them."""
+    """Each minibatch's two sides are those of eq. 6 at the call's running statistics: a train-mode
+    pass moves them (momentum 0.01 here), so an eval-mode side computed after it, or after an
+    earlier minibatch's, is measured off them."""
     b_obs = random_obs(24)
     agent, perm, train_logits, eval_logits = peaked_agent_and_expected_divergences(b_obs)
 
@@ -335,15 +340,15 @@ def test_policy_mismatch_measures_every_minibatch_against_the_running_stats_it_w
         mean_divergence(perm, train_logits, eval_logits, 3), rel=1e-5
     )
     first = mean_divergence(perm, train_logits, eval_logits, 1)
-    assert first_only.item() == pytest.approx(
-        first, rel=1e-5
-    )  # --diag-minibatches 1: the first minibatch only
+    # --diag-minibatches 1: the first minibatch only
+    assert first_only.item() == pytest.approx(first, rel=1e-5)
     assert first != pytest.approx(delta.item(), rel=1e-3)
     assert delta.item() > 1e-3
 
 
 def test_policy_mismatch_takes_the_eval_side_from_given_logits():
-    """Delta pi minus takes its eval-mode side from the rollout's logits (eq. 6's behaviour policy)."""
+    """Delta pi minus takes its eval-mode side from the rollout's logits (eq. 6's behaviour
+    policy)."""
     b_obs = random_obs(24)
     agent, perm, train_logits, eval_logits = peaked_agent_and_expected_divergences(b_obs)
     other_logits = 5.0 * torch.randn(
@@ -361,9 +366,8 @@ def test_policy_mismatch_takes_the_eval_side_from_given_logits():
     assert other.item() == pytest.approx(
         mean_divergence(perm, train_logits, other_logits, 3), rel=1e-4
     )
-    assert other.item() != pytest.approx(
-        given.item(), rel=0.1
-    )  # each sample's given row is really the one used
+    # each sample's given row is really the one used
+    assert other.item() != pytest.approx(given.item(), rel=0.1)
 
 
 def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
@@ -375,7 +379,7 @@ def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
     assert delta.item() == pytest.approx(0.0, abs=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The ratio gap (eq. 10-11)
 
 
@@ -385,9 +389,8 @@ def test_ppo_update_reports_the_gap_between_the_optimized_ratio_and_the_given_ev
     probe.validate_args(args)
     agent = probe.Agent(NUM_ACTIONS, args)
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(
-            100.0
-        )  # a peaked policy, sensitive to the statistics it is normalized with
+        # a peaked policy, sensitive to the statistics it is normalized with
+        agent.actor[-1].weight.mul_(100.0)
     mb = random_minibatch(agent)
     agent.train()
     reference = copy.deepcopy(agent)
@@ -426,18 +429,18 @@ def test_eval_mode_ratio_is_side_effect_free_and_restores_the_mode():
 
     assert agent.training
     assert all(torch.equal(tensor, agent.state_dict()[name]) for name, tensor in state.items())
-    assert torch.allclose(
-        ratio, torch.ones(16), atol=1e-5
-    )  # the old log-probs are this eval-mode policy's
+    # the old log-probs are this eval-mode policy's
+    assert torch.allclose(ratio, torch.ones(16), atol=1e-5)
 
 
 def test_trust_region_violation_signed_counts_only_the_clip_that_would_stop_the_gradient():
-    """clip 0.2. Unsigned: r' inside [0.8, 1.2], r outside. Signed: the clip stops the gradient under r (r > 1.2 with
-    A > 0, r < 0.8 with A < 0) but not under r'."""
+    """clip 0.2. Unsigned: r' inside [0.8, 1.2], r outside. Signed: the clip stops the gradient
+    under r (r > 1.2 with A > 0, r < 0.8 with A < 0) but not under r'."""
     train_ratio = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.3, 1.1])
     eval_ratio = torch.tensor([1.3, 1.3, 0.7, 0.7, 1.3, 1.1])
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0])
-    # sample: 0 signed (A > 0, r > 1.2), 1 unsigned only, 2 unsigned only, 3 signed (A < 0, r < 0.8), 4-5 neither
+    # sample: 0 signed (A > 0, r > 1.2), 1 unsigned only, 2 unsigned only, 3 signed (A < 0, r <
+    # 0.8), 4-5 neither
 
     stats = probe.trust_region_diagnostics(train_ratio, eval_ratio, advantages, 0.2)
 
@@ -447,25 +450,24 @@ def test_trust_region_violation_signed_counts_only_the_clip_that_would_stop_the_
 
 
 def test_the_eval_ratio_is_measured_before_the_minibatch_moves_the_running_statistics(mode_run):
-    """r (eq. 10) is measured on every standard-phase minibatch (--diag-ratio-every 1) at the running statistics the
-    minibatch started with, i.e. before its train-mode pass, never in the rectification phase."""
+    """r (eq. 10) is measured on every standard-phase minibatch (--diag-ratio-every 1) at the
+    running statistics the minibatch started with, i.e. before its train-mode pass, never in the
+    rectification phase."""
     run = mode_run("bn-mdr")
     measured = [update for update in run["updates"] if update["measured"]]
 
     assert [update["measured"] for update in run["updates"]] == [
         update["training"] for update in run["updates"]
     ]
-    assert (
-        len(measured) == len(run["eval_ratio_stats"]) == 8
-    )  # 2 updates x alpha1 2 epochs x 2 minibatches
+    # 2 updates x alpha1 2 epochs x 2 minibatches
+    assert len(measured) == len(run["eval_ratio_stats"]) == 8
     for update, at_measurement in zip(measured, run["eval_ratio_stats"]):
         assert torch.equal(update["running_mean"], at_measurement)
-    assert not torch.equal(
-        measured[0]["running_mean"], measured[1]["running_mean"]
-    )  # the passes do move them
+    # the passes do move them
+    assert not torch.equal(measured[0]["running_mean"], measured[1]["running_mean"])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Every --mode: a tiny in-process run, and what each rival changes
 
 
@@ -510,7 +512,8 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
 
 
 def test_phase_columns_average_their_own_minibatches(mode_run):
-    """approx_kl_standard/_rectify: the mean over that phase's minibatch steps; approx_kl: over all of them."""
+    """approx_kl_standard/_rectify: the mean over that phase's minibatch steps; approx_kl: over all
+    of them."""
     run = mode_run("bn-mdr")
     first_update = run["updates"][:6]  # 3 epochs x 2 minibatches
     standard = [u["stats"]["approx_kl"].item() for u in first_update if u["training"]]
@@ -534,9 +537,8 @@ def test_collection_is_in_eval_mode_except_for_bn_train(mode, mode_run):
 @pytest.mark.parametrize("mode", ["bn", "bn-mdr", "bn-oldtrain"])
 def test_update_phases_train_mode_then_eval_mode(mode, mode_run):
     run = mode_run(mode)
-    expected = [True] * 4 + (
-        [False] * 2 if mode in MDR_MODES else [True] * 2
-    )  # per update: 3 epochs x 2 minibatches
+    # per update: 3 epochs x 2 minibatches
+    expected = [True] * 4 + ([False] * 2 if mode in MDR_MODES else [True] * 2)
 
     assert [u["training"] for u in run["updates"]] == expected * 2
 
@@ -577,9 +579,8 @@ def test_each_mode_builds_its_norm_layer(mode, norm_type):
             agent.backbone.layer3[0].bn2, nn.Identity
         )
         return
-    assert (
-        len(layers) == 15
-    )  # stem + 2 blocks x 2 in layer1..3 + 2 downsamples: the shallow ResNet-18 without layer4
+    # stem + 2 blocks x 2 in layer1..3 + 2 downsamples: the shallow ResNet-18 without layer4
+    assert len(layers) == 15
     assert {type(layer) for layer in layers} == {norm_type}
     if norm_type in (nn.BatchNorm2d, probe.BatchRenorm2d):
         assert {layer.momentum for layer in layers} == {0.05}
@@ -612,13 +613,11 @@ def test_bn_wn_keeps_every_conv_weight_at_unit_norm_per_output_channel(mode_run)
     for weight in convs:
         norms = torch.linalg.vector_norm(weight.detach(), dim=(1, 2, 3))
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
-    assert not torch.equal(
-        agent.backbone.conv1.weight.detach(), initial["backbone.conv1.weight"]
-    )  # trained, then projected
+    # trained, then projected
+    assert not torch.equal(agent.backbone.conv1.weight.detach(), initial["backbone.conv1.weight"])
     initial_norms = torch.linalg.vector_norm(initial["backbone.conv1.weight"], dim=(1, 2, 3))
-    assert not torch.allclose(
-        initial_norms, torch.ones_like(initial_norms), atol=1e-2
-    )  # the projection did something
+    # the projection did something
+    assert not torch.allclose(initial_norms, torch.ones_like(initial_norms), atol=1e-2)
 
 
 def test_bn_wn_conv_weights_have_no_weight_decay_and_the_rest_the_configured_one(mode_run):
@@ -629,9 +628,8 @@ def test_bn_wn_conv_weights_have_no_weight_decay_and_the_rest_the_configured_one
         id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]
     }
 
-    assert sorted(decay) == sorted(
-        id(p) for p in agent.parameters()
-    )  # every parameter exactly once
+    # every parameter exactly once
+    assert sorted(decay) == sorted(id(p) for p in agent.parameters())
     for name, parameter in agent.named_parameters():
         expected = 0.0 if id(parameter) in convs else probe.Args().weight_decay
         assert decay[id(parameter)] == expected, name
@@ -664,23 +662,24 @@ def test_train_mode_logprobs_is_a_train_mode_forward_at_theta_k():
 
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=0)
     assert not theta_k.training  # mode restored
-    assert not torch.allclose(
-        logprobs, mb["logprobs"], atol=1e-4
-    )  # differs from the eval-mode old log-probs
+    # differs from the eval-mode old log-probs
+    assert not torch.allclose(logprobs, mb["logprobs"], atol=1e-4)
 
 
 def test_bn_oldtrain_starts_each_update_at_ratio_one(mode_run):
-    """With the old log-probs from the train-mode policy at theta_k, the first minibatch of each update (the agent is
-    still theta_k) has ratio exactly 1; in --mode bn (eval-mode old log-probs) it does not."""
+    """With the old log-probs from the train-mode policy at theta_k, the first minibatch of each
+    update (the agent is still theta_k) has ratio exactly 1; in --mode bn (eval-mode old log-probs)
+    it does not."""
     oldtrain, bn = mode_run("bn-oldtrain"), mode_run("bn")
 
     for first in (oldtrain["updates"][0], oldtrain["updates"][6]):
         assert torch.equal(first["ratio"], torch.ones_like(first["ratio"]))
         assert first["stats"]["old_approx_kl"].item() == 0.0
     assert not torch.equal(bn["updates"][0]["ratio"], torch.ones_like(bn["updates"][0]["ratio"]))
+    # moved
     assert not torch.equal(
         oldtrain["updates"][1]["ratio"], torch.ones_like(oldtrain["updates"][1]["ratio"])
-    )  # moved
+    )
 
 
 # --mode bn-recal (precise BN)
@@ -694,13 +693,13 @@ def test_recalibration_runs_once_per_update_in_bn_recal_only(mode, mode_run):
         {"batch": 8, "minibatch_size": 4, "updates": 12},
     ]
 
-    assert run["recalibrations"] == (
-        expected if mode == "bn-recal" else []
-    )  # after each update's last minibatch step
+    # after each update's last minibatch step
+    assert run["recalibrations"] == (expected if mode == "bn-recal" else [])
 
 
 def conv1_statistics(agent, b_obs):
-    """Mean and unbiased variance per channel of conv1's output on `b_obs` (the first BatchNorm's input), float64."""
+    """Mean and unbiased variance per channel of conv1's output on `b_obs` (the first BatchNorm's
+    input), float64."""
     images = b_obs.reshape((-1,) + b_obs.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         out = agent.backbone.conv1(images).double()
@@ -726,16 +725,14 @@ def test_recalibrate_with_one_minibatch_gives_the_exact_statistics_of_d_k():
 
     mean, var = conv1_statistics(agent, b_obs)
     torch.testing.assert_close(agent.backbone.bn1.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        agent.backbone.bn1.running_var.double(), var, rtol=1e-5, atol=1e-7
-    )  # unbiased: N/(N-1)
+    # unbiased: N/(N-1)
+    torch.testing.assert_close(agent.backbone.bn1.running_var.double(), var, rtol=1e-5, atol=1e-7)
     assert not agent.training and torch.equal(torch.get_rng_state(), rng)
     after = agent.state_dict()
     for name in before:
         moved = not torch.equal(before[name], after[name])
-        assert moved == name.endswith(("running_mean", "running_var")), (
-            name
-        )  # only the running statistics change
+        # only the running statistics change
+        assert moved == name.endswith(("running_mean", "running_var")), name
 
 
 def test_recalibrate_averages_the_minibatch_statistics():
@@ -754,9 +751,8 @@ def test_recalibrate_averages_the_minibatch_statistics():
         agent.backbone.bn1.running_var.double(), expected_var, rtol=1e-5, atol=1e-7
     )
     exact_var = conv1_statistics(agent, b_obs)[1]
-    assert not torch.allclose(
-        expected_var, exact_var, rtol=1e-3
-    )  # the minibatch average is not the exact variance
+    # the minibatch average is not the exact variance
+    assert not torch.allclose(expected_var, exact_var, rtol=1e-3)
 
 
 def test_recalibrate_sets_the_deeper_layers_from_train_mode_passes_under_the_current_weights():
@@ -781,7 +777,7 @@ def test_recalibrate_sets_the_deeper_layers_from_train_mode_passes_under_the_cur
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --view-batching separate|joint
 
 
@@ -834,13 +830,11 @@ def test_separate_view_batching_normalizes_each_view_type_with_its_own_batch_sta
 
     assert batch_sizes == {"separate": [6, 6, 6], "joint": [18]}
     torch.testing.assert_close(train_features[0], expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(
-        train_features[0], train_features[1], atol=1e-3
-    )  # train mode: per-view statistics differ
+    # train mode: per-view statistics differ
+    assert not torch.allclose(train_features[0], train_features[1], atol=1e-3)
     running = separate.backbone.bn1.running_mean, joint.backbone.bn1.running_mean
-    assert not torch.allclose(
-        running[0], running[1], atol=1e-4
-    )  # so do the running statistics they leave
+    # so do the running statistics they leave
+    assert not torch.allclose(running[0], running[1], atol=1e-4)
 
 
 def test_features_convert_in_place_without_changing_values():
@@ -855,20 +849,19 @@ def test_features_convert_in_place_without_changing_values():
     with torch.no_grad():
         separate.features(obs), joint.features(obs)
 
-    images = (
-        obs.reshape(12, 16, 16, 3).permute(0, 3, 1, 2).float() / 255.0
-    )  # per sample: target, overview, current view
+    # per sample: target, overview, current view
+    images = obs.reshape(12, 16, 16, 3).permute(0, 3, 1, 2).float() / 255.0
     assert torch.equal(captured["joint"][0], images)  # views stacked sample by sample
-    assert captured["joint"][0].is_contiguous(
-        memory_format=torch.channels_last
-    )  # NHWC observations: channels_last
+    # NHWC observations: channels_last
+    assert captured["joint"][0].is_contiguous(memory_format=torch.channels_last)
     for view in range(3):
         assert torch.equal(captured["separate"][view], images[view::3])
 
 
-# bae95b5 (before --view-batching: one backbone pass over all 3B images) on the TINY config, --mode bn-mdr, seed 1: its
-# metrics.csv (6 significant digits). --view-batching joint must reproduce it; delta_pi_minus's eval-mode side now comes
-# from the rollout's logits instead of a recomputation (same function, other rounding).
+# bae95b5 (before --view-batching: one backbone pass over all 3B images) on the TINY config, --mode
+# bn-mdr, seed 1: its metrics.csv (6 significant digits). --view-batching joint must reproduce it;
+# delta_pi_minus's eval-mode side now comes from the rollout's logits instead of a recomputation
+# (same function, other rounding).
 BAE95B5_ROWS = [
     dict(
         episodes=5,
@@ -934,7 +927,7 @@ def test_joint_view_batching_reproduces_bae95b5(joint_run):
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The CSV and the summary of a real (tiny) run
 
 
@@ -962,9 +955,8 @@ def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
     assert {
         (row["mode"], float(row["clip_coef"]), float(row["ent_coef"]), row["seed"]) for row in rows
     } == {("bn-mdr", 0.2, 0.01, "1")}
-    assert not {"collapse_flag", "collapse_count"} & set(
-        joint_run["columns"]
-    )  # analysis/collapse_stats.py decides
+    # analysis/collapse_stats.py decides
+    assert not {"collapse_flag", "collapse_count"} & set(joint_run["columns"])
     assert set(summary) == SUMMARY_KEYS
     assert (
         summary["status"] == "completed"
@@ -1018,8 +1010,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_csv_and_summary(tmp_path, monke
 
 
 def stop_in_second_update(monkeypatch, signum):
-    """Send `signum` to this process during update 2 (at its Delta pi minus): update 1 is complete, update 2 is not."""
-    original, calls = probe.policy_mismatch, []
+    """Send `signum` to this process during update 2 (at its Delta pi minus): update 1 is complete,
+    update 2 is not."""
+    original = probe.policy_mismatch
+    calls = []
 
     def signal_in_second_update(*args, **kwargs):
         calls.append(1)
@@ -1031,11 +1025,12 @@ def stop_in_second_update(monkeypatch, signum):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like_an_uninterrupted_run(
+def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_as_uninterrupted(
     signum, tmp_path, monkeypatch
 ):
-    """Issue 14: SLURM's preemption/time-limit signals finish the update, write the checkpoint, exit 128 + signal; the
-    same command with --resume auto continues, and its metrics.csv equals an uninterrupted run's (but for the clock)."""
+    """Issue 14: SLURM's preemption/time-limit signals finish the update, write the checkpoint, exit
+    128 + signal; the same command with --resume auto continues, and its metrics.csv equals an
+    uninterrupted run's (but for the clock)."""
     args = dict(mode="bn-mdr", **{**MODE_RUN, "total_timesteps": 32}, resume="auto")
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -1056,7 +1051,10 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_like
         assert probe.main(probe.Args(**args, run_name="stopped")) == 0
 
     clock = ("sps", "wall_time")
-    strip = lambda rows: [{k: v for k, v in row.items() if k not in clock} for row in rows]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k not in clock} for row in rows]
+
     whole_rows, resumed_rows = (
         read_csv(tmp_path / "runs" / "whole" / "metrics.csv")[1],
         read_csv(stopped / "metrics.csv")[1],
@@ -1085,7 +1083,8 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits
     tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    original, calls = probe.policy_mismatch, []
+    original = probe.policy_mismatch
+    calls = []
 
     def two_ctrl_c(*args, **kwargs):
         calls.append(1)
@@ -1119,7 +1118,7 @@ def test_resume_with_a_different_seed_is_rejected(tmp_path, monkeypatch):
         probe.main(probe.Args(**{**args, "seed": 2}))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Run names
 
 
@@ -1145,9 +1144,8 @@ def test_default_run_names_tell_the_configurations_apart():
 
     assert len(set(names)) == len(names), names
     assert all("/" not in name and " " not in name for name in names)
-    assert run_name(mode="eval", bn_momentum=0.1) == run_name(
-        mode="eval"
-    )  # eval's statistics never move
+    # eval's statistics never move
+    assert run_name(mode="eval", bn_momentum=0.1) == run_name(mode="eval")
 
 
 def test_default_run_names_contain_no_clock(monkeypatch):
@@ -1156,12 +1154,11 @@ def test_default_run_names_contain_no_clock(monkeypatch):
     monkeypatch.setattr(probe.time, "time", lambda: 4_000_000_000.0)
 
     assert run_name(mode="bn-mdr") == early
-    assert run_name(mode="bn-mdr", seed=7).endswith(
-        "__s7"
-    )  # the seed closes the name (wandb's group drops it)
+    # the seed closes the name (wandb's group drops it)
+    assert run_name(mode="bn-mdr", seed=7).endswith("__s7")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Argument checks
 
 

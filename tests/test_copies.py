@@ -1,8 +1,9 @@
-"""The three single-file scripts stay copies where they are meant to be (issue 11): every function, class and constant
-defined in two or three of them has the same `ast` (docstrings included) in each, except the listed, intended
-differences; plus the shape rules that keep the method in plain sight (# MDR lines, script and main() length, nesting
-of the minibatch step, no plotting, no dead flags, the bare mode switches being the method's). On failure the test
-prints a unified diff of the two sources."""
+"""The three single-file scripts stay copies where they are meant to be (issue 11): every function,
+class and constant defined in two or three of them has the same `ast` (docstrings included) in each,
+except the listed, intended differences; plus the shape rules that keep the method in plain sight (#
+MDR lines, script and main() length, nesting of the minibatch step, no plotting, no dead flags, the
+bare mode switches being the method's). On failure the test prints a unified diff of the two
+sources."""
 
 import ast
 import copy
@@ -21,8 +22,9 @@ PROCGEN, PATCHLOC, PROBE = SCRIPTS = (
 )
 TRAINING = (PROCGEN, PATCHLOC)
 
-# Meant to be one definition copied verbatim, and the scripts that must hold it (the identity check below covers every
-# name defined in two or three scripts; this list makes sure that none of these leaves a script unnoticed).
+# Meant to be one definition copied verbatim, and the scripts that must hold it (the identity check
+# below covers every name defined in two or three scripts; this list makes sure that none of these
+# leaves a script unnoticed).
 SHARED = {
     name: SCRIPTS
     for name in [
@@ -56,41 +58,71 @@ SHARED.update(
         + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]
     }
 )
-MISSING = {}  # findings for the lead: (name, script) -> why that script lacks the copy; the test passes once it holds it
+# findings for the lead: (name, script) -> why that script lacks the copy; the test passes once it
+# holds it
+MISSING = {}
 
-# Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script" = that script's
-# copy differs from the others, which must still agree.
+# Definitions whose copies differ on purpose: "name" = every copy is its script's own; "name@script"
+# = that script's copy differs from the others, which must still agree.
 INTENDED_DIFFERENCES = {
-    f"RESUMABLE_FIELDS@{PROBE}": "the probe's own flags (no wandb group of its own, no speed flags, no --evaluate)",
-    f"find_checkpoint@{PROBE}": "the probe's folder holds a metrics.csv, not TensorBoard events; no --save-model flag",
+    f"RESUMABLE_FIELDS@{PROBE}": (
+        "the probe's own flags (no wandb group of its own, no speed flags, no --evaluate)"
+    ),
+    f"find_checkpoint@{PROBE}": (
+        "the probe's folder holds a metrics.csv, not TensorBoard events; no --save-model flag"
+    ),
     "Args": "each script's own flags",
-    "main": "each script's own loop (Procgen: R rounds, held-out levels; patch-loc: task sets; probe: --mode, metrics.csv)",
+    "main": (
+        "each script's own loop (Procgen: R rounds, held-out levels; patch-loc: task sets; "
+        "probe: --mode, metrics.csv)"
+    ),
     "validate_args": "each script's own flags",
     "default_run_name": "each script's run is defined by its own flags",
-    "Agent.__init__": "Procgen: one image, MLP width 256; patch-loc: three views (768 features), --amp; probe: no --amp",
-    "Agent.features": "Procgen: one 64x64 image; patch-loc: three views with --view-batching and --amp; probe: no --amp",
+    "Agent.__init__": (
+        "Procgen: one image, MLP width 256; patch-loc: three views (768 features), --amp; "
+        "probe: no --amp"
+    ),
+    "Agent.features": (
+        "Procgen: one 64x64 image; patch-loc: three views with --view-batching and --amp; "
+        "probe: no --amp"
+    ),
     f"Agent@{PROCGEN}": "docstring: one image, not three views",
-    f"make_backbone@{PROBE}": "the norm layer comes from --mode (the rivals; Batch Renorm ramps over 500 passes)",
-    f"RunLogger@{PROBE}": "the probe's logger writes metrics.csv (one flushed row per update) and summary.json",
-    f"RunLogger.__init__@{PROBE}": "no checkpoint (wandb id, resumed step), no args.json, no tqdm: metrics.csv instead",
+    f"make_backbone@{PROBE}": (
+        "the norm layer comes from --mode (the rivals; Batch Renorm ramps over 500 passes)"
+    ),
+    f"RunLogger@{PROBE}": (
+        "the probe's logger writes metrics.csv (one flushed row per update) and summary.json"
+    ),
+    f"RunLogger.__init__@{PROBE}": (
+        "no checkpoint (wandb id, resumed step), no args.json, no tqdm: metrics.csv instead"
+    ),
     f"RunLogger.close@{PROBE}": "writes summary.json",
     "PRINTED_KEYS": "the plain line per iteration: Procgen's return, patch-loc's normalized reward",
-    "iteration_scalars": "Procgen episode statistics (return, length) vs patch-loc's (normalized reward, success)",
-    "episode_scalars": "Procgen's normalized score from the game's return range vs patch-loc's normalized reward, success",
+    "iteration_scalars": (
+        "Procgen episode statistics (return, length) vs patch-loc's (normalized reward, success)"
+    ),
+    "episode_scalars": (
+        "Procgen's normalized score from the game's return range vs patch-loc's "
+        "normalized reward, success"
+    ),
     "evaluate": "held-out Procgen levels vs held-out patch-loc tasks",
-    "evaluate_checkpoint": "held-out Procgen levels (env frames) vs held-out patch-loc tasks (episodes drawn)",
-    "save_checkpoint": "the env state: Procgen's serialized states + episode tracker vs PatchLocVecEnv.get_state()",
+    "evaluate_checkpoint": (
+        "held-out Procgen levels (env frames) vs held-out patch-loc tasks (episodes drawn)"
+    ),
+    "save_checkpoint": (
+        "the env state: Procgen's serialized states + episode tracker vs PatchLocVecEnv.get_state()"
+    ),
     "restore_checkpoint": "the env state, as in save_checkpoint",
     "wandb_tags": "the env's tags (game vs task set)",
 }
-# Unintended differences found in the current scripts (findings for the lead): each test stays red-marked (strict
-# xfail) until the copies agree again, then its entry must go.
+# Unintended differences found in the current scripts (findings for the lead): each test stays
+# red-marked (strict xfail) until the copies agree again, then its entry must go.
 KNOWN_DRIFT = {}
 
 
 def definitions(path: Path) -> dict:
-    """name -> (ast node, source) for every top-level function, class and constant of a script; a class contributes
-    its body without methods ("Name") and each method ("Name.method")."""
+    """name -> (ast node, source) for every top-level function, class and constant of a script; a
+    class contributes its body without methods ("Name") and each method ("Name.method")."""
     source = path.read_text()
     found = {}
     for node in ast.parse(source).body:
@@ -178,7 +210,8 @@ def test_shared_definitions_are_identical(name):
     if differing:
         diffs = "\n".join(unified_diff(name, reference, other) for other in differing)
         pytest.fail(
-            f"{name} differs between copies (intended? list it in INTENDED_DIFFERENCES with the reason):\n{diffs}"
+            f"{name} differs between copies "
+            f"(intended? list it in INTENDED_DIFFERENCES with the reason):\n{diffs}"
         )
 
 
@@ -214,7 +247,7 @@ def test_every_listed_difference_names_a_real_and_differing_copy():
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The shape of each script
 
 
@@ -233,9 +266,8 @@ def function(script: str, name: str) -> ast.FunctionDef:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_method_lines_are_tagged(script):
-    tagged = [
-        line for line in source(script).splitlines() if "# MDR" in line
-    ]  # what `grep -c "# MDR"` counts
+    # what `grep -c "# MDR"` counts
+    tagged = [line for line in source(script).splitlines() if "# MDR" in line]
     assert len(tagged) >= 3, tagged
 
 
@@ -246,7 +278,8 @@ ABOVE_BANNER_LIMIT = (
 
 
 def lines_above_banner(text: str) -> int:
-    """Lines before the Infrastructure banner (the banner's rule line above it included in the count)."""
+    """Lines before the Infrastructure banner (the banner's rule line above it included in the
+    count)."""
     lines = text.splitlines()
     (index,) = [i for i, line in enumerate(lines) if line.startswith(BANNER)]
     return index
@@ -290,9 +323,16 @@ def test_the_minibatch_step_is_at_most_5_blocks_deep_in_main(script):
 
 
 def test_block_depth_counts_what_it_should():
-    tree = ast.parse(
-        "def main():\n for a in b:\n  with c:\n   if d:\n    pass\n   else:\n    ppo_update(x)\n  ppo_update(y)"
-    )
+    snippet = """\
+def main():
+ for a in b:
+  with c:
+   if d:
+    pass
+   else:
+    ppo_update(x)
+  ppo_update(y)"""
+    tree = ast.parse(snippet)
     assert list(block_depths(tree.body[0], "ppo_update")) == [3, 1]
 
 
@@ -312,7 +352,8 @@ def test_no_plotting_library_in_the_scripts(script):
 
 
 def dead_flags(script: str) -> list:
-    """Args fields that nothing outside the Args class reads: neither `args.<field>` nor the quoted name."""
+    """Args fields that nothing outside the Args class reads: neither `args.<field>` nor the quoted
+    name."""
     text = source(script)
     (args,) = [n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Args"]
     fields = [n.target.id for n in args.body if isinstance(n, ast.AnnAssign)]
@@ -327,8 +368,8 @@ def test_every_flag_is_used(script):
 
 
 def bare_mode_switches(script: str) -> list:
-    """(line number, line) of each agent.train(...)/agent.eval() call outside temporary_mode, the helper through which
-    every mode change that is not the method's goes."""
+    """(line number, line) of each agent.train(...)/agent.eval() call outside temporary_mode, the
+    helper through which every mode change that is not the method's goes."""
     text = source(script)
     tree = ast.parse(text)
     helper = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "temporary_mode"]
@@ -365,7 +406,8 @@ def lines_between(script: str, function: str, first: str, last: str) -> list:
     ],
 )
 def test_every_script_saves_and_restores_the_rng_streams_alike(function, first, last):
-    """save/restore_checkpoint differ per script (the env state), but their RNG lines are one copy."""
+    """save/restore_checkpoint differ per script (the env state), but their RNG lines are one
+    copy."""
     blocks = {script: lines_between(script, function, first, last) for script in SCRIPTS}
     assert all(len(block) >= 4 for block in blocks.values()), blocks
     assert len({tuple(block) for block in blocks.values()}) == 1, blocks

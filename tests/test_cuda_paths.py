@@ -1,8 +1,10 @@
-"""The CUDA code paths of the scripts, which no CPU run takes: fused Adam (all three), channels_last weights (the two
-training scripts; the probe has no speed flags), bfloat16 autocast on the GPU and torch.compile there. Each is compared
-with its plain counterpart on the same GPU, and tiny main() runs check that the scripts really take these paths.
+"""The CUDA code paths of the scripts, which no CPU run takes: fused Adam (all three), channels_last
+weights (the two training scripts; the probe has no speed flags), bfloat16 autocast on the GPU and
+torch.compile there. Each is compared with its plain counterpart on the same GPU, and tiny main()
+runs check that the scripts really take these paths.
 
-Marked `cuda` (benchmarks/gpu_check.sh runs `pytest -m cuda` on a lent GPU machine) and skipped without a GPU."""
+Marked `cuda` (benchmarks/gpu_check.sh runs `pytest -m cuda` on a lent GPU machine) and skipped
+without a GPU."""
 
 import contextlib
 import copy
@@ -26,10 +28,12 @@ pytestmark = [
 
 CUDA = torch.device("cuda")
 NUM_PROCGEN_ACTIONS = 15
-# relative errors allowed between two float32 code paths of the same function; the gradient's is larger because the
-# backward through BatchNorm's statistics of a 16-sample batch amplifies reassociation (compile vs eager: 0.7 % on CPU)
+# relative errors allowed between two float32 code paths of the same function; the gradient's is
+# larger because the backward through BatchNorm's statistics of a 16-sample batch amplifies
+# reassociation (compile vs eager: 0.7 % on CPU)
 ROUNDING = {"logits": 1e-3, "value": 1e-3, "running_mean": 1e-3, "gradient": 2e-2}
-# tiny configurations as in tests/test_perf_flags*.py, run on CUDA: (module, fields, conv weights in channels_last)
+# tiny configurations as in tests/test_perf_flags*.py, run on CUDA: (module, fields, conv weights in
+# channels_last)
 MAIN_RUNS = {
     "procgen": (
         ppo_procgen_mdr,
@@ -61,7 +65,7 @@ MAIN_RUNS = {
             eval_interval=0,
         ),
         True,
-    ),  # fmt: skip
+    ),
     "probe": (
         ppo_collapse_probe,
         dict(
@@ -80,8 +84,8 @@ MAIN_RUNS = {
 
 @pytest.fixture
 def ieee_float32():
-    """cuDNN convolutions in full float32 (PyTorch lets them use TF32 by default), so that two code paths of the same
-    function agree to float32 rounding rather than to TF32's 10-bit mantissa."""
+    """cuDNN convolutions in full float32 (PyTorch lets them use TF32 by default), so that two code
+    paths of the same function agree to float32 rounding rather than to TF32's 10-bit mantissa."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     yield
@@ -89,7 +93,8 @@ def ieee_float32():
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a - b| / |b|, and 0 where both are zero (eval mode leaves the running statistics at their initial zeros)."""
+    """|a - b| / |b|, and 0 where both are zero (eval mode leaves the running statistics at their
+    initial zeros)."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
@@ -101,7 +106,8 @@ def procgen_agent(**overrides) -> ppo_procgen_mdr.Agent:
 
 
 def passes(agent, training: bool, batch: int = 16) -> dict:
-    """One forward and backward pass as in an update (random uint8 observations, seeded): logits, value, gradient."""
+    """One forward and backward pass as in an update (random uint8 observations, seeded): logits,
+    value, gradient."""
     generator = torch.Generator(device=CUDA).manual_seed(1)
     obs = torch.randint(
         0, 256, (batch, 64, 64, 3), dtype=torch.uint8, device=CUDA, generator=generator
@@ -147,9 +153,8 @@ def test_main_on_cuda_trains_with_fused_adam_and_channels_last_weights(
     assert optimizer.defaults["fused"] is True
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     assert all(p.is_cuda and torch.isfinite(p).all() for p in parameters)
-    assert any(
-        not torch.equal(p, initial) for p, initial in zip(parameters, optimizer.initial)
-    )  # Adam stepped
+    # Adam stepped
+    assert any(not torch.equal(p, initial) for p, initial in zip(parameters, optimizer.initial))
     conv_weights = [p for p in parameters if p.dim() == 4 and p.shape[-1] > 1]
     assert conv_weights and all(
         p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in conv_weights
@@ -187,9 +192,8 @@ def test_amp_on_cuda_runs_the_backbone_in_bfloat16_close_to_float32():
     cosine = torch.nn.functional.cosine_similarity(
         got["gradient"].double(), expected["gradient"].double(), dim=0
     )
-    assert (
-        cosine > 0.9
-    )  # bfloat16 keeps 8 bits of mantissa: the same direction, not the same digits
+    # bfloat16 keeps 8 bits of mantissa: the same direction, not the same digits
+    assert cosine > 0.9
 
 
 def test_compile_on_cuda_matches_eager(ieee_float32):

@@ -1,6 +1,7 @@
-"""--evaluate PATH [--capture-video] of the two training scripts (issue 14): the checkpoint's agent on the held-out
-levels / tasks, scores printed and written as evaluation.json beside the checkpoint, the first held-out episode as
-eval_video.gif; bad checkpoints are a one-line error. Tiny in-process runs."""
+"""--evaluate PATH [--capture-video] of the two training scripts (issue 14): the checkpoint's agent
+on the held-out levels / tasks, scores printed and written as evaluation.json beside the checkpoint,
+the first held-out episode as eval_video.gif; bad checkpoints are a one-line error. Tiny in-process
+runs."""
 
 import contextlib
 import io
@@ -54,7 +55,8 @@ def quiet(fn, *args):
 
 @pytest.fixture(scope="module", params=["procgen", "patchloc"])
 def trained(request, tmp_path_factory):
-    """(script module, its training fields, the folder) after a tiny training run that saved a checkpoint."""
+    """(script module, its training fields, the folder) after a tiny training run that saved a
+    checkpoint."""
     script, fields = (procgen, PROCGEN) if request.param == "procgen" else (patchloc, PATCHLOC)
     folder = tmp_path_factory.mktemp(request.param)
     with pytest.MonkeyPatch.context() as patch:
@@ -85,9 +87,8 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
     assert video.n_frames >= 2  # the first held-out episode, step by step
     events = EventAccumulator(str(checkpoint.parent), size_guidance={"images": 0})
     events.Reload()
-    assert (
-        "eval/test_video" in events.Tags()["images"]
-    )  # the same GIF, animated in TensorBoard's image panel
+    # the same GIF, animated in TensorBoard's image panel
+    assert "eval/test_video" in events.Tags()["images"]
     (shown,) = events.Images("eval/test_video")
     assert (
         shown.encoded_image_string[:6] in (b"GIF87a", b"GIF89a")
@@ -120,9 +121,8 @@ def test_evaluate_runs_the_held_out_set_never_the_training_one(trained, monkeypa
     (call,) = calls
     if script is procgen:
         run_args = call[1]
-        assert (
-            run_args.num_levels == 500 and run_args.num_test_levels == 500
-        )  # levels 500.. , never 0..499
+        # levels 500.. , never 0..499
+        assert run_args.num_levels == 500 and run_args.num_test_levels == 500
     else:
         task_set = call[1]
         assert task_set.split == "test" and len(task_set) == fields["num_test_tasks"]

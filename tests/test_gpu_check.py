@@ -1,6 +1,7 @@
-"""benchmarks/gpu_check.sh waits for a GPU that comes only now and then: its dry run on CPU (--device cpu --quick: tiny
-shapes everywhere, no compile) keeps every step of it working meanwhile. One dry run (~1 min on 2 cores), then its
-summary.json, check.log and logs.tar.gz are read: the figures must be there, not only the exit code."""
+"""benchmarks/gpu_check.sh waits for a GPU that comes only now and then: its dry run on CPU
+(--device cpu --quick: tiny shapes everywhere, no compile) keeps every step of it working meanwhile.
+One dry run (~1 min on 2 cores), then its summary.json, check.log and logs.tar.gz are read: the
+figures must be there, not only the exit code."""
 
 import importlib.util
 import json
@@ -49,9 +50,19 @@ def test_dry_run_passes_and_writes_its_three_files(dry_run):
     assert summary["ok"] is True and summary["problems"] == []
     assert summary["check"]["device"] == "cpu" and summary["check"]["quick"] is True
     assert set(summary) == {
-        "issue", "ok", "problems", "cut_short", "check", "environment", "tests", "bench", "user_command", "probe",
-        "bench_compile", "bench_ratios",
-    }  # fmt: skip
+        "issue",
+        "ok",
+        "problems",
+        "cut_short",
+        "check",
+        "environment",
+        "tests",
+        "bench",
+        "user_command",
+        "probe",
+        "bench_compile",
+        "bench_ratios",
+    }
     check_log = (out / "check.log").read_text()
     assert "GPU: none; torch " in check_log  # the versions are printed
     assert "wheelhouse: " in check_log
@@ -91,9 +102,8 @@ def test_dry_run_stops_the_users_command_with_ctrl_c_after_it_logged(dry_run):
         "python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda"
     )
     assert "--no-pretrained" in user["command"]
-    assert (
-        user["exit_codes"] == [130] and user["stopped"] and user["status"] == "ok"
-    )  # our Ctrl-C, a clean stop
+    # our Ctrl-C, a clean stop
+    assert user["exit_codes"] == [130] and user["stopped"] and user["status"] == "ok"
     assert user["started_after_seconds"] is not None
     assert user["iterations_logged"] >= 1 and user["global_step"] > 0 and user["sps_last"] > 0
 
@@ -105,9 +115,8 @@ def test_dry_run_rates_the_probe_alone_and_side_by_side(dry_run, gpu_check):
     assert [phase["concurrent"] for phase in phases] == list(gpu_check.PLANS["quick"].side_by_side)
     for phase in phases:
         assert phase["status"] == "ok"
-        assert (
-            phase["updates"] == [2] * phase["concurrent"]
-        )  # --total-timesteps 32 of 2 envs x 8 steps
+        # --total-timesteps 32 of 2 envs x 8 steps
+        assert phase["updates"] == [2] * phase["concurrent"]
         assert phase["seconds_per_update"] > 0 and phase["runs_per_hour"] > 0
         # a full run = the overhead + the default number of updates at the measured pace
         expected = (
@@ -148,13 +157,11 @@ def test_full_plan_fits_eight_minutes_and_names_known_configs(gpu_check, repo_ro
     steps = (
         full.test_seconds + full.bench_seconds + user + full.probe_seconds * len(full.side_by_side)
     )
-    assert (
-        steps + gpu_check.FINAL_SECONDS < full.budget
-    )  # what is left goes to the compile benchmark
+    # what is left goes to the compile benchmark
+    assert steps + gpu_check.FINAL_SECONDS < full.budget
     header = (repo_root / "ppo_procgen_mdr.py").read_text()
-    assert (
-        f"# Run:   python {' '.join(gpu_check.USER_COMMAND)}\n" in header
-    )  # still the user's command
+    # still the user's command
+    assert f"# Run:   python {' '.join(gpu_check.USER_COMMAND)}\n" in header
 
 
 def test_bench_sps_rejects_a_bad_shape_in_one_line(repo_root):

@@ -1,9 +1,10 @@
-"""Tests of ppo_patchloc_mdr.py: unit tests on tiny views and tensors, and tiny training runs (16-pixel views, 4 + 2
-procedural tasks, 8-step episodes, hidden width 32, random init).
+"""Tests of ppo_patchloc_mdr.py: unit tests on tiny views and tensors, and tiny training runs
+(16-pixel views, 4 + 2 procedural tasks, 8-step episodes, hidden width 32, random init).
 
-Training runs call main() in-process (no interpreter and torch import per run); only what needs a real process (the
-command line, an external signal, a copy of the script outside the repository, wandb) runs one, with cwd=tmp_path and
-OMP_NUM_THREADS=1: on a small shared machine, torch's intra-op threads oversubscribe the cores (measured 3x slower)."""
+Training runs call main() in-process (no interpreter and torch import per run); only what needs a
+real process (the command line, an external signal, a copy of the script outside the repository,
+wandb) runs one, with cwd=tmp_path and OMP_NUM_THREADS=1: on a small shared machine, torch's
+intra-op threads oversubscribe the cores (measured 3x slower)."""
 
 import contextlib
 import copy
@@ -38,7 +39,8 @@ NUM_ACTIONS = 7
 V = 16  # view side of every test; the images are 4V = 64 pixels
 NORMS = ["bn", "eval", "brn", "ln", "gn", "none", "dropout"]
 MODE_FREE_NORMS = {"eval", "ln", "gn", "none"}
-# one iteration of 2 envs x 16 steps (2 minibatches of 16), MDR(2,1) x 1 round, held-out evaluation only at the end
+# one iteration of 2 envs x 16 steps (2 minibatches of 16), MDR(2,1) x 1 round, held-out evaluation
+# only at the end
 TINY_FIELDS = dict(
     num_envs=2,
     num_steps=16,
@@ -85,8 +87,9 @@ TB_KEYS = [
     "losses/clipfrac",
     "losses/explained_variance",
 ]
-# bae95b5 (before the restructure; one backbone pass over all 3B views) on the configuration of `joint_run`:
-#   python ppo_patchloc_mdr.py <TINY_FIELDS as flags> --total-timesteps 64 --mdr-rounds 2, TensorBoard values at steps 32, 64
+# bae95b5 (before the restructure; one backbone pass over all 3B views) on the configuration of
+# `joint_run`, TensorBoard values at steps 32, 64 of
+#   python ppo_patchloc_mdr.py <TINY_FIELDS as flags> --total-timesteps 64 --mdr-rounds 2
 BAE95B5_SCALARS = {
     "charts/normalized_reward": [-8.63054370880127, 0.6066486239433289],
     "charts/delta_pi_minus": [3.176013706251979e-06, 4.0986801650433335e-06],
@@ -102,7 +105,7 @@ IMAGENET_FILE = "resnet18-f37072fd.pth"
 GREEN = np.array([0, 255, 0], dtype=np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -134,7 +137,8 @@ def tiny_args(**overrides) -> ppo.Args:
 
 
 def run_script(cwd, *args, timeout=300):
-    """Run the script as a user would, in `cwd`, with the tiny configuration and `args`; returns the CompletedProcess."""
+    """Run the script as a user would, in `cwd`, with the tiny configuration and `args`; returns the
+    CompletedProcess."""
     command = [sys.executable, str(SCRIPT), *cli_flags(TINY_FIELDS), *map(str, args)]
     return subprocess.run(
         command, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout
@@ -170,7 +174,8 @@ class Run:
 
 
 def run_main(cwd, args=None, **overrides) -> Run:
-    """main() as `python ppo_patchloc_mdr.py` would run it in `cwd` (stdout and stderr captured, so not a terminal)."""
+    """main() as `python ppo_patchloc_mdr.py` would run it in `cwd` (stdout and stderr captured, so
+    not a terminal)."""
     args = args or tiny_args(**overrides)
     stdout, stderr = io.StringIO(), io.StringIO()
     with (
@@ -201,7 +206,8 @@ def read_checkpoint(run_dir) -> dict:
 
 
 def scalars_of(run_dir) -> dict:
-    """Every TensorBoard scalar of a run folder, over all its event files (a resumed run adds one): tag -> [(step, value)]."""
+    """Every TensorBoard scalar of a run folder, over all its event files (a resumed run adds one):
+    tag -> [(step, value)]."""
     scalars = {}
     for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
@@ -226,7 +232,8 @@ def random_obs(n=8, seed=0) -> torch.Tensor:
 
 
 def make_batch(agent, n=16, seed=0) -> dict:
-    """A flat rollout batch whose old log-probs, logits and values are the agent's eval-mode outputs (as in collection)."""
+    """A flat rollout batch whose old log-probs, logits and values are the agent's eval-mode outputs
+    (as in collection)."""
     generator = torch.Generator().manual_seed(seed)
     obs = random_obs(n, seed)
     actions = torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
@@ -270,7 +277,8 @@ def running_stats(agent) -> torch.Tensor:
 
 
 def write_images(folder, count, height=80, width=100, seed=0):
-    """`count` random-structured PNGs (procedural images cropped to height x width); returns their paths."""
+    """`count` random-structured PNGs (procedural images cropped to height x width); returns their
+    paths."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
@@ -286,7 +294,8 @@ def tiny_task_sets(num_train=4, num_test=4):
 
 
 def outline_mask(side, box, width):
-    """Pixels of the outline `draw_episode` draws for a normalised box, computed here from the box alone."""
+    """Pixels of the outline `draw_episode` draws for a normalised box, computed here from the box
+    alone."""
     y0, x0, y1, x1 = (np.asarray(box) * side).round().astype(int)
     inside_outer = np.zeros((side, side), dtype=bool)
     inside_outer[y0:y1, x0:x1] = True
@@ -295,7 +304,7 @@ def outline_mask(side, box, width):
     return inside_outer & ~inside_inner
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The three-view network and --view-batching
 
 
@@ -316,7 +325,8 @@ def test_three_view_forward_shapes_and_backbone_passes(view_batching, passes):
         5,
         NUM_ACTIONS,
     )
-    # separate: one backbone pass per view over its B images; joint: one pass over all 3B; 256 features per image
+    # separate: one backbone pass per view over its B images; joint: one pass over all 3B; 256
+    # features per image
     assert calls[: len(passes)] == [
         (torch.Size([n, 3, V, V]), torch.Size([n, 256])) for n in passes
     ]
@@ -343,9 +353,8 @@ def test_views_share_the_backbone_and_keep_their_place_in_the_features(view_batc
 
     torch.testing.assert_close(permuted, features[:, perm], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(features, alone, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(
-        features[:, 0], features[:, 1]
-    )  # different images, different features
+    # different images, different features
+    assert not torch.allclose(features[:, 0], features[:, 1])
 
 
 def separate_and_joint(norm="bn"):
@@ -366,14 +375,14 @@ def test_separate_and_joint_view_batching_agree_in_eval_mode(norm):
 
     torch.testing.assert_close(outputs[0][0].logits, outputs[1][0].logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(
-        running_stats(separate), running_stats(joint)
-    )  # an eval-mode pass moves no statistic
+    # an eval-mode pass moves no statistic
+    assert torch.equal(running_stats(separate), running_stats(joint))
 
 
 def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statistics():
-    """Train mode: separate = the backbone run on the target views, then the overviews, then the current views (BatchNorm
-    batch statistics per view type, running statistics moved three times); joint = one pass over the 3B images."""
+    """Train mode: separate = the backbone run on the target views, then the overviews, then the
+    current views (BatchNorm batch statistics per view type, running statistics moved three times);
+    joint = one pass over the 3B images."""
     separate, joint = separate_and_joint("bn")
     reference = copy.deepcopy(separate).train()
     obs = random_obs(6, seed=2)
@@ -388,9 +397,8 @@ def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statisti
     torch.testing.assert_close(
         separate_features, torch.cat(view_by_view, dim=1), rtol=1e-5, atol=1e-6
     )
-    torch.testing.assert_close(
-        separate.state_dict(), reference.state_dict()
-    )  # the same three running-stats updates
+    # the same three running-stats updates
+    torch.testing.assert_close(separate.state_dict(), reference.state_dict())
     assert (
         separate.backbone.bn1.num_batches_tracked.item() == 3
         and joint.backbone.bn1.num_batches_tracked.item() == 1
@@ -401,7 +409,8 @@ def test_separate_view_batching_normalizes_each_view_with_its_own_batch_statisti
 
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory):
-    """2 iterations of MDR(2,1) x 2 rounds with --view-batching joint: the configuration of BAE95B5_SCALARS."""
+    """2 iterations of MDR(2,1) x 2 rounds with --view-batching joint: the configuration of
+    BAE95B5_SCALARS."""
     return ok_run(
         tmp_path_factory.mktemp("joint"), total_timesteps=64, mdr_rounds=2, view_batching="joint"
     )
@@ -418,8 +427,9 @@ def test_joint_view_batching_logs_the_values_of_bae95b5(joint_run):
 
 
 def test_separate_view_batching_is_the_default_and_changes_the_run(joint_run, logged_run):
-    """logged_run is joint_run's configuration with the default (separate) view batching and more evaluation, which
-    comes after the first iteration's update and logging: that iteration is comparable."""
+    """logged_run is joint_run's configuration with the default (separate) view batching and more
+    evaluation, which comes after the first iteration's update and logging: that iteration is
+    comparable."""
     assert ppo.Args().view_batching == "separate" and logged_run.args.view_batching == "separate"
     separate, joint = scalars_of(logged_run.run_dir), scalars_of(joint_run.run_dir)
 
@@ -433,18 +443,20 @@ def test_separate_view_batching_is_the_default_and_changes_the_run(joint_run, lo
         assert separate[tag][0][1] != pytest.approx(joint[tag][0][1], rel=1e-3), tag
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 2-3. The MDR update: phases, modes, minibatches, the recomputation of advantages, which calls move BatchNorm's
-# running statistics (in-process main)
+# --------------------------------------------------------------------------------------------------
+# 2-3. The MDR update: phases, modes, minibatches, the recomputation of advantages, which calls move
+# BatchNorm's running statistics (in-process main)
 
 
 class Recorder:
-    """Wraps what main calls to log, in order, each call's mode and whether it moved BatchNorm's running statistics:
-    `updates` (one dict per ppo_update), `events` ("train"/"eval" per update, "recompute" per recompute_advantages),
-    `others` (kind, training, grad enabled, moved) for the rollout's and the diagnostics' passes; also each epoch's
-    shuffled indices, each GAE result and each policy_mismatch's observations. Checks on the way that the rollout's
-    logits (delta_pi_minus's eval-mode side) are the eval-mode policy at theta_k on exactly batch["obs"]: a wrong mode,
-    a step misaligned with its observation or a stale network would differ from the recomputation."""
+    """Wraps what main calls to log, in order, each call's mode and whether it moved BatchNorm's
+    running statistics: `updates` (one dict per ppo_update), `events` ("train"/"eval" per update,
+    "recompute" per recompute_advantages), `others` (kind, training, grad enabled, moved) for the
+    rollout's and the diagnostics' passes; also each epoch's shuffled indices, each GAE result and
+    each policy_mismatch's observations. Checks on the way that the rollout's logits
+    (delta_pi_minus's eval-mode side) are the eval-mode policy at theta_k on exactly batch["obs"]: a
+    wrong mode, a step misaligned with its observation or a stale network would differ from the
+    recomputation."""
 
     def __init__(self, monkeypatch):
         self.updates, self.events, self.others, self.recompute_passes = [], [], [], []
@@ -509,9 +521,8 @@ class Recorder:
         def recording_mismatch(
             agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None
         ):
-            self.mismatch_obs.append(
-                b_obs.clone()
-            )  # (the rollout storage is overwritten by the next iteration)
+            # (the rollout storage is overwritten by the next iteration)
+            self.mismatch_obs.append(b_obs.clone())
             if (
                 b_eval_logits is not None
             ):  # delta_pi_minus reads the rollout's logits: those of theta_k in eval mode
@@ -539,9 +550,8 @@ class Recorder:
             if self.depth:  # recompute_advantages' critic passes
                 self.recompute_passes.append((agent.training, torch.is_grad_enabled()))
                 return original_get_value(agent, x)
-            return tracked("bootstrap", original_get_value)(
-                agent, x
-            )  # the value after the rollout (step 2)
+            # the value after the rollout (step 2)
+            return tracked("bootstrap", original_get_value)(agent, x)
 
         def recording_get_policy_and_value(agent, x):
             if self.depth:  # inside the update or a diagnostic
@@ -569,8 +579,8 @@ def expected_events(alpha1, alpha2, rounds, minibatches_per_epoch):
 
 
 def assert_only_the_standard_phase_moves_batchnorm(recorder):
-    """Eval mode (collection, rectification, diagnostics, values of rounds 2..R) never moves the running statistics;
-    every train-mode minibatch does."""
+    """Eval mode (collection, rectification, diagnostics, values of rounds 2..R) never moves the
+    running statistics; every train-mode minibatch does."""
     assert [u["moved"] for u in recorder.updates] == [u["training"] for u in recorder.updates]
     moved_elsewhere = [entry for entry in recorder.others if entry[3]]
     assert moved_elsewhere == [], moved_elsewhere
@@ -578,7 +588,8 @@ def assert_only_the_standard_phase_moves_batchnorm(recorder):
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
-    """One iteration of the default MDR (3 rounds of MDR(2,1)), minibatch 12: K = ceil(32 / 12) = 3, the last one of 8."""
+    """One iteration of the default MDR (3 rounds of MDR(2,1)), minibatch 12: K = ceil(32 / 12) = 3,
+    the last one of 8."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorder = Recorder(monkeypatch)
         args = tiny_args(alpha1=2, alpha2=1, mdr_rounds=3, minibatch_size=12)
@@ -597,27 +608,28 @@ def test_mode_of_every_phase_and_which_phase_moves_batchnorm(recorded_run):
     assert recorder.events == expected_events(2, 1, 3, 3)
     assert_only_the_standard_phase_moves_batchnorm(recorder)
     assert sum(u["moved"] for u in recorder.updates) == 3 * 2 * 3  # rounds x alpha1 x K
-    # the rollout and its bootstrap value: eval mode, no grad; the diagnostics and rounds 2..R: eval mode
+    # the rollout and its bootstrap value: eval mode, no grad; the diagnostics and rounds 2..R: eval
+    # mode
     assert recorder.kinds("collect") == [(False, False, False)] * args.num_steps
     assert recorder.kinds("bootstrap") == [(False, False, False)]
     assert [kind for kind, *_ in recorder.others if kind == "mismatch"] == [
         "mismatch"
     ] * 2  # minus and plus
     assert recorder.rollout_logits_checked == 1
-    assert recorder.recompute_passes == [(False, False)] * (
-        2 * (3 + 1)
-    )  # 3 chunks of D_k + the next state
+    # 3 chunks of D_k + the next state
+    assert recorder.recompute_passes == [(False, False)] * (2 * (3 + 1))
 
 
 def test_ratio_gap_measured_before_the_pass_on_every_8th_standard_minibatch(recorded_run):
     recorder, _ = recorded_run
 
     standard = [u["measured"] for u in recorder.updates if u["training"]]
+    # of 18 standard minibatches
     assert [i for i, measured in enumerate(standard) if measured] == [
         0,
         8,
         16,
-    ]  # of 18 standard minibatches
+    ]
     assert not any(u["measured"] for u in recorder.updates if not u["training"])
     assert len(recorder.kinds("ratio")) == 3 and not any(
         moved for *_, moved in recorder.kinds("ratio")
@@ -626,7 +638,9 @@ def test_ratio_gap_measured_before_the_pass_on_every_8th_standard_minibatch(reco
 
 def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advantages(recorded_run):
     recorder, args = recorded_run
-    sizes, epochs_per_round, rounds = [12, 12, 8], 3, 3
+    sizes = [12, 12, 8]
+    epochs_per_round = 3
+    rounds = 3
     b_obs = recorder.mismatch_obs[0]  # delta_pi_minus: called with D_k's observations
 
     assert len(recorder.shuffles) == rounds * epochs_per_round
@@ -636,16 +650,18 @@ def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advanta
             perm = recorder.shuffles[epoch]
             assert sorted(perm) == list(range(32))
             for j, size in enumerate(sizes):
-                mb, inds = recorder.updates[3 * epoch + j]["mb"], perm[12 * j : 12 * j + size]
+                mb = recorder.updates[3 * epoch + j]["mb"]
+                inds = perm[12 * j : 12 * j + size]
                 assert len(mb["obs"]) == size
                 assert torch.equal(mb["obs"], b_obs[inds])
-                assert torch.equal(
-                    mb["values"], gae["values"][inds]
-                )  # round r's values and advantages
+                # round r's values and advantages
+                assert torch.equal(mb["values"], gae["values"][inds])
                 assert torch.equal(mb["advantages"], gae["advantages"][inds])
         if (
             r > 0
-        ):  # the recomputed values are new (eval-mode critic after the update), and so are the advantages
+            # the recomputed values are new (eval-mode critic after the update), and so are the
+            # advantages
+        ):
             assert not torch.allclose(gae["values"], recorder.gae[r - 1]["values"])
             assert not torch.allclose(gae["advantages"], recorder.gae[r - 1]["advantages"])
     assert not np.array_equal(recorder.shuffles[0], recorder.shuffles[1])  # reshuffled every epoch
@@ -659,24 +675,24 @@ def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advanta
 def test_phase_mode_sequence_and_rollouts_in_eval_mode(
     alpha1, alpha2, rounds, iterations, tmp_path, monkeypatch
 ):
-    """Plain PPO (--alpha2 0) ends its update in train mode: two iterations show that the next rollout is eval mode."""
+    """Plain PPO (--alpha2 0) ends its update in train mode: two iterations show that the next
+    rollout is eval mode."""
     recorder = Recorder(monkeypatch)
+    # K = 2
     args = tiny_args(
         alpha1=alpha1, alpha2=alpha2, mdr_rounds=rounds, total_timesteps=32 * iterations
-    )  # K = 2
+    )
 
     ok_run(tmp_path, args)
 
     assert recorder.events == expected_events(alpha1, alpha2, rounds, 2) * iterations
-    # values and the bootstrap value recomputed in eval mode even when the round ended in train mode (plain PPO,
-    # --alpha2 0): before the fix, that bootstrap pass moved the running statistics
+    # values and the bootstrap value recomputed in eval mode even when the round ended in train mode
+    # (plain PPO, --alpha2 0): before the fix, that bootstrap pass moved the running statistics
     assert recorder.recompute_passes == [(False, False)] * (iterations * (rounds - 1) * 3)
-    assert recorder.kinds("collect") == [(False, False, False)] * (
-        iterations * args.num_steps
-    )  # eval mode, no grad
-    assert (
-        recorder.rollout_logits_checked == iterations
-    )  # the second one's logits come from an updated network
+    # eval mode, no grad
+    assert recorder.kinds("collect") == [(False, False, False)] * (iterations * args.num_steps)
+    # the second one's logits come from an updated network
+    assert recorder.rollout_logits_checked == iterations
     assert_only_the_standard_phase_moves_batchnorm(recorder)
 
 
@@ -715,9 +731,8 @@ def test_recompute_advantages_uses_the_eval_mode_critic_from_either_mode(norm):
         result["returns"], expected_returns.reshape(-1), rtol=1e-5, atol=1e-6
     )
     assert not torch.allclose(result["values"], train_mode)
-    assert (
-        agent.training and changed_entries(before, agent) == []
-    )  # the bootstrap pass too: eval mode
+    # the bootstrap pass too: eval mode
+    assert agent.training and changed_entries(before, agent) == []
 
 
 def test_temporary_mode_restores_the_mode_even_on_error():
@@ -734,9 +749,8 @@ def test_temporary_mode_restores_the_mode_even_on_error():
 def test_compute_gae_cuts_the_bootstrap_at_episode_starts():
     rewards = torch.tensor([[1.0], [0.0], [2.0]])
     values = torch.tensor([[0.5], [0.25], [1.0]])
-    dones = torch.tensor(
-        [[0.0], [0.0], [1.0]]
-    )  # obs[2] starts a new episode: no bootstrap from step 2 into step 1
+    # obs[2] starts a new episode: no bootstrap from step 2 into step 1
+    dones = torch.tensor([[0.0], [0.0], [1.0]])
     advantages, returns = ppo.compute_gae(
         rewards, values, dones, torch.tensor([[4.0]]), torch.tensor([0.0]), 0.5, 0.5
     )
@@ -749,7 +763,7 @@ def test_compute_gae_cuts_the_bootstrap_at_episode_starts():
     torch.testing.assert_close(returns, expected + values)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The loss, the update, the learning-rate schedule
 
 
@@ -760,17 +774,16 @@ def test_clipped_ppo_loss_uses_the_advantages_it_is_given():
         "returns": torch.tensor([1.0, 0.0, 0.0, 2.0]),
         "values": torch.zeros(4),
     }
-    newlogprob = torch.log(
-        torch.tensor([1.5, 0.5, 1.1, 1.0])
-    )  # ratios 1.5 (clipped to 1.2), 0.5 (to 0.8), 1.1, 1
+    # ratios 1.5 (clipped to 1.2), 0.5 (to 0.8), 1.1, 1
+    newlogprob = torch.log(torch.tensor([1.5, 0.5, 1.1, 1.0]))
     advantages = torch.tensor([1.0, 1.0, -1.0, 2.0])
-    entropy, newvalue = torch.full((4,), 1.5), torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    entropy = torch.full((4,), 1.5)
+    newvalue = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
 
     loss, ratio, stats = ppo.clipped_ppo_loss(newlogprob, entropy, newvalue, advantages, mb, args)
 
-    policy_loss = (
-        -(1.2 * 1.0 + 0.5 * 1.0 + 1.1 * -1.0 + 1.0 * 2.0) / 4
-    )  # pessimistic: max of the two losses per sample
+    # pessimistic: max of the two losses per sample
+    policy_loss = -(1.2 * 1.0 + 0.5 * 1.0 + 1.1 * -1.0 + 1.0 * 2.0) / 4
     value_loss = 0.5 * (0 + 1 + 0 + 4) / 4
     assert stats["policy_loss"].item() == pytest.approx(policy_loss, rel=1e-6)
     assert stats["value_loss"].item() == pytest.approx(value_loss, rel=1e-6)
@@ -847,7 +860,7 @@ def test_constant_schedule():
     assert schedule("constant") == [3e-4] * 10
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Diagnostics are side-effect free on the three-view agent
 
 
@@ -872,19 +885,20 @@ def test_policy_mismatch_has_no_side_effects(norm, training):
 
 @pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
 def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
-    """Each minibatch's two sides are eq. 6's at the call's running statistics (a train-mode pass moves them); the
-    rollout's eval-mode logits, given as b_eval_logits, give the same value with one pass per minibatch instead of two."""
+    """Each minibatch's two sides are eq. 6's at the call's running statistics (a train-mode pass
+    moves them); the rollout's eval-mode logits, given as b_eval_logits, give the same value with
+    one pass per minibatch instead of two."""
     agent = make_agent(norm)
     with torch.no_grad():
-        agent.actor[-1].weight.mul_(
-            100.0
-        )  # a peaked policy: at init delta_pi is too small to tell anything apart
+        # a peaked policy: at init delta_pi is too small to tell anything apart
+        agent.actor[-1].weight.mul_(100.0)
     b_obs = random_obs(24, seed=1)
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    # the same dropout masks for the reference and the function
     rng_state, expected = (
         torch.get_rng_state(),
         [],
-    )  # the same dropout masks for the reference and the function
+    )
     for start in range(
         0, 24, 8
     ):  # each minibatch on fresh copies: nothing has moved their statistics
@@ -905,7 +919,8 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
             [agent.get_policy_and_value(b_obs[i : i + 2])[0].logits for i in range(0, 24, 2)]
         )
     agent.train()
-    passes, original_features = [], ppo.Agent.features
+    passes = []
+    original_features = ppo.Agent.features
 
     def counting_features(self, x):
         passes.append(self.training)
@@ -923,13 +938,11 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
         )
         assert passes == [True] * 3
         passes.clear()
-        ppo.policy_mismatch(
-            agent, b_obs, 8, 1, torch.Generator().manual_seed(0)
-        )  # one minibatch (the default)
+        # one minibatch (the default)
+        ppo.policy_mismatch(agent, b_obs, 8, 1, torch.Generator().manual_seed(0))
         assert passes == [False, True]
-        assert (
-            ppo.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(0)) is None
-        )  # off
+        # off
+        assert ppo.policy_mismatch(agent, b_obs, 8, -1, torch.Generator().manual_seed(0)) is None
         assert passes == [False, True]
 
     assert computed.item() == pytest.approx(np.mean(expected), rel=1e-5)
@@ -952,9 +965,10 @@ def test_js_divergence_is_capped_at_ln_2():
 def test_collect_mode_train_stores_the_train_mode_log_probs_of_the_collecting_network(
     tmp_path, monkeypatch
 ):
-    """--collect-mode train: each stored log-prob is the train-mode output of the network that acted, i.e. normalized
-    with the batch statistics of the envs' observations at that step; its running statistics moved once per step and
-    once for the bootstrap value; delta_pi_minus is then computed, not read from the rollout."""
+    """--collect-mode train: each stored log-prob is the train-mode output of the network that
+    acted, i.e. normalized with the batch statistics of the envs' observations at that step; its
+    running statistics moved once per step and once for the bootstrap value; delta_pi_minus is then
+    computed, not read from the rollout."""
     seen = {}
     original_scalars, original_update, original_mismatch = (
         ppo.iteration_scalars,
@@ -994,13 +1008,12 @@ def test_collect_mode_train_stores_the_train_mode_log_probs_of_the_collecting_ne
         eval_mode = theta_0.eval().get_action_and_value(batch["obs"], batch["actions"])[1]
     torch.testing.assert_close(batch["logprobs"], train_mode, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batch["logprobs"], eval_mode, rtol=1e-5, atol=1e-5)
-    assert seen["tracked"] == 3 * (
-        args.num_steps + 1
-    )  # separate view batching: 3 BatchNorm passes per forward
+    # separate view batching: 3 BatchNorm passes per forward
+    assert seen["tracked"] == 3 * (args.num_steps + 1)
     assert seen["eval_logits"] == (None,)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. The ratio gap and the trust region (eq. 10-11)
 
 
@@ -1036,18 +1049,17 @@ def test_trust_region_diagnostics_values():
         same["trust_region_violation"].item() == same["trust_region_violation_signed"].item() == 0.0
     )
 
-    # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample, r' = 1 inside
+    # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample,
+    # r' = 1 inside
     shifted_ratio = ppo.eval_mode_ratio(agent, {**batch, "logprobs": batch["logprobs"] - 0.5})
     shifted = ppo.trust_region_diagnostics(inside, shifted_ratio, advantages, 0.2)
     assert shifted["ratio_gap"].item() == pytest.approx(math.exp(0.5) - 1.0, rel=1e-4)
     assert shifted["trust_region_violation"].item() == 1.0
-    assert (
-        shifted["trust_region_violation_signed"].item() == 1.0
-    )  # A > 0 and r > 1 + eps: r's clip stops the gradient
+    # A > 0 and r > 1 + eps: r's clip stops the gradient
+    assert shifted["trust_region_violation_signed"].item() == 1.0
     against = ppo.trust_region_diagnostics(inside, shifted_ratio, -advantages, 0.2)
-    assert (
-        against["trust_region_violation_signed"].item() == 0.0
-    )  # A < 0: the clip never stops r > 1 + eps
+    # A < 0: the clip never stops r > 1 + eps
+    assert against["trust_region_violation_signed"].item() == 0.0
 
     half = ppo.trust_region_diagnostics(
         torch.tensor([1.0, 1.0, 1.5, 1.5]), torch.tensor([1.0, 1.5, 1.0, 1.5]), torch.ones(4), 0.2
@@ -1061,21 +1073,25 @@ def test_trust_region_diagnostics_values():
         torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0]),
         0.2,
     )
-    assert signed["trust_region_violation_signed"].item() == pytest.approx(
-        2 / 6
-    )  # the first two samples
+    # the first two samples
+    assert signed["trust_region_violation_signed"].item() == pytest.approx(2 / 6)
     assert signed["trust_region_violation"].item() == pytest.approx(4 / 6)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. --bn-recalibrate: running statistics of the new weights on D_k
 
 
 def batchnorm_inputs(agent, obs) -> dict:
-    """The input of every BatchNorm layer in a train-mode pass of a copy of the agent (its own agent untouched)."""
-    reference, inputs = copy.deepcopy(agent).train(), {}
+    """The input of every BatchNorm layer in a train-mode pass of a copy of the agent (its own agent
+    untouched)."""
+    reference = copy.deepcopy(agent).train()
+    inputs = {}
     names = {module: name for name, module in reference.named_modules()}
-    record = lambda module, args, output: inputs.setdefault(names[module], []).append(args[0])  # noqa: E731
+
+    def record(module, args, output):
+        inputs.setdefault(names[module], []).append(args[0])
+
     hooks = [m.register_forward_hook(record) for m in batchnorms(reference)]
     with torch.no_grad():
         reference.features(obs)
@@ -1088,9 +1104,10 @@ def batchnorm_inputs(agent, obs) -> dict:
     "minibatch_size, sizes", [(12, [12]), (5, [5, 5, 2])], ids=["all-of-d_k", "minibatch-average"]
 )
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics_of_d_k(minibatch_size, sizes):
-    """With one minibatch = D_k (joint view batching): each running mean / var becomes the exact mean and unbiased
-    variance of the layer's input on D_k (for the first one, conv1's output); with several, the average over the
-    minibatches of theirs. Nothing else changes and no RNG is drawn."""
+    """With one minibatch = D_k (joint view batching): each running mean / var becomes the exact
+    mean and unbiased variance of the layer's input on D_k (for the first one, conv1's output); with
+    several, the average over the minibatches of theirs. Nothing else changes and no RNG is
+    drawn."""
     agent = make_agent("bn", view_batching="joint").eval()
     b_obs = random_obs(12, seed=7)
     expected = {}
@@ -1150,9 +1167,8 @@ def test_recalibrate_batchnorm_works_on_batch_renorm():
 
     changed = changed_entries(before, agent)
     assert "backbone.bn1.running_mean" in changed and "backbone.bn1.running_var" in changed
-    assert not [
-        name for name in changed if "num_batches_tracked" in name
-    ]  # Batch Renorm's warm-up clock stays
+    # Batch Renorm's warm-up clock stays
+    assert not [name for name in changed if "num_batches_tracked" in name]
 
 
 def test_recalibrate_batchnorm_leaves_frozen_eval_mode_batchnorm_alone():
@@ -1165,7 +1181,8 @@ def test_recalibrate_batchnorm_leaves_frozen_eval_mode_batchnorm_alone():
 
 
 def test_bn_recalibrate_run_is_finite_and_differs_from_without(joint_run, tmp_path, monkeypatch):
-    calls, original = [], ppo.recalibrate_batchnorm
+    calls = []
+    original = ppo.recalibrate_batchnorm
 
     def counting(agent, b_obs, minibatch_size):
         calls.append((agent.training, len(b_obs), minibatch_size))
@@ -1177,22 +1194,18 @@ def test_bn_recalibrate_run_is_finite_and_differs_from_without(joint_run, tmp_pa
     )
     scalars, without = scalars_of(run.run_dir), scalars_of(joint_run.run_dir)
 
-    assert (
-        calls == [(False, 32, 16)] * 2
-    )  # once per iteration, after the update (its last phase: eval mode)
+    # once per iteration, after the update (its last phase: eval mode)
+    assert calls == [(False, 32, 16)] * 2
     assert all(math.isfinite(value) for points in scalars.values() for _, value in points)
-    assert (
-        scalars["charts/delta_pi_plus"][0] != without["charts/delta_pi_plus"][0]
-    )  # measured after the recalibration
-    assert (
-        scalars["losses/standard/value_loss"][1] != without["losses/standard/value_loss"][1]
-    )  # the next rollout
-    assert (
-        scalars["losses/standard/value_loss"][0] == without["losses/standard/value_loss"][0]
-    )  # same first update
+    # measured after the recalibration
+    assert scalars["charts/delta_pi_plus"][0] != without["charts/delta_pi_plus"][0]
+    # the next rollout
+    assert scalars["losses/standard/value_loss"][1] != without["losses/standard/value_loss"][1]
+    # same first update
+    assert scalars["losses/standard/value_loss"][0] == without["losses/standard/value_loss"][0]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. Held-out evaluation and the episode drawings
 
 
@@ -1229,9 +1242,8 @@ def test_evaluate_runs_each_task_once_and_is_deterministic(monkeypatch):
                 )
             return out
 
-    monkeypatch.setattr(
-        envs.patchloc, "PatchLocVecEnv", RecordingVecEnv
-    )  # what envs.run_tasks builds
+    # what envs.run_tasks builds
+    monkeypatch.setattr(envs.patchloc, "PatchLocVecEnv", RecordingVecEnv)
     args = tiny_args(num_eval_envs=3)  # fewer envs than tasks: the rest are queued
 
     first = ppo.evaluate(agent, test_tasks, 7, args, torch.device("cpu"))
@@ -1254,9 +1266,8 @@ def test_evaluate_runs_each_task_once_and_is_deterministic(monkeypatch):
             greedy_return(agent, test_tasks, task, args.max_episode_steps), abs=1e-5
         )
     optimal = PatchLocEnv(test_tasks).optimal_returns[[task for task, _ in runs_of_first]]
-    np.testing.assert_allclose(
-        first["normalized_r"], first["r"] / optimal, rtol=1e-5
-    )  # in the order episodes ended
+    # in the order episodes ended
+    np.testing.assert_allclose(first["normalized_r"], first["r"] / optimal, rtol=1e-5)
 
 
 def test_episode_scalars_are_percent_of_optimal_and_success_rate():
@@ -1274,7 +1285,8 @@ def test_episode_scalars_are_percent_of_optimal_and_success_rate():
 
 
 def test_drawn_episodes_show_the_target_and_the_window_path():
-    """The evaluation image: envs' draw_episodes with the script's greedy eval-mode policy, which restores the mode."""
+    """The evaluation image: envs' draw_episodes with the script's greedy eval-mode policy, which
+    restores the mode."""
     _, test_tasks = tiny_task_sets()
     agent = make_agent("bn")
     agent.train()
@@ -1290,13 +1302,12 @@ def test_drawn_episodes_show_the_target_and_the_window_path():
         panel, image = drawing[:, i * side : (i + 1) * side], test_tasks.image(i)
         green = np.all(panel == GREEN, axis=-1) & ~np.all(image == GREEN, axis=-1)
         target_outline = outline_mask(side, test_tasks.target_boxes[i], width=2)
-        assert (
-            green.any() and not (green & ~target_outline).any()
-        )  # green only on the target's outline ...
-        assert (
-            green[target_outline].mean() > 0.5
-        )  # ... and most of it visible under the window path
-        # the first window (the full image) is outlined along the image border, in a colour of the path (blue -> yellow)
+        # green only on the target's outline ...
+        assert green.any() and not (green & ~target_outline).any()
+        # ... and most of it visible under the window path
+        assert green[target_outline].mean() > 0.5
+        # the first window (the full image) is outlined along the image border, in a colour of the
+        # path (blue -> yellow)
         border = panel[0].astype(int)
         assert np.all((border[:, 0] == border[:, 1]) & (border[:, 2] == 255 - border[:, 0])), border
         assert not np.array_equal(panel, image)
@@ -1359,13 +1370,14 @@ def test_folder_task_sets_share_no_image_file(tmp_path):
     assert test_tasks.split == "test"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ImageNet initialisation from a cached state dict (offline)
 
 
 @pytest.fixture(scope="module")
 def fake_imagenet_home(tmp_path_factory):
-    """A TORCH_HOME whose hub cache holds a random torchvision ResNet-18 state dict under the ImageNet file name."""
+    """A TORCH_HOME whose hub cache holds a random torchvision ResNet-18 state dict under the
+    ImageNet file name."""
     torch_home = tmp_path_factory.mktemp("torch_home")
     torch.manual_seed(123)
     state_dict = torchvision.models.resnet18().state_dict()
@@ -1419,7 +1431,7 @@ def test_missing_imagenet_weights_offline_is_a_config_error(tmp_path, no_downloa
     assert "--no-pretrained" in str(error.value)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. End-to-end runs of each norm variant; run names, args.json and the TensorBoard log
 
 
@@ -1429,9 +1441,8 @@ def test_default_run_name_is_a_function_of_the_arguments():
         ppo.default_run_name(args)
         == "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1"
     )
-    assert ppo.default_run_name(ppo.Args()) == ppo.default_run_name(
-        args
-    )  # no clock: a requeued job finds its folder
+    # no clock: a requeued job finds its folder
+    assert ppo.default_run_name(ppo.Args()) == ppo.default_run_name(args)
     names = {
         ppo.default_run_name(ppo.Args(**fields))
         for fields in (
@@ -1487,7 +1498,8 @@ def test_each_norm_variant_runs(norm, tmp_path):
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
-    """Two iterations of MDR(2,1) x 2 rounds, --norm bn, held-out evaluation after each, two drawn episodes."""
+    """Two iterations of MDR(2,1) x 2 rounds, --norm bn, held-out evaluation after each, two drawn
+    episodes."""
     cwd = tmp_path_factory.mktemp("logged_run")
     return ok_run(cwd, total_timesteps=64, eval_interval=1, mdr_rounds=2, num_render_episodes=2)
 
@@ -1537,7 +1549,8 @@ def test_tensorboard_log_holds_every_key_with_finite_values(logged_run):
 
 
 def test_progress_lines_match_tensorboard(logged_run):
-    """stdout is not a terminal: one plain line per iteration, its values those written to TensorBoard."""
+    """stdout is not a terminal: one plain line per iteration, its values those written to
+    TensorBoard."""
     lines = [line for line in logged_run.stdout.splitlines() if line.startswith("iteration=")]
     assert [line.split(",")[0] for line in lines] == ["iteration=1/2", "iteration=2/2"]
     scalars = scalars_of(logged_run.run_dir)
@@ -1604,9 +1617,8 @@ def test_run_logger_on_a_terminal_shows_a_progress_bar_instead_of_lines(tmp_path
     monkeypatch.setattr(sys, "stderr", stderr)  # tqdm's bar
     args = tiny_args()
     args.batch_size, args.num_iterations = 32, 2
-    logger = ppo.RunLogger(
-        str(tmp_path / "run"), args, None, global_step=32
-    )  # a resumed run: the bar starts at 32
+    # a resumed run: the bar starts at 32
+    logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=32)
 
     logger.advance(32)
     logger.log({"charts/normalized_reward": 12.5}, iteration=2)
@@ -1618,15 +1630,14 @@ def test_run_logger_on_a_terminal_shows_a_progress_bar_instead_of_lines(tmp_path
 
 
 def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
-    """--track: the wandb run is named after the run folder, grouped with the other seeds of its configuration (unless
-    --wandb-group), tagged, and continues the run id a checkpoint gives."""
+    """--track: the wandb run is named after the run folder, grouped with the other seeds of its
+    configuration (unless --wandb-group), tagged, and continues the run id a checkpoint gives."""
     calls = []
 
     def init(**kwargs):
         calls.append(kwargs)
-        return types.SimpleNamespace(
-            id="new-id", finish=lambda exit_code: calls.append(exit_code)
-        )  # Run.finish
+        # Run.finish
+        return types.SimpleNamespace(id="new-id", finish=lambda exit_code: calls.append(exit_code))
 
     fake_wandb = types.SimpleNamespace(init=init)
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
@@ -1645,9 +1656,8 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
 
     first, exit_code, second, _ = calls
     assert first["name"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1__s3"
-    assert (
-        first["group"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1"
-    )  # the name without the seed
+    # the name without the seed
+    assert first["group"] == "patchloc-procedural-4__ppo_patchloc_mdr__brn0.1__mdr2-1"
     assert (first["id"], first["resume"], logger.wandb_id, exit_code) == (
         "saved-id",
         "allow",
@@ -1658,7 +1668,7 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
     assert (second["name"], second["group"], second["id"]) == ("mine", "sweep-7", None)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. Checkpoints, stop signals and exact resume
 
 
@@ -1666,7 +1676,8 @@ RESUME_FIELDS = dict(total_timesteps=96, mdr_rounds=2)  # 3 iterations, linear l
 
 
 def stop_at(monkeypatch, iteration, *signums):
-    """Send `signums` to this process when main starts `iteration` (from inside the iteration, as a scheduler would)."""
+    """Send `signums` to this process when main starts `iteration` (from inside the iteration, as a
+    scheduler would)."""
     original = ppo.learning_rate_at
 
     def signalling(i, args):
@@ -1684,8 +1695,8 @@ def uninterrupted(tmp_path_factory):
 
 
 def assert_same_training(run_dir, reference_dir):
-    """Bitwise the same parameters, optimizer state, RNG streams and episodes in progress at the end, and the same
-    TensorBoard scalars at every step (all but SPS)."""
+    """Bitwise the same parameters, optimizer state, RNG streams and episodes in progress at the
+    end, and the same TensorBoard scalars at every step (all but SPS)."""
     full, resumed = read_checkpoint(reference_dir), read_checkpoint(run_dir)
     assert (
         resumed["global_step"] == full["global_step"] and resumed["iteration"] == full["iteration"]
@@ -1714,9 +1725,10 @@ def assert_same_training(run_dir, reference_dir):
 def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
     signum, iteration, uninterrupted, tmp_path
 ):
-    """A cluster's stop signal mid-iteration: the iteration finishes, its checkpoint (agent, optimizer, RNG streams, the
-    PatchLocVecEnv's episodes in progress) is written, the exit code is 128 + signum; the requeued job (the same
-    command, --resume auto) ends where the uninterrupted run ends."""
+    """A cluster's stop signal mid-iteration: the iteration finishes, its checkpoint (agent,
+    optimizer, RNG streams, the PatchLocVecEnv's episodes in progress) is written, the exit code is
+    128 + signum; the requeued job (the same command, --resume auto) ends where the uninterrupted
+    run ends."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         stop_at(monkeypatch, iteration, signum)
         stopped = run_main(tmp_path, resume="auto", **RESUME_FIELDS)
@@ -1737,8 +1749,8 @@ def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path):
-    """A requeued job that was stopped before its first checkpoint: its events are removed and it starts over, with
-    checkpoints on."""
+    """A requeued job that was stopped before its first checkpoint: its events are removed and it
+    starts over, with checkpoints on."""
     run_dir = tmp_path / "runs" / "job"
     run_dir.mkdir(parents=True)
     (run_dir / "events.out.tfevents.0.stale").write_bytes(b"")
@@ -1752,9 +1764,8 @@ def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path):
         str(tmp_path / "runs" / "new"),
     )
     with pytest.raises(ppo.ConfigError, match="not a readable checkpoint"):
-        ppo.find_checkpoint(
-            tiny_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir)
-        )  # a path must exist
+        # a path must exist
+        ppo.find_checkpoint(tiny_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir))
 
 
 def test_resume_path_may_grow_total_timesteps(tmp_path):
@@ -1772,19 +1783,19 @@ def test_resume_path_may_grow_total_timesteps(tmp_path):
     )
     assert (saved["iteration"], read_checkpoint(first.run_dir)["iteration"]) == (1, 2)
     learning_rates = scalars_of(first.run_dir)["charts/learning_rate"]
+    # the new schedule from iteration 2
     assert learning_rates == [
         (32, pytest.approx(4e-5)),
         (64, pytest.approx(4e-5 / 2)),
-    ]  # the new schedule from iteration 2
+    ]
     assert not torch.equal(
         read_checkpoint(first.run_dir)["agent"]["actor.4.weight"], saved["agent"]["actor.4.weight"]
     )
 
 
 def test_checkpoint_contents(uninterrupted):
-    checkpoint = read_checkpoint(
-        uninterrupted.run_dir
-    )  # weights_only=True: plain tensors and Python containers
+    # weights_only=True: plain tensors and Python containers
+    checkpoint = read_checkpoint(uninterrupted.run_dir)
 
     assert {
         "agent",
@@ -1820,15 +1831,14 @@ def test_second_ctrl_c_quits_at_once_without_a_checkpoint(tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 11. Bad input: one line, no traceback, nothing written
 
 
 def test_validate_args_rejects_a_minibatch_of_one_sample():
     with pytest.raises(ppo.ConfigError, match="minibatch of one sample"):
-        ppo.validate_args(
-            tiny_args(minibatch_size=31)
-        )  # 32 = 31 + 1: the last minibatch's advantage std is NaN
+        # 32 = 31 + 1: the last minibatch's advantage std is NaN
+        ppo.validate_args(tiny_args(minibatch_size=31))
     ppo.validate_args(tiny_args(minibatch_size=31, norm_adv=False))
     ppo.validate_args(tiny_args(minibatch_size=30))
 
@@ -1854,16 +1864,16 @@ def test_check_minibatches(fields, message):
     with pytest.raises(ppo.ConfigError) as error:
         ppo.check_minibatches(tiny_args(**fields))
     assert message in str(error.value) and "\n" not in str(error.value)
-    ppo.check_minibatches(
-        tiny_args(minibatch_size=32, total_timesteps=32)
-    )  # one minibatch of all of D_k
+    # one minibatch of all of D_k
+    ppo.check_minibatches(tiny_args(minibatch_size=32, total_timesteps=32))
     ppo.check_minibatches(tiny_args(minibatch_size=1, norm_adv=False))
 
 
 BAD_INPUTS = {
     "missing-folder": "nowhere",
     "empty-folder": "/images",
-    "too-few-usable-images": "/images",  # (envs/ words the reason; here: the script passes it on as one line)
+    # (envs/ words the reason; here: the script passes it on as one line)
+    "too-few-usable-images": "/images",
     "images-smaller-than-image-size": "/images",
     "image-size-below-4-views": "image_size (32)",
     "no-epochs": "--alpha1 0 --alpha2 0",
@@ -1875,7 +1885,8 @@ BAD_INPUTS = {
 
 
 def bad_input(case, tmp_path) -> dict:
-    """Prepare the files of one bad-input case in tmp_path; returns the Args fields that make it bad."""
+    """Prepare the files of one bad-input case in tmp_path; returns the Args fields that make it
+    bad."""
     (tmp_path / "images").mkdir()
     if case == "too-few-usable-images":  # 4 + 2 tasks need 6 images; one of the 6 files is broken
         write_images(tmp_path / "images", 5)
@@ -1919,7 +1930,8 @@ def test_bad_input_is_a_config_error_before_anything_is_written(case, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path):
-    """The command line turns every ConfigError above into one line (here: a rerun of a finished command)."""
+    """The command line turns every ConfigError above into one line (here: a rerun of a finished
+    command)."""
     bad_input("existing-run-folder", tmp_path)
 
     result = run_script(tmp_path)
@@ -1947,7 +1959,7 @@ def test_non_finite_loss_stops_the_run_with_a_one_line_error(tmp_path, monkeypat
     ).exists()  # the last checkpoint (none here) is left as it was
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 12-14. Image folders, Weights and Biases (offline), copy-paste
 
 
@@ -1982,15 +1994,14 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
         "bn_momentum=0.1",
     ):  # name and tags
         assert expected.encode() in records, expected
-    assert (
-        wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"
-    )  # --resume continues this run
+    # --resume continues this run
+    assert wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"
 
 
 def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
-    """The script copied with envs/ into an empty folder (the repository not importable), run as a cluster job: plain
-    progress lines (not a terminal), --run-name, and SLURM's warning signal from outside: the iteration finishes, its
-    checkpoint is written, exit code 138."""
+    """The script copied with envs/ into an empty folder (the repository not importable), run as a
+    cluster job: plain progress lines (not a terminal), --run-name, and SLURM's warning signal from
+    outside: the iteration finishes, its checkpoint is written, exit code 138."""
     alone = tmp_path / "alone"
     alone.mkdir()
     script = Path(shutil.copy(SCRIPT, alone))
@@ -2011,9 +2022,8 @@ def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen(command, cwd=alone, env=script_env(pythonpath=""), **pipes)
     try:
-        first_line = (
-            process.stdout.readline()
-        )  # 100 iterations: the signal comes long before the end
+        # 100 iterations: the signal comes long before the end
+        first_line = process.stdout.readline()
         assert first_line.startswith("iteration=1/100, global_step=32"), (
             first_line + process.stderr.read()
         )

@@ -1,5 +1,6 @@
-"""Speed flags of ppo_procgen_mdr.py (--channels-last, --amp, --compile, --torch-threads, diagnostics off):
-each one on vs off on CPU, comparing the final parameters of tiny in-process runs; plus the pieces behind them.
+"""Speed flags of ppo_procgen_mdr.py (--channels-last, --amp, --compile, --torch-threads,
+diagnostics off): each one on vs off on CPU, comparing the final parameters of tiny in-process runs;
+plus the pieces behind them.
 
 No timing assertions: what is measured lives in benchmarks/bench_sps.py and docs/benchmarks.md."""
 
@@ -20,7 +21,8 @@ NUM_ACTIONS = 15
 
 
 def tiny_args(**overrides) -> ppo.Args:
-    """Two iterations of 2 envs x 8 steps (2 minibatches of 8 per epoch), CPU, random init, checkpoint at the end."""
+    """Two iterations of 2 envs x 8 steps (2 minibatches of 8 per epoch), CPU, random init,
+    checkpoint at the end."""
     fields = dict(
         num_envs=2,
         num_steps=8,
@@ -36,7 +38,8 @@ def tiny_args(**overrides) -> ppo.Args:
 
 
 def run_main(cwd, monkeypatch, **overrides):
-    """main() in `cwd` with the held-out evaluation stubbed out; returns (agent state, TensorBoard scalars, stdout)."""
+    """main() in `cwd` with the held-out evaluation stubbed out; returns (agent state, TensorBoard
+    scalars, stdout)."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(
         ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
@@ -59,7 +62,8 @@ def differing(a: dict, b: dict) -> list:
 
 
 def distance(a: dict, b: dict) -> float:
-    """Euclidean distance between two states over their floating-point parameters and running statistics."""
+    """Euclidean distance between two states over their floating-point parameters and running
+    statistics."""
     return math.sqrt(
         sum(
             ((a[k].double() - b[k].double()) ** 2).sum().item()
@@ -76,7 +80,7 @@ def reference(tmp_path_factory):
         return run_main(tmp_path_factory.mktemp("reference"), monkeypatch)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # flags that change nothing on CPU: bitwise the same parameters
 
 
@@ -116,16 +120,15 @@ def test_diagnostics_off_logs_no_diagnostics(reference, tmp_path, monkeypatch):
     for key in (*diagnostics, "mdr/trust_region_violation_signed"):
         assert key in reference[1]
         assert key not in scalars
-    assert (
-        "delta_pi_minus=" in reference[2] and "delta_pi_minus=" not in stdout
-    )  # the progress line leaves it out
+    # the progress line leaves it out
+    assert "delta_pi_minus=" in reference[2] and "delta_pi_minus=" not in stdout
     assert "losses/policy_loss" in scalars
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# flags that change the arithmetic (rounding, or bfloat16): compared on a single Adam step, where two runs can be compared
-# at all (over several steps Adam turns rounding-level gradient differences into lr-sized ones: even 1 vs 2 threads then
-# differ by ~40 % of the distance trained)
+# --------------------------------------------------------------------------------------------------
+# flags that change the arithmetic (rounding, or bfloat16): compared on a single Adam step, where
+# two runs can be compared at all (over several steps Adam turns rounding-level gradient differences
+# into lr-sized ones: even 1 vs 2 threads then differ by ~40 % of the distance trained)
 
 ONE_STEP = dict(
     total_timesteps=16,
@@ -153,7 +156,8 @@ def update_cosine(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def one_step_reference(tmp_path_factory):
-    """One rollout and one Adam step (one epoch of one minibatch), float32, eager, torch's default threads."""
+    """One rollout and one Adam step (one epoch of one minibatch), float32, eager, torch's default
+    threads."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         return run_main(tmp_path_factory.mktemp("one_step"), monkeypatch, **ONE_STEP)[0]
 
@@ -161,14 +165,14 @@ def one_step_reference(tmp_path_factory):
 def test_one_step_reference_moved_from_the_initial_parameters(one_step_reference):
     torch.manual_seed(tiny_args().seed)
     initial = ppo.Agent(NUM_ACTIONS, tiny_args()).state_dict()
-    assert "actor.4.weight" in differing(
-        initial, one_step_reference
-    )  # the cosines below compare real updates
+    # the cosines below compare real updates
+    assert "actor.4.weight" in differing(initial, one_step_reference)
 
 
 def test_amp_on_cpu_trains_like_float32(one_step_reference, tmp_path, monkeypatch):
-    """--amp on CPU is bfloat16 autocast of the backbone (our choice: a real fast path on CPUs with bf16 units, 1.8x
-    here). It must really differ (autocast active) and update the parameters in nearly the same direction."""
+    """--amp on CPU is bfloat16 autocast of the backbone (our choice: a real fast path on CPUs with
+    bf16 units, 1.8x here). It must really differ (autocast active) and update the parameters in
+    nearly the same direction."""
     agent, scalars, _ = run_main(tmp_path, monkeypatch, amp=True, **ONE_STEP)
 
     assert differing(one_step_reference, agent), "--amp changed nothing: autocast is not active"
@@ -177,17 +181,17 @@ def test_amp_on_cpu_trains_like_float32(one_step_reference, tmp_path, monkeypatc
 
 
 def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
-    """--compile (torch.compile of the backbone, which runs on CPU here) computes the same function up to float
-    reassociation. Plain PPO with the diagnostics off keeps the compiles to two graphs (rollout, train-mode update)."""
+    """--compile (torch.compile of the backbone, which runs on CPU here) computes the same function
+    up to float reassociation. Plain PPO with the diagnostics off keeps the compiles to two graphs
+    (rollout, train-mode update)."""
     torch._dynamo.reset()
     try:
         compiled, _, _ = run_main(tmp_path, monkeypatch, compile=True, **ONE_STEP)
     finally:
         torch._dynamo.reset()
 
-    assert (
-        compiled.keys() == one_step_reference.keys()
-    )  # compiled in place: checkpoints load either way
+    # compiled in place: checkpoints load either way
+    assert compiled.keys() == one_step_reference.keys()
     assert update_cosine(compiled, one_step_reference) > 0.999
     for name in compiled:  # the first Adam step moves each weight by at most ~lr = 5e-4
         torch.testing.assert_close(
@@ -202,9 +206,8 @@ def test_torch_threads_sets_the_intra_op_threads(one_step_reference, tmp_path, m
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert (
-        update_cosine(agent, one_step_reference) > 0.999
-    )  # another split of the reductions: rounding only
+    # another split of the reductions: rounding only
+    assert update_cosine(agent, one_step_reference) > 0.999
 
 
 @pytest.mark.parametrize("norm", ["bn", "brn", "ln", "dropout"])
@@ -228,7 +231,7 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(norm):
         assert buf.dtype in (torch.float32, torch.long), name
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the pieces
 
 
@@ -246,9 +249,8 @@ def test_features_convert_in_place_without_changing_values():
         agent.features(obs)
 
     assert torch.equal(captured[0], obs.permute(0, 3, 1, 2).float() / 255.0)
-    assert captured[0].is_contiguous(
-        memory_format=torch.channels_last
-    )  # NHWC observations: channels_last activations
+    # NHWC observations: channels_last activations
+    assert captured[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(
@@ -277,15 +279,13 @@ def resume_from_fake_checkpoint(tmp_path, saved_args, args: ppo.Args):
 
 def test_resume_accepts_other_speed_flags_and_rejects_amp(tmp_path):
     speed_flags = tiny_args(torch_threads=1, compile=True, channels_last=False)
-    checkpoint, run_dir = resume_from_fake_checkpoint(
-        tmp_path, asdict(tiny_args()), speed_flags
-    )  # accepted
+    # accepted
+    checkpoint, run_dir = resume_from_fake_checkpoint(tmp_path, asdict(tiny_args()), speed_flags)
     assert checkpoint["iteration"] == 1 and run_dir == "runs/x"
 
     with pytest.raises(ppo.ConfigError) as error:
-        resume_from_fake_checkpoint(
-            tmp_path, asdict(tiny_args()), tiny_args(amp=True)
-        )  # bfloat16 changes what is computed
+        # bfloat16 changes what is computed
+        resume_from_fake_checkpoint(tmp_path, asdict(tiny_args()), tiny_args(amp=True))
     assert "the run used different --amp" in str(error.value)
 
 

@@ -1,7 +1,8 @@
-"""Speed flags of ppo_patchloc_mdr.py (--channels-last, --amp, --compile, --torch-threads, diagnostics off): each one
-on vs off on CPU, comparing the final parameters of tiny in-process runs; plus the pieces behind them.
-The same flags as ppo_procgen_mdr.py (tests/test_perf_flags.py), on the patch-localization configuration of
-tests/test_patchloc.py (16-pixel views, 4 + 4 procedural tasks, hidden width 32, random init).
+"""Speed flags of ppo_patchloc_mdr.py (--channels-last, --amp, --compile, --torch-threads,
+diagnostics off): each one on vs off on CPU, comparing the final parameters of tiny in-process runs;
+plus the pieces behind them. The same flags as ppo_procgen_mdr.py (tests/test_perf_flags.py), on the
+patch-localization configuration of tests/test_patchloc.py (16-pixel views, 4 + 4 procedural tasks,
+hidden width 32, random init).
 
 No timing assertions: what is measured lives in benchmarks/ and docs/benchmarks.md."""
 
@@ -22,7 +23,8 @@ V = 16  # view side; the images are 4V = 64 pixels
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """One intra-op thread (as tests/test_patchloc.py: two oversubscribe a small shared machine), restored afterwards."""
+    """One intra-op thread (as tests/test_patchloc.py: two oversubscribe a small shared machine),
+    restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -30,8 +32,9 @@ def one_torch_thread():
 
 
 def tiny_args(**overrides) -> ppo.Args:
-    """Two iterations of 2 envs x 16 steps, MDR(2,1) x 2 rounds (2 minibatches of 16 per epoch, values recomputed
-    before round 2), held-out evaluation and one drawn episode at the end, CPU, random init, checkpoint at the end."""
+    """Two iterations of 2 envs x 16 steps, MDR(2,1) x 2 rounds (2 minibatches of 16 per epoch,
+    values recomputed before round 2), held-out evaluation and one drawn episode at the end, CPU,
+    random init, checkpoint at the end."""
     fields = dict(
         num_envs=2,
         num_steps=16,
@@ -74,7 +77,8 @@ def differing(a: dict, b: dict) -> list:
 
 
 def assert_trained_identically(run, reference):
-    """Bitwise the same final parameters and buffers, and the same logged losses at every iteration."""
+    """Bitwise the same final parameters and buffers, and the same logged losses at every
+    iteration."""
     assert differing(reference[0], run[0]) == []
     losses = {key: values for key, values in reference[1].items() if key.startswith("losses/")}
     assert {key: run[1][key] for key in losses} == losses
@@ -89,7 +93,8 @@ def random_obs(n=8, seed=0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The default tiny run (every speed and diagnostics flag at its default); shared by the comparisons below."""
+    """The default tiny run (every speed and diagnostics flag at its default); shared by the
+    comparisons below."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         return run_main(tmp_path_factory.mktemp("reference"), monkeypatch)
 
@@ -105,15 +110,16 @@ def diagnostics_off(tmp_path_factory):
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # flags that change nothing on CPU: bitwise the same parameters
 
 
 def test_no_channels_last_and_diagnostics_everywhere_leave_the_training_bitwise_unchanged(
     reference, tmp_path, monkeypatch
 ):
-    # --no-channels-last: channels_last is a CUDA-only fast path, a no-op on CPU; Delta pi over all of D_k and the ratio
-    # gap on every standard-phase minibatch never touch the training either (one run for both: neither can undo the other)
+    # --no-channels-last: channels_last is a CUDA-only fast path, a no-op on CPU; Delta pi over all
+    # of D_k and the ratio gap on every standard-phase minibatch never touch the training either
+    # (one run for both: neither can undo the other)
     run = run_main(
         tmp_path, monkeypatch, channels_last=False, diag_minibatches=0, diag_ratio_every=1
     )
@@ -142,9 +148,8 @@ def test_diagnostics_off_logs_no_diagnostics(reference, diagnostics_off):
         "mdr/trust_region_violation",
     )
     for key in (*diagnostics, "mdr/trust_region_violation_signed"):
-        assert (
-            key in reference[1]
-        )  # the defaults measure them (1 minibatch; every 8th standard-phase minibatch)
+        # the defaults measure them (1 minibatch; every 8th standard-phase minibatch)
+        assert key in reference[1]
         assert key not in scalars
     progress = [line for line in stdout.splitlines() if line.startswith("iteration=")]
     assert len(progress) == 2 and not [line for line in progress if "delta_pi_minus" in line]
@@ -167,12 +172,13 @@ def test_policy_mismatch_off_returns_none_and_touches_nothing():
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# flags that change the arithmetic (rounding, or bfloat16): compared on a single Adam step, where two runs can be compared
-# at all (over several steps Adam turns rounding-level gradient differences into lr-sized ones). One backbone pass over
-# all views (--view-batching joint): with separate passes, the target and overview batches of this tiny rollout hold
-# only its 4 tasks' images, whose small batch std magnifies bfloat16 rounding (update cosine of --amp measured 0.46,
-# -0.02, 0.62 for seeds 1-3, against 0.88, 0.88, 0.78 joint); the gradient test below covers separate passes.
+# --------------------------------------------------------------------------------------------------
+# flags that change the arithmetic (rounding, or bfloat16): compared on a single Adam step, where
+# two runs can be compared at all (over several steps Adam turns rounding-level gradient differences
+# into lr-sized ones). One backbone pass over all views (--view-batching joint): with separate
+# passes, the target and overview batches of this tiny rollout hold only its 4 tasks' images, whose
+# small batch std magnifies bfloat16 rounding (update cosine of --amp measured 0.46, -0.02, 0.62 for
+# seeds 1-3, against 0.88, 0.88, 0.78 joint); the gradient test below covers separate passes.
 
 ONE_STEP = dict(
     view_batching="joint",
@@ -188,9 +194,8 @@ ONE_STEP = dict(
 
 
 def initial_state() -> dict:
-    torch.manual_seed(
-        tiny_args().seed
-    )  # as main() does before it builds the agent (the task sets draw from numpy)
+    # as main() does before it builds the agent (the task sets draw from numpy)
+    torch.manual_seed(tiny_args().seed)
     return ppo.Agent(NUM_ACTIONS, tiny_args()).state_dict()
 
 
@@ -226,8 +231,8 @@ def one_step_reference(one_step_run):
 
 
 def test_one_step_reference_is_one_adam_step_from_the_initial_parameters(one_step_reference):
-    """initial_state() is the run's real starting point (so the cosines below compare real updates): one Adam step
-    moves every parameter by at most lr, and moves the actor's output layer."""
+    """initial_state() is the run's real starting point (so the cosines below compare real updates):
+    one Adam step moves every parameter by at most lr, and moves the actor's output layer."""
     initial = initial_state()
     lr = tiny_args().learning_rate
     for name in moved_by_adam(initial):
@@ -236,10 +241,11 @@ def test_one_step_reference_is_one_adam_step_from_the_initial_parameters(one_ste
 
 
 def test_amp_on_cpu_trains_like_float32(one_step_run, one_step_reference, tmp_path, monkeypatch):
-    """--amp on CPU is bfloat16 autocast of the backbone. It must really differ (autocast active), compute nearly the
-    same losses, and update the parameters in the same direction. Adam's first step is ~lr * sign(gradient), so the
-    many near-zero gradients of this tiny network flip sign under bfloat16 rounding: the update cosine is lower than
-    the gradient cosine of the test below (measured 0.80 vs 0.94)."""
+    """--amp on CPU is bfloat16 autocast of the backbone. It must really differ (autocast active),
+    compute nearly the same losses, and update the parameters in the same direction. Adam's first
+    step is ~lr * sign(gradient), so the many near-zero gradients of this tiny network flip sign
+    under bfloat16 rounding: the update cosine is lower than the gradient cosine of the test below
+    (measured 0.80 vs 0.94)."""
     agent, scalars, _, _ = run_main(tmp_path, monkeypatch, amp=True, **ONE_STEP)
     reference_scalars = one_step_run[1]
 
@@ -252,16 +258,16 @@ def test_amp_on_cpu_trains_like_float32(one_step_run, one_step_reference, tmp_pa
 
 @pytest.mark.parametrize("norm", ["bn", "brn"])
 def test_amp_gradient_is_close_to_float32(norm):
-    """The same agent, minibatch and loss in train mode, with and without bfloat16 autocast of the backbone."""
+    """The same agent, minibatch and loss in train mode, with and without bfloat16 autocast of the
+    backbone."""
     torch.manual_seed(0)
     agent = ppo.Agent(NUM_ACTIONS, tiny_args(norm=norm)).train()
     obs, actions = random_obs(32, seed=1), torch.arange(32) % NUM_ACTIONS
     before = {name: tensor.clone() for name, tensor in agent.state_dict().items()}
     gradients = []
     for amp in (False, True):
-        agent.load_state_dict(
-            before
-        )  # the same running statistics (and Batch Renorm warm-up) for both passes
+        # the same running statistics (and Batch Renorm warm-up) for both passes
+        agent.load_state_dict(before)
         agent.amp = amp
         agent.zero_grad()
         _, logprob, _, value = agent.get_action_and_value(obs, actions)
@@ -269,15 +275,14 @@ def test_amp_gradient_is_close_to_float32(norm):
         gradients.append(torch.cat([p.grad.flatten() for p in agent.parameters()]).double())
 
     cosine = float(gradients[0] @ gradients[1] / (gradients[0].norm() * gradients[1].norm()))
-    assert 0.9 < cosine < 1.0, (
-        cosine
-    )  # measured 0.94 (bn and brn); 1.0 would mean autocast was not active
+    # measured 0.94 (bn and brn); 1.0 would mean autocast was not active
+    assert 0.9 < cosine < 1.0, cosine
 
 
 def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
-    """--compile (torch.compile of the backbone, which runs on CPU here) computes the same function up to float
-    reassociation. One update, diagnostics and drawing off: two graphs (eval-mode batch of 2 envs for the rollout and
-    the evaluation, train-mode minibatch)."""
+    """--compile (torch.compile of the backbone, which runs on CPU here) computes the same function
+    up to float reassociation. One update, diagnostics and drawing off: two graphs (eval-mode batch
+    of 2 envs for the rollout and the evaluation, train-mode minibatch)."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -288,13 +293,11 @@ def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
         torch._dynamo.reset()
 
     assert graphs >= 1, "nothing was compiled"  # measured 2
-    assert (
-        compiled.keys() == one_step_reference.keys()
-    )  # compiled in place: checkpoints load either way
+    # compiled in place: checkpoints load either way
+    assert compiled.keys() == one_step_reference.keys()
     assert update_cosine(compiled, one_step_reference) > 0.999
-    atol = (
-        2.2 * tiny_args().learning_rate
-    )  # each run moved each weight by at most lr from the same start
+    # each run moved each weight by at most lr from the same start
+    atol = 2.2 * tiny_args().learning_rate
     for name in compiled:
         torch.testing.assert_close(
             compiled[name], one_step_reference[name], rtol=0, atol=atol, msg=name
@@ -302,9 +305,8 @@ def test_compile_matches_eager(one_step_reference, tmp_path, monkeypatch):
 
 
 def test_torch_threads_sets_the_intra_op_threads(one_step_reference, tmp_path, monkeypatch):
-    torch.set_num_threads(
-        2
-    )  # (two threads would oversubscribe this machine's cores: the run itself uses one)
+    # (two threads would oversubscribe this machine's cores: the run itself uses one)
+    torch.set_num_threads(2)
     try:
         agent, _, _, _ = run_main(tmp_path, monkeypatch, torch_threads=1, **ONE_STEP)
         assert torch.get_num_threads() == 1
@@ -328,16 +330,15 @@ def test_amp_backbone_runs_in_bfloat16_and_returns_float32(norm):
     )
     (logprob.sum() + value.sum()).backward()
 
-    assert (
-        conv_outputs == [torch.bfloat16] * 3
-    )  # one backbone pass per view (--view-batching separate), in bfloat16
+    # one backbone pass per view (--view-batching separate), in bfloat16
+    assert conv_outputs == [torch.bfloat16] * 3
     assert logprob.dtype == entropy.dtype == value.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in agent.parameters() if p.grad is not None)
     for name, buf in agent.named_buffers():  # running statistics stay float32
         assert buf.dtype in (torch.float32, torch.long), name
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the pieces
 
 
@@ -359,10 +360,11 @@ def test_features_convert_in_place_without_changing_values(view_batching):
         assert torch.equal(
             captured[0], obs.reshape(12, V, V, 3).permute(0, 3, 1, 2).float() / 255.0
         )
-        assert captured[0].is_contiguous(
-            memory_format=torch.channels_last
-        )  # NHWC observations: channels_last activations
-    else:  # three passes over views of one float copy of the minibatch, each channels_last within its images
+        # NHWC observations: channels_last activations
+        assert captured[0].is_contiguous(memory_format=torch.channels_last)
+    # three passes over views of one float copy of the minibatch, each channels_last within its
+    # images
+    else:
         assert len(captured) == 3
         for v, images in enumerate(captured):
             assert torch.equal(images, obs[:, v].permute(0, 3, 1, 2).float() / 255.0)
@@ -388,13 +390,13 @@ def test_validate_args_accepts_diagnostics_off():
 
 
 def find_checkpoint(path, **overrides):
-    """find_checkpoint as main() calls it for --resume PATH (--batch-size filled in); returns the checkpoint."""
+    """find_checkpoint as main() calls it for --resume PATH (--batch-size filled in); returns the
+    checkpoint."""
     args = tiny_args(resume=str(path), **overrides)
     args.batch_size = args.num_envs * args.num_steps
     checkpoint, run_dir = ppo.find_checkpoint(args, "runs/unused")
-    assert run_dir == str(
-        Path("runs", checkpoint["run_name"])
-    )  # the checkpoint's run folder, not the default one
+    # the checkpoint's run folder, not the default one
+    assert run_dir == str(Path("runs", checkpoint["run_name"]))
     return checkpoint
 
 
@@ -433,7 +435,8 @@ def test_resume_of_a_checkpoint_older_than_a_field_uses_its_default(reference, t
 
 
 def test_defaults_keep_the_diagnostics_cheap():
-    """Defaults as in ppo_procgen_mdr.py: Delta pi on one minibatch, the ratio gap on every 8th standard-phase one."""
+    """Defaults as in ppo_procgen_mdr.py: Delta pi on one minibatch, the ratio gap on every 8th
+    standard-phase one."""
     args = ppo.Args()
     assert (args.diag_minibatches, args.diag_ratio_every) == (1, 8)
     assert (args.channels_last, args.amp, args.compile, args.torch_threads) == (

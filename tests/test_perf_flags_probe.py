@@ -1,7 +1,8 @@
-"""Determinism of ppo_collapse_probe.py: two tiny in-process runs with the same seed end with bitwise the same
-parameters and write the same metrics.csv (the clock columns aside), TensorBoard scalars included; another seed gives
-another run. The probe's speed flags (--amp, --compile, --channels-last, --timing) are gone (timing lives in
-benchmarks/bench_sps.py now); what remains of this file is what their tests compared against: the run itself."""
+"""Determinism of ppo_collapse_probe.py: two tiny in-process runs with the same seed end with
+bitwise the same parameters and write the same metrics.csv (the clock columns aside), TensorBoard
+scalars included; another seed gives another run. The probe's speed flags (--amp, --compile,
+--channels-last, --timing) are gone (timing lives in benchmarks/bench_sps.py now); what remains of
+this file is what their tests compared against: the run itself."""
 
 import contextlib
 import copy
@@ -26,20 +27,23 @@ TINY = dict(
     image_size=64,
     hidden_size=32,
 )
+# the only metrics.csv columns that two identical runs may differ in
 CLOCK_COLUMNS = (
     "sps",
     "wall_time",
-)  # the only metrics.csv columns that two identical runs may differ in
+)
 
 
 def tiny_args(**overrides) -> probe.Args:
-    """Two updates of 2 envs x 8 steps, 2 minibatches of 8 per epoch, BN + MDR(2,1), 16-px views, CPU."""
+    """Two updates of 2 envs x 8 steps, 2 minibatches of 8 per epoch, BN + MDR(2,1), 16-px views,
+    CPU."""
     return probe.Args(**{**TINY, "mode": "bn-mdr", **overrides})
 
 
 def run_main(cwd, monkeypatch, **overrides) -> dict:
-    """main() in `cwd`; returns the agent's initial and final states, the metrics.csv (header, rows), summary.json and
-    the TensorBoard scalars. torch's thread count (main sets --torch-threads 1) is restored afterwards."""
+    """main() in `cwd`; returns the agent's initial and final states, the metrics.csv (header,
+    rows), summary.json and the TensorBoard scalars. torch's thread count (main sets --torch-threads
+    1) is restored afterwards."""
     initial, agents = [], []
 
     class RecordedAgent(probe.Agent):
@@ -126,9 +130,8 @@ def test_the_run_trains_every_parameter(reference):
 
 
 def test_csv_columns_and_tensorboard_scalars(reference):
-    assert (
-        reference["columns"] == probe.CSV_COLUMNS
-    )  # analysis/collapse_stats.py and collapse_figures.py read them
+    # analysis/collapse_stats.py and collapse_figures.py read them
+    assert reference["columns"] == probe.CSV_COLUMNS
     tags = {probe.tensorboard_tag(column): column for column in probe.TENSORBOARD_COLUMNS}
     assert set(reference["scalars"]) <= set(tags)  # no perf/ keys: --timing is gone
     for tag in (
@@ -138,9 +141,8 @@ def test_csv_columns_and_tensorboard_scalars(reference):
         "charts/acting_entropy",
     ):
         column = tags[tag]
-        expected = [
-            float(row[column]) for row in reference["rows"]
-        ]  # one point per update, the CSV's value
+        # one point per update, the CSV's value
+        expected = [float(row[column]) for row in reference["rows"]]
         assert reference["scalars"][tag] == pytest.approx(expected, rel=1e-5, abs=1e-9), tag
 
 

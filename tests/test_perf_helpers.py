@@ -1,4 +1,5 @@
-"""mean_stats, the helper every script carries its own copy of (one file = everything), checked once on each copy."""
+"""mean_stats, the helper every script carries its own copy of (one file = everything), checked once
+on each copy."""
 
 import pytest
 import torch

@@ -1,7 +1,9 @@
-"""Tests of ppo_procgen_mdr.py: unit tests on tiny tensors, tiny runs of main() in-process (held-out evaluation stubbed
-out where it is not the subject), the command line in-process through runpy, and one run as a real subprocess.
+"""Tests of ppo_procgen_mdr.py: unit tests on tiny tensors, tiny runs of main() in-process (held-out
+evaluation stubbed out where it is not the subject), the command line in-process through runpy, and
+one run as a real subprocess.
 
-Every run works in a temporary directory (monkeypatch.chdir / cwd=), so its runs/ and wandb/ folders land there."""
+Every run works in a temporary directory (monkeypatch.chdir / cwd=), so its runs/ and wandb/ folders
+land there."""
 
 import contextlib
 import copy
@@ -33,16 +35,10 @@ NUM_ACTIONS = 15  # Procgen's action space
 NORMS = ["bn", "eval", "brn", "ln", "gn", "none", "dropout"]
 MODE_FREE_NORMS = {"eval", "ln", "gn", "none"}
 # the command line of one iteration of 2 envs x 32 steps (4 minibatches of 16), CPU, random init
-TINY = [
-    "--num-envs", "2",
-    "--num-steps", "32",
-    "--minibatch-size", "16",
-    "--total-timesteps", "64",
-    "--num-eval-envs", "2",
-    "--eval-interval", "0",
-    "--no-pretrained",
-    "--no-cuda",
-]  # fmt: skip
+TINY = (
+    "--num-envs 2 --num-steps 32 --minibatch-size 16 --total-timesteps 64 "
+    "--num-eval-envs 2 --eval-interval 0 --no-pretrained --no-cuda"
+).split()
 TB_KEYS = [
     "charts/episodic_return",
     "charts/normalized_score",
@@ -68,17 +64,17 @@ TB_KEYS = [
 ]
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-ONE_SHORT_ROLLOUT = dict(
-    num_steps=8, minibatch_size=8, total_timesteps=16
-)  # 2 envs x 8 steps, 2 minibatches of 8
+# 2 envs x 8 steps, 2 minibatches of 8
+ONE_SHORT_ROLLOUT = dict(num_steps=8, minibatch_size=8, total_timesteps=16)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 
 def tiny_args(**overrides) -> ppo.Args:
-    """Valid in-process arguments: one iteration of 2 envs x 16 steps (2 minibatches of 16), CPU, random init."""
+    """Valid in-process arguments: one iteration of 2 envs x 16 steps (2 minibatches of 16), CPU,
+    random init."""
     fields = dict(
         num_envs=2,
         num_steps=16,
@@ -93,8 +89,9 @@ def tiny_args(**overrides) -> ppo.Args:
 
 
 def stub_evaluate(monkeypatch):
-    """The held-out evaluation plays until each env's first episode ends: seconds per call on CPU, so runs that do not
-    test it get a stand-in (its own test is test_evaluate_is_a_function_of_the_parameters)."""
+    """The held-out evaluation plays until each env's first episode ends: seconds per call on CPU,
+    so runs that do not test it get a stand-in (its own test is
+    test_evaluate_is_a_function_of_the_parameters)."""
     monkeypatch.setattr(
         ppo, "evaluate", lambda agent, args, device, iteration: np.zeros(args.num_eval_envs)
     )
@@ -104,18 +101,20 @@ def run_main(cwd, monkeypatch, args: ppo.Args):
     """main(args) in `cwd` with the evaluation stubbed out; returns (exit code, stdout, stderr)."""
     monkeypatch.chdir(cwd)
     stub_evaluate(monkeypatch)
+    # not a TTY: the plain progress line per iteration
     stdout, stderr = (
         io.StringIO(),
         io.StringIO(),
-    )  # not a TTY: the plain progress line per iteration
+    )
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         exit_code = ppo.main(args)
     return exit_code, stdout.getvalue(), stderr.getvalue()
 
 
 def run_cli(cwd, monkeypatch, *argv):
-    """The script as `python ppo_procgen_mdr.py ARGV` would run it, in-process (runpy: no interpreter start-up, no
-    import of torch); returns what it exits with (sys.exit's argument: an exit code, or the message printed on stderr)."""
+    """The script as `python ppo_procgen_mdr.py ARGV` would run it, in-process (runpy: no
+    interpreter start-up, no import of torch); returns what it exits with (sys.exit's argument: an
+    exit code, or the message printed on stderr)."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
@@ -124,7 +123,8 @@ def run_cli(cwd, monkeypatch, *argv):
 
 
 def assert_one_line_error(exit_code, capsys, *fragments):
-    """What the user sees: exit code 1 with one line 'error: ...' on stderr (sys.exit(str)), nothing else printed."""
+    """What the user sees: exit code 1 with one line 'error: ...' on stderr (sys.exit(str)), nothing
+    else printed."""
     assert isinstance(exit_code, str), f"expected an error message, got exit code {exit_code!r}"
     assert exit_code.startswith("error: ") and "\n" not in exit_code, exit_code
     for fragment in fragments:
@@ -133,7 +133,8 @@ def assert_one_line_error(exit_code, capsys, *fragments):
 
 
 def run_script(cwd, *args, script=SCRIPT, timeout=300):
-    """Run the script as a user would, in a fresh interpreter in `cwd`; returns the CompletedProcess."""
+    """Run the script as a user would, in a fresh interpreter in `cwd`; returns the
+    CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         cwd=cwd,
@@ -151,7 +152,8 @@ def single_run_dir(cwd) -> Path:
 
 
 def read_scalars(run_dir) -> dict:
-    """{tag: [(step, value), ...]} from every TensorBoard event file of a run folder (a resumed run has several)."""
+    """{tag: [(step, value), ...]} from every TensorBoard event file of a run folder (a resumed run
+    has several)."""
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {
@@ -176,7 +178,8 @@ def random_obs(n=16, seed=0) -> torch.Tensor:
 
 
 def make_minibatch(agent, n=16, seed=0) -> dict:
-    """A minibatch whose old log-probs, logits and values are the agent's eval-mode outputs (as in collection)."""
+    """A minibatch whose old log-probs, logits and values are the agent's eval-mode outputs (as in
+    collection)."""
     generator = torch.Generator().manual_seed(seed)
     obs = random_obs(n, seed)
     actions = torch.randint(0, NUM_ACTIONS, (n,), generator=generator)
@@ -211,12 +214,13 @@ def running_stat_names(module: nn.Module) -> list:
 
 
 def progress_lines(stdout: str) -> list:
-    """The plain per-iteration lines as dicts: 'iteration=1/2, global_step=32, ...' -> {'iteration': '1/2', ...}."""
+    """The plain per-iteration lines as dicts: 'iteration=1/2, global_step=32, ...' -> {'iteration':
+    '1/2', ...}."""
     lines = [line for line in stdout.splitlines() if line.startswith("iteration=")]
     return [dict(field.split("=") for field in line.split(", ")) for line in lines]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. GAE, and the advantages of MDR rounds 2..R
 
 
@@ -226,20 +230,19 @@ def test_compute_gae_matches_hand_computed_values():
     values = torch.tensor([[0.5, 1.0], [0.2, 0.4], [0.3, 0.6]])
     dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # env 0: obs[1] starts a new episode
     next_value = torch.tensor([[0.7, 0.8]])
-    next_done = torch.tensor(
-        [0.0, 1.0]
-    )  # env 1: the observation after the rollout starts a new episode
+    # env 1: the observation after the rollout starts a new episode
+    next_done = torch.tensor([0.0, 1.0])
 
     advantages, returns = ppo.compute_gae(
         rewards, values, dones, next_value, next_done, gamma, gae_lambda
     )
 
-    # env 0: t=2: delta = 1 + 0.9*0.7 - 0.3 = 1.33                            -> A = 1.33
-    #        t=1: delta = 0 + 0.9*0.3 - 0.2 = 0.07 (dones[2]=0)               -> A = 0.07 + 0.45*1.33 = 0.6685
-    #        t=0: dones[1]=1 cuts the bootstrap: delta = 1 - 0.5 = 0.5       -> A = 0.5
-    # env 1: t=2: next_done=1 cuts the bootstrap: delta = 1 - 0.6 = 0.4      -> A = 0.4
-    #        t=1: delta = 2 + 0.9*0.6 - 0.4 = 2.14                            -> A = 2.14 + 0.45*0.4 = 2.32
-    #        t=0: delta = 0 + 0.9*0.4 - 1.0 = -0.64                           -> A = -0.64 + 0.45*2.32 = 0.404
+    # env 0: t=2: delta = 1 + 0.9*0.7 - 0.3 = 1.33              -> A = 1.33
+    #        t=1: delta = 0 + 0.9*0.3 - 0.2 = 0.07 (dones[2]=0) -> A = 0.07 + 0.45*1.33 = 0.6685
+    #        t=0: dones[1]=1 cuts the bootstrap: delta = 1 - 0.5 = 0.5 -> A = 0.5
+    # env 1: t=2: next_done=1 cuts the bootstrap: delta = 1 - 0.6 = 0.4 -> A = 0.4
+    #        t=1: delta = 2 + 0.9*0.6 - 0.4 = 2.14              -> A = 2.14 + 0.45*0.4 = 2.32
+    #        t=0: delta = 0 + 0.9*0.4 - 1.0 = -0.64             -> A = -0.64 + 0.45*2.32 = 0.404
     expected_advantages = torch.tensor([[0.5, 0.404], [0.6685, 2.32], [1.33, 0.4]])
     # returns = advantages + values
     expected_returns = torch.tensor([[1.0, 1.404], [0.8685, 2.72], [1.63, 1.0]])
@@ -249,8 +252,9 @@ def test_compute_gae_matches_hand_computed_values():
 
 @pytest.mark.parametrize("norm", ["bn", "dropout"])
 def test_recompute_advantages_uses_the_eval_mode_critic(norm):
-    """Rounds 2..R: values of D_k and the bootstrap value of the state after it from the eval-mode critic, whatever
-    mode the last phase left (train mode with --alpha2 0), and without moving any running statistic."""
+    """Rounds 2..R: values of D_k and the bootstrap value of the state after it from the eval-mode
+    critic, whatever mode the last phase left (train mode with --alpha2 0), and without moving any
+    running statistic."""
     num_steps, num_envs = 3, 8
     agent = make_agent(norm)
     obs, next_obs = random_obs(num_steps * num_envs), random_obs(num_envs, seed=1)
@@ -297,8 +301,9 @@ def test_recompute_advantages_uses_the_eval_mode_critic(norm):
     assert changed_entries(before, agent) == []  # no running-stat update
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 2. The mode of every phase: collection, standard and rectification phases, value recomputation (main in-process)
+# --------------------------------------------------------------------------------------------------
+# 2. The mode of every phase: collection, standard and rectification phases, value recomputation
+#    (main in-process)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +327,8 @@ def test_mode_sequence_of_one_update(
         ppo.Agent.get_action_and_value,
         ppo.Agent.get_value,
     )
-    original_get_policy_and_value, inside_get_action_and_value = ppo.Agent.get_policy_and_value, []
+    original_get_policy_and_value = ppo.Agent.get_policy_and_value
+    inside_get_action_and_value = []
 
     def recording_update(agent, optimizer, mb, *args, **kwargs):
         events.append(("train" if agent.training else "eval", len(mb["obs"])))
@@ -368,9 +374,8 @@ def test_mode_sequence_of_one_update(
 
     assert run_main(tmp_path, monkeypatch, args)[0] == 0
 
-    sizes = [
-        min(minibatch_size, 16 - start) for start in range(0, 16, minibatch_size)
-    ]  # |D_k| = 16
+    # |D_k| = 16
+    sizes = [min(minibatch_size, 16 - start) for start in range(0, 16, minibatch_size)]
     one_round = [("train", size) for size in sizes] * alpha1 + [
         ("eval", size) for size in sizes
     ] * alpha2
@@ -378,15 +383,15 @@ def test_mode_sequence_of_one_update(
     assert events == expected
     collecting_in_train_mode = collect_mode == "train"
     assert rollout_modes == [(collecting_in_train_mode, False)] * args.num_steps  # under no_grad
-    # the bootstrap value after the rollout (in the collection's mode), then per extra round the eval-mode critic on
-    # D_k (|D_k|/m chunks) and on the state after it
+    # the bootstrap value after the rollout (in the collection's mode), then per extra round the
+    # eval-mode critic on D_k (|D_k|/m chunks) and on the state after it
     chunks = len(sizes)
     assert value_modes == [(collecting_in_train_mode, False)] + [(False, False)] * (rounds - 1) * (
         chunks + 1
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. BN running statistics: moved by the standard phase only
 
 
@@ -401,7 +406,8 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
     assert stat_names, "the backbone should have running statistics"
     args = tiny_args(norm=norm)
 
-    agent.train()  # standard phase, with the ratio gap measured as the loop does on its k-th minibatches
+    # standard phase, with the ratio gap measured as the loop does on its k-th minibatches
+    agent.train()
     before = clone_state(agent)
     ppo.ppo_update(agent, optimizer, mb, args, ppo.eval_mode_ratio(agent, mb))
     moved = [name for name in stat_names if name in changed_entries(before, agent)]
@@ -414,12 +420,10 @@ def test_running_stats_move_only_in_standard_phase(norm, moves_in_train_mode):
     before = clone_state(agent)
     ppo.ppo_update(agent, optimizer, mb, args)
     changed = changed_entries(before, agent)
-    assert not [
-        name for name in changed if name in dict(agent.named_buffers())
-    ]  # stats and num_batches_tracked
-    assert (
-        "backbone.bn1.weight" in changed
-    )  # ... while the parameters (affine ones too) still learn
+    # stats and num_batches_tracked
+    assert not [name for name in changed if name in dict(agent.named_buffers())]
+    # ... while the parameters (affine ones too) still learn
+    assert "backbone.bn1.weight" in changed
 
 
 def test_temporary_mode_restores_the_mode_even_on_error():
@@ -436,7 +440,7 @@ def test_temporary_mode_restores_the_mode_even_on_error():
     assert not agent.training
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Diagnostics are side-effect free; Delta pi minus is read from the rollout
 
 
@@ -456,15 +460,18 @@ def test_policy_mismatch_has_no_side_effects(norm, training):
     assert torch.equal(after_rand, torch.rand(3)), "the global torch RNG stream moved"
     assert changed_entries(before, agent) == []  # parameters, running stats, num_batches_tracked
     assert agent.training == training
-    # a freshly initialised mode-dependent network: the train- and eval-mode policies differ, within JS's bounds
+    # a freshly initialised mode-dependent network: the train- and eval-mode policies differ, within
+    # JS's bounds
     assert 0.0 < delta_pi.item() <= math.log(2)
 
 
 def test_policy_mismatch_counts_its_minibatches(monkeypatch):
-    """num_minibatches: 0 = all of D_k (here 2 of 16), n = the first n of a shuffled order, -1 = off (None, no pass)."""
+    """num_minibatches: 0 = all of D_k (here 2 of 16), n = the first n of a shuffled order, -1 = off
+    (None, no pass)."""
     agent = make_agent("bn")
     b_obs = random_obs(32, seed=1)
-    original_features, passes = ppo.Agent.features, []
+    original_features = ppo.Agent.features
+    passes = []
 
     def recording_features(self, x):
         passes.append(len(x))
@@ -476,9 +483,8 @@ def test_policy_mismatch_counts_its_minibatches(monkeypatch):
         delta_pi = ppo.policy_mismatch(
             agent, b_obs, 16, num_minibatches, torch.Generator().manual_seed(0)
         )
-        assert passes == [16] * expected_passes, (
-            num_minibatches
-        )  # an eval-mode and a train-mode pass per minibatch
+        # an eval-mode and a train-mode pass per minibatch
+        assert passes == [16] * expected_passes, num_minibatches
         assert (delta_pi is None) == (num_minibatches == -1)
 
 
@@ -498,7 +504,8 @@ def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(
             [agent.get_policy_and_value(b_obs[i : i + 8])[0].logits for i in range(0, 32, 8)]
         )
     agent.train()
-    original_features, modes = ppo.Agent.features, []
+    original_features = ppo.Agent.features
+    modes = []
 
     def recording_features(self, x):
         modes.append(self.training)
@@ -506,12 +513,13 @@ def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(
 
     monkeypatch.setattr(ppo.Agent, "features", recording_features)
     computed = ppo.policy_mismatch(agent, b_obs, 16, 0, torch.Generator().manual_seed(0))
+    # per minibatch: an eval-mode, then a train-mode pass
     assert modes == [
         False,
         True,
         False,
         True,
-    ]  # per minibatch: an eval-mode, then a train-mode pass
+    ]
     modes.clear()
     before = clone_state(agent)
     given = ppo.policy_mismatch(
@@ -525,10 +533,11 @@ def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(
 
 @pytest.mark.parametrize("collect_mode", ["eval", "train"])
 def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatch):
-    """What main stores per step is the output of the network that collected D_k, in the collection's mode, on exactly
-    that step's observations: --collect-mode eval (the paper's): the eval-mode policy at theta_k (eq. 6's behaviour
-    policy, also Delta pi minus's eval-mode side); --collect-mode train: the train-mode policy with the batch statistics
-    of that step's env batch. A wrong mode, a step misaligned with its observation, or a stale network would differ."""
+    """What main stores per step is the output of the network that collected D_k, in the
+    collection's mode, on exactly that step's observations: --collect-mode eval (the paper's): the
+    eval-mode policy at theta_k (eq. 6's behaviour policy, also Delta pi minus's eval-mode side);
+    --collect-mode train: the train-mode policy with the batch statistics of that step's env batch.
+    A wrong mode, a step misaligned with its observation, or a stale network would differ."""
     calls, snapshots, batches, given_logits = [], [], [], []
     original_mismatch, original_scalars = ppo.policy_mismatch, ppo.iteration_scalars
 
@@ -540,9 +549,8 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
             len(calls) % 2 == 1
         ):  # the first call of an iteration: Delta pi minus, before the update (then plus)
             snapshots.append(copy.deepcopy(agent))
-            given_logits.append(
-                None if b_eval_logits is None else b_eval_logits.clone()
-            )  # a view of the rollout
+            # a view of the rollout
+            given_logits.append(None if b_eval_logits is None else b_eval_logits.clone())
         return original_mismatch(
             agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits
         )
@@ -553,7 +561,8 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
 
     monkeypatch.setattr(ppo, "policy_mismatch", recording_mismatch)
     monkeypatch.setattr(ppo, "iteration_scalars", recording_scalars)
-    # two iterations: the second one's rollout comes from an updated network; Delta pi off (its call is still made)
+    # two iterations: the second one's rollout comes from an updated network; Delta pi off (its call
+    # is still made)
     args = tiny_args(
         num_steps=8,
         total_timesteps=32,
@@ -582,15 +591,14 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
         torch.testing.assert_close(batch["logprobs"], recomputed_logprobs, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(batch["values"], recomputed_values, rtol=1e-4, atol=1e-5)
         if collect_mode == "eval":
-            assert (
-                "logits" not in batch
-            )  # the minibatches never need them: only Delta pi minus reads the rollout's
+            # the minibatches never need them: only Delta pi minus reads the rollout's
+            assert "logits" not in batch
             torch.testing.assert_close(logits, recomputed_logits, rtol=1e-4, atol=1e-5)
         else:
-            assert (
-                logits is None
-            )  # train-mode logits are no eval-mode side: Delta pi minus computes its own
-            # the test can tell: the whole of D_k in one batch gives other batch statistics, eval mode other outputs
+            # train-mode logits are no eval-mode side: Delta pi minus computes its own
+            assert logits is None
+            # the test can tell: the whole of D_k in one batch gives other batch statistics, eval
+            # mode other outputs
             with torch.no_grad():
                 whole_batch = theta_k.get_policy_and_value(batch["obs"])[0].log_prob(
                     batch["actions"]
@@ -633,14 +641,14 @@ def test_trust_region_diagnostics_values():
     assert same["trust_region_violation"].item() == 0.0
     assert same["trust_region_violation_signed"].item() == 0.0
 
-    # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample, r' = 1 inside
+    # old log-probs lowered by 0.5: r = e^0.5 ~ 1.65 lies outside [0.8, 1.2] for every sample,
+    # r' = 1 inside
     shifted_ratio = ppo.eval_mode_ratio(agent, {**mb, "logprobs": mb["logprobs"] - 0.5})
     shifted = ppo.trust_region_diagnostics(inside, shifted_ratio, advantages, 0.2)
     assert shifted["ratio_gap"].item() == pytest.approx(math.exp(0.5) - 1.0, rel=1e-4)
     assert shifted["trust_region_violation"].item() == 1.0
-    assert (
-        shifted["trust_region_violation_signed"].item() == 1.0
-    )  # A > 0 and r > 1 + eps: the clip would stop it
+    # A > 0 and r > 1 + eps: the clip would stop it
+    assert shifted["trust_region_violation_signed"].item() == 1.0
 
     half = ppo.trust_region_diagnostics(
         torch.tensor([1.0, 1.0, 1.5, 1.5]), torch.tensor([1.0, 1.5, 1.0, 1.5]), torch.ones(4), 0.2
@@ -650,29 +658,34 @@ def test_trust_region_diagnostics_values():
 
 
 def test_trust_region_violation_signed_follows_the_sign_of_the_advantage():
-    """The clip stops a sample's gradient when r > 1 + eps with A > 0, or r < 1 - eps with A < 0. Counted: stopped
-    under the eval-mode r but not under the optimized r'. r' = 1 everywhere (never stopped); r per sample below."""
+    """The clip stops a sample's gradient when r > 1 + eps with A > 0, or r < 1 - eps with A < 0.
+    Counted: stopped under the eval-mode r but not under the optimized r'. r' = 1 everywhere (never
+    stopped); r per sample below."""
     eval_ratio = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 0.9, 1.5, 0.5])
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 0.0, 0.0])
-    # stopped under r: sample 0 (A > 0, r > 1.2) and sample 3 (A < 0, r < 0.8); A = 0 is stopped by neither
+    # stopped under r: sample 0 (A > 0, r > 1.2) and sample 3 (A < 0, r < 0.8); A = 0 is stopped by
+    # neither
     diagnostics = ppo.trust_region_diagnostics(torch.ones(8), eval_ratio, advantages, 0.2)
     assert diagnostics["trust_region_violation_signed"].item() == 2 / 8
     assert diagnostics["trust_region_violation"].item() == 6 / 8  # the unsigned count ignores A
 
-    # r' itself stopped on the same side: not a violation; r' = 1.5 with A > 0 and r = 1.5: both stop it
+    # r' itself stopped on the same side: not a violation; r' = 1.5 with A > 0 and r = 1.5: both
+    # stop it
     train_ratio = torch.tensor([1.5, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0])
     both = ppo.trust_region_diagnostics(train_ratio, eval_ratio, advantages, 0.2)
     assert both["trust_region_violation_signed"].item() == 0.0
 
 
 def test_ppo_update_diagnostics_use_the_given_r_and_the_normalized_advantages():
-    """ppo_update compares the given eval-mode r with its own train-mode r' (at the parameters before its step), and
-    the sign-aware count uses the advantages the surrogate uses: normalized per minibatch with --norm-adv."""
+    """ppo_update compares the given eval-mode r with its own train-mode r' (at the parameters
+    before its step), and the sign-aware count uses the advantages the surrogate uses: normalized
+    per minibatch with --norm-adv."""
     agent = make_agent("bn")
+    # all > 0; normalized: 0-7 < 0 < 8-15
     mb = {
         **make_minibatch(agent),
         "advantages": torch.arange(1.0, 17.0),
-    }  # all > 0; normalized: 0-7 < 0 < 8-15
+    }
     agent.train()
     reference = copy.deepcopy(agent)
     with torch.no_grad():
@@ -690,13 +703,15 @@ def test_ppo_update_diagnostics_use_the_given_r_and_the_normalized_advantages():
         (train_ratio - eval_ratio).abs().mean().item(), rel=1e-4
     )
     assert stats["trust_region_violation"].item() == 1.0
-    # normalized, samples 8-15 have A > 0: half are stopped under r (the raw advantages, all > 0, would give all)
+    # normalized, samples 8-15 have A > 0: half are stopped under r (the raw advantages, all > 0,
+    # would give all)
     assert stats["trust_region_violation_signed"].item() == 0.5
     assert changed_entries(clone_state(reference), agent), "ppo_update took no step"
 
 
 def test_ppo_update_normalizes_the_advantages_per_minibatch():
-    """Scaling and shifting a minibatch's advantages changes nothing with --norm-adv, and changes the loss without."""
+    """Scaling and shifting a minibatch's advantages changes nothing with --norm-adv, and changes
+    the loss without."""
 
     def loss_with(advantages, norm_adv):
         agent = make_agent("bn")
@@ -718,8 +733,9 @@ def test_ppo_update_normalizes_the_advantages_per_minibatch():
 def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minibatch(
     tmp_path, monkeypatch
 ):
-    """The loop measures r (eval mode) right before the train-mode pass of standard minibatches 0, k, 2k, ... of the
-    iteration (counted across epochs and rounds), at the parameters and running statistics that minibatch starts with."""
+    """The loop measures r (eval mode) right before the train-mode pass of standard minibatches 0,
+    k, 2k, ... of the iteration (counted across epochs and rounds), at the parameters and running
+    statistics that minibatch starts with."""
     calls = []
     original_ratio, original_update = ppo.eval_mode_ratio, ppo.ppo_update
 
@@ -731,9 +747,8 @@ def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minib
     def recording_update(agent, optimizer, mb, args, eval_ratio=None):
         if eval_ratio is not None:
             kind, state, measured = calls[-1]
-            assert (
-                kind == "ratio" and measured is eval_ratio
-            )  # the measurement just taken, on this minibatch
+            # the measurement just taken, on this minibatch
+            assert kind == "ratio" and measured is eval_ratio
             assert changed_entries(state, agent) == []  # nothing moved in between
         calls.append(("train" if agent.training else "eval", eval_ratio is not None))
         return original_update(agent, optimizer, mb, args, eval_ratio)
@@ -755,13 +770,12 @@ def test_ratio_gap_is_measured_before_the_train_pass_on_every_kth_standard_minib
     standard = [measured for phase, measured in updates if phase == "train"]
     assert len(standard) == 8  # 2 rounds x 2 epochs x 2 minibatches
     assert [i for i, measured in enumerate(standard) if measured] == [0, 3, 6]
-    assert not [
-        measured for phase, measured in updates if phase == "eval" and measured
-    ]  # never in rectification
+    # never in rectification
+    assert not [measured for phase, measured in updates if phase == "eval" and measured]
     assert len(calls) == len(updates) + 3
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Jensen-Shannon divergence
 
 
@@ -780,16 +794,16 @@ def test_js_divergence_hand_computed():
     expected = 0.5 * (kl_pm + kl_qm)  # ~ 0.0338 nats
     assert m == tuple((a + b) / 2 for a, b in zip(p, q))
 
+    # logits are shift-invariant
     logits_p, logits_q = (
         torch.tensor([p]).log(),
         torch.tensor([q]).log() + 3.0,
-    )  # logits are shift-invariant
+    )
     js = ppo.js_divergence(logits_p, logits_q)
     assert js.shape == (1,)
     assert js.item() == pytest.approx(expected, rel=1e-5)
-    assert ppo.js_divergence(logits_q, logits_p).item() == pytest.approx(
-        expected, rel=1e-5
-    )  # symmetric
+    # symmetric
+    assert ppo.js_divergence(logits_q, logits_p).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
@@ -800,7 +814,7 @@ def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
     assert (js <= math.log(2)).all()  # capped: rounding never reports more than the maximum
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Precise BN (--bn-recalibrate)
 
 
@@ -809,9 +823,10 @@ def test_js_divergence_of_disjoint_distributions_is_capped_at_ln2():
     "minibatch_size", [32, 16, 24], ids=["all-of-D_k", "two-minibatches", "uneven-minibatches"]
 )
 def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch_size):
-    """Running mean/var of every BN layer = the average over D_k's minibatches (in order) of the batch mean and the
-    unbiased batch variance of its input, each minibatch's pass made from the statistics the update left. One minibatch
-    = all of D_k: the first BN holds the exact mean and variance of conv1's output on D_k."""
+    """Running mean/var of every BN layer = the average over D_k's minibatches (in order) of the
+    batch mean and the unbiased batch variance of its input, each minibatch's pass made from the
+    statistics the update left. One minibatch = all of D_k: the first BN holds the exact mean and
+    variance of conv1's output on D_k."""
     agent = make_agent(norm)
     with torch.no_grad():  # stale running statistics, far from D_k's
         for name, buffer in agent.named_buffers():
@@ -822,7 +837,9 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch
     minibatches = b_obs.split(minibatch_size)
     with torch.no_grad():
         conv1 = [agent.backbone.conv1(mb.permute(0, 3, 1, 2).float() / 255.0) for mb in minibatches]
-    deep_inputs = []  # the last BN's inputs, from a fresh copy per minibatch (what "the statistics the update left" means)
+    # the last BN's inputs, from a fresh copy per minibatch (what "the statistics the update left"
+    # means)
+    deep_inputs = []
     for mb in minibatches:
         fresh = copy.deepcopy(agent).train()
         fresh.backbone.layer3[1].bn2.register_forward_hook(
@@ -854,9 +871,8 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch
         torch.testing.assert_close(
             bn1.running_var.double(), whole.var(1, unbiased=True), rtol=1e-5, atol=1e-6
         )
-    assert sorted(changed_entries(before, agent)) == sorted(
-        running_stat_names(agent)
-    )  # num_batches_tracked, weights: as they were
+    # num_batches_tracked, weights: as they were
+    assert sorted(changed_entries(before, agent)) == sorted(running_stat_names(agent))
     assert not agent.training
     after_rand = torch.rand(3)
     torch.set_rng_state(rng_state)
@@ -865,7 +881,8 @@ def test_recalibrate_batchnorm_sets_the_average_batch_statistics(norm, minibatch
 
 @pytest.fixture(scope="module")
 def one_iteration(tmp_path_factory):
-    """The default tiny run (one iteration), its final agent and TensorBoard scalars: the baseline of the rivals below."""
+    """The default tiny run (one iteration), its final agent and TensorBoard scalars: the baseline
+    of the rivals below."""
     cwd = tmp_path_factory.mktemp("one_iteration")
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_main(cwd, monkeypatch, tiny_args(save_model=True))[0] == 0
@@ -884,7 +901,8 @@ def test_bn_recalibrate_run_logs_finite_values_and_other_running_stats(
     assert sorted(scalars) == sorted(baseline_scalars)
     for tag, points in scalars.items():
         assert np.isfinite([value for _, value in points]).all(), tag
-    # the update is the same (recalibration comes after it); the running statistics and what is measured after differ
+    # the update is the same (recalibration comes after it); the running statistics and what is
+    # measured after differ
     stat_names = [name for name in agent if name.endswith(("running_mean", "running_var"))]
     assert sorted(changed_entries(baseline_agent, agent)) == sorted(stat_names)
     assert scalars["charts/delta_pi_plus"] != baseline_scalars["charts/delta_pi_plus"]
@@ -897,18 +915,19 @@ def test_collect_mode_train_run_differs_from_eval(one_iteration, tmp_path, monke
     run_dir = single_run_dir(tmp_path)
     agent, scalars = load_checkpoint(run_dir)["agent"], read_scalars(run_dir)
     assert np.isfinite([value for points in scalars.values() for _, value in points]).all()
-    assert "actor.4.weight" in changed_entries(
-        one_iteration[0], agent
-    )  # other log-probs, other gradient
+    # other log-probs, other gradient
+    assert "actor.4.weight" in changed_entries(one_iteration[0], agent)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7. ImageNet weights (from a state dict the test writes into a temporary TORCH_HOME; never downloaded)
+# --------------------------------------------------------------------------------------------------
+# 7. ImageNet weights (from a state dict the test writes into a temporary TORCH_HOME; never
+#    downloaded)
 
 
 @pytest.fixture(scope="module")
 def fake_imagenet_home(tmp_path_factory):
-    """A TORCH_HOME holding a resnet18 state dict with random weights, affine params and running statistics."""
+    """A TORCH_HOME holding a resnet18 state dict with random weights, affine params and running
+    statistics."""
     torch_home = tmp_path_factory.mktemp("torch_home")
     torch.manual_seed(123)
     state_dict = torchvision.models.resnet18().state_dict()
@@ -934,7 +953,8 @@ def fake_imagenet_home(tmp_path_factory):
 
 @pytest.fixture
 def no_download(monkeypatch):
-    """torch.hub's download (what torchvision's Weights.get_state_dict reaches for a missing file) fails as offline."""
+    """torch.hub's download (what torchvision's Weights.get_state_dict reaches for a missing file)
+    fails as offline."""
     attempts = []
 
     def offline_download(url, dst, *args, **kwargs):
@@ -999,9 +1019,8 @@ def test_corrupt_cached_imagenet_weights_is_a_config_error(
     complete = (fake_imagenet_home[0] / "hub" / "checkpoints" / IMAGENET_FILE).read_bytes()
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / IMAGENET_FILE).write_bytes(
-        complete[: len(complete) // 2]
-    )  # an interrupted download
+    # an interrupted download
+    (checkpoints / IMAGENET_FILE).write_bytes(complete[: len(complete) // 2])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     with pytest.raises(ppo.ConfigError) as error:
@@ -1012,12 +1031,13 @@ def test_corrupt_cached_imagenet_weights_is_a_config_error(
     assert "--no-pretrained" in str(error.value)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. Norm layers: Batch Renormalization, and the fixed settings of --norm brn and gn
 
 
 def bn_and_brn(channels=8, **brn_kwargs):
-    """A BatchNorm2d and a BatchRenorm2d with the same random affine parameters and running statistics."""
+    """A BatchNorm2d and a BatchRenorm2d with the same random affine parameters and running
+    statistics."""
     generator = torch.Generator().manual_seed(0)
     bn = nn.BatchNorm2d(channels, momentum=0.1)
     brn = ppo.BatchRenorm2d(channels, momentum=0.1, **brn_kwargs)
@@ -1059,9 +1079,8 @@ def test_batch_renorm_equals_batchnorm_with_unit_bounds(brn_kwargs, batches_trac
     brn.num_batches_tracked.fill_(batches_tracked)
     x = renorm_input()
 
-    assert torch.equal(
-        brn.eval()(x), bn.eval()(x)
-    )  # eval mode: both normalize with the same running statistics
+    # eval mode: both normalize with the same running statistics
+    assert torch.equal(brn.eval()(x), bn.eval()(x))
     torch.testing.assert_close(brn.train()(x), bn.train()(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(brn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(brn.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
@@ -1079,7 +1098,8 @@ def test_batch_renorm_differs_from_batchnorm_after_warmup_with_stale_stats():
     bn_out, brn_out = bn.train()(x), brn.train()(x)
 
     assert not torch.allclose(brn_out, bn_out, atol=1e-2)
-    # per channel, Batch Renorm's output is BatchNorm's x_hat * r + d, before the same affine transform
+    # per channel, Batch Renorm's output is BatchNorm's x_hat * r + d, before the same affine
+    # transform
     x_hat = (bn_out - bn.bias[None, :, None, None]) / bn.weight[None, :, None, None]
     renormed = (brn_out - brn.bias[None, :, None, None]) / brn.weight[None, :, None, None]
     assert (
@@ -1088,7 +1108,8 @@ def test_batch_renorm_differs_from_batchnorm_after_warmup_with_stale_stats():
 
 
 def test_norm_layers_use_the_fixed_settings():
-    """--norm brn: Ioffe's r_max 3, d_max 5, warm-up 5000 and --bn-momentum; --norm gn: 32 groups; ln: one group."""
+    """--norm brn: Ioffe's r_max 3, d_max 5, warm-up 5000 and --bn-momentum; --norm gn: 32 groups;
+    ln: one group."""
     brn = make_agent("brn", bn_momentum=0.01).backbone.layer3[1].bn2
     assert (brn.r_max, brn.d_max, brn.warmup, brn.momentum) == (3.0, 5.0, 5000, 0.01)
     assert make_agent("bn", bn_momentum=0.01).backbone.bn1.momentum == 0.01
@@ -1096,20 +1117,17 @@ def test_norm_layers_use_the_fixed_settings():
     assert make_agent("ln").backbone.layer2[0].bn1.num_groups == 1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. Bad input
 
 
 def test_validate_args_accepts_the_tiny_config():
-    ppo.validate_args(
-        tiny_args()
-    )  # the base of the bad cases below is valid: each case breaks one thing
-    ppo.validate_args(
-        tiny_args(minibatch_size=24)
-    )  # m need not divide |D_k| = 32: the last minibatch has 8
-    ppo.validate_args(
-        tiny_args(minibatch_size=31, norm_adv=False)
-    )  # a 1-sample minibatch is fine unnormalized
+    # the base of the bad cases below is valid: each case breaks one thing
+    ppo.validate_args(tiny_args())
+    # m need not divide |D_k| = 32: the last minibatch has 8
+    ppo.validate_args(tiny_args(minibatch_size=24))
+    # a 1-sample minibatch is fine unnormalized
+    ppo.validate_args(tiny_args(minibatch_size=31, norm_adv=False))
     ppo.validate_args(tiny_args(bn_recalibrate=True, norm="brn"))
 
 
@@ -1168,15 +1186,14 @@ def test_cli_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch, c
     assert not (tmp_path / "wandb").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. Run folders: names from the arguments, args.json, no mixing of runs
 
 
 def test_default_run_name_is_a_function_of_the_arguments():
     name = ppo.default_run_name
-    assert (
-        name(tiny_args()) == "bigfish__ppo_procgen_mdr__bn0.1__mdr2-1__s1"
-    )  # no clock: a requeued job finds it
+    # no clock: a requeued job finds it
+    assert name(tiny_args()) == "bigfish__ppo_procgen_mdr__bn0.1__mdr2-1__s1"
     assert name(tiny_args(norm="brn", bn_momentum=0.01, alpha1=1, alpha2=2, seed=7)) == (
         "bigfish__ppo_procgen_mdr__brn0.01__mdr1-2__s7"
     )
@@ -1207,16 +1224,18 @@ def test_default_run_name_is_a_function_of_the_arguments():
 
 def test_find_checkpoint_without_resume_refuses_a_folder_that_holds_a_run(tmp_path):
     run_dir = tmp_path / "runs" / "x"
+    # no folder yet: fresh
     assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
         None,
         str(run_dir),
-    )  # no folder yet: fresh
+    )
     run_dir.mkdir(parents=True)
     (run_dir / "args.json").write_text("{}")
+    # no events: nothing to mix into
     assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
         None,
         str(run_dir),
-    )  # no events: nothing to mix into
+    )
     (run_dir / "events.out.tfevents.1.host.1.0").write_bytes(b"")
 
     with pytest.raises(ppo.ConfigError) as error:
@@ -1227,8 +1246,8 @@ def test_find_checkpoint_without_resume_refuses_a_folder_that_holds_a_run(tmp_pa
 
 
 def test_resume_auto_without_checkpoint_starts_afresh(tmp_path):
-    """A job stopped before its first checkpoint: --resume auto deletes its events (they would mix into the new
-    ones) and starts fresh, with checkpoints on."""
+    """A job stopped before its first checkpoint: --resume auto deletes its events (they would mix
+    into the new ones) and starts fresh, with checkpoints on."""
     run_dir = tmp_path / "runs" / "x"
     run_dir.mkdir(parents=True)
     stale = run_dir / "events.out.tfevents.1.host.1.0"
@@ -1249,12 +1268,11 @@ def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, mon
     exit_code = run_cli(tmp_path, monkeypatch, *TINY)
 
     assert_one_line_error(exit_code, capsys, str(Path("runs") / run_dir.name), "--resume auto")
-    assert sorted(path.name for path in run_dir.iterdir()) == [
-        "events.out.tfevents.1.host.1.0"
-    ]  # untouched
+    # untouched
+    assert sorted(path.name for path in run_dir.iterdir()) == ["events.out.tfevents.1.host.1.0"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 11. End-to-end runs of each norm variant; the TensorBoard log and the progress lines
 
 
@@ -1281,8 +1299,8 @@ def test_each_norm_variant_runs(norm, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
-    """Two iterations of MDR(2,1), --norm bn, 2 envs x 32 steps, a (stubbed) evaluation after each; returns (args,
-    run folder, stdout, scalars)."""
+    """Two iterations of MDR(2,1), --norm bn, 2 envs x 32 steps, a (stubbed) evaluation after each;
+    returns (args, run folder, stdout, scalars)."""
     cwd = tmp_path_factory.mktemp("logged_run")
     args = tiny_args(num_steps=32, total_timesteps=128, eval_interval=1)
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -1308,9 +1326,8 @@ def test_tensorboard_log_holds_every_key_with_finite_values(logged_run):
     ):
         assert [step for step, _ in scalars[key]] == [64, 128], key  # one point per iteration
     assert len(scalars["charts/test_episodic_return"]) == 2  # --eval-interval 1
-    assert [value for _, value in scalars["charts/learning_rate"]] == pytest.approx(
-        [5e-4, 2.5e-4]
-    )  # annealed
+    # annealed
+    assert [value for _, value in scalars["charts/learning_rate"]] == pytest.approx([5e-4, 2.5e-4])
 
 
 def test_tensorboard_diagnostics_are_within_their_bounds(logged_run):
@@ -1334,7 +1351,8 @@ def test_progress_line_per_iteration_when_stdout_is_not_a_terminal(logged_run):
         ("1/2", "64"),
         ("2/2", "128"),
     ]
-    # bigfish, seed 1, 2 envs x 64 steps: an episode ends in iteration 2 (the levels and the policy are seeded)
+    # bigfish, seed 1, 2 envs x 64 steps: an episode ends in iteration 2 (the levels and the policy
+    # are seeded)
     printed = {
         int(line["global_step"]): float(line["episodic_return"])
         for line in lines
@@ -1375,8 +1393,8 @@ class FakeTerminal(io.StringIO):
 
 @pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
 def test_run_logger_progress_and_non_finite_scalars(terminal, tmp_path, monkeypatch, capsys):
-    """Elsewhere than a terminal (a cluster's log file): one plain line per iteration. On a terminal: a tqdm bar on
-    stderr instead. Non-finite scalars are not written to TensorBoard."""
+    """Elsewhere than a terminal (a cluster's log file): one plain line per iteration. On a
+    terminal: a tqdm bar on stderr instead. Non-finite scalars are not written to TensorBoard."""
     args = tiny_args()
     args.num_iterations, args.batch_size = 2, 32
     stdout = FakeTerminal() if terminal else io.StringIO()
@@ -1414,11 +1432,15 @@ def test_run_logger_progress_and_non_finite_scalars(terminal, tmp_path, monkeypa
 
 
 def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, monkeypatch):
-    """--track: the wandb run is named after the folder, grouped by the folder name minus the seed, tagged (with the BN
-    momentum for bn/brn), and continues the given run id; its exit code reaches the run's finish()."""
+    """--track: the wandb run is named after the folder, grouped by the folder name minus the seed,
+    tagged (with the BN momentum for bn/brn), and continues the given run id; its exit code reaches
+    the run's finish()."""
     calls = []
     fake_wandb = types.ModuleType("wandb")
-    run_finish = lambda exit_code: calls.append(("finish", exit_code))  # noqa: E731  (the run's: Run.finish)
+
+    def run_finish(exit_code):  # the run's: Run.finish
+        calls.append(("finish", exit_code))
+
     fake_wandb.init = lambda **kwargs: (
         calls.append(("init", kwargs)) or types.SimpleNamespace(id="abc123", finish=run_finish)
     )
@@ -1446,18 +1468,18 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
     assert calls[-2][1]["group"] == "mine"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 12. Checkpoints, signals and exact resume
 
 
-RESUMABLE = dict(
-    num_steps=8, minibatch_size=8, total_timesteps=48
-)  # 3 iterations of 2 envs x 8 steps
+# 3 iterations of 2 envs x 8 steps
+RESUMABLE = dict(num_steps=8, minibatch_size=8, total_timesteps=48)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """3 iterations in one go, started with --resume auto in an empty folder (= a fresh run, checkpoints on)."""
+    """3 iterations in one go, started with --resume auto in an empty folder (= a fresh run,
+    checkpoints on)."""
     cwd = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as monkeypatch:
         exit_code, stdout, _ = run_main(cwd, monkeypatch, tiny_args(resume="auto", **RESUMABLE))
@@ -1478,15 +1500,13 @@ def test_resume_auto_in_an_empty_folder_starts_fresh_and_checkpoints(uninterrupt
         "2/3",
         "3/3",
     ]
-    assert (
-        uninterrupted["checkpoint"]["iteration"] == 3
-    )  # checkpoints on, though --save-model was not given
+    # checkpoints on, though --save-model was not given
+    assert uninterrupted["checkpoint"]["iteration"] == 3
 
 
 def test_checkpoint_contents(uninterrupted):
-    checkpoint = uninterrupted[
-        "checkpoint"
-    ]  # loaded with weights_only=True: plain tensors and Python containers
+    # loaded with weights_only=True: plain tensors and Python containers
+    checkpoint = uninterrupted["checkpoint"]
 
     assert {
         "agent",
@@ -1510,8 +1530,10 @@ def test_checkpoint_contents(uninterrupted):
 
 
 def interrupt_during_iteration_2(monkeypatch, *signums):
-    """Send `signums` to this process from inside iteration 2 (compute_gae runs once per iteration)."""
-    original_gae, calls = ppo.compute_gae, []
+    """Send `signums` to this process from inside iteration 2 (compute_gae runs once per
+    iteration)."""
+    original_gae = ppo.compute_gae
+    calls = []
 
     def signalling_gae(*args, **kwargs):
         calls.append(1)
@@ -1525,8 +1547,12 @@ def interrupt_during_iteration_2(monkeypatch, *signums):
 
 @pytest.fixture
 def sentinel_handlers():
-    """Known handlers for the three stop signals, put back afterwards: main must restore exactly these."""
-    sentinel = lambda signum, frame: None  # noqa: E731
+    """Known handlers for the three stop signals, put back afterwards: main must restore exactly
+    these."""
+
+    def sentinel(signum, frame):
+        return None
+
     previous = {signum: signal.signal(signum, sentinel) for signum in STOP_SIGNALS}
     yield sentinel
     for signum, handler in previous.items():
@@ -1545,10 +1571,11 @@ def resume_arg(resume, path):
 def test_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     signum, resume, uninterrupted, sentinel_handlers, tmp_path, monkeypatch
 ):
-    """SIGTERM / SIGUSR1 (SLURM's warnings before preemption or the time limit) and Ctrl-C: the iteration finishes, a
-    checkpoint is written, the exit code is 128 + the signal's number, the previous handlers are back. The same command
-    with --resume auto (or --resume PATH) then continues to the same parameters and TensorBoard scalars (all but SPS)
-    as the uninterrupted run."""
+    """SIGTERM / SIGUSR1 (SLURM's warnings before preemption or the time limit) and Ctrl-C: the
+    iteration finishes, a checkpoint is written, the exit code is 128 + the signal's number, the
+    previous handlers are back. The same command with --resume auto (or --resume PATH) then
+    continues to the same parameters and TensorBoard scalars (all but SPS) as the uninterrupted
+    run."""
     command = dict(save_model=True, **RESUMABLE)  # --resume PATH: checkpoints from --save-model
     with monkeypatch.context() as interrupting:
         interrupt_during_iteration_2(interrupting, signum)
@@ -1604,14 +1631,8 @@ def test_resume_with_different_arguments_is_one_line_error(
     uninterrupted, tmp_path, monkeypatch, capsys
 ):
     checkpoint = uninterrupted["run_dir"] / "checkpoint.pt"
-    resumable = [
-        "--num-steps",
-        "8",
-        "--minibatch-size",
-        "8",
-        "--total-timesteps",
-        "96",
-    ]  # a longer run: allowed
+    # a longer run (--total-timesteps 96): allowed
+    resumable = "--num-steps 8 --minibatch-size 8 --total-timesteps 96".split()
 
     exit_code = run_cli(
         tmp_path, monkeypatch, *TINY, *resumable, "--resume", checkpoint, "--norm", "gn"
@@ -1636,7 +1657,7 @@ def test_resume_accepts_a_longer_run(uninterrupted):
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 13. Non-finite loss
 
 
@@ -1653,7 +1674,9 @@ def test_non_finite_loss_is_one_line_error(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    iterations, original_gae, original_loss = [], ppo.compute_gae, ppo.clipped_ppo_loss
+    iterations = []
+    original_gae = ppo.compute_gae
+    original_loss = ppo.clipped_ppo_loss
 
     def counting_gae(*args, **kwargs):  # called once per iteration (--mdr-rounds 1)
         iterations.append(1)
@@ -1682,17 +1705,18 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 14. Held-out evaluation
 
 
 def test_evaluate_is_a_function_of_the_parameters(monkeypatch):
-    """Eval-mode policy on held-out levels, a fresh env and its own RNG: the same returns whatever the training RNG
-    stream holds, which it leaves untouched, and the agent's mode restored."""
+    """Eval-mode policy on held-out levels, a fresh env and its own RNG: the same returns whatever
+    the training RNG stream holds, which it leaves untouched, and the agent's mode restored."""
     args = tiny_args(num_eval_envs=1)
     agent = make_agent("bn")
     agent.train()
-    levels, original_make_env = [], ppo.make_env
+    levels = []
+    original_make_env = ppo.make_env
 
     def recording_make_env(args, num_envs, start_level, num_levels, seed):
         levels.append((start_level, num_levels))
@@ -1713,8 +1737,9 @@ def test_evaluate_is_a_function_of_the_parameters(monkeypatch):
     assert levels == [(args.num_levels, args.num_test_levels)] * 2  # levels never trained on
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 15. The script as users run it: copied alone into an empty folder, tracked offline by wandb, output to a log file
+# --------------------------------------------------------------------------------------------------
+# 15. The script as users run it: copied alone into an empty folder, tracked offline by wandb,
+#     output to a log file
 
 
 def test_script_runs_alone_and_tracks_offline(tmp_path):
@@ -1723,17 +1748,14 @@ def test_script_runs_alone_and_tracks_offline(tmp_path):
     script = Path(shutil.copy(SCRIPT, alone))
     assert [path.name for path in alone.iterdir()] == ["ppo_procgen_mdr.py"]
 
-    result = run_script(
-        alone, *TINY, "--track", "--save-model", "--norm", "brn", "--alpha1", "1", "--alpha2", "2", "--seed", "7",
-        script=script,
-    )  # fmt: skip
+    flags = "--track --save-model --norm brn --alpha1 1 --alpha2 2 --seed 7".split()
+    result = run_script(alone, *TINY, *flags, script=script)
 
     assert result.returncode == 0, (
         f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     )
-    assert (
-        "iteration=1/1, global_step=64" in result.stdout
-    )  # stdout is a pipe: the plain line, no bar
+    # stdout is a pipe: the plain line, no bar
+    assert "iteration=1/1, global_step=64" in result.stdout
     assert "held-out evaluation: test_episodic_return=" in result.stdout
     run_dir = single_run_dir(alone)
     assert run_dir.name == "bigfish__ppo_procgen_mdr__brn0.1__mdr1-2__s7"

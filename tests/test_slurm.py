@@ -1,9 +1,10 @@
-"""sweeps/slurm_array.sh on a real one-node SLURM started on this machine (Debian's slurm-wlm and munge, as root).
+"""sweeps/slurm_array.sh on a real one-node SLURM started on this machine (Debian's slurm-wlm and
+munge, as root).
 
-A 2-task array of tiny Procgen runs; mid-run, task 1 gets the time-limit signal (USR1 to the batch shell, what
-`--signal=B:USR1@120` sends: the script forwards it and requeues itself) and task 2 is requeued from outside
-(`scontrol requeue`: SIGTERM to every process, as a preemption). Both must finish, each continuing from its checkpoint,
-with the metrics of an uninterrupted run."""
+A 2-task array of tiny Procgen runs; mid-run, task 1 gets the time-limit signal (USR1 to the batch
+shell, what `--signal=B:USR1@120` sends: the script forwards it and requeues itself) and task 2 is
+requeued from outside (`scontrol requeue`: SIGTERM to every process, as a preemption). Both must
+finish, each continuing from its checkpoint, with the metrics of an uninterrupted run."""
 
 import json
 import os
@@ -32,12 +33,15 @@ pytestmark = [
         reason="a one-node SLURM needs root for slurmd",
     ),
 ]
-ITERATIONS, STEPS_PER_ITERATION = 8, 32
-# 2 envs x 16 steps per iteration on the CPU, one thread per run (the node has 2 CPUs), a checkpoint every 2 iterations
+ITERATIONS = 8
+STEPS_PER_ITERATION = 32
+# 2 envs x 16 steps per iteration on the CPU, one thread per run (the node has 2 CPUs), a checkpoint
+# every 2 iterations
 TINY = (
-    f"--env-id bigfish --num-envs 2 --num-steps 16 --minibatch-size 16 --total-timesteps {STEPS_PER_ITERATION * ITERATIONS} "
-    "--num-eval-envs 2 --eval-interval 0 --checkpoint-interval 2 --torch-threads 1 --diag-minibatches -1 --no-pretrained "
-    "--no-cuda"
+    "--env-id bigfish --num-envs 2 --num-steps 16 --minibatch-size 16 "
+    f"--total-timesteps {STEPS_PER_ITERATION * ITERATIONS} "
+    "--num-eval-envs 2 --eval-interval 0 --checkpoint-interval 2 --torch-threads 1 "
+    "--diag-minibatches -1 --no-pretrained --no-cuda"
 )
 UNTIMED = ("charts/SPS", "perf/")  # wall-clock figures differ between any two runs
 
@@ -49,7 +53,8 @@ def free_port() -> int:
 
 
 def wait_for(condition, timeout, what, logs=(), env=None):
-    """Poll `condition` until it is true; else fail with the tails of `logs` and, given `env`, SLURM's view of the jobs."""
+    """Poll `condition` until it is true; else fail with the tails of `logs` and, given `env`,
+    SLURM's view of the jobs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = condition()
@@ -71,8 +76,9 @@ def wait_for(condition, timeout, what, logs=(), env=None):
 
 @pytest.fixture(scope="module")
 def slurm():
-    """munged, slurmctld and slurmd on this host (one node, 2 CPUs, ports and state in a temporary folder), stopped at the
-    end; yields the environment that points sbatch, squeue and scontrol at it."""
+    """munged, slurmctld and slurmd on this host (one node, 2 CPUs, ports and state in a temporary
+    folder), stopped at the end; yields the environment that points sbatch, squeue and scontrol at
+    it."""
     home = Path(tempfile.mkdtemp(prefix="slurm-"))  # short: munge's socket path must fit a sockaddr
     home.chmod(0o755)  # munged: the socket's folder must be reachable by everyone
     key = home / "munge.key"
@@ -146,12 +152,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         )
         yield env
     finally:
-        subprocess.run(
-            ["scancel", "--user", "root"], env=env, capture_output=True
-        )  # this cluster's jobs: the test's
-        deadline = (
-            time.monotonic() + 90
-        )  # cancelled runs checkpoint and exit; then their node daemon can go
+        # this cluster's jobs: the test's
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
+        # cancelled runs checkpoint and exit; then their node daemon can go
+        deadline = time.monotonic() + 90
         while squeue(env) and time.monotonic() < deadline:
             time.sleep(1)
         for daemon in reversed(
@@ -179,7 +183,8 @@ def job(env, job_id) -> dict:
 
 
 def run_dir(work: Path, seed: int):
-    """The run folder (named by the script from its arguments) whose args.json has this seed, or None."""
+    """The run folder (named by the script from its arguments) whose args.json has this seed, or
+    None."""
     for args_file in work.glob("runs/*/args.json"):
         try:
             if json.loads(args_file.read_text())["seed"] == seed:
@@ -190,7 +195,8 @@ def run_dir(work: Path, seed: int):
 
 
 def scalars(folder: Path) -> dict:
-    """tag -> {step: value} over every event file of the folder (a resumed run adds one; a re-logged step: the last)."""
+    """tag -> {step: value} over every event file of the folder (a resumed run adds one; a re-logged
+    step: the last)."""
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     tags = [tag for tag in events.Tags()["scalars"] if not tag.startswith(UNTIMED)]
@@ -227,7 +233,8 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
     )
     assert submit.returncode == 0, submit.stderr
     array_id = submit.stdout.strip().split(";")[0]
-    # the uninterrupted runs, alongside (the same commands as the list's, as sweeps/slurm_array.sh runs them)
+    # the uninterrupted runs, alongside (the same commands as the list's, as sweeps/slurm_array.sh
+    # runs them)
     reference_logs = [reference / f"seed-{seed}.out" for seed in (1, 2)]
     references = []
     for line, log in zip(lines, reference_logs):
@@ -239,7 +246,8 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
                 )
             )
 
-    # mid-run, as soon as its run has written a checkpoint: task 1 gets the time-limit signal, task 2 is requeued
+    # mid-run, as soon as its run has written a checkpoint: task 1 gets the time-limit signal, task
+    # 2 is requeued
     interrupt = {
         1: ["scancel", "--signal=USR1", "--batch", f"{array_id}_1"],
         2: ["scontrol", "requeue", f"{array_id}_2"],
@@ -254,9 +262,10 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
 
     wait_for(interrupt_checkpointed_runs, 120, "each run's first checkpoint", logs, slurm)
 
-    # a requeued job waits for its begin time (SLURM's delay lets the old batch step finish): release it once it has been
-    # pending for a few seconds; released at once, it can start before slurmd is done with the old step, and the new
-    # start fails with "Job credential revoked" (seen twice on this machine, task 1, which requeues itself)
+    # a requeued job waits for its begin time (SLURM's delay lets the old batch step finish):
+    # release it once it has been pending for a few seconds; released at once, it can start before
+    # slurmd is done with the old step, and the new start fails with "Job credential revoked" (seen
+    # twice on this machine, task 1, which requeues itself)
     pending_since = {}
     for task in (1, 2):
         task_id = f"{array_id}_{task}"
@@ -276,8 +285,11 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
             )
 
         wait_for(restarted, 120, f"task {task} to be requeued and started again", logs, slurm)
-    wait_for(lambda: all(job(slurm, f"{array_id}_{t}").get("JobState") == "COMPLETED" for t in (1, 2)), 180,
-             "both tasks to complete", logs, slurm)  # fmt: skip
+
+    def both_completed():
+        return all(job(slurm, f"{array_id}_{t}").get("JobState") == "COMPLETED" for t in (1, 2))
+
+    wait_for(both_completed, 180, "both tasks to complete", logs, slurm)
     for process, log in zip(references, reference_logs):
         assert process.wait(timeout=180) == 0, (
             f"the uninterrupted run failed:\n{log.read_text()[-3000:]}"
@@ -293,9 +305,8 @@ def test_array_task_requeued_mid_run_resumes_and_matches_an_uninterrupted_run(
         )
         interrupted, uninterrupted = scalars(run_dir(work, seed)), scalars(run_dir(reference, seed))
         assert interrupted.keys() == uninterrupted.keys() and "losses/value_loss" in interrupted
-        assert (
-            max(interrupted["losses/value_loss"].keys()) == STEPS_PER_ITERATION * ITERATIONS
-        )  # the last step
+        # the last step
+        assert max(interrupted["losses/value_loss"].keys()) == STEPS_PER_ITERATION * ITERATIONS
         assert interrupted == uninterrupted, (
             f"task {task}: metrics differ from the uninterrupted run"
         )

@@ -1,5 +1,6 @@
-"""Tests of sweeps/: the grid generator, the committed run lists and wandb sweep files, the lock file, and the array
-script's line handling (the SLURM runs themselves are in tests/test_slurm.py)."""
+"""Tests of sweeps/: the grid generator, the committed run lists and wandb sweep files, the lock
+file, and the array script's line handling (the SLURM runs themselves are in
+tests/test_slurm.py)."""
 
 import dataclasses
 import filecmp
@@ -35,7 +36,8 @@ def run_generator(repo_root, *args):
 
 
 def parse(words):
-    """`python SCRIPT --flag value ...` -> (script, the script's Args as a hashable tuple, without --track)."""
+    """`python SCRIPT --flag value ...` -> (script, the script's Args as a hashable tuple, without
+    --track)."""
     assert words[0] == "python", words
     args = tyro.cli(SCRIPT_ARGS[words[1]], args=words[2:])
     return words[1], tuple(
@@ -81,9 +83,8 @@ def test_every_list_line_parses_and_sets_what_it_names(repo_root):
     assert {grid: len(grid_lines) for grid, grid_lines in lines.items()} == GRID_SIZES
     for line in itertools.chain(*lines.values()):
         words = line.split()
-        args = tyro.cli(
-            SCRIPT_ARGS[words[1]], args=[*words[2:], "--resume", "auto"]
-        )  # as sweeps/slurm_array.sh runs it
+        # as sweeps/slurm_array.sh runs it
+        args = tyro.cli(SCRIPT_ARGS[words[1]], args=[*words[2:], "--resume", "auto"])
         for flag, value in zip(words[2::2], words[3::2]):
             assert str(getattr(args, flag[2:].replace("-", "_"))) == value, line
         assert args.resume == "auto"
@@ -92,7 +93,8 @@ def test_every_list_line_parses_and_sets_what_it_names(repo_root):
 def test_grids_hold_the_papers_variants(repo_root):
     lines = list_lines(repo_root)
     fig3 = [dict(zip(line.split()[2::2], line.split()[3::2])) for line in lines["procgen_fig3"]]
-    # a BatchNorm that updates running statistics is run at both momenta; Eval freezes them, LN/GN/none have none
+    # a BatchNorm that updates running statistics is run at both momenta; Eval freezes them,
+    # LN/GN/none have none
     for flags in fig3:
         assert ("--bn-momentum" in flags) == (flags["--norm"] in ("bn", "brn")), flags
     methods = {(f["--norm"], f["--alpha1"], f["--alpha2"]) for f in fig3}
@@ -109,8 +111,8 @@ def test_grids_hold_the_papers_variants(repo_root):
 
 
 def test_wandb_sweeps_expand_to_the_run_lists(repo_root):
-    """Each grid point expanded as the wandb agent does (${args_no_boolean_flags}) parses with the script's tyro Args, and
-    the sweeps together are exactly the runs of the lists."""
+    """Each grid point expanded as the wandb agent does (${args_no_boolean_flags}) parses with the
+    script's tyro Args, and the sweeps together are exactly the runs of the lists."""
     from_sweeps = []
     for path in sorted((repo_root / "sweeps" / "wandb").glob("*.yaml")):
         sweep = yaml.safe_load(path.read_text())
@@ -134,8 +136,8 @@ def test_wandb_sweeps_expand_to_the_run_lists(repo_root):
 
 
 def test_lock_pins_every_requirement(repo_root):
-    """requirements-lock.txt is generated from requirements.txt (sweeps/make_lock.sh): every requirement that applies
-    here is pinned there, at a version requirements.txt allows."""
+    """requirements-lock.txt is generated from requirements.txt (sweeps/make_lock.sh): every
+    requirement that applies here is pinned there, at a version requirements.txt allows."""
     pins = {}
     for line in (repo_root / "requirements-lock.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -164,7 +166,8 @@ def test_bad_image_source_is_a_one_line_error(repo_root, tmp_path):
 
 @pytest.fixture
 def array_script(repo_root, tmp_path):
-    """Runs sweeps/slurm_array.sh as SLURM would, with PYTHON=echo: prints the command of the array task's line."""
+    """Runs sweeps/slurm_array.sh as SLURM would, with PYTHON=echo: prints the command of the array
+    task's line."""
     (tmp_path / "list.txt").write_text(
         "python ppo_procgen_mdr.py --seed 1\npython ppo_procgen_mdr.py --seed 2\n"
     )
