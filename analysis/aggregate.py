@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
+import numpy as np
+import tyro
+from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
+from matplotlib.lines import Line2D
 
 
 @dataclass
@@ -305,10 +304,11 @@ def curve(seeds: dict, tag: str, points: int):
 
 def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: int):
     methods = sorted({method for panel in chosen.values() for method in panel})
-    colors = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
+    colors = {method: matplotlib.colormaps["tab10"](i % 10) for i, method in enumerate(methods)}
     cols = min(3, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (panel, best) in zip(axes.flat, chosen.items()):
         for method, (_, seeds) in best.items():
             for tag, style in zip(tags, ["-", "--"]):
@@ -324,12 +324,11 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
         ax.set_ylabel(ylabel)
     for ax in axes.flat[len(chosen) :]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=colors[m], label=m) for m in methods]
+    handles = [Line2D([], [], color=colors[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 8), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def iqm_and_improvement(

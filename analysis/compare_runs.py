@@ -17,6 +17,13 @@ import os
 import sys
 
 
+def is_number(value: str) -> bool:
+    """A CSV cell that is a number: digits with at most one '.', '-' and 'e' each, or 'nan'."""
+    return value.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit() or (
+        value == "nan"
+    )
+
+
 def load(folder: str) -> dict:
     """{tag: [(step, value), ...]} from metrics.csv (columns as tags, global_step as step) or
     TensorBoard events."""
@@ -24,15 +31,11 @@ def load(folder: str) -> dict:
     if os.path.isfile(csv_path):
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        numeric = lambda value: (
-            value.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
-            or value == "nan"
-        )  # noqa: E731
         tags = (
             [
                 key
                 for key in rows[0]
-                if key != "global_step" and all(numeric(row[key]) for row in rows)
+                if key != "global_step" and all(is_number(row[key]) for row in rows)
             ]
             if rows
             else []

@@ -11,12 +11,9 @@ optional --random-reference draws a uniformly random policy's value as a dashed 
 
 import argparse
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 CURVES = {
     "charts/normalized_reward": "training episodes during collection (sampled actions)",
@@ -65,7 +62,8 @@ def main():
     scalars = read_scalars(args.run_dir)
     if not scalars:
         raise SystemExit(f"error: no normalized-reward scalars in {args.run_dir}")
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.subplots()
     train = scalars.get("charts/normalized_reward")
     if train is not None:
         ax.plot(train[:, 0], train[:, 1], color="tab:blue", alpha=0.25, linewidth=1)

@@ -13,9 +13,10 @@ import pytest
 
 import ppo_collapse_probe as probe
 
-ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-sys.path.insert(0, str(ANALYSIS))
-import collapse_figures as figures  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
+import collapse_figures as figures
+
+ANALYSIS = Path(figures.__file__).parent
 
 # Runs committed before the probe logged acting_entropy (and while it had an online collapse
 # detector)

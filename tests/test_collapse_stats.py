@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-sys.path.insert(0, str(ANALYSIS))
-import collapse_figures as figures  # noqa: E402
-import collapse_stats as cs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
+import collapse_figures as figures
+import collapse_stats as cs
+
+ANALYSIS = Path(cs.__file__).parent
 
 COMMITTED_RUNS = ANALYSIS.parent / "docs" / "collapse"
 NAN = float("nan")
