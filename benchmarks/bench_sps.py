@@ -1,41 +1,54 @@
 """Training speed and memory of the three scripts, side by side in one run.
 
-Each measurement is a fresh worker process (its own peak RSS, its own OpenMP settings) that imports one script, drives
-its main() for a fixed short budget with the script's own functions wrapped in timers (SectionTimer below: the scripts
-carry no timing code), then times the compute bound in the same process: the same
-forward+backward passes of the same network (same modes, same minibatch sizes, same --amp/--compile), and the same
-value recomputations between MDR rounds, on random uint8 tensors of the same shapes, with no indexing, loss bookkeeping,
-clipping or optimizer. Held-out evaluation is not part of an iteration's cost: the Procgen one is stubbed out, the
-patch-loc one runs on 4 tasks and is timed in its own section, left out of the sums. Configurations are interleaved,
-the order reversed every other round (A, B, C, C, B, A, ...), so that the load of a shared machine and any effect of
-a run's position in the round fall on all of them alike; figures are medians over repeats x iterations with their
-min-max spread. Every figure comes twice: from wall time, and from the CPU time of the worker process (all its
-threads), which other jobs on a shared machine disturb far less.
+Each measurement is a fresh worker process (its own peak RSS, its own OpenMP settings) that imports
+one script, drives its main() for a fixed short budget with the script's own functions wrapped in
+timers (SectionTimer below: the scripts carry no timing code), then times the compute bound in the
+same process: the same forward+backward passes of the same network (same modes, same minibatch
+sizes, same --amp/--compile), and the same value recomputations between MDR rounds, on random uint8
+tensors of the same shapes, with no indexing, loss bookkeeping, clipping or optimizer. Held-out
+evaluation is not part of an iteration's cost: the Procgen one is stubbed out, the patch-loc one
+runs on 4 tasks and is timed in its own section, left out of the sums. Configurations are
+interleaved, the order reversed every other round (A, B, C, C, B, A, ...), so that the load of a
+shared machine and any effect of a run's position in the round fall on all of them alike; figures
+are medians over repeats x iterations with their min-max spread. Every figure comes twice: from wall
+time, and from the CPU time of the worker process (all its threads), which other jobs on a shared
+machine disturb far less.
 
-    python benchmarks/bench_sps.py --device cpu --json bench.json             # every script, ~40 min on 2 cores
+    # every script, ~40 min on 2 cores
+    python benchmarks/bench_sps.py --device cpu --json bench.json
     python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,procgen/ppo --repeats 5
-    python benchmarks/bench_sps.py --device cuda --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
-    python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design   # memory at paper settings
-    python benchmarks/bench_sps.py --configs procgen/paper,procgen/paper-amp --shape 4,16,32 --warmup 0 --repeats 1  # smoke
-    python benchmarks/bench_sps.py --device cpu --configs probe/bn,probe/eval,probe/bn-mdr,probe/bn-recal,probe/bn-train,\
-probe/bn-oldtrain,probe/brn,probe/brn-mdr,probe/bn-wn,probe/gn,probe/none --repeats 3      # the rivals' cost (docs/rivals.md)
+    python benchmarks/bench_sps.py --device cuda \
+        --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
+    # memory at paper settings
+    python benchmarks/bench_sps.py --configs procgen/paper-memory --repeats 1 --memory-design
+    # smoke
+    python benchmarks/bench_sps.py --configs procgen/paper,procgen/paper-amp --shape 4,16,32 \
+        --warmup 0 --repeats 1
+    # the rivals' cost (docs/rivals.md)
+    python benchmarks/bench_sps.py --device cpu --repeats 3 --configs probe/bn,probe/eval,\
+probe/bn-mdr,probe/bn-recal,probe/bn-train,probe/bn-oldtrain,probe/brn,probe/brn-mdr,probe/bn-wn,\
+probe/gn,probe/none
 
-Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128 (paper: 256 steps,
-minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper: 750 steps, minibatch 128, 112 px;
-the same number of minibatches per epoch within 2x, which sets what the diagnostics cost); probe its own defaults (4
-envs x 32 steps, minibatch 32, views of 32 px). Variants: mdr = MDR(2,1) with the default diagnostics; ppo = --alpha1 3
---alpha2 0 (probe: bn = BN in train mode for all 3 epochs, eval = BN frozen); nodiag / ppo-nodiag = the same with the
-diagnostics off; threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the probe's own default
-is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp / amp1 = --amp (with --torch-threads 1);
-compile = --compile; paper, paper-amp, paper-compile, paper-nochannelslast = the paper's 64 envs x 256 steps, minibatch
-2048, one iteration (~7 min per run on 2 CPU cores, compute bound included), the last with --no-channels-last (a no-op
-on CPU; on CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagnostics off and no compute
-bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch (--alpha1 1 --alpha2 1): every
-minibatch has the paper's size, so the peak memory is the full iteration's; paper-memory-amp: the same with --amp.
-probe/<mode> for each rival mode of docs/rivals.md (bn-recal, bn-train, ..., none): the probe's defaults in that mode.
---warmup and --iterations, where given, replace every configuration's own counts (on a GPU a paper-shape iteration takes
-seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces every configuration's envs, steps and
-minibatch size (a smoke test of the benchmark itself, as benchmarks/gpu_check.sh --quick runs it).
+Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128
+(paper: 256 steps, minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper:
+750 steps, minibatch 128, 112 px; the same number of minibatches per epoch within 2x, which sets
+what the diagnostics cost); probe its own defaults (4 envs x 32 steps, minibatch 32, views of 32
+px). Variants: mdr = MDR(2,1) with the default diagnostics; ppo = --alpha1 3 --alpha2 0 (probe: bn =
+BN in train mode for all 3 epochs, eval = BN frozen); nodiag / ppo-nodiag = the same with the
+diagnostics off; threads1 = --torch-threads 1 (probe: threads0 = torch's default, both cores; the
+probe's own default is 1); spin = OMP_WAIT_POLICY=ACTIVE (the scripts' default is PASSIVE); amp /
+amp1 = --amp (with --torch-threads 1); compile = --compile; paper, paper-amp, paper-compile,
+paper-nochannelslast = the paper's 64 envs x 256 steps, minibatch 2048, one iteration (~7 min per
+run on 2 CPU cores, compute bound included), the last with --no-channels-last (a no-op on CPU; on
+CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagnostics off and no
+compute bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch
+(--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full
+iteration's; paper-memory-amp: the same with --amp. probe/<mode> for each rival mode of
+docs/rivals.md (bn-recal, bn-train, ..., none): the probe's defaults in that mode. --warmup and
+--iterations, where given, replace every configuration's own counts (on a GPU a paper-shape
+iteration takes seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces
+every configuration's envs, steps and minibatch size (a smoke test of the benchmark itself, as
+benchmarks/gpu_check.sh --quick runs it).
 """
 
 import argparse
@@ -53,17 +66,10 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCGEN_OBS = (64, 64, 3)
 NUM_PROCGEN_ACTIONS = 15
-SECTIONS = (
-    "env",
-    "inference",
-    "update",
-    "diagnostics",
-    "other",
-)  # "evaluation" is timed too, and left out
-CLOCKS = (
-    "time",
-    "cpu",
-)  # wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
+# "evaluation" is timed too, and left out
+SECTIONS = ("env", "inference", "update", "diagnostics", "other")
+# wall seconds; CPU seconds of the process (all threads), steadier on a shared machine
+CLOCKS = ("time", "cpu")
 
 # script -> (module, the benchmark's shape, fixed overrides of its Args)
 SCRIPTS = {
@@ -86,10 +92,8 @@ SCRIPTS = {
     ),
     "probe": ("ppo_collapse_probe", {"num_envs": 4, "num_steps": 32, "minibatch_size": 32}, {}),
 }
-RUN_LENGTH = {
-    "iterations": 2,
-    "warmup": 1,
-}  # measured iterations per run, and unmeasured ones before them
+# measured iterations per run, and unmeasured ones before them
+RUN_LENGTH = {"iterations": 2, "warmup": 1}
 PAPER_SHAPE = {
     "num_envs": 64,
     "num_steps": 256,
@@ -99,17 +103,10 @@ PAPER_SHAPE = {
 }
 NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
 MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
-PROBE_RIVALS = (
-    "bn-recal",
-    "bn-train",
-    "bn-oldtrain",
-    "brn",
-    "brn-mdr",
-    "bn-wn",
-    "gn",
-    "none",
-)  # docs/rivals.md
-# name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's shape)
+# docs/rivals.md
+PROBE_RIVALS = ("bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none")
+# name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's
+# shape)
 CONFIGS = {
     "procgen/mdr": (MDR, {}, {}),
     "procgen/ppo": (PPO, {}, {}),
@@ -144,7 +141,8 @@ CONFIGS = {
     **{f"probe/{mode}": ({"mode": mode}, {}, {}) for mode in PROBE_RIVALS},
 }
 DEFAULT_CONFIGS = (
-    "procgen/mdr,procgen/ppo,procgen/nodiag,procgen/ppo-nodiag,procgen/threads1,procgen/spin,procgen/amp,"
+    "procgen/mdr,procgen/ppo,procgen/nodiag,procgen/ppo-nodiag,procgen/threads1,procgen/spin,"
+    "procgen/amp,"
     "patchloc/mdr,patchloc/ppo,patchloc/nodiag,probe/bn-mdr,probe/bn,probe/threads0"
 )
 # (a, b, label): ratios of a over b, paired by round
@@ -181,7 +179,7 @@ PAIRS = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # worker: one training run + its compute bound, in this process
 
 
@@ -197,7 +195,8 @@ def synchronize(device):
 
 
 def update_passes(script, ppo, args):
-    """The update section's network passes of one iteration: [(training mode, minibatch size, backward)], in order."""
+    """The update section's network passes of one iteration: [(training mode, minibatch size,
+    backward)], in order."""
     alpha1, alpha2 = args.alpha1, args.alpha2  # the probe's validate_args sets them from its --mode
     sizes = [
         min(args.minibatch_size, args.batch_size - start)
@@ -216,8 +215,9 @@ def update_passes(script, ppo, args):
 
 
 def compute_bound(script, ppo, args, device, obs_shape, num_actions):
-    """Seconds of the update section's network passes and of the rollout's inference passes of one iteration, on a
-    fresh network (same modes, --amp, --compile, channels_last) fed random uint8 tensors of the same shapes."""
+    """Seconds of the update section's network passes and of the rollout's inference passes of one
+    iteration, on a fresh network (same modes, --amp, --compile, channels_last) fed random uint8
+    tensors of the same shapes."""
     import torch
 
     torch.manual_seed(0)
@@ -267,10 +267,11 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
 
 
 class SectionTimer:
-    """Wall and CPU seconds per section of each iteration, measured from outside the script: `instrument` wraps the
-    functions main() calls (env steps, the rollout's forward passes, ppo_update, the diagnostics, the evaluation) and
-    cuts an iteration where main() logs it. A call inside a timed call counts to the outer one (the forward passes of
-    ppo_update are update time); the rest of an iteration is "other". On CUDA it synchronizes at every boundary."""
+    """Wall and CPU seconds per section of each iteration, measured from outside the script:
+    `instrument` wraps the functions main() calls (env steps, the rollout's forward passes,
+    ppo_update, the diagnostics, the evaluation) and cuts an iteration where main() logs it. A call
+    inside a timed call counts to the outer one (the forward passes of ppo_update are update time);
+    the rest of an iteration is "other". On CUDA it synchronizes at every boundary."""
 
     SECTION_OF = {  # the functions main() calls, where a script has them -> their section
         "compute_gae": "update",
@@ -283,22 +284,20 @@ class SectionTimer:
         "evaluate": "evaluation",
         "evaluate_and_log": "evaluation",
     }
-    AGENT_INFERENCE = (
-        "get_policy_and_value",
-        "get_value",
-    )  # outside any other section: the rollout's passes
-    ENV_FACTORIES = (
-        "make_env",
-        "PatchLocVecEnv",
-    )  # what main() builds its envs with; their step() is "env"
-    ITERATION_ENDS = (
-        "log",
-        "log_update",
-    )  # RunLogger: log(scalars, iteration) or the probe's log_update(iteration, ...)
+    # outside any other section: the rollout's passes
+    AGENT_INFERENCE = ("get_policy_and_value", "get_value")
+    # what main() builds its envs with; their step() is "env"
+    ENV_FACTORIES = ("make_env", "PatchLocVecEnv")
+    # RunLogger: log(scalars, iteration) or the probe's log_update(iteration, ...)
+    ITERATION_ENDS = ("log", "log_update")
 
     def __init__(self, synchronize=lambda: None):
-        self.synchronize, self.open, self.patched = synchronize, None, []
-        self.iterations, self.totals, self.mark = [], {}, None
+        self.synchronize = synchronize
+        self.open = None  # the section of the timed call in progress
+        self.patched = []
+        self.iterations = []
+        self.totals = {}
+        self.mark = None
 
     def wrap(self, function, section):
         @functools.wraps(function)
@@ -306,12 +305,14 @@ class SectionTimer:
             if self.open is not None:  # inside another timed call: counts to that one
                 return function(*args, **kwargs)
             self.synchronize()
-            start, self.open = clocks(), section
+            start = clocks()
+            self.open = section
             try:
                 return function(*args, **kwargs)
             finally:
                 self.synchronize()
-                end, self.open = clocks(), None
+                end = clocks()
+                self.open = None
                 for clock in CLOCKS:
                     self.totals[section, clock] = (
                         self.totals.get((section, clock), 0.0) + end[clock] - start[clock]
@@ -320,7 +321,8 @@ class SectionTimer:
         return timed
 
     def end_iteration(self):
-        """Close the iteration that started at the previous end (or at instrument()); "other" is its unaccounted time."""
+        """Close the iteration that started at the previous end (or at instrument()); "other" is its
+        unaccounted time."""
         self.synchronize()
         now = clocks()
         record = {
@@ -334,10 +336,12 @@ class SectionTimer:
             timed = sum(record[clock].values()) + record["evaluation"][clock]
             record[clock]["other"] = max(now[clock] - self.mark[clock] - timed, 0.0)
         self.iterations.append(record)
-        self.totals, self.mark = {}, now
+        self.totals = {}
+        self.mark = now
 
     def finish(self):
-        """After main(): the evaluation after the last iteration's log counts to it; every wrapper is removed."""
+        """After main(): the evaluation after the last iteration's log counts to it; every wrapper
+        is removed."""
         if self.iterations:
             for clock in CLOCKS:
                 self.iterations[-1]["evaluation"][clock] += self.totals.get(
@@ -393,9 +397,8 @@ def worker(spec):
     sys.path.insert(0, REPO_ROOT)
     script = spec["script"]
     module, _, fixed = SCRIPTS[script]
-    ppo = importlib.import_module(
-        module
-    )  # before torch: the script sets OpenMP's wait policy (passive)
+    # before torch: the script sets OpenMP's wait policy (passive)
+    ppo = importlib.import_module(module)
     import resource
 
     import numpy as np
@@ -428,9 +431,8 @@ def worker(spec):
     wall = time.perf_counter() - start
     timer.finish()
     assert exit_code in (0, None), exit_code
-    iterations = timer.iterations[
-        shape["warmup"] :
-    ]  # {clock: {section: seconds}, "evaluation": {clock: seconds}}
+    # {clock: {section: seconds}, "evaluation": {clock: seconds}}
+    iterations = timer.iterations[shape["warmup"] :]
     result = {
         "iterations": iterations,
         "sps": [batch_size / sum(it["time"].values()) for it in iterations],
@@ -450,36 +452,35 @@ def worker(spec):
 
 
 def memory_design_worker(design, num_envs, num_steps, minibatch_size):
-    """Peak RSS of CleanRL's storage design (float32 buffer, float gather, then / 255) vs ours (uint8 buffer, uint8
-    gather, one float copy divided in place): first the rollout storage and one minibatch's conversion alone, then with
-    one train-mode forward+backward of the Procgen network on that minibatch (its activations) added."""
+    """Peak RSS of CleanRL's storage design (float32 buffer, float gather, then / 255) vs ours
+    (uint8 buffer, uint8 gather, one float copy divided in place): first the rollout storage and one
+    minibatch's conversion alone, then with one train-mode forward+backward of the Procgen network
+    on that minibatch (its activations) added."""
     sys.path.insert(0, REPO_ROOT)
     ppo = importlib.import_module("ppo_procgen_mdr")
     import torch
 
     def vm(field):
         with open("/proc/self/status") as status:
-            return (
-                next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20
-            )  # GiB
+            # kB -> GiB
+            return next(int(line.split()[1]) for line in status if line.startswith(field)) / 2**20
 
     torch.manual_seed(0)
     agent = ppo.Agent(NUM_PROCGEN_ACTIONS, ppo.Args(pretrained=False))
     base = vm("VmRSS")
     dtype = torch.float32 if design == "cleanrl" else torch.uint8
-    obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(
-        0, 256
-    )  # every page touched
-    if (
-        design == "ours"
-    ):  # the rollout's eval-mode logits, kept for delta_pi_minus (CleanRL keeps none)
-        logits = torch.zeros((num_steps, num_envs, NUM_PROCGEN_ACTIONS)).normal_()  # noqa: F841 (held until the end)
+    # every page touched
+    obs = torch.zeros((num_steps, num_envs) + PROCGEN_OBS, dtype=dtype).random_(0, 256)
+    # the rollout's eval-mode logits, kept for delta_pi_minus (CleanRL keeps none); held until the
+    # end of the measurement
+    logits = None
+    if design == "ours":
+        logits = torch.zeros((num_steps, num_envs, NUM_PROCGEN_ACTIONS)).normal_()
     b_obs = obs.reshape((-1,) + PROCGEN_OBS)
     mb_inds = torch.randperm(len(b_obs))[:minibatch_size]
     if design == "cleanrl":
-        x = (
-            b_obs[mb_inds].permute((0, 3, 1, 2)) / 255.0
-        )  # CleanRL: network input = x / 255.0 of a float gather
+        # CleanRL: network input = x / 255.0 of a float gather
+        x = b_obs[mb_inds].permute((0, 3, 1, 2)) / 255.0
     else:
         x = b_obs[mb_inds].permute(0, 3, 1, 2).float().div_(255.0)
     storage = vm("VmHWM") - base
@@ -492,10 +493,11 @@ def memory_design_worker(design, num_envs, num_steps, minibatch_size):
         "with_update_gb": vm("VmHWM") - base,
         "process_gb": vm("VmHWM"),
     }
+    del logits  # held until both measurements were taken
     print("RESULT " + json.dumps(result), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # orchestration
 
 
@@ -507,7 +509,8 @@ def run_worker(argv, env_extra):
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not lines:
         sys.exit(
-            f"worker {argv} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            f"worker {argv} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
     return json.loads(lines[-1][len("RESULT ") :])
 
@@ -518,7 +521,8 @@ def spread(values, fmt="{:.0f}"):
 
 
 def paired_ratios(results, a, b, key):
-    """Per-round ratio of the medians of a over b (rounds interleave a and b, so each pair saw the same load)."""
+    """Per-round ratio of the medians of a over b (rounds interleave a and b, so each pair saw the
+    same load)."""
     return [
         statistics.median(ra[key]) / statistics.median(rb[key])
         for ra, rb in zip(results[a], results[b])
@@ -538,7 +542,8 @@ def machine_line(device):
     )
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (
-        f"{os.cpu_count()} CPU cores ({model}), {gpu}; Python {platform.python_version()}, torch {torch.__version__}; "
+        f"{os.cpu_count()} CPU cores ({model}), {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; "
         f"load average at start {load[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}"
     )
 
@@ -548,7 +553,8 @@ def print_speed_tables(names, results):
         print(f"\n### {title}: speed, split per section, compute bound\n")
         speed = "SPS" if clock == "time" else "CPU ms per step"
         print(
-            f"| config | shape (envs x steps, mb) | {speed} median (min-max) | env | inference | update | diagnostics | other "
+            f"| config | shape (envs x steps, mb) | {speed} median (min-max) "
+            "| env | inference | update | diagnostics | other "
             "| update / bound | inference / bound |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -577,7 +583,8 @@ def print_speed_tables(names, results):
                 for phase in ("update", "inference")
             }
             print(
-                f"| {name} | {shape['num_envs']} x {shape['num_steps']}, {shape['minibatch_size']} | "
+                f"| {name} | {shape['num_envs']} x {shape['num_steps']}, "
+                f"{shape['minibatch_size']} | "
                 f"{spread(values, '{:.1f}' if clock == 'time' else '{:.2f}')} | "
                 + " | ".join(f"{fraction:.1f} %" for fraction in fractions)
                 + f" | {bounds['update']} | {bounds['inference']} |"
@@ -590,17 +597,20 @@ def print_speed_tables(names, results):
         runs = results[name]
         cuda_peak = runs[0]["cuda_max_allocated_gb"]
         print(
-            f"| {name} | {max(run['peak_rss_gb'] for run in runs):.2f} | {'-' if cuda_peak is None else f'{cuda_peak:.2f}'} | "
-            f"{runs[0]['threads']} (interop {runs[0]['interop_threads']}) |"
+            f"| {name} | {max(run['peak_rss_gb'] for run in runs):.2f} "
+            f"| {'-' if cuda_peak is None else f'{cuda_peak:.2f}'} "
+            f"| {runs[0]['threads']} (interop {runs[0]['interop_threads']}) |"
         )
 
     rows = [(label, a, b) for a, b, label in PAIRS if a in results and b in results]
     if rows:
         print(
-            "\n### Speed ratios, paired by round (each round runs every configuration once, back to back)\n"
+            "\n### Speed ratios, paired by round "
+            "(each round runs every configuration once, back to back)\n"
         )
         print(
-            "| ratio a / b | SPS ratio median (min-max) | CPU-time ratio b / a median (min-max) | rounds |"
+            "| ratio a / b | SPS ratio median (min-max) "
+            "| CPU-time ratio b / a median (min-max) | rounds |"
         )
         print("|---|---:|---:|---:|")
         for label, a, b in rows:
@@ -610,28 +620,28 @@ def print_speed_tables(names, results):
 
 
 def memory_design(num_envs, num_steps, minibatch_size):
-    """Computed bytes and measured peak RSS of the two storage designs, alone and with one update's activations."""
+    """Computed bytes and measured peak RSS of the two storage designs, alone and with one update's
+    activations."""
     n = num_envs * num_steps
     obs_bytes = PROCGEN_OBS[0] * PROCGEN_OBS[1] * PROCGEN_OBS[2]
-    cleanrl = (
-        n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4
-    )  # float32 buffer + float gather + (/ 255) copy
-    ours = (
-        n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4
-    )  # uint8 + uint8 gather + one float
-    ours += (
-        n * NUM_PROCGEN_ACTIONS * 4
-    )  # + the rollout's float32 logits (delta_pi_minus's eval-mode side)
+    # float32 buffer + float gather + (/ 255) copy
+    cleanrl = n * obs_bytes * 4 + 2 * minibatch_size * obs_bytes * 4
+    # uint8 + uint8 gather + one float
+    ours = n * obs_bytes + minibatch_size * obs_bytes + minibatch_size * obs_bytes * 4
+    # + the rollout's float32 logits (delta_pi_minus's eval-mode side)
+    ours += n * NUM_PROCGEN_ACTIONS * 4
     shape = [str(num_envs), str(num_steps), str(minibatch_size)]
     measured = {
         design: run_worker(["--memory-worker", design, *shape], {})
         for design in ("cleanrl", "ours")
     }
     print(
-        f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), peak RSS increase\n"
+        f"\n### Storage designs ({num_envs} x {num_steps}, minibatch {minibatch_size}), "
+        "peak RSS increase\n"
     )
     print(
-        "| design | storage + conversion, computed | measured | + one train-mode update of the network, measured |"
+        "| design | storage + conversion, computed | measured "
+        "| + one train-mode update of the network, measured |"
     )
     print("|---|---:|---:|---:|")
     rows = [
@@ -652,7 +662,8 @@ def memory_design(num_envs, num_steps, minibatch_size):
         for key in ("storage_gb", "with_update_gb")
     }
     print(
-        f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {ratio['storage_gb']:.3f} | {ratio['with_update_gb']:.3f} |"
+        f"| ratio ours / CleanRL | {ours / cleanrl:.3f} | {ratio['storage_gb']:.3f} "
+        f"| {ratio['with_update_gb']:.3f} |"
     )
     return measured
 

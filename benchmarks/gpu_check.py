@@ -1,18 +1,22 @@
-"""The GPU check of issue 16: what a lent GPU machine's few minutes should measure, in one go. Run it through
-benchmarks/gpu_check.sh, which first installs the wheelhouse there.
+"""The GPU check of issue 16: what a lent GPU machine's few minutes should measure, in one go. Run
+it through benchmarks/gpu_check.sh, which first installs the wheelhouse there.
 
 Steps, each with its own time limit, all of them within the budget (8 minutes with --device cuda):
-  environment    versions of Python, numpy, torch, CUDA, cuDNN and the GPU; the three scripts must import
+  environment    versions of Python, numpy, torch, CUDA, cuDNN and the GPU; the three scripts
+                 must import
   tests          pytest -m cuda: the CUDA code paths (tests/test_cuda_paths.py); skipped on a CPU
   bench          bench_sps.py at the paper's Procgen shapes: float32, --amp, --no-channels-last
-  user_command   the user's command (+ --no-pretrained: no internet there) for about 2 minutes, then Ctrl-C; it must
-                 have logged to TensorBoard
-  probe          ppo_collapse_probe.py on the GPU, one run and then several side by side: probe runs per hour
+  user_command   the user's command (+ --no-pretrained: no internet there) for about 2 minutes,
+                 then Ctrl-C; it must have logged to TensorBoard
+  probe          ppo_collapse_probe.py on the GPU, one run and then several side by side: probe
+                 runs per hour
   bench_compile  bench_sps.py --compile at the paper's shapes, in whatever time is left
---quick (with --device cpu: the dry run of tests/test_gpu_check.py) takes tiny shapes everywhere and skips the compile.
+--quick (with --device cpu: the dry run of tests/test_gpu_check.py) takes tiny shapes everywhere
+and skips the compile.
 
-Writes to --out: summary.json (every figure, and "ok" with the problems found) and logs.tar.gz (each step's log,
-bench_sps.py's JSON, the runs' TensorBoard events and metrics.csv, the GPU's utilization samples).
+Writes to --out: summary.json (every figure, and "ok" with the problems found) and logs.tar.gz (each
+step's log, bench_sps.py's JSON, the runs' TensorBoard events and metrics.csv, the GPU's utilization
+samples).
 """
 
 import argparse
@@ -48,14 +52,8 @@ USER_COMMAND = (
     "1",
     "--cuda",
 )
-PROBE_COMMAND = (
-    "ppo_collapse_probe.py",
-    "--mode",
-    "bn",
-    "--clip-coef",
-    "0.2",
-    "--cuda",
-)  # + --seed, one per run
+# + --seed, one per run
+PROBE_COMMAND = ("ppo_collapse_probe.py", "--mode", "bn", "--clip-coef", "0.2", "--cuda")
 FINAL_SECONDS = 15  # kept back at the end for the summary and the archive
 
 
@@ -98,7 +96,8 @@ PLANS = {
         probe_seconds=30,
     ),
     "quick": Plan(
-        budget=900,  # ~1 min on 2 quiet cores; a dry run on a busy machine must not fail for want of time
+        # ~1 min on 2 quiet cores; a dry run on a busy machine must not fail for want of time
+        budget=900,
         test_seconds=60,
         bench_configs=("procgen/paper", "procgen/paper-nochannelslast"),
         bench_args=tuple("--shape 2,16,16 --warmup 0 --iterations 1 --repeats 1".split()),
@@ -111,9 +110,11 @@ PLANS = {
         user_startup=90,
         user_grace=30,
         probe_args=tuple(
-            "--num-envs 2 --num-steps 8 --minibatch-size 8 --total-timesteps 32 --view-size 16".split()
-        )
-        + ("--image-size", "64", "--hidden-size", "32"),
+            (
+                "--num-envs 2 --num-steps 8 --minibatch-size 8 --total-timesteps 32 --view-size 16 "
+                "--image-size 64 --hidden-size 32"
+            ).split()
+        ),
         side_by_side=(1, 2),
         probe_seconds=60,
     ),
@@ -133,7 +134,7 @@ def load_bench_sps():
     return bench
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # processes with time limits
 
 
@@ -145,10 +146,11 @@ def signal_group(process, signum):
 def run_processes(
     commands, logs, seconds, stop_signal=signal.SIGTERM, grace=10, start_when=None, startup=0
 ):
-    """Start every (argv, cwd) at once, each in its own process group with its output in its log; `seconds` later
-    (counted from when the glob `start_when` first matches, if given, within `startup` seconds), send `stop_signal` to
-    those still running (the scripts then finish cleanly: checkpoint, summary.json), SIGKILL after `grace`. Returns the
-    exit codes, each process's seconds, whether any had to be stopped, and when `start_when` matched."""
+    """Start every (argv, cwd) at once, each in its own process group with its output in its log;
+    `seconds` later (counted from when the glob `start_when` first matches, if given, within
+    `startup` seconds), send `stop_signal` to those still running (the scripts then finish cleanly:
+    checkpoint, summary.json), SIGKILL after `grace`. Returns the exit codes, each process's
+    seconds, whether any had to be stopped, and when `start_when` matched."""
     start = time.time()
     processes = []
     for (argv, cwd), log_path in zip(commands, logs):
@@ -203,10 +205,13 @@ def run_processes(
 
 
 class GpuSampler:
-    """nvidia-smi's GPU utilization and memory once a second, in a thread, for the whole check (none without it)."""
+    """nvidia-smi's GPU utilization and memory once a second, in a thread, for the whole check (none
+    without it)."""
 
     def __init__(self, path):
-        self.path, self.samples, self.done = path, [], threading.Event()
+        self.path = path
+        self.samples = []
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         if shutil.which("nvidia-smi"):
             self.thread.start()
@@ -242,7 +247,7 @@ class GpuSampler:
             f.writelines(f"{t:.1f},{u:.0f},{m:.2f}\n" for t, u, m in self.samples)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # readers
 
 
@@ -262,7 +267,8 @@ def tensorboard_scalars(run_glob):
 
 
 def read_metrics_csv(run_root):
-    """The probe's per-update rows (runs/<name>/metrics.csv under run_root); [] when it wrote none."""
+    """The probe's per-update rows (runs/<name>/metrics.csv under run_root); [] when it wrote
+    none."""
     paths = glob.glob(os.path.join(run_root, "runs", "**", "metrics.csv"), recursive=True)
     if not paths:
         return []
@@ -290,8 +296,8 @@ def junit_counts(path):
 
 
 def bench_figures(bench, path):
-    """Per configuration: medians of SPS, CPU ms per step, the sections' shares of wall time, update and inference
-    over the compute bound, and peak memory, from bench_sps.py's --json."""
+    """Per configuration: medians of SPS, CPU ms per step, the sections' shares of wall time, update
+    and inference over the compute bound, and peak memory, from bench_sps.py's --json."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -330,20 +336,23 @@ def bench_figures(bench, path):
     return figures
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the steps
 
 
 class Check:
     def __init__(self, cli, plan):
-        self.cli, self.plan, self.start = cli, plan, time.time()
+        self.cli = cli
+        self.plan = plan
+        self.start = time.time()
         self.work = tempfile.mkdtemp(prefix="gpu_check_")
         self.logs = os.path.join(self.work, "logs")
         os.makedirs(self.logs)
         self.python = sys.executable
         self.gpu = GpuSampler(os.path.join(self.work, "gpu_samples.csv"))
         self.bench = load_bench_sps()
-        self.problems, self.cut_short = [], []
+        self.problems = []
+        self.cut_short = []
         self.summary = {
             "issue": 16,
             "ok": False,
@@ -367,10 +376,11 @@ class Check:
         return max(0.0, min(seconds, self.time_left() - FINAL_SECONDS))
 
     def run(self, name, commands, seconds, startup=0, **stop):
-        """One step: its processes within min(seconds + startup, the time left); the step's record (status, seconds,
-        logs)."""
+        """One step: its processes within min(seconds + startup, the time left); the step's record
+        (status, seconds, logs)."""
         total = self.limit(seconds + startup)
-        seconds, startup = min(seconds, total), total - min(seconds, total)
+        seconds = min(seconds, total)
+        startup = total - seconds
         logs = [
             os.path.join(
                 self.logs, f"{name}.log" if len(commands) == 1 else f"{name}_{index + 1}.log"
@@ -378,7 +388,8 @@ class Check:
             for index in range(len(commands))
         ]
         log(
-            f"{name}: {len(commands)} process(es), at most {seconds:.0f} s: {shlex.join(commands[0][0])}"
+            f"{name}: {len(commands)} process(es), at most {seconds:.0f} s: "
+            + shlex.join(commands[0][0])
         )
         start = time.time()
         result = run_processes(commands, logs, seconds, startup=startup, **stop)
@@ -426,7 +437,8 @@ class Check:
                 if gpu
                 else ""
             )
-            + f"; torch {environment['torch']}, CUDA {environment['cuda']}, cuDNN {environment['cudnn']}; "
+            + f"; torch {environment['torch']}, CUDA {environment['cuda']}, "
+            f"cuDNN {environment['cudnn']}; "
             f"Python {environment['python']}, numpy {environment['numpy']}, procgen {procgen}"
         )
         if self.cli.device == "cuda" and not gpu:
@@ -446,11 +458,13 @@ class Check:
         ran = counts["passed"] + counts["failed"]
         if record["status"] != "ok" or counts["failed"] or counts["errors"]:
             self.problems.append(
-                f"pytest -m cuda: {record['status']}, {counts['failed']} failed {counts['failures']}"
+                f"pytest -m cuda: {record['status']}, "
+                f"{counts['failed']} failed {counts['failures']}"
             )
         elif self.cli.device == "cuda" and (ran == 0 or counts["skipped"]):
             self.problems.append(
-                f"pytest -m cuda: {ran} ran, {counts['skipped']} skipped on the GPU (logs/tests.log)"
+                f"pytest -m cuda: {ran} ran, {counts['skipped']} skipped on the GPU "
+                "(logs/tests.log)"
             )
 
     def bench_step(self, name, configs, seconds):
@@ -526,13 +540,14 @@ class Check:
             )
         if not steps:
             self.problems.append(
-                f"the user's command logged no iteration in {record['seconds']} s (logs/user_command.log)"
+                f"the user's command logged no iteration in {record['seconds']} s "
+                "(logs/user_command.log)"
             )
 
     def probes(self, default_updates):
-        """Each phase runs n probe runs side by side (seeds 1..n, a folder each). Their per-update times and the
-        overhead around the updates (start-up, first-update warm-up, exit) give a full run's time at the probe's
-        default length, hence runs per hour = n x 3600 / that time."""
+        """Each phase runs n probe runs side by side (seeds 1..n, a folder each). Their per-update
+        times and the overhead around the updates (start-up, first-update warm-up, exit) give a full
+        run's time at the probe's default length, hence runs per hour = n x 3600 / that time."""
         phases = []
         for concurrent in self.plan.side_by_side:
             name = f"probe_{concurrent}"
@@ -576,7 +591,8 @@ class Check:
             phases.append(phase)
             if record["status"] == "failed" or min(updates) == 0:
                 self.problems.append(
-                    f"{name}: {record['status']}, updates logged per run {updates} ({record['logs'][0]})"
+                    f"{name}: {record['status']}, updates logged per run {updates} "
+                    f"({record['logs'][0]})"
                 )
             elif record["status"] == "timeout":
                 self.cut_short.append(
@@ -640,8 +656,8 @@ class Check:
 
 
 def print_environment():
-    """The versions and the GPU, as one JSON line; importing the three scripts and starting a Procgen env check the
-    packages and system libraries they need."""
+    """The versions and the GPU, as one JSON line; importing the three scripts and starting a
+    Procgen env check the packages and system libraries they need."""
     import importlib.metadata
     import platform
 
@@ -650,8 +666,9 @@ def print_environment():
     import torch
 
     import ppo_collapse_probe
-    import ppo_patchloc_mdr  # noqa: F401
     import ppo_procgen_mdr
+
+    importlib.import_module("ppo_patchloc_mdr")  # the third script: it must import too
 
     def version(package):
         try:
@@ -675,9 +692,8 @@ def print_environment():
             "count": torch.cuda.device_count(),
             "driver": driver or None,
         }
-    ppo_procgen_mdr.ProcgenEnv(
-        num_envs=1, env_name="bigfish"
-    ).close()  # libenv.so loads (Qt, libGL, glib)
+    # libenv.so loads (Qt, libGL, glib)
+    ppo_procgen_mdr.ProcgenEnv(num_envs=1, env_name="bigfish").close()
     probe = ppo_collapse_probe.Args()
     environment = {
         "python": platform.python_version(),
@@ -733,7 +749,8 @@ def main():
     os.environ.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     check = Check(cli, PLANS["quick" if cli.quick else "full"])
     log(
-        f"gpu_check: --device {cli.device}{' --quick' if cli.quick else ''}, budget {check.plan.budget} s, in {check.work}"
+        f"gpu_check: --device {cli.device}{' --quick' if cli.quick else ''}, "
+        f"budget {check.plan.budget} s, in {check.work}"
     )
     try:
         if check.environment():

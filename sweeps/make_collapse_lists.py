@@ -1,13 +1,20 @@
-"""The collapse study's run lists (issues 12 and 13), one probe command per line, each naming its folder.
+"""The collapse study's run lists (issues 12 and 13), one probe command per line, each naming its
+folder.
 
-    python sweeps/make_collapse_lists.py stage-a                        # docs/collapse/study/stage_a.txt (regime)
-    python sweeps/make_collapse_lists.py stage-b --bn-momentum 0.01     # the decision, in the regime Stage A picked
-    python sweeps/make_collapse_lists.py rivals --bn-momentum 0.01      # every rival mode, paired seeds
-    python sweeps/make_collapse_lists.py stage-c --bn-momentum 0.1      # issue 26: the confound, MDR(1,2), fresh seeds
-    python sweeps/make_collapse_lists.py stage-c-photos --bn-momentum 0.1 --image-source data/photos  # real photos
+    # docs/collapse/study/stage_a.txt (regime)
+    python sweeps/make_collapse_lists.py stage-a
+    # the decision, in the regime Stage A picked
+    python sweeps/make_collapse_lists.py stage-b --bn-momentum 0.01
+    # every rival mode, paired seeds
+    python sweeps/make_collapse_lists.py rivals --bn-momentum 0.01
+    # issue 26: the confound, MDR(1,2), fresh seeds
+    python sweeps/make_collapse_lists.py stage-c --bn-momentum 0.1
+    # real photos
+    python sweeps/make_collapse_lists.py stage-c-photos --bn-momentum 0.1 --image-source data/photos
 
-Run a list with sweeps/run_and_commit.sh (docs/collapse.md, "The study"): each finished run is committed to
-docs/collapse/study/<stage>/<run>/. Paired seeds: the same seed gives the same tasks and initial weights in every mode.
+Run a list with sweeps/run_and_commit.sh (docs/collapse.md, "The study"): each finished run is
+committed to docs/collapse/study/<stage>/<run>/. Paired seeds: the same seed gives the same tasks
+and initial weights in every mode.
 """
 
 import argparse
@@ -28,41 +35,61 @@ STAGE_C_PHOTO_ARMS = ("bn", "bn-mdr21")
 STAGE_C_SEEDS = tuple(range(11, 27))
 STAGE_C_PHOTO_SEEDS = tuple(range(11, 19))
 STAGE_C_STEPS = 25_600  # 200 updates of 128 transitions
-STAGE_C_TARGETS_PER_IMAGE = (
-    2  # real photos: 4 training tasks on 2 photos, the held-out task on a third
-)
+# real photos: 4 training tasks on 2 photos, the held-out task on a third
+STAGE_C_TARGETS_PER_IMAGE = 2
 RIVALS = ["bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none"]
+# each list's header, one "# " line per line of text
 HEADERS = {
-    "stage-a": "Stage A (regime): BN and BN+MDR(2,1), 3 paired seeds, views batched separately, BN momentum 0.01 and 0.1.\n"
-    "Eval's committed runs serve here (its statistics are frozen: neither knob changes it).",
-    "stage-b": "Stage B (decision): BN, Eval and BN+MDR(2,1), paired seeds, clip 0.2, in the regime Stage A picked.\n"
-    "BN and BN+MDR seeds 1-3 are Stage A's runs of that regime (the same commands): they join the cell, not rerun.",
-    "rivals": "Rivals (issue 13): every rival mode, paired seeds, in the decisive regime; bn, eval, bn-mdr come from Stage B.",
-    "stage-c": "Stage C (issue 26, docs/collapse/study_c/PLAN.md): bn, bn with 2 epochs, MDR(2,1), MDR(1,2); fresh paired\n"
-    "seeds 11-26, 200 updates, procedural images, the decisive regime. Ordered by seed: a stopped queue leaves whole pairs.",
-    "stage-c-photos": "Stage C on real photographs (issue 26, docs/collapse/study_c/PLAN.md): bn and MDR(2,1), paired seeds\n"
-    "11-18, 200 updates, the folder written by sweeps/make_photo_folder.py, 2 targets per photo.",
+    "stage-a": (
+        "Stage A (regime): BN and BN+MDR(2,1), 3 paired seeds, views batched separately, "
+        "BN momentum 0.01 and 0.1.\n"
+        "Eval's committed runs serve here (its statistics are frozen: neither knob changes it)."
+    ),
+    "stage-b": (
+        "Stage B (decision): BN, Eval and BN+MDR(2,1), paired seeds, clip 0.2, "
+        "in the regime Stage A picked.\n"
+        "BN and BN+MDR seeds 1-3 are Stage A's runs of that regime (the same commands): "
+        "they join the cell, not rerun."
+    ),
+    "rivals": (
+        "Rivals (issue 13): every rival mode, paired seeds, in the decisive regime; "
+        "bn, eval, bn-mdr come from Stage B."
+    ),
+    "stage-c": (
+        "Stage C (issue 26, docs/collapse/study_c/PLAN.md): bn, bn with 2 epochs, MDR(2,1), "
+        "MDR(1,2); fresh paired\n"
+        "seeds 11-26, 200 updates, procedural images, the decisive regime. "
+        "Ordered by seed: a stopped queue leaves whole pairs."
+    ),
+    "stage-c-photos": (
+        "Stage C on real photographs (issue 26, docs/collapse/study_c/PLAN.md): bn and MDR(2,1), "
+        "paired seeds\n"
+        "11-18, 200 updates, the folder written by sweeps/make_photo_folder.py, "
+        "2 targets per photo."
+    ),
 }
 
 
 def line(mode: str, momentum: str, seed: int, stage: str) -> str:
     folder = stage.replace("-", "_")
     return (
-        f"python ppo_collapse_probe.py --mode {mode} --bn-momentum {momentum} --view-batching separate --seed {seed} "
-        f"--run-name {folder}/{mode}_bnm{momentum}_s{seed}"
+        f"python ppo_collapse_probe.py --mode {mode} --bn-momentum {momentum} "
+        f"--view-batching separate --seed {seed} --run-name {folder}/{mode}_bnm{momentum}_s{seed}"
     )
 
 
 def stage_c_line(arm: str, momentum: str, seed: int, image_source: str) -> str:
-    """One Stage C run: the decisive regime (views separate, clip 0.2), the arm's flags, 200 updates; its folder is
-    procedural/<arm>_s<seed> or photos/<arm>_s<seed> under docs/collapse/study_c/."""
+    """One Stage C run: the decisive regime (views separate, clip 0.2), the arm's flags, 200
+    updates; its folder is procedural/<arm>_s<seed> or photos/<arm>_s<seed> under
+    docs/collapse/study_c/."""
     folder, photos = "procedural", ""
     if image_source != "procedural":
         folder = "photos"
         photos = f" --image-source {image_source} --targets-per-image {STAGE_C_TARGETS_PER_IMAGE}"
     return (
-        f"python ppo_collapse_probe.py {STAGE_C_ARMS[arm]} --bn-momentum {momentum} --view-batching separate "
-        f"--total-timesteps {STAGE_C_STEPS}{photos} --seed {seed} --run-name {folder}/{arm}_bnm{momentum}_s{seed}"
+        f"python ppo_collapse_probe.py {STAGE_C_ARMS[arm]} --bn-momentum {momentum} "
+        f"--view-batching separate --total-timesteps {STAGE_C_STEPS}{photos} --seed {seed} "
+        f"--run-name {folder}/{arm}_bnm{momentum}_s{seed}"
     )
 
 
@@ -95,9 +122,8 @@ def run_list(stage: str, momentum: str, seeds: list, image_source: str = "proced
         for mode in ("bn", "bn-mdr", "eval")
         if (mode, seed) not in ran_in_stage_a
     ]
-    runs.sort(
-        key=lambda run: run[0] in STAGE_A_SEEDS
-    )  # new BN/BN+MDR pairs first: a queue stopped early still tests
+    # new BN/BN+MDR pairs first: a queue stopped early still tests
+    runs.sort(key=lambda run: run[0] in STAGE_A_SEEDS)
     return [line(mode, momentum, seed, stage) for seed, mode in runs]
 
 

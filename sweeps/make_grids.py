@@ -1,13 +1,15 @@
 """The paper's experiment grids as plain run lists (one command per line) and as wandb sweep files.
 
-    python sweeps/make_grids.py --list                 # the grids and how many runs each has
-    python sweeps/make_grids.py                        # rewrite sweeps/lists/*.txt and sweeps/wandb/*.yaml
-    python sweeps/make_grids.py --image-source /data/histo /data/openimages --out my_grids   # patch-loc on your images
+    python sweeps/make_grids.py --list  # the grids and how many runs each has
+    python sweeps/make_grids.py         # rewrite sweeps/lists/*.txt and sweeps/wandb/*.yaml
+    # patch-loc on your images
+    python sweeps/make_grids.py --image-source /data/histo /data/openimages --out my_grids
 
-A list runs on SLURM with sweeps/slurm_array.sh (one array task per line) or locally with xargs (README, "Run the
-paper's grid on a cluster"). A grid is a concatenation of variant families; each family is also one wandb sweep file
-(wandb's grid method is a cartesian product, and an MDR setting couples alpha1 with alpha2, so each is its own family).
-Lines are ordered seed first: the first third of a list is seed 1 of every configuration."""
+A list runs on SLURM with sweeps/slurm_array.sh (one array task per line) or locally with xargs
+(README, "Run the paper's grid on a cluster"). A grid is a concatenation of variant families; each
+family is also one wandb sweep file (wandb's grid method is a cartesian product, and an MDR setting
+couples alpha1 with alpha2, so each is its own family). Lines are ordered seed first: the first
+third of a list is seed 1 of every configuration."""
 
 import itertools
 import re
@@ -20,17 +22,11 @@ import tyro
 import yaml
 
 PROCGEN, PATCHLOC = "ppo_procgen_mdr.py", "ppo_patchloc_mdr.py"
-GAMES = [
-    "bigfish",
-    "bossfight",
-    "caveflyer",
-    "chaser",
-    "coinrun",
-    "starpilot",
-]  # the paper's six (Sec. 4.1)
+# the paper's six (Sec. 4.1)
+GAMES = ["bigfish", "bossfight", "caveflyer", "chaser", "coinrun", "starpilot"]
 SEEDS = [1, 2, 3]
-# epochs per rollout are 3 (Procgen) or 3 rounds x 3 (patch-loc, --mdr-rounds 3 is its default): PPO puts all of them
-# in train mode, MDR splits them (paper Sec. 4 and App. C)
+# epochs per rollout are 3 (Procgen) or 3 rounds x 3 (patch-loc, --mdr-rounds 3 is its default): PPO
+# puts all of them in train mode, MDR splits them (paper Sec. 4 and App. C)
 PPO = {"alpha1": 3, "alpha2": 0}
 MDR21 = {"alpha1": 2, "alpha2": 1}
 MDR12 = {"alpha1": 1, "alpha2": 2}
@@ -92,57 +88,134 @@ def families(image_sources: list[str]) -> dict[str, Family]:
     return {
         f.name: f
         for f in [
-            Family("procgen_nonorm", PROCGEN, "PPO without normalization (Fig. 3 'PPO', Fig. 4 'NoNorm')",
-                   {"norm": "none", **PPO}, games),
-            Family("procgen_mode_free", PROCGEN, "Eval (BN frozen: no running-stat update, so no momentum), LN, GN",
-                   PPO, {**games, "norm": ["eval", "ln", "gn"]}),
-            Family("procgen_bn", PROCGEN, "BN and BRN in train mode, BN momentum 0.1 and 0.01",
-                   PPO, {**games, "norm": ["bn", "brn"], "bn-momentum": [0.1, 0.01]}),
-            Family("procgen_bn_mdr21", PROCGEN, "BN+MDR(2,1), BN momentum 0.1 and 0.01",
-                   {"norm": "bn", **MDR21}, {**games, "bn-momentum": [0.1, 0.01]}),
-            Family("procgen_bn_mdr12", PROCGEN, "BN+MDR(1,2), BN momentum 0.1 and 0.01",
-                   {"norm": "bn", **MDR12}, {**games, "bn-momentum": [0.1, 0.01]}),
-            Family("procgen_dropout", PROCGEN, "Dropout 10 % in place of BN, plain PPO",
-                   {"norm": "dropout", **PPO, "dropout-p": 0.1}, games),
-            Family("procgen_dropout_mdr", PROCGEN, "Dropout 10 % + MDR(2,1)",
-                   {"norm": "dropout", **MDR21, "dropout-p": 0.1}, games),
-            Family("patchloc_baselines", PATCHLOC, "no norm, BN, Eval, BRN, LN, GN with plain PPO; 256 and 1024 tasks",
-                   PPO, {**tasks, "norm": ["none", "bn", "eval", "brn", "ln", "gn"]}),
-            Family("patchloc_bn_mdr", PATCHLOC, "BN+MDR(2,1); 256 and 1024 tasks",
-                   {"norm": "bn", **MDR21}, tasks),
-            Family("patchloc_nonorm_2048", PATCHLOC, "no norm, plain PPO; 2048 tasks",
-                   {"norm": "none", **PPO}, tasks_2048),
-            Family("patchloc_dropout", PATCHLOC, "Dropout 10 % and 20 %, plain PPO; 2048 tasks",
-                   {"norm": "dropout", **PPO}, {**tasks_2048, "dropout-p": [0.1, 0.2]}),
-            Family("patchloc_dropout_mdr", PATCHLOC, "Dropout 10 % and 20 % + MDR(2,1); 2048 tasks",
-                   {"norm": "dropout", **MDR21}, {**tasks_2048, "dropout-p": [0.1, 0.2]}),
+            Family(
+                "procgen_nonorm",
+                PROCGEN,
+                "PPO without normalization (Fig. 3 'PPO', Fig. 4 'NoNorm')",
+                {"norm": "none", **PPO},
+                games,
+            ),
+            Family(
+                "procgen_mode_free",
+                PROCGEN,
+                "Eval (BN frozen: no running-stat update, so no momentum), LN, GN",
+                PPO,
+                {**games, "norm": ["eval", "ln", "gn"]},
+            ),
+            Family(
+                "procgen_bn",
+                PROCGEN,
+                "BN and BRN in train mode, BN momentum 0.1 and 0.01",
+                PPO,
+                {**games, "norm": ["bn", "brn"], "bn-momentum": [0.1, 0.01]},
+            ),
+            Family(
+                "procgen_bn_mdr21",
+                PROCGEN,
+                "BN+MDR(2,1), BN momentum 0.1 and 0.01",
+                {"norm": "bn", **MDR21},
+                {**games, "bn-momentum": [0.1, 0.01]},
+            ),
+            Family(
+                "procgen_bn_mdr12",
+                PROCGEN,
+                "BN+MDR(1,2), BN momentum 0.1 and 0.01",
+                {"norm": "bn", **MDR12},
+                {**games, "bn-momentum": [0.1, 0.01]},
+            ),
+            Family(
+                "procgen_dropout",
+                PROCGEN,
+                "Dropout 10 % in place of BN, plain PPO",
+                {"norm": "dropout", **PPO, "dropout-p": 0.1},
+                games,
+            ),
+            Family(
+                "procgen_dropout_mdr",
+                PROCGEN,
+                "Dropout 10 % + MDR(2,1)",
+                {"norm": "dropout", **MDR21, "dropout-p": 0.1},
+                games,
+            ),
+            Family(
+                "patchloc_baselines",
+                PATCHLOC,
+                "no norm, BN, Eval, BRN, LN, GN with plain PPO; 256 and 1024 tasks",
+                PPO,
+                {**tasks, "norm": ["none", "bn", "eval", "brn", "ln", "gn"]},
+            ),
+            Family(
+                "patchloc_bn_mdr",
+                PATCHLOC,
+                "BN+MDR(2,1); 256 and 1024 tasks",
+                {"norm": "bn", **MDR21},
+                tasks,
+            ),
+            Family(
+                "patchloc_nonorm_2048",
+                PATCHLOC,
+                "no norm, plain PPO; 2048 tasks",
+                {"norm": "none", **PPO},
+                tasks_2048,
+            ),
+            Family(
+                "patchloc_dropout",
+                PATCHLOC,
+                "Dropout 10 % and 20 %, plain PPO; 2048 tasks",
+                {"norm": "dropout", **PPO},
+                {**tasks_2048, "dropout-p": [0.1, 0.2]},
+            ),
+            Family(
+                "patchloc_dropout_mdr",
+                PATCHLOC,
+                "Dropout 10 % and 20 % + MDR(2,1); 2048 tasks",
+                {"norm": "dropout", **MDR21},
+                {**tasks_2048, "dropout-p": [0.1, 0.2]},
+            ),
         ]
-    }  # fmt: skip
+    }
 
 
 def grids(image_sources: list[str]) -> dict[str, Grid]:
     f = families(image_sources)
     return {
-        "procgen_fig3": Grid(PROCGEN, "Fig. 3 bottom: 6 games x {PPO, BN, Eval, BN+MDR(2,1), BN+MDR(1,2), BRN, LN, GN}, "
-                             "BN momenta 0.1/0.01 where running stats are updated", [f["procgen_nonorm"],
-                             f["procgen_mode_free"], f["procgen_bn"], f["procgen_bn_mdr21"], f["procgen_bn_mdr12"]]),
-        "procgen_fig4": Grid(PROCGEN, "Fig. 4: 6 games x {NoNorm, Dropout, Dropout+MDR(2,1)}, dropout 10 %",
-                             [f["procgen_nonorm"], f["procgen_dropout"], f["procgen_dropout_mdr"]]),
-        "patchloc_fig3": Grid(PATCHLOC, "Fig. 3 top: 256 and 1024 tasks x {PPO, BN, Eval, BN+MDR(2,1), BRN, LN, GN}",
-                              [f["patchloc_baselines"], f["patchloc_bn_mdr"]]),
-        "patchloc_fig5": Grid(PATCHLOC, "Fig. 5: 2048 tasks x {NoNorm, Dropout, Dropout+MDR(2,1)}, dropout 10 % and 20 %",
-                              [f["patchloc_nonorm_2048"], f["patchloc_dropout"], f["patchloc_dropout_mdr"]]),
-    }  # fmt: skip
+        "procgen_fig3": Grid(
+            PROCGEN,
+            "Fig. 3 bottom: 6 games x {PPO, BN, Eval, BN+MDR(2,1), BN+MDR(1,2), BRN, LN, GN}, "
+            "BN momenta 0.1/0.01 where running stats are updated",
+            [
+                f["procgen_nonorm"],
+                f["procgen_mode_free"],
+                f["procgen_bn"],
+                f["procgen_bn_mdr21"],
+                f["procgen_bn_mdr12"],
+            ],
+        ),
+        "procgen_fig4": Grid(
+            PROCGEN,
+            "Fig. 4: 6 games x {NoNorm, Dropout, Dropout+MDR(2,1)}, dropout 10 %",
+            [f["procgen_nonorm"], f["procgen_dropout"], f["procgen_dropout_mdr"]],
+        ),
+        "patchloc_fig3": Grid(
+            PATCHLOC,
+            "Fig. 3 top: 256 and 1024 tasks x {PPO, BN, Eval, BN+MDR(2,1), BRN, LN, GN}",
+            [f["patchloc_baselines"], f["patchloc_bn_mdr"]],
+        ),
+        "patchloc_fig5": Grid(
+            PATCHLOC,
+            "Fig. 5: 2048 tasks x {NoNorm, Dropout, Dropout+MDR(2,1)}, dropout 10 % and 20 %",
+            [f["patchloc_nonorm_2048"], f["patchloc_dropout"], f["patchloc_dropout_mdr"]],
+        ),
+    }
 
 
 def sweep_file(family: Family) -> str:
-    """A wandb grid sweep over the family; the agent runs `python SCRIPT --flag=value ... --track` per grid point."""
+    """A wandb grid sweep over the family; the agent runs `python SCRIPT --flag=value ... --track`
+    per grid point."""
     parameters = {flag: {"value": value} for flag, value in family.fixed.items()}
     parameters |= {flag: {"values": values} for flag, values in family.axes.items()}
-    parameters |= {
-        "seed": {"values": SEEDS},
-        "track": {"value": True},
-    }  # a boolean: `--track` via args_no_boolean_flags
+    # a boolean: `--track` via args_no_boolean_flags
+    parameters |= {"seed": {"values": SEEDS}, "track": {"value": True}}
     sweep = {
         "name": family.name,
         "description": family.what,
@@ -155,7 +228,8 @@ def sweep_file(family: Family) -> str:
     runs = len(family.configs()) * len(SEEDS)
     header = (
         f"# generated by sweeps/make_grids.py (edit the grid there): {runs} runs\n"
-        f"# wandb sweep --project PROJECT sweeps/wandb/{family.name}.yaml, then wandb agent ENTITY/PROJECT/SWEEP_ID\n"
+        f"# wandb sweep --project PROJECT sweeps/wandb/{family.name}.yaml, "
+        "then wandb agent ENTITY/PROJECT/SWEEP_ID\n"
     )
     return header + yaml.safe_dump(sweep, sort_keys=False, width=127)
 
@@ -165,7 +239,8 @@ class Args:
     out: Optional[str] = None
     """write OUT/lists/<grid>.txt and OUT/wandb/<family>.yaml (default: the folder of this file)"""
     image_source: list[str] = field(default_factory=lambda: ["procedural"])
-    """patch-loc image sources: `procedural` and/or folders of images (the paper: natural images, histopathology)"""
+    """patch-loc image sources: `procedural` and/or folders of images (the paper: natural images,
+    histopathology)"""
     list: bool = False
     """print the grids and their sizes, write nothing"""
 
@@ -176,7 +251,8 @@ def main(args: Args) -> None:
     for source in args.image_source:
         if not re.fullmatch(r"[\w./+-]+", source):
             sys.exit(
-                f"error: --image-source {source!r}: use a path of letters, digits and ._/+- (list lines split on spaces)"
+                f"error: --image-source {source!r}: use a path of letters, digits and ._/+- "
+                "(list lines split on spaces)"
             )
     all_grids = grids(args.image_source)
     if args.list:
@@ -185,7 +261,8 @@ def main(args: Args) -> None:
             print(f"{name:<15}{grid.script:<21}{len(grid.lines()):>5}  {grid.what}")
         distinct = {line for grid in all_grids.values() for line in grid.lines()}
         print(
-            f"{'all':<36}{len(distinct):>5}  distinct runs (a run in two grids is one run folder, run once)"
+            f"{'all':<36}{len(distinct):>5}  "
+            "distinct runs (a run in two grids is one run folder, run once)"
         )
         return
     out = Path(args.out) if args.out else HERE
@@ -197,7 +274,8 @@ def main(args: Args) -> None:
     for family in all_families.values():
         (out / "wandb" / f"{family.name}.yaml").write_text(sweep_file(family))
     print(
-        f"wrote {len(all_grids)} run lists to {out / 'lists'} and {len(all_families)} sweep files to {out / 'wandb'}"
+        f"wrote {len(all_grids)} run lists to {out / 'lists'} "
+        f"and {len(all_families)} sweep files to {out / 'wandb'}"
     )
 
 

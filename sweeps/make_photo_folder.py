@@ -1,13 +1,16 @@
-"""Write a folder of real photographs for `--image-source`, from files that installable packages ship (no download).
+"""Write a folder of real photographs for `--image-source`, from files that installable packages
+ship (no download).
 
-    python sweeps/make_photo_folder.py data/photos            # the Stage C photo folder (docs/collapse/study_c/PLAN.md)
+    # the Stage C photo folder (docs/collapse/study_c/PLAN.md)
+    python sweeps/make_photo_folder.py data/photos
     python sweeps/make_photo_folder.py data/photos --check docs/collapse/study_c/photos.json
 
-The photographs are those of scikit-learn's `load_sample_images` (china, flower), matplotlib's sample data (Grace
-Hopper) and scikit-image's data folder (colour photographs only: no greyscale test cards, textures or text pages).
-Each is copied unchanged and named `<package>-<file>`. Next to the files goes `photos.json`, with each file's source,
-size and SHA-256. With `--check`, the hashes must equal those of the given manifest, e.g. the committed one of a study,
-so that a rerun uses the study's exact images. Writing into a folder that already holds other files is an error.
+The photographs are those of scikit-learn's `load_sample_images` (china, flower), matplotlib's
+sample data (Grace Hopper) and scikit-image's data folder (colour photographs only: no greyscale
+test cards, textures or text pages). Each is copied unchanged and named `<package>-<file>`. Next to
+the files goes `photos.json`, with each file's source, size and SHA-256. With `--check`, the hashes
+must equal those of the given manifest, e.g. the committed one of a study, so that a rerun uses the
+study's exact images. Writing into a folder that already holds other files is an error.
 """
 
 import argparse
@@ -44,8 +47,8 @@ def sha256(path: Path) -> str:
 
 
 def source_files() -> list:
-    """[(name in the folder, source path, "package version/folder/file")] per photograph; a missing package is a
-    one-line error."""
+    """[(name in the folder, source path, "package version/folder/file")] per photograph; a missing
+    package is a one-line error."""
     found = []
     for package, folder, file in PHOTOS:
         try:
@@ -68,7 +71,8 @@ def source_files() -> list:
 
 
 def write_folder(dest: Path, check=None) -> dict:
-    """Copy the photographs to `dest` and write its photos.json; returns the manifest. Nothing is written on error."""
+    """Copy the photographs to `dest` and write its photos.json; returns the manifest. Nothing is
+    written on error."""
     files = source_files()
     manifest = {
         "source": "sweeps/make_photo_folder.py",
@@ -91,7 +95,8 @@ def write_folder(dest: Path, check=None) -> dict:
         )
         if differ:
             raise UserError(
-                f"these photographs differ from {check} (another package version?): {', '.join(differ)}"
+                f"these photographs differ from {check} (another package version?): "
+                + ", ".join(differ)
             )
     wanted = {name for name, _, _ in files} | {"photos.json"}
     if dest.exists():
@@ -100,7 +105,8 @@ def write_folder(dest: Path, check=None) -> dict:
         others = sorted(p.name for p in dest.iterdir() if p.name not in wanted)
         if others:
             raise UserError(
-                f"{dest} already holds other files ({', '.join(others[:3])}); give an empty or new folder"
+                f"{dest} already holds other files ({', '.join(others[:3])}); "
+                "give an empty or new folder"
             )
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"wrote {len(manifest['photos'])} photographs to {os.path.normpath(args.dest)} (photos.json lists them)"
+        f"wrote {len(manifest['photos'])} photographs to {os.path.normpath(args.dest)} "
+        "(photos.json lists them)"
     )
     return 0
 
