@@ -204,9 +204,8 @@ def update_passes(script, ppo, args):
     ]
     passes = []
     for mdr_round in range(getattr(args, "mdr_rounds", 1)):
-        if (
-            mdr_round > 0
-        ):  # eval-mode values of D_k (chunked by the minibatch size), then the bootstrap value
+        if mdr_round > 0:
+            # eval-mode values of D_k (chunked by the minibatch size), then the bootstrap value
             passes += [(False, size, False) for size in sizes] + [(False, args.num_envs, False)]
         passes += [(True, size, True) for size in sizes] * alpha1 + [
             (False, size, True) for size in sizes
@@ -222,9 +221,8 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
 
     torch.manual_seed(0)
     agent = ppo.Agent(num_actions, args).to(device)
-    if (
-        getattr(args, "channels_last", False) and device.type == "cuda"
-    ):  # the probe has neither flag
+    if getattr(args, "channels_last", False) and device.type == "cuda":
+        # the probe has neither flag
         agent = agent.to(memory_format=torch.channels_last)
     if getattr(args, "compile", False):
         agent.backbone.compile(dynamic=False)
@@ -246,9 +244,8 @@ def compute_bound(script, ppo, args, device, obs_shape, num_actions):
             (logprob.sum() + entropy.sum() + value.sum()).backward()
             agent.zero_grad(set_to_none=True)
 
-    for signature in sorted(
-        set(passes) | {(False, args.num_envs, False)}
-    ):  # warm-up (and compilation) of each shape
+    for signature in sorted(set(passes) | {(False, args.num_envs, False)}):
+        # warm-up (and compilation) of each shape
         run(*signature)
     synchronize(device)
     start = clocks()
@@ -383,9 +380,8 @@ class SectionTimer:
         def log(logger, *args, **kwargs):
             result = method(logger, *args, **kwargs)
             iteration = args[1] if name == "log" and len(args) > 1 else kwargs.get("iteration")
-            if (
-                name == "log_update" or iteration is not None
-            ):  # log(scalars) alone: the evaluation's scores
+            if name == "log_update" or iteration is not None:
+                # log(scalars) alone: the evaluation's scores
                 self.end_iteration()
             return result
 
@@ -729,9 +725,9 @@ def main():
     overrides_of_shape = {key: value for key, value in given.items() if value is not None}
     results = {name: [] for name in names}
     for repeat in range(cli.repeats):
-        for name in (
-            names if repeat % 2 == 0 else names[::-1]
-        ):  # A B C, C B A, ...: no config always runs first
+        # A B C, C B A, ...: no config always runs first
+        order = names if repeat % 2 == 0 else names[::-1]
+        for name in order:
             overrides, env_extra, shape = CONFIGS[name]
             script = name.split("/")[0]
             shape = {**SCRIPTS[script][1], **RUN_LENGTH, **shape, **overrides_of_shape}

@@ -404,9 +404,8 @@ class Check:
         record["logs"] = [os.path.relpath(path, self.work) for path in logs]
         ending = "stopped at its time limit" if status == "timeout" else status
         log(f"{name}: {ending} after {result['seconds']} s (exit codes {result['exit_codes']})")
-        if (
-            status == "failed"
-        ):  # the end of the first failed log, so that check.log alone says what went wrong
+        if status == "failed":
+            # the end of the first failed log, so that check.log alone says what went wrong
             failed = next(path for path, code in zip(logs, result["exit_codes"]) if code != 0)
             with open(failed) as f:
                 print("".join(f.readlines()[-15:]), flush=True)

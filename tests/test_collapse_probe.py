@@ -139,9 +139,8 @@ def run_main(cwd, args, monkeypatch) -> dict:
             rec["initial"].append(copy.deepcopy(self.state_dict()))
 
         def get_policy_and_value(self, x):
-            if (
-                sys._getframe(1).f_code.co_name == "main"
-            ):  # the rollout's forward, not the update's or a diagnostic's
+            if sys._getframe(1).f_code.co_name == "main":
+                # the rollout's forward, not the update's or a diagnostic's
                 rec["rollout_modes"].append(self.training)
             return super().get_policy_and_value(x)
 
@@ -263,9 +262,8 @@ def test_policy_mismatch_has_no_side_effect_and_measures_the_bn_gap():
     agent = tiny_agent("bn")
     b_obs = random_obs(24)
     agent.train()
-    with (
-        torch.no_grad()
-    ):  # a few train-mode passes so that the running stats are not the initial 0/1
+    with torch.no_grad():
+        # a few train-mode passes so that the running stats are not the initial 0/1
         for _ in range(3):
             agent.get_value(b_obs[:8])
     agent.eval()
@@ -507,7 +505,8 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
         for column in (
             "approx_kl_rectify",
             "clipfrac_rectify",
-        ):  # only the MDR modes have a rectification phase
+        ):
+            # only the MDR modes have a rectification phase
             assert math.isfinite(float(row[column])) == (mode in MDR_MODES), column
 
 

@@ -146,9 +146,8 @@ def definitions(path: Path) -> dict:
                 )
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if len(targets) == 1 and isinstance(
-                targets[0], ast.Name
-            ):  # a constant, with its later `+=` lines
+            if len(targets) == 1 and isinstance(targets[0], ast.Name):
+                # a constant, with its later `+=` lines
                 statements, text = found.get(
                     targets[0].id, (ast.Module(body=[], type_ignores=[]), None)
                 )

@@ -499,9 +499,8 @@ class Recorder:
         def recording_update(agent, optimizer, mb, args, eval_ratio=None):
             before, training = running_stats(agent), agent.training
             self.depth += 1
-            if (
-                eval_ratio is not None
-            ):  # r at the running statistics this minibatch starts with (before its pass)
+            if eval_ratio is not None:
+                # r at the running statistics this minibatch starts with (before its pass)
                 torch.testing.assert_close(
                     eval_ratio, original["eval_mode_ratio"](agent, mb), rtol=0, atol=0
                 )
@@ -523,9 +522,8 @@ class Recorder:
         ):
             # (the rollout storage is overwritten by the next iteration)
             self.mismatch_obs.append(b_obs.clone())
-            if (
-                b_eval_logits is not None
-            ):  # delta_pi_minus reads the rollout's logits: those of theta_k in eval mode
+            if b_eval_logits is not None:
+                # delta_pi_minus reads the rollout's logits: those of theta_k in eval mode
                 self.depth += 1
                 with ppo.temporary_mode(agent, training=False), torch.no_grad():
                     recomputed = agent.get_policy_and_value(b_obs)[0].logits
@@ -657,11 +655,9 @@ def test_minibatches_partition_d_k_and_rounds_2_to_r_train_on_recomputed_advanta
                 # round r's values and advantages
                 assert torch.equal(mb["values"], gae["values"][inds])
                 assert torch.equal(mb["advantages"], gae["advantages"][inds])
-        if (
-            r > 0
+        if r > 0:
             # the recomputed values are new (eval-mode critic after the update), and so are the
             # advantages
-        ):
             assert not torch.allclose(gae["values"], recorder.gae[r - 1]["values"])
             assert not torch.allclose(gae["advantages"], recorder.gae[r - 1]["advantages"])
     assert not np.array_equal(recorder.shuffles[0], recorder.shuffles[1])  # reshuffled every epoch
@@ -899,9 +895,8 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
         torch.get_rng_state(),
         [],
     )
-    for start in range(
-        0, 24, 8
-    ):  # each minibatch on fresh copies: nothing has moved their statistics
+    for start in range(0, 24, 8):
+        # each minibatch on fresh copies: nothing has moved their statistics
         with torch.no_grad():
             eval_copy, train_copy = copy.deepcopy(agent).eval(), copy.deepcopy(agent).train()
             mb_obs = b_obs[perm[start : start + 8]]
@@ -912,9 +907,8 @@ def test_policy_mismatch_against_the_running_stats_it_was_called_with(norm):
                 .item()
             )
     agent.eval()
-    with (
-        torch.no_grad()
-    ):  # the eval-mode logits as the rollout computes them: 2 envs per step, not minibatches of 8
+    with torch.no_grad():
+        # the eval-mode logits as the rollout computes them: 2 envs per step, not minibatches of 8
         b_eval_logits = torch.cat(
             [agent.get_policy_and_value(b_obs[i : i + 2])[0].logits for i in range(0, 24, 2)]
         )
@@ -1544,7 +1538,8 @@ def test_tensorboard_log_holds_every_key_with_finite_values(logged_run):
     for key in (
         "charts/normalized_reward",
         "charts/test_normalized_reward",
-    ):  # percent of the optimal return
+    ):
+        # percent of the optimal return
         assert all(-100.0 <= value <= 100.0 for _, value in scalars[key]), key
 
 
@@ -1895,9 +1890,8 @@ def bad_input(case, tmp_path) -> dict:
         write_images(tmp_path / "images", 6)  # 80 x 100 pixels
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
     torch.save({"agent": {}}, tmp_path / "foreign.pt")
-    if (
-        case == "existing-run-folder"
-    ):  # a fresh run into the folder of an earlier run with the same arguments
+    if case == "existing-run-folder":
+        # a fresh run into the folder of an earlier run with the same arguments
         run_dir = tmp_path / "runs" / ppo.default_run_name(tiny_args())
         run_dir.mkdir(parents=True)
         (run_dir / "events.out.tfevents.0.earlier").write_bytes(b"")
@@ -1992,7 +1986,8 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
         "mdr=(1,2)",
         "tasks=4",
         "bn_momentum=0.1",
-    ):  # name and tags
+    ):
+        # name and tags
         assert expected.encode() in records, expected
     # --resume continues this run
     assert wandb_files[0].name == f"run-{read_checkpoint(run_dir)['wandb_id']}.wandb"

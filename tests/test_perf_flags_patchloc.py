@@ -426,9 +426,8 @@ def test_resume_of_a_checkpoint_older_than_a_field_uses_its_default(reference, t
     torch.save(checkpoint, tmp_path / "older.pt")
 
     find_checkpoint(tmp_path / "older.pt")  # no "the run used different --amp"
-    with pytest.raises(
-        ppo.ConfigError, match="--amp"
-    ):  # the missing field counts as its default, False
+    with pytest.raises(ppo.ConfigError, match="--amp"):
+        # the missing field counts as its default, False
         find_checkpoint(tmp_path / "older.pt", amp=True)
     with pytest.raises(ppo.ConfigError, match="--view-batching"):
         find_checkpoint(tmp_path / "older.pt", view_batching="joint")

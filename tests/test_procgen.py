@@ -348,9 +348,8 @@ def test_mode_sequence_of_one_update(
             inside_get_action_and_value.pop()
 
     def recording_get_policy_and_value(self, x):
-        if (
-            not inside_get_action_and_value
-        ):  # called directly: rollout collection (evaluate is stubbed out)
+        if not inside_get_action_and_value:
+            # called directly: rollout collection (evaluate is stubbed out)
             rollout_modes.append((self.training, torch.is_grad_enabled()))
         return original_get_policy_and_value(self, x)
 
@@ -491,15 +490,13 @@ def test_policy_mismatch_counts_its_minibatches(monkeypatch):
 @pytest.mark.parametrize("norm", ["bn", "brn", "dropout"])
 def test_policy_mismatch_with_known_eval_logits_matches_and_saves_the_eval_pass(norm, monkeypatch):
     agent = make_agent(norm)
-    with (
-        torch.no_grad()
-    ):  # a peaked policy: at init (logits ~0.01) delta_pi ~1e-6 is at the level of float rounding
+    with torch.no_grad():
+        # a peaked policy: at init (logits ~0.01) delta_pi ~1e-6 is at the level of float rounding
         agent.actor[-1].weight.mul_(100.0)
     b_obs = random_obs(32, seed=1)
     agent.eval()
-    with (
-        torch.no_grad()
-    ):  # the eval-mode logits computed as the rollout does: 8 envs per step, not minibatches of 16
+    with torch.no_grad():
+        # the eval-mode logits computed as the rollout does: 8 envs per step, not minibatches of 16
         b_eval_logits = torch.cat(
             [agent.get_policy_and_value(b_obs[i : i + 8])[0].logits for i in range(0, 32, 8)]
         )
@@ -545,9 +542,8 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
         agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None
     ):
         calls.append(num_minibatches)
-        if (
-            len(calls) % 2 == 1
-        ):  # the first call of an iteration: Delta pi minus, before the update (then plus)
+        if len(calls) % 2 == 1:
+            # the first call of an iteration: Delta pi minus, before the update (then plus)
             snapshots.append(copy.deepcopy(agent))
             # a view of the rollout
             given_logits.append(None if b_eval_logits is None else b_eval_logits.clone())
@@ -576,9 +572,8 @@ def test_rollout_stores_the_collecting_policy(collect_mode, tmp_path, monkeypatc
     assert len(snapshots) == len(batches) == 2
     for theta_k, batch, logits in zip(snapshots, batches, given_logits):
         theta_k.train(collect_mode == "train")
-        with (
-            torch.no_grad()
-        ):  # one forward per rollout step (env batch of num_envs), as in collection
+        with torch.no_grad():
+            # one forward per rollout step (env batch of num_envs), as in collection
             steps = [theta_k.get_policy_and_value(obs) for obs in batch["obs"].split(args.num_envs)]
         recomputed_logits = torch.cat([policy.logits for policy, _ in steps])
         recomputed_values = torch.cat([value.flatten() for _, value in steps])
@@ -1205,12 +1200,8 @@ def test_default_run_name_is_a_function_of_the_arguments():
         name(tiny_args(norm="dropout", dropout_p=0.2))
         == "bigfish__ppo_procgen_mdr__dropout0.2__mdr2-1__s1"
     )
-    for norm in (
-        "eval",
-        "ln",
-        "gn",
-        "none",
-    ):  # no BN momentum where there is no running statistic that uses it
+    for norm in ("eval", "ln", "gn", "none"):
+        # no BN momentum where there is no running statistic that uses it
         assert (
             name(tiny_args(norm=norm, bn_momentum=0.01))
             == f"bigfish__ppo_procgen_mdr__{norm}__mdr2-1__s1"
@@ -1766,13 +1757,8 @@ def test_script_runs_alone_and_tracks_offline(tmp_path):
     wandb_files = list(run_folders[0].glob("run-*.wandb"))
     assert len(wandb_files) == 1
     records = wandb_files[0].read_bytes()
-    for expected in (
-        run_dir.name,
-        "norm=brn",
-        "mdr=(1,2)",
-        "seed=7",
-        "bn_momentum=0.1",
-    ):  # run name and tags
+    for expected in (run_dir.name, "norm=brn", "mdr=(1,2)", "seed=7", "bn_momentum=0.1"):
+        # run name and tags
         assert expected.encode() in records, expected
     # the checkpoint carries the wandb run id, so that --resume continues the same wandb run
     wandb_id = load_checkpoint(run_dir)["wandb_id"]

@@ -158,9 +158,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         deadline = time.monotonic() + 90
         while squeue(env) and time.monotonic() < deadline:
             time.sleep(1)
-        for daemon in reversed(
-            daemons
-        ):  # slurmd, slurmctld, munged: each one this fixture started, by its process
+        for daemon in reversed(daemons):
+            # slurmd, slurmctld, munged: each one this fixture started, by its process
             daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(timeout=15)
