@@ -1,12 +1,16 @@
-# Reward-collapse probe (paper Fig. 1 and 6, App. A and B) and the rival fixes for BatchNorm in PPO (docs/rivals.md):
-# PPO on the patch-localization task in one --mode per run. CleanRL-style, one file (+ envs/). MDR in your own PPO:
-# docs/mdr_in_your_ppo.md; `grep -n "# MDR"` lists the method's lines. Paper: Mohamad, Ponzio, Descombes (2602.05619).
-# Run:      python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1      (then --mode eval, --mode bn-mdr)
-# Analyse:  python analysis/collapse_stats.py --runs-dir docs/collapse/study   (collapse rates, tests, figures)
-# Every update: reward, Delta pi minus/plus and the trust-region diagnostics to TensorBoard, wandb (--track) and one
-# flushed row of runs/<run_name>/metrics.csv; summary.json at the end. Defaults: the App. A regime sized for 2 CPU cores
-# (docs/collapse.md). Unlike ppo_patchloc_mdr.py: one MDR round per rollout, a constant learning rate (a decaying one
-# would damp late collapses), no held-out evaluation (the probe watches training reward).
+# Reward-collapse probe (paper Fig. 1 and 6, App. A and B) and the rival fixes for BatchNorm in PPO
+# (docs/rivals.md): PPO on the patch-localization task in one --mode per run. CleanRL-style, one
+# file (+ envs/). MDR in your own PPO: docs/mdr_in_your_ppo.md; `grep -n "# MDR"` lists the
+# method's lines. Paper: Mohamad, Ponzio, Descombes (2602.05619).
+# Run:      python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1
+#           (then --mode eval, --mode bn-mdr)
+# Analyse:  python analysis/collapse_stats.py --runs-dir docs/collapse/study
+#           (collapse rates, tests, figures)
+# Every update: reward, Delta pi minus/plus and the trust-region diagnostics to TensorBoard, wandb
+# (--track) and one flushed row of runs/<run_name>/metrics.csv; summary.json at the end. Defaults:
+# the App. A regime sized for 2 CPU cores (docs/collapse.md). Unlike ppo_patchloc_mdr.py: one MDR
+# round per rollout, a constant learning rate (a decaying one would damp late collapses), no
+# held-out evaluation (the probe watches training reward).
 import contextlib
 import copy
 import csv
@@ -24,8 +28,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, Optional
 
-# OpenMP threads that spin while they wait steal the cores from the env and from other jobs: passive waiting measured
-# up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores (docs/benchmarks.md). Read once, when torch loads OpenMP.
+# OpenMP threads that spin while they wait steal the cores from the env and from other jobs:
+# passive waiting measured up to 2.6x the SPS of ppo_procgen_mdr.py on 2 shared cores
+# (docs/benchmarks.md). Read once, when torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -59,28 +64,34 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group (default: the run name without the seed, so that seeds aggregate)"""
     run_name: Optional[str] = None
-    """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed; never the clock)"""
+    """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed;
+    never the clock)"""
     resume: Optional[str] = None
-    """`auto`: continue from runs/{run_name}/checkpoint.pt if it exists, else start fresh (checkpoints on); or a path"""
+    """`auto`: continue from runs/{run_name}/checkpoint.pt if it exists, else start fresh
+    (checkpoints on); or a path"""
     checkpoint_interval: int = 10
     """updates between checkpoints with --resume auto (a stop signal always writes one)"""
 
     torch_threads: int = 1
-    """CPU threads of torch (1: on a small shared machine more threads slow a run down; 0 = torch's default)"""
+    """CPU threads of torch (1: on a small shared machine more threads slow a run down;
+    0 = torch's default)"""
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
-    """bn, eval, bn-mdr (the paper's) or a rival: bn-recal, bn-train, bn-oldtrain, brn, brn-mdr, bn-wn, gn, none (MODES)"""
+    """bn, eval, bn-mdr (the paper's) or a rival: bn-recal, bn-train, bn-oldtrain, brn, brn-mdr,
+    bn-wn, gn, none (MODES)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (Fig. 6: 0.2 and 0.05)"""
     ent_coef: float = 0.01
     """coefficient of the entropy (App. B compares it with 0)"""
     update_epochs: int = 3
-    """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr) split them alpha1 + alpha2, others train all E"""
+    """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr) split them
+    alpha1 + alpha2, others train all E"""
     alpha1: Optional[int] = None
     """MDR modes only: epochs in train mode (standard phase); default E - alpha2"""
     alpha2: Optional[int] = None
-    """MDR modes only: epochs in eval mode (rectification phase); default E // 3 (at least 1), i.e. MDR(2,1) of 3"""
+    """MDR modes only: epochs in eval mode (rectification phase); default E // 3 (at least 1),
+    i.e. MDR(2,1) of 3"""
 
     # Algorithm specific arguments: the App. A regime, CPU-sized (docs/collapse.md)
     total_timesteps: int = 19_200
@@ -92,13 +103,15 @@ class Args:
     num_envs: int = 4
     """the number of parallel patch-localization environments"""
     num_steps: int = 32
-    """the number of steps to run in each environment per policy rollout (few transitions per D_k)"""
+    """the number of steps to run in each environment per policy rollout (few transitions per
+    D_k)"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     minibatch_size: int = 32
-    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is smaller)"""
+    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is
+    smaller)"""
     norm_adv: bool = True
     """toggles advantages normalization (per minibatch)"""
     clip_vloss: bool = True
@@ -112,31 +125,37 @@ class Args:
     bn_momentum: float = 0.01
     """running-statistics momentum of BatchNorm (the paper tries 0.1 and 0.01)"""
     pretrained: bool = False
-    """initialise the backbone from ImageNet (needs $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth offline)"""
+    """initialise the backbone from ImageNet (needs
+    $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth offline)"""
     hidden_size: int = 768
     """width of the actor and critic MLPs (paper: 768 = 3 views x 256 features)"""
     view_batching: Literal["separate", "joint"] = "separate"
-    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C); joint: one pass over all"""
+    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C);
+    joint: one pass over all"""
 
     # Task set (envs/): App. A uses four training environments
     num_tasks: int = 4
     """number of training tasks (a target patch in an image each)"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any size, subfolders too)"""
+    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any
+    size, subfolders too)"""
     image_size: Optional[int] = None
     """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
     targets_per_image: int = 1
-    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred images"""
+    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred
+    images"""
     view_size: int = 32
     """side of each of the three views (paper: 112; CPU-sized: 32)"""
     max_episode_steps: int = 20
     """steps before an episode is truncated"""
 
-    # Mismatch diagnostics (paper eq. 6-7 and 10-11): complete by default, they are the probe's measurement
+    # Mismatch diagnostics (paper eq. 6-7 and 10-11): complete by default, they are the probe's
+    # measurement
     diag_minibatches: int = 0
     """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k, -1 = off)"""
     diag_ratio_every: int = 1
-    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the first (0 = never)"""
+    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the
+    first (0 = never)"""
     smooth_window: int = 10
     """updates in the moving average of the reward (the smoothed_reward column)"""
 
@@ -147,7 +166,8 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# --mode: the paper's three (BN: train mode in updates, eval in collection; BN frozen; BN + MDR) and the rivals
+# --mode: the paper's three (BN: train mode in updates, eval in collection; BN frozen; BN + MDR)
+# and the rivals
 MODES = {
     "bn": "BN",
     "eval": "Eval",
@@ -162,10 +182,11 @@ MODES = {
     "none": "no normalization",
 }
 # metrics.csv, one row per update (analysis/ reads these names)
-CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha2 episodes episodic_return normalized_reward
-smoothed_reward success_rate delta_pi_minus delta_pi_plus ratio_gap trust_region_violation trust_region_violation_signed
-entropy acting_entropy approx_kl old_approx_kl clipfrac approx_kl_standard clipfrac_standard approx_kl_rectify
-clipfrac_rectify policy_loss value_loss explained_variance sps wall_time""".split()
+CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha2 episodes
+episodic_return normalized_reward smoothed_reward success_rate delta_pi_minus delta_pi_plus
+ratio_gap trust_region_violation trust_region_violation_signed entropy acting_entropy approx_kl
+old_approx_kl clipfrac approx_kl_standard clipfrac_standard approx_kl_rectify clipfrac_rectify
+policy_loss value_loss explained_variance sps wall_time""".split()
 TENSORBOARD_COLUMNS = CSV_COLUMNS[
     CSV_COLUMNS.index("episodic_return") : CSV_COLUMNS.index("sps") + 1
 ]
@@ -178,7 +199,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
+    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both
+    modes; affine learns."""
 
     def forward(self, x):
         return F.batch_norm(
@@ -187,23 +209,20 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load). Train mode: x_hat =
-    (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max], d = (mu_B - mu) / sigma in [-d_max, d_max]
-    (no gradient), bounds ramped from BatchNorm's (1, 0) over `warmup` passes. Eval mode: running statistics."""
+    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load).
+    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max],
+    d = (mu_B - mu) / sigma in [-d_max, d_max] (no gradient), bounds ramped from BatchNorm's
+    (1, 0) over `warmup` passes. Eval mode: running statistics."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
-        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = (
-            momentum,
-            eps,
-            r_max,
-            d_max,
-            warmup,
-        )
-        self.weight, self.bias = (
-            nn.Parameter(torch.ones(num_features)),
-            nn.Parameter(torch.zeros(num_features)),
-        )
+        self.momentum = momentum
+        self.eps = eps
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup = warmup
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -222,7 +241,10 @@ class BatchRenorm2d(nn.Module):
         d = torch.minimum(
             torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max
         )
-        channel = lambda t: t[None, :, None, None]  # noqa: E731
+
+        def channel(t):  # a per-channel vector, broadcast over (N, C, H, W)
+            return t[None, :, None, None]
+
         x_hat = (x - channel(mean)) / channel(std) * channel(r) + channel(d)
         with torch.no_grad():
             n = x.numel() / x.size(1)
@@ -233,17 +255,17 @@ class BatchRenorm2d(nn.Module):
 
 
 def make_backbone(args: Args) -> nn.Module:
-    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average pool -> 256 features.
-    The norm layer is the one line that differs between the modes (Batch Renorm: its bounds ramp over ~15 updates)."""
+    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average
+    pool -> 256 features. The norm layer is the one line that differs between the modes (Batch
+    Renorm: its bounds ramp over ~15 updates)."""
+    batchnorm = partial(nn.BatchNorm2d, momentum=args.bn_momentum)  # bn, bn-mdr, the BN rivals
     norm_layer = {
         "eval": EvalModeBatchNorm2d,
         "brn": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
         "brn-mdr": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
         "gn": lambda channels: nn.GroupNorm(32, channels),
         "none": lambda channels: nn.Identity(),
-    }.get(
-        args.mode, partial(nn.BatchNorm2d, momentum=args.bn_momentum)
-    )  # bn, bn-mdr and the BatchNorm rivals
+    }.get(args.mode, batchnorm)
     backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
     backbone.fc = nn.Identity()
@@ -264,7 +286,8 @@ def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequ
 
 
 class Agent(nn.Module):
-    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768 features; actor, critic."""
+    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768
+    features; actor, critic."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
@@ -274,11 +297,12 @@ class Agent(nn.Module):
         self.critic = mlp(3 * 256, args.hidden_size, 1, std=1.0)
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768) = per sample the
-        # target's, the overview's and the current view's 256 features. No ImageNet mean/std (paper Table 2). Divided
-        # in place: one float copy of the minibatch, not two.
-        # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type, running statistics
-        # a blend of the three); joint: one pass over all 3B images. Same weights, same output in eval mode.
+        # uint8 (B, 3 views, V, V, 3) -> float images in [0, 1], channels_last in memory -> (B, 768)
+        # = per sample the target's, the overview's and the current view's 256 features. No ImageNet
+        # mean/std (paper Table 2). Divided in place: one float copy of the minibatch, not two.
+        # --view-batching separate: one pass per view (BatchNorm's batch statistics per view type,
+        # running statistics a blend of the three); joint: one pass over all 3B images. Same
+        # weights, same output in eval mode.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
         if self.separate_views:
@@ -291,9 +315,8 @@ class Agent(nn.Module):
 
     def get_policy_and_value(self, x):
         hidden = self.features(x)
-        policy = Categorical(
-            logits=self.actor(hidden), validate_args=False
-        )  # NaN logits reach the non-finite-loss check
+        # no argument validation: NaN logits reach the non-finite-loss check
+        policy = Categorical(logits=self.actor(hidden), validate_args=False)
         return policy, self.critic(hidden)
 
     def get_action_and_value(self, x, action=None):
@@ -304,7 +327,8 @@ class Agent(nn.Module):
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it cuts the bootstrap into t)."""
+    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it
+    cuts the bootstrap into t)."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -321,7 +345,8 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
-    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus; advantages as normalized."""
+    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus;
+    advantages as normalized."""
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -354,8 +379,9 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
-    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no host sync. `eval_ratio`:
-    eq. 10's r on `mb`, measured by the loop before this pass moved the running statistics, or None."""
+    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no
+    host sync. `eval_ratio`: eq. 10's r on `mb`, measured by the loop before this pass moved the
+    running statistics, or None."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
     mb_advantages = mb["advantages"]
     if args.norm_adv:
@@ -375,8 +401,9 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
-    """A block in train or eval mode, then the mode restored: every mode change that is not the method's goes through
-    here, so the bare agent.train()/agent.eval() calls, marked # MDR, are the method's alone."""
+    """A block in train or eval mode, then the mode restored: every mode change that is not the
+    method's goes through here, so the bare agent.train()/agent.eval() calls, marked # MDR, are
+    the method's alone."""
     was_training = agent.training
     agent.train(training)
     try:
@@ -386,7 +413,8 @@ def temporary_mode(agent, training: bool):
 
 
 def js_divergence(logits_p, logits_q):
-    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
+    """Jensen-Shannon divergence (nats, per row) between two categorical distributions;
+    0 <= JS <= ln 2."""
     log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
@@ -396,15 +424,14 @@ def js_divergence(logits_p, logits_q):
 
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a minibatch) from the eval-mode
-    one (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
+    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a
+    minibatch) from the eval-mode one (`b_eval_logits` if known: the rollout's), over
+    `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng, cuda_rng = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    )
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
@@ -430,21 +457,28 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
 
 @torch.no_grad()
 def eval_mode_ratio(agent, mb):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics (measured before the
-    minibatch's train-mode pass moves them). Side-effect free: no running statistic moves, no dropout mask is drawn."""
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics
+    (measured before the minibatch's train-mode pass moves them). Side-effect free: no running
+    statistic moves, no dropout mask is drawn."""
     with temporary_mode(agent, training=False):
         _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
     return (eval_logprob - mb["logprobs"]).exp()
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r: ratio_gap = mean
-    |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
-    r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
-    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    clipped = lambda ratio: (
-        ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))
-    )  # noqa: E731
+    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode
+    ratio r: ratio_gap = mean |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not;
+    ..._signed: the clip would stop the gradient under r but not under r' (it stops
+    r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+
+    def inside(ratio):
+        return (ratio - 1.0).abs() <= clip_coef
+
+    def clipped(ratio):
+        return ((advantages > 0) & (ratio > 1 + clip_coef)) | (
+            (advantages < 0) & (ratio < 1 - clip_coef)
+        )
+
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     gap = (train_ratio - eval_ratio).abs().mean()
@@ -456,8 +490,9 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
 
 
 def make_optimizer(agent, args: Args, device):
-    """CleanRL's Adam. --mode bn-wn (CrossQ + WN): each conv weight feeds a BatchNorm that hides its scale, so it gets no
-    weight decay and is projected to unit norm per output channel after each step (a constant effective learning rate)."""
+    """CleanRL's Adam. --mode bn-wn (CrossQ + WN): each conv weight feeds a BatchNorm that hides
+    its scale, so it gets no weight decay and is projected to unit norm per output channel after
+    each step (a constant effective learning rate)."""
     convs = (
         [m.weight for m in agent.backbone.modules() if isinstance(m, nn.Conv2d)]
         if args.mode == "bn-wn"
@@ -473,10 +508,11 @@ def make_optimizer(agent, args: Args, device):
         fused=device.type == "cuda",
     )
     if convs:
-        project = lambda *_: [
-            w.data.div_(torch.linalg.vector_norm(w.data, dim=(1, 2, 3), keepdim=True))
-            for w in convs
-        ]  # noqa: E731
+
+        def project(*_):  # also the optimizer's step post-hook, whose arguments it ignores
+            for w in convs:
+                w.data.div_(torch.linalg.vector_norm(w.data, dim=(1, 2, 3), keepdim=True))
+
         project()
         optimizer.register_step_post_hook(project)
     return optimizer
@@ -484,25 +520,27 @@ def make_optimizer(agent, args: Args, device):
 
 @torch.no_grad()
 def train_mode_logprobs(theta_k, mb):
-    """--mode bn-oldtrain: log pi_old of the minibatch's actions from the train-mode policy at the pre-update parameters
-    (batch statistics of this minibatch), so the optimized ratio starts at 1 in the mode that is optimized."""
+    """--mode bn-oldtrain: log pi_old of the minibatch's actions from the train-mode policy at
+    the pre-update parameters (batch statistics of this minibatch), so the optimized ratio starts
+    at 1 in the mode that is optimized."""
     with temporary_mode(theta_k, training=True):
         return theta_k.get_action_and_value(mb["obs"], mb["actions"])[1]
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(agent, b_obs, minibatch_size):
-    """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
-    (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
-    statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
-    norms = [
-        m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)
-    ]  # not eval-mode BatchNorm
+    """Precise BN, the forum tip "run train mode without any learning for a few batches before
+    switching to eval mode" (a rival of MDR, docs/rivals.md): running statistics := the mean over
+    D_k's minibatches of the new weights' batch statistics (momentum None), so the next rollout
+    sees the current network's. No other buffer moves, no RNG drawn."""
+    # exact types: not eval-mode BatchNorm (EvalModeBatchNorm2d subclasses nn.BatchNorm2d)
+    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
-    record = lambda m, inputs, _: stats[m].append(
-        (inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3)))
-    )  # noqa: E731
+
+    def record(m, inputs, _):  # a forward hook: the batch statistics of the layer's input
+        stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))
+
     hooks = [m.register_forward_hook(record) for m in norms]
     with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
         for start in range(0, len(b_obs), minibatch_size):
@@ -520,25 +558,24 @@ def main(args: Args):
     validate_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint, run_dir = find_checkpoint(
-        args, os.path.join("runs", args.run_name or default_run_name(args))
-    )
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    checkpoint, run_dir = find_checkpoint(args, run_dir)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = (
-        not args.torch_deterministic
-    )  # fastest conv algorithms, picked by timing: not repeatable
+    # benchmark mode picks the fastest conv algorithms by timing them: not repeatable
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by the probe)
+    # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by
+    # the probe)
     try:
         sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
         train_tasks, _ = make_task_sets(
@@ -566,9 +603,8 @@ def main(args: Args):
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.as_tensor(next_obs).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
-    diag_generator = torch.Generator().manual_seed(
-        args.seed
-    )  # own stream: diagnostics never shift the training RNG
+    # own stream: diagnostics never shift the training RNG
+    diag_generator = torch.Generator().manual_seed(args.seed)
     b_inds = np.arange(args.batch_size)
     live = {
         "agent": agent,
@@ -578,23 +614,19 @@ def main(args: Args):
         "b_inds": b_inds,
     }
     if checkpoint is not None:
-        global_step, start_iteration, next_obs, next_done, _ = restore_checkpoint(
-            checkpoint, live, device
-        )
-    logger = RunLogger(
-        run_dir, args, checkpoint
-    )  # only now, after every check has passed, is anything written
-    print(
-        f"run {run_dir}: --mode {args.mode} = MDR({args.alpha1},{args.alpha2}), |D_k| {args.batch_size}"
-    )
+        restored = restore_checkpoint(checkpoint, live, device)
+        global_step, start_iteration, next_obs, next_done, _ = restored
+    # only now, after every check has passed, is anything written
+    logger = RunLogger(run_dir, args, checkpoint)
+    mdr = f"MDR({args.alpha1},{args.alpha2})"
+    print(f"run {run_dir}: --mode {args.mode} = {mdr}, |D_k| {args.batch_size}")
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the update, save a checkpoint, exit
     status, exit_code = "completed", 0
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            agent.train(
-                args.mode == "bn-train"
-            )  # MDR: D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
+            # D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
+            agent.train(args.mode == "bn-train")  # MDR
             finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
@@ -606,22 +638,19 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    logits[step] = (
-                        policy.logits
-                    )  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    logits[step] = policy.logits
                     finished["acting_entropy"].append(policy.entropy().mean())
                 next_obs_np, reward, terminations, truncations, infos = envs.step(
                     action.cpu().numpy()
                 )
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
                 next_obs = torch.as_tensor(next_obs_np).to(device)
-                next_done = torch.as_tensor(
-                    np.logical_or(terminations, truncations), dtype=torch.float32
-                ).to(device)
+                next_done = np.logical_or(terminations, truncations)
+                next_done = torch.as_tensor(next_done, dtype=torch.float32).to(device)
                 for key in ("r", "normalized_r", "success"):
-                    finished[key].extend(
-                        infos["episode"][key][infos["_episode"]] if "episode" in infos else []
-                    )
+                    ended = infos["episode"][key][infos["_episode"]] if "episode" in infos else []
+                    finished[key].extend(ended)
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
             with torch.no_grad():
@@ -638,39 +667,32 @@ def main(args: Args):
                 "values": values.reshape(-1),
             }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(
-                *diag, None if args.mode == "bn-train" else logits.view(-1, num_actions)
-            )
+            b_eval_logits = None if args.mode == "bn-train" else logits.view(-1, num_actions)
+            delta_pi_minus = policy_mismatch(*diag, b_eval_logits)
 
-            # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2 epochs in eval mode
+            # 3. MDR update (Algorithm 1, one round): alpha1 epochs in train mode, then alpha2
+            # epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
-            theta_k = (
-                copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None
-            )  # the pre-update policy, frozen
+            # the pre-update policy, frozen
+            theta_k = copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None
             for epoch in range(args.alpha1 + args.alpha2):
-                agent.train(
-                    epoch < args.alpha1
-                )  # MDR: standard phase in train mode, then rectification phase in eval mode
+                agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
                 phase = "standard" if epoch < args.alpha1 else "rectify"
                 np.random.shuffle(b_inds)
-                epoch_inds = torch.as_tensor(
-                    b_inds, device=device
-                )  # one host-to-device copy per epoch
+                epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy
                 for start in range(0, args.batch_size, args.minibatch_size):
-                    mb = {
-                        key: value[epoch_inds[start : start + args.minibatch_size]]
-                        for key, value in batch.items()
-                    }
+                    end = start + args.minibatch_size
+                    mb_inds = epoch_inds[start:end]
+                    mb = {key: value[mb_inds] for key, value in batch.items()}
                     measure = phase == "standard" and args.diag_ratio_every > 0
                     measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
                     eval_ratio = eval_mode_ratio(agent, mb) if measure else None
-                    mb["logprobs"] = (
-                        mb["logprobs"] if theta_k is None else train_mode_logprobs(theta_k, mb)
-                    )  # bn-oldtrain
-                    phase_stats[phase].append(ppo_update(agent, optimizer, mb, args, eval_ratio))
-            if (
-                args.mode == "bn-recal"
-            ):  # precise BN: the running statistics of the new weights on D_k
+                    if theta_k is not None:  # bn-oldtrain
+                        mb["logprobs"] = train_mode_logprobs(theta_k, mb)
+                    stats = ppo_update(agent, optimizer, mb, args, eval_ratio)
+                    phase_stats[phase].append(stats)
+            if args.mode == "bn-recal":
+                # precise BN: the running statistics of the new weights on D_k
                 recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
@@ -680,18 +702,16 @@ def main(args: Args):
             )
             print(
                 f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
-                f"episodic_return={row['episodic_return']:.3f}, normalized_reward={row['normalized_reward']:.1f}%, "
-                f"smoothed={row['smoothed_reward']:.1f}%, delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
+                f"episodic_return={row['episodic_return']:.3f}, "
+                f"normalized_reward={row['normalized_reward']:.1f}%, "
+                f"smoothed={row['smoothed_reward']:.1f}%, "
+                f"delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
                 flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
-            if (
-                stop.requested
-                or args.resume == "auto"
-                and iteration % args.checkpoint_interval == 0
-            ):
-                save_checkpoint(
-                    run_dir, live, args, iteration, global_step, (next_obs, next_done), logger
-                )
+            due = args.resume == "auto" and iteration % args.checkpoint_interval == 0
+            if stop.requested or due:
+                rollout_end = (next_obs, next_done)
+                save_checkpoint(run_dir, live, args, iteration, global_step, rollout_end, logger)
             if stop.requested:
                 status, exit_code = "stopped", 128 + stop.requested
                 break
@@ -709,26 +729,30 @@ def main(args: Args):
         envs.close()
         summary = logger.close(status, exit_code)
     print(
-        f"summary: best {summary['best_reward']}, final {summary['final_reward']}, peak delta_pi_minus "
-        f"{summary['peak_delta_pi_minus']} (iteration {summary['peak_delta_pi_minus_iteration']}) -> {run_dir}"
+        f"summary: best {summary['best_reward']}, final {summary['final_reward']}, peak "
+        f"delta_pi_minus {summary['peak_delta_pi_minus']} (iteration "
+        f"{summary['peak_delta_pi_minus_iteration']}) -> {run_dir}"
     )
     return exit_code
 
 
-# ======================================================================================================================
-# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is learned.
-# ======================================================================================================================
+# ==================================================================================================
+# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is
+# learned.
+# ==================================================================================================
 
 
 def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the backbone; their names."""
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
+    backbone; their names."""
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
         raise ConfigError(
-            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained"
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
+            "--no-pretrained"
         ) from None
     own = backbone.state_dict()
     loadable = {
@@ -741,7 +765,8 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
 
 
 def mean_stats(stats_list):
-    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average
+    over those); one host sync."""
     keys = sorted({key for stats in stats_list for key in stats})
     means = torch.stack(
         [torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys]
@@ -754,8 +779,9 @@ class ConfigError(Exception):
 
 
 def provenance() -> dict:
-    """Where a run came from: the git commit of this script's checkout and whether tracked files differed from it
-    (None outside git), torch's version and the CPU model. analysis/collapse_stats.py pairs runs only within one."""
+    """Where a run came from: the git commit of this script's checkout and whether tracked files
+    differed from it (None outside git), torch's version and the CPU model.
+    analysis/collapse_stats.py pairs runs only within one."""
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     try:
@@ -793,8 +819,9 @@ RESUMABLE_FIELDS += ("checkpoint_interval", "cuda", "num_iterations", "torch_thr
 
 
 def validate_args(args: Args) -> None:
-    """Reject impossible settings before anything is created; sets args.alpha1/alpha2 for --mode: bn and eval train
-    all E = --update-epochs epochs in train mode, the MDR modes split them (default MDR(2,1) of 3)."""
+    """Reject impossible settings before anything is created; sets args.alpha1/alpha2 for --mode:
+    bn and eval train all E = --update-epochs epochs in train mode, the MDR modes split them
+    (default MDR(2,1) of 3)."""
     if args.mode not in MODES:
         raise ConfigError(f"unknown --mode {args.mode!r}; valid modes: {', '.join(MODES)}")
     for name in (
@@ -812,7 +839,8 @@ def validate_args(args: Args) -> None:
     if args.mode not in ("bn-mdr", "brn-mdr"):
         if args.alpha1 is not None or args.alpha2 is not None:
             raise ConfigError(
-                f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E in train mode)"
+                f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E "
+                "in train mode)"
             )
         args.alpha1, args.alpha2 = epochs, 0
     else:
@@ -821,8 +849,8 @@ def validate_args(args: Args) -> None:
         alpha2 = epochs - alpha1 if alpha2 is None else alpha2
         if alpha1 < 0 or alpha2 < 1 or alpha1 + alpha2 != epochs:
             raise ConfigError(
-                f"--alpha1 {alpha1} --alpha2 {alpha2}: MDR needs alpha1 >= 0, alpha2 >= 1 and alpha1 + alpha2 = "
-                f"--update-epochs {epochs} (MDR splits the epochs, it adds none)"
+                f"--alpha1 {alpha1} --alpha2 {alpha2}: MDR needs alpha1 >= 0, alpha2 >= 1 and "
+                f"alpha1 + alpha2 = --update-epochs {epochs} (MDR splits the epochs, it adds none)"
             )
         args.alpha1, args.alpha2 = alpha1, alpha2
     check_minibatches(args)
@@ -830,39 +858,41 @@ def validate_args(args: Args) -> None:
         raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
     if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
         raise ConfigError(
-            "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0"
+            "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and "
+            "--diag-ratio-every >= 0"
         )
 
 
 def check_minibatches(args: Args) -> None:
-    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
+    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be
+    smaller, never 1 sample."""
     n, m = args.num_envs * args.num_steps, args.minibatch_size
     if m > n or args.total_timesteps < n:
         raise ConfigError(
             f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}"
         )
-    if args.norm_adv and (
-        m == 1 or n % m == 1
-    ):  # a 1-sample minibatch's normalized advantage is NaN
+    # a 1-sample minibatch's normalized advantage is NaN
+    if args.norm_adv and (m == 1 or n % m == 1):
         raise ConfigError(
-            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv"
+            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else "
+            "--no-norm-adv"
         )
 
 
 def default_run_name(args: Args) -> str:
-    """The run's folder, a function of what defines it (so a rerun of the same command finds the same folder)."""
-    alphas = (
-        f"__mdr{args.alpha1}-{args.alpha2}"
-        if args.alpha2 and (args.alpha1, args.alpha2) != (2, 1)
-        else ""
-    )
+    """The run's folder, a function of what defines it (so a rerun of the same command finds the
+    same folder)."""
+    split = args.alpha2 and (args.alpha1, args.alpha2) != (2, 1)  # an MDR split other than (2,1)
+    alphas = f"__mdr{args.alpha1}-{args.alpha2}" if split else ""
     momentum = "" if args.mode in ("eval", "gn", "none") else f"__bnm{args.bn_momentum:g}"
     loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
-    return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{args.view_batching}__s{args.seed}"
+    views = args.view_batching
+    return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{views}__s{args.seed}"
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit 128 + signal; 2nd Ctrl-C: quit."""
+    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit
+    128 + signal; 2nd Ctrl-C: quit."""
 
     def __init__(self):
         self.requested = 0
@@ -876,7 +906,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = signum
         print(
-            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)"
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+            "(Ctrl-C again: quit now)"
         )
 
     def restore(self):
@@ -885,14 +916,15 @@ class StopRequest:
 
 
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder) for --resume auto (the folder's, else fresh) or PATH; never overwrite a run."""
-    path = (
-        args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
-    )
+    """(checkpoint or None, run folder) for --resume auto (the folder's, else fresh) or PATH;
+    never overwrite a run."""
+    auto_path = os.path.join(run_dir, "checkpoint.pt")
+    path = args.resume if args.resume not in (None, "auto") else auto_path
     if args.resume is None or args.resume == "auto" and not os.path.exists(path):
         if args.resume is None and os.path.exists(os.path.join(run_dir, "metrics.csv")):
             raise ConfigError(
-                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another"
+                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME "
+                "starts another"
             )
         return None, run_dir
     try:
@@ -908,14 +940,14 @@ def find_checkpoint(args: Args, run_dir: str):
         if name not in RESUMABLE_FIELDS and saved[name] != value
     ]
     if changed:
-        raise ConfigError(
-            f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}"
-        )
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ConfigError(f"--resume {path}: the run used different {flags}")
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
-    """All a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator, b_inds); atomic write."""
+    """All a bit-for-bit continuation needs (`live`: agent, optimizer, envs, diag_generator,
+    b_inds); atomic write."""
     envs_state = {
         k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
         for k, v in live["envs"].get_state().items()
@@ -936,9 +968,8 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
         wandb_id=logger.wandb_id,
         provenance=logger.provenance,
     )
-    name, keys, *rest = (
-        np.random.get_state()
-    )  # numpy's key array as a tensor: weights_only-loadable
+    # numpy's key array is saved as a tensor: weights_only-loadable
+    name, keys, *rest = np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = dict(
         python=random.getstate(),
@@ -953,12 +984,12 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
 
 
 def restore_checkpoint(checkpoint, live, device):
-    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
+    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs,
+    next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
-    live["b_inds"][:] = checkpoint[
-        "b_inds"
-    ].numpy()  # the probe shuffles one index array across updates
+    # the probe shuffles one index array across updates
+    live["b_inds"][:] = checkpoint["b_inds"].numpy()
     env = checkpoint["env"]
     live["envs"].set_state(
         {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in env["envs"].items()}
@@ -974,7 +1005,8 @@ def restore_checkpoint(checkpoint, live, device):
         torch.cuda.set_rng_state_all(rng["cuda"])
     live["diag_generator"].set_state(rng["diag"])
     print(
-        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}"
+        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step "
+        f"{checkpoint['global_step']}"
     )
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
     return (
@@ -987,7 +1019,8 @@ def restore_checkpoint(checkpoint, live, device):
 
 
 def tensorboard_tag(column: str) -> str:
-    """The TensorBoard tag of a metrics.csv column, in CleanRL's groups (charts/, losses/, losses/<phase>/, mdr/)."""
+    """The TensorBoard tag of a metrics.csv column, in CleanRL's groups (charts/, losses/,
+    losses/<phase>/, mdr/)."""
     name, _, phase = column.rpartition("_")
     if phase in ("standard", "rectify"):
         return f"losses/{phase}/{name}"
@@ -1007,14 +1040,13 @@ def tensorboard_tag(column: str) -> str:
 
 
 class RunLogger:
-    """runs/<run>/: TensorBoard (wandb with --track), metrics.csv (a flushed row per update), summary.json at the end."""
+    """runs/<run>/: TensorBoard (wandb with --track), metrics.csv (a flushed row per update),
+    summary.json at the end."""
 
     def __init__(self, run_dir: str, args: Args, checkpoint: Optional[dict]):
-        self.run_dir, self.args, self.rows = (
-            run_dir,
-            args,
-            list(checkpoint["rows"]) if checkpoint else [],
-        )
+        self.run_dir = run_dir
+        self.args = args
+        self.rows = list(checkpoint["rows"]) if checkpoint else []
         rewards = [
             row["normalized_reward"] for row in self.rows if math.isfinite(row["normalized_reward"])
         ]
@@ -1035,13 +1067,20 @@ class RunLogger:
                 f"seed={args.seed}",
             ]
             tags += [f"bn_momentum={args.bn_momentum:g}", f"views={args.view_batching}"]
-            group = (
-                args.wandb_group or run_name.rsplit("__s", 1)[0]
-            )  # the seeds of one configuration
-            self.wandb_id = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
-                config=vars(args), name=run_name, tags=tags, id=self.wandb_id, resume="allow", save_code=True,
-            ).id  # fmt: skip
+            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one config
+            wandb_run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                group=group,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=run_name,
+                tags=tags,
+                id=self.wandb_id,
+                resume="allow",
+                save_code=True,
+            )
+            self.wandb_id = wandb_run.id
         self.writer = SummaryWriter(run_dir)
         self.writer.add_text(
             "hyperparameters",
@@ -1050,18 +1089,21 @@ class RunLogger:
         self.csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
         self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS)
         self.csv_writer.writeheader()
-        for row in self.rows:  # a resumed run: the updates its checkpoint holds (later ones were lost with the process)
+        # a resumed run: the updates its checkpoint holds (later ones were lost with the process)
+        for row in self.rows:
             self.write_row(row)
 
     def log_update(
         self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
     ) -> dict:
-        """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf loss."""
+        """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf
+        loss."""
         all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
         if not np.isfinite(all_stats["loss"]):
             raise FloatingPointError(
-                f"non-finite loss at iteration {iteration} (global_step {global_step}); the run stops here, its "
-                "metrics.csv and summary.json are kept; try a lower --learning-rate or --max-grad-norm"
+                f"non-finite loss at iteration {iteration} (global_step {global_step}); the run "
+                "stops here, its metrics.csv and summary.json are kept; try a lower "
+                "--learning-rate or --max-grad-norm"
             )
         phases = {phase: mean_stats(stats) if stats else {} for phase, stats in phase_stats.items()}
         nan = float("nan")
@@ -1077,7 +1119,10 @@ class RunLogger:
         y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         elapsed = time.time() - self.start_time
-        mean = lambda values: float(np.mean(values)) if len(values) else nan  # noqa: E731
+
+        def mean(values):  # nan for no values, not numpy's warning
+            return float(np.mean(values)) if len(values) else nan
+
         row = {"iteration": iteration, "global_step": global_step, "episodes": len(finished["r"])}
         row.update(
             {
@@ -1131,8 +1176,9 @@ class RunLogger:
                 self.writer.add_scalar(tag, value, global_step)
 
     def close(self, status: str, exit_code: int) -> dict:
-        """Close the CSV, TensorBoard and wandb; write and return summary.json (best and final smoothed reward, peak
-        Delta pi minus; collapses are decided by analysis/collapse_stats.py from metrics.csv)."""
+        """Close the CSV, TensorBoard and wandb; write and return summary.json (best and final
+        smoothed reward, peak Delta pi minus; collapses are decided by analysis/collapse_stats.py
+        from metrics.csv)."""
         self.csv_file.close()
         self.writer.close()
         if self.args.track:

@@ -1,7 +1,8 @@
-# PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one file (+ envs/).
-# Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training" (arXiv 2602.05619).
-# MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py: docs/mdr_in_your_ppo.md.
-# `grep -n "# MDR" ppo_patchloc_mdr.py` lists the method; nothing below the "Infrastructure" banner changes what is learned.
+# PPO with Mode-Dependent Rectification (MDR) on the patch-localization task, CleanRL-style, one
+# file (+ envs/). Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO
+# Training" (arXiv 2602.05619). MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py:
+# docs/mdr_in_your_ppo.md. `grep -n "# MDR" ppo_patchloc_mdr.py` lists the method; nothing below
+# the "Infrastructure" banner changes what is learned.
 # Run:   python ppo_patchloc_mdr.py --norm bn --alpha1 2 --alpha2 1 --mdr-rounds 3 --cuda
 import contextlib
 import glob
@@ -18,7 +19,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, Optional
 
-# Passive OpenMP waiting (spinning threads steal cores): up to 2.6x the SPS (ppo_procgen_mdr.py, 2 cores); yours wins.
+# Passive OpenMP waiting (spinning threads steal cores): up to 2.6x the SPS (ppo_procgen_mdr.py,
+# 2 cores); a value you set yourself wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -62,21 +64,28 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group, e.g. one per (task set, norm, alpha) to aggregate seeds"""
     run_name: Optional[str] = None
-    """folder under runs/ (default: task set, norm, BN momentum, alphas and seed: a rerun of a command finds its folder)"""
+    """folder under runs/ (default: task set, norm, BN momentum, alphas and seed: a rerun of a
+    command finds its folder)"""
     save_model: bool = False
-    """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every `checkpoint_interval` and at the end"""
+    """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every
+    `checkpoint_interval` and at the end"""
     checkpoint_interval: int = 20
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints on): the folder's if any"""
+    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints
+    on): the folder's if any"""
 
-    # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md: measured with ppo_procgen_mdr.py)
+    # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md: measured
+    # with ppo_procgen_mdr.py)
     channels_last: bool = True
-    """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a no-op on CPU)"""
+    """CUDA: keep the conv weights in channels_last memory format, like the NHWC observations (a
+    no-op on CPU)"""
     amp: bool = False
-    """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16); heads and losses in float32"""
+    """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16);
+    heads and losses in float32"""
     compile: bool = False
-    """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU measured no faster)"""
+    """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU
+    measured no faster)"""
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
 
@@ -86,7 +95,8 @@ class Args:
     learning_rate: float = 4e-5
     """the peak learning rate of the optimizer"""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """learning-rate schedule over the iterations (the paper does not say which; linear decay to 0 is CleanRL's)"""
+    """learning-rate schedule over the iterations (the paper does not say which; linear decay to
+    0 is CleanRL's)"""
     weight_decay: float = 1e-4
     """Adam's weight decay (L2, as torch.optim.Adam applies it)"""
     num_envs: int = 4
@@ -98,7 +108,8 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     minibatch_size: int = 128
-    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is smaller)"""
+    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is
+    smaller)"""
     norm_adv: bool = True
     """toggles advantages normalization (per minibatch)"""
     clip_coef: float = 0.2
@@ -112,31 +123,37 @@ class Args:
     max_grad_norm: float = 1.0
     """the maximum norm for the gradient clipping"""
 
-    # Mode-Dependent Rectification (paper Sec. 3.4, Algorithm 1; App. D: 9 epochs = 3 rounds of MDR(2,1))
+    # Mode-Dependent Rectification (paper Sec. 3.4, Algorithm 1; App. D: 9 epochs = 3 rounds of
+    # MDR(2,1))
     alpha1: int = 2
     """epochs per round in train mode (standard phase)"""
     alpha2: int = 1
     """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
     collect_mode: Literal["eval", "train"] = "eval"
-    """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the env batch, as CoinRun)"""
+    """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the
+    env batch, as CoinRun)"""
     bn_recalibrate: bool = False
-    """after each update, reset BatchNorm's running statistics to their average over D_k under the new weights (precise BN)"""
+    """after each update, reset BatchNorm's running statistics to their average over D_k under
+    the new weights (precise BN)"""
     mdr_rounds: int = 3
     """rounds R per rollout; values and advantages are recomputed (eval mode) before rounds 2..R"""
 
     # Network: shallow ResNet-18 shared by the three views (paper Table 1) and its norm layer
     norm: Literal["bn", "eval", "brn", "ln", "gn", "none", "dropout"] = "bn"
-    """backbone norm layer: BatchNorm, BatchNorm frozen in eval mode, Batch Renorm, LayerNorm, GroupNorm, none, dropout"""
+    """backbone norm layer: BatchNorm, BatchNorm frozen in eval mode, Batch Renorm, LayerNorm,
+    GroupNorm, none, dropout"""
     bn_momentum: float = 0.1
     """running-statistics momentum of BatchNorm and Batch Renorm (the paper tries 0.1 and 0.01)"""
     dropout_p: float = 0.1
     """dropout probability of --norm dropout (a Dropout in place of each BatchNorm)"""
     pretrained: bool = True
-    """initialise the backbone from ImageNet (torchvision weights; offline: $TORCH_HOME/hub/checkpoints)"""
+    """initialise the backbone from ImageNet (torchvision weights; offline:
+    $TORCH_HOME/hub/checkpoints)"""
     hidden_size: int = 768
     """width of the actor and critic MLPs (paper: 768 = 3 views x 256 features)"""
     view_batching: Literal["separate", "joint"] = "separate"
-    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C); joint: one pass over all"""
+    """separate: one backbone pass per view, BatchNorm statistics per view type (paper App. C);
+    joint: one pass over all"""
 
     # Task sets (envs/): the paper's "256 / 1024 / 2048 environments" are training tasks
     num_tasks: int = 1024
@@ -144,11 +161,13 @@ class Args:
     num_test_tasks: int = 500
     """number of held-out tasks, on images the training tasks never use"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any size, subfolders too)"""
+    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any
+    size, subfolders too)"""
     image_size: Optional[int] = None
     """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
     targets_per_image: int = 1
-    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred images"""
+    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred
+    images"""
     view_size: int = 112
     """side of each of the three views (paper: 112; CPU-sized runs: 32)"""
     max_episode_steps: int = 20
@@ -156,21 +175,25 @@ class Args:
 
     # Held-out evaluation
     eval_interval: int = 10
-    """iterations between evaluations on the held-out tasks (also run at the end); 0 = only at the end"""
+    """iterations between evaluations on the held-out tasks (also run at the end); 0 = only at
+    the end"""
     num_eval_envs: int = 50
     """envs stepped in parallel during evaluation (each held-out task is run exactly once)"""
     num_render_episodes: int = 4
     """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
     evaluate: Optional[str] = None
-    """a checkpoint.pt to evaluate instead of training: held-out tasks, scores printed and saved as evaluation.json"""
+    """a checkpoint.pt to evaluate instead of training: held-out tasks, scores printed and saved
+    as evaluation.json"""
     capture_video: bool = False
-    """with --evaluate: also save the first held-out episode, drawn step by step, as eval_video.gif (wandb with --track)"""
+    """with --evaluate: also save the first held-out episode, drawn step by step, as
+    eval_video.gif (wandb with --track)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
     """minibatches of D_k over which delta_pi_minus/plus are averaged (0 = all of D_k, -1 = off)"""
     diag_ratio_every: int = 8
-    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the first (0 = never)"""
+    """measure the eval-mode ratio r next to r' on every k-th standard-phase minibatch, from the
+    first (0 = never)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -186,7 +209,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class EvalModeBatchNorm2d(nn.BatchNorm2d):
-    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both modes; affine learns."""
+    """`--norm eval`: BatchNorm with frozen running statistics (ImageNet's if pretrained) in both
+    modes; affine learns."""
 
     def forward(self, x):
         return F.batch_norm(
@@ -195,23 +219,20 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
 
 
 class BatchRenorm2d(nn.Module):
-    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load). Train mode: x_hat =
-    (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max], d = (mu_B - mu) / sigma in [-d_max, d_max]
-    (no gradient), bounds ramped from BatchNorm's (1, 0) over `warmup` passes. Eval mode: running statistics."""
+    """Batch Renormalization (Ioffe, 2017) with nn.BatchNorm2d's names (ImageNet weights load).
+    Train mode: x_hat = (x - mu_B) / sigma_B * r + d, r = sigma_B / sigma in [1/r_max, r_max],
+    d = (mu_B - mu) / sigma in [-d_max, d_max] (no gradient), bounds ramped from BatchNorm's
+    (1, 0) over `warmup` passes. Eval mode: running statistics."""
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, warmup=5000):
         super().__init__()
-        self.momentum, self.eps, self.r_max, self.d_max, self.warmup = (
-            momentum,
-            eps,
-            r_max,
-            d_max,
-            warmup,
-        )
-        self.weight, self.bias = (
-            nn.Parameter(torch.ones(num_features)),
-            nn.Parameter(torch.zeros(num_features)),
-        )
+        self.momentum = momentum
+        self.eps = eps
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup = warmup
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -230,7 +251,10 @@ class BatchRenorm2d(nn.Module):
         d = torch.minimum(
             torch.maximum((mean.detach() - self.running_mean) / running_std, -d_max), d_max
         )
-        channel = lambda t: t[None, :, None, None]  # noqa: E731
+
+        def channel(t):  # a per-channel vector, broadcast over (N, C, H, W)
+            return t[None, :, None, None]
+
         x_hat = (x - channel(mean)) / channel(std) * channel(r) + channel(d)
         with torch.no_grad():
             n = x.numel() / x.size(1)
@@ -241,7 +265,8 @@ class BatchRenorm2d(nn.Module):
 
 
 def make_backbone(args: Args) -> nn.Module:
-    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc, 256 features; --norm's layer."""
+    """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc, 256
+    features; --norm's layer."""
     norm_layer = {
         "bn": partial(nn.BatchNorm2d, momentum=args.bn_momentum),
         "eval": EvalModeBatchNorm2d,
@@ -271,25 +296,27 @@ def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequ
 
 
 class Agent(nn.Module):
-    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768 features; actor, critic."""
+    """Paper Table 1: one shallow ResNet-18 on the three views (target, overview, current), 768
+    features; actor, critic."""
 
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
-        self.amp, self.separate_views = args.amp, args.view_batching == "separate"
+        self.amp = args.amp
+        self.separate_views = args.view_batching == "separate"
         self.backbone = make_backbone(args)
         self.actor = mlp(3 * 256, args.hidden_size, num_actions, std=0.01)
         self.critic = mlp(3 * 256, args.hidden_size, 1, std=1.0)
 
     def features(self, x):
-        # uint8 (B, 3 views, V, V, 3) -> float in [0, 1] (in place; no ImageNet mean/std) -> (B, 768), 256 per view. Views
-        # separate: a pass per view (batch statistics per view type, running ones a blend); joint: one pass over 3B images.
+        # uint8 (B, 3 views, V, V, 3) -> float in [0, 1] (in place; no ImageNet mean/std) ->
+        # (B, 768), 256 per view. Views separate: a pass per view (batch statistics per view type,
+        # running ones a blend); joint: one pass over 3B images.
         batch, views = x.shape[:2]
         images = x.reshape((batch * views,) + x.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if self.separate_views:
-                return torch.cat(
-                    [self.backbone(images[v::views]).float() for v in range(views)], dim=1
-                )  # sample-major
+            if self.separate_views:  # concatenated sample-major
+                by_view = [self.backbone(images[v::views]).float() for v in range(views)]
+                return torch.cat(by_view, dim=1)
             return self.backbone(images).float().reshape(batch, views * 256)
 
     def get_value(self, x):
@@ -297,9 +324,8 @@ class Agent(nn.Module):
 
     def get_policy_and_value(self, x):
         hidden = self.features(x)
-        policy = Categorical(
-            logits=self.actor(hidden), validate_args=False
-        )  # NaN logits reach the non-finite-loss check
+        # no argument validation: NaN logits reach the non-finite-loss check
+        policy = Categorical(logits=self.actor(hidden), validate_args=False)
         return policy, self.critic(hidden)
 
     def get_action_and_value(self, x, action=None):
@@ -310,7 +336,8 @@ class Agent(nn.Module):
 
 
 def learning_rate_at(iteration: int, args: Args) -> float:
-    """--lr-schedule (ours; the paper names none): linear or cosine decay from the peak at iteration 1 to 0, or constant."""
+    """--lr-schedule (ours; the paper names none): linear or cosine decay from the peak at
+    iteration 1 to 0, or constant."""
     progress = (iteration - 1.0) / args.num_iterations
     decay = {
         "linear": 1.0 - progress,
@@ -321,7 +348,8 @@ def learning_rate_at(iteration: int, args: Args) -> float:
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it cuts the bootstrap into t)."""
+    """GAE over a (num_steps, num_envs) rollout; dones[t] = 1 when obs[t] starts an episode (it
+    cuts the bootstrap into t)."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
@@ -338,7 +366,8 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Args):
-    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus; advantages as normalized."""
+    """CleanRL's PPO loss (eq. 4-5): clipped surrogate, (clipped) value loss, entropy bonus;
+    advantages as normalized."""
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -371,8 +400,9 @@ def clipped_ppo_loss(newlogprob, entropy, newvalue, mb_advantages, mb, args: Arg
 
 
 def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
-    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no host sync. `eval_ratio`:
-    eq. 10's r on `mb`, measured by the loop before this pass moved the running statistics, or None."""
+    """One gradient step on `mb` in the agent's current mode (= MDR phase); detached stats, no
+    host sync. `eval_ratio`: eq. 10's r on `mb`, measured by the loop before this pass moved the
+    running statistics, or None."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"])
     mb_advantages = mb["advantages"]
     if args.norm_adv:
@@ -392,8 +422,9 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
-    """A block in train or eval mode, then the mode restored: every mode change that is not the method's goes through
-    here, so the bare agent.train()/agent.eval() calls, marked # MDR, are the method's alone."""
+    """A block in train or eval mode, then the mode restored: every mode change that is not the
+    method's goes through here, so the bare agent.train()/agent.eval() calls, marked # MDR, are
+    the method's alone."""
     was_training = agent.training
     agent.train(training)
     try:
@@ -403,7 +434,8 @@ def temporary_mode(agent, training: bool):
 
 
 def js_divergence(logits_p, logits_q):
-    """Jensen-Shannon divergence (nats, per row) between two categorical distributions; 0 <= JS <= ln 2."""
+    """Jensen-Shannon divergence (nats, per row) between two categorical distributions;
+    0 <= JS <= ln 2."""
     log_p, log_q = F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
@@ -413,15 +445,14 @@ def js_divergence(logits_p, logits_q):
 
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
-    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a minibatch) from the eval-mode
-    one (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
+    """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a
+    minibatch) from the eval-mode one (`b_eval_logits` if known: the rollout's), over
+    `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
     if num_minibatches < 0:
         return None
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
-    cpu_rng, cuda_rng = (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    )
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     perm = torch.randperm(len(b_obs), generator=generator).to(b_obs.device)
     total = len(b_obs) // minibatch_size
     divergences = []
@@ -447,21 +478,28 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
 
 @torch.no_grad()
 def eval_mode_ratio(agent, mb):
-    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics (measured before the
-    minibatch's train-mode pass moves them). Side-effect free: no running statistic moves, no dropout mask is drawn."""
+    """Eq. 10's r: the eval-mode policy's ratio at the current parameters and running statistics
+    (measured before the minibatch's train-mode pass moves them). Side-effect free: no running
+    statistic moves, no dropout mask is drawn."""
     with temporary_mode(agent, training=False):
         _, eval_logprob, _, _ = agent.get_action_and_value(mb["obs"], mb["actions"])
     return (eval_logprob - mb["logprobs"]).exp()
 
 
 def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
-    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode ratio r: ratio_gap = mean
-    |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not; ..._signed: the clip would stop the gradient under
-    r but not under r' (it stops r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
-    inside = lambda ratio: (ratio - 1.0).abs() <= clip_coef  # noqa: E731
-    clipped = lambda ratio: (
-        ((advantages > 0) & (ratio > 1 + clip_coef)) | ((advantages < 0) & (ratio < 1 - clip_coef))
-    )  # noqa: E731
+    """Eq. 10-11 on one minibatch, from the optimized train-mode ratio r' and the eval-mode
+    ratio r: ratio_gap = mean |r' - r|; trust_region_violation: r' in [1 - eps, 1 + eps], r not;
+    ..._signed: the clip would stop the gradient under r but not under r' (it stops
+    r > 1 + eps for A > 0, r < 1 - eps for A < 0)."""
+
+    def inside(ratio):
+        return (ratio - 1.0).abs() <= clip_coef
+
+    def clipped(ratio):
+        return ((advantages > 0) & (ratio > 1 + clip_coef)) | (
+            (advantages < 0) & (ratio < 1 - clip_coef)
+        )
+
     violation = (inside(train_ratio) & ~inside(eval_ratio)).float().mean()
     signed = (clipped(eval_ratio) & ~clipped(train_ratio)).float().mean()
     gap = (train_ratio - eval_ratio).abs().mean()
@@ -474,17 +512,18 @@ def trust_region_diagnostics(train_ratio, eval_ratio, advantages, clip_coef):
 
 @torch.no_grad()
 def recalibrate_batchnorm(agent, b_obs, minibatch_size):
-    """Precise BN, the forum tip "run train mode without any learning for a few batches before switching to eval mode"
-    (a rival of MDR, docs/rivals.md): running statistics := the mean over D_k's minibatches of the new weights' batch
-    statistics (momentum None), so the next rollout sees the current network's. No other buffer moves, no RNG drawn."""
-    norms = [
-        m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)
-    ]  # not eval-mode BatchNorm
+    """Precise BN, the forum tip "run train mode without any learning for a few batches before
+    switching to eval mode" (a rival of MDR, docs/rivals.md): running statistics := the mean over
+    D_k's minibatches of the new weights' batch statistics (momentum None), so the next rollout
+    sees the current network's. No other buffer moves, no RNG drawn."""
+    # exact types: not eval-mode BatchNorm (EvalModeBatchNorm2d subclasses nn.BatchNorm2d)
+    norms = [m for m in agent.modules() if type(m) in (nn.BatchNorm2d, BatchRenorm2d)]
     saved = {name: buf.clone() for name, buf in agent.named_buffers()}
     stats = {m: [] for m in norms}
-    record = lambda m, inputs, _: stats[m].append(
-        (inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3)))
-    )  # noqa: E731
+
+    def record(m, inputs, _):  # a forward hook: the batch statistics of the layer's input
+        stats[m].append((inputs[0].float().mean((0, 2, 3)), inputs[0].float().var((0, 2, 3))))
+
     hooks = [m.register_forward_hook(record) for m in norms]
     with temporary_mode(agent, training=True), torch.random.fork_rng(devices=[]):
         for start in range(0, len(b_obs), minibatch_size):
@@ -500,7 +539,8 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
 
 @torch.no_grad()
 def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
-    """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current eval-mode critic."""
+    """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current
+    eval-mode critic."""
     with temporary_mode(agent, training=False):
         m = args.minibatch_size
         values = torch.cat(
@@ -510,8 +550,9 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
             ]
         )
         next_value = agent.get_value(next_obs).reshape(1, -1)
-    advantages, returns = compute_gae(rewards, values.view_as(rewards), dones, next_value, next_done,
-                                      args.gamma, args.gae_lambda)  # fmt: skip
+    advantages, returns = compute_gae(
+        rewards, values.view_as(rewards), dones, next_value, next_done, args.gamma, args.gae_lambda
+    )
     return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
@@ -521,47 +562,38 @@ def main(args: Args):
         return evaluate_checkpoint(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    checkpoint, run_dir = find_checkpoint(
-        args, os.path.join("runs", args.run_name or default_run_name(args))
-    )
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    checkpoint, run_dir = find_checkpoint(args, run_dir)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = (
-        not args.torch_deterministic
-    )  # fastest conv algorithms, picked by timing: not repeatable
+    # benchmark mode picks the fastest conv algorithms by timing them: not repeatable
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image files)
+    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes
+    # and image files)
     try:
-        sizes = (
-            args.num_tasks,
-            args.num_test_tasks,
-            args.image_source,
-            args.image_size,
-            args.view_size,
-        )
+        sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size)
         train_tasks, test_tasks = make_task_sets(
-            *sizes, seed=args.seed, targets_per_image=args.targets_per_image
+            *sizes, args.view_size, seed=args.seed, targets_per_image=args.targets_per_image
         )
         envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None
     num_actions = envs.single_action_space.n
     agent = Agent(num_actions, args).to(device)
-    if (
-        args.channels_last and device.type == "cuda"
-    ):  # NHWC observations already make the activations channels_last
-        agent = agent.to(
-            memory_format=torch.channels_last
-        )  # (not on CPU: no gain there, and the grad-norm sum reorders)
+    if args.channels_last and device.type == "cuda":
+        # NHWC observations already make the activations channels_last (not on CPU: no gain there,
+        # and the grad-norm sum reorders)
+        agent = agent.to(memory_format=torch.channels_last)
     if args.compile:  # in place: the state_dict keys stay the same, so checkpoints load either way
         agent.backbone.compile(dynamic=False)
     optimizer = torch.optim.Adam(
@@ -573,7 +605,8 @@ def main(args: Args):
     )
     if args.alpha2 > 0 and args.norm not in ("bn", "brn", "dropout"):
         print(
-            f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase equals the standard one"
+            f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase "
+            "equals the standard one"
         )
 
     # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
@@ -590,17 +623,14 @@ def main(args: Args):
     global_step, start_iteration, wandb_id = 0, 1, None
     next_obs = torch.as_tensor(envs.reset(seed=args.seed)[0]).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
-    diag_generator = torch.Generator().manual_seed(
-        args.seed
-    )  # own stream: diagnostics never shift the training RNG
+    # own stream: diagnostics never shift the training RNG
+    diag_generator = torch.Generator().manual_seed(args.seed)
     live = {"agent": agent, "optimizer": optimizer, "envs": envs, "diag_generator": diag_generator}
     if checkpoint is not None:
-        global_step, start_iteration, next_obs, next_done, wandb_id = restore_checkpoint(
-            checkpoint, live, device
-        )
-    logger = RunLogger(
-        run_dir, args, wandb_id, global_step
-    )  # only now, after every check has passed, is anything written
+        restored = restore_checkpoint(checkpoint, live, device)
+        global_step, start_iteration, next_obs, next_done, wandb_id = restored
+    # only now, after every check has passed, is anything written
+    logger = RunLogger(run_dir, args, wandb_id, global_step)
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save a checkpoint, exit
     iteration, exit_code = start_iteration - 1, 0
     try:
@@ -608,15 +638,10 @@ def main(args: Args):
             optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, args)
 
             # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            agent.train(
-                args.collect_mode == "train"
-            )  # MDR: D_k is collected in eval mode, as the policy acts when deployed
-            finished = {
-                "r": [],
-                "normalized_r": [],
-                "success": [],
-                "l": [],
-            }  # the training episodes that end in this rollout
+            # D_k is collected in eval mode, as the policy acts when deployed
+            agent.train(args.collect_mode == "train")  # MDR
+            # the training episodes that end in this rollout
+            finished = {"r": [], "normalized_r": [], "success": [], "l": []}
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -627,21 +652,18 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    logits[step] = (
-                        policy.logits
-                    )  # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    logits[step] = policy.logits
                 next_obs_np, reward, terminations, truncations, infos = envs.step(
                     action.cpu().numpy()
                 )
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
                 next_obs = torch.as_tensor(next_obs_np).to(device)
-                next_done = torch.as_tensor(
-                    np.logical_or(terminations, truncations), dtype=torch.float32
-                ).to(device)
+                next_done = np.logical_or(terminations, truncations)
+                next_done = torch.as_tensor(next_done, dtype=torch.float32).to(device)
                 for key in finished:
-                    finished[key].extend(
-                        infos["episode"][key][infos["_episode"]] if "episode" in infos else []
-                    )
+                    ended = infos["episode"][key][infos["_episode"]] if "episode" in infos else []
+                    finished[key].extend(ended)
                 logger.advance(args.num_envs)
 
             # 2. Advantages and value targets (GAE) of the eval-mode values
@@ -650,86 +672,67 @@ def main(args: Args):
                 advantages, returns = compute_gae(
                     rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda
                 )
-            batch = dict(
-                obs=obs.reshape((-1,) + obs.shape[2:]),
-                logprobs=logprobs.reshape(-1),
-                actions=actions.reshape(-1),
-            )
-            batch.update(
-                advantages=advantages.reshape(-1),
-                returns=returns.reshape(-1),
-                values=values.reshape(-1),
-            )
+            batch = {
+                "obs": obs.reshape((-1,) + obs.shape[2:]),
+                "logprobs": logprobs.reshape(-1),
+                "actions": actions.reshape(-1),
+                "advantages": advantages.reshape(-1),
+                "returns": returns.reshape(-1),
+                "values": values.reshape(-1),
+            }
             diag = (agent, batch["obs"], args.minibatch_size, args.diag_minibatches, diag_generator)
-            delta_pi_minus = policy_mismatch(
-                *diag, logits.view(-1, num_actions) if args.collect_mode == "eval" else None
-            )
+            b_eval_logits = logits.view(-1, num_actions) if args.collect_mode == "eval" else None
+            delta_pi_minus = policy_mismatch(*diag, b_eval_logits)
 
-            # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2 epochs in eval mode
+            # 3. MDR update (Algorithm 1): per round, alpha1 epochs in train mode, then alpha2
+            # epochs in eval mode
             phase_stats = {"standard": [], "rectify": []}
-            b_inds = np.arange(
-                args.batch_size
-            )  # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
+            # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
+            b_inds = np.arange(args.batch_size)
             for mdr_round in range(args.mdr_rounds):
-                if (
-                    mdr_round > 0
-                ):  # MDR: rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
-                    batch.update(
-                        recompute_advantages(
-                            agent, batch, rewards, dones, next_obs, next_done, args
-                        )
+                # rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
+                if mdr_round > 0:  # MDR
+                    recomputed = recompute_advantages(
+                        agent, batch, rewards, dones, next_obs, next_done, args
                     )
+                    batch.update(recomputed)
                 for epoch in range(args.alpha1 + args.alpha2):
-                    agent.train(
-                        epoch < args.alpha1
-                    )  # MDR: standard phase in train mode, then rectification in eval mode
+                    agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
                     phase = "standard" if epoch < args.alpha1 else "rectify"
                     np.random.shuffle(b_inds)
-                    epoch_inds = torch.as_tensor(
-                        b_inds, device=device
-                    )  # one host-to-device copy per epoch
+                    epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy
                     for start in range(0, args.batch_size, args.minibatch_size):
-                        mb = {
-                            key: value[epoch_inds[start : start + args.minibatch_size]]
-                            for key, value in batch.items()
-                        }
+                        end = start + args.minibatch_size
+                        mb_inds = epoch_inds[start:end]
+                        mb = {key: value[mb_inds] for key, value in batch.items()}
                         measure = phase == "standard" and args.diag_ratio_every > 0
                         measure = measure and len(phase_stats[phase]) % args.diag_ratio_every == 0
                         eval_ratio = eval_mode_ratio(agent, mb) if measure else None
-                        phase_stats[phase].append(
-                            ppo_update(agent, optimizer, mb, args, eval_ratio)
-                        )
-            if (
-                args.bn_recalibrate
-            ):  # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
+                        stats = ppo_update(agent, optimizer, mb, args, eval_ratio)
+                        phase_stats[phase].append(stats)
+            if args.bn_recalibrate:
+                # a rival of MDR (docs/rivals.md): running statistics of the new weights on D_k
                 recalibrate_batchnorm(agent, batch["obs"], args.minibatch_size)
             delta_pi_plus = policy_mismatch(*diag)
 
-            # 4. Logging (host syncs once per iteration, not per minibatch), held-out evaluation, checkpoint
-            scalars = iteration_scalars(
-                args, optimizer, finished, phase_stats, batch, (delta_pi_minus, delta_pi_plus)
-            )
+            # 4. Logging (host syncs once per iteration, not per minibatch), held-out evaluation,
+            # checkpoint
+            delta_pi = (delta_pi_minus, delta_pi_plus)
+            scalars = iteration_scalars(args, optimizer, finished, phase_stats, batch, delta_pi)
             logger.log(scalars, iteration)
-            if (
-                args.eval_interval and iteration % args.eval_interval == 0
-            ) or iteration == args.num_iterations:
+            last = iteration == args.num_iterations
+            if (args.eval_interval and iteration % args.eval_interval == 0) or last:
                 tqdm.write(evaluate_and_log(agent, train_tasks, test_tasks, args, device, logger))
-            due = args.save_model and (
-                iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations
-            )
+            due = args.save_model and (iteration % args.checkpoint_interval == 0 or last)
             if due or stop.requested:
+                rollout_end = (next_obs, next_done)
                 save_checkpoint(
-                    run_dir,
-                    live,
-                    args,
-                    iteration,
-                    global_step,
-                    (next_obs, next_done),
-                    logger.wandb_id,
+                    run_dir, live, args, iteration, global_step, rollout_end, logger.wandb_id
                 )
             if stop.requested:
                 tqdm.write(
-                    f"stopped at iteration {iteration}; continue it with --resume auto (same arguments)"
+                    f"stopped at iteration {iteration}; continue it with --resume auto (same "
+                    "arguments)"
                 )
                 exit_code = 128 + stop.requested
                 break
@@ -746,9 +749,10 @@ def main(args: Args):
     return exit_code
 
 
-# ======================================================================================================================
-# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is learned.
-# ======================================================================================================================
+# ==================================================================================================
+# Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is
+# learned.
+# ==================================================================================================
 
 
 class ConfigError(Exception):
@@ -756,8 +760,9 @@ class ConfigError(Exception):
 
 
 def provenance() -> dict:
-    """Where a run came from: the git commit of this script's checkout and whether tracked files differed from it
-    (None outside git), torch's version and the CPU model. analysis/collapse_stats.py pairs runs only within one."""
+    """Where a run came from: the git commit of this script's checkout and whether tracked files
+    differed from it (None outside git), torch's version and the CPU model.
+    analysis/collapse_stats.py pairs runs only within one."""
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     try:
@@ -781,36 +786,22 @@ def provenance() -> dict:
     return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
 
 
-RESUMABLE_FIELDS = (
-    "resume",
-    "total_timesteps",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "wandb_group",
-    "run_name",
-)
-RESUMABLE_FIELDS += (
-    "save_model",
-    "checkpoint_interval",
-    "cuda",
-    "num_iterations",
-    "channels_last",
-    "compile",
-)
-RESUMABLE_FIELDS += ("torch_threads", "evaluate", "capture_video")
-PRINTED_KEYS = (
-    "charts/normalized_reward",
-    "charts/delta_pi_minus",
-    "charts/SPS",
-)  # the plain line per iteration
+# fields that may differ between a run and its --resume (everything else defines the computation)
+RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity")
+RESUMABLE_FIELDS += ("wandb_group", "run_name", "save_model", "checkpoint_interval", "cuda")
+RESUMABLE_FIELDS += ("num_iterations", "channels_last", "compile", "torch_threads", "evaluate")
+RESUMABLE_FIELDS += ("capture_video",)
+# the plain line per iteration
+PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS")
 
 
 def validate_args(args: Args) -> None:
-    """Reject impossible settings before anything is created (the task sets check their own settings)."""
+    """Reject impossible settings before anything is created (the task sets check their own
+    settings)."""
     if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
         raise ConfigError(
-            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 (e.g. 2 and 1)"
+            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 "
+            "(e.g. 2 and 1)"
         )
     for name in (
         "mdr_rounds",
@@ -828,18 +819,19 @@ def validate_args(args: Args) -> None:
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError(
-            f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum {args.bn_momentum} <= 1"
+            f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum "
+            f"{args.bn_momentum} <= 1"
         )
-    if (
-        args.checkpoint_interval < 1
-        or min(args.eval_interval, args.diag_ratio_every, args.torch_threads) < 0
-    ):
+    intervals = (args.eval_interval, args.diag_ratio_every, args.torch_threads)
+    if args.checkpoint_interval < 1 or min(intervals) < 0:
         raise ConfigError(
-            "need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, --torch-threads >= 0"
+            "need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, "
+            "--torch-threads >= 0"
         )
     if args.diag_minibatches < -1 or (args.bn_recalibrate and args.norm not in ("bn", "brn")):
         raise ConfigError(
-            f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for --bn-recalibrate"
+            f"need --diag-minibatches {args.diag_minibatches} >= -1, and --norm bn or brn for "
+            "--bn-recalibrate"
         )
     if not 0 <= args.num_render_episodes <= args.num_test_tasks:
         raise ConfigError(
@@ -848,22 +840,24 @@ def validate_args(args: Args) -> None:
 
 
 def check_minibatches(args: Args) -> None:
-    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be smaller, never 1 sample."""
+    """One minibatch rule for all scripts: m <= |D_k|; the last minibatch of an epoch may be
+    smaller, never 1 sample."""
     n, m = args.num_envs * args.num_steps, args.minibatch_size
     if m > n or args.total_timesteps < n:
         raise ConfigError(
             f"--minibatch-size must be <= and --total-timesteps >= num_envs x num_steps = {n}"
         )
-    if args.norm_adv and (
-        m == 1 or n % m == 1
-    ):  # a 1-sample minibatch's normalized advantage is NaN
+    # a 1-sample minibatch's normalized advantage is NaN
+    if args.norm_adv and (m == 1 or n % m == 1):
         raise ConfigError(
-            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else --no-norm-adv"
+            f"--minibatch-size {m} leaves a minibatch of one sample in a rollout of {n}; else "
+            "--no-norm-adv"
         )
 
 
 def default_run_name(args: Args) -> str:
-    """The run's folder under runs/, a function of what defines the run (so a requeued job finds its own folder)."""
+    """The run's folder under runs/, a function of what defines the run (so a requeued job finds
+    its own folder)."""
     source = (
         "procedural"
         if args.image_source == "procedural"
@@ -874,22 +868,25 @@ def default_run_name(args: Args) -> str:
         "brn": f"brn{args.bn_momentum:g}",
         "dropout": f"dropout{args.dropout_p:g}",
     }
-    mdr = f"mdr{args.alpha1}-{args.alpha2}" + (f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else "")
-    mdr += ("__collecttrain" if args.collect_mode == "train" else "") + (
-        "__bnrecal" if args.bn_recalibrate else ""
-    )
-    return f"patchloc-{source}-{args.num_tasks}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
+    mdr = f"mdr{args.alpha1}-{args.alpha2}"
+    mdr += f"x{args.mdr_rounds}" if args.mdr_rounds > 1 else ""
+    mdr += "__collecttrain" if args.collect_mode == "train" else ""
+    mdr += "__bnrecal" if args.bn_recalibrate else ""
+    task_set = f"patchloc-{source}-{args.num_tasks}"
+    return f"{task_set}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
 
 
 def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the backbone; their names."""
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
+    backbone; their names."""
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         state_dict = weights.get_state_dict(progress=False)
     except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
         raise ConfigError(
-            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass --no-pretrained"
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
+            "--no-pretrained"
         ) from None
     own = backbone.state_dict()
     loadable = {
@@ -902,7 +899,8 @@ def load_imagenet_weights(backbone: nn.Module) -> list:
 
 
 def mean_stats(stats_list):
-    """Average a list of stat dicts key by key (keys measured on only some minibatches average over those); one host sync."""
+    """Average a list of stat dicts key by key (keys measured on only some minibatches average
+    over those); one host sync."""
     keys = sorted({key for stats in stats_list for key in stats})
     means = torch.stack(
         [torch.stack([s[key] for s in stats_list if key in s]).mean() for key in keys]
@@ -911,7 +909,8 @@ def mean_stats(stats_list):
 
 
 def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta_pi) -> dict:
-    """One iteration's scalars (CleanRL's keys, per-phase losses, MDR diagnostics); `finished`: the episodes that ended."""
+    """One iteration's scalars (CleanRL's keys, per-phase losses, MDR diagnostics); `finished`:
+    the episodes that ended."""
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
         raise FloatingPointError(
@@ -920,48 +919,45 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
     scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
-    scalars["losses/explained_variance"] = (
-        np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-    )
+    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    scalars["losses/explained_variance"] = explained_var
     for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
         scalars[f"losses/{key}"] = all_stats[key]
     for phase, stats_list in phase_stats.items():
         for key, value in (mean_stats(stats_list) if stats_list else {}).items():
-            scalars[
-                f"mdr/{key}"
-                if key.startswith(("ratio_gap", "trust_region"))
-                else f"losses/{phase}/{key}"
-            ] = value
+            diagnostic = key.startswith(("ratio_gap", "trust_region"))
+            scalars[f"mdr/{key}" if diagnostic else f"losses/{phase}/{key}"] = value
     if delta_pi[0] is not None:
-        scalars["charts/delta_pi_minus"], scalars["charts/delta_pi_plus"] = torch.stack(
-            delta_pi
-        ).tolist()
+        delta_pi_minus, delta_pi_plus = torch.stack(delta_pi).tolist()
+        scalars["charts/delta_pi_minus"] = delta_pi_minus
+        scalars["charts/delta_pi_plus"] = delta_pi_plus
     scalars.update(episode_scalars(finished, "") if finished["r"] else {})
     return scalars
 
 
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh run); never mixes two runs."""
-    path = (
-        args.resume if args.resume not in (None, "auto") else os.path.join(run_dir, "checkpoint.pt")
-    )
+    """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh
+    run); never mixes two runs."""
+    auto_path = os.path.join(run_dir, "checkpoint.pt")
+    path = args.resume if args.resume not in (None, "auto") else auto_path
     args.save_model = args.save_model or args.resume == "auto"
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     if args.resume is None or args.resume == "auto" and not os.path.exists(path):
         if events and args.resume is None:
             raise ConfigError(
-                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME starts another"
+                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME "
+                "starts another"
             )
-        for stale in (
-            events
-        ):  # --resume auto, and the job was stopped before its first checkpoint: start afresh
+        # --resume auto, and the job was stopped before its first checkpoint: start afresh
+        for stale in events:
             os.remove(stale)
         return None, run_dir
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
         raise ConfigError(
-            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model one"
+            f"--resume {path}: not a readable checkpoint ({type(e).__name__}); use a --save-model "
+            "one"
         ) from None
     required = {"agent", "optimizer", "global_step", "iteration", "args", "run_name", "rng", "env"}
     missing = required - set(checkpoint) if isinstance(checkpoint, dict) else required
@@ -969,24 +965,22 @@ def find_checkpoint(args: Args, run_dir: str):
         raise ConfigError(
             f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})"
         )
-    saved = {
-        **asdict(Args()),
-        **checkpoint["args"],
-    }  # a field added after the checkpoint was written: its default
+    # a field added after the checkpoint was written: its default
+    saved = {**asdict(Args()), **checkpoint["args"]}
     changed = [
         name
         for name, value in asdict(args).items()
         if name not in RESUMABLE_FIELDS and saved[name] != value
     ]
     if changed:
-        raise ConfigError(
-            f"--resume {path}: the run used different {', '.join('--' + n.replace('_', '-') for n in changed)}"
-        )
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ConfigError(f"--resume {path}: the run used different {flags}")
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit 128 + signal; 2nd Ctrl-C: quit."""
+    """Ctrl-C, SIGTERM, SIGUSR1 (SLURM's warnings): finish the iteration, checkpoint, exit
+    128 + signal; 2nd Ctrl-C: quit."""
 
     def __init__(self):
         self.requested = 0
@@ -1000,7 +994,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = signum
         print(
-            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again: quit now)"
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+            "(Ctrl-C again: quit now)"
         )
 
     def restore(self):
@@ -1009,12 +1004,14 @@ class StopRequest:
 
 
 class RunLogger:
-    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track); a tqdm bar, or plain lines in a log file."""
+    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track); a tqdm bar, or
+    plain lines in a log file."""
 
     def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
         os.makedirs(run_dir, exist_ok=True)
         args_file = os.path.join(run_dir, "args.json")
-        earlier = []  # a resumed run keeps where its earlier stretches were computed, one entry per process
+        # a resumed run keeps where its earlier stretches were computed, one entry per process
+        earlier = []
         if global_step and os.path.exists(args_file):
             with open(args_file) as f, contextlib.suppress(ValueError, AttributeError):
                 earlier = [
@@ -1025,24 +1022,28 @@ class RunLogger:
         here = [*earlier, {"from_step": global_step, **provenance()}]
         with open(args_file, "w") as f:
             json.dump({**asdict(args), "provenance": here}, f, indent=2)
-        self.args, self.wandb_id, self.global_step, self.wandb_run = (
-            args,
-            wandb_id,
-            global_step,
-            None,
-        )
+        self.args = args
+        self.wandb_id = wandb_id
+        self.global_step = global_step
+        self.wandb_run = None
         self.start_time, self.start_step = time.time(), global_step
         if args.track:
             import wandb
 
             run_name = os.path.relpath(run_dir, "runs")
-            group = (
-                args.wandb_group or run_name.rsplit("__s", 1)[0]
-            )  # the seeds of one configuration
+            group = args.wandb_group or run_name.rsplit("__s", 1)[0]  # the seeds of one config
             self.wandb_run = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, group=group, sync_tensorboard=True,
-                config=vars(args), name=run_name, tags=wandb_tags(args), id=wandb_id, resume="allow", save_code=True,
-            )  # fmt: skip
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                group=group,
+                sync_tensorboard=True,
+                config=vars(args),
+                name=run_name,
+                tags=wandb_tags(args),
+                id=wandb_id,
+                resume="allow",
+                save_code=True,
+            )
             self.wandb_id = self.wandb_run.id
         self.writer = SummaryWriter(run_dir)
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
@@ -1060,14 +1061,11 @@ class RunLogger:
             self.bar.update(steps)
 
     def log(self, scalars: dict, iteration: Optional[int] = None):
-        """Write the scalars at the current step; with `iteration`, also SPS and the progress line (or bar)."""
+        """Write the scalars at the current step; with `iteration`, also SPS and the progress
+        line (or bar)."""
         if iteration is not None:
-            scalars = {
-                **scalars,
-                "charts/SPS": int(
-                    (self.global_step - self.start_step) / (time.time() - self.start_time)
-                ),
-            }
+            sps = int((self.global_step - self.start_step) / (time.time() - self.start_time))
+            scalars = {**scalars, "charts/SPS": sps}
             shown = {tag.split("/")[-1]: scalars[tag] for tag in PRINTED_KEYS if tag in scalars}
             if self.bar is not None:
                 self.bar.set_postfix(
@@ -1075,10 +1073,8 @@ class RunLogger:
                 )
             else:
                 values = "".join(f", {key}={value:.4g}" for key, value in shown.items())
-                print(
-                    f"iteration={iteration}/{self.args.num_iterations}, global_step={self.global_step}{values}",
-                    flush=True,
-                )
+                progress = f"iteration={iteration}/{self.args.num_iterations}"
+                print(f"{progress}, global_step={self.global_step}{values}", flush=True)
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, self.global_step)
@@ -1107,20 +1103,20 @@ def wandb_tags(args: Args) -> list:
 
 @contextlib.contextmanager
 def greedy_policy(agent, device):
-    """The greedy eval-mode policy, as envs/ takes it (observations -> argmax actions; no RNG drawn); mode restored after."""
+    """The greedy eval-mode policy, as envs/ takes it (observations -> argmax actions; no RNG
+    drawn); mode restored after."""
     with temporary_mode(agent, training=False), torch.no_grad():
-        yield (
-            lambda obs: (
-                agent.actor(agent.features(torch.as_tensor(obs, device=device)))
-                .argmax(dim=1)
-                .cpu()
-                .numpy()
-            )
-        )
+
+        def act(obs):
+            logits = agent.actor(agent.features(torch.as_tensor(obs, device=device)))
+            return logits.argmax(dim=1).cpu().numpy()
+
+        yield act
 
 
 def evaluate(agent, task_set, num_tasks: int, args: Args, device):
-    """Tasks 0..num_tasks-1 of `task_set`, each once, greedy eval-mode policy: per-episode r, normalized_r, success."""
+    """Tasks 0..num_tasks-1 of `task_set`, each once, greedy eval-mode policy: per-episode r,
+    normalized_r, success."""
     with greedy_policy(agent, device) as act:
         return run_tasks(
             task_set, num_tasks, act, args.num_eval_envs, args.max_episode_steps, args.seed
@@ -1128,7 +1124,8 @@ def evaluate(agent, task_set, num_tasks: int, args: Args, device):
 
 
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first episode -> eval_video.gif."""
+    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first
+    episode -> eval_video.gif."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
         evaluation = {name: getattr(args, name) for name in ("num_eval_envs", "cuda", "track")}
@@ -1164,27 +1161,20 @@ def evaluate_checkpoint(args: Args) -> int:
     folder = os.path.dirname(os.path.abspath(args.evaluate))
     with open(os.path.join(folder, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(
-        json.dumps(
-            {key: value for key, value in result.items() if key != "test_normalized_rewards"}
-        )
-    )
-    with greedy_policy(
-        agent, device
-    ) as act:  # --capture-video: the first held-out episode, drawn step by step
-        steps = (
-            draw_episode_steps(test_tasks, 0, act, run_args.max_episode_steps, run_args.seed)
-            if args.capture_video
-            else []
-        )
+    printed = {key: value for key, value in result.items() if key != "test_normalized_rewards"}
+    print(json.dumps(printed))
+    steps = []
+    if args.capture_video:  # the first held-out episode, drawn step by step
+        with greedy_policy(agent, device) as act:
+            steps = draw_episode_steps(
+                test_tasks, 0, act, run_args.max_episode_steps, run_args.seed
+            )
     frames = [Image.fromarray(frame) for frame in steps]
     video = os.path.join(folder, "eval_video.gif") if frames else None
-    if (
-        frames
-    ):  # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
-        frames[0].save(
-            video, save_all=True, append_images=frames[1:], duration=300, loop=0
-        )  # ms: slow, to follow the window
+    # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
+    if frames:
+        # duration in ms: slow, to follow the window
+        frames[0].save(video, save_all=True, append_images=frames[1:], duration=300, loop=0)
         with open(video, "rb") as f:
             gif = Summary.Image(
                 height=frames[0].height,
@@ -1210,7 +1200,8 @@ def evaluate_checkpoint(args: Args) -> int:
 
 
 def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger) -> str:
-    """Held-out evaluation, and as many training tasks for the generalization gap: logged, drawn; the line to print."""
+    """Held-out evaluation, and as many training tasks for the generalization gap: logged, drawn;
+    the line to print."""
     test = evaluate(agent, test_tasks, test_tasks.num_tasks, args, device)
     train = evaluate(
         agent, train_tasks, min(train_tasks.num_tasks, test_tasks.num_tasks), args, device
@@ -1218,9 +1209,8 @@ def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger)
     gap = 100.0 * (np.mean(train["normalized_r"]) - np.mean(test["normalized_r"]))
     scalars = {**episode_scalars(test, "test_"), "charts/generalization_gap": gap}
     logger.log(scalars)
-    if (
-        args.num_render_episodes
-    ):  # the first held-out episodes: target in green, window path from blue to yellow
+    if args.num_render_episodes:
+        # the first held-out episodes: target in green, window path from blue to yellow
         with greedy_policy(agent, device) as act:
             drawing = draw_episodes(
                 test_tasks, range(args.num_render_episodes), act, args.max_episode_steps, args.seed
@@ -1228,12 +1218,17 @@ def evaluate_and_log(agent, train_tasks, test_tasks, args: Args, device, logger)
         logger.writer.add_image(
             "eval/test_episodes", drawing, logger.global_step, dataformats="HWC"
         )
-    test_r, success = scalars["charts/test_normalized_reward"], scalars["charts/test_success_rate"]
-    return f"held-out evaluation: test_normalized_reward={test_r:.1f}%, test_success_rate={success:.2f}, gap={gap:.1f} points"
+    test_r = scalars["charts/test_normalized_reward"]
+    success = scalars["charts/test_success_rate"]
+    return (
+        f"held-out evaluation: test_normalized_reward={test_r:.1f}%, "
+        f"test_success_rate={success:.2f}, gap={gap:.1f} points"
+    )
 
 
 def episode_scalars(episodes: dict, prefix: str) -> dict:
-    """Mean return, percent of the optimal return, success rate (and length, if given) of a set of episodes."""
+    """Mean return, percent of the optimal return, success rate (and length, if given) of a set
+    of episodes."""
     names = {
         "r": "episodic_return",
         "normalized_r": "normalized_reward",
@@ -1248,7 +1243,8 @@ def episode_scalars(episodes: dict, prefix: str) -> dict:
 
 
 def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
-    """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs, next_done)); an atomic write."""
+    """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs,
+    next_done)); an atomic write."""
     envs_state = {
         k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
         for k, v in live["envs"].get_state().items()
@@ -1264,9 +1260,8 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
         run_name=os.path.relpath(run_dir, "runs"),
         wandb_id=wandb_id,
     )
-    name, keys, *rest = (
-        np.random.get_state()
-    )  # numpy's key array as a tensor: weights_only-loadable
+    # numpy's key array is saved as a tensor: weights_only-loadable
+    name, keys, *rest = np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = dict(
         python=random.getstate(),
@@ -1281,7 +1276,8 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
 
 
 def restore_checkpoint(checkpoint, live, device):
-    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs, next_done, wandb id)."""
+    """Put a checkpoint's state back into `live`; returns (global_step, next iteration, next_obs,
+    next_done, wandb id)."""
     live["agent"].load_state_dict(checkpoint["agent"])
     live["optimizer"].load_state_dict(checkpoint["optimizer"])
     env = checkpoint["env"]
@@ -1299,7 +1295,8 @@ def restore_checkpoint(checkpoint, live, device):
         torch.cuda.set_rng_state_all(rng["cuda"])
     live["diag_generator"].set_state(rng["diag"])
     print(
-        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step {checkpoint['global_step']}"
+        f"resumed {checkpoint['run_name']} at iteration {checkpoint['iteration']}, global_step "
+        f"{checkpoint['global_step']}"
     )
     next_obs, next_done = env["next_obs"].to(device), env["next_done"].to(device)
     return (
