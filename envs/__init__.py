@@ -33,6 +33,11 @@ returns are exact.
     draw_episodes(test, range(4), act)  # each episode's window path on its image, side by side
     draw_episode_steps(test, 0, act)    # one episode drawn after every step: a video's frames
     PatchLocConfigError                 # ValueError with a one-line message on bad input
+
+    # whole-slide images (envs/slides.py, docs/slides.md): regions of tissue at 2 um/px
+    train, test = make_task_sets(2048, 500, image_source="/data/slides", slide_mpp=2.0,
+                                 regions_per_slide=32, min_tissue=0.5)
+    write_tasks_json("runs/NAME/tasks.json", train, test)  # each task's file, level, region, MPP
 Actions: UP, DOWN, LEFT, RIGHT, ZOOM_IN, ZOOM_OUT, STOP = 0..6.
 """
 
@@ -62,6 +67,7 @@ from envs.patchloc import (
     make_task_set,
     make_task_sets,
     run_tasks,
+    write_tasks_json,
 )
 
 ENV_ID = "PatchLoc-v0"
@@ -98,4 +104,5 @@ __all__ = [
     "make_task_sets",
     "procedural_image",
     "run_tasks",
+    "write_tasks_json",
 ]

@@ -1,6 +1,7 @@
 """Image sources for the patch-localization task, and the per-image pyramid.
 
-Every source yields one square uint8 image of side 4V per image (V = view size), the finest pyramid
+Sources: procedural images, image files, and regions of whole-slide images (envs/slides.py). Every
+source yields one square uint8 image of side 4V per image (V = view size), the finest pyramid
 level: a zoom-2 window (a quarter of the image side) is then exactly V pixels wide. The two coarser
 levels are 2x2 and 4x4 area averages of it, so every view at every zoom is a V x V slice.
 """
@@ -15,7 +16,10 @@ import tifffile
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# Whole-slide formats read with OpenSlide (envs/slides.py); a pyramidal .tif/.tiff is a slide too.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif")
 _SUFFIX_LIST = "/".join(IMAGE_SUFFIXES)
+_SOURCE_LIST = f"{_SUFFIX_LIST} images or {'/'.join(SLIDE_SUFFIXES)} slides"
 # Formats decoded whole (PNG, and TIFF layouts tifffile does not reduce) are refused above
 # this many pixels (1.6 GB as RGB): Pillow's own decompression-bomb limit is lifted for the
 # large slide tiles people have.
@@ -122,25 +126,26 @@ class UnusableImage(Exception):
 
 
 def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
-    """Image files (IMAGE_SUFFIXES, any case) of a folder and its
+    """Image and slide files (IMAGE_SUFFIXES, SLIDE_SUFFIXES, any case) of a folder and its
     subfolders, sorted by relative path.
 
     Hidden files and folders (names starting with '.', e.g. macOS '._photo.jpg' companions) are left
-    out. Raises if the folder is missing or holds no image file.
+    out. Raises if the folder is missing or holds no such file.
     """
     path = Path(folder)
-    if not str(
-        folder
-    ).strip():  # Path("") is the current folder: never what an empty --image-source meant
+    # Path("") is the current folder: never what an empty --image-source meant
+    if not str(folder).strip():
         raise PatchLocConfigError(
-            "image_source is empty; pass a folder of images, or 'procedural' for built-in images"
+            "image_source is empty; pass a folder of images or slides, or 'procedural' for "
+            "built-in images"
         )
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise PatchLocConfigError(
-            f"image folder '{path}' {what}; pass a folder of {_SUFFIX_LIST} images, or "
-            "'procedural' for built-in images"
+            f"image folder '{path}' {what}; pass a folder of {_SOURCE_LIST}, or 'procedural' for "
+            "built-in images"
         )
+    suffixes = IMAGE_SUFFIXES + SLIDE_SUFFIXES
     files = []
     # Data sets linked in as subfolders count too
     for root, dirs, names in os.walk(path, followlinks=True):
@@ -148,11 +153,12 @@ def list_image_files(folder: "os.PathLike[str] | str") -> list[Path]:
         files += [
             Path(root, n)
             for n in names
-            if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+            if not n.startswith(".") and Path(n).suffix.lower() in suffixes
         ]
     if not files:
         raise PatchLocConfigError(
-            f"image folder '{path}' holds no {_SUFFIX_LIST} files (subfolders included); add images"
+            f"image folder '{path}' holds no {_SOURCE_LIST} (subfolders included); add images or "
+            "slides"
         )
     return sorted(files, key=lambda f: f.relative_to(path).as_posix())
 

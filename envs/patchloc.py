@@ -1,19 +1,24 @@
-"""Patch-localization task sets and environments (a single gymnasium.Env
-and a native batched VectorEnv).
+"""Patch-localization task sets and environments (a single gymnasium.Env and a native batched
+VectorEnv).
 
 See envs/__init__.py for the task, envs/lattice.py for the window dynamics and the exact optimal
-return, envs/images.py for the image sources.
+return, envs/images.py for the image sources, envs/slides.py for whole-slide images.
 """
 
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from envs.images import (
@@ -25,6 +30,7 @@ from envs.images import (
     procedural_image,
 )
 from envs.lattice import (
+    ACTION_NAMES,
     INITIAL_STATE,
     IOU,
     NORMALIZED_BOXES,
@@ -35,6 +41,16 @@ from envs.lattice import (
     EpisodeConfig,
     optimal_actions,
     optimal_returns,
+)
+from envs.slides import (
+    DEFAULT_MIN_TISSUE,
+    DEFAULT_REGIONS_PER_SLIDE,
+    SlideSource,
+    describe_record,
+    is_slide,
+    mpp_warning,
+    slide_regions,
+    slide_settings,
 )
 
 try:  # gymnasium >= 1.1 declares the autoreset mode of a vector env in its metadata
@@ -63,13 +79,14 @@ OUTLINE_COLOURS = np.array(
 )
 _SPLITS = {"train": 0, "test": 1}
 _FILE_ORDER_STREAM = 2  # seed stream of the folder permutation (the splits use 0 and 1)
-_TARGET_STREAM = (
-    1  # per-image sub-stream of the target choice (the image uses the image's main stream)
-)
+# Per-image sub-streams: the target choice, and a slide's region order (the image itself, e.g. a
+# procedural one, uses the image's main stream)
+_TARGET_STREAM = 1
+_REGION_STREAM = 2
 _NAMED_PER_REASON = 3  # skipped files named in the summary, per reason
-_PROGRESS_DELAY_S = (
-    2.0  # a task-set build shows a progress bar (on a terminal) once it has taken this long
-)
+# A task-set build shows a progress bar (on a terminal) once it has taken this long
+_PROGRESS_DELAY_S = 2.0
+_CAPTION_HEIGHT = 12  # pixels of the caption strip under frames of task sets with slides
 
 
 class TaskSet:
@@ -95,8 +112,13 @@ class TaskSet:
         target_boxes: (num_tasks, 4) float (y0, x0, y1, x1) of each target, normalised to [0, 1]
             (y1, x1 exclusive); multiply by the side of image(i) for pixel coordinates.
         outline_colours: (num_tasks, 3) uint8 colour of the window outline drawn on the overview.
-        image_names: one string per image (file path, or procedural seed/split/index); image_ids:
-            one per task.
+        image_names: one string per image (file path, a slide region's file@x=...,y=... at level 0,
+            or procedural seed/split/index); image_ids: one per task.
+        image_records: one dict per image saying where it came from (kind "procedural", "image"
+            or "slide"; a slide region's file, level, region at level 0, MPP; see describe()).
+        settings: the make_task_sets settings the set was built with (written to tasks.json).
+        captions: None, or (task sets holding slide regions) one line per image naming its file
+            and region, drawn under render()'s frames and draw_episodes' drawings.
     """
 
     def __init__(
@@ -109,6 +131,8 @@ class TaskSet:
         target_states,
         image_colours,
         image_names,
+        image_records=None,
+        settings=None,
     ):
         self.split, self.view_size, self.image_size = split, view_size, image_size
         self.levels: tuple[np.ndarray, np.ndarray, np.ndarray] = tuple(levels)
@@ -116,6 +140,8 @@ class TaskSet:
         self.target_states = np.asarray(target_states, dtype=np.int64)
         self.image_colours = np.asarray(image_colours, dtype=np.uint8)
         self.image_names: list[str] = list(image_names)
+        self.image_records: list[dict] = list(image_records or [])
+        self.settings: dict[str, Any] = dict(settings or {})
         # Per state: pyramid level and top-left pixel of its view (lattice step =
         # V/4 pixels at every level)...
         quarter = view_size // 4
@@ -154,6 +180,45 @@ class TaskSet:
         return [self.image_names[i] for i in self.task_images]
 
     @property
+    def captions(self) -> Optional[list[str]]:
+        if not any(record.get("kind") == "slide" for record in self.image_records):
+            return None
+        return [describe_record(record) for record in self.image_records]
+
+    def caption(self, task_id: int) -> Optional[str]:
+        """'task 3: slide.svs x=12288 y=4096 L1 2um/px' for a task set with slide regions, else
+        None."""
+        captions = self.captions
+        if captions is None:
+            return None
+        return f"task {task_id}: {captions[self.task_images[task_id]]}"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One dict per task, to trace it to its image: task_id, image (index), the image's record
+        (kind; file; for a slide region: level, level_downsample, level0_mpp, mpp of the task image,
+        mpp_source, region_level0 {x, y, size} in level-0 pixels, tissue_fraction), and target:
+        zoom, row, col on the lattice, box (y0, x0, y1, x1) normalised to the image like
+        target_boxes, and for a slide region level0 {x, y, size}."""
+        tasks = []
+        for task in range(self.num_tasks):
+            image = int(self.task_images[task])
+            record = self.image_records[image] if self.image_records else {}
+            state = self.target_states[task]
+            zoom, row, col = (int(v) for v in STATES[state])
+            box = [float(v) for v in NORMALIZED_BOXES[state]]
+            target: dict[str, Any] = {"zoom": zoom, "row": row, "col": col, "box": box}
+            if record.get("kind") == "slide":
+                region = record["region_level0"]
+                size = region["size"]
+                target["level0"] = {
+                    "x": round(region["x"] + box[1] * size, 3),
+                    "y": round(region["y"] + box[0] * size, 3),
+                    "size": round((box[3] - box[1]) * size, 3),
+                }
+            tasks.append({"task_id": task, "image": image, **record, "target": target})
+        return tasks
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the pyramids (everything else is negligible)."""
         return sum(level.nbytes for level in self.levels)
@@ -187,7 +252,8 @@ class TaskSet:
     def draw_frame(self, task_id: int, state: int) -> np.ndarray:
         """The task's image (4V x 4V) with the target outlined and window `state` outlined on top,
         each in one of the two colours that stand out most from the image (the window in the
-        overview's colour): (4V, 4V, 3)."""
+        overview's colour): (4V, 4V, 3); with a caption strip under it (4V + 12, 4V, 3) when the
+        set holds slide regions (see caption())."""
         frame = self.image(task_id).copy()
         side = frame.shape[0]
         window_colour, target_colour = OUTLINE_COLOURS[
@@ -197,7 +263,7 @@ class TaskSet:
         thickness = max(1, side // 128)
         _draw_outline(frame, pixel_boxes[self.target_states[task_id]], target_colour, thickness)
         _draw_outline(frame, pixel_boxes[state], window_colour, thickness)
-        return frame
+        return _with_caption(frame, self.caption(task_id))
 
     def initial_ious(self) -> np.ndarray:
         """IoU of the starting window (the full image) with each target: 0.25 for
@@ -221,6 +287,21 @@ def _inclusive_pixel_boxes(side: int) -> np.ndarray:
     return np.clip(edges - np.array([0, 0, 1, 1]), 0, side - 1)
 
 
+@lru_cache(maxsize=1)
+def _caption_font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _with_caption(frame: np.ndarray, caption: Optional[str]) -> np.ndarray:
+    """`frame` with a black strip under it holding `caption` in white (as it fits); unchanged when
+    caption is None."""
+    if caption is None:
+        return frame
+    strip = Image.new("RGB", (frame.shape[1], _CAPTION_HEIGHT))
+    ImageDraw.Draw(strip).text((2, 0), caption, fill=(255, 255, 255), font=_caption_font())
+    return np.concatenate([frame, np.asarray(strip)], axis=0)
+
+
 def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thickness: int) -> None:
     """Draw a rectangle outline `thickness` pixels wide, inside the inclusive pixel box
     (y0, x0, y1, x1), into out."""
@@ -236,10 +317,18 @@ def _draw_outline(out: np.ndarray, box: np.ndarray, colour: np.ndarray, thicknes
 # Task-set creation
 # --------------------------------------------------------------------------------------------------
 def _choose_targets(
-    task_set: TaskSet, image: int, count: int, target_zooms: Sequence[int], min_std: float, rng
+    task_set: TaskSet,
+    image: int,
+    count: int,
+    target_zooms: Sequence[int],
+    min_std: float,
+    rng,
+    tissue: Optional[np.ndarray] = None,
+    min_tissue: float = 0.0,
 ) -> list:
     """`count` distinct random lattice targets at target_zooms (zooms equally likely) whose patches
-    are not near-uniform; raises UnusableImage if the image has fewer such crops."""
+    are not near-uniform and, given per-window `tissue` fractions (slide regions), hold at least
+    min_tissue; raises UnusableImage if the image has fewer such crops."""
     candidates = np.flatnonzero(np.isin(STATES[:, 0], target_zooms))
     counts = np.bincount(STATES[candidates, 0])
     # Weighted random order without replacement (Efraimidis-Spirakis keys log(u)/w): with weights
@@ -247,6 +336,8 @@ def _choose_targets(
     keys = np.log(rng.random(len(candidates))) * counts[STATES[candidates, 0]]
     chosen = []
     for state in candidates[np.argsort(-keys)]:
+        if tissue is not None and tissue[state] < min_tissue:
+            continue
         patch = task_set.image_view(image, state).reshape(-1, 3)
         if patch.std(axis=0).mean() >= min_std:  # per channel: a flat coloured patch has std 0
             chosen.append(int(state))
@@ -264,51 +355,94 @@ def _colour_ranking(overview: np.ndarray) -> np.ndarray:
     return np.argsort(-np.percentile(dist, 10, axis=0), kind="stable")
 
 
+@dataclass
+class _Candidate:
+    """An image offered for one slot of a task set: its pyramid top and where it came from."""
+
+    top: np.ndarray
+    name: str
+    record: dict
+    per_source: int = 1  # images its source gives at most (a slide: regions_per_slide)
+    tissue: Optional[np.ndarray] = None  # per-window tissue fraction (slide regions)
+
+
+# Candidates of one source for the slot it starts at: a generator, given the random stream of that
+# slot (seed, split, slot); it raises UnusableImage when the source cannot give what it must.
+CandidatesOf = Callable[[Any, list], Iterator[_Candidate]]
+
+
 def _fill(
     task_set: TaskSet,
     sources,
-    load_top,
+    candidates_of: CandidatesOf,
     seed,
     targets_per_image,
     target_zooms,
     min_target_std,
+    min_tissue,
     progress,
     skipped,
 ):
-    """Load images from `sources`, in order, into task_set's image slots and choose their
-    targets, until every slot is filled; unusable sources are appended to skipped[reason].
-    Returns (slots filled, sources examined)."""
+    """Load images from `sources`, in order, into task_set's image slots and choose their targets,
+    until every slot is filled; unusable sources are appended to skipped[reason]. Returns (slots
+    filled, sources examined).
+
+    A source gives up to per_source images (one image file; a slide's regions). An image whose
+    targets cannot be chosen makes its file unusable; a slide region is passed over for the slide's
+    next one, and a slide that runs out of regions is skipped whole (its slots are refilled).
+    """
     split_stream = _SPLITS[task_set.split]
     filled = examined = 0
     for source in sources:
         if filled == task_set.num_images:
             break
         examined += 1
-        # Random streams per image (seed, split, index[, purpose]): image i does
-        # not depend on the task counts.
+        first = filled
+        # Random streams per image (seed, split, index[, purpose]): image i does not depend on the
+        # task counts.
+        candidates = candidates_of(source, [seed, split_stream, first])
         try:
-            top, name = load_top(source, np.random.default_rng([seed, split_stream, filled]))
-            for z, level in enumerate(build_pyramid(top)):
-                task_set.levels[z][filled] = level
-            tasks = slice(
-                filled * targets_per_image,
-                min((filled + 1) * targets_per_image, task_set.num_tasks),
-            )
-            rng = np.random.default_rng([seed, split_stream, filled, _TARGET_STREAM])
-            count = tasks.stop - tasks.start
-            task_set.target_states[tasks] = _choose_targets(
-                task_set, filled, count, target_zooms, min_target_std, rng
-            )
+            for candidate in candidates:
+                for z, level in enumerate(build_pyramid(candidate.top)):
+                    task_set.levels[z][filled] = level
+                tasks = slice(
+                    filled * targets_per_image,
+                    min((filled + 1) * targets_per_image, task_set.num_tasks),
+                )
+                rng = np.random.default_rng([seed, split_stream, filled, _TARGET_STREAM])
+                count = tasks.stop - tasks.start
+                try:
+                    task_set.target_states[tasks] = _choose_targets(
+                        task_set,
+                        filled,
+                        count,
+                        target_zooms,
+                        min_target_std,
+                        rng,
+                        candidate.tissue,
+                        min_tissue,
+                    )
+                except UnusableImage:
+                    if candidate.tissue is None:
+                        raise
+                    continue  # a slide region: the slide's next region instead
+                task_set.image_colours[filled] = OUTLINE_COLOURS[
+                    _colour_ranking(task_set.levels[0][filled])[0]
+                ]
+                task_set.image_names.append(candidate.name)
+                task_set.image_records.append(candidate.record)
+                filled += 1
+                progress.update()
+                if filled == task_set.num_images or filled - first == candidate.per_source:
+                    break
         except UnusableImage as unusable:
+            progress.update(first - filled)
+            del task_set.image_names[first:], task_set.image_records[first:]
+            filled = first
             skipped.setdefault(unusable.reason, []).append(source)
             progress.set_postfix(skipped=sum(map(len, skipped.values())), refresh=False)
-            continue
-        task_set.image_colours[filled] = OUTLINE_COLOURS[
-            _colour_ranking(task_set.levels[0][filled])[0]
-        ]
-        task_set.image_names.append(name)
-        filled += 1
-        progress.update()
+        finally:
+            candidates.close()
     return filled, examined
 
 
@@ -337,10 +471,14 @@ def _build_task_sets(
     target_zooms,
     min_target_std,
     targets_per_image,
+    slide_mpp,
+    slide_level,
+    regions_per_slide,
+    min_tissue,
     splits,
 ) -> dict[str, TaskSet]:
-    """make_task_sets, building only `splits` (a folder's held-out images are always
-    chosen: training avoids them)."""
+    """make_task_sets, building only `splits` (a folder's held-out images are always chosen:
+    training avoids them)."""
     _check_int("num_train_tasks", num_train_tasks, 1)
     _check_int("num_test_tasks", num_test_tasks, 1)
     _check_int("seed", seed, 0)
@@ -371,6 +509,24 @@ def _build_task_sets(
             f"targets_per_image must be <= {max_targets}, the lattice windows at target_zooms "
             f"{target_zooms} (got {targets_per_image})"
         )
+    slide = slide_settings(slide_mpp, slide_level, regions_per_slide, min_tissue)
+    procedural = str(image_source) == "procedural"
+    settings = {
+        "image_source": str(image_source),
+        "image_source_path": None if procedural else os.path.abspath(image_source),
+        "image_size": int(image_size),
+        "view_size": int(view_size),
+        "seed": int(seed),
+        "target_zooms": list(target_zooms),
+        "min_target_std": float(min_target_std),
+        "targets_per_image": int(targets_per_image),
+        "num_train_tasks": int(num_train_tasks),
+        "num_test_tasks": int(num_test_tasks),
+        "slide_mpp": slide.mpp,
+        "slide_level": slide.level,
+        "regions_per_slide": slide.regions_per_slide,
+        "min_tissue": slide.min_tissue,
+    }
     side = 4 * view_size
     num_tasks = {"train": num_train_tasks, "test": num_test_tasks}
     task_sets = {}
@@ -382,16 +538,16 @@ def _build_task_sets(
         ]
         task_images = np.arange(n) // targets_per_image
         colours = np.zeros((num_images, 3), dtype=np.uint8)
+        targets = np.zeros(n, np.int64)
         task_sets[split] = TaskSet(
-            split, view_size, image_size, levels, task_images, np.zeros(n, np.int64), colours, []
+            split, view_size, image_size, levels, task_images, targets, colours, [], [], settings
         )
-    procedural = str(image_source) == "procedural"
     built = [
         split
         for split in ("test", "train")
         if split in splits or (split == "test" and not procedural)
     ]
-    fill_args = (seed, targets_per_image, target_zooms, min_target_std)
+    fill_args = (seed, targets_per_image, target_zooms, min_target_std, slide.min_tissue)
     skipped: dict[str, list] = {}
     progress = tqdm(
         total=sum(task_sets[s].num_images for s in built),
@@ -403,15 +559,18 @@ def _build_task_sets(
     with progress:
         if procedural:
 
-            def load_top(image_id, rng):
-                return procedural_image(rng, side), image_id
+            def procedural_candidates(name, stream):
+                top = procedural_image(np.random.default_rng(stream), side)
+                yield _Candidate(top, name, {"kind": "procedural", "name": name})
 
             for split in built:
                 names = [
                     f"procedural:seed={seed}:{split}:{i}"
                     for i in range(task_sets[split].num_images)
                 ]
-                filled, _ = _fill(task_sets[split], names, load_top, *fill_args, progress, skipped)
+                filled, _ = _fill(
+                    task_sets[split], names, procedural_candidates, *fill_args, progress, skipped
+                )
                 if filled < task_sets[split].num_images:
                     raise PatchLocConfigError(
                         f"procedural image '{names[filled]}' is near-uniform at "
@@ -419,43 +578,72 @@ def _build_task_sets(
                     )
             return {split: task_sets[split] for split in splits}
 
-        def load_top(file, rng):
-            return load_image(file, image_size, side), str(file)
+        slides_seen = []
+
+        def file_candidates(file, stream):
+            if not is_slide(file):
+                record = {"kind": "image", "file": os.path.relpath(file, image_source)}
+                yield _Candidate(load_image(file, image_size, side), str(file), record)
+                return
+            slides_seen.append(file)
+            source = SlideSource(file, image_source, slide, image_size, side)
+            try:
+                for region in slide_regions(
+                    source, np.random.default_rng(stream + [_REGION_STREAM])
+                ):
+                    at = region.record["region_level0"]
+                    name = f"{file}@x={at['x']},y={at['y']}"
+                    yield _Candidate(
+                        region.top, name, region.record, slide.regions_per_slide, region.tissue
+                    )
+            finally:
+                source.close()
+            # Only reached when the slide ran out of regions before the task set was full.
+            raise UnusableImage(source.too_little_tissue)
 
         files = list_image_files(image_source)
         order = np.random.default_rng([seed, _FILE_ORDER_STREAM]).permutation(len(files))
-        # Held-out images come from the end of a seeded permutation and training images from
-        # its start, so the held-out set does not change with the number of training tasks;
-        # an unusable file is replaced by the next one inwards (held-out: the file before
-        # its block, then earlier ones).
+        # Held-out images come from the end of a seeded permutation and training images from its
+        # start, so the held-out set does not change with the number of training tasks; an
+        # unusable file is replaced by the next one inwards (held-out: the file before its block,
+        # then earlier ones). A slide gives several images: the held-out set then needs fewer files
+        # than its block, and training takes every file it did not examine (slide-level split).
         first_test = max(len(files) - task_sets["test"].num_images, 0)
         test_order = np.concatenate([order[first_test:], order[:first_test][::-1]])
         usable, examined = _fill(
             task_sets["test"],
             [files[i] for i in test_order],
-            load_top,
+            file_candidates,
             *fill_args,
             progress,
             skipped,
         )
         if usable == task_sets["test"].num_images and "train" in built:
-            train_files = [files[i] for i in order[: len(files) - examined]]
+            held_out = set(test_order[:examined].tolist())
+            train_files = [files[i] for i in order if i not in held_out]
             filled, _ = _fill(
-                task_sets["train"], train_files, load_top, *fill_args, progress, skipped
+                task_sets["train"], train_files, file_candidates, *fill_args, progress, skipped
             )
             usable += filled
     needed = {split: task_sets[split].num_images for split in ("train", "test")}
     summary = _skip_summary(skipped, image_source)
     if usable < sum(needed[s] for s in built):
+        slide_fix = (
+            ", raise regions_per_slide (--regions-per-slide) or lower min_tissue (--min-tissue)"
+            if slides_seen
+            else ""
+        )
         raise PatchLocConfigError(
             f"image folder '{image_source}' has {usable} usable images but {sum(needed.values())} "
             f"are needed ({needed['train']} for {num_train_tasks} training tasks + "
             f"{needed['test']} for {num_test_tasks} held-out tasks, "
-            f"targets_per_image={targets_per_image})"
+            f"targets_per_image={targets_per_image}"
+            + (f", {slide.regions_per_slide} regions per slide" if slides_seen else "")
+            + ")"
             + (f"; skipped {summary}" if summary else "")
-            + "; add "
-            "images, raise targets_per_image (--targets-per-image), lower image_size or ask for "
-            "fewer tasks"
+            + "; add images, raise targets_per_image (--targets-per-image)"
+            + slide_fix
+            + ", lower image_size or ask for fewer tasks"
         )
     if skipped:
         logger.warning(
@@ -465,6 +653,16 @@ def _build_task_sets(
             image_source,
             summary,
         )
+    assumed: dict[str, list] = {}
+    for split in built:
+        for name, record in zip(task_sets[split].image_names, task_sets[split].image_records):
+            if record.get("mpp_source", "").startswith("assumed"):
+                files_of = assumed.setdefault(record["mpp_source"], [])
+                file = name.rsplit("@", 1)[0]
+                if file not in files_of:
+                    files_of.append(file)
+    if assumed:
+        logger.warning(mpp_warning(assumed, image_source, slide))
     return {split: task_sets[split] for split in splits}
 
 
@@ -478,16 +676,22 @@ def make_task_sets(
     target_zooms: Sequence[int] = (1, 2),
     min_target_std: float = 8.0,
     targets_per_image: int = 1,
+    slide_mpp: Optional[float] = None,
+    slide_level: Optional[int] = None,
+    regions_per_slide: int = DEFAULT_REGIONS_PER_SLIDE,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
 ) -> tuple[TaskSet, TaskSet]:
-    """Create the training and the held-out task sets; they never share an image.
+    """Create the training and the held-out task sets; they never share an image, nor a slide.
 
     Args:
         num_train_tasks, num_test_tasks: tasks per set (>= 1 each).
-        image_source: "procedural" (built-in generator, no download) or a folder of
-            .jpg/.jpeg/.png/.tif/.tiff images of any size, subfolders included; each is
-            center-cropped to a square and resized to image_size. Unreadable, too small or
-            near-uniform files are skipped (one warning line counts them by reason); it is an
-            error only when too few usable images remain.
+        image_source: "procedural" (built-in generator, no download) or a folder of images
+            (.jpg/.jpeg/.png/.tif/.tiff, any size), whole-slide images (.svs .ndpi .mrxs .scn .bif,
+            pyramidal .tif/.tiff; envs/slides.py), or both, subfolders included. An image is
+            center-cropped to a square and resized to image_size; a slide gives regions_per_slide
+            regions of tissue. Unreadable, too small or near-uniform files (and slides without
+            enough tissue) are skipped (one warning line counts them by reason); it is an error
+            only when too few usable images remain.
         image_size: m, the side images are processed at; must be >= 4 * view_size so that a
             zoom-2 window (m/4 pixels) is never upsampled. None: 4 * view_size. Procedural
             images are generated directly at 4V.
@@ -500,7 +704,15 @@ def make_task_sets(
             below this are rejected as near-uniform.
         targets_per_image: k, tasks per image (distinct targets): task i is on image i // k, so a
             set of n tasks needs ceil(n / k) images. k = 1 gives the same tasks as before this
-            option existed.
+            option existed. For a slide, k tasks per region.
+        slide_mpp: micrometres per pixel of a slide region at image_size (None: 2.0, a 5x view;
+            see envs/slides.py); read from the pyramid level nearest to it that is not coarser.
+        slide_level: instead of slide_mpp, the pyramid level regions are read from, image_size
+            pixels of it (for slides without MPP metadata).
+        regions_per_slide: task images per slide (non-overlapping regions of tissue); a slide that
+            cannot hold that many is skipped.
+        min_tissue: tissue fraction a region, and each target in it, needs (0..1; the tissue mask
+            is Otsu's threshold on the saturation, as CLAM does).
     Raises:
         PatchLocConfigError (a ValueError) with a one-line message on any bad setting or too few
         usable images.
@@ -515,6 +727,10 @@ def make_task_sets(
         target_zooms,
         min_target_std,
         targets_per_image,
+        slide_mpp,
+        slide_level,
+        regions_per_slide,
+        min_tissue,
         ("train", "test"),
     )
     return sets["train"], sets["test"]
@@ -531,6 +747,10 @@ def make_task_set(
     seed: int = 0,
     target_zooms: Sequence[int] = (1, 2),
     min_target_std: float = 8.0,
+    slide_mpp: Optional[float] = None,
+    slide_level: Optional[int] = None,
+    regions_per_slide: int = DEFAULT_REGIONS_PER_SLIDE,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
 ) -> TaskSet:
     """One split of make_task_sets(num_tasks, num_test_tasks, ...): the same tasks, without
     building the other split (except a folder's held-out images, which training must avoid). These
@@ -548,9 +768,39 @@ def make_task_set(
         target_zooms,
         min_target_std,
         targets_per_image,
+        slide_mpp,
+        slide_level,
+        regions_per_slide,
+        min_tissue,
         (split,),
     )
     return sets[split]
+
+
+def write_tasks_json(path: Union[str, "os.PathLike[str]"], *task_sets: TaskSet) -> None:
+    """Write `path` (e.g. RUN_DIR/tasks.json): the settings the task sets were built with and, per
+    split, every task's description (TaskSet.describe: its file, a slide region's level, position
+    and size at level 0 and MPP, the target box), so that every result can be traced to the tissue.
+
+    Written to a temporary file beside it, then renamed: a crash never leaves half a file. Raises
+    PatchLocConfigError (one line, naming the path) if it cannot be written.
+        write_tasks_json(os.path.join(run_dir, "tasks.json"), train_tasks, test_tasks)
+    """
+    path = Path(path)
+    data = {
+        "format": "patchloc-tasks/1",
+        "settings": task_sets[0].settings if task_sets else {},
+        "splits": {task_set.split: task_set.describe() for task_set in task_sets},
+    }
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise PatchLocConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _resolve_task_set(task_set: Optional[TaskSet], settings: dict[str, Any]) -> TaskSet:
@@ -610,10 +860,6 @@ class _Batch:
         """Advance every env by one action (table look-ups); does not render. Returns (reward,
         terminated, truncated, success, stopped)."""
         cfg = self.config
-        if actions.shape != self.states.shape or actions.min() < 0 or actions.max() >= NUM_ACTIONS:
-            raise ValueError(
-                f"expected {len(self.states)} actions in 0..{NUM_ACTIONS - 1}, got {actions!r}"
-            )
         self.states = TRANSITIONS[self.states, actions]
         ious = IOU[self.target_states, self.states]
         success = ious >= cfg.success_iou
@@ -626,6 +872,22 @@ class _Batch:
         terminated = success | stopped
         truncated = (self.steps >= cfg.max_steps) & ~terminated
         return reward, terminated, truncated, success, stopped
+
+
+def _check_actions(actions, num_envs: int) -> np.ndarray:
+    """Actions as an int64 array of num_envs (0: one action of a single env), or a one-line
+    ValueError: like gymnasium's Discrete, only integers (Python or numpy, not bool) in 0..6."""
+    array = np.asarray(actions)
+    expected = "one action" if num_envs == 0 else f"{num_envs} actions (one per env)"
+    shape_ok = array.shape == () if num_envs == 0 else array.size == num_envs
+    kind_ok = array.dtype.kind in "iu" and not isinstance(actions, (bool, np.bool_))
+    if shape_ok and kind_ok and array.size and 0 <= array.min() and array.max() < NUM_ACTIONS:
+        return array.astype(np.int64).reshape(-1)
+    shown = np.array2string(array, separator=", ", threshold=8, max_line_width=sys.maxsize)
+    raise ValueError(
+        f"expected {expected}: integers in 0..{NUM_ACTIONS - 1} ({', '.join(ACTION_NAMES)}); "
+        f"got {shown} ({array.dtype}, shape {array.shape})"
+    )
 
 
 def _episode_config(
@@ -662,10 +924,11 @@ _ENV_ARGS_DOC = """
 _TASKS_DOC = """
     Tasks: task_set (from make_task_sets), or, when it is None, task-set settings passed on to
     make_task_set: split ("train"), num_tasks (64), num_test_tasks (16), image_source ("procedural"
-    or a folder), targets_per_image (1), image_size (None: 4 x view_size), view_size (112), seed
-    (0), target_zooms, min_target_std.
+    or a folder of images and/or slides), targets_per_image (1), image_size (None: 4 x view_size),
+    view_size (112), seed (0), target_zooms, min_target_std, slide_mpp (None: 2.0 um/px),
+    slide_level (None), regions_per_slide (32), min_tissue (0.5).
     render_mode "rgb_array": render() returns the image (4V x 4V) with the target and the window
-    outlined.
+    outlined, and for slide regions a caption strip under it naming the task, slide and region.
 """
 
 
@@ -727,7 +990,7 @@ class PatchLocEnv(gym.Env):
 
     def step(self, action):
         reward, terminated, truncated, success, stopped = self._batch.step(
-            np.array([action], dtype=np.int64)
+            _check_actions(action, 0)
         )
         self._batch.render([0])
         info = self._info()
@@ -741,8 +1004,9 @@ class PatchLocEnv(gym.Env):
         )
 
     def render(self) -> Optional[np.ndarray]:
-        """render_mode "rgb_array": the image with the target and the current window
-        outlined, uint8 (4V, 4V, 3)."""
+        """render_mode "rgb_array": the image with the target and the current window outlined,
+        uint8 (4V, 4V, 3), or (4V + 12, 4V, 3) with a caption strip for slide regions
+        (TaskSet.draw_frame)."""
         if self.render_mode is None:
             gym.logger.warn(
                 "PatchLocEnv.render() was called without a render_mode; pass "
@@ -821,25 +1085,29 @@ def draw_episodes(
     max_steps: int = 20,
     seed: Optional[int] = None,
 ) -> np.ndarray:
-    """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side
-    by side: (4V, n 4V, 3) uint8."""
+    """One episode per task of `task_ids` played by `act`, each drawn by draw_episode, side by
+    side: (4V, n 4V, 3) uint8; with a caption strip under each (task, slide and region; 12 more
+    rows) when the set holds slide regions."""
     drawings = []
     for task_id in task_ids:
         boxes = episode_windows(task_set, task_id, act, max_steps, seed)
-        drawings.append(
-            draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id])
-        )
+        drawing = draw_episode(task_set.image(task_id), boxes, task_set.target_boxes[task_id])
+        drawings.append(_with_caption(drawing, task_set.caption(task_id)))
     return np.concatenate(drawings, axis=1)
 
 
 def draw_episode_steps(
     task_set: TaskSet, task_id: int, act: Policy, max_steps: int = 20, seed: Optional[int] = None
 ) -> list[np.ndarray]:
-    """One episode of task `task_id` played by `act`, drawn after every step (the path so
-    far): the frames of a video."""
+    """One episode of task `task_id` played by `act`, drawn after every step (the path so far):
+    the frames of a video (captioned like draw_episodes' drawings)."""
     boxes = episode_windows(task_set, task_id, act, max_steps, seed)
     image, target = task_set.image(task_id), task_set.target_boxes[task_id]
-    return [draw_episode(image, boxes[: t + 1], target) for t in range(len(boxes))]
+    caption = task_set.caption(task_id)
+    return [
+        _with_caption(draw_episode(image, boxes[: t + 1], target), caption)
+        for t in range(len(boxes))
+    ]
 
 
 def draw_episode(
@@ -970,7 +1238,7 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
     def step(self, actions):
         batch = self._batch
         reward, terminated, truncated, success, stopped = batch.step(
-            np.asarray(actions, dtype=np.int64).reshape(-1)
+            _check_actions(actions, self.num_envs)
         )
         done = terminated | truncated
         infos: dict[str, Any] = {}
@@ -1005,8 +1273,8 @@ class PatchLocVecEnv(gym.vector.VectorEnv):
         return self._observations(), reward.astype(np.float32), terminated, truncated, infos
 
     def render(self) -> Optional[tuple[np.ndarray, ...]]:
-        """render_mode "rgb_array": one frame per env, the image with the target and the
-        window outlined (4V, 4V, 3)."""
+        """render_mode "rgb_array": one frame per env, the image with the target and the window
+        outlined (4V, 4V, 3), captioned for slide regions (TaskSet.draw_frame)."""
         if self.render_mode is None:
             gym.logger.warn(
                 "PatchLocVecEnv.render() was called without a render_mode; pass "

@@ -627,7 +627,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
     one_line_error(
-        "holds no .jpg/.jpeg/.png/.tif/.tiff files",
+        "holds no .jpg/.jpeg/.png/.tif/.tiff images or .svs/.ndpi/.mrxs/.scn/.bif slides",
         2,
         1,
         image_source=empty,
@@ -691,6 +691,48 @@ def test_bad_env_arguments(train):
     env.reset(seed=0)
     with pytest.raises(ValueError, match="actions"):
         env.step(np.array([0, 7]))
+
+
+@pytest.mark.parametrize(
+    "action", [1.5, 2.0, np.float32(1), True, np.bool_(False), 7, -1, "1", None, [1], np.array([1])]
+)
+def test_single_env_step_refuses_anything_but_an_integer_action(train, action):
+    """Like gymnasium's Discrete(7).contains: an int or numpy integer in 0..6 (1.5 is not 1)."""
+    env = PatchLocEnv(train)
+    env.reset(seed=0)
+    with pytest.raises(
+        ValueError, match=r"expected one action: integers in 0\.\.6 \(up, down"
+    ) as e:
+        env.step(action)
+    assert "\n" not in str(e.value) and env.window == (0, 0, 0)  # nothing moved
+    for zoom_in in (4, np.int32(4), np.int64(4), np.array(4), np.uint8(4)):
+        env.reset(seed=0)
+        env.step(zoom_in)
+        assert env.window == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "actions",
+    [
+        [0, 1],  # too few
+        [0, 1, 2, 3],  # too many
+        [0.0, 1.0, 2.0],  # floats, even whole ones
+        [True, False, True],
+        [0, 1, 7],
+        np.full(3, -1),
+        np.arange(300),  # shown shortened, on one line
+    ],
+)
+def test_vector_env_step_refuses_bad_actions(train, actions):
+    env = PatchLocVecEnv(train, 3)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"expected 3 actions \(one per env\): integers in 0\.\.6"):
+        env.step(actions)
+    with pytest.raises(ValueError) as e:
+        env.step(actions)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    env.step([0, 1, 2])  # lists, int32 arrays and (3, 1) arrays of integers are fine
+    env.step(np.array([[4], [5], [6]], dtype=np.int32))
 
 
 # --------------------------------------------------------------------------------------------------
