@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -179,19 +179,23 @@ class TaskSet:
     def image_ids(self) -> list[str]:
         return [self.image_names[i] for i in self.task_images]
 
+    @cached_property
+    def has_slides(self) -> bool:
+        """Whether any image is a slide region (then frames get captions)."""
+        return any(record.get("kind") == "slide" for record in self.image_records)
+
     @property
     def captions(self) -> Optional[list[str]]:
-        if not any(record.get("kind") == "slide" for record in self.image_records):
+        if not self.has_slides:
             return None
         return [describe_record(record) for record in self.image_records]
 
     def caption(self, task_id: int) -> Optional[str]:
         """'task 3: slide.svs x=12288 y=4096 L1 2um/px' for a task set with slide regions, else
         None."""
-        captions = self.captions
-        if captions is None:
+        if not self.has_slides:
             return None
-        return f"task {task_id}: {captions[self.task_images[task_id]]}"
+        return f"task {task_id}: {describe_record(self.image_records[self.task_images[task_id]])}"
 
     def describe(self) -> list[dict[str, Any]]:
         """One dict per task, to trace it to its image: task_id, image (index), the image's record
