@@ -10,7 +10,7 @@ of one full-resolution image).
     python benchmarks/bench_taskset.py     # 8 images of 8,000 x 8,000, ~3 minutes
     python benchmarks/bench_taskset.py --formats tiff-jpeg --image-side 20000 --num-images 2
     # 1,024 tasks from 8 slides of 40,000 x 40,000 (6 training, 2 held out; 32 regions x 4 targets
-    # each); writing the slides takes minutes and ~1 GB of disk (--workdir keeps them for a rerun)
+    # each); writing the slides takes minutes and ~2 GB of disk (--workdir keeps them for a rerun)
     python benchmarks/bench_taskset.py --formats slide-svs --image-side 40000 --num-images 8 \
         --num-test-images 2 --regions-per-slide 32 --targets-per-image 4
 
