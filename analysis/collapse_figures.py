@@ -1,177 +1,42 @@
 """Figures of the reward-collapse probe's runs (ppo_collapse_probe.py): the paper's Fig. 6 layout,
-the App. B entropy comparison, and the summary figure of analysis/collapse_stats.py. Reads every
-metrics.csv (+ summary.json) under a folder, old runs (with the retired collapse_flag column, no
-acting_entropy) and new ones alike.
+the App. B entropy comparison, and the figures of analysis/collapse_stats.py (reward quartiles and
+Kaplan-Meier curves per arm, the paired differences of Stage C). Reads every metrics.csv (+
+summary.json) under a folder, old runs (with the retired collapse_flag column, no acting_entropy)
+and new ones alike; runs that did not finish are named, not drawn.
 
-    python analysis/collapse_figures.py --runs-dir docs/collapse
-    # writes docs/collapse_fig6.png, docs/collapse_entropy.png
+    python analysis/collapse_figures.py --runs-dir docs/collapse --cell views=joint --out-dir docs
+    # writes docs/collapse_fig6.png and docs/collapse_entropy.png from the first 16 runs
 
-x marks the collapse onset of analysis/collapse_stats.py's definition (docs/collapse.md, "Collapse
-definition").
+x marks the collapse onset of the definition in analysis/collapse_runs.py (--definition: old, the
+first study's, by default; docs/collapse.md, "Collapse definition").
 """
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys
 import textwrap
 
 import numpy as np
+from collapse_runs import (
+    DEFINITIONS,
+    ArgumentParser,
+    ConfigError,
+    cell_key,
+    cell_label,
+    finished,
+    group_runs,
+    mark_collapses,
+    mode_label,
+    read_runs,
+    select_cells,
+    select_modes,
+    varying_settings,
+)
 
-MODE_LABELS = {"bn": "BN", "eval": "Eval", "bn-mdr": "BN+MDR"}
-# Rows and legends in this order; modes not listed follow, alphabetically.
-MODE_ORDER = (
-    "bn",
-    "eval",
-    "bn-mdr",
-    "bn-recal",
-    "bn-train",
-    "bn-oldtrain",
-    "brn",
-    "brn-mdr",
-    "bn-wn",
-    "gn",
-    "none",
-)
-SETTINGS = (
-    "clip_coef",
-    "ent_coef",
-    "bn_momentum",
-    "view_batching",
-)  # a cell = mode + these; seeds within a cell
-SETTING_LABELS = {
-    "clip_coef": "clip",
-    "ent_coef": "ent",
-    "bn_momentum": "bnm",
-    "view_batching": "views",
-}
-SERIES = (
-    "iteration",
-    "global_step",
-    "normalized_reward",
-    "smoothed_reward",
-    "delta_pi_minus",
-    "entropy",
-)
-REWARD_YLIM = (
-    -20.0,
-    100.0,
-)  # normalized reward, percent of the optimal return (stopping at once: about -12)
+# normalized reward, percent of the optimal return (stopping at once: about -12)
+REWARD_YLIM = (-20.0, 100.0)
 DELTA_YLIM = (1e-5, 1.0)  # JS divergence in nats, <= ln 2
-
-
-class ConfigError(Exception):
-    """Bad input: printed as one line, no traceback."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block), like the ConfigErrors."""
-
-    def error(self, message):
-        print(f"error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
-
-
-def mode_label(mode: str) -> str:
-    return MODE_LABELS.get(mode, mode)
-
-
-def mode_rank(mode: str) -> tuple:
-    return (MODE_ORDER.index(mode), "") if mode in MODE_ORDER else (len(MODE_ORDER), mode)
-
-
-def read_float(value) -> float:
-    return float(value) if value not in (None, "") else math.nan
-
-
-def read_runs(runs_dir: str, option: str = "--runs-dir") -> list:
-    """Every metrics.csv under runs_dir (recursively) as a dict: name (folder relative to
-    runs_dir), mode, seed, the cell settings, wall_time_s, one array per SERIES column and
-    acting_entropy: the eval-mode acting policy's entropy where the run logged it, else the loss's
-    (train-mode) entropy, which is all that old runs have (entropy_source says which)."""
-    if not os.path.isdir(runs_dir):
-        raise ConfigError(f"{option} {runs_dir}: no such folder")
-    runs = []
-    for root, dirs, files in os.walk(runs_dir):
-        dirs.sort()
-        if "metrics.csv" not in files:
-            continue
-        with open(os.path.join(root, "metrics.csv"), newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            continue
-        summary_path = os.path.join(root, "summary.json")
-        summary = {}
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-        run_args = summary.get("args", {})
-        run = {
-            "name": os.path.relpath(root, runs_dir),
-            "mode": rows[0]["mode"],
-            "seed": int(rows[0]["seed"]),
-            "clip_coef": float(rows[0]["clip_coef"]),
-            "ent_coef": float(rows[0]["ent_coef"]),
-            "bn_momentum": run_args.get(
-                "bn_momentum"
-            ),  # None: no summary.json (a run that crashed)
-            "view_batching": run_args.get(
-                "view_batching", "joint" if run_args else None
-            ),  # runs before the flag: joint
-            "wall_time_s": summary.get("wall_time_s", read_float(rows[-1].get("wall_time"))),
-            "collapse_index": None,  # set by collapse_stats.mark_collapses
-        }
-        for column in SERIES:
-            run[column] = np.array([read_float(row[column]) for row in rows])
-        run["entropy_source"] = "acting_entropy" if "acting_entropy" in rows[0] else "entropy"
-        run["acting_entropy"] = np.array([read_float(row[run["entropy_source"]]) for row in rows])
-        signed = [
-            read_float(row.get("trust_region_violation_signed")) for row in rows
-        ]  # NaN in runs before the column
-        run["trust_region_violation_signed"] = np.array(signed)
-        runs.append(run)
-    if not runs:
-        raise ConfigError(f"{option} {runs_dir}: no runs found (no non-empty metrics.csv below it)")
-    return runs
-
-
-def format_setting(value) -> str:
-    if value is None:
-        return "?"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def cell_key(run) -> tuple:
-    return (run["mode"],) + tuple(run[setting] for setting in SETTINGS)
-
-
-def sort_key(key: tuple) -> tuple:
-    """Cells ordered by mode (MODE_ORDER), then by settings (None, i.e. unknown, first)."""
-    return (mode_rank(key[0]),) + tuple((value is not None, str(value)) for value in key[1:])
-
-
-def group_runs(runs: list, key=cell_key) -> dict:
-    """{key: runs sorted by seed}, keys in sort_key order."""
-    groups = {}
-    for run in runs:
-        groups.setdefault(key(run), []).append(run)
-    return {k: sorted(groups[k], key=lambda run: run["seed"]) for k in sorted(groups, key=sort_key)}
-
-
-def varying_settings(runs: list) -> list:
-    """The settings that differ between runs (the only ones worth naming in a label)."""
-    return [
-        setting for setting in SETTINGS if len({format_setting(run[setting]) for run in runs}) > 1
-    ]
-
-
-def cell_label(key: tuple, shown: list) -> str:
-    settings = dict(zip(SETTINGS, key[1:]))
-    return ", ".join(
-        [mode_label(key[0])] + [f"{SETTING_LABELS[s]} {format_setting(settings[s])}" for s in shown]
-    )
 
 
 def per_iteration(runs: list, column: str, statistic):
@@ -265,13 +130,13 @@ def draw_panel(ax, runs: list, title: str, aggregate: str = "mean"):
     ax.set_xlabel("environment steps", fontsize=8)
 
 
-def new_figure(rows: int, cols: int, size: tuple):
+def new_figure(rows: int, cols: int, size: tuple, **grid):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return plt.subplots(rows, cols, figsize=size, squeeze=False, gridspec_kw=grid or None)
 
 
 def save_figure(fig, title, path):
@@ -287,20 +152,25 @@ def save_figure(fig, title, path):
     plt.close(fig)
 
 
-def draw_fig6(runs: list, path: str, note: str = ""):
-    """The paper's Fig. 6 layout: one row per mode (and per other setting that varies), one column
-    per clip value."""
-    rows = group_runs(
-        runs, key=lambda run: cell_key(run)[:1] + cell_key(run)[2:]
-    )  # the cell without its clip
-    clips = sorted({run["clip_coef"] for run in runs}, reverse=True)
+def clip_column(run) -> str:
+    return f"clip {run['clip_coef']:g}"
+
+
+def draw_fig6(runs: list, path: str, note: str = "", column=clip_column):
+    """The paper's Fig. 6 layout: one row per arm (and per other setting that varies), one column
+    per value of column(run) (default: the clip; columns in the order of the runs' values, the
+    clips from the largest)."""
+    # a row: the cell without its clip
+    rows = group_runs(runs, key=lambda run: cell_key(run)[:1] + cell_key(run)[2:])
+    by_clip = sorted(runs, key=lambda run: -run["clip_coef"])
+    columns = list(dict.fromkeys(column(run) for run in by_clip))
     shown = [setting for setting in varying_settings(runs) if setting != "clip_coef"]
-    fig, axes = new_figure(len(rows), len(clips), (5.5 * len(clips), 2.9 * len(rows)))
+    fig, axes = new_figure(len(rows), len(columns), (5.5 * len(columns), 2.9 * len(rows)))
     for row, (key, row_runs) in enumerate(rows.items()):
         label = cell_label(key[:1] + (None,) + key[1:], shown)
-        for col, clip in enumerate(clips):
-            panel_runs = [run for run in row_runs if math.isclose(run["clip_coef"], clip)]
-            draw_panel(axes[row][col], panel_runs, f"{label}, clip {clip:g}")
+        for col, name in enumerate(columns):
+            panel_runs = [run for run in row_runs if column(run) == name]
+            draw_panel(axes[row][col], panel_runs, f"{label}, {name}")
     title = (
         "Reward (blue, moving average) and Δπ⁻ (red, log) per update; "
         "thin: seeds, thick: mean, x: collapse onset"
@@ -337,52 +207,100 @@ def draw_entropy_comparison(runs: list, path: str, clip: float):
     return True
 
 
-def draw_summary(cells: list, path: str, note: str = ""):
-    """collapse_stats.png. cells: (label, runs, km_times, km_survival) per cell. Left: median and
-    interquartile band of the smoothed reward over the cell's runs per update; right: Kaplan-Meier
-    curves of the time to collapse."""
-    fig, axes = new_figure(1, 2, (13, 5))
-    reward_ax, km_ax = axes[0]
-    for index, (label, runs, km_times, km_survival) in enumerate(cells):
-        color, style = (
-            f"C{index % 10}",
-            ("-", "--", ":")[index // 10 % 3],
-        )  # the 11th cell on: dashed, not a reused colour
-        iterations, _, quartiles = per_iteration(
-            runs, "smoothed_reward", lambda v: np.percentile(v, [25, 50, 75])
-        )
-        if len(iterations):
-            reward_ax.fill_between(
-                iterations, quartiles[:, 0], quartiles[:, 2], color=color, alpha=0.2, lw=0
+def draw_summary(rows: list, path: str, note: str = ""):
+    """collapse_stats.png: two panels per entry (title, cells) of rows, a cell being (label, runs,
+    curves) and curves [(km_times, km_survival, definition)] (the first solid, any other dotted).
+    Left: median and interquartile band of the smoothed reward over the cell's runs per update;
+    right: Kaplan-Meier curves of the time to collapse."""
+    fig, axes = new_figure(len(rows), 2, (13, 5 * len(rows)))
+    for (title, cells), (reward_ax, km_ax) in zip(rows, axes):
+        for index, (label, runs, curves) in enumerate(cells):
+            # the 11th cell on: dashed, not a reused colour
+            color, style = f"C{index % 10}", ("-", "--", ":")[index // 10 % 3]
+            iterations, _, quartiles = per_iteration(
+                runs, "smoothed_reward", lambda v: np.percentile(v, [25, 50, 75])
             )
-            reward_ax.plot(
-                iterations,
-                quartiles[:, 1],
-                color=color,
-                ls=style,
-                lw=1.8,
-                label=f"{label} (n={len(runs)})",
-            )
-        km_ax.step(
-            km_times,
-            km_survival,
-            where="post",
-            color=color,
-            ls=style,
-            lw=1.8,
-            label=f"{label} (n={len(runs)})",
-        )
-    reward_ax.set(xlabel="update", ylabel="smoothed reward (% of optimum)", ylim=REWARD_YLIM)
-    reward_ax.set_title("median and interquartile range over seeds", fontsize=9)
-    km_ax.set(xlabel="update", ylabel="P(no collapse yet)", ylim=(-0.03, 1.03))
-    km_ax.set_title(
-        "Kaplan-Meier: time to collapse (runs without one censored at their last update)",
-        fontsize=9,
-    )
-    for ax in (reward_ax, km_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            if len(iterations):
+                reward_ax.fill_between(
+                    iterations, quartiles[:, 0], quartiles[:, 2], color=color, alpha=0.2, lw=0
+                )
+                reward_ax.plot(
+                    iterations,
+                    quartiles[:, 1],
+                    color=color,
+                    ls=style,
+                    lw=1.8,
+                    label=f"{label} (n={len(runs)})",
+                )
+            for number, (km_times, km_survival, definition) in enumerate(curves):
+                km_ax.step(
+                    km_times,
+                    km_survival,
+                    where="post",
+                    color=color,
+                    ls=style if number == 0 else ":",
+                    lw=1.8 if number == 0 else 1.2,
+                    label=f"{label} (n={len(runs)})"
+                    + (f", {definition} definition" if len(curves) > 1 else ""),
+                )
+        prefix = f"{title}: " if title else ""
+        km_title = "Kaplan-Meier: time to collapse (runs without one censored at their last update)"
+        reward_ax.set(xlabel="update", ylabel="smoothed reward (% of optimum)", ylim=REWARD_YLIM)
+        reward_ax.set_title(prefix + "median and interquartile range over seeds", fontsize=9)
+        km_ax.set(xlabel="update", ylabel="P(no collapse yet)", ylim=(-0.03, 1.03))
+        km_ax.set_title(textwrap.fill(prefix + km_title, 90), fontsize=9)
+        for ax in (reward_ax, km_ax):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     save_figure(fig, "Collapse statistics" + (f"; {note}" if note else ""), path)
+
+
+def draw_paired_differences(panels: list, path: str, note: str = ""):
+    """collapse_paired.png: one panel per entry (title, comparisons) of panels, a comparison being
+    (label, its differences, one per seed, and (mean, low, high)): a dot per seed, the mean as a
+    bar and its interval as a line beside it."""
+    widths = [max(len(comparisons), 1) for _, comparisons in panels]
+    size = (1.2 * len(panels) + 1.6 * sum(widths), 4.8)
+    fig, axes = new_figure(1, len(panels), size, width_ratios=widths)
+    for ax, (title, comparisons) in zip(axes[0], panels):
+        ax.axhline(0.0, color="grey", lw=0.8)
+        for x, (label, differences, (mean, low, high)) in enumerate(comparisons):
+            differences = np.asarray(differences, dtype=float)
+            # the seeds side by side, so that equal differences stay visible
+            spread = np.linspace(-0.15, 0.15, len(differences)) if len(differences) > 1 else 0.0
+            ax.plot(x + spread + 0 * differences, differences, "o", color=f"C{x}", alpha=0.7, ms=5)
+            if math.isfinite(mean):
+                ax.plot([x - 0.25, x + 0.25], [mean, mean], color="black", lw=2)
+            if math.isfinite(low):
+                ax.vlines(x + 0.32, low, high, color="black", lw=1.5)
+        ax.set_xticks(range(len(comparisons)))
+        ax.set_xticklabels([label for label, *_ in comparisons], fontsize=8)
+        ax.set_xlim(-0.6, max(len(comparisons), 1) - 0.4)
+        ax.set_ylabel("ΔAUC (points of optimal), paired by seed", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    title = (
+        "Paired differences of the area under the reward curve: a dot per seed; "
+        "bar: mean; line: 95 % paired bootstrap interval"
+    )
+    save_figure(fig, title + (f"; {note}" if note else ""), path)
+
+
+def finite_float(minimum: float, inclusive: bool):
+    """An argparse type: a finite number >= minimum (> minimum unless inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {bound}")
+        return value
+
+    return parse
 
 
 def main(argv=None) -> int:
@@ -391,56 +309,78 @@ def main(argv=None) -> int:
         "--runs-dir", default="docs/collapse", help="folder searched (recursively) for metrics.csv"
     )
     parser.add_argument(
-        "--out", default="docs/collapse_fig6.png", help="Fig. 6 layout (rows: mode, columns: clip)"
+        "--out-dir",
+        required=True,
+        help="folder for collapse_fig6.png (rows: arm, columns: clip) and collapse_entropy.png",
     )
     parser.add_argument(
-        "--entropy-out",
-        default="docs/collapse_entropy.png",
-        help="App. B layout (entropy coefficients)",
+        "--cell",
+        default="",
+        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)",
+    )
+    parser.add_argument(
+        "--modes", default="", help="only these modes (arms), comma-separated (default: all)"
+    )
+    parser.add_argument(
+        "--definition",
+        choices=DEFINITIONS,
+        default="old",
+        help="collapse definition of the x marks (default: old, the first study's)",
     )
     parser.add_argument(
         "--ent-coef",
-        type=float,
+        type=finite_float(0.0, inclusive=True),
         default=None,
         help="Fig. 6's entropy coefficient (default: most common)",
     )
     parser.add_argument(
         "--entropy-clip",
-        type=float,
+        type=finite_float(0.0, inclusive=False),
         default=0.2,
         help="clip coefficient of the App. B layout's runs",
     )
     args = parser.parse_args(argv)
-    # collapse_stats imports this module's drawing; the collapse definition it holds is needed only
-    # here
-    from collapse_stats import mark_collapses
-
-    runs = mark_collapses(read_runs(args.runs_dir))
+    runs, unfinished = finished(read_runs(args.runs_dir))
+    if not runs:
+        raise ConfigError(f"--runs-dir {args.runs_dir}: no finished runs (none has summary.json)")
+    runs = select_modes(select_cells(runs, args.cell), args.modes)
+    runs = mark_collapses(runs, args.definition)
     ent_coefs = [run["ent_coef"] for run in runs]
     ent_coef = max(set(ent_coefs), key=ent_coefs.count) if args.ent_coef is None else args.ent_coef
     fig6_runs = [run for run in runs if math.isclose(run["ent_coef"], ent_coef)]
     if not fig6_runs:
         found = ", ".join(f"{e:g}" for e in set(ent_coefs))
         raise ConfigError(f"--ent-coef {ent_coef:g}: no runs with it (found {found})")
-    draw_fig6(fig6_runs, args.out, note=f"entropy {ent_coef:g}")
+    if unfinished:
+        names = ", ".join(f"{run['name']} ({run['status']})" for run in unfinished)
+        print(f"not drawn, not finished: {names}")
+    fig6, entropy_path = (
+        os.path.join(args.out_dir, name) for name in ("collapse_fig6.png", "collapse_entropy.png")
+    )
+    draw_fig6(fig6_runs, fig6, note=f"entropy {ent_coef:g}")
     print(
-        f"wrote {args.out} ({len(runs)} runs found, "
+        f"wrote {fig6} ({len(runs)} runs found, "
         f"Fig. 6 uses the {len(fig6_runs)} at entropy {ent_coef:g})"
     )
-    if draw_entropy_comparison(runs, args.entropy_out, args.entropy_clip):
+    if draw_entropy_comparison(runs, entropy_path, args.entropy_clip):
         found = ", ".join(f"{e:g}" for e in sorted(set(ent_coefs)))
-        print(f"wrote {args.entropy_out} (entropy coefficients {found})")
+        print(f"wrote {entropy_path} (entropy coefficients {found})")
     else:
         print(
-            f"no {args.entropy_out}: no mode has runs at two entropy coefficients "
+            f"no {entropy_path}: no mode has runs at two entropy coefficients "
             f"with clip {args.entropy_clip:g}"
         )
     return 0
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main() as a command: bad input (a ConfigError) is one line on stderr, exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,23 +1,33 @@
 """Does MDR prevent the collapse? Collapse rates, paired tests and survival curves of probe runs.
 
-    python analysis/collapse_stats.py --runs-dir docs/collapse/study [--out-dir DIR]
+    python analysis/collapse_stats.py --runs-dir docs/collapse/study --out-dir DIR
         [--reference bn] [--cell bnm=0.1] [--modes bn,eval,bn-mdr] [--seeds 1-4] [--rank]
-        [--cost-json bench.json] [--check-definition docs/collapse]
+        [--cost-json bench.json] [--check-definition docs/collapse] [--definition old|revised]
+    python analysis/collapse_stats.py --runs-dir docs/collapse/study_c --study stage-c \
+        --out-dir docs/collapse/study_c
 
-Every metrics.csv under --runs-dir is one run; a cell is (mode, clip, entropy coefficient, BN
-momentum, view batching) and its runs differ by seed. Per cell: the collapse rate with a 95 %
-Clopper-Pearson interval; against the reference mode's cell of the same settings, paired by seed: an
-exact McNemar test (a two-sided binomial test of the discordant pairs, b of b + c at p = 1/2) and
-paired bootstrap 95 % intervals (percentile method) of the differences in AUC and final reward;
-Kaplan-Meier curves of the time to collapse. Prints the table and writes to --out-dir
-collapse_stats.md (the same table, each run's verdict, the table again under each criterion alone,
-the precursors of collapses), collapse_stats.png (reward quartiles and Kaplan-Meier curves) and
-collapse_fig6.png (the paper's Fig. 6 layout).
+Every metrics.csv under --runs-dir is one run; a cell is (arm, clip, entropy coefficient, BN
+momentum, view batching) and its runs differ by seed. An arm is the mode, with what it changed of
+the update's epochs (bn-e2: 2 epochs; bn-mdr12: MDR(1,2)); the first studies' runs keep their mode.
+Per cell: the collapse rate with a 95 % Clopper-Pearson interval; against the reference arm's cell
+of the same settings, paired by seed: an exact McNemar test (a two-sided binomial test of the
+discordant pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile method) of
+the differences in AUC and final reward; Kaplan-Meier curves of the time to collapse. Prints the
+table and writes to --out-dir collapse_stats.md (the same table, each run's verdict, the table again
+under each criterion alone, the precursors of collapses), collapse_stats.png (reward quartiles and
+Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout).
 The cost column is each cell's median wall time per run over the reference's, or, with --cost-json,
 the side-by-side measurement of `benchmarks/bench_sps.py --configs probe/<mode>,... --json FILE`
 (runs made at different times under different loads compare load, not cost).
-The collapse definition is below (docs/collapse.md, "Collapse definition (fixed before the decisive
-runs)").
+--definition: the collapse definition (analysis/collapse_runs.py): old (the first study's,
+docs/collapse.md, the default: its committed reports) or revised (Stage C's; every table is then
+followed by the old definition's).
+--study stage-c: Stage C's pre-registered analysis (docs/collapse/study_c/PLAN.md) of the runs in
+procedural/ and photos/: the revised definition with the old one beside it in every table, the
+primary and the Holm-corrected secondary tests, recovery, and collapse_paired.png (the paired
+differences); it reports on whatever runs have finished, with how many pairs are complete.
+Runs paired with each other must come from one commit, CPU model and torch version (their
+summary.json provenance) unless --allow-mixed; runs that did not finish are named, not analysed.
 """
 
 import json
@@ -25,40 +35,40 @@ import math
 import os
 import statistics
 import sys
-from collections import deque
 
 import numpy as np
-from collapse_figures import (
+from collapse_figures import draw_fig6, draw_paired_differences, draw_summary
+from collapse_runs import (
+    CRITERIA,
+    DEFINITIONS,
+    ENTROPY_REWARD_FRACTION,
+    LEARNING_STARTED,
+    REWARD_FRACTION,
     SETTING_LABELS,
     SETTINGS,
+    STAGE_C_FAMILIES,
     ArgumentParser,
     ConfigError,
     cell_label,
-    draw_fig6,
-    draw_summary,
+    check_provenance,
+    collapse_onset,
+    definition_text,
+    finished,
     format_setting,
     group_runs,
+    mark_collapses,
+    mode_label,
+    provenance_summary,
     read_runs,
+    read_runs_and_skipped,
+    select_cells,
+    select_modes,
+    select_seeds,
+    smoothed_rewards,
+    stage_c_runs,
     varying_settings,
 )
 from scipy import stats
-
-# The collapse definition. A run has collapsed at the first update that starts a streak of
-# consecutive updates in which, after learning has started (its smoothed reward was once >=
-# LEARNING_STARTED), either
-#   the smoothed reward stays below REWARD_FRACTION x its best so far for REWARD_UPDATES updates
-#   (a reward collapse), or
-#   the acting policy's entropy stays below ENTROPY_MAX for ENTROPY_UPDATES updates (an entropy
-#   collapse).
-# Updates in which no episode ended (reward NaN) are skipped: they neither count nor break a streak.
-SMOOTH_WINDOW = 10  # updates in the reward's moving average (the probe's --smooth-window default)
-LEARNING_STARTED = 10.0  # percent of the optimal return; a uniformly random policy scores about -6
-REWARD_FRACTION = 0.25  # "far below its best"
-REWARD_UPDATES = 10  # a full moving-average window: a crash of a few updates cannot fill it
-ENTROPY_MAX = 0.25  # nats, of ln 7 = 1.95 at uniform: about 96 % of the probability on one action
-ENTROPY_UPDATES = 5  # per-update values, no smoothing: fewer updates make a streak
-# the definition uses both; the report adds each alone as a sensitivity check
-CRITERIA = ("reward", "entropy")
 
 FINAL_UPDATES = 10  # final reward: mean normalized reward over the last updates
 # the updates before a collapse's onset searched for a spike of Delta pi minus (paper Sec. 3.3)
@@ -68,50 +78,7 @@ BASELINE_UPDATES = 5
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
-
-
-def collapse_onset(rewards, entropies, criteria=CRITERIA) -> tuple:
-    """(index of the collapse's first update, 'reward' or 'entropy'), or (None, None) if the run
-    did not collapse. rewards: normalized reward per update (percent of optimal, NaN where no
-    episode ended); entropies: the acting policy's entropy per update. The first streak of one of
-    `criteria` to reach its length decides."""
-    rewards, entropies = np.asarray(rewards, dtype=float), np.asarray(entropies, dtype=float)
-    window = deque(maxlen=SMOOTH_WINDOW)
-    best = -math.inf
-    streaks = {
-        criterion: [] for criterion in criteria
-    }  # only the criteria asked for can end the run
-    needed = {"reward": REWARD_UPDATES, "entropy": ENTROPY_UPDATES}
-    for index in np.flatnonzero(np.isfinite(rewards)):
-        window.append(rewards[index])
-        smoothed = float(np.mean(window))
-        best = max(best, smoothed)
-        started = best >= LEARNING_STARTED
-        low = {
-            "reward": started and smoothed < REWARD_FRACTION * best,
-            "entropy": started and entropies[index] < ENTROPY_MAX,
-        }
-        for criterion, streak in streaks.items():
-            streak[:] = streak + [index] if low[criterion] else []
-            if len(streak) == needed[criterion]:
-                return int(streak[0]), criterion
-    return None, None
-
-
-def detect_collapse(rewards, entropies) -> tuple:
-    """(True, index of the collapse's first update) or (False, index of the last update: the run is
-    censored there)."""
-    onset, _ = collapse_onset(rewards, entropies)
-    return (True, onset) if onset is not None else (False, len(rewards) - 1)
-
-
-def mark_collapses(runs: list, criteria=CRITERIA) -> list:
-    """Sets each run's collapse_index (None: no collapse) and collapse_criterion under `criteria`;
-    returns the runs."""
-    for run in runs:
-        onset = collapse_onset(run["normalized_reward"], run["acting_entropy"], criteria)
-        run["collapse_index"], run["collapse_criterion"] = onset
-    return runs
+FEW_SEEDS = 3  # an interval over fewer seeds (or pairs) carries a caution
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,12 +112,17 @@ def kaplan_meier(times, collapsed) -> tuple:
     )
 
 
-def paired_bootstrap(x, y) -> tuple:
-    """(mean of x - y, low, high): paired bootstrap percentile interval of the mean difference
-    (pairs with a NaN dropped; the interval is NaN with fewer than 2 pairs)."""
+def finite_pairs(x, y) -> tuple:
+    """x and y as arrays, the pairs with a NaN dropped."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
+    return x[keep], y[keep]
+
+
+def paired_bootstrap(x, y, confidence: float = CONFIDENCE) -> tuple:
+    """(mean of x - y, low, high): paired bootstrap percentile interval of the mean difference
+    (pairs with a NaN dropped; the interval is NaN with fewer than 2 pairs)."""
+    x, y = finite_pairs(x, y)
     if len(x) == 0:
         return math.nan, math.nan, math.nan
     mean = float(np.mean(x - y))
@@ -162,11 +134,79 @@ def paired_bootstrap(x, y) -> tuple:
         paired=True,
         vectorized=True,
         n_resamples=BOOTSTRAP_RESAMPLES,
-        confidence_level=CONFIDENCE,
+        confidence_level=confidence,
         method="percentile",
         random_state=np.random.default_rng(BOOTSTRAP_SEED),
     )
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+MAX_EXACT_PAIRS = 24  # the exact sign-flip test enumerates 2^n sign assignments
+
+
+def sign_flip_test(x, y) -> float:
+    """Exact two-sided paired sign-flip permutation test of the mean of x - y: the share of the 2^n
+    assignments of signs to the n differences whose |mean| is at least the observed one (pairs with
+    a NaN dropped; NaN without a pair)."""
+    x, y = finite_pairs(x, y)
+    differences = x - y
+    n = len(differences)
+    if n == 0:
+        return math.nan
+    if n > MAX_EXACT_PAIRS:
+        raise ValueError(f"{n} pairs: the exact test enumerates 2^n, at most {MAX_EXACT_PAIRS}")
+    signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)  # every +-1 row, once
+    sums = np.abs(signs @ differences)
+    observed = abs(differences.sum())
+    # the same |sum| in another order of additions may differ in its last bits: not a smaller one
+    return float(np.mean(sums >= observed - 1e-9 * max(1.0, observed)))
+
+
+def tost_paired(x, y, margin: float, alpha: float) -> dict:
+    """Two one-sided paired t-tests of equivalence of x and y within +-margin (TOST): p_lower tests
+    H0 mean(x - y) <= -margin, p_upper H0 mean(x - y) >= +margin; p = the larger (equivalence at
+    alpha iff p < alpha), and the (1 - 2 alpha) t interval of the mean difference, which lies inside
+    +-margin iff p < alpha. NaN with fewer than 2 pairs (pairs with a NaN dropped)."""
+    x, y = finite_pairs(x, y)
+    differences = x - y
+    n = len(differences)
+    result = {"n": n, "mean": float(np.mean(differences)) if n else math.nan}
+    result.update(p_lower=math.nan, p_upper=math.nan, p=math.nan, low=math.nan, high=math.nan)
+    if n < 2:
+        return result
+    mean, se = result["mean"], float(np.std(differences, ddof=1) / math.sqrt(n))
+    if se == 0:  # every difference the same: no spread to test against
+        result.update(p_lower=float(mean <= -margin), p_upper=float(mean >= margin), low=mean)
+        result.update(p=max(result["p_lower"], result["p_upper"]), high=mean)
+        return result
+    t = stats.t(df=n - 1)
+    result.update(
+        p_lower=float(t.sf((mean + margin) / se)), p_upper=float(t.cdf((mean - margin) / se))
+    )
+    half = float(t.ppf(1 - alpha)) * se
+    result.update(p=max(result["p_lower"], result["p_upper"]), low=mean - half, high=mean + half)
+    return result
+
+
+def holm(p_values: list, alpha: float) -> list:
+    """Holm's step-down procedure over the family of p_values (NaN: not tested, never rejected):
+    per test, in the given order, (the level its p is compared with, rejected?, Holm-adjusted p).
+    The smallest p is compared with alpha/m, the next with alpha/(m - 1), ...; the first that fails
+    stops the procedure."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: (not math.isfinite(p_values[i]), p_values[i]))
+    results, still_rejecting, adjusted = [None] * m, True, 0.0
+    for rank, i in enumerate(order):
+        p = p_values[i] if math.isfinite(p_values[i]) else math.nan
+        level = alpha / (m - rank)
+        still_rejecting = still_rejecting and math.isfinite(p) and p <= level
+        adjusted = max(adjusted, min(1.0, (m - rank) * p)) if math.isfinite(p) else math.nan
+        results[i] = (level, still_rejecting, adjusted)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Per run
 
 
 def finite_mean(values) -> float:
@@ -194,10 +234,41 @@ def run_measures(run) -> dict:
     }
 
 
+RECOVERY_FRACTION = 0.5  # recovered: the smoothed reward back at >= this x the best at the onset
+
+
+def recovery(run) -> dict:
+    """Stage C's recovery outcomes (docs/collapse/study_c/PLAN.md), over the updates in which an
+    episode ended: ended_collapsed, the last smoothed reward below REWARD_FRACTION x the best,
+    after learning started; spent, the updates after learning started whose smoothed reward is
+    below REWARD_FRACTION x the best so far; for a run with a collapse (its collapse_index),
+    recovery_time:
+    the updates from the onset to the first later update whose smoothed reward is back at >=
+    RECOVERY_FRACTION x the best so far at the onset, and recovered; a run that never gets there is
+    not recovered, censored at its last update (recovery_time: to that update)."""
+    indices, smoothed, best = smoothed_rewards(run["normalized_reward"])
+    low = (best >= LEARNING_STARTED) & (smoothed < REWARD_FRACTION * best)
+    result = {
+        "ended_collapsed": bool(len(low) and low[-1]),
+        "spent": int(low.sum()),
+        "recovery_time": None,
+        "recovered": None,
+    }
+    onset = run["collapse_index"]
+    if onset is not None:
+        at_onset = int(np.flatnonzero(indices == onset)[0])
+        back = np.flatnonzero((indices > onset) & (smoothed >= RECOVERY_FRACTION * best[at_onset]))
+        end = indices[back[0]] if len(back) else len(run["iteration"]) - 1
+        result["recovered"] = bool(len(back))
+        result["recovery_time"] = float(run["iteration"][end] - run["iteration"][onset])
+    return result
+
+
 def analyse(runs: list, reference: str) -> list:
     """One dict per cell: its runs' measures, the rate and its interval, Kaplan-Meier curve, and the
-    paired comparison with the reference mode's cell of the same settings (None when there is none,
-    or for the reference itself)."""
+    paired comparison with the reference arm's cell of the same settings (None when there is none,
+    or for the reference itself). Seeds that share nothing with the reference cell's are a
+    ConfigError."""
     cells = group_runs(runs)
     shown = varying_settings(runs)
     results = []
@@ -228,6 +299,12 @@ def analyse(runs: list, reference: str) -> list:
         if ref is None or ref is result:
             continue
         seeds = sorted(set(result["measures"]) & set(ref["measures"]))
+        if not seeds:
+            raise ConfigError(
+                f"{result['label']} (seeds {seed_list(result['measures'])}) and {reference} "
+                f"(seeds {seed_list(ref['measures'])}) share no seed: nothing to pair; "
+                "choose runs of the same seeds (--seeds, --cell)"
+            )
         mine, theirs = [result["measures"][s] for s in seeds], [ref["measures"][s] for s in seeds]
         b = sum(m["collapsed"] and not t["collapsed"] for m, t in zip(mine, theirs))
         c = sum(t["collapsed"] and not m["collapsed"] for m, t in zip(mine, theirs))
@@ -235,12 +312,23 @@ def analyse(runs: list, reference: str) -> list:
             "pairs": len(seeds),
             "b": b,
             "c": c,
-            "p": mcnemar_exact(b, c) if seeds else math.nan,
+            "p": mcnemar_exact(b, c),
             "auc": paired_bootstrap([m["auc"] for m in mine], [t["auc"] for t in theirs]),
             "final": paired_bootstrap([m["final"] for m in mine], [t["final"] for t in theirs]),
             "wall_ratio": result["wall_time"] / ref["wall_time"],
         }
     return results
+
+
+def seed_list(seeds) -> str:
+    """'1-4, 7' for the seeds 1, 2, 3, 4, 7."""
+    seeds, parts = sorted(seeds), []
+    for seed in seeds:
+        if parts and seed == parts[-1][1] + 1:
+            parts[-1][1] = seed
+        else:
+            parts.append([seed, seed])
+    return ", ".join(f"{low}" if low == high else f"{low}-{high}" for low, high in parts)
 
 
 def benchmark_cost(path: str, reference: str) -> dict:
@@ -328,14 +416,33 @@ def markdown_table(header: list, rows: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def format_difference(estimate: tuple) -> str:
+def caution(n: int) -> str:
+    """The caution beside an interval over fewer than FEW_SEEDS seeds or pairs ('' otherwise)."""
+    return f" ⚠ only {n} seed{'s' * (n != 1)}" if n < FEW_SEEDS else ""
+
+
+def format_difference(estimate: tuple, n: int = FEW_SEEDS) -> str:
+    """mean [low, high] of a paired difference over n pairs."""
     mean, low, high = estimate
     if not math.isfinite(mean):
         return "–"
-    return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else f"{mean:+.1f} [–]"
+    interval = f"[{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else "[–]"
+    return f"{mean:+.1f} {interval}{caution(n)}"
 
 
-def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
+def format_rate(collapses: int, n: int) -> str:
+    """collapses / n [95 % Clopper-Pearson interval]."""
+    if n == 0:
+        return "–"
+    low, high = clopper_pearson(collapses, n)
+    return f"{collapses / n:.2f} [{low:.2f}, {high:.2f}]{caution(n)}"
+
+
+def format_p(p: float) -> str:
+    return f"{p:.3g}" if math.isfinite(p) else "–"
+
+
+def stats_table(results: list, reference: str, cost=None) -> str:
     """The statistics table; its last column is `cost` ({mode: (median, min, max)}, from
     benchmark_cost) if given, else the runs' own wall times."""
     header = ["mode"] + [SETTING_LABELS[s] for s in SETTINGS] + ["n", "collapses", "rate [95 % CP]"]
@@ -344,23 +451,19 @@ def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
     header += [f"wall time / {reference} (side by side)" if cost else f"wall time / {reference}"]
     rows = []
     for result in results:
-        low, high = result["rate_ci"]
         row = [result["key"][0]] + [format_setting(value) for value in result["key"][1:]]
-        row += [
-            str(result["n"]),
-            str(result["collapses"]),
-            f"{result['collapses'] / result['n']:.2f} [{low:.2f}, {high:.2f}]",
-        ]
+        row += [str(result["n"]), str(result["collapses"])]
+        row += [format_rate(result["collapses"], result["n"])]
         comparison = result["comparison"]
         if comparison is None:
             row += ["–", f"{result['auc']:.1f}", "–", "–"]
         else:
-            p = f"{comparison['p']:.3g}" if math.isfinite(comparison["p"]) else "–"
+            pairs = comparison["pairs"]
             row += [
-                f"{p} ({comparison['b']}/{comparison['c']}, {comparison['pairs']})",
+                f"{format_p(comparison['p'])} ({comparison['b']}/{comparison['c']}, {pairs})",
                 f"{result['auc']:.1f}",
             ]
-            row += [format_difference(comparison["auc"]), format_difference(comparison["final"])]
+            row += [format_difference(comparison[key], pairs) for key in ("auc", "final")]
         row += [f"{result['mean_delta']:.2g}", f"{result['median_delta']:.2g}"]
         if cost:
             ratio = cost.get(result["key"][0])
@@ -372,55 +475,52 @@ def stats_table(results: list, reference: str, cost: dict | None = None) -> str:
     return markdown_table(header, rows)
 
 
-def sensitivity_table(runs: list, reference: str, criterion: str, cost: dict | None) -> str:
-    """stats_table with collapses decided by `criterion` alone (on copies: the runs keep the
-    definition's verdict)."""
-    return stats_table(
-        analyse(mark_collapses([dict(run) for run in runs], (criterion,)), reference),
-        reference,
-        cost,
-    )
+def marked(runs: list, definition: str, criteria=CRITERIA) -> list:
+    """Copies of the runs with their collapses under `definition` and `criteria` (the runs keep
+    their own verdict)."""
+    return mark_collapses([dict(run) for run in runs], definition, criteria)
 
 
-def runs_table(runs: list) -> str:
-    """One row per run: whether and where the definition flags a collapse, and what it looked at."""
+def sensitivity_table(runs: list, reference: str, criterion: str, cost, definition: str) -> str:
+    """stats_table with collapses decided by `criterion` alone."""
+    return stats_table(analyse(marked(runs, definition, (criterion,)), reference), reference, cost)
+
+
+def flagged_text(run) -> str:
+    """'yes, update U (criterion)' or 'no', for the run's collapse_index."""
+    if run["collapse_index"] is None:
+        return "no"
+    return f"yes, update {run['iteration'][run['collapse_index']]:g} ({run['collapse_criterion']})"
+
+
+def runs_table(runs: list, definition: str, also=None) -> str:
+    """One row per run: whether and where the definition flags a collapse (and, with also, another
+    definition: its verdict in a column of its own), and what it looked at."""
+    others = {run["name"]: run for run in marked(runs, also)} if also else {}
     rows = []
     for run in sorted(runs, key=lambda run: run["name"]):
         measures = run_measures(run)
-        flagged = (
-            f"yes, update {measures['time']:g} ({run['collapse_criterion']})"
-            if measures["collapsed"]
-            else "no"
-        )
         smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
         entropy = run["acting_entropy"][np.isfinite(run["acting_entropy"])]
         alone = [
-            collapse_onset(run["normalized_reward"], run["acting_entropy"], (criterion,))[0]
+            collapse_onset(
+                run["normalized_reward"], run["acting_entropy"], definition, (criterion,)
+            )[0]
             for criterion in CRITERIA
         ]
-        rows.append(
-            [
-                f"`{run['name']}`",
-                flagged,
-                f"{smoothed.max():.1f}" if len(smoothed) else "–",
-                f"{entropy.min():.3f} ({run['entropy_source']})" if len(entropy) else "–",
-                f"{measures['auc']:.1f}",
-                f"{measures['final']:.1f}",
-                str(len(run["iteration"])),
-                " / ".join(
-                    "–" if onset is None else f"{run['iteration'][onset]:g}" for onset in alone
-                ),
-            ]
-        )
-    header = [
-        "run",
-        "collapse",
-        "best smoothed reward",
-        "min entropy (column)",
-        "AUC",
-        "final reward",
-        "updates",
-    ]
+        row = [f"`{run['name']}`", flagged_text(run)]
+        row += [flagged_text(others[run["name"]])] if also else []
+        row += [
+            f"{smoothed.max():.1f}" if len(smoothed) else "–",
+            f"{entropy.min():.3f} ({run['entropy_source']})" if len(entropy) else "–",
+            f"{measures['auc']:.1f}",
+            f"{measures['final']:.1f}",
+            str(len(run["iteration"])),
+            " / ".join("–" if onset is None else f"{run['iteration'][onset]:g}" for onset in alone),
+        ]
+        rows.append(row)
+    header = ["run", "collapse"] + ([f"collapse ({also} definition)"] if also else [])
+    header += ["best smoothed reward", "min entropy (column)", "AUC", "final reward", "updates"]
     header += [" / ".join(CRITERIA) + " criterion alone"]
     return markdown_table(header, rows)
 
@@ -430,7 +530,7 @@ def precursors_table(runs: list) -> str:
     at its biggest Delta pi minus spike when it has none), against the run's medians."""
     rows = []
     for run in sorted(
-        runs, key=lambda run: (run["mode"], run["collapse_index"] is None, run["name"])
+        runs, key=lambda run: (run["arm"], run["collapse_index"] is None, run["name"])
     ):
         found = precursors(run)
         violation = run["trust_region_violation_signed"]
@@ -456,17 +556,7 @@ def precursors_table(runs: list) -> str:
     return markdown_table(header, rows)
 
 
-def definition_text() -> str:
-    return (
-        f"Collapse: after the smoothed reward (moving average over {SMOOTH_WINDOW} updates) was "
-        f"once >= {LEARNING_STARTED:g} % of optimal, either the smoothed reward < "
-        f"{REWARD_FRACTION:g} x its best so far for {REWARD_UPDATES} consecutive updates, or the "
-        f"acting entropy < {ENTROPY_MAX:g} nats for {ENTROPY_UPDATES}; the collapse's update is "
-        "the streak's first. Runs without one are censored at their last update."
-    )
-
-
-def methods_text(reference: str, cost_json: str | None) -> str:
+def methods_text(reference: str, cost_json) -> str:
     return (
         f"Rate: collapsed runs / runs, exact Clopper-Pearson {CONFIDENCE:.0%} interval. Against "
         f"{reference}, pairs by seed in the cell of the same settings: exact McNemar (two-sided "
@@ -486,64 +576,607 @@ def methods_text(reference: str, cost_json: str | None) -> str:
     )
 
 
+def notes_text(runs: list, unfinished: list, skipped: list, allow_mixed: bool) -> str:
+    """What the report did not analyse and where the runs came from, one paragraph per kind; ''
+    when every run finished, none was skipped and none recorded its provenance (the first
+    studies' reports read as they were)."""
+    notes = []
+    if unfinished:
+        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
+        notes.append(f"Not finished, not analysed ({len(unfinished)}): {names}.\n")
+    if skipped:
+        notes.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+    if any(run["provenance"] for run in runs):
+        notes.append(provenance_summary(runs, allow_mixed) + "\n")
+    return "\n".join(notes)
+
+
+def comparison_groups(runs: list, reference: str) -> list:
+    """The runs that are paired with each other: each cell with the reference arm's cell of the same
+    settings (a cell without one alone)."""
+    cells = group_runs(runs)
+    return [
+        cell_runs + (cells.get((reference,) + key[1:], []) if key[0] != reference else [])
+        for key, cell_runs in cells.items()
+    ]
+
+
+def study_report(args, runs: list, unfinished: list, skipped: list, command: str) -> tuple:
+    """(the report's text, the printed table, the figures' cells): the statistics of `runs` by cell
+    under args.definition, and, where it is the revised one, every table again under the old."""
+    cost = benchmark_cost(args.cost_json, args.reference) if args.cost_json else None
+    results = analyse(runs, args.reference)
+    if args.rank:  # a ranking table: the highest area under the reward curve first
+        results.sort(
+            key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf
+        )
+    table = stats_table(results, args.reference, cost)
+    primary = args.definition
+    also = "old" if primary == "revised" else None
+
+    def with_old(text: str, table_of) -> str:
+        """A table, followed by the same under the old definition when the primary is revised."""
+        if not also:
+            return text
+        return text + f"\n### The same under the {also} definition\n\n" + table_of(also) + "\n"
+
+    def table_under(definition: str) -> str:
+        results_old = analyse(marked(runs, definition), args.reference)
+        order = [result["key"] for result in results]
+        results_old.sort(key=lambda result: order.index(result["key"]))
+        return stats_table(results_old, args.reference, cost)
+
+    definitions = [definition_text(primary)]
+    if also:
+        definitions.append(f"Old definition (beside it in every table): {definition_text(also)}")
+    notes = notes_text(runs, unfinished, skipped, args.allow_mixed)
+    alone = [(criterion, primary) for criterion in CRITERIA]
+    if also:
+        alone.append(("entropy", also))
+    report = [
+        f"# Collapse statistics of {args.runs_dir}\n",
+        f"Written by `{command}`.\n",
+        *[text + "\n" for text in definitions],
+        methods_text(args.reference, args.cost_json) + "\n",
+        *([notes] if notes else []),
+        with_old(table + "\n", table_under),
+        "## Runs\n",
+        runs_table(runs, primary, also) + "\n",
+        "## Sensitivity: each criterion alone\n",
+        "The same statistics with only one of the definition's two criteria (a check of how much "
+        "the verdict depends on each, not a second definition): the reward criterion alone is the "
+        "paper's reward collapse; the entropy criterion alone also flags a near-deterministic "
+        "policy that still earns its reward.\n",
+        *[
+            f"### The {criterion} criterion alone"
+            + (f" ({definition} definition)" if also else "")
+            + "\n\n"
+            + sensitivity_table(runs, args.reference, criterion, cost, definition)
+            + "\n"
+            for criterion, definition in alone
+        ],
+        "## Before the collapse\n",
+        "Delta pi minus and the signed trust-region violation (the clip would stop the sample's "
+        "gradient under the eval-mode ratio r but not under the optimized train-mode r') over the "
+        f"{PRECURSOR_UPDATES + 1} updates that end at the collapse's onset; for a run without a "
+        "collapse, the window (ending once learning has started, i.e. where a collapse could "
+        "begin) where Delta pi minus's peak over its earlier median is largest. A spike before "
+        "collapses is a warning sign only if the runs that do not collapse have none as large.\n",
+        precursors_table(runs) + "\n",
+    ]
+    old_km = {}
+    if also:
+        old_km = {r["key"]: r["km"] for r in analyse(marked(runs, also), args.reference)}
+    cells = [
+        (
+            result["label"],
+            result["runs"],
+            [(*result["km"], primary)] + ([(*old_km[result["key"]], also)] if also else []),
+        )
+        for result in results
+    ]
+    return "\n".join(report), table, cells
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage C (docs/collapse/study_c/PLAN.md): its pre-registered tests, on whatever runs have finished
+
+ALPHA = 0.05  # the primary test's, and the family-wise level of the Holm-corrected secondary tests
+EQUIVALENCE_MARGIN = 10.0  # S3's TOST margin, points of AUC: 40 % of the first study's +24.9
+PRIMARY = ("bn-mdr21", "bn")  # exact McNemar under the revised definition, per family
+# (name, arm, minus arm, test, question, what a significant result is called: the plan's words)
+SECONDARY = (
+    (
+        "S1",
+        "bn-mdr21",
+        "bn-e2",
+        "sign-flip",
+        "the confound: the rectification, or one fewer train-mode epoch?",
+        "it is the rectification, not the fewer epochs",
+    ),
+    ("S2", "bn-mdr12", "bn", "sign-flip", "does MDR(1,2) help?", "MDR(1,2) helps"),
+    (
+        "S3",
+        "bn-mdr12",
+        "bn-mdr21",
+        "tost",
+        "are MDR(1,2) and MDR(2,1) equivalent?",
+        "MDR(1,2) and MDR(2,1) are equivalent",
+    ),
+)
+PRIMARY_CALLED = "MDR prevents the collapse on fresh seeds"
+FAMILY_TITLES = {"procedural": "Procedural images", "photos": "Real photographs"}
+
+
+class Family:
+    """One family of Stage C (procedural/ or photos/): its finished runs' measures under both
+    definitions (collapses decided by `criteria`), by arm and seed."""
+
+    def __init__(self, name: str, runs: list, criteria=CRITERIA):
+        self.name = name
+        self.arms, self.seeds = STAGE_C_FAMILIES[name]
+        self.runs = runs
+        self.by_definition = {}
+        for definition in DEFINITIONS:
+            by_arm = {arm: {} for arm in self.arms}
+            for run in marked(runs, definition, criteria):
+                measures = run_measures(run)
+                measures.update(run=run, **recovery(run))
+                by_arm[run["arm"]][run["seed"]] = measures
+            self.by_definition[definition] = by_arm
+
+    def measures(self, arm: str, definition: str = "revised") -> dict:
+        return self.by_definition[definition][arm]
+
+    def pairs(self, arm: str, other: str) -> list:
+        return sorted(set(self.measures(arm)) & set(self.measures(other)))
+
+    def values(self, arm: str, other: str, key: str, definition: str = "revised") -> tuple:
+        """(arm's, other's) `key` over their pairs."""
+        seeds = self.pairs(arm, other)
+        return tuple(
+            [self.measures(a, definition)[seed][key] for seed in seeds] for a in (arm, other)
+        )
+
+    def mcnemar(self, arm: str, other: str, definition: str) -> dict:
+        """b: only arm collapsed, c: only other; p: exact McNemar."""
+        mine, theirs = self.values(arm, other, "collapsed", definition)
+        b = sum(m and not t for m, t in zip(mine, theirs))
+        c = sum(t and not m for m, t in zip(mine, theirs))
+        pairs = len(mine)
+        return {"pairs": pairs, "b": b, "c": c, "p": mcnemar_exact(b, c) if pairs else math.nan}
+
+    def difference(self, arm: str, other: str, key: str, confidence=CONFIDENCE) -> tuple:
+        return paired_bootstrap(*self.values(arm, other, key), confidence)
+
+    def complete_seeds(self) -> list:
+        """The seeds finished in every arm of the family."""
+        return [s for s in self.seeds if all(s in self.measures(arm) for arm in self.arms)]
+
+
+def mcnemar_text(result: dict) -> str:
+    return f"{format_p(result['p'])} ({result['b']}/{result['c']}, {result['pairs']})"
+
+
+def called(p: float, reject: bool, positive: bool, name: str) -> str:
+    """The plan's name for a result ('What the results will be called')."""
+    if not math.isfinite(p):
+        return "not yet computable"
+    if not reject:
+        return "not resolved"
+    return name if positive else "significant, against it"
+
+
+def primary_table(family: Family) -> str:
+    """The primary test (bn-mdr21 vs bn, exact McNemar), under the revised and the old
+    definition."""
+    rows = []
+    for definition in ("revised", "old"):
+        result = family.mcnemar(*PRIMARY, definition)
+        verdict = called(
+            result["p"], result["p"] < ALPHA, result["c"] > result["b"], PRIMARY_CALLED
+        )
+        label = "revised (primary)" if definition == "revised" else "old (for comparison)"
+        rows.append(
+            [
+                label,
+                str(result["pairs"]),
+                f"{result['b']} / {result['c']}",
+                format_p(result["p"]),
+                verdict if definition == "revised" else "–",
+            ]
+        )
+    header = ["definition", "pairs", f"b / c ({PRIMARY[0]} only / {PRIMARY[1]} only collapsed)"]
+    header += ["exact McNemar p", f"called (at {ALPHA:g})"]
+    return markdown_table(header, rows)
+
+
+def secondary_results(family: Family) -> list:
+    """S1-S3 with their p-values and Holm's verdicts."""
+    results = []
+    for name, arm, other, test, question, success in SECONDARY:
+        mine, theirs = family.values(arm, other, "auc")
+        result = {"name": name, "arm": arm, "other": other, "test": test, "question": question}
+        result.update(
+            success=success, pairs=len(mine), bootstrap=family.difference(arm, other, "auc")
+        )
+        if test == "sign-flip":
+            result["p"] = sign_flip_test(mine, theirs)
+        else:
+            result["tost"] = tost_paired(mine, theirs, EQUIVALENCE_MARGIN, ALPHA)
+            result["p"] = result["tost"]["p"]
+        results.append(result)
+    for result, (level, reject, adjusted) in zip(
+        results, holm([result["p"] for result in results], ALPHA)
+    ):
+        # a sign-flip test is the plan's success only if positive; the TOST's direction is none
+        positive = result["test"] == "tost" or result["bootstrap"][0] > 0
+        result.update(level=level, reject=reject, adjusted=adjusted)
+        result["called"] = called(result["p"], reject, positive, result["success"])
+    return results
+
+
+def secondary_table(results: list) -> str:
+    rows = []
+    for result in results:
+        if result["test"] == "sign-flip":
+            test = f"exact sign-flip permutation (2^{result['pairs']})"
+            extra = "–"
+        else:
+            tost = result["tost"]
+            test = f"TOST, margin ±{EQUIVALENCE_MARGIN:g} (p = max of {format_p(tost['p_lower'])}"
+            test += f", {format_p(tost['p_upper'])})"
+            extra = (
+                f"[{tost['low']:+.1f}, {tost['high']:+.1f}]{caution(result['pairs'])}"
+                if math.isfinite(tost["low"])
+                else "–"
+            )
+        rows.append(
+            [
+                f"{result['name']}: AUC {result['arm']} − {result['other']}",
+                result["question"],
+                str(result["pairs"]),
+                format_difference(result["bootstrap"], result["pairs"]),
+                extra,
+                test,
+                format_p(result["p"]),
+                f"{result['level']:.4g}",
+                format_p(result["adjusted"]),
+                result["called"],
+            ]
+        )
+    header = ["test", "question", "pairs", "mean Δ [95 % paired bootstrap]"]
+    header += [f"{100 * (1 - 2 * ALPHA):.0f} % t interval (TOST)", "p-value of", "p"]
+    header += ["Holm: compared with"]
+    header += ["Holm-adjusted p", "called"]
+    return markdown_table(header, rows)
+
+
+def arms_table(family: Family) -> str:
+    """Per arm: runs, collapses and rate under both definitions, AUC, final, Delta pi minus."""
+    rows = []
+    for arm in family.arms:
+        revised, old = family.measures(arm, "revised"), family.measures(arm, "old")
+        n = len(revised)
+        row = [arm, str(n)]
+        for measures in (revised, old):
+            collapses = sum(m["collapsed"] for m in measures.values())
+            row += [str(collapses), format_rate(collapses, n)]
+        values = list(revised.values())
+        if values:
+            row += [f"{finite_mean([m[key] for m in values]):.1f}" for key in ("auc", "final")]
+            row += [f"{finite_mean([m['mean_delta'] for m in values]):.2g}"]
+            row += [f"{np.nanmedian([m['median_delta'] for m in values]):.2g}"]
+        else:
+            row += ["–"] * 4
+        rows.append(row)
+    header = ["arm", "runs", "collapses (revised)", "rate (revised) [95 % CP]"]
+    header += ["collapses (old)", "rate (old) [95 % CP]", "AUC", "final reward", "mean Δπ⁻"]
+    header += ["median Δπ⁻"]
+    return markdown_table(header, rows)
+
+
+def comparisons(family: Family) -> list:
+    """(arm, other) of the paired comparisons reported: every arm against bn, then S1's and S3's."""
+    pairs = [(arm, "bn") for arm in family.arms if arm != "bn"]
+    pairs += [(arm, other) for _, arm, other, *_ in SECONDARY if {arm, other} <= set(family.arms)]
+    return list(dict.fromkeys(pairs))
+
+
+def comparisons_table(family: Family) -> str:
+    rows = []
+    for arm, other in comparisons(family):
+        pairs = len(family.pairs(arm, other))
+        rows.append(
+            [
+                f"{arm} vs {other}",
+                str(pairs),
+                mcnemar_text(family.mcnemar(arm, other, "revised")),
+                mcnemar_text(family.mcnemar(arm, other, "old")),
+                format_difference(family.difference(arm, other, "auc"), pairs),
+                format_difference(family.difference(arm, other, "final"), pairs),
+            ]
+        )
+    header = ["comparison", "pairs", "McNemar p (b/c, pairs), revised", "McNemar p, old"]
+    header += ["ΔAUC [95 % CI]", "Δfinal [95 % CI]"]
+    return markdown_table(header, rows)
+
+
+def spread(values: list) -> str:
+    """'median [min-max]' of values, '–' if none."""
+    if not values:
+        return "–"
+    return f"{np.median(values):g} [{min(values):g}-{max(values):g}]"
+
+
+def recovery_table(family: Family) -> str:
+    rows = []
+    for arm in family.arms:
+        revised = list(family.measures(arm, "revised").values())
+        row = [arm, str(len(revised))]
+        row += [str(sum(m["ended_collapsed"] for m in revised))]
+        row += [spread([m["spent"] for m in revised])]
+        collapsed = [m for m in revised if m["collapsed"]]
+        recovered = [m["recovery_time"] for m in collapsed if m["recovered"]]
+        censored = [m["recovery_time"] for m in collapsed if not m["recovered"]]
+        row += [str(len(collapsed)), str(len(recovered)), spread(recovered)]
+        row += [f"{len(censored)}" + (f" (after {spread(censored)})" if censored else "")]
+        row += [str(sum(m["collapsed"] for m in family.measures(arm, "old").values()))]
+        rows.append(row)
+    header = ["arm", "runs", "ended collapsed", "updates spent collapsed, median [min-max]"]
+    header += ["collapsed (revised)", "recovered", "updates to recover, median [min-max]"]
+    header += ["not recovered (censored after, updates)", "collapsed (old)"]
+    return markdown_table(header, rows)
+
+
+def criteria_table(family: Family) -> str:
+    """Each criterion alone: per arm the collapses, rate and McNemar against bn; the reward
+    criterion is the same in both definitions, the entropy criterion is not."""
+    columns = [("reward", "revised"), ("entropy", "revised"), ("entropy", "old")]
+    alone = {criterion: Family(family.name, family.runs, (criterion,)) for criterion in CRITERIA}
+    rows = []
+    for arm in family.arms:
+        row = [arm]
+        for criterion, definition in columns:
+            view = alone[criterion]
+            measures = view.measures(arm, definition)
+            collapses = sum(m["collapsed"] for m in measures.values())
+            row += [f"{collapses}, {format_rate(collapses, len(measures))}"]
+            row += ["–" if arm == "bn" else mcnemar_text(view.mcnemar(arm, "bn", definition))]
+        rows.append(row)
+    header = ["arm"]
+    for criterion, definition in columns:
+        label = f"{criterion} alone" + (f" ({definition})" if criterion == "entropy" else "")
+        header += [f"{label}: collapses, rate [95 % CP]", "McNemar p vs bn (b/c, pairs)"]
+    return markdown_table(header, rows)
+
+
+def stage_c_runs_table(family: Family) -> str:
+    rows = []
+    for run in sorted(family.runs, key=lambda run: run["name"]):
+        revised = family.measures(run["arm"], "revised")[run["seed"]]
+        old = family.measures(run["arm"], "old")[run["seed"]]
+        smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
+        entropy = run["acting_entropy"][np.isfinite(run["acting_entropy"])]
+        if revised["recovered"] is None:
+            recovered = "–"
+        elif revised["recovered"]:
+            recovered = f"yes, after {revised['recovery_time']:g} updates"
+        else:
+            recovered = f"no (censored after {revised['recovery_time']:g})"
+        rows.append(
+            [
+                f"`{run['name']}`",
+                flagged_text(revised["run"]),
+                flagged_text(old["run"]),
+                recovered,
+                "yes" if revised["ended_collapsed"] else "no",
+                str(revised["spent"]),
+                f"{smoothed.max():.1f}" if len(smoothed) else "–",
+                f"{entropy.min():.3f}" if len(entropy) else "–",
+                f"{revised['auc']:.1f}",
+                f"{revised['final']:.1f}",
+                str(len(run["iteration"])),
+            ]
+        )
+    header = ["run", "collapse (revised)", "collapse (old)", "recovered (revised)"]
+    header += ["ended collapsed", "updates spent collapsed", "best smoothed reward"]
+    header += ["min acting entropy", "AUC", "final reward", "updates"]
+    return markdown_table(header, rows)
+
+
+def completeness_text(family: Family, others: list) -> str:
+    """How many of the plan's runs have finished, which did not, and how many pairs are complete."""
+    counts = ", ".join(
+        f"{arm} {len(family.measures(arm))}/{len(family.seeds)}" for arm in family.arms
+    )
+    planned = len(family.arms) * len(family.seeds)
+    text = f"Finished runs: {len(family.runs)} of the plan's {planned} ({counts})."
+    not_done = [run for run in others if run["family"] == family.name]
+    if not_done:
+        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in not_done)
+        text += f" Not finished or failed, not analysed: {names}."
+    complete = family.complete_seeds()
+    text += (
+        f" Seeds finished in every arm: {len(complete)} of {len(family.seeds)}"
+        + (f" ({seed_list(complete)})" if complete else "")
+        + ". Each paired test uses the seeds finished in both of its arms (pairs below)."
+    )
+    return text
+
+
+def stage_c_methods() -> str:
+    return (
+        f"Methods (fixed by the plan): rate with its exact Clopper-Pearson {CONFIDENCE:.0%} "
+        "interval; McNemar: exact two-sided binomial test of b (the first arm only collapsed) "
+        "among the b + c discordant pairs at p = 1/2. Secondary tests on AUC (mean normalized "
+        "reward over the run's updates, points of optimal), paired by seed: S1 and S2 by the "
+        "exact two-sided sign-flip permutation test of the mean difference (all 2^n sign "
+        "assignments), S3 by two one-sided paired t-tests (TOST) of equivalence within "
+        f"±{EQUIVALENCE_MARGIN:g} points (p = the larger one-sided p; its {1 - 2 * ALPHA:.0%} t "
+        f"interval). Holm's step-down over S1-S3 at a family-wise {ALPHA:g}. ΔAUC and Δfinal "
+        f"(final = mean over the last {FINAL_UPDATES} updates): paired bootstrap percentile "
+        f"{CONFIDENCE:.0%} intervals ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). "
+        f"Recovery: ended collapsed = the last smoothed reward < {REWARD_FRACTION:g} x the best; "
+        f"updates spent collapsed = updates with the smoothed reward < {REWARD_FRACTION:g} x the "
+        "best so far (after learning started); updates to recover = from the onset to the first "
+        f"later update back at >= {RECOVERY_FRACTION:g} x the best so far at the onset (a run that "
+        "never gets there is not recovered, censored at its last update). "
+        f"⚠ marks an interval over fewer than {FEW_SEEDS} seeds."
+    )
+
+
+def stage_c_report(args, runs: list, unfinished: list, skipped: list, command: str) -> tuple:
+    """(report text, printed summary, figure rows, Fig. 6 runs, paired-difference panels)."""
+    families = [
+        Family(name, [run for run in runs if run["family"] == name]) for name in STAGE_C_FAMILIES
+    ]
+    report = [
+        f"# Stage C: collapse statistics of {args.runs_dir}\n",
+        f"Written by `{command}`.\n",
+        "Pre-registration: [PLAN.md](PLAN.md) (docs/collapse/study_c/PLAN.md). Every number below "
+        "is computed from the runs' committed metrics.csv files.\n",
+        f"Revised definition (primary): {definition_text('revised')}\n",
+        f"Old definition (the first study's, beside it in every table): {definition_text('old')}\n",
+        stage_c_methods() + "\n",
+        provenance_summary(runs, args.allow_mixed) + "\n" if runs else "No finished runs yet.\n",
+    ]
+    if skipped:
+        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+    printed = []
+    for family in families:
+        title = FAMILY_TITLES[family.name]
+        report += [f"## {title} (`{family.name}/`)\n", completeness_text(family, unfinished) + "\n"]
+        if not family.runs:
+            continue
+        primary = family.mcnemar(*PRIMARY, "revised")
+        printed.append(
+            f"{title}: finished runs {len(family.runs)}; primary McNemar {PRIMARY[0]} vs "
+            f"{PRIMARY[1]} (revised): p = {format_p(primary['p'])} "
+            f"(b/c {primary['b']}/{primary['c']}, {primary['pairs']} pairs)"
+        )
+        report += ["### Primary test\n", primary_table(family) + "\n"]
+        if all({arm, other} <= set(family.arms) for _, arm, other, *_ in SECONDARY):
+            secondary = secondary_results(family)
+            report += [
+                f"### Secondary tests (Holm, family-wise {ALPHA:g})\n",
+                secondary_table(secondary) + "\n",
+            ]
+            printed += [
+                f"  {r['name']} {r['arm']} − {r['other']}: ΔAUC "
+                f"{format_difference(r['bootstrap'], r['pairs'])}, p = {format_p(r['p'])} "
+                f"({r['pairs']} pairs): {r['called']}"
+                for r in secondary
+            ]
+        report += [
+            "### Arms\n",
+            arms_table(family) + "\n",
+            "### Paired comparisons\n",
+            "b/c: the first arm only / the second only collapsed. "
+            "Differences: the first minus the second.\n",
+            comparisons_table(family) + "\n",
+            "### Recovery (secondary outcome, descriptive)\n",
+            "Time to recover is the plan's, from the revised definition's onsets (an onset of the "
+            "old entropy criterion can fall while the reward is still high, where recovering "
+            "means nothing); the old definition's collapses are counted beside it.\n",
+            recovery_table(family) + "\n",
+            "### Each criterion alone\n",
+            "The reward criterion is the same in both definitions; the revised entropy criterion "
+            f"counts only while the smoothed reward is < {ENTROPY_REWARD_FRACTION:g} x its best "
+            "so far.\n",
+            criteria_table(family) + "\n",
+            "### Runs\n",
+            stage_c_runs_table(family) + "\n",
+        ]
+    rows, panels = [], []
+    for family in families:
+        if not family.runs:
+            continue
+        cells = []
+        for arm in family.arms:
+            measures = {d: family.measures(arm, d) for d in ("revised", "old")}
+            if not measures["revised"]:
+                continue
+            curves = [
+                (*kaplan_meier(*zip(*[(m["time"], m["collapsed"]) for m in by_seed.values()])), d)
+                for d, by_seed in measures.items()
+            ]
+            arm_runs = [m["run"] for m in measures["revised"].values()]
+            cells.append((mode_label(arm), arm_runs, curves))
+        rows.append((FAMILY_TITLES[family.name], cells))
+        comparisons_drawn = []
+        for arm, other in comparisons(family):
+            mine, theirs = family.values(arm, other, "auc")
+            differences = np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)
+            label = f"{mode_label(arm)}\n− {mode_label(other)}"
+            comparisons_drawn.append((label, differences, family.difference(arm, other, "auc")))
+        panels.append((FAMILY_TITLES[family.name], comparisons_drawn))
+    fig6_runs = [
+        measures["run"]
+        for family in families
+        for arm in family.arms
+        for measures in family.measures(arm, "revised").values()
+    ]
+    return "\n".join(report), "\n".join(printed), rows, fig6_runs, panels
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 
 
-def select_cells(runs: list, cell: str) -> list:
-    """Runs whose settings match every key=value of `cell` (keys: mode and the SETTING_LABELS
-    values)."""
-    keys = {"mode": "mode", **{label: setting for setting, label in SETTING_LABELS.items()}}
-    selected = runs
-    for item in filter(None, cell.split(",")):
-        name, _, value = item.partition("=")
-        if name not in keys or not value:
-            raise ConfigError(
-                f"--cell {cell}: '{item}' is not key=value with key one of {', '.join(keys)}"
-            )
-        setting = keys[name]
-        selected = [run for run in selected if matches(run[setting], value)]
-    if not selected:
-        found = [cell_label(key, SETTINGS) for key in group_runs(runs)]
-        raise ConfigError(f"--cell {cell}: no runs match (cells found: {'; '.join(found)})")
-    return selected
+def family_column(run) -> str:
+    return FAMILY_TITLES[run["family"]].lower()
 
 
-def select_modes(runs: list, modes: str) -> list:
-    """Runs of the comma-separated `modes` (all runs if empty); a mode without runs is an error."""
-    wanted = [mode for mode in modes.split(",") if mode]
-    missing = sorted(set(wanted) - {run["mode"] for run in runs})
-    if missing:
-        found = ", ".join(sorted({run["mode"] for run in runs}))
+def main_stage_c(args, command: str) -> int:
+    """--study stage-c: the plan's analysis of every run under --runs-dir."""
+    options = {
+        "--reference": args.reference != "bn",
+        "--cell": args.cell,
+        "--modes": args.modes,
+        "--seeds": args.seeds,
+        "--rank": args.rank,
+        "--cost-json": args.cost_json,
+        "--check-definition": args.check_definition,
+    }
+    given = [option for option, value in options.items() if value]
+    if given:
         raise ConfigError(
-            f"--modes {modes}: no runs of {', '.join(missing)} (modes found: {found})"
+            f"--study stage-c runs the plan's analysis of every run; {', '.join(given)} "
+            "does not apply to it"
         )
-    return [run for run in runs if not wanted or run["mode"] in wanted]
-
-
-def select_seeds(runs: list, seeds: str) -> list:
-    """Runs whose seed is in `seeds` ("1-4", "1,2,5" or a mix; all runs if empty)."""
-    if not seeds:
-        return runs
-    wanted = set()
-    for item in seeds.split(","):
-        low, _, high = item.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            raise ConfigError(f"--seeds {seeds}: '{item}' is not a seed or a range like 1-4")
-        wanted |= set(range(int(low), int(high or low) + 1))
-    selected = [run for run in runs if run["seed"] in wanted]
-    if not selected:
-        raise ConfigError(f"--seeds {seeds}: no runs with these seeds")
-    return selected
-
-
-def matches(setting, value: str) -> bool:
-    if isinstance(setting, float):
-        try:
-            return math.isclose(setting, float(value))
-        except ValueError:
-            return False
-    return format_setting(setting) == value
+    if args.definition == "old":
+        raise ConfigError(
+            "--study stage-c --definition old: the plan's primary definition is the revised one; "
+            "the report shows the old one beside it in every table"
+        )
+    all_runs, skipped = read_runs_and_skipped(args.runs_dir)
+    runs, unfinished = finished(stage_c_runs(all_runs))
+    families = [[run for run in runs if run["family"] == name] for name in STAGE_C_FAMILIES]
+    check_provenance(families, args.allow_mixed)
+    report, printed, rows, fig6_runs, panels = stage_c_report(
+        args, runs, unfinished, skipped, command
+    )
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "collapse_stats.md"), "w") as f:
+        f.write(report)
+    written = ["collapse_stats.md"]
+    if runs:
+        draw_summary(rows, os.path.join(args.out_dir, "collapse_stats.png"), "Stage C")
+        draw_fig6(
+            fig6_runs,
+            os.path.join(args.out_dir, "collapse_fig6.png"),
+            "collapse onsets of the revised definition",
+            column=family_column,
+        )
+        draw_paired_differences(panels, os.path.join(args.out_dir, "collapse_paired.png"))
+        written += ["collapse_stats.png", "collapse_fig6.png", "collapse_paired.png"]
+    print(printed or "no finished runs yet")
+    print(
+        f"\nwrote {', '.join(written)} to {args.out_dir} ({len(runs)} finished runs, "
+        f"{len(unfinished)} not finished)"
+    )
+    return 0
 
 
 def main(argv=None) -> int:
@@ -554,12 +1187,12 @@ def main(argv=None) -> int:
         help="folder searched (recursively) for metrics.csv",
     )
     parser.add_argument(
-        "--out-dir", default=None, help="where the report and figures go (default: --runs-dir)"
+        "--out-dir", required=True, help="where the report and figures go (created if needed)"
     )
     parser.add_argument(
         "--reference",
         default="bn",
-        help="the mode every other mode is compared with, paired by seed",
+        help="the arm every other arm is compared with, paired by seed",
     )
     parser.add_argument(
         "--cell",
@@ -567,7 +1200,7 @@ def main(argv=None) -> int:
         help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)",
     )
     parser.add_argument(
-        "--modes", default="", help="only these modes, comma-separated (default: every mode found)"
+        "--modes", default="", help="only these arms, comma-separated (default: every arm found)"
     )
     parser.add_argument(
         "--rank",
@@ -589,79 +1222,76 @@ def main(argv=None) -> int:
         default=None,
         help="first print the definition's verdict on these runs",
     )
-    args = parser.parse_args(argv)
-
-    if args.check_definition:
-        print(f"Collapse definition on the runs in {args.check_definition}: {definition_text()}\n")
-        print(
-            runs_table(mark_collapses(read_runs(args.check_definition, "--check-definition")))
-            + "\n"
-        )
-    runs = select_modes(
-        select_cells(mark_collapses(read_runs(args.runs_dir)), args.cell), args.modes
+    parser.add_argument(
+        "--definition",
+        choices=DEFINITIONS,
+        default=None,
+        help="collapse definition: old (the first study's; default) or revised (Stage C's, with "
+        "the old one after every table)",
     )
-    runs = select_seeds(runs, args.seeds)
-    modes = sorted({run["mode"] for run in runs})
-    if args.reference not in modes:
-        raise ConfigError(
-            f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(modes)})"
-        )
-    cost = benchmark_cost(args.cost_json, args.reference) if args.cost_json else None
-    results = analyse(runs, args.reference)
-    if args.rank:  # a ranking table: the highest area under the reward curve first
-        results.sort(
-            key=lambda result: -result["auc"] if math.isfinite(result["auc"]) else math.inf
-        )
-    table = stats_table(results, args.reference, cost)
-    out_dir = args.out_dir or args.runs_dir
-    os.makedirs(out_dir, exist_ok=True)
+    parser.add_argument(
+        "--study",
+        choices=["stage-c"],
+        default=None,
+        help="a pre-registered analysis: stage-c (docs/collapse/study_c/PLAN.md)",
+    )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="pair runs from different commits, CPUs or torch versions (named in the report)",
+    )
+    args = parser.parse_args(argv)
     command = "python analysis/collapse_stats.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    report = [
-        f"# Collapse statistics of {args.runs_dir}\n",
-        f"Written by `{command.strip()}`.\n",
-        definition_text() + "\n",
-        methods_text(args.reference, args.cost_json) + "\n",
-        table + "\n",
-        "## Runs\n",
-        runs_table(runs) + "\n",
-        "## Sensitivity: each criterion alone\n",
-        "The same statistics with only one of the definition's two criteria (a check of how much "
-        "the verdict depends on each, not a second definition): the reward criterion alone is the "
-        "paper's reward collapse; the entropy criterion alone also flags a near-deterministic "
-        "policy that still earns its reward.\n",
-        *[
-            f"### The {criterion} criterion alone\n\n"
-            + sensitivity_table(runs, args.reference, criterion, cost)
-            + "\n"
-            for criterion in CRITERIA
-        ],
-        "## Before the collapse\n",
-        "Delta pi minus and the signed trust-region violation (the clip would stop the sample's "
-        "gradient under the eval-mode ratio r but not under the optimized train-mode r') over the "
-        f"{PRECURSOR_UPDATES + 1} updates that end at the collapse's onset; for a run without a "
-        "collapse, the window (ending once learning has started, i.e. where a collapse could "
-        "begin) where Delta pi minus's peak over its earlier median is largest. A spike before "
-        "collapses is a warning sign only if the runs that do not collapse have none as large.\n",
-        precursors_table(runs) + "\n",
-    ]
-    with open(os.path.join(out_dir, "collapse_stats.md"), "w") as f:
-        f.write("\n".join(report))
-    figure_cells = [(result["label"], result["runs"], *result["km"]) for result in results]
-    draw_summary(figure_cells, os.path.join(out_dir, "collapse_stats.png"))
-    draw_fig6(runs, os.path.join(out_dir, "collapse_fig6.png"))
+    if args.study == "stage-c":
+        return main_stage_c(args, command.strip())
+    definition = args.definition or "old"
+
+    if args.check_definition:
+        checked = mark_collapses(
+            finished(read_runs(args.check_definition, "--check-definition"))[0], definition
+        )
+        print(
+            f"Collapse definition on the runs in {args.check_definition}: "
+            f"{definition_text(definition)}\n"
+        )
+        print(runs_table(checked, definition) + "\n")
+    all_runs, skipped = read_runs_and_skipped(args.runs_dir)
+    runs, unfinished = finished(all_runs)
+    if not runs:
+        raise ConfigError(f"--runs-dir {args.runs_dir}: no finished runs (none has summary.json)")
+    runs = select_modes(select_cells(runs, args.cell), args.modes)
+    runs = mark_collapses(select_seeds(runs, args.seeds), definition)
+    arms = sorted({run["arm"] for run in runs})
+    if args.reference not in arms:
+        raise ConfigError(
+            f"--reference {args.reference}: no runs of that mode (modes found: {', '.join(arms)})"
+        )
+    check_provenance(comparison_groups(runs, args.reference), args.allow_mixed)
+    args.definition = definition
+    report, table, cells = study_report(args, runs, unfinished, skipped, command.strip())
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "collapse_stats.md"), "w") as f:
+        f.write(report)
+    draw_summary([("", cells)], os.path.join(args.out_dir, "collapse_stats.png"))
+    draw_fig6(runs, os.path.join(args.out_dir, "collapse_fig6.png"))
     print(table)
     print(
         "\nwrote collapse_stats.md, collapse_stats.png and collapse_fig6.png "
-        f"to {out_dir} ({len(runs)} runs)"
+        f"to {args.out_dir} ({len(runs)} runs)"
     )
     return 0
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main() as a command: bad input (a ConfigError) is one line on stderr, exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,5 +1,6 @@
 """Tests of analysis/collapse_figures.py: reading old and new probe runs, the Fig. 6 and App. B
-layouts from hand-written CSVs, one panel's content, bad input."""
+layouts from hand-written CSVs, one panel's content, Stage C's figures (families as columns, the
+paired differences), the command line (its output folder, unfinished runs, bad input)."""
 
 import csv
 import json
@@ -15,8 +16,11 @@ import ppo_collapse_probe as probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
 import collapse_figures as figures
+import collapse_runs as cr
 
 ANALYSIS = Path(figures.__file__).parent
+PNG = b"\x89PNG\r\n\x1a\n"
+NAN = float("nan")
 
 # Runs committed before the probe logged acting_entropy (and while it had an online collapse
 # detector)
@@ -45,6 +49,7 @@ def write_run(folder: Path, mode, clip, ent, seed, iterations=40, crash_at=None,
             row.update(
                 iteration=i, global_step=128 * i, mode=mode, clip_coef=clip, ent_coef=ent, seed=seed
             )
+            row.update(alpha1=2, alpha2=1) if "mdr" in mode else row.update(alpha1=3, alpha2=0)
             row.update(
                 normalized_reward=reward,
                 smoothed_reward=reward,
@@ -66,11 +71,10 @@ def test_read_runs_reads_old_and_new_runs(tmp_path):
     write_run(tmp_path / "crashed", "eval", 0.2, 0.01, 3, iterations=4)
     (tmp_path / "crashed" / "summary.json").unlink()
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "metrics.csv").write_text(
-        ",".join(probe.CSV_COLUMNS) + "\n"
-    )  # killed before its first update
+    # killed before its first update
+    (tmp_path / "empty" / "metrics.csv").write_text(",".join(probe.CSV_COLUMNS) + "\n")
 
-    runs = {run["name"]: run for run in figures.read_runs(str(tmp_path))}
+    runs = {run["name"]: run for run in cr.read_runs(str(tmp_path))}
 
     assert sorted(runs) == ["crashed", "new/a", "old"]
     old, new, crashed = runs["old"], runs["new/a"], runs["crashed"]
@@ -96,8 +100,9 @@ def test_read_runs_reads_old_and_new_runs(tmp_path):
     assert math.isnan(new["normalized_reward"][0]) and list(new["iteration"]) == list(range(1, 8))
 
 
-def test_fig6_and_entropy_comparison_from_old_and_new_runs(tmp_path):
-    runs_dir = tmp_path / "collapse"
+def collapse_folder(runs_dir: Path) -> Path:
+    """The first sessions' layout: BN and BN+MDR at clip 0.2 and 0.05 (seed 1 old runs, seed 2 new),
+    and BN+MDR at entropy 0 (3 seeds of different lengths)."""
     for mode in ("bn", "bn-mdr"):
         for clip in (0.2, 0.05):
             for seed in (1, 2):
@@ -105,40 +110,35 @@ def test_fig6_and_entropy_comparison_from_old_and_new_runs(tmp_path):
                 folder = runs_dir / f"{mode}_clip{clip}_ent0.01_seed{seed}"
                 write_run(folder, mode, clip, 0.01, seed, crash_at=crash, old=seed == 1)
     for seed in (1, 2, 3):
-        write_run(
-            runs_dir / f"bn-mdr_clip0.2_ent0_seed{seed}",
-            "bn-mdr",
-            0.2,
-            0.0,
-            seed,
-            iterations=30 + seed,
-        )
-    out, entropy_out = tmp_path / "figs" / "fig6.png", tmp_path / "figs" / "entropy.png"
+        folder = runs_dir / f"bn-mdr_clip0.2_ent0_seed{seed}"
+        write_run(folder, "bn-mdr", 0.2, 0.0, seed, iterations=30 + seed)
+    return runs_dir
 
-    assert (
-        figures.main(
-            ["--runs-dir", str(runs_dir), "--out", str(out), "--entropy-out", str(entropy_out)]
-        )
-        == 0
+
+def test_fig6_and_entropy_comparison_from_old_and_new_runs(tmp_path, capsys):
+    runs_dir = collapse_folder(tmp_path / "collapse")
+    write_run(runs_dir / "killed", "bn", 0.2, 0.01, 3)
+    (runs_dir / "killed" / "summary.json").unlink()
+    out = tmp_path / "figs"
+
+    assert figures.main(["--runs-dir", str(runs_dir), "--out-dir", str(out)]) == 0
+
+    for name in ("collapse_fig6.png", "collapse_entropy.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 30_000, (name, len(data))
+    printed = capsys.readouterr().out
+    assert printed.startswith("not drawn, not finished: killed (unfinished)\n")
+    assert f"wrote {out}/collapse_fig6.png (11 runs found, Fig. 6 uses the 8 at entropy 0.01)" in (
+        printed
     )
-
-    for path in (out, entropy_out):
-        data = path.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, (path, len(data))
 
 
 def test_cli_with_one_cell_draws_fig6_and_says_why_there_is_no_entropy_figure(tmp_path):
     write_run(tmp_path / "collapse" / "bn_clip0.2_ent0.01_seed1", "bn", 0.2, 0.01, 1, crash_at=25)
 
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ANALYSIS / "collapse_figures.py"),
-            "--runs-dir",
-            "collapse",
-            "--out",
-            "fig6.png",
-        ],
+        [sys.executable, str(ANALYSIS / "collapse_figures.py"), "--runs-dir", "collapse"]
+        + ["--out-dir", "figs"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -146,12 +146,38 @@ def test_cli_with_one_cell_draws_fig6_and_says_why_there_is_no_entropy_figure(tm
     )
 
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "fig6.png").stat().st_size > 10_000
+    assert (tmp_path / "figs" / "collapse_fig6.png").stat().st_size > 10_000
     assert (
-        "no docs/collapse_entropy.png: no mode has runs at two entropy coefficients"
+        "no figs/collapse_entropy.png: no mode has runs at two entropy coefficients"
         in result.stdout
     )
-    assert not (tmp_path / "docs").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["collapse", "figs"]
+
+
+def test_the_committed_first_runs_are_drawn_into_the_folder_given(tmp_path, monkeypatch):
+    """The command of docs/collapse.md and the README: the 16 runs of the first sessions (views
+    joint), into a folder of the command line; nothing in docs/ is touched."""
+    drawn = {}
+    monkeypatch.setattr(figures, "draw_fig6", lambda runs, path, note: drawn.update(fig6=runs))
+    monkeypatch.setattr(
+        figures, "draw_entropy_comparison", lambda runs, path, clip: drawn.update(app_b=runs)
+    )
+    docs = ANALYSIS.parent / "docs" / "collapse"
+
+    args = ["--runs-dir", str(docs), "--cell", "views=joint", "--out-dir", str(tmp_path)]
+    assert figures.main(args) == 0
+
+    assert len(drawn["app_b"]) == 16 and len(drawn["fig6"]) == 12  # 12 at entropy 0.01
+    assert {run["arm"] for run in drawn["fig6"]} == {"bn", "eval", "bn-mdr"}
+    flagged = sorted(run["name"] for run in drawn["fig6"] if run["collapse_index"] is not None)
+    assert flagged == [
+        "bn-mdr_clip0.05_ent0.01_seed2",
+        "bn-mdr_clip0.2_ent0.01_seed2",
+        "bn_clip0.05_ent0.01_seed1",
+        "bn_clip0.05_ent0.01_seed2",
+        "bn_clip0.2_ent0.01_seed1",
+        "bn_clip0.2_ent0.01_seed2",
+    ]
 
 
 def test_draw_panel_marks_an_empty_cell_and_draws_seeds_mean_and_collapse_onsets(tmp_path):
@@ -163,7 +189,7 @@ def test_draw_panel_marks_an_empty_cell_and_draws_seeds_mean_and_collapse_onsets
     runs_dir = tmp_path / "collapse"
     for seed in (1, 2, 3):
         write_run(runs_dir / f"bn_seed{seed}", "bn", 0.2, 0.01, seed, iterations=20 + seed)
-    runs = figures.read_runs(str(runs_dir))
+    runs = cr.read_runs(str(runs_dir))
     runs[1]["collapse_index"] = 7
     fig, (empty_ax, full_ax) = plt.subplots(1, 2)
 
@@ -171,26 +197,100 @@ def test_draw_panel_marks_an_empty_cell_and_draws_seeds_mean_and_collapse_onsets
     figures.draw_panel(full_ax, runs, "BN, clip 0.2")
 
     assert [text.get_text() for text in empty_ax.texts] == ["no runs"]
-    assert (
-        len(full_ax.lines) == 3 + 3 + 1
-    )  # per seed: reward and collapse onset (none, one, none); the mean
+    # per seed: reward and collapse onset (none, one, none); the mean
+    assert len(full_ax.lines) == 3 + 3 + 1
     onsets = [line for line in full_ax.lines if line.get_marker() == "x"]
     assert [len(line.get_xdata()) for line in onsets] == [0, 1, 0]
     assert onsets[1].get_xdata()[0] == runs[1]["global_step"][7]
     mean_line = full_ax.lines[-1]
-    assert (
-        len(mean_line.get_xdata()) == 22
-    )  # the mean spans the longest run (23 updates), from update 2
+    # the mean spans the longest run (23 updates), from update 2
+    assert len(mean_line.get_xdata()) == 22
     expected_first = np.mean([run["smoothed_reward"][1] for run in runs])
     assert mean_line.get_ydata()[0] == pytest.approx(expected_first)
     plt.close(fig)
 
 
+def test_stage_c_figures_families_as_columns_and_the_paired_differences(tmp_path, monkeypatch):
+    runs_dir = tmp_path / "study_c"
+    for family in ("procedural", "photos"):
+        for seed in (11, 12):
+            write_run(runs_dir / family / f"bn_s{seed}", "bn", 0.2, 0.01, seed, iterations=12)
+    runs = cr.read_runs(str(runs_dir))
+    panels = []
+    monkeypatch.setattr(figures, "draw_panel", lambda ax, runs, title: panels.append((title, runs)))
+
+    figures.draw_fig6(runs, str(tmp_path / "fig6.png"), column=lambda run: run["name"][:6])
+    differences = [
+        ("Procedural images", [("A\n− BN", [1.0, 3.0], (2.0, 1.0, 3.0)), ("B", [], (NAN,) * 3)]),
+        ("Real photographs", [("A\n− BN", [5.0], (5.0, NAN, NAN))]),
+    ]
+    figures.draw_paired_differences(differences, str(tmp_path / "paired.png"))
+
+    # columns in the order the runs come (photos/ sorts first), a panel each with its family's runs
+    assert [(title, len(panel_runs)) for title, panel_runs in panels] == [
+        ("BN, photos", 2),
+        ("BN, proced", 2),
+    ]
+    assert (tmp_path / "fig6.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "paired.png").read_bytes()[:8] == PNG
+
+
 def test_bad_folders_are_config_errors(tmp_path):
     (tmp_path / "empty").mkdir()
+    write_run(tmp_path / "killed" / "bn_s1", "bn", 0.2, 0.01, 1)
+    (tmp_path / "killed" / "bn_s1" / "summary.json").unlink()
 
     with pytest.raises(figures.ConfigError, match="no runs found"):
-        figures.main(["--runs-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "a.png")])
+        figures.main(["--runs-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(figures.ConfigError, match="no finished runs"):
+        figures.main(["--runs-dir", str(tmp_path / "killed"), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(figures.ConfigError, match="no such folder"):
-        figures.read_runs(str(tmp_path / "missing"))
-    assert not (tmp_path / "a.png").exists()
+        cr.read_runs(str(tmp_path / "missing"))
+    assert not (tmp_path / "out").exists()
+
+
+# (arguments, the one line on stderr)
+BAD_COMMAND_LINES = [
+    (
+        ["--runs-dir", "collapse"],
+        "error: the following arguments are required: --out-dir (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--ent-coef", "nan"],
+        "error: argument --ent-coef: 'nan' is not a finite number >= 0 (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--ent-coef", "-1"],
+        "error: argument --ent-coef: '-1' is not a finite number >= 0 (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--entropy-clip", "0"],
+        "error: argument --entropy-clip: '0' is not a finite number > 0 (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--entropy-clip", "x"],
+        "error: argument --entropy-clip: 'x' is not a finite number > 0 (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--ent-coef", "0.5"],
+        "error: --ent-coef 0.5: no runs with it (found 0.01)",
+    ),
+    (
+        ["--runs-dir", "collapse", "--out-dir", "out", "--cell", "bnm=0.3"],
+        "error: --cell bnm=0.3: no runs match",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, line", BAD_COMMAND_LINES)
+def test_bad_input_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys, args, line):
+    write_run(tmp_path / "collapse" / "bn_s1", "bn", 0.2, 0.01, 1)
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = figures.run(args)
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(line) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

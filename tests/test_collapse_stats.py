@@ -1,10 +1,13 @@
-"""Tests of analysis/collapse_stats.py: the collapse definition on hand-made curves and on the 16
-committed probe runs, the statistics on small cases with known answers, the command line on a folder
-of tiny hand-written runs."""
+"""Tests of analysis/collapse_stats.py: the statistics on small cases with known answers (rates,
+McNemar, Kaplan-Meier, bootstrap, the exact sign-flip test, TOST, Holm), recovery and precursors on
+hand-made curves, the command line on folders of tiny hand-written runs (the first studies' layout
+and Stage C's, partial and complete) and on the committed runs. The collapse definition itself:
+tests/test_collapse_runs.py."""
 
 import csv
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -14,141 +17,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
-import collapse_figures as figures
+import collapse_runs as cr
 import collapse_stats as cs
+from collapse_run_files import PROVENANCE, curve, write_stage_c_run
+from collapse_run_files import write_run as write_full_run
 
 ANALYSIS = Path(cs.__file__).parent
-
 COMMITTED_RUNS = ANALYSIS.parent / "docs" / "collapse"
 NAN = float("nan")
-
-
-def curve(*pieces) -> np.ndarray:
-    """Concatenated (value, number of updates) pieces."""
-    return np.concatenate([np.full(length, value, dtype=float) for value, length in pieces])
-
-
-# --------------------------------------------------------------------------------------------------
-# The definition on hand-made curves
-
-
-def test_a_sustained_reward_crash_is_flagged_where_the_smoothed_reward_falls_below_a_quarter():
-    rewards = curve((50.0, 30), (0.0, 30))
-    entropies = curve(
-        (1.5, 60)
-    )  # no entropy collapse: the paper's reward collapse need not come with one
-
-    # smoothed reward at update 30 + j: 50 (9 - j) / 10, below 0.25 x 50 from j = 7 on
-    assert cs.detect_collapse(rewards, entropies) == (True, 37)
-    assert cs.collapse_onset(rewards, entropies) == (37, "reward")
-
-
-@pytest.mark.parametrize(
-    "low_updates, flagged", [(cs.REWARD_UPDATES - 1, False), (cs.REWARD_UPDATES, True)]
-)
-def test_the_reward_must_stay_low_for_reward_updates_in_a_row(low_updates, flagged):
-    # the smoothed reward is below 12.5 from update 37 on while its window holds at most two 50s:
-    # zeros - 5 updates
-    rewards = curve((50.0, 30), (0.0, low_updates + 5), (50.0, 20))
-
-    assert cs.detect_collapse(rewards, curve((1.5, len(rewards)))) == (
-        (True, 37) if flagged else (False, len(rewards) - 1)
-    )
-
-
-def test_an_entropy_collapse_with_the_reward_near_zero_is_flagged_at_its_first_update():
-    rewards = curve((15.0, 20), (0.5, 40))
-    entropies = curve((1.4, 22), (0.01, 38))
-
-    assert cs.collapse_onset(rewards, entropies) == (
-        22,
-        "entropy",
-    )  # before the reward criterion (from update 27)
-
-
-def test_each_criterion_alone_flags_only_its_own_collapse():
-    confident = (
-        curve((80.0, 60)),
-        curve((1.4, 30), (0.05, 30)),
-    )  # deterministic and still earning: entropy only
-    crashed = (
-        curve((50.0, 30), (0.0, 30)),
-        curve((1.5, 60)),
-    )  # the reward collapse of the first test: reward only
-
-    assert (
-        cs.collapse_onset(*confident)
-        == (30, "entropy")
-        == cs.collapse_onset(*confident, ("entropy",))
-    )
-    assert cs.collapse_onset(*confident, ("reward",)) == (None, None)
-    assert cs.collapse_onset(*crashed, ("reward",)) == (37, "reward")
-    assert cs.collapse_onset(*crashed, ("entropy",)) == (None, None)
-
-
-def test_a_dip_that_recovers_within_a_few_updates_is_not_a_collapse():
-    rewards = curve((60.0, 40), (0.0, 4), (60.0, 40))  # smoothed: at least 36 = 60 % of the best
-    entropies = curve((1.2, 41), (0.1, cs.ENTROPY_UPDATES - 1), (1.2, 39))
-
-    assert cs.detect_collapse(rewards, entropies) == (False, 83)
-
-
-def test_a_run_that_never_learns_is_censored_even_if_its_entropy_collapses():
-    rewards = curve((-6.0, 10), (9.9, 40), (0.0, 30))  # best smoothed reward 9.9 < 10 % of optimal
-    entropies = curve((1.9, 30), (0.0, 50))
-
-    assert cs.detect_collapse(rewards, entropies) == (False, 79)
-
-
-def test_updates_without_a_finished_episode_are_skipped():
-    rewards = curve((20.0, 10), (5.0, 1), (NAN, 1), (5.0, 1), (NAN, 3), (5.0, 3))
-    entropies = curve((1.5, 10), (0.0, 9))  # low from update 10; 5 of those updates have a reward
-    assert cs.collapse_onset(rewards, entropies) == (10, "entropy")
-
-    entropies[-1] = (
-        1.5  # now 4 low updates with a reward: NaN updates do not count towards a streak
-    )
-    assert cs.detect_collapse(rewards, entropies) == (False, 18)
-
-    rewards = curve((NAN, 3), (12.0, 2), (NAN, 2), (0.0, 30))
-    # the smoothed reward averages finished updates only (never NaN): 12, 12, then 12 x 2 / (2 + k)
-    assert cs.collapse_onset(rewards, curve((1.5, 37))) == (13, "reward")
-
-
-def test_the_definition_flags_exactly_the_documented_collapses_of_the_committed_runs():
-    """docs/collapse.md, 'Collapse definition (fixed before the decisive runs)': BN 4/4, BN+MDR seed
-    2 in all three BN+MDR cells, no Eval run; the update is the collapse's first."""
-    # the 16 runs of the first sessions (docs/collapse/study/ holds the study's runs, made after the
-    # definition was fixed)
-    runs = [
-        run
-        for run in figures.read_runs(str(COMMITTED_RUNS))
-        if "study" not in Path(run["name"]).parts
-    ]
-    runs = cs.mark_collapses(runs)
-
-    flagged = {
-        run["name"]: int(run["iteration"][run["collapse_index"]])
-        for run in runs
-        if run["collapse_index"] is not None
-    }
-
-    assert len(runs) == 16
-    assert flagged == {
-        "bn_clip0.2_ent0.01_seed1": 41,
-        "bn_clip0.2_ent0.01_seed2": 116,
-        "bn_clip0.05_ent0.01_seed1": 145,
-        "bn_clip0.05_ent0.01_seed2": 108,
-        "bn-mdr_clip0.2_ent0.01_seed2": 51,
-        "bn-mdr_clip0.05_ent0.01_seed2": 71,
-        "bn-mdr_clip0.2_ent0_seed2": 14,
-    }
-    for run in runs:  # the definition's moving average is the probe's smoothed_reward column
-        window = [
-            np.mean(run["normalized_reward"][max(0, i - cs.SMOOTH_WINDOW + 1) : i + 1])
-            for i in range(150)
-        ]
-        np.testing.assert_allclose(window, run["smoothed_reward"], atol=1e-3)
+HIGH = curve((1.5, 200))  # an acting entropy far from either criterion
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,13 +73,122 @@ def test_paired_bootstrap_of_two_pairs_spans_the_resampled_means():
 
 
 def test_paired_bootstrap_edge_cases():
-    assert cs.paired_bootstrap([5.0, 6.0, 7.0], [4.0, 5.0, 6.0]) == pytest.approx(
-        (1.0, 1.0, 1.0)
-    )  # one difference
-    mean, low, high = cs.paired_bootstrap(
-        [5.0, NAN], [1.0, 2.0]
-    )  # a pair with a NaN is dropped; 1 pair: no interval
+    # one difference
+    assert cs.paired_bootstrap([5.0, 6.0, 7.0], [4.0, 5.0, 6.0]) == pytest.approx((1.0, 1.0, 1.0))
+    # a pair with a NaN is dropped; 1 pair: no interval
+    mean, low, high = cs.paired_bootstrap([5.0, NAN], [1.0, 2.0])
     assert mean == 4.0 and math.isnan(low) and math.isnan(high)
+
+
+@pytest.mark.parametrize(
+    "x, p",
+    [
+        # the 8 sign assignments of (1, 2, 3) sum to 6, 4, 2, 0, 0, -2, -4, -6: |sum| >= 6 twice
+        ([1.0, 2.0, 3.0], 2 / 8),
+        # of (1, -1, 2): 2, 0, 4, -2, 2, -4, 0, -2: |sum| >= 2 six times
+        ([1.0, -1.0, 2.0], 6 / 8),
+        # one pair: both assignments are as extreme
+        ([5.0], 1.0),
+        # (1, 1, 1, 1): only all + and all - reach |sum| 4: 2 of 16
+        ([1.0, 1.0, 1.0, 1.0], 2 / 16),
+    ],
+)
+def test_the_exact_sign_flip_test_enumerated_by_hand(x, p):
+    assert cs.sign_flip_test(x, [0.0] * len(x)) == pytest.approx(p)
+    assert cs.sign_flip_test([v + 10 for v in x], [10.0] * len(x)) == pytest.approx(p)  # paired
+
+
+def test_the_sign_flip_test_drops_nan_pairs_and_refuses_too_many():
+    assert cs.sign_flip_test([1.0, 2.0, NAN, 3.0], [0.0, 0.0, 0.0, NAN]) == pytest.approx(2 / 4)
+    assert math.isnan(cs.sign_flip_test([NAN], [1.0]))
+    with pytest.raises(ValueError, match="at most 24"):
+        cs.sign_flip_test([1.0] * 25, [0.0] * 25)
+
+
+def test_tost_on_a_case_computed_by_hand():
+    """Differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), 2 degrees of freedom, margin 3. With 2
+    degrees of freedom the t CDF has the closed form F(t) = 1/2 + t / (2 sqrt(2 + t^2)):
+    p_upper = F((2 - 3) sqrt(3)) = 1/2 - sqrt(3) / (2 sqrt(5)) = 0.11270, p_lower = 1 - F(5 sqrt(3))
+    = 1/2 - 5 sqrt(3) / (2 sqrt(77)) = 0.006536. The 90 % interval is 2 -+ t(0.95; 2) / sqrt(3) with
+    t(0.95; 2) = 2.920 (the textbook table): [0.314, 3.686], which crosses +3: not equivalent."""
+    result = cs.tost_paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], margin=3.0, alpha=0.05)
+
+    assert result["p_upper"] == pytest.approx(0.5 - math.sqrt(3) / (2 * math.sqrt(5)))
+    assert result["p_lower"] == pytest.approx(0.5 - 5 * math.sqrt(3) / (2 * math.sqrt(77)))
+    assert result["p"] == result["p_upper"] and result["p"] > 0.05
+    assert (result["low"], result["high"]) == pytest.approx(
+        (2 - 2.920 / math.sqrt(3), 2 + 2.920 / math.sqrt(3)), abs=1e-3
+    )
+    wide = cs.tost_paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], margin=10.0, alpha=0.05)
+    assert wide["p"] < 0.05 and -10 < wide["low"] < wide["high"] < 10  # within +-10: equivalent
+
+
+def test_tost_edge_cases():
+    assert math.isnan(cs.tost_paired([1.0], [0.0], 10.0, 0.05)["p"])  # one pair: no spread
+    same = cs.tost_paired([2.0, 2.0], [0.0, 0.0], 10.0, 0.05)  # identical differences
+    assert same["p"] == 0.0 and same["low"] == same["high"] == 2.0
+    assert cs.tost_paired([12.0, 12.0], [0.0, 0.0], 10.0, 0.05)["p"] == 1.0
+
+
+def test_holm_on_known_p_values():
+    # sorted: 0.01 <= 0.05/3 rejected; 0.03 > 0.05/2 stops, so 0.04 is not rejected either.
+    # Adjusted: 3 x 0.01 = 0.03, max(0.03, 2 x 0.03) = 0.06, max(0.06, 0.04) = 0.06
+    results = cs.holm([0.01, 0.04, 0.03], 0.05)
+
+    assert [level for level, _, _ in results] == pytest.approx([0.05 / 3, 0.05, 0.05 / 2])
+    assert [reject for _, reject, _ in results] == [True, False, False]
+    assert [adjusted for _, _, adjusted in results] == pytest.approx([0.03, 0.06, 0.06])
+    # every one rejected; a NaN (a test without pairs yet) is never rejected and ranks last
+    assert [r for _, r, _ in cs.holm([0.001, 0.02, 0.01], 0.05)] == [True, True, True]
+    assert [r for _, r, _ in cs.holm([NAN, 0.001, 0.01], 0.05)] == [False, True, True]
+
+
+# --------------------------------------------------------------------------------------------------
+# Recovery (Stage C's secondary outcome)
+
+
+def recovery_of(rewards, entropies=None) -> dict:
+    entropies = curve((1.5, len(rewards))) if entropies is None else entropies
+    run = {"normalized_reward": rewards, "iteration": np.arange(1.0, len(rewards) + 1)}
+    run["collapse_index"] = cr.collapse_onset(rewards, entropies, "revised")[0]
+    return cs.recovery(run)
+
+
+def test_a_drop_that_recovers_counts_as_recovered():
+    # the reward collapse of 50 -> 0 starts at index 37 (smoothed 10 < 12.5); from index 50 the
+    # reward is 50 again: the smoothed reward is 5 (k + 1) at 50 + k, back at half of the best at
+    # onset (25) at index 54, 17 updates after the onset. Below a quarter of the best: indices 37-51
+    result = recovery_of(curve((50.0, 30), (0.0, 20), (50.0, 50)))
+
+    assert result == {
+        "ended_collapsed": False,
+        "spent": 15,
+        "recovery_time": 17.0,
+        "recovered": True,
+    }
+
+
+def test_a_collapse_that_never_recovers_is_censored_at_the_last_update():
+    result = recovery_of(curve((50.0, 30), (0.0, 70)))
+
+    # onset at index 37, the last update at index 99; collapsed from 37 on: 63 updates
+    assert result == {
+        "ended_collapsed": True,
+        "spent": 63,
+        "recovery_time": 62.0,
+        "recovered": False,
+    }
+
+
+def test_a_run_without_a_collapse_has_no_recovery_time():
+    result = recovery_of(curve((50.0, 100)))
+
+    assert result == {
+        "ended_collapsed": False,
+        "spent": 0,
+        "recovery_time": None,
+        "recovered": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,8 +255,7 @@ def write_run(
     with open(folder / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            figures.SERIES
-            + ("mode", "seed", "clip_coef", "ent_coef", "acting_entropy", "wall_time")
+            cr.SERIES + ("mode", "seed", "clip_coef", "ent_coef", "acting_entropy", "wall_time")
         )
         for i, (reward, entropy) in enumerate(zip(rewards, entropies), start=1):
             delta_pi_minus = (
@@ -314,8 +299,26 @@ def table_rows(output: str) -> dict:
     return rows
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the command line would draw, recorded instead of drawn (matplotlib takes seconds
+    a figure; the figures themselves are tested once, below, and in tests/test_collapse_figures.py):
+    {file name: the drawing function's arguments}."""
+    calls = {}
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls[os.path.basename(args[1])] = (args, kwargs)
+
+        return record
+
+    for name in ("draw_summary", "draw_fig6", "draw_paired_differences"):
+        monkeypatch.setattr(cs, name, recorder(name))
+    return calls
+
+
 def test_cli_prints_the_check_and_the_table_and_writes_the_report_and_figures(
-    study, tmp_path, capsys
+    study, tmp_path, capsys, drawn
 ):
     out_dir = tmp_path / "out"
 
@@ -379,11 +382,19 @@ def test_cli_prints_the_check_and_the_table_and_writes_the_report_and_figures(
         "| bn-mdr | 0.2 | 0.01 | 0.01 | separate | 3 | 1 | 0.33 [0.01, 0.91] | 0.5 (0/2, 3) |"
         in reward_alone
     )
+    assert sorted(drawn) == ["collapse_fig6.png", "collapse_stats.png"]
+
+
+def test_cli_draws_its_figures(study, tmp_path):
+    # the one test here that draws (seconds a figure): two cells
+    args = ["--runs-dir", str(study), "--out-dir", str(tmp_path), "--cell", "bnm=0.01"]
+    assert cs.main(args) == 0
+
     for name in ("collapse_stats.png", "collapse_fig6.png"):
-        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_cell_filter_and_reference(study, tmp_path, capsys):
+def test_cli_cell_filter_and_reference(study, tmp_path, capsys, drawn):
     assert (
         cs.main(
             [
@@ -405,7 +416,7 @@ def test_cli_cell_filter_and_reference(study, tmp_path, capsys):
     assert rows[("bn", "0.01")][8] == "0.5 (2/0, 3)" and rows[("bn", "0.01")][14] == "0.67"
 
 
-def test_cli_modes_filter(study, tmp_path, capsys):
+def test_cli_modes_filter(study, tmp_path, capsys, drawn):
     assert (
         cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--modes", "bn,eval"]) == 0
     )
@@ -413,7 +424,7 @@ def test_cli_modes_filter(study, tmp_path, capsys):
     assert sorted(table_rows(capsys.readouterr().out)) == [("bn", "0.01"), ("eval", "0.1")]
 
 
-def test_cli_rank_orders_the_table_by_auc(study, tmp_path, capsys):
+def test_cli_rank_orders_the_table_by_auc(study, tmp_path, capsys, drawn):
     assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--rank"]) == 0
 
     lines = capsys.readouterr().out.splitlines()[2:6]
@@ -422,7 +433,7 @@ def test_cli_rank_orders_the_table_by_auc(study, tmp_path, capsys):
     assert order[2:] == [("bn-mdr", "0.01"), ("bn", "0.01")]  # AUC 34.3, then 20
 
 
-def test_cli_seeds_filter(study, tmp_path, capsys):
+def test_cli_seeds_filter(study, tmp_path, capsys, drawn):
     assert (
         cs.main(
             [
@@ -441,11 +452,16 @@ def test_cli_seeds_filter(study, tmp_path, capsys):
 
     output = capsys.readouterr().out
     rows = table_rows(output)
-    assert rows[("bn", "0.01")][5] == "2" and rows[("bn-mdr", "0.01")][5:9] == [
+    assert rows[("bn", "0.01")][5] == "2"
+    # two seeds: a caution beside each interval
+    assert rows[("bn-mdr", "0.01")][5:12] == [
         "2",
         "1",
-        "0.50 [0.01, 0.99]",
+        "0.50 [0.01, 0.99] ⚠ only 2 seeds",
         "1 (0/1, 2)",
+        "30.5",
+        "+10.5 [+0.0, +21.0] ⚠ only 2 seeds",
+        "+20.5 [+0.0, +41.0] ⚠ only 2 seeds",
     ]
 
 
@@ -460,7 +476,7 @@ def write_bench(path: Path, sps_by_config: dict) -> Path:
     return path
 
 
-def test_cli_cost_json_gives_the_side_by_side_wall_time_column(study, tmp_path, capsys):
+def test_cli_cost_json_gives_the_side_by_side_wall_time_column(study, tmp_path, capsys, drawn):
     # per round: bn's median SPS over bn-mdr's = 10/5 and 20/8; eval has no configuration; patchloc
     # is not a probe mode
     bench = write_bench(
@@ -550,18 +566,342 @@ def test_bad_input_is_a_config_error(study, tmp_path, monkeypatch, args, message
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(cs.ConfigError, match=re.escape(message)):
-        cs.main(["--runs-dir", str(study)] + args)
-    assert not list(tmp_path.glob("**/collapse_stats.md"))
+        cs.main(["--runs-dir", str(study), "--out-dir", "out"] + args)
+    assert not (tmp_path / "out").exists()
 
 
-def test_bad_input_on_the_command_line_is_one_line_without_traceback(tmp_path):
+def run_cli(cwd, monkeypatch, capsys, *args) -> tuple:
+    """(exit status, stderr) of the command line in cwd, in this process (the command's own
+    process: test_the_command_line_is_the_same_in_its_own_process)."""
+    monkeypatch.chdir(cwd)
+    try:
+        status = cs.run(list(args))
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+# (arguments, the one line on stderr): the tool's bad input, each also in BAD_INPUT of the report
+BAD_COMMAND_LINES = [
+    (["--runs-dir", "missing", "--out-dir", "out"], "error: --runs-dir missing: no such folder"),
+    (
+        ["--runs-dir", "study"],
+        "error: the following arguments are required: --out-dir (--help lists the options)",
+    ),
+    (
+        ["--runs-dir", "study", "--out-dir", "out", "--definition", "new"],
+        "error: argument --definition: invalid choice: 'new'",
+    ),
+    (
+        ["--runs-dir", "study", "--out-dir", "out", "--seeds", "4-2"],
+        "error: --seeds 4-2: '4-2' is not a seed or a range like 1-4",
+    ),
+    (
+        ["--runs-dir", "study", "--out-dir", "out", "--study", "stage-c"],
+        "error: bn-mdr_bnm0.5_s1: not a run of Stage C's plan (not under procedural/ or photos/)",
+    ),
+    (
+        ["--runs-dir", "study", "--out-dir", "out", "--study", "stage-c", "--seeds", "1-3"],
+        "error: --study stage-c runs the plan's analysis of every run; --seeds does not apply "
+        "to it",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, line", BAD_COMMAND_LINES)
+def test_bad_input_on_the_command_line_is_one_line(study, monkeypatch, capsys, args, line):
+    status, err = run_cli(study.parent, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(line) and err.count("\n") == 1
+    assert not (study.parent / "out").exists()
+
+
+def test_the_command_line_is_the_same_in_its_own_process(study):
     result = subprocess.run(
         [sys.executable, str(ANALYSIS / "collapse_stats.py"), "--runs-dir", "missing"],
-        cwd=tmp_path,
+        cwd=study.parent,
         capture_output=True,
         text=True,
         timeout=120,
     )
 
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --runs-dir missing: no such folder"
+    assert result.returncode == 2 and result.stderr == (
+        "error: the following arguments are required: --out-dir (--help lists the options)\n"
+    )
+
+
+def test_the_revised_definition_reports_the_old_one_after_every_table(study, tmp_path, drawn):
+    assert (
+        cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path), "--definition", "revised"])
+        == 0
+    )
+
+    report = (tmp_path / "collapse_stats.md").read_text()
+    # BN's collapses are entropy collapses that end at a reward of 0: both definitions flag them
+    assert report.count("### The same under the old definition") == 1
+    assert "| run | collapse | collapse (old definition) | best smoothed reward |" in report
+    # revised: the entropy counts once the smoothed reward 40 (9 - j) / 10 is below 20 (j = 5)
+    assert "| `bn_s1` | yes, update 26 (entropy) | yes, update 21 (entropy) |" in report
+    for heading in (
+        "### The reward criterion alone (revised definition)",
+        "### The entropy criterion alone (revised definition)",
+        "### The entropy criterion alone (old definition)",
+    ):
+        assert heading in report
+    args, _ = drawn["collapse_stats.png"]
+    ((title, cells),) = args[0]
+    assert [len(curves) for _, _, curves in cells] == [2] * 4  # revised and old Kaplan-Meier
+
+
+def test_unfinished_and_unreadable_runs_are_named_not_analysed(study, tmp_path, capsys, drawn):
+    killed = study / "bn_s4"
+    write_run(killed, "bn", 4, curve((40.0, 10)), curve((1.5, 10)))
+    (killed / "summary.json").unlink()
+    broken = study / "bn_s5"
+    write_run(broken, "bn", 5, curve((40.0, 10)), curve((1.5, 10)))
+    (broken / "summary.json").write_text("{")
+
+    assert cs.main(["--runs-dir", str(study), "--out-dir", str(tmp_path / "out")]) == 0
+
+    report = (tmp_path / "out" / "collapse_stats.md").read_text()
+    assert "Not finished, not analysed (1): `bn_s4` (unfinished).\n" in report
+    assert f"Skipped, unreadable (1): {broken}/summary.json: unreadable (" in report
+    assert "bn_s4" not in report.split("(unfinished).\n", 1)[1]  # in no table
+    assert capsys.readouterr().err.startswith(f"warning: skipped {broken}/summary.json")
+    assert table_rows(report)[("bn", "0.01")][5] == "3"
+
+
+def test_paired_cells_that_share_no_seed_are_a_config_error(tmp_path, drawn):
+    for mode, seed in (("bn", 1), ("bn", 2), ("bn-mdr", 3)):
+        write_run(tmp_path / "runs" / f"{mode}_s{seed}", mode, seed, curve((40.0, 10)), HIGH[:10])
+
+    with pytest.raises(cs.ConfigError) as error:
+        cs.main(["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")])
+
+    assert str(error.value) == (
+        "BN+MDR (seeds 3) and bn (seeds 1-2) share no seed: nothing to pair; choose runs of the "
+        "same seeds (--seeds, --cell)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_of_another_commit_are_not_paired_unless_allowed(tmp_path, drawn):
+    runs = tmp_path / "runs"
+    write_full_run(runs / "bn_s1", "bn", 1, curve((40.0, 10)), HIGH[:10])
+    write_full_run(runs / "mdr_s1", "bn-mdr", 1, curve((40.0, 10)), HIGH[:10])
+    other = {**PROVENANCE, "commit": "b" * 40}
+    write_full_run(runs / "mdr_s2", "bn-mdr", 2, curve((40.0, 10)), HIGH[:10], provenance=other)
+    write_full_run(runs / "bn_s2", "bn", 2, curve((40.0, 10)), HIGH[:10], provenance=None)
+
+    with pytest.raises(cs.ConfigError, match=r"^runs that are paired come from different commits"):
+        cs.main(["--runs-dir", str(runs), "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+    assert (
+        cs.main(["--runs-dir", str(runs), "--out-dir", str(tmp_path / "out"), "--allow-mixed"]) == 0
+    )
+    report = (tmp_path / "out" / "collapse_stats.md").read_text()
+    assert (
+        "Provenance of the 4 runs: 2 from commit aaaaaaa, AMD EPYC, torch 2.14.1; 1 from commit "
+        "bbbbbbb, AMD EPYC, torch 2.14.1; 1 unknown (made before runs recorded it). Runs of "
+        "different provenance were paired (--allow-mixed).\n"
+    ) in report
+
+
+def test_the_first_studys_committed_report_is_reproduced(tmp_path, drawn):
+    """docs/collapse.md's command rewrites docs/collapse/study/collapse_stats.md byte for byte
+    (the line naming the command aside: it now names its --out-dir)."""
+    args = ["--runs-dir", "docs/collapse/study", "--cell", "bnm=0.1", "--modes", "bn,eval,bn-mdr"]
+    committed = (COMMITTED_RUNS / "study" / "collapse_stats.md").read_text().splitlines()
+
+    os.chdir(ANALYSIS.parent)
+    try:
+        assert cs.main(args + ["--out-dir", str(tmp_path)]) == 0
+    finally:
+        os.chdir(tmp_path)
+
+    written = (tmp_path / "collapse_stats.md").read_text().splitlines()
+    assert (
+        written[2]
+        == f"Written by `python analysis/collapse_stats.py {' '.join(args)} --out-dir {tmp_path}`."
+    )
+    assert written[:2] + written[3:] == committed[:2] + committed[3:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage C (--study stage-c) on hand-made runs: partial, as while the study runs
+
+
+CRASH = (curve((50.0, 60), (0.0, 140)), curve((1.5, 60), (0.05, 140)))  # collapses at index 66
+GOOD = (curve((50.0, 200)), HIGH)
+DIP = (curve((50.0, 60), (0.0, 15), (50.0, 125)), HIGH)  # a reward collapse that recovers
+CONFIDENT = (curve((50.0, 200)), curve((1.5, 100), (0.1, 100)))  # the old entropy criterion's
+
+
+@pytest.fixture
+def stage_c(tmp_path):
+    """Procedural seeds 11-13 of every arm and a killed bn seed 14; photos seeds 11-12. BN
+    collapses (both definitions); MDR(2,1) learns; BN with 2 epochs dips and recovers in seed 11;
+    MDR(1,2) is a confident good policy (flagged by the old definition only), its AUC 2, 1 and 0
+    points below MDR(2,1)'s."""
+    study = tmp_path / "study_c"
+    for seed in (11, 12, 13):
+        write_stage_c_run(study, "procedural", "bn", seed, *CRASH)
+        write_stage_c_run(study, "procedural", "bn-e2", seed, *(DIP if seed == 11 else GOOD))
+        write_stage_c_run(study, "procedural", "bn-mdr21", seed, GOOD[0] + seed - 11, HIGH)
+        rewards = CONFIDENT[0] + 2 * (seed - 12)  # MDR(2,1) minus 2, 1, 0
+        write_stage_c_run(study, "procedural", "bn-mdr12", seed, rewards, CONFIDENT[1])
+    write_stage_c_run(study, "procedural", "bn", 14, *CRASH, summary=False)
+    for seed in (11, 12):
+        write_stage_c_run(study, "photos", "bn", seed, *CRASH)
+        write_stage_c_run(study, "photos", "bn-mdr21", seed, *GOOD)
+    return study
+
+
+def stage_c_report(study, out_dir, capsys=None) -> str:
+    assert cs.main(["--runs-dir", str(study), "--study", "stage-c", "--out-dir", str(out_dir)]) == 0
+    return (out_dir / "collapse_stats.md").read_text()
+
+
+def table_row(report: str, section: str, first_cell: str) -> list:
+    """The cells of the row starting with first_cell in the first table after `section`."""
+    after = report[report.index(section) :]
+    for line in after.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell} after {section}")
+
+
+def test_stage_c_reports_partial_data_with_its_complete_pairs(stage_c, tmp_path, capsys, drawn):
+    report = stage_c_report(stage_c, tmp_path / "out")
+
+    assert report.startswith(f"# Stage C: collapse statistics of {stage_c}\n")
+    assert "Revised definition (primary): Collapse:" in report
+    assert "Old definition (the first study's, beside it in every table): Collapse:" in report
+    assert "Provenance of the 16 runs: 16 from commit aaaaaaa, AMD EPYC, torch 2.14.1.\n" in report
+    assert (
+        "Finished runs: 12 of the plan's 64 (bn 3/16, bn-e2 3/16, bn-mdr21 3/16, bn-mdr12 3/16). "
+        "Not finished or failed, not analysed: `procedural/bn_bnm0.1_s14` (unfinished). Seeds "
+        "finished in every arm: 3 of 16 (11-13)."
+    ) in report
+    assert "Finished runs: 4 of the plan's 16 (bn 2/8, bn-mdr21 2/8)." in report
+    # the primary test: BN only collapsed in all 3 pairs, p = 2 x 0.5^3
+    assert table_row(report, "### Primary test", "revised (primary)") == [
+        "revised (primary)",
+        "3",
+        "0 / 3",
+        "0.25",
+        "not resolved",
+    ]
+    # S3: differences -2, -1, 0 (mean -1, se 1/sqrt(3)): far inside +-10, equivalent after Holm
+    s3 = table_row(report, "### Secondary tests", "S3: AUC bn-mdr12 − bn-mdr21")
+    assert (
+        s3[2] == "3"
+        and s3[3].startswith("-1.0 [")
+        and s3[-1] == ("MDR(1,2) and MDR(2,1) are equivalent")
+    )
+    tost = cs.tost_paired([-2.0, -1.0, 0.0], [0.0] * 3, 10.0, 0.05)
+    assert s3[6] == f"{tost['p']:.3g}" and s3[7] == "0.01667"  # the smallest p: 0.05 / 3
+    # S1: MDR(2,1) minus BN 2 epochs, AUC differences (50 - 46.25, 51 - 50, 52 - 50): the sign-flip
+    # test of 3 positive differences is 2/8 at best
+    s1 = table_row(report, "### Secondary tests", "S1: AUC bn-mdr21 − bn-e2")
+    assert s1[6] == "0.25" and s1[-1] == "not resolved"
+    # MDR(1,2)'s confident policy: a collapse under the old definition only
+    mdr12 = table_row(report, "### Arms", "bn-mdr12")
+    assert mdr12[1:6] == ["3", "0", "0.00 [0.00, 0.71]", "3", "1.00 [0.29, 1.00]"]
+    # the dip of BN with 2 epochs recovered; BN never did, and ended collapsed
+    assert table_row(report, "### Recovery", "bn-e2")[2:8] == [
+        "0",
+        "0 [0-10]",  # the median of 10, 0, 0
+        "1",
+        "1",
+        "12 [12-12]",
+        "0",
+    ]
+    bn = table_row(report, "### Recovery", "bn")
+    assert bn[2] == "3" and bn[4:8] == ["3", "0", "–", "3 (after 134 [134-134])"]
+    assert (
+        "| `procedural/bn-e2_bnm0.1_s11` | yes, update 68 (reward) | yes, update 68 (reward) "
+        "| yes, after 12 updates |" in report
+    )
+    # photos: a family of its own
+    photos = report[report.index("## Real photographs") :]
+    assert table_row(photos, "### Primary test", "revised (primary)")[1:4] == ["2", "0 / 2", "0.5"]
+    assert "### Secondary tests" not in photos
+    # the figures: both families, the paired differences of every comparison
+    (proc_title, proc_cells), (photo_title, _) = drawn["collapse_stats.png"][0][0]
+    assert (proc_title, photo_title) == ("Procedural images", "Real photographs")
+    assert [label for label, _, _ in proc_cells] == [
+        "BN",
+        "BN, 2 epochs",
+        "BN+MDR(2,1)",
+        "BN+MDR(1,2)",
+    ]
+    panels = drawn["collapse_paired.png"][0][0]
+    assert [len(comparisons) for _, comparisons in panels] == [5, 1]
+    assert list(panels[0][1][3][1]) == pytest.approx([3.75, 1.0, 2.0])  # S1's, one per seed
+    assert len(drawn["collapse_fig6.png"][0][0]) == 16
+    printed = capsys.readouterr().out
+    assert (
+        "Procedural images: finished runs 12; primary McNemar bn-mdr21 vs bn (revised): p = 0.25"
+        in printed
+    )
+
+
+def test_stage_c_with_no_finished_run_writes_the_report_only(tmp_path, drawn):
+    write_stage_c_run(tmp_path / "study_c", "procedural", "bn", 11, *CRASH, summary=False)
+
+    report = stage_c_report(tmp_path / "study_c", tmp_path / "out")
+
+    assert "No finished runs yet." in report and "Finished runs: 0 of the plan's 64" in report
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["collapse_stats.md"]
+    assert drawn == {}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda study: write_stage_c_run(
+                study, "procedural", "bn-e2", 14, *GOOD, provenance={**PROVENANCE, "cpu": "Intel"}
+            ),
+            "error: runs that are paired come from different commits or machines: ",
+        ),
+        (
+            lambda study: write_full_run(study / "procedural" / "gn_s11", "gn", 11, *GOOD),
+            "error: procedural/gn_s11: --mode gn with 3 train-mode and 0 eval-mode epochs is not",
+        ),
+        (
+            lambda study: write_stage_c_run(study, "photos", "bn", 19, *GOOD),
+            "error: photos/bn_bnm0.1_s19: seed 19 is not one of the plan's photos seeds (11-18)",
+        ),
+    ],
+)
+def test_stage_c_bad_runs_are_one_line_errors_and_nothing_is_written(
+    stage_c, monkeypatch, capsys, damage, message
+):
+    damage(stage_c)
+
+    args = ("--runs-dir", "study_c", "--study", "stage-c", "--out-dir", "out")
+    status, err = run_cli(stage_c.parent, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (stage_c.parent / "out").exists()
+
+
+def test_stage_c_refuses_the_old_definition_as_primary(stage_c, tmp_path):
+    with pytest.raises(cs.ConfigError, match="the plan's primary definition is the revised one"):
+        cs.main(
+            [
+                "--runs-dir",
+                str(stage_c),
+                "--study",
+                "stage-c",
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--definition",
+                "old",
+            ]
+        )
+    assert not (tmp_path / "o").exists()

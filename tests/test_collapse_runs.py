@@ -1,0 +1,463 @@
+"""Tests of analysis/collapse_runs.py: the collapse definition, the first study's and the revised
+one, on hand-made curves and on the committed runs; arms; reading run folders (finished, killed,
+half-written, corrupt); provenance and the refusal to pair mixed runs; Stage C's plan of runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
+import collapse_runs as cr
+from collapse_run_files import PROVENANCE, curve, write_run, write_stage_c_run
+
+ANALYSIS = Path(cr.__file__).parent
+COMMITTED_RUNS = ANALYSIS.parent / "docs" / "collapse"
+NAN = float("nan")
+HIGH = curve((1.5, 200))  # an acting entropy far from either criterion
+CURVES = (curve((5.0, 3)), HIGH[:3])  # a short run that learned nothing
+
+
+# --------------------------------------------------------------------------------------------------
+# The definition on hand-made curves: what both definitions share
+
+
+@pytest.mark.parametrize("definition", cr.DEFINITIONS)
+def test_a_sustained_reward_crash_is_flagged_where_the_smoothed_reward_falls_below_a_quarter(
+    definition,
+):
+    rewards = curve((50.0, 30), (0.0, 30))
+    # no entropy collapse: the paper's reward collapse need not come with one
+    entropies = curve((1.5, 60))
+
+    # smoothed reward at update 30 + j: 50 (9 - j) / 10, below 0.25 x 50 from j = 7 on
+    assert cr.detect_collapse(rewards, entropies, definition) == (True, 37)
+    assert cr.collapse_onset(rewards, entropies, definition) == (37, "reward")
+
+
+@pytest.mark.parametrize(
+    "low_updates, flagged", [(cr.REWARD_UPDATES - 1, False), (cr.REWARD_UPDATES, True)]
+)
+@pytest.mark.parametrize("definition", cr.DEFINITIONS)
+def test_the_reward_must_stay_low_for_reward_updates_in_a_row(low_updates, flagged, definition):
+    # the smoothed reward is below 12.5 from update 37 on while its window holds at most two 50s:
+    # zeros - 5 updates
+    rewards = curve((50.0, 30), (0.0, low_updates + 5), (50.0, 20))
+
+    assert cr.detect_collapse(rewards, curve((1.5, len(rewards))), definition) == (
+        (True, 37) if flagged else (False, len(rewards) - 1)
+    )
+
+
+@pytest.mark.parametrize("definition, onset", [("old", 22), ("revised", 25)])
+def test_an_entropy_collapse_with_the_reward_near_zero_is_flagged_at_its_first_update(
+    definition, onset
+):
+    rewards = curve((15.0, 20), (0.5, 40))
+    entropies = curve((1.4, 22), (0.01, 38))
+
+    # both before the reward criterion (low from update 27): the smoothed reward at 20 + j is
+    # 15 - 1.45 (j + 1), below half of its best (7.5) from j = 5 on, where the revised streak starts
+    assert cr.collapse_onset(rewards, entropies, definition) == (onset, "entropy")
+
+
+@pytest.mark.parametrize("definition", cr.DEFINITIONS)
+def test_a_dip_that_recovers_within_a_few_updates_is_not_a_collapse(definition):
+    rewards = curve((60.0, 40), (0.0, 4), (60.0, 40))  # smoothed: at least 36 = 60 % of the best
+    entropies = curve((1.2, 41), (0.1, cr.ENTROPY_UPDATES - 1), (1.2, 39))
+
+    assert cr.detect_collapse(rewards, entropies, definition) == (False, 83)
+
+
+@pytest.mark.parametrize("definition", cr.DEFINITIONS)
+def test_a_run_that_never_learns_is_censored_even_if_its_entropy_collapses(definition):
+    rewards = curve((-6.0, 10), (9.9, 40), (0.0, 30))  # best smoothed reward 9.9 < 10 % of optimal
+    entropies = curve((1.9, 30), (0.0, 50))
+
+    assert cr.detect_collapse(rewards, entropies, definition) == (False, 79)
+
+
+def test_updates_without_a_finished_episode_are_skipped():
+    rewards = curve((20.0, 10), (5.0, 1), (NAN, 1), (5.0, 1), (NAN, 3), (5.0, 3))
+    entropies = curve((1.5, 10), (0.0, 9))  # low from update 10; 5 of those updates have a reward
+    assert cr.collapse_onset(rewards, entropies, "old") == (10, "entropy")
+
+    entropies[-1] = (
+        1.5  # now 4 low updates with a reward: NaN updates do not count towards a streak
+    )
+    assert cr.detect_collapse(rewards, entropies, "old") == (False, 18)
+
+    rewards = curve((NAN, 3), (12.0, 2), (NAN, 2), (0.0, 30))
+    # the smoothed reward averages finished updates only (never NaN): 12, 12, then 12 x 2 / (2 + k)
+    assert cr.collapse_onset(rewards, curve((1.5, 37)), "old") == (13, "reward")
+
+
+def test_each_criterion_alone_flags_only_its_own_collapse():
+    # deterministic and still earning: entropy only, and only under the old definition
+    confident = (curve((80.0, 60)), curve((1.4, 30), (0.05, 30)))
+    # the reward collapse of the first test: reward only
+    crashed = (curve((50.0, 30), (0.0, 30)), curve((1.5, 60)))
+
+    assert cr.collapse_onset(*confident, "old") == (30, "entropy")
+    assert cr.collapse_onset(*confident, "old", ("entropy",)) == (30, "entropy")
+    assert cr.collapse_onset(*confident, "old", ("reward",)) == (None, None)
+    assert cr.collapse_onset(*crashed, "revised", ("reward",)) == (37, "reward")
+    assert cr.collapse_onset(*crashed, "revised", ("entropy",)) == (None, None)
+
+
+def test_an_unknown_definition_is_refused():
+    with pytest.raises(ValueError, match="one of old, revised"):
+        cr.collapse_onset(curve((1.0, 3)), curve((1.0, 3)), "new")
+
+
+# --------------------------------------------------------------------------------------------------
+# The revised definition (docs/collapse/study_c/PLAN.md)
+
+
+def test_a_confident_good_policy_is_a_collapse_only_under_the_old_definition():
+    # the first study's BN+MDR seed 10 and Eval seed 9: near-deterministic at 61-99 % of optimal
+    rewards, entropies = curve((80.0, 60)), curve((1.4, 30), (0.05, 30))
+
+    assert cr.collapse_onset(rewards, entropies, "old") == (30, "entropy")
+    assert cr.collapse_onset(rewards, entropies, "revised") == (None, None)
+
+
+def test_a_low_entropy_policy_at_a_tenth_of_its_best_is_a_collapse():
+    # best smoothed reward 50; from update 30 the reward is 5 and the entropy low. The smoothed
+    # reward at 30 + j is 50 - 4.5 (j + 1): below half of 50 from j = 5 (index 35), so the revised
+    # entropy streak starts there and is 5 long at 39, before the reward criterion's (from 38) is 10
+    rewards, entropies = curve((50.0, 30), (5.0, 40)), curve((1.4, 30), (0.05, 40))
+
+    assert cr.collapse_onset(rewards, entropies, "revised") == (35, "entropy")
+    assert cr.collapse_onset(rewards, entropies, "old") == (30, "entropy")
+
+
+def test_the_revised_entropy_criterion_looks_at_the_smoothed_reward():
+    # entropy low from update 30 on; the reward at 40 % of its best for 4 updates, but its moving
+    # average never below 38 = 76 % of the best
+    rewards = curve((50.0, 30), (20.0, 4), (50.0, 30))
+    entropies = curve((1.4, 30), (0.05, 34))
+    assert cr.smoothed_rewards(rewards)[1].min() == pytest.approx(38.0)
+
+    assert cr.collapse_onset(rewards, entropies, "revised") == (None, None)
+    assert cr.collapse_onset(rewards, entropies, "old") == (30, "entropy")
+
+
+def test_smoothed_rewards_skip_nan_updates_and_track_the_best():
+    indices, smoothed, best = cr.smoothed_rewards([NAN, 10.0, 30.0, NAN, 20.0])
+
+    assert list(indices) == [1, 2, 4]
+    assert list(smoothed) == [10.0, 20.0, 20.0] and list(best) == [10.0, 20.0, 20.0]
+
+
+def test_the_committed_runs_keep_their_documented_collapses_under_the_old_definition():
+    """docs/collapse.md, 'Collapse definition (fixed before the decisive runs)': BN 4/4, BN+MDR seed
+    2 in all three BN+MDR cells, no Eval run; the update is the collapse's first."""
+    # the 16 runs of the first sessions (docs/collapse/study/ holds the study's runs, made after the
+    # definition was fixed)
+    runs = [
+        run for run in cr.read_runs(str(COMMITTED_RUNS)) if "study" not in Path(run["name"]).parts
+    ]
+    runs = cr.mark_collapses(runs, "old")
+
+    flagged = {
+        run["name"]: int(run["iteration"][run["collapse_index"]])
+        for run in runs
+        if run["collapse_index"] is not None
+    }
+
+    assert len(runs) == 16
+    assert flagged == {
+        "bn_clip0.2_ent0.01_seed1": 41,
+        "bn_clip0.2_ent0.01_seed2": 116,
+        "bn_clip0.05_ent0.01_seed1": 145,
+        "bn_clip0.05_ent0.01_seed2": 108,
+        "bn-mdr_clip0.2_ent0.01_seed2": 51,
+        "bn-mdr_clip0.05_ent0.01_seed2": 71,
+        "bn-mdr_clip0.2_ent0_seed2": 14,
+    }
+    for run in runs:  # the definition's moving average is the probe's smoothed_reward column
+        window = [
+            np.mean(run["normalized_reward"][max(0, i - cr.SMOOTH_WINDOW + 1) : i + 1])
+            for i in range(150)
+        ]
+        np.testing.assert_allclose(window, run["smoothed_reward"], atol=1e-3)
+
+
+def test_the_revised_definition_drops_only_the_confident_policies_of_the_decisive_study():
+    """Issue 26: in the decisive cell (BN momentum 0.1, views separate) the old definition flags
+    BN+MDR seed 10 and Eval seed 9, both confident policies still earning; the revised one flags
+    neither, and keeps BN's six collapses."""
+    runs = cr.select_cells(cr.read_runs(str(COMMITTED_RUNS / "study")), "bnm=0.1")
+    runs = [run for run in runs if run["arm"] in ("bn", "eval", "bn-mdr")]
+
+    def flagged(definition):
+        marked = cr.mark_collapses([dict(run) for run in runs], definition)
+        return {(r["arm"], r["seed"]) for r in marked if r["collapse_index"] is not None}
+
+    bn = {("bn", seed) for seed in (1, 2, 4, 5, 7, 10)}
+    assert {key for key in flagged("old") if key[0] == "bn"} == bn
+    assert flagged("old") - bn == {("bn-mdr", 10), ("eval", 9)}
+    assert flagged("revised") == bn
+
+
+# --------------------------------------------------------------------------------------------------
+# Arms and reading run folders
+
+
+@pytest.mark.parametrize(
+    "mode, alphas, arm",
+    [
+        ("bn", (3, 0), "bn"),
+        ("bn", (2, 0), "bn-e2"),
+        ("eval", (4, 0), "eval-e4"),
+        ("bn-mdr", (2, 1), "bn-mdr"),
+        ("bn-mdr", (1, 2), "bn-mdr12"),
+        ("brn-mdr", (3, 1), "brn-mdr31"),
+        ("bn", (None, None), "bn"),  # not recorded: the defaults
+    ],
+)
+def test_an_arm_is_the_mode_and_what_it_changed_of_the_epochs(mode, alphas, arm):
+    assert cr.arm_name(mode, *alphas) == arm
+
+
+def test_the_committed_runs_keep_their_mode_as_arm():
+    runs = cr.read_runs(str(COMMITTED_RUNS))
+
+    assert len(runs) == 84 and all(run["arm"] == run["mode"] for run in runs)
+    assert all(run["status"] == "completed" and run["provenance"] == [] for run in runs)
+
+
+def test_a_run_reads_its_arm_status_and_provenance(tmp_path):
+    segments = [{"from_iteration": 1, **PROVENANCE}, {"from_iteration": 57, **PROVENANCE}]
+    write_run(tmp_path / "a", "bn-mdr", 11, curve((5.0, 3)), curve((1.5, 3)), (1, 2))
+    write_run(tmp_path / "b", "bn", 11, curve((5.0, 3)), curve((1.5, 3)), (2, 0), segments=segments)
+    write_run(tmp_path / "c", "bn", 12, curve((5.0, 3)), curve((1.5, 3)), summary=False)
+    write_run(tmp_path / "d", "bn", 13, curve((5.0, 3)), curve((1.5, 3)), provenance=None)
+
+    runs = {run["name"]: run for run in cr.read_runs(str(tmp_path))}
+
+    assert [runs[name]["arm"] for name in "abcd"] == ["bn-mdr12", "bn-e2", "bn", "bn"]
+    assert runs["a"]["provenance"] == [{"from_iteration": 1, **PROVENANCE}]
+    assert runs["b"]["provenance"] == segments and runs["d"]["provenance"] == []
+    assert cr.run_provenance(runs["a"]) == ("a" * 40, "AMD EPYC", "2.14.1")
+    assert cr.run_provenance(runs["d"]) is None
+    assert [runs[name]["status"] for name in "abcd"] == ["completed"] * 2 + ["unfinished"] + [
+        "completed"
+    ]
+    done, others = cr.finished(list(runs.values()))
+    assert sorted(run["name"] for run in done) == ["a", "b", "d"] and others == [runs["c"]]
+    assert runs["c"]["bn_momentum"] is None and runs["c"]["args"] == {}
+
+
+def test_a_half_written_last_line_of_a_killed_run_is_dropped(tmp_path):
+    folder = write_run(
+        tmp_path / "killed", "bn", 1, curve((5.0, 4)), curve((1.5, 4)), summary=False
+    )
+    with open(folder / "metrics.csv", "a") as f:
+        f.write("5,640,bn,0.2")  # the process died mid-line
+
+    (run,) = cr.read_runs(str(tmp_path))
+
+    assert list(run["iteration"]) == [1, 2, 3, 4] and run["status"] == "unfinished"
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("metrics.csv", "metrics.csv: no column normalized_reward"),
+        ("numbers", "metrics.csv: a value that is not a number"),
+        ("summary.json", "summary.json: unreadable"),
+        ("args", "summary.json: not a summary.json of ppo_collapse_probe.py (no args object)"),
+        ("provenance", "summary.json: its provenance is not a list of objects"),
+    ],
+)
+def test_a_corrupt_run_file_is_skipped_with_one_warning_line(tmp_path, capsys, damage, reason):
+    write_run(tmp_path / "good", "bn", 1, curve((5.0, 3)), curve((1.5, 3)))
+    bad = write_run(tmp_path / "bad", "bn", 2, curve((5.0, 3)), curve((1.5, 3)))
+    if damage == "metrics.csv":
+        text = (bad / "metrics.csv").read_text()
+        (bad / "metrics.csv").write_text(text.replace("normalized_reward", "reward", 1))
+    elif damage == "numbers":
+        text = (bad / "metrics.csv").read_text().splitlines()
+        (bad / "metrics.csv").write_text("\n".join(text[:2] + [text[2].replace("5.0", "x")]))
+    elif damage == "summary.json":
+        (bad / "summary.json").write_text('{"status": "compl')
+    elif damage == "args":
+        (bad / "summary.json").write_text('{"status": "completed", "args": [1]}')
+    else:
+        (bad / "summary.json").write_text('{"args": {}, "provenance_segments": "x"}')
+
+    runs, skipped = cr.read_runs_and_skipped(str(tmp_path))
+
+    assert [run["name"] for run in runs] == ["good"]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad}/") and reason in skipped[0]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: skipped {bad}/")
+
+
+def test_only_corrupt_or_empty_runs_is_a_config_error(tmp_path):
+    bad = write_run(tmp_path / "bad", "bn", 2, curve((5.0, 3)), curve((1.5, 3)))
+    (bad / "summary.json").write_text("{")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.csv").write_text("iteration,mode\n")  # killed before update 1
+
+    with pytest.raises(cr.ConfigError, match="no runs found"):
+        cr.read_runs(str(tmp_path))
+    with pytest.raises(cr.ConfigError, match="--runs-dir missing: no such folder"):
+        cr.read_runs("missing")
+
+
+def test_selecting_cells_modes_and_seeds(tmp_path):
+    for arm, alphas in (("bn", (3, 0)), ("bn-e2", (2, 0))):
+        for seed in (1, 2, 5):
+            write_run(tmp_path / f"{arm}_s{seed}", "bn", seed, curve((5.0, 3)), HIGH[:3], alphas)
+    runs = cr.read_runs(str(tmp_path))
+
+    assert {run["arm"] for run in cr.select_modes(runs, "bn-e2")} == {"bn-e2"}
+    assert len(cr.select_cells(runs, "mode=bn-e2,bnm=0.1,views=separate")) == 3
+    assert sorted(run["seed"] for run in cr.select_seeds(runs, "1-2")) == [1, 1, 2, 2]
+    assert sorted(run["seed"] for run in cr.select_seeds(runs, "5,1")) == [1, 1, 5, 5]
+    with pytest.raises(cr.ConfigError, match="'3-1' is not a seed or a range like 1-4"):
+        cr.select_seeds(runs, "3-1")
+    with pytest.raises(cr.ConfigError, match="no runs of eval"):
+        cr.select_modes(runs, "eval")
+    # a range is never enumerated: a huge one is as quick as a small one
+    assert len(cr.select_seeds(runs, "0-999999999999")) == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def three_runs(tmp_path, **second) -> list:
+    """bn seed 1, bn-mdr seeds 1 and 2; the second run with `second` as write_run arguments."""
+    write_run(tmp_path / "bn_s1", "bn", 1, curve((5.0, 3)), HIGH[:3])
+    write_run(tmp_path / "mdr_s1", "bn-mdr", 1, curve((5.0, 3)), HIGH[:3], **second)
+    write_run(tmp_path / "mdr_s2", "bn-mdr", 2, curve((5.0, 3)), HIGH[:3])
+    return cr.read_runs(str(tmp_path))
+
+
+def test_runs_of_one_provenance_or_none_are_paired(tmp_path):
+    runs = three_runs(tmp_path, provenance=None)  # one of the first studies' runs: unknown
+
+    cr.check_provenance([runs], allow_mixed=False)
+
+    summary = cr.provenance_summary(runs)
+    assert summary == (
+        "Provenance of the 3 runs: 2 from commit aaaaaaa, AMD EPYC, torch 2.14.1; "
+        "1 unknown (made before runs recorded it)."
+    )
+
+
+@pytest.mark.parametrize("field, value", [("commit", "b" * 40), ("cpu", "Intel"), ("torch", "2.9")])
+def test_runs_from_another_commit_or_machine_are_refused_naming_them(tmp_path, field, value):
+    runs = three_runs(tmp_path, provenance={**PROVENANCE, field: value})
+
+    with pytest.raises(cr.ConfigError) as error:
+        cr.check_provenance([runs], allow_mixed=False)
+
+    message = str(error.value)
+    assert message.startswith("runs that are paired come from different commits or machines: ")
+    assert "mdr_s1 (commit" in message and "bn_s1, mdr_s2 (commit aaaaaaa" in message
+    assert message.endswith("; pass --allow-mixed to pair them anyway") and "\n" not in message
+    cr.check_provenance([runs], allow_mixed=True)
+    cr.check_provenance([runs[:1], runs[1:2]], allow_mixed=False)  # not paired with each other
+    assert "paired (--allow-mixed)" in cr.provenance_summary(runs, allow_mixed=True)
+
+
+def test_a_run_resumed_on_another_machine_is_refused(tmp_path):
+    segments = [{"from_iteration": 1, **PROVENANCE}, {"from_iteration": 3, **PROVENANCE}]
+    segments[1]["cpu"] = "Intel Xeon"
+    runs = three_runs(tmp_path, segments=segments)
+
+    with pytest.raises(cr.ConfigError, match=r"mdr_s1 was resumed on another commit or machine "):
+        cr.check_provenance([runs], allow_mixed=False)
+    cr.check_provenance([runs], allow_mixed=True)
+
+
+def test_a_dirty_tree_is_named_in_the_summary(tmp_path):
+    runs = three_runs(tmp_path, provenance={**PROVENANCE, "dirty": True})
+
+    assert cr.provenance_summary(runs).endswith("From a tree with uncommitted changes: mdr_s1.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage C's plan of runs
+
+
+def test_stage_c_runs_get_the_plans_arms_and_families(tmp_path):
+    for arm in ("bn", "bn-e2", "bn-mdr21", "bn-mdr12"):
+        write_stage_c_run(tmp_path, "procedural", arm, 11, curve((5.0, 3)), HIGH[:3])
+    write_stage_c_run(tmp_path, "photos", "bn-mdr21", 18, curve((5.0, 3)), HIGH[:3])
+    write_stage_c_run(tmp_path, "photos", "bn", 12, curve((5.0, 3)), HIGH[:3], summary=False)
+
+    runs = cr.stage_c_runs(cr.read_runs(str(tmp_path)))
+
+    assert sorted((run["family"], run["arm"], run["seed"]) for run in runs) == [
+        ("photos", "bn", 12),
+        ("photos", "bn-mdr21", 18),
+        ("procedural", "bn", 11),
+        ("procedural", "bn-e2", 11),
+        ("procedural", "bn-mdr12", 11),
+        ("procedural", "bn-mdr21", 11),
+    ]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: write_run(p / "procedural" / "x", "bn-mdr", 11, *CURVES, (0, 3)),
+            "procedural/x: --mode bn-mdr with 0 train-mode and 3 eval-mode epochs is not an arm of "
+            "the plan's procedural runs (bn, bn-e2, bn-mdr21, bn-mdr12)",
+        ),
+        (
+            lambda p: write_stage_c_run(p, "photos", "bn-e2", 11, *CURVES),
+            "photos/bn-e2_bnm0.1_s11: --mode bn with 2 train-mode and 0 eval-mode epochs is not "
+            "an arm of the plan's photos runs (bn, bn-mdr21)",
+        ),
+        (
+            lambda p: write_stage_c_run(p, "procedural", "bn", 27, *CURVES),
+            "seed 27 is not one of the plan's procedural seeds (11-26)",
+        ),
+        (
+            lambda p: write_run(p / "procedural" / "bn_again_s11", "bn", 11, *CURVES),
+            "procedural/bn_again_s11 and procedural/bn_bnm0.1_s11: two runs of bn, seed 11",
+        ),
+        (
+            lambda p: write_run(p / "elsewhere" / "bn", "bn", 11, *CURVES),
+            "elsewhere/bn: not a run of Stage C's plan (not under procedural/ or photos/)",
+        ),
+        (
+            lambda p: write_stage_c_run(p, "procedural", "bn-e2", 11, *CURVES, bn_momentum=0.01),
+            "procedural/bn-e2_bnm0.1_s11: bn_momentum 0.01: not the plan's regime",
+        ),
+        (
+            lambda p: write_stage_c_run(p, "photos", "bn", 11, *CURVES, image_source="procedural"),
+            "photos/bn_bnm0.1_s11: image_source procedural, targets_per_image 2: not the plan's",
+        ),
+    ],
+)
+def test_a_run_the_plan_does_not_have_is_a_config_error(tmp_path, make, message):
+    write_stage_c_run(tmp_path, "procedural", "bn", 11, *CURVES)
+    make(tmp_path)
+
+    with pytest.raises(cr.ConfigError) as error:
+        cr.stage_c_runs(cr.read_runs(str(tmp_path)))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_module_imports_alone(repo_root):
+    """No import circle: each analysis module imports on its own (issue 24)."""
+    for module in ("collapse_runs", "collapse_figures", "collapse_stats"):
+        result = subprocess.run(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, 'analysis'); import {module}"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, (module, result.stderr)
