@@ -1,15 +1,20 @@
 """The paper's figures and a table of final scores from your runs: TensorBoard folders or wandb.
 
-    python analysis/aggregate.py                                  # runs/ -> figures/
-    python analysis/aggregate.py --wandb-project ENTITY/PROJECT   # runs made with --track
+    python analysis/aggregate.py --out-dir figures                # runs/ -> figures/
+    python analysis/aggregate.py --wandb-project ENTITY/PROJECT --out-dir figures  # --track runs
 
 Runs are grouped by their arguments (runs/<run>/args.json; the TensorBoard `hyperparameters` text
 where it is missing; the wandb config): a method (BN, BN+MDR, Dropout 20%+MDR, ...), its variant
-(MDR ratio, BN momentum), a panel (Procgen game, or patch-loc image source and task count) and a
-seed. Each figure shows, per panel and method, the mean and one standard deviation over seeds on a
-common step grid; where a method was run in several variants (Procgen: BN momentum 0.1/0.01,
+(MDR ratio, BN momentum, and every other argument that changes training, --total-timesteps
+included, where runs differ in it), a panel (Procgen game, or patch-loc image source and task
+count) and a seed. Only the arguments that do not change what is learned (NOT_TRAINING: the
+scripts' RESUMABLE_FIELDS but --total-timesteps) are ignored. Each figure shows, per panel and
+method, the mean and one standard deviation over seeds on a common step grid, and how many runs
+each curve has; where a method was run in several variants (Procgen: BN momentum 0.1/0.01,
 MDR(2,1)/(1,2)), the one with the best final training score in that panel, as the paper reports
-(Sec. 4.1). Written to --out-dir, each where its runs exist:
+(Sec. 4.1); final_scores.md lists the variants not drawn. A run whose files cannot be read is
+skipped with one warning line. Written to --out-dir (required: nothing is written elsewhere), each
+where its runs exist:
 
     fig3_procgen.png           Fig. 3 bottom: Procgen score over steps per game, every method but
                                dropout
@@ -25,6 +30,7 @@ MDR(2,1)/(1,2)), the one with the best final training score in that panel, as th
     final_scores.csv           the same per panel, method, variant and metric, one row each
 """
 
+import argparse
 import ast
 import csv
 import json
@@ -39,32 +45,42 @@ from typing import Optional
 
 import matplotlib
 import numpy as np
-import tyro
 from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
 from matplotlib.lines import Line2D
 
 
-@dataclass
-class Args:
-    runs_dir: str = "runs"
-    """folder of run folders (TensorBoard event files, args.json), read when --wandb-project is not
-    given"""
-    wandb_project: Optional[str] = None
-    """read the runs of this wandb project (ENTITY/PROJECT or PROJECT) instead of --runs-dir"""
-    out_dir: str = "figures"
-    """where the figures and tables go"""
-    final_fraction: float = 0.1
-    """a run's final score: the mean of its values over this last fraction of its steps"""
-    points: int = 200
-    """points of the common step grid on which seeds are averaged"""
-    reps: int = 2000
-    """bootstrap resamples for the interval estimates"""
-    seed: int = 0
-    """seed of the bootstrap"""
-
-
 class UserError(Exception):
     """Bad input: one line on stderr, exit 1."""
+
+
+class CorruptRun(Exception):
+    """A run whose files cannot be read: skipped with one warning line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), like the UserErrors."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded(kind, low, high, open_low: bool = False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], or (low, high]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if open_low else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+            name = "a number" if kind is float else "a whole number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name} in {interval}")
+        return value
+
+    return parse
 
 
 # what each script logs (README "Log keys"): the figure's score, its held-out counterpart, and the
@@ -83,6 +99,28 @@ NORM_NAMES = {
     "dropout": "Dropout",
 }
 MODE_DEPENDENT_BN = ("bn", "brn")  # their running statistics move, so the momentum is a variant
+# what a run's arguments hold that does not change what is learned: the training scripts'
+# RESUMABLE_FIELDS (tracking, names, checkpoints, speed) but total_timesteps, which does; the seed
+# (the runs of one curve differ by it), and args.json's provenance (where it ran: not an argument)
+NOT_TRAINING = (
+    "resume",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "wandb_group",
+    "run_name",
+    "save_model",
+    "checkpoint_interval",
+    "cuda",
+    "num_iterations",
+    "channels_last",
+    "compile",
+    "torch_threads",
+    "evaluate",
+    "capture_video",
+)
+NOT_TRAINING += ("exp_name", "seed", "provenance", "_wandb")
+FEW_SEEDS = 3  # a mean +- std or an interval over fewer seeds carries a caution
 PATCHLOC_YLABEL = "normalized reward (% of optimal)"
 FIGURES = {  # (kind, dropout figure?) -> file, title, y label
     ("procgen", False): ("fig3_procgen", "Procgen (Fig. 3 bottom)", "score"),
@@ -105,6 +143,7 @@ class Run:
     name: str
     config: dict
     series: dict  # tag -> (steps, values), sorted by step
+    where: str = ""  # the run's folder (or wandb run), for messages
 
     @property
     def kind(self) -> Optional[str]:
@@ -115,20 +154,56 @@ class Run:
         return None  # e.g. a collapse-probe run
 
     @property
+    def alphas(self) -> tuple:
+        """(alpha1, alpha2): train-mode and eval-mode epochs per round (alpha1 from
+        --update-epochs where the arguments name no alpha1)."""
+        alpha2 = int(self.config.get("alpha2", 0))
+        alpha1 = self.config.get("alpha1")
+        if alpha1 is None:
+            alpha1 = int(self.config.get("update_epochs", 3)) - alpha2
+        return int(alpha1), alpha2
+
+    @property
     def method(self) -> str:
         c = self.config
         name = NORM_NAMES.get(c["norm"], c["norm"])
         if c["norm"] == "dropout" and float(c.get("dropout_p", 0.1)) != 0.1:
             name += f" {float(c['dropout_p']):.0%}"
-        return name + ("+MDR" if int(c["alpha2"]) > 0 else "")
+        return name + ("+MDR" if self.alphas[1] > 0 else "")
 
     @property
     def variant(self) -> str:
         c = self.config
-        text = f"({c['alpha1']},{c['alpha2']})" + (
+        text = "({},{})".format(*self.alphas) + (
             f"x{c['mdr_rounds']}" if int(c.get("mdr_rounds", 1)) > 1 else ""
         )
         return text + (f" m={float(c['bn_momentum']):g}" if c["norm"] in MODE_DEPENDENT_BN else "")
+
+    @property
+    def training(self) -> tuple:
+        """The arguments that change what is learned, as sorted (name, value) pairs."""
+        return tuple(
+            sorted(
+                (key, canonical(value))
+                for key, value in self.config.items()
+                if key not in NOT_TRAINING
+            )
+        )
+
+    def problem(self) -> Optional[str]:
+        """Why the arguments cannot be grouped (a missing or malformed one), or None."""
+        needed = {"procgen": ("env_id",), "patchloc": ("num_tasks",)}.get(self.kind, ())
+        needed += ("norm", "seed", "alpha2")
+        if self.config.get("norm") in MODE_DEPENDENT_BN:
+            needed += ("bn_momentum",)
+        missing = [key for key in needed if key not in self.config]
+        if missing:
+            return f"no {', '.join(missing)} in its arguments"
+        try:
+            _ = (int(self.config["seed"]), self.alphas, self.variant, self.method, self.panel)
+        except (TypeError, ValueError) as error:
+            return f"an argument that is not of its type ({error})"
+        return None
 
     @property
     def panel(self) -> str:
@@ -149,6 +224,18 @@ def parse_value(text: str):
         return text
 
 
+def canonical(value) -> str:
+    """A value as one comparable text: numbers equal whatever their type (3 and 3.0), lists and
+    tuples alike."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{float(value):.12g}"
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def warn_skipped(where: str, why: str) -> None:
+    print(f"warning: skipped {where}: {why}", file=sys.stderr)
+
+
 def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
     """A run folder: its arguments (args.json, else the `hyperparameters` text) and its scalars.
     Event files of a resumed run are read in order; a step logged twice (before and after a restart)
@@ -161,15 +248,22 @@ def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
     events.Reload()
     args_file = os.path.join(folder, "args.json")
     if os.path.exists(args_file):
-        with open(args_file) as f:
-            config = json.load(f)
+        try:
+            with open(args_file) as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CorruptRun(f"{args_file}: unreadable ({error})") from None
+        if not isinstance(config, dict):
+            raise CorruptRun(f"{args_file}: not the arguments of a run (no JSON object)")
     elif "hyperparameters/text_summary" in events.Tags()["tensors"]:
         table = (
             events.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
         )
+        # CleanRL's table: a |param|value| header and a |-|-| rule, then one row per argument
         config = {
             key: parse_value(value)
             for key, value in re.findall(r"^\|([^|]+)\|([^|]*)\|$", table, re.M)
+            if (key, value) != ("param", "value") and set(key) != {"-"}
         }
     else:
         return None
@@ -178,7 +272,7 @@ def read_tensorboard_run(folder: str, name: str) -> Optional[Run]:
         by_step = {event.step: event.value for event in events.Scalars(tag)}
         steps = np.array(sorted(by_step))
         series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
-    return Run(name, config, series)
+    return Run(name, config, series, folder)
 
 
 def read_runs_dir(runs_dir: str) -> list[Run]:
@@ -190,7 +284,14 @@ def read_runs_dir(runs_dir: str) -> list[Run]:
     runs = []
     for folder, _, files in sorted(os.walk(runs_dir)):
         if any(f.startswith("events.out.tfevents.") for f in files):
-            run = read_tensorboard_run(folder, os.path.relpath(folder, runs_dir))
+            try:
+                run = read_tensorboard_run(folder, os.path.relpath(folder, runs_dir))
+            except CorruptRun as error:
+                print(f"warning: skipped {error}", file=sys.stderr)
+                continue
+            if run is not None and run.kind is not None and not run.series:
+                warn_skipped(folder, "no scalars in its TensorBoard events (empty or unreadable)")
+                continue
             if run is not None:
                 runs.append(run)
     return runs
@@ -215,7 +316,7 @@ def read_wandb_project(project: str) -> list[Run]:
                 by_step = dict(rows)
                 steps = np.array(sorted(by_step))
                 series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=float))
-        runs.append(Run(wandb_run.name, config, series))
+        runs.append(Run(wandb_run.name, config, series, f"wandb run {project}/{wandb_run.name}"))
     return runs
 
 
@@ -238,12 +339,15 @@ def logged_steps(run: Run) -> int:
 
 
 def group_runs(runs: list[Run]) -> dict:
-    """(kind, panel, method, variant) -> {seed: Run}. Two runs of the same seed: the longer one,
-    with a warning."""
-    groups = defaultdict(dict)
+    """(kind, panel, method, variant) -> {seed: Run}, one group per configuration: runs that agree
+    in every argument that changes training. The variant names, beyond the MDR ratio and BN
+    momentum, each such argument in which runs of its kind, panel, method and ratio differ
+    ('total_timesteps=640'). Two runs of one configuration and seed: the longer one, with a
+    warning."""
+    by_config = defaultdict(dict)
     for run in runs:
-        seeds = groups[(run.kind, run.panel, run.method, run.variant)]
-        seed = run.config["seed"]
+        seeds = by_config[(run.kind, run.panel, run.method, run.variant, run.training)]
+        seed = int(run.config["seed"])
         if seed in seeds:
             print(
                 f"warning: {run.name} and {seeds[seed].name}: same configuration and seed, "
@@ -253,7 +357,22 @@ def group_runs(runs: list[Run]) -> dict:
             if logged_steps(run) <= logged_steps(seeds[seed]):
                 continue
         seeds[seed] = run
+    configs = defaultdict(list)  # (kind, panel, method, variant) -> the configurations seen
+    for key in by_config:
+        configs[key[:4]].append(dict(key[4]))
+    groups = {}
+    for key, seeds in by_config.items():
+        seen, config = configs[key[:4]], dict(key[4])
+        names = sorted({name for other in seen for name in other})
+        differing = [name for name in names if len({c.get(name, "?") for c in seen}) > 1]
+        label = " ".join([key[3]] + [f"{name}={show(config.get(name, '?'))}" for name in differing])
+        groups[key[:3] + (label,)] = seeds
     return groups
+
+
+def show(value: str) -> str:
+    """A canonical value as it reads best: a number without its quotes, a string without JSON's."""
+    return value[1:-1] if value.startswith('"') and value.endswith('"') else value
 
 
 def finals(seeds: dict, tag: str, fraction: float) -> list[float]:
@@ -310,6 +429,7 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (panel, best) in zip(axes.flat, chosen.items()):
+        counts = []
         for method, (_, seeds) in best.items():
             for tag, style in zip(tags, ["-", "--"]):
                 result = curve(seeds, tag, points)
@@ -319,6 +439,17 @@ def draw(chosen: dict, tags: list, title: str, ylabel: str, path: str, points: i
                     ax.fill_between(
                         grid, mean - std, mean + std, color=colors[method], alpha=0.15, linewidth=0
                     )
+            counts.append(f"{method}: {sum(tags[0] in run.series for run in seeds.values())}")
+        # how many runs each curve has, in the panel (they differ between panels)
+        ax.text(
+            0.02,
+            0.98,
+            "runs: " + ", ".join(counts),
+            transform=ax.transAxes,
+            fontsize=6,
+            va="top",
+            wrap=True,
+        )
         ax.set_title(panel)
         ax.set_xlabel("steps")
         ax.set_ylabel(ylabel)
@@ -382,7 +513,7 @@ def iqm_and_improvement(
         low, high = interval[method][:, 0]
         lines.append(
             f"| {method} | {matrix.shape[0]} x {matrix.shape[1]} | {point[method][0]:.3f} "
-            f"| [{low:.3f}, {high:.3f}] |"
+            f"| [{low:.3f}, {high:.3f}]{caution(matrix.shape[0])} |"
         )
     without_mdr = {
         m: m.removesuffix("+MDR")
@@ -406,30 +537,87 @@ def iqm_and_improvement(
     return lines
 
 
-def main(args: Args) -> int:
-    if not 0 < args.final_fraction <= 1:
-        raise UserError(f"--final-fraction {args.final_fraction}: use a fraction in (0, 1]")
-    if args.reps < 1 or args.points < 2:
-        raise UserError("--reps must be at least 1 and --points at least 2")
+def caution(seeds: int) -> str:
+    """The caution beside a spread or interval over fewer than FEW_SEEDS seeds ('' otherwise)."""
+    return f" ⚠ only {seeds} seed{'s' * (seeds != 1)}" if seeds < FEW_SEEDS else ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs-dir",
+        default="runs",
+        help="folder of run folders (TensorBoard event files, args.json), read when "
+        "--wandb-project is not given",
+    )
+    parser.add_argument(
+        "--wandb-project",
+        default=None,
+        help="read the runs of this wandb project (ENTITY/PROJECT or PROJECT) instead",
+    )
+    parser.add_argument(
+        "--out-dir", required=True, help="where the figures and tables go (created if needed)"
+    )
+    parser.add_argument(
+        "--final-fraction",
+        type=bounded(float, 0, 1, open_low=True),
+        default=0.1,
+        help="a run's final score: the mean of its values over this last fraction of its steps",
+    )
+    parser.add_argument(
+        "--points",
+        type=bounded(int, 2, 100_000),
+        default=200,
+        help="points of the common step grid on which seeds are averaged",
+    )
+    parser.add_argument(
+        "--reps",
+        type=bounded(int, 1, 1_000_000),
+        default=2000,
+        help="bootstrap resamples for the interval estimates",
+    )
+    parser.add_argument(
+        "--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seed of the bootstrap"
+    )
+    return parser.parse_args(argv)
+
+
+def usable(runs: list) -> list:
+    """The runs of the two training scripts whose arguments can be grouped; the others of them
+    skipped with one warning line each (runs of other scripts, e.g. the probe, silently)."""
+    kept = []
+    for run in runs:
+        if run.kind is None:
+            continue
+        problem = run.problem()
+        if problem:
+            warn_skipped(run.where or run.name, problem)
+            continue
+        kept.append(run)
+    return kept
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     runs = (
         read_wandb_project(args.wandb_project)
         if args.wandb_project
         else read_runs_dir(args.runs_dir)
     )
     source = args.wandb_project or args.runs_dir
-    runs = [run for run in runs if run.kind is not None]
+    runs = usable(runs)
     if not runs:
         raise UserError(f"{source}: no runs of ppo_procgen_mdr.py or ppo_patchloc_mdr.py found")
     groups = group_runs(runs)
-    os.makedirs(args.out_dir, exist_ok=True)
-    table, rows = [f"# Final scores ({len(runs)} runs from {source})", ""], []
+    drawn = set()  # (kind, panel, method, variant) of the curves drawn
+    table, rows, figures = [], [], []
     for (kind, dropout), (file, title, ylabel) in FIGURES.items():
         train_tag, test_tag, normalized_tag = METRICS[kind]
         chosen = figure_groups(groups, kind, dropout, train_tag, args.final_fraction)
         if not chosen:
             continue
         tags = [train_tag, test_tag] if dropout else [train_tag]
-        draw(chosen, tags, title, ylabel, os.path.join(args.out_dir, f"{file}.png"), args.points)
+        figures.append((chosen, tags, title, ylabel, f"{file}.png"))
         methods = sorted({m for best in chosen.values() for m in best})
         tag_names = ", ".join(f"`{t}`" for t in tags)
         caption = (
@@ -444,12 +632,13 @@ def main(args: Args) -> int:
                     cells.append("")
                     continue
                 variant, seeds = best[method]
+                drawn.add((kind, panel, method, variant))
                 texts = []
                 for tag in tags:
                     scores = finals(seeds, tag, args.final_fraction)
                     if scores:
                         mean, std = mean_std(scores)
-                        texts.append(f"{mean:.2f} +- {std:.2f}")
+                        texts.append(f"{mean:.2f} +- {std:.2f}{caution(len(scores))}")
                         rows.append(
                             [
                                 file,
@@ -462,7 +651,8 @@ def main(args: Args) -> int:
                                 len(scores),
                             ]
                         )
-                cells.append(" / ".join(texts) + f" ({variant}; {len(seeds)})")
+                count = len(seeds)
+                cells.append(" / ".join(texts) + f" ({variant}; {count} seed{'s' * (count != 1)})")
             table.append(f"| {panel} | " + " | ".join(cells) + " |")
         table.append("")
         if normalized_tag and not dropout:
@@ -472,8 +662,25 @@ def main(args: Args) -> int:
     if not rows:
         scores = ", ".join(tag for tags in METRICS.values() for tag in tags if tag)
         raise UserError(f"{source}: the runs found log none of the scores ({scores})")
+    used = sum(len(seeds) for key, seeds in groups.items() if key in drawn)
+    header = [f"# Final scores ({len(runs)} runs from {source})", ""]
+    header += [
+        f"The figures draw {used} of the {len(runs)} runs: one variant per method and panel."
+    ]
+    left = [
+        f"{panel}, {method}, {variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})"
+        for (kind, panel, method, variant), seeds in groups.items()
+        if (kind, panel, method, variant) not in drawn
+    ]
+    if left:
+        reason = "another variant of the method was, or no figure shows it"
+        header += [f"Not drawn ({reason}): " + "; ".join(sorted(left)) + "."]
+    header += [""]
+    os.makedirs(args.out_dir, exist_ok=True)
+    for chosen, tags, title, ylabel, name in figures:
+        draw(chosen, tags, title, ylabel, os.path.join(args.out_dir, name), args.points)
     with open(os.path.join(args.out_dir, "final_scores.md"), "w") as f:
-        f.write("\n".join(table))
+        f.write("\n".join(header + table))
     with open(os.path.join(args.out_dir, "final_scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["figure", "panel", "method", "variant", "metric", "mean", "std", "seeds"])
@@ -482,8 +689,14 @@ def main(args: Args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main() as a command: bad input (a UserError) is one line on stderr, exit status 1."""
     try:
-        sys.exit(main(tyro.cli(Args)))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+        return main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

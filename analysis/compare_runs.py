@@ -5,9 +5,10 @@
 
 Each run is a TensorBoard folder (the training scripts) or a folder with a metrics.csv (the collapse
 probe). Prints one line per tag: SAME, DIFF (with the first step that differs) or ONLY IN A/B; exits
-0 when every shared tag is equal within --tolerance (absolute) and 1 otherwise. Used to check that
-the issue-11 restructure changed no value (docs/benchmarks.md, "Readability restructure: same values
-before and after").
+0 when every shared tag is equal within --tolerance (absolute), 1 otherwise, and 2 with one line on
+stderr for bad input (a missing folder, an unreadable metrics.csv). Used to check that the issue-11
+restructure changed no value (docs/benchmarks.md, "Readability restructure: same values before and
+after").
 """
 
 import argparse
@@ -17,8 +18,34 @@ import os
 import sys
 
 
-def is_number(value: str) -> bool:
-    """A CSV cell that is a number: digits with at most one '.', '-' and 'e' each, or 'nan'."""
+class BadInput(Exception):
+    """Printed as one line on stderr, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block)."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+def tolerance(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
+def is_number(value) -> bool:
+    """A CSV cell that is a number: digits with at most one '.', '-' and 'e' each, or 'nan' (None,
+    a cell missing from a short row, is not)."""
+    if not isinstance(value, str):
+        return False
     return value.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit() or (
         value == "nan"
     )
@@ -26,21 +53,29 @@ def is_number(value: str) -> bool:
 
 def load(folder: str) -> dict:
     """{tag: [(step, value), ...]} from metrics.csv (columns as tags, global_step as step) or
-    TensorBoard events."""
+    TensorBoard events; BadInput for a metrics.csv that cannot be read."""
     csv_path = os.path.join(folder, "metrics.csv")
     if os.path.isfile(csv_path):
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        tags = (
-            [
-                key
-                for key in rows[0]
-                if key != "global_step" and all(is_number(row[key]) for row in rows)
-            ]
-            if rows
-            else []
-        )
-        return {tag: [(int(row["global_step"]), float(row[tag])) for row in rows] for tag in tags}
+        try:
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows and "global_step" not in rows[0]:
+                raise BadInput(f"{csv_path}: no global_step column")
+            tags = (
+                [
+                    key
+                    for key in rows[0]
+                    if key not in ("global_step", None) and all(is_number(row[key]) for row in rows)
+                ]
+                if rows
+                else []
+            )
+            return {
+                tag: [(int(float(row["global_step"])), float(row[tag])) for row in rows]
+                for tag in tags
+            }
+        except (OSError, UnicodeDecodeError, csv.Error, TypeError, ValueError) as error:
+            raise BadInput(f"{csv_path}: unreadable ({error})") from None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(folder, size_guidance={"scalars": 0})
@@ -73,7 +108,7 @@ def compare(a: dict, b: dict, ignore=(), tolerance=0.0) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
     parser.add_argument(
@@ -83,23 +118,34 @@ def main(argv=None) -> int:
         help="tag prefixes",
     )
     parser.add_argument(
-        "--tolerance", type=float, default=0.0, help="absolute tolerance (default: bitwise equal)"
+        "--tolerance",
+        type=tolerance,
+        default=0.0,
+        help="absolute tolerance, >= 0 (default: bitwise equal)",
     )
     args = parser.parse_args(argv)
     for folder in (args.run_a, args.run_b):
         if not os.path.isdir(folder):
-            sys.exit(
-                f"error: {folder}: no such folder "
-                "(a run folder with TensorBoard events or a metrics.csv)"
+            raise BadInput(
+                f"{folder}: no such folder (a run folder with TensorBoard events or a metrics.csv)"
             )
     a, b = load(args.run_a), load(args.run_b)
     if not a or not b:
-        sys.exit(f"error: no logged values in {args.run_a if not a else args.run_b}")
+        raise BadInput(f"no logged values in {args.run_a if not a else args.run_b}")
     rows = compare(a, b, args.ignore, args.tolerance)
     for status, tag, detail in rows:
         print(f"{status:10} {tag}  {detail}")
     return int(any(status == "DIFF" for status, _, _ in rows))
 
 
+def run(argv=None) -> int:
+    """main() as a command: bad input is one line on stderr, exit status 2."""
+    try:
+        return main(argv)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -10,6 +10,9 @@ optional --random-reference draws a uniformly random policy's value as a dashed 
 """
 
 import argparse
+import math
+import os
+import sys
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
@@ -40,24 +43,52 @@ def smooth(values, window):
     return (cumsum[1:] - cumsum[starts]) / (np.arange(1, len(values) + 1) - starts)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block)."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+def window(text: str) -> int:
+    """An argparse type: a whole number of points >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="runs/<run_name> of a ppo_patchloc_mdr.py run")
-    parser.add_argument("--out", default="patchloc_learning.png", help="PNG to write")
+    parser.add_argument("--out", required=True, help="PNG to write (its folder is created)")
     parser.add_argument(
         "--smooth",
-        type=int,
+        type=window,
         default=10,
         help="moving-average window of the training curve (points)",
     )
     parser.add_argument(
         "--random-reference",
-        type=float,
+        type=finite,
         default=None,
         help="a random policy's normalized reward (%%)",
     )
     parser.add_argument("--title", default="PPO + MDR on patch localization (CPU-sized run)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        raise SystemExit(f"error: {args.run_dir}: no such folder (a ppo_patchloc_mdr.py run)")
 
     scalars = read_scalars(args.run_dir)
     if not scalars:
@@ -101,6 +132,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 0.2), fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out)
     print(f"wrote {args.out}")
 

@@ -1,6 +1,7 @@
 """Tests of analysis/aggregate.py on tiny runs written here (TensorBoard event files and args.json,
 as the scripts write them; no training), read from runs/ and from a stand-in for the wandb API."""
 
+import ast
 import csv
 import json
 import re
@@ -138,7 +139,9 @@ def runs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aggregated(runs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
-    assert aggregate.main(aggregate.Args(runs_dir=str(runs_dir), out_dir=str(out), reps=200)) == 0
+    assert (
+        aggregate.main(["--runs-dir", str(runs_dir), "--out-dir", str(out), "--reps", "200"]) == 0
+    )
     with open(out / "final_scores.csv") as f:
         rows = {(r["figure"], r["panel"], r["method"], r["metric"]): r for r in csv.DictReader(f)}
     return out, rows, (out / "final_scores.md").read_text()
@@ -256,7 +259,8 @@ def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
 
     monkeypatch.setattr(wandb, "Api", FakeApi)
     assert (
-        aggregate.main(aggregate.Args(wandb_project="me/mdr", out_dir=str(tmp_path), reps=200)) == 0
+        aggregate.main(["--wandb-project", "me/mdr", "--out-dir", str(tmp_path), "--reps", "200"])
+        == 0
     )
     out, _, _ = aggregated
     with open(out / "final_scores.csv") as f:
@@ -275,6 +279,210 @@ def test_wandb_project_gives_the_same_table(aggregated, monkeypatch, tmp_path):
         )
 
 
+def test_the_table_says_how_many_runs_are_drawn_and_cautions_below_three_seeds(aggregated):
+    _, _, table = aggregated
+    # 7 x 2 x 3 Procgen + 5 x 3 patch-loc + resumed + stopped (a duplicate, dropped)
+    assert table.startswith("# Final scores (59 runs from ")
+    # drawn: every configuration but BN(1,2) at m=0.01 (BN+MDR(2,1) beat it) and BN(3,0) m=0.1
+    assert "The figures draw 46 of the 59 runs: one variant per method and panel." in table
+    assert "Not drawn (another variant of the method was, or no figure shows it): " in table
+    assert "bigfish, BN, (3,0) m=0.1 (3 seeds)" in table
+    assert "| caveflyer | BN+MDR |" not in table  # one method: its own row, the cell below
+    assert "9.00 +- 0.00 ⚠ only 1 seed ((2,1) m=0.1; 1 seed)" in table
+    assert "5.70 +- 0.95 ((2,1) m=0.1; 3 seeds)" in table
+
+
+def aggregate_dir(tmp_path, runs: list, *extra) -> tuple:
+    """Run aggregate.py on these (config, series) runs, in tmp_path/runs; (exit status, out dir)."""
+    for i, (config, series) in enumerate(runs):
+        write_run(tmp_path / "runs" / f"run{i}", config, series)
+    out = tmp_path / "out"
+    args = ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(out), "--reps", "20", *extra]
+    return aggregate.main(args), out
+
+
+def ramp(final: float, last_step: int = 1000) -> dict:
+    return {
+        "charts/normalized_reward": {s: final * s / last_step for s in range(0, last_step + 1, 100)}
+    }
+
+
+def test_runs_that_differ_in_total_timesteps_are_separate_variants(tmp_path):
+    """Issue 27: a 640-step run and 4,096-step ones were one configuration, and the one with more
+    logged points was kept. Now each is its own variant, named by the argument it differs in."""
+    short = [({**patchloc(256, "bn", 2, 1, 1), "total_timesteps": 640}, ramp(90.0, 600))]
+    long = [
+        ({**patchloc(256, "bn", 2, 1, s), "total_timesteps": 4096}, ramp(60.0)) for s in (1, 2, 3)
+    ]
+
+    status, out = aggregate_dir(tmp_path, short + long)
+
+    assert status == 0
+    with open(out / "final_scores.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    # the short run's final score is higher (90): it is the variant drawn, with its one seed
+    assert row["variant"] == "(2,1)x3 m=0.1 total_timesteps=640" and row["seeds"] == "1"
+    table = (out / "final_scores.md").read_text()
+    assert "Not drawn (another variant of the method was, or no figure shows it): procedural, " in (
+        table
+    )
+    assert "BN+MDR, (2,1)x3 m=0.1 total_timesteps=4096 (3 seeds)." in table
+
+
+def test_arguments_that_do_not_change_training_do_not_split_a_curve(tmp_path, capsys):
+    provenance = [{"from_step": 0, "commit": "abc", "cpu": "x", "torch": "2"}]
+    runs = [
+        (
+            {
+                **patchloc(256, "bn", 2, 1, seed),
+                "run_name": f"name{seed}",
+                "track": seed == 2,
+                "wandb_project_name": f"p{seed}",
+                "checkpoint_interval": 10 * seed,
+                "torch_threads": seed,
+                "cuda": seed == 1,
+                "provenance": provenance * seed,
+            },
+            ramp(50.0 + seed),
+        )
+        for seed in (1, 2, 3)
+    ]
+
+    status, out = aggregate_dir(tmp_path, runs)
+
+    assert status == 0
+    with open(out / "final_scores.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["variant"] == "(2,1)x3 m=0.1" and row["seeds"] == "3"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_learning_rate_that_differs_splits_a_curve(tmp_path):
+    runs = [({**patchloc(256, "bn", 2, 1, s), "learning_rate": 5e-4}, ramp(50.0)) for s in (1, 2)]
+    runs += [({**patchloc(256, "bn", 2, 1, 3), "learning_rate": 1e-3}, ramp(70.0))]
+
+    status, out = aggregate_dir(tmp_path, runs)
+
+    with open(out / "final_scores.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["(2,1)x3 m=0.1 learning_rate=0.001"]
+
+
+@pytest.mark.parametrize(
+    "damage, warning",
+    [
+        (lambda folder: (folder / "args.json").write_text("{"), "args.json: unreadable ("),
+        (lambda folder: (folder / "args.json").write_text("[1]"), "args.json: not the arguments"),
+        (
+            lambda folder: (folder / "args.json").write_text(
+                json.dumps({"num_tasks": 256, "norm": "bn"})
+            ),
+            "no seed, alpha2, bn_momentum in its arguments",
+        ),
+        (
+            lambda folder: (folder / "args.json").write_text(
+                json.dumps({**patchloc(256, "bn", 2, 1, 4), "alpha2": "x"})
+            ),
+            "an argument that is not of its type",
+        ),
+    ],
+)
+def test_a_corrupt_run_is_skipped_with_one_warning_line(tmp_path, capsys, damage, warning):
+    runs = [(patchloc(256, "bn", 2, 1, s), ramp(50.0)) for s in (1, 2, 3, 4)]
+    for i, (config, series) in enumerate(runs):
+        write_run(tmp_path / "runs" / f"run{i}", config, series)
+    damage(tmp_path / "runs" / "run3")
+
+    args = ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    assert aggregate.main(args + ["--reps", "20"]) == 0
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: skipped {tmp_path / 'runs' / 'run3'}") and warning in err
+    assert err.count("\n") == 1
+    with open(tmp_path / "out" / "final_scores.csv") as f:
+        assert [r["seeds"] for r in csv.DictReader(f)] == ["3"]
+
+
+def test_a_run_without_scalars_is_skipped_with_one_warning_line(tmp_path, capsys):
+    runs = [(patchloc(256, "bn", 2, 1, s), ramp(50.0)) for s in (1, 2, 3)]
+    for i, (config, series) in enumerate(runs):
+        write_run(tmp_path / "runs" / f"run{i}", config, series)
+    for events in (tmp_path / "runs" / "run2").glob("events.out.tfevents.*"):
+        events.write_bytes(b"not an event file")
+
+    args = ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    assert aggregate.main(args + ["--reps", "20"]) == 0
+
+    assert capsys.readouterr().err == (
+        f"warning: skipped {tmp_path / 'runs' / 'run2'}: no scalars in its TensorBoard events "
+        "(empty or unreadable)\n"
+    )
+
+
+def test_the_ignored_arguments_are_the_scripts_resumable_fields_but_the_steps(repo_root):
+    """NOT_TRAINING repeats the training scripts' RESUMABLE_FIELDS (read here from their source,
+    without importing them), all but total_timesteps."""
+    for script in ("ppo_procgen_mdr.py", "ppo_patchloc_mdr.py"):
+        fields = []
+        for node in ast.walk(ast.parse((repo_root / script).read_text())):
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            if any(getattr(t, "id", None) == "RESUMABLE_FIELDS" for t in targets):
+                fields += ast.literal_eval(node.value)
+        assert "total_timesteps" in fields, script
+        assert set(fields) - {"total_timesteps"} <= set(aggregate.NOT_TRAINING), script
+        other = set(aggregate.NOT_TRAINING) - set(fields)
+        assert other == {"exp_name", "seed", "provenance", "_wandb"}, script
+
+
+# (arguments, the start of the one line on stderr)
+BAD_COMMAND_LINES = [
+    ([], "error: the following arguments are required: --out-dir"),
+    (
+        ["--out-dir", "out", "--points", "1"],
+        "error: argument --points: '1' is not a whole number in [2, 100000]",
+    ),
+    (
+        ["--out-dir", "out", "--points", "abc"],
+        "error: argument --points: 'abc' is not a whole number",
+    ),
+    (
+        ["--out-dir", "out", "--reps", "0"],
+        "error: argument --reps: '0' is not a whole number in [1, 1e+06]",
+    ),
+    (
+        ["--out-dir", "out", "--final-fraction", "0"],
+        "error: argument --final-fraction: '0' is not a number in (0, 1]",
+    ),
+    (
+        ["--out-dir", "out", "--final-fraction", "nan"],
+        "error: argument --final-fraction: 'nan' is not",
+    ),
+    (
+        ["--out-dir", "out", "--final-fraction", "1.5"],
+        "error: argument --final-fraction: '1.5' is not",
+    ),
+    (
+        ["--out-dir", "out", "--seed", "-1"],
+        "error: argument --seed: '-1' is not a whole number in [0, 4.29497e+09]",
+    ),
+    (["--out-dir", "out", "--runs-dir", "missing"], "error: --runs-dir missing: no such folder"),
+    (["--out-dir", "out", "--runs-dir", "empty"], "error: empty: no runs of ppo_procgen_mdr.py"),
+]
+
+
+@pytest.mark.parametrize("args, line", BAD_COMMAND_LINES)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, line):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = aggregate.run(args)
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+
+    err = capsys.readouterr().err
+    assert status != 0 and err.startswith(line) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_runs_is_a_one_line_error(repo_root, tmp_path):
     (tmp_path / "runs").mkdir()
     result = subprocess.run(
@@ -283,6 +491,8 @@ def test_no_runs_is_a_one_line_error(repo_root, tmp_path):
             str(repo_root / "analysis" / "aggregate.py"),
             "--runs-dir",
             str(tmp_path / "runs"),
+            "--out-dir",
+            str(tmp_path / "out"),
         ],
         capture_output=True,
         text=True,
@@ -293,3 +503,4 @@ def test_no_runs_is_a_one_line_error(repo_root, tmp_path):
         and result.stderr.count("\n") == 1
         and result.stderr.startswith("error:")
     ), result.stderr
+    assert not (tmp_path / "out").exists()
