@@ -299,14 +299,15 @@ def read_run(folder: str, name: str):
     return run
 
 
-def read_runs_and_skipped(runs_dir: str, option: str = "--runs-dir") -> tuple:
+def read_runs_and_skipped(runs_dir: str, option: str = "--runs-dir", allow_none=False) -> tuple:
     """(runs, skipped): every metrics.csv under runs_dir (recursively) that can be read as a run
     dict, and (file, reason) for each that cannot (each also a warning line on stderr). A run dict:
     name (folder relative to runs_dir), status (summary.json's, 'unfinished' without one), mode,
     arm, seed, alpha1/alpha2, the cell settings, args (summary.json's), provenance (its segments,
     [] if not recorded), wall_time_s, one array per SERIES column and acting_entropy: the eval-mode
     acting policy's entropy where the run logged it, else the loss's (train-mode) entropy, which is
-    all that old runs have (entropy_source says which)."""
+    all that old runs have (entropy_source says which). No run at all is a ConfigError unless
+    allow_none (a study that has not begun)."""
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"{option} {runs_dir}: no such folder")
     runs, skipped = [], []
@@ -323,7 +324,7 @@ def read_runs_and_skipped(runs_dir: str, option: str = "--runs-dir") -> tuple:
             continue
         if run is not None:
             runs.append(run)
-    if not runs:
+    if not runs and not allow_none:
         raise ConfigError(f"{option} {runs_dir}: no runs found (no non-empty metrics.csv below it)")
     return runs, skipped
 

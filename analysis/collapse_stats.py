@@ -1150,7 +1150,7 @@ def main_stage_c(args, command: str) -> int:
             "--study stage-c --definition old: the plan's primary definition is the revised one; "
             "the report shows the old one beside it in every table"
         )
-    all_runs, skipped = read_runs_and_skipped(args.runs_dir)
+    all_runs, skipped = read_runs_and_skipped(args.runs_dir, allow_none=True)
     runs, unfinished = finished(stage_c_runs(all_runs))
     families = [[run for run in runs if run["family"] == name] for name in STAGE_C_FAMILIES]
     check_provenance(families, args.allow_mixed)

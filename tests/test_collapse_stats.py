@@ -849,8 +849,13 @@ def test_stage_c_reports_partial_data_with_its_complete_pairs(stage_c, tmp_path,
     )
 
 
-def test_stage_c_with_no_finished_run_writes_the_report_only(tmp_path, drawn):
-    write_stage_c_run(tmp_path / "study_c", "procedural", "bn", 11, *CRASH, summary=False)
+@pytest.mark.parametrize("killed", [True, False])
+def test_stage_c_with_no_finished_run_writes_the_report_only(tmp_path, drawn, killed):
+    # a study under way (one run killed) or not begun (the plan alone)
+    (tmp_path / "study_c").mkdir()
+    (tmp_path / "study_c" / "PLAN.md").write_text("the plan")
+    if killed:
+        write_stage_c_run(tmp_path / "study_c", "procedural", "bn", 11, *CRASH, summary=False)
 
     report = stage_c_report(tmp_path / "study_c", tmp_path / "out")
 
