@@ -274,6 +274,28 @@ def make_backbone(args: Args) -> nn.Module:
     return backbone
 
 
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
+    backbone; their names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
+            "--no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {
+        k: v
+        for k, v in state_dict.items()
+        if k in own and own[k].shape == v.shape and "num_batches" not in k
+    }
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
 def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
     """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
     layers = [
@@ -554,14 +576,23 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
         m.running_var.copy_(torch.stack([var for _, var in stats[m]]).mean(0))
 
 
-def main(args: Args):
-    validate_args(args)
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
-    checkpoint, run_dir = find_checkpoint(args, run_dir)
+def make_envs(args: Args):
+    """Envs on the training tasks drawn from the seed (the held-out set, one task, is not used by
+    the probe); bad task settings are a ConfigError."""
+    try:
+        sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
+        train_tasks, _ = make_task_sets(
+            *sizes, seed=args.seed, targets_per_image=args.targets_per_image
+        )
+        return PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
 
-    # TRY NOT TO MODIFY: seeding
+
+def seed_everything(args: Args) -> torch.device:
+    """CleanRL's seeding (python, numpy, torch; cuDNN deterministic unless
+    --no-torch-deterministic), torch's CPU threads, and the device: CUDA if asked for and there,
+    else CPU (with a notice when --cuda found none)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -572,24 +603,13 @@ def main(args: Args):
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # env setup: the training tasks drawn from the seed (the held-out set, one task, is not used by
-    # the probe)
-    try:
-        sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
-        train_tasks, _ = make_task_sets(
-            *sizes, seed=args.seed, targets_per_image=args.targets_per_image
-        )
-        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
-    except PatchLocConfigError as e:
-        raise ConfigError(str(e)) from None
-    num_actions = envs.single_action_space.n
-    agent = Agent(num_actions, args).to(device)
-    optimizer = make_optimizer(agent, args, device)
 
-    # storage setup; observations stay uint8, converted per minibatch
-    obs_shape = envs.single_observation_space.shape
+def rollout_storage(args: Args, obs_shape: tuple, num_actions: int, device) -> tuple:
+    """CleanRL's storage of one rollout, (num_steps, num_envs) of each: obs, actions, logprobs,
+    logits, rewards, dones, values. Observations stay uint8 (4x smaller than float32), converted
+    per minibatch."""
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -597,6 +617,24 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    return obs, actions, logprobs, logits, rewards, dones, values
+
+
+def main(args: Args):
+    validate_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    checkpoint, run_dir = find_checkpoint(args, run_dir)
+    device = seed_everything(args)  # TRY NOT TO MODIFY: seeding
+
+    # env setup
+    envs = make_envs(args)
+    num_actions = envs.single_action_space.n
+    agent = Agent(num_actions, args).to(device)
+    optimizer = make_optimizer(agent, args, device)
+    storage = rollout_storage(args, envs.single_observation_space.shape, num_actions, device)
+    obs, actions, logprobs, logits, rewards, dones, values = storage
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration = 0, 1
@@ -697,16 +735,8 @@ def main(args: Args):
             delta_pi_plus = policy_mismatch(*diag)
 
             # 4. Logging: TensorBoard (and wandb through it) and one metrics.csv row per update
-            row = logger.log_update(
+            logger.log_update(
                 iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
-            )
-            print(
-                f"iteration={iteration}/{args.num_iterations}, global_step={global_step}, "
-                f"episodic_return={row['episodic_return']:.3f}, "
-                f"normalized_reward={row['normalized_reward']:.1f}%, "
-                f"smoothed={row['smoothed_reward']:.1f}%, "
-                f"delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
-                flush=True,  # the probe's logs are meant to be watched (tail -f)
             )
             due = args.resume == "auto" and iteration % args.checkpoint_interval == 0
             if stop.requested or due:
@@ -740,28 +770,6 @@ def main(args: Args):
 # Infrastructure: checkpoints, logging, validation. Not the method: nothing below changes what is
 # learned.
 # ==================================================================================================
-
-
-def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
-    backbone; their names."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
-            "--no-pretrained"
-        ) from None
-    own = backbone.state_dict()
-    loadable = {
-        k: v
-        for k, v in state_dict.items()
-        if k in own and own[k].shape == v.shape and "num_batches" not in k
-    }
-    backbone.load_state_dict(loadable, strict=False)
-    return sorted(loadable)
 
 
 def mean_stats(stats_list):
@@ -1096,8 +1104,8 @@ class RunLogger:
     def log_update(
         self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
     ) -> dict:
-        """One update's row: metrics.csv and TensorBoard. Raises FloatingPointError on a NaN/inf
-        loss."""
+        """One update's row: metrics.csv, TensorBoard and a printed line. Raises FloatingPointError
+        on a NaN/inf loss."""
         all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
         if not np.isfinite(all_stats["loss"]):
             raise FloatingPointError(
@@ -1158,6 +1166,14 @@ class RunLogger:
         self.write_row(row)
         self.log_scalars(
             {tensorboard_tag(column): row[column] for column in TENSORBOARD_COLUMNS}, global_step
+        )
+        print(
+            f"iteration={iteration}/{self.args.num_iterations}, global_step={global_step}, "
+            f"episodic_return={row['episodic_return']:.3f}, "
+            f"normalized_reward={row['normalized_reward']:.1f}%, "
+            f"smoothed={row['smoothed_reward']:.1f}%, "
+            f"delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
+            flush=True,  # the probe's logs are meant to be watched (tail -f)
         )
         return row
 

@@ -284,6 +284,28 @@ def make_backbone(args: Args) -> nn.Module:
     return backbone
 
 
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
+    backbone; their names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
+            "--no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {
+        k: v
+        for k, v in state_dict.items()
+        if k in own and own[k].shape == v.shape and "num_batches" not in k
+    }
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
 def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
     """FC-ReLU-FC-ReLU-out (paper Table 1), CleanRL's orthogonal init; `std` of the output layer."""
     layers = [
@@ -556,16 +578,30 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
     return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
-def main(args: Args):
-    validate_args(args)
-    if args.evaluate:
-        return evaluate_checkpoint(args)
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
-    checkpoint, run_dir = find_checkpoint(args, run_dir)
+def task_sets(args: Args):
+    """Disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image
+    files)."""
+    sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size)
+    return make_task_sets(
+        *sizes, args.view_size, seed=args.seed, targets_per_image=args.targets_per_image
+    )
 
-    # TRY NOT TO MODIFY: seeding
+
+def make_envs(args: Args):
+    """(envs on the training tasks, training tasks, held-out tasks); bad task settings are a
+    ConfigError."""
+    try:
+        train_tasks, test_tasks = task_sets(args)
+        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
+    return envs, train_tasks, test_tasks
+
+
+def seed_everything(args: Args) -> torch.device:
+    """CleanRL's seeding (python, numpy, torch; cuDNN deterministic unless
+    --no-torch-deterministic), torch's CPU threads, and the device: CUDA if asked for and there,
+    else CPU (with a notice when --cuda found none)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -576,19 +612,12 @@ def main(args: Args):
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # env setup: disjoint training and held-out task sets drawn from the seed (envs/ checks sizes
-    # and image files)
-    try:
-        sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size)
-        train_tasks, test_tasks = make_task_sets(
-            *sizes, args.view_size, seed=args.seed, targets_per_image=args.targets_per_image
-        )
-        envs = PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
-    except PatchLocConfigError as e:
-        raise ConfigError(str(e)) from None
-    num_actions = envs.single_action_space.n
+
+def make_agent(num_actions: int, args: Args, device):
+    """The agent on `device` and CleanRL's Adam (with --weight-decay); --channels-last and
+    --compile as asked."""
     agent = Agent(num_actions, args).to(device)
     if args.channels_last and device.type == "cuda":
         # NHWC observations already make the activations channels_last (not on CPU: no gain there,
@@ -608,9 +637,13 @@ def main(args: Args):
             f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase "
             "equals the standard one"
         )
+    return agent, optimizer
 
-    # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
-    obs_shape = envs.single_observation_space.shape
+
+def rollout_storage(args: Args, obs_shape: tuple, num_actions: int, device) -> tuple:
+    """CleanRL's storage of one rollout, (num_steps, num_envs) of each: obs, actions, logprobs,
+    logits, rewards, dones, values. Observations stay uint8 (4x smaller than float32), converted
+    per minibatch."""
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -618,6 +651,25 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    return obs, actions, logprobs, logits, rewards, dones, values
+
+
+def main(args: Args):
+    validate_args(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    checkpoint, run_dir = find_checkpoint(args, run_dir)
+    device = seed_everything(args)  # TRY NOT TO MODIFY: seeding
+
+    # env setup: the training tasks; the held-out ones for the evaluation
+    envs, train_tasks, test_tasks = make_envs(args)
+    num_actions = envs.single_action_space.n
+    agent, optimizer = make_agent(num_actions, args, device)
+    storage = rollout_storage(args, envs.single_observation_space.shape, num_actions, device)
+    obs, actions, logprobs, logits, rewards, dones, values = storage
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration, wandb_id = 0, 1, None
@@ -726,9 +778,7 @@ def main(args: Args):
             due = args.save_model and (iteration % args.checkpoint_interval == 0 or last)
             if due or stop.requested:
                 rollout_end = (next_obs, next_done)
-                save_checkpoint(
-                    run_dir, live, args, iteration, global_step, rollout_end, logger.wandb_id
-                )
+                save_checkpoint(run_dir, live, args, iteration, global_step, rollout_end, logger)
             if stop.requested:
                 tqdm.write(
                     f"stopped at iteration {iteration}; continue it with --resume auto (same "
@@ -874,28 +924,6 @@ def default_run_name(args: Args) -> str:
     mdr += "__bnrecal" if args.bn_recalibrate else ""
     task_set = f"patchloc-{source}-{args.num_tasks}"
     return f"{task_set}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
-
-
-def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
-    backbone; their names."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
-            "--no-pretrained"
-        ) from None
-    own = backbone.state_dict()
-    loadable = {
-        k: v
-        for k, v in state_dict.items()
-        if k in own and own[k].shape == v.shape and "num_batches" not in k
-    }
-    backbone.load_state_dict(loadable, strict=False)
-    return sorted(loadable)
 
 
 def mean_stats(stats_list):
@@ -1134,16 +1162,7 @@ def evaluate_checkpoint(args: Args) -> int:
         )
         agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
         agent.load_state_dict(checkpoint["agent"])
-        sizes = (
-            run_args.num_tasks,
-            run_args.num_test_tasks,
-            run_args.image_source,
-            run_args.image_size,
-            run_args.view_size,
-        )
-        _, test_tasks = make_task_sets(
-            *sizes, seed=run_args.seed, targets_per_image=run_args.targets_per_image
-        )
+        _, test_tasks = task_sets(run_args)
     except Exception as e:  # missing, truncated, another script's, its image folder gone
         raise ConfigError(
             f"--evaluate {args.evaluate}: not usable ({type(e).__name__}: {e})".splitlines()[0]
@@ -1242,9 +1261,9 @@ def episode_scalars(episodes: dict, prefix: str) -> dict:
     }
 
 
-def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
+def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
     """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs,
-    next_done)); an atomic write."""
+    next_done), the wandb run id of `logger`); an atomic write."""
     envs_state = {
         k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
         for k, v in live["envs"].get_state().items()
@@ -1258,7 +1277,7 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
         global_step=global_step,
         iteration=iteration,
         run_name=os.path.relpath(run_dir, "runs"),
-        wandb_id=wandb_id,
+        wandb_id=logger.wandb_id,
     )
     # numpy's key array is saved as a tensor: weights_only-loadable
     name, keys, *rest = np.random.get_state()

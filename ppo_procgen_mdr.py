@@ -187,17 +187,6 @@ class Args:
     """the number of iterations (computed in runtime)"""
 
 
-# easy-mode (R_min, R_max) of the paper's six games (Cobbe et al. 2020), for the normalized score
-PROCGEN_RETURN_RANGE = {
-    "coinrun": (5.0, 10.0),
-    "starpilot": (2.5, 64.0),
-    "caveflyer": (3.5, 12.0),
-    "chaser": (0.5, 13.0),
-    "bigfish": (1.0, 40.0),
-    "bossfight": (0.5, 13.0),
-}
-
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -278,6 +267,28 @@ def make_backbone(args: Args) -> nn.Module:
     if args.pretrained:
         load_imagenet_weights(backbone)
     return backbone
+
+
+def load_imagenet_weights(backbone: nn.Module) -> list:
+    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
+    backbone; their names."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
+        raise ConfigError(
+            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
+            "--no-pretrained"
+        ) from None
+    own = backbone.state_dict()
+    loadable = {
+        k: v
+        for k, v in state_dict.items()
+        if k in own and own[k].shape == v.shape and "num_batches" not in k
+    }
+    backbone.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
 
 
 def mlp(in_features: int, hidden: int, out_features: int, std: float) -> nn.Sequential:
@@ -533,16 +544,23 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
     return {"values": values, "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
 
 
-def main(args: Args):
-    validate_args(args)
-    if args.evaluate:
-        return evaluate_checkpoint(args)
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
-    checkpoint, run_dir = find_checkpoint(args, run_dir)
+def make_env(args: Args, num_envs, start_level, num_levels, seed):
+    """`num_envs` envs of --env-id on levels start_level .. start_level + num_levels - 1, seeded
+    (CleanRL's procgen script does not seed, so its runs differ)."""
+    return ProcgenEnv(
+        num_envs=num_envs,
+        env_name=args.env_id,
+        num_levels=num_levels,
+        start_level=start_level,
+        distribution_mode=args.distribution_mode,
+        rand_seed=seed,
+    )
 
-    # TRY NOT TO MODIFY: seeding
+
+def seed_everything(args: Args) -> torch.device:
+    """CleanRL's seeding (python, numpy, torch; cuDNN deterministic unless
+    --no-torch-deterministic), torch's CPU threads, and the device: CUDA if asked for and there,
+    else CPU (with a notice when --cuda found none)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -553,12 +571,12 @@ def main(args: Args):
         torch.set_num_threads(args.torch_threads)
     if args.cuda and not torch.cuda.is_available():
         print("note: --cuda requested but CUDA is not available; running on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # env setup: training levels 0..num_levels-1, seeded (CleanRL's procgen script does not seed, so
-    # its runs differ)
-    envs = make_env(args, args.num_envs, 0, args.num_levels, args.seed)
-    num_actions = envs.action_space.n
+
+def make_agent(num_actions: int, args: Args, device):
+    """The agent on `device` and CleanRL's Adam (with --weight-decay); --channels-last and
+    --compile as asked."""
     agent = Agent(num_actions, args).to(device)
     if args.channels_last and device.type == "cuda":
         # NHWC observations already make the activations channels_last (not on CPU: no gain there,
@@ -578,9 +596,13 @@ def main(args: Args):
             f"note: --norm {args.norm} has no mode-dependent layer, so the rectification phase "
             "equals the standard one"
         )
+    return agent, optimizer
 
-    # storage setup; observations stay uint8 (4x smaller than float32), converted per minibatch
-    obs_shape = envs.observation_space["rgb"].shape
+
+def rollout_storage(args: Args, obs_shape: tuple, num_actions: int, device) -> tuple:
+    """CleanRL's storage of one rollout, (num_steps, num_envs) of each: obs, actions, logprobs,
+    logits, rewards, dones, values. Observations stay uint8 (4x smaller than float32), converted
+    per minibatch."""
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8).to(device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -588,6 +610,25 @@ def main(args: Args):
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    return obs, actions, logprobs, logits, rewards, dones, values
+
+
+def main(args: Args):
+    validate_args(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_dir = os.path.join("runs", args.run_name or default_run_name(args))
+    checkpoint, run_dir = find_checkpoint(args, run_dir)
+    device = seed_everything(args)  # TRY NOT TO MODIFY: seeding
+
+    # env setup: training levels 0..num_levels-1
+    envs = make_env(args, args.num_envs, 0, args.num_levels, args.seed)
+    num_actions = envs.action_space.n
+    agent, optimizer = make_agent(num_actions, args, device)
+    storage = rollout_storage(args, envs.observation_space["rgb"].shape, num_actions, device)
+    obs, actions, logprobs, logits, rewards, dones, values = storage
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_iteration, wandb_id = 0, 1, None
@@ -698,15 +739,11 @@ def main(args: Args):
             logger.log(scalars, iteration)
             last = iteration == args.num_iterations
             if (args.eval_interval and iteration % args.eval_interval == 0) or last:
-                test_returns = evaluate(agent, args, device, iteration)
-                logger.log(episode_scalars(args.env_id, test_returns, "test_"))
-                tqdm.write(f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f}")
+                tqdm.write(evaluate_and_log(agent, args, device, iteration, logger))
             due = args.save_model and (iteration % args.checkpoint_interval == 0 or last)
             if due or stop.requested:
                 rollout_end = (next_obs, next_done)
-                save_checkpoint(
-                    run_dir, live, args, iteration, global_step, rollout_end, logger.wandb_id
-                )
+                save_checkpoint(run_dir, live, args, iteration, global_step, rollout_end, logger)
             if stop.requested:
                 tqdm.write(
                     f"stopped at iteration {iteration}; continue it with --resume auto (same "
@@ -843,28 +880,6 @@ def default_run_name(args: Args) -> str:
     mdr += "__collecttrain" if args.collect_mode == "train" else ""
     mdr += "__bnrecal" if args.bn_recalibrate else ""
     return f"{args.env_id}__{args.exp_name}__{norm.get(args.norm, args.norm)}__{mdr}__s{args.seed}"
-
-
-def load_imagenet_weights(backbone: nn.Module) -> list:
-    """Load every tensor of torchvision's ImageNet ResNet-18 whose name and shape exist in the
-    backbone; their names."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as e:  # offline (URLError), or a truncated file in the cache (RuntimeError)
-        raise ConfigError(
-            f"no ImageNet weights ({type(e).__name__}): put them at {cached} or pass "
-            "--no-pretrained"
-        ) from None
-    own = backbone.state_dict()
-    loadable = {
-        k: v
-        for k, v in state_dict.items()
-        if k in own and own[k].shape == v.shape and "num_batches" not in k
-    }
-    backbone.load_state_dict(loadable, strict=False)
-    return sorted(loadable)
 
 
 def mean_stats(stats_list):
@@ -1085,6 +1100,17 @@ class EpisodeTracker:
         return finished
 
 
+# easy-mode (R_min, R_max) of the paper's six games (Cobbe et al. 2020), for the normalized score
+PROCGEN_RETURN_RANGE = {
+    "coinrun": (5.0, 10.0),
+    "starpilot": (2.5, 64.0),
+    "caveflyer": (3.5, 12.0),
+    "chaser": (0.5, 13.0),
+    "bigfish": (1.0, 40.0),
+    "bossfight": (0.5, 13.0),
+}
+
+
 def episode_scalars(env_id, returns, prefix: str) -> dict:
     """Mean return and, for the paper's six games, the normalized score
     (R - R_min) / (R_max - R_min), easy mode."""
@@ -1095,17 +1121,6 @@ def episode_scalars(env_id, returns, prefix: str) -> dict:
             (np.mean(returns) - r_min) / (r_max - r_min)
         )
     return scalars
-
-
-def make_env(args: Args, num_envs, start_level, num_levels, seed):
-    return ProcgenEnv(
-        num_envs=num_envs,
-        env_name=args.env_id,
-        num_levels=num_levels,
-        start_level=start_level,
-        distribution_mode=args.distribution_mode,
-        rand_seed=seed,
-    )
 
 
 @torch.no_grad()
@@ -1137,6 +1152,13 @@ def evaluate(agent, args: Args, device, iteration, frames=None):
             tracker.update(reward, done)
     envs.close()
     return episode_returns
+
+
+def evaluate_and_log(agent, args: Args, device, iteration, logger) -> str:
+    """Held-out evaluation during training: logged; the line to print."""
+    test_returns = evaluate(agent, args, device, iteration)
+    logger.log(episode_scalars(args.env_id, test_returns, "test_"))
+    return f"held-out evaluation: test_episodic_return={np.mean(test_returns):.2f}"
 
 
 def evaluate_checkpoint(args: Args) -> int:
@@ -1201,9 +1223,9 @@ def evaluate_checkpoint(args: Args) -> int:
     return 0
 
 
-def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, wandb_id):
+def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, logger):
     """All a bit-for-bit continuation needs (`live`, RNG streams, `rollout` = (next_obs,
-    next_done)); an atomic write."""
+    next_done), the wandb run id of `logger`); an atomic write."""
     state = {
         "agent": live["agent"].state_dict(),
         "optimizer": live["optimizer"].state_dict(),
@@ -1213,7 +1235,7 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
         global_step=global_step,
         iteration=iteration,
         run_name=os.path.relpath(run_dir, "runs"),
-        wandb_id=wandb_id,
+        wandb_id=logger.wandb_id,
     )
     # numpy's key array is saved as a tensor: weights_only-loadable
     name, keys, *rest = np.random.get_state()

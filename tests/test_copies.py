@@ -50,11 +50,12 @@ SHARED = {
         "mlp",
         "check_minibatches",
     ]
+    + ["seed_everything", "rollout_storage"]
 }
 SHARED.update(
     {
         name: TRAINING
-        for name in ["recompute_advantages", "find_checkpoint"]
+        for name in ["recompute_advantages", "find_checkpoint", "make_agent"]
         + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]
     }
 )
@@ -106,6 +107,10 @@ INTENDED_DIFFERENCES = {
         "normalized reward, success"
     ),
     "evaluate": "held-out Procgen levels vs held-out patch-loc tasks",
+    "evaluate_and_log": (
+        "Procgen: the held-out return; patch-loc: held-out and training tasks (the gap), drawn"
+    ),
+    "make_envs": "patch-loc: training and held-out task sets; the probe: the training tasks only",
     "evaluate_checkpoint": (
         "held-out Procgen levels (env frames) vs held-out patch-loc tasks (episodes drawn)"
     ),
@@ -179,6 +184,11 @@ def compared_copies(name: str) -> list:
     ]
 
 
+# the names with two or more copies to compare (none for a name listed whole in
+# INTENDED_DIFFERENCES)
+COMPARED = [name for name in COMMON if len(compared_copies(name)) >= 2]
+
+
 def unified_diff(name: str, a: str, b: str) -> str:
     lines = difflib.unified_diff(
         DEFINITIONS[a][name][1].splitlines(),
@@ -196,11 +206,11 @@ def unified_diff(name: str, a: str, b: str) -> str:
         pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DRIFT[n]))
         if n in KNOWN_DRIFT
         else n
-        for n in COMMON
+        for n in COMPARED
     ],
 )
 def test_shared_definitions_are_identical(name):
-    reference, *others = compared_copies(name) or [None]
+    reference, *others = compared_copies(name)
     differing = [
         s
         for s in others
@@ -294,10 +304,24 @@ def test_the_banner_limit_fails_a_long_method_part():
     assert lines_above_banner(long_method) > ABOVE_BANNER_LIMIT
 
 
+MAIN_LIMIT = 150  # setup in named functions, the loop in main(): a guard, not a target (issue 24)
+
+
+def main_length(text: str) -> int:
+    (main,) = [
+        n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "main"
+    ]
+    return main.end_lineno - main.lineno + 1
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_main_is_at_most_180_lines(script):
-    main = function(script, "main")
-    assert main.end_lineno - main.lineno + 1 <= 180
+def test_main_is_at_most_150_lines(script):
+    assert main_length(source(script)) <= MAIN_LIMIT
+
+
+def test_the_main_limit_fails_a_long_main():
+    long_main = "def main(args):\n" + "    x = 1\n" * MAIN_LIMIT
+    assert main_length(long_main) > MAIN_LIMIT
 
 
 BLOCKS = (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.If, ast.Try)
@@ -333,6 +357,103 @@ def main():
   ppo_update(y)"""
     tree = ast.parse(snippet)
     assert list(block_depths(tree.body[0], "ppo_update")) == [3, 1]
+
+
+def test_the_depth_limit_fails_a_minibatch_step_6_blocks_deep():
+    snippet = """\
+def main():
+ try:
+  for iteration in range(2):
+   for mdr_round in range(2):
+    for epoch in range(3):
+     for start in range(0, 8, 4):
+      if start:
+       ppo_update(x)
+ finally:
+  pass"""
+    assert max(block_depths(ast.parse(snippet).body[0], "ppo_update")) > 5
+
+
+# What main() may call below the banner: validation, run folder, checkpoints, logging, evaluation.
+# Everything that builds what is learned (network, initial weights, envs, seeding, the update) is
+# defined above it, and the functions above it other than main() call nothing below it.
+MAIN_INFRASTRUCTURE = {
+    PROCGEN: ["EpisodeTracker", "evaluate_and_log", "evaluate_checkpoint", "iteration_scalars"],
+    PATCHLOC: ["evaluate_and_log", "evaluate_checkpoint", "iteration_scalars"],
+    PROBE: [],
+}
+for _script in SCRIPTS:
+    MAIN_INFRASTRUCTURE[_script] = sorted(
+        MAIN_INFRASTRUCTURE[_script]
+        + ["RunLogger", "StopRequest", "default_run_name", "find_checkpoint"]
+        + ["restore_checkpoint", "save_checkpoint", "validate_args"]
+    )
+
+
+def calls_below_the_banner(text: str) -> dict:
+    """{name: sorted names of the functions and classes defined below the banner that it calls} for
+    each function or class defined above the banner (raising an exception defined below is no
+    call: ConfigError is how setup reports bad input)."""
+    tree = ast.parse(text)
+    banner = lines_above_banner(text) + 1
+    definitions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    below = {n.name for n in definitions if n.lineno > banner}
+    calls = {}
+    for node in (n for n in definitions if n.lineno < banner):
+        raised = {id(r.exc) for r in ast.walk(node) if isinstance(r, ast.Raise) and r.exc}
+        calls[node.name] = sorted(
+            {
+                call.func.id
+                for call in ast.walk(node)
+                if isinstance(call, ast.Call) and id(call) not in raised
+                if isinstance(call.func, ast.Name) and call.func.id in below
+            }
+        )
+    return calls
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_what_is_learned_is_built_above_the_banner(script):
+    calls = calls_below_the_banner(source(script))
+    assert {name: names for name, names in calls.items() if names and name != "main"} == {}
+    assert calls["main"] == MAIN_INFRASTRUCTURE[script]
+
+
+def test_the_banner_check_finds_setup_below_the_banner():
+    snippet = """\
+def make_backbone(args):
+    if not args:
+        raise ConfigError("no args")
+    return load_imagenet_weights(resnet18())
+
+
+def main(args):
+    validate_args(args)
+    envs = make_env(args)
+
+
+# Infrastructure: checkpoints, logging, validation
+
+
+class ConfigError(Exception):
+    pass
+
+
+def validate_args(args):
+    pass
+
+
+def load_imagenet_weights(backbone):
+    pass
+
+
+def make_env(args):
+    pass
+"""
+    assert calls_below_the_banner(snippet) == {
+        "make_backbone": ["load_imagenet_weights"],
+        "main": ["make_env", "validate_args"],
+    }
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
