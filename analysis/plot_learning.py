@@ -46,6 +46,10 @@ def smooth(values, window):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block)."""
 
+    def __init__(self, **kwargs):
+        # no abbreviations: an old --out must not be taken for --out-dir
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):
         print(f"error: {message} (--help lists the options)", file=sys.stderr)
         sys.exit(2)

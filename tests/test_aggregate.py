@@ -436,6 +436,7 @@ def test_the_ignored_arguments_are_the_scripts_resumable_fields_but_the_steps(re
 # (arguments, the start of the one line on stderr)
 BAD_COMMAND_LINES = [
     ([], "error: the following arguments are required: --out-dir"),
+    (["--out", "out"], "error: the following arguments are required: --out-dir"),  # no abbreviation
     (
         ["--out-dir", "out", "--points", "1"],
         "error: argument --points: '1' is not a whole number in [2, 100000]",

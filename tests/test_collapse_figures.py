@@ -255,6 +255,10 @@ BAD_COMMAND_LINES = [
         ["--runs-dir", "collapse"],
         "error: the following arguments are required: --out-dir (--help lists the options)",
     ),
+    (  # the README's command before --out-dir: never a folder named fig6.png
+        ["--runs-dir", "collapse", "--out", "fig6.png"],
+        "error: the following arguments are required: --out-dir (--help lists the options)",
+    ),
     (
         ["--runs-dir", "collapse", "--out-dir", "out", "--ent-coef", "nan"],
         "error: argument --ent-coef: 'nan' is not a finite number >= 0 (--help lists the options)",
@@ -293,4 +297,4 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys
 
     err = capsys.readouterr().err
     assert status == 2 and err.startswith(line) and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "fig6.png").exists()
