@@ -1,6 +1,6 @@
 # Reward-collapse probe (paper Fig. 1 and 6, App. A and B) and the rival fixes for BatchNorm in PPO
 # (docs/rivals.md): PPO on the patch-localization task in one --mode per run. CleanRL-style, one
-# file (+ envs/). MDR in your own PPO: docs/mdr_in_your_ppo.md; `grep -n "# MDR"` lists the
+# file (+ envs/). MDR in your own PPO: docs/mdr_in_your_ppo.md; `grep -n "[#] MDR"` lists the
 # method's lines. Paper: Mohamad, Ponzio, Descombes (2602.05619).
 # Run:      python ppo_collapse_probe.py --mode bn --clip-coef 0.2 --seed 1
 #           (then --mode eval, --mode bn-mdr)
@@ -87,9 +87,9 @@ class Args:
     update_epochs: int = 3
     """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr) split them
     alpha1 + alpha2, others train all E"""
-    alpha1: Optional[int] = None
+    alpha1: Optional[int] = None  # MDR
     """MDR modes only: epochs in train mode (standard phase); default E - alpha2"""
-    alpha2: Optional[int] = None
+    alpha2: Optional[int] = None  # MDR
     """MDR modes only: epochs in eval mode (rectification phase); default E // 3 (at least 1),
     i.e. MDR(2,1) of 3"""
 
@@ -424,7 +424,7 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
     """A block in train or eval mode, then the mode restored: every mode change that is not the
-    method's goes through here, so the bare agent.train()/agent.eval() calls, marked # MDR, are
+    method's goes through here, so the bare agent.train()/agent.eval() calls, tagged MDR, are
     the method's alone."""
     was_training = agent.training
     agent.train(training)
@@ -656,14 +656,12 @@ def main(args: Args):
         global_step, start_iteration, next_obs, next_done, _ = restored
     # only now, after every check has passed, is anything written
     logger = RunLogger(run_dir, args, checkpoint)
-    mdr = f"MDR({args.alpha1},{args.alpha2})"
-    print(f"run {run_dir}: --mode {args.mode} = {mdr}, |D_k| {args.batch_size}")
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the update, save a checkpoint, exit
     status, exit_code = "completed", 0
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
-            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            # D_k is collected in eval mode (bn-train: in train mode, as CoinRun)
+            # 1. Interaction: D_k is collected in eval mode (paper Sec. 3.2), or with --mode
+            # bn-train in train mode (a rival: OpenAI's CoinRun)
             agent.train(args.mode == "bn-train")  # MDR
             finished = {"r": [], "normalized_r": [], "success": [], "acting_entropy": []}
             for step in range(0, args.num_steps):
@@ -676,7 +674,8 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6) when D_k is
+                    # collected in eval mode
                     logits[step] = policy.logits
                     finished["acting_entropy"].append(policy.entropy().mean())
                 next_obs_np, reward, terminations, truncations, infos = envs.step(
@@ -690,7 +689,7 @@ def main(args: Args):
                     ended = infos["episode"][key][infos["_episode"]] if "episode" in infos else []
                     finished[key].extend(ended)
 
-            # 2. Advantages and value targets (GAE) of the eval-mode values
+            # 2. Advantages and value targets (GAE) of the values estimated during collection
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
                 advantages, returns = compute_gae(
@@ -713,9 +712,9 @@ def main(args: Args):
             phase_stats = {"standard": [], "rectify": []}
             # the pre-update policy, frozen
             theta_k = copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None
-            for epoch in range(args.alpha1 + args.alpha2):
+            for epoch in range(args.alpha1 + args.alpha2):  # MDR
                 agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
-                phase = "standard" if epoch < args.alpha1 else "rectify"
+                phase = "standard" if epoch < args.alpha1 else "rectify"  # MDR
                 np.random.shuffle(b_inds)
                 epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy
                 for start in range(0, args.batch_size, args.minibatch_size):
@@ -1100,6 +1099,8 @@ class RunLogger:
         # a resumed run: the updates its checkpoint holds (later ones were lost with the process)
         for row in self.rows:
             self.write_row(row)
+        mdr = f"MDR({args.alpha1},{args.alpha2})"
+        print(f"run {run_dir}: --mode {args.mode} = {mdr}, |D_k| {args.batch_size}")
 
     def log_update(
         self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus

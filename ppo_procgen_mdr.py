@@ -1,8 +1,8 @@
 # PPO with Mode-Dependent Rectification (MDR) on Procgen, CleanRL-style, one file.
 # Paper: Mohamad, Ponzio, Descombes, "Mode-Dependent Rectification for Stable PPO Training"
 # (arXiv 2602.05619). MDR in your own PPO, as a diff against CleanRL's ppo_procgen.py:
-# docs/mdr_in_your_ppo.md. `grep -n "# MDR" ppo_procgen_mdr.py` lists the method; nothing below the
-# "Infrastructure" banner changes what is learned.
+# docs/mdr_in_your_ppo.md. `grep -n "[#] MDR" ppo_procgen_mdr.py` lists the method's lines; nothing
+# below the "Infrastructure" banner changes what is learned.
 # Run:   python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda
 import contextlib
 import glob
@@ -130,9 +130,9 @@ class Args:
     """the maximum norm for the gradient clipping"""
 
     # Mode-Dependent Rectification (paper Sec. 3.4, Algorithm 1)
-    alpha1: int = 2
+    alpha1: int = 2  # MDR
     """epochs per round in train mode (standard phase)"""
-    alpha2: int = 1
+    alpha2: int = 1  # MDR
     """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
     collect_mode: Literal["eval", "train"] = "eval"
     """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the
@@ -140,7 +140,7 @@ class Args:
     bn_recalibrate: bool = False
     """after each update, reset BatchNorm's running statistics to their average over D_k under
     the new weights (precise BN)"""
-    mdr_rounds: int = 1
+    mdr_rounds: int = 1  # MDR
     """rounds R per rollout; values and advantages are recomputed (eval mode) before rounds 2..R"""
 
     # Network: shallow ResNet-18 (paper Table 1) and its norm layer
@@ -411,7 +411,7 @@ def ppo_update(agent, optimizer, mb, args: Args, eval_ratio=None):
 @contextlib.contextmanager
 def temporary_mode(agent, training: bool):
     """A block in train or eval mode, then the mode restored: every mode change that is not the
-    method's goes through here, so the bare agent.train()/agent.eval() calls, marked # MDR, are
+    method's goes through here, so the bare agent.train()/agent.eval() calls, tagged MDR, are
     the method's alone."""
     was_training = agent.training
     agent.train(training)
@@ -526,7 +526,7 @@ def recalibrate_batchnorm(agent, b_obs, minibatch_size):
 
 
 @torch.no_grad()
-def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args) -> dict:
+def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args):  # MDR
     """MDR rounds 2..R (paper App. D): values, GAE advantages and returns of D_k from the current
     eval-mode critic."""
     with temporary_mode(agent, training=False):
@@ -658,8 +658,8 @@ def main(args: Args):
                 lrnow = frac * args.learning_rate
                 optimizer.param_groups[0]["lr"] = lrnow
 
-            # 1. Interaction: rollouts are always collected by the eval-mode policy (paper Sec. 3.2)
-            # D_k is collected in eval mode, as the policy acts when deployed
+            # 1. Interaction: D_k is collected in eval mode, as the policy acts when deployed (paper
+            # Sec. 3.2), or with --collect-mode train in train mode (a rival: OpenAI's CoinRun)
             agent.train(args.collect_mode == "train")  # MDR
             # returns and lengths of the training episodes that end in this rollout
             finished = ([], [])
@@ -673,7 +673,8 @@ def main(args: Args):
                     values[step] = value.flatten()
                     actions[step] = action
                     logprobs[step] = policy.log_prob(action)
-                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6)
+                    # the behaviour policy: delta_pi_minus's eval-mode side (eq. 6) when D_k is
+                    # collected in eval mode
                     logits[step] = policy.logits
                 next_obs_np, reward, done, _ = envs.step(action.cpu().numpy())
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32).to(device)
@@ -683,7 +684,7 @@ def main(args: Args):
                     ended.extend(values_of_ended)
                 logger.advance(args.num_envs)
 
-            # 2. Advantages and value targets (GAE) of the eval-mode values
+            # 2. Advantages and value targets (GAE) of the values estimated during collection
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
                 advantages, returns = compute_gae(
@@ -706,16 +707,16 @@ def main(args: Args):
             phase_stats = {"standard": [], "rectify": []}
             # per iteration, as CleanRL: shuffles depend on the RNG alone (exact resume)
             b_inds = np.arange(args.batch_size)
-            for mdr_round in range(args.mdr_rounds):
+            for mdr_round in range(args.mdr_rounds):  # MDR
                 # rounds 2..R recompute the values and advantages of D_k (eval-mode critic)
                 if mdr_round > 0:  # MDR
-                    recomputed = recompute_advantages(
+                    recomputed = recompute_advantages(  # MDR
                         agent, batch, rewards, dones, next_obs, next_done, args
                     )
-                    batch.update(recomputed)
-                for epoch in range(args.alpha1 + args.alpha2):
+                    batch.update(recomputed)  # MDR
+                for epoch in range(args.alpha1 + args.alpha2):  # MDR
                     agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
-                    phase = "standard" if epoch < args.alpha1 else "rectify"
+                    phase = "standard" if epoch < args.alpha1 else "rectify"  # MDR
                     np.random.shuffle(b_inds)
                     epoch_inds = torch.as_tensor(b_inds, device=device)  # one host-to-device copy
                     for start in range(0, args.batch_size, args.minibatch_size):

@@ -8,8 +8,10 @@ sources."""
 import ast
 import copy
 import difflib
+import io
 import itertools
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -273,11 +275,107 @@ def function(script: str, name: str) -> ast.FunctionDef:
     return node
 
 
+TAG = "# MDR"
+# Each script's method, in order: the code of every line whose comment starts with the tag (what
+# `grep -n "[#] MDR"` lists). Everything that exists only because of MDR and changes what is
+# learned: its flags, the collection mode, the rounds and the recompute before rounds 2..R, the
+# epoch loop and the phase split. A function whose def line is tagged is the method as a whole.
+TRAINING_METHOD = [
+    "alpha1: int = 2",
+    "alpha2: int = 1",
+    "mdr_rounds: int = {rounds}",
+    "def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args):",
+    'agent.train(args.collect_mode == "train")',
+    "for mdr_round in range(args.mdr_rounds):",
+    "if mdr_round > 0:",
+    "recomputed = recompute_advantages(",
+    "batch.update(recomputed)",
+    "for epoch in range(args.alpha1 + args.alpha2):",
+    "agent.train(epoch < args.alpha1)",
+    'phase = "standard" if epoch < args.alpha1 else "rectify"',
+]
+METHOD_LINES = {
+    PROCGEN: [line.format(rounds=1) for line in TRAINING_METHOD],
+    PATCHLOC: [line.format(rounds=3) for line in TRAINING_METHOD],
+    PROBE: [
+        "alpha1: Optional[int] = None",
+        "alpha2: Optional[int] = None",
+        'agent.train(args.mode == "bn-train")',
+        "for epoch in range(args.alpha1 + args.alpha2):",
+        "agent.train(epoch < args.alpha1)",
+        'phase = "standard" if epoch < args.alpha1 else "rectify"',
+    ],
+}
+# names that only the method uses: a line of Args, main() or a def line that mentions one is a
+# method line
+METHOD_NAMES = re.compile(r"\b(alpha1|alpha2|mdr_rounds?|recompute_advantages|split_epochs)\b")
+
+
+def tags(text: str) -> tuple:
+    """([code of each line whose trailing comment starts with the tag], [(line number, line) of
+    every other place the tag appears: a comment line, a docstring, a string])."""
+    lines = text.splitlines()
+    tagged, misplaced = [], []
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if TAG not in token.string:
+            continue
+        number, column = token.start
+        code = lines[number - 1][:column].strip()
+        if token.type == tokenize.COMMENT and token.string.startswith(TAG) and code:
+            tagged.append(code)
+        else:
+            misplaced.append((number, lines[number - 1]))
+    return tagged, misplaced
+
+
+def untagged_method_lines(text: str) -> list:
+    """(line number, line) of each line of Args or main(), or def line, that mentions a name only
+    the method uses (METHOD_NAMES) and is not tagged; a compound statement counts by its header."""
+    tree = ast.parse(text)
+    lines = text.splitlines()
+    scopes = [n for n in tree.body if getattr(n, "name", None) in ("Args", "main")]
+    statements = [s for scope in scopes for s in ast.walk(scope) if isinstance(s, ast.stmt)]
+    statements = [s for s in statements if s not in scopes]
+    definitions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    found = []
+    for node in statements + definitions:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        body = getattr(node, "body", None)
+        last = body[0].lineno - 1 if isinstance(body, list) and body else node.end_lineno
+        header = "\n".join(lines[node.lineno - 1 : last])
+        if isinstance(node, ast.FunctionDef):
+            header = lines[node.lineno - 1]
+        code = header.split("#")[0]
+        if METHOD_NAMES.search(code) and TAG not in lines[node.lineno - 1]:
+            found.append((node.lineno, lines[node.lineno - 1]))
+    return sorted(set(found))
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_method_lines_are_tagged(script):
-    # what `grep -c "# MDR"` counts
-    tagged = [line for line in source(script).splitlines() if "# MDR" in line]
-    assert len(tagged) >= 3, tagged
+def test_the_tag_marks_exactly_the_method_lines(script):
+    tagged, misplaced = tags(source(script))
+    assert misplaced == [], "the tag on a line that is not code (reword: MDR without the hash)"
+    assert tagged == METHOD_LINES[script]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_method_line_is_tagged(script):
+    assert untagged_method_lines(source(script)) == []
+
+
+def test_the_tag_checks_fail_an_untagged_round_loop_and_a_tag_in_prose():
+    snippet = """\
+def main(args):
+    \"\"\"the epochs, marked # MDR\"\"\"
+    # MDR: the rounds
+    for mdr_round in range(args.mdr_rounds):
+        agent.train(epoch < args.alpha1)  # MDR: the phases
+"""
+    tagged, misplaced = tags(snippet)
+    assert tagged == ["agent.train(epoch < args.alpha1)"]
+    assert [number for number, _ in misplaced] == [2, 3]
+    assert untagged_method_lines(snippet) == [(4, "    for mdr_round in range(args.mdr_rounds):")]
 
 
 BANNER = "# Infrastructure:"
@@ -509,7 +607,7 @@ def test_bare_mode_switches_are_the_methods_own(script):
     switches = bare_mode_switches(script)
 
     assert len(switches) >= 2  # collection and the update phases
-    assert [(number, line) for number, line in switches if "# MDR" not in line] == []
+    assert [(number, line) for number, line in switches if TAG not in line] == []
 
 
 def lines_between(script: str, function: str, first: str, last: str) -> list:
