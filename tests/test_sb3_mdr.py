@@ -6,6 +6,7 @@ command line, bad input. Tiny runs: 2 envs x 8 steps, minibatches of 8, 36-px vi
 
 import ast
 import csv
+import importlib
 import inspect
 import math
 import subprocess
@@ -315,6 +316,28 @@ def test_a_tiny_learn_on_patchloc_logs_sb3s_keys_and_the_diagnostics(tmp_path):
     assert isinstance(model.policy.features_extractor, BatchNormCNN)
     assert model.observation_space.shape == (3, 36, 36, 3)
     assert sb3_mdr.main([f"--log-dir={log_dir}"]) == 2  # the run folder is never overwritten
+
+
+def test_the_comparisons_rows_pair_each_rollout_with_its_own_update():
+    """docs/sb3/run_comparison.py: row k holds rollout k's episodes and update k's train/ keys
+    (SB3 records those after rollout k's log dump)."""
+    comparison = importlib.import_module("docs.sb3.run_comparison")
+    model, recorded = make(alpha2=1), []
+    measure = model.record_delta_pi_minus
+
+    def record():
+        measure()
+        recorded.append(model.logger.name_to_value["train/delta_pi_minus"])
+
+    model.record_delta_pi_minus = record
+    rows = comparison.UpdateRows()
+    model.learn(3 * 16, callback=rows)
+    assert [row["iteration"] for row in rows.rows] == [1, 2, 3]
+    assert [row["global_step"] for row in rows.rows] == [16, 32, 48]
+    assert [row["delta_pi_minus"] for row in rows.rows] == recorded
+    assert all(0 < row["ratio_gap"] < 1 and row["acting_entropy"] > 0 for row in rows.rows)
+    ended = [row for row in rows.rows if row["episodes"]]
+    assert ended and all(row["normalized_reward"] <= 100 + 1e-9 for row in ended)  # <= optimal
 
 
 def test_the_example_runs_as_a_script_from_anywhere(tmp_path):
