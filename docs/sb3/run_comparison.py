@@ -10,7 +10,7 @@ two arms: `ppo` = alpha2=0, which is SB3's PPO bit for bit (tests/test_sb3_mdr.p
 alpha2=1, MDR(2,1). The diagnostics are on in both: they change nothing (tested), and they give
 Delta pi minus for SB3's PPO too. Same seed, same tasks and initial weights in both arms.
 
-Writes to docs/sb3/: runs/{arm}_s{seed}.csv (one row per update; a run whose CSV exists is not run
+Writes to docs/sb3/: curves/{arm}_s{seed}.csv (one row per update; a run whose CSV exists is not run
 again, so a rerun only analyses), summary.csv (per run), paired.csv (MDR - PPO per measure, paired
 bootstrap 95 % percentile intervals), comparison.png, provenance.json (per run: commit, uncommitted
 changes to the code it ran, versions); prints the tables as markdown. Measures: AUC = mean
@@ -222,7 +222,7 @@ def provenance() -> dict:
 
 
 def analyse(seeds: list, out: Path) -> None:
-    runs = {(arm, s): read_run(out / "runs" / f"{arm}_s{s}.csv") for arm in ARMS for s in seeds}
+    runs = {(arm, s): read_run(out / "curves" / f"{arm}_s{s}.csv") for arm in ARMS for s in seeds}
     per_run = {key: measures(run) for key, run in runs.items()}
     names = list(next(iter(per_run.values())))
     with open(out / "summary.csv", "w", newline="") as f:
@@ -302,13 +302,13 @@ def main(argv=None) -> int:
         [] if args.total_timesteps is None else ["--total-timesteps", str(args.total_timesteps)]
     )
     th.set_num_threads(1)  # one core of a small shared machine
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "curves").mkdir(parents=True, exist_ok=True)
     at_start = provenance()  # this process imported the code as it was now
     provenance_file = out / "provenance.json"
     by_run = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     for seed in seeds:
         for arm in ARMS:
-            path = out / "runs" / f"{arm}_s{seed}.csv"
+            path = out / "curves" / f"{arm}_s{seed}.csv"
             if not path.exists():
                 print(f"run {arm} seed {seed} -> {path}", flush=True)
                 run(arm, seed, path, budget)
