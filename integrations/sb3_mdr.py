@@ -265,7 +265,7 @@ def eval_mode_ratio(policy, rollout_data, actions: th.Tensor) -> th.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# MDRPPO
+# The algorithm: MDRPPO
 # --------------------------------------------------------------------------------------------------
 class MDRPPO(PPO):
     """SB3's PPO with Mode-Dependent Rectification: each update's first `alpha1 = n_epochs - alpha2`
@@ -318,7 +318,7 @@ class MDRPPO(PPO):
             self.logger.record("train/delta_pi_minus", delta)
 
     # A copy of PPO.train() of stable-baselines3 2.9.2 (identical in 2.4.0-2.9.2, see
-    # SB3_SUPPORTED), reformatted to 100 columns. The lines marked # MDR are the only additions.
+    # SB3_SUPPORTED), reformatted to 100 columns. The lines tagged MDR are the only additions.
     def train(self) -> None:
         """
         Update policy using the currently gathered rollout buffer.
@@ -343,8 +343,7 @@ class MDRPPO(PPO):
         continue_training = True
         # train for n_epochs epochs
         for epoch in range(self.n_epochs):
-            # MDR: standard phase (train mode) for alpha1 epochs, then rectification (eval mode)
-            self.policy.set_training_mode(epoch < self.alpha1)  # MDR
+            self.policy.set_training_mode(epoch < self.alpha1)  # MDR: standard, then rectification
             approx_kl_divs = []
             # Do a complete pass on the rollout buffer
             for rollout_data in self.rollout_buffer.get(self.batch_size):

@@ -72,7 +72,7 @@ def batchnorms(model) -> list:
 
 
 # --------------------------------------------------------------------------------------------------
-# MDRPPO against SB3's PPO
+# Against SB3's PPO
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("diagnostics", [False, True])
 def test_alpha2_zero_is_sb3_ppo_bit_for_bit(diagnostics):
@@ -89,7 +89,7 @@ def test_mdr_differs_from_ppo_with_batchnorm():
 
 
 def test_train_is_sb3_train_plus_the_mdr_lines():
-    """MDRPPO.train without its lines marked # MDR is SB3's PPO.train, statement for statement."""
+    """MDRPPO.train without its lines tagged MDR is SB3's PPO.train, statement for statement."""
     lines = inspect.getsource(MDRPPO.train).splitlines()
     assert sum("# MDR" in line for line in lines) >= 6
     copy = "\n".join(line for line in lines if "# MDR" not in line)
@@ -240,7 +240,7 @@ def test_mode_dependent_layers_found_and_not():
 # save/load, BatchNormCNN, end to end
 # --------------------------------------------------------------------------------------------------
 def test_save_load_keeps_alpha1_alpha2_and_the_weights(tmp_path):
-    model = make(alpha2=2, diagnostics=False)  # MDR(1, 2)
+    model = make(alpha2=2, diagnostics=False)  # alpha1 = 1
     model.learn(TWO_UPDATES)
     model.save(tmp_path / "model.zip")
     loaded = MDRPPO.load(tmp_path / "model.zip", env=patchloc_env(), device="cpu")
