@@ -192,6 +192,17 @@ TENSORBOARD_COLUMNS = CSV_COLUMNS[
 ]
 
 
+def split_epochs(args: Args) -> tuple:  # MDR
+    """(alpha1, alpha2): the E = --update-epochs epochs of a round, alpha1 in train mode (standard
+    phase), then alpha2 in eval mode (rectification phase); MDR splits the epochs, it adds none.
+    Either flag alone sets the other (alpha1 + alpha2 = E); neither: alpha2 = E // 3, at least 1
+    (MDR(2,1) of 3). Both: as given (validate_args checks that they add up to E)."""
+    epochs, alpha2 = args.update_epochs, args.alpha2
+    if alpha2 is None:
+        alpha2 = max(1, epochs // 3) if args.alpha1 is None else epochs - args.alpha1
+    return (epochs - alpha2 if args.alpha1 is None else args.alpha1), alpha2
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -712,7 +723,7 @@ def main(args: Args):
             phase_stats = {"standard": [], "rectify": []}
             # the pre-update policy, frozen
             theta_k = copy.deepcopy(agent) if args.mode == "bn-oldtrain" else None
-            for epoch in range(args.alpha1 + args.alpha2):  # MDR
+            for epoch in range(args.update_epochs):
                 agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
                 phase = "standard" if epoch < args.alpha1 else "rectify"  # MDR
                 np.random.shuffle(b_inds)
@@ -851,9 +862,7 @@ def validate_args(args: Args) -> None:
             )
         args.alpha1, args.alpha2 = epochs, 0
     else:
-        alpha2 = max(1, epochs // 3) if args.alpha1 is None and args.alpha2 is None else args.alpha2
-        alpha1 = epochs - alpha2 if args.alpha1 is None else args.alpha1
-        alpha2 = epochs - alpha1 if alpha2 is None else alpha2
+        alpha1, alpha2 = split_epochs(args)
         if alpha1 < 0 or alpha2 < 1 or alpha1 + alpha2 != epochs:
             raise ConfigError(
                 f"--alpha1 {alpha1} --alpha2 {alpha2}: MDR needs alpha1 >= 0, alpha2 >= 1 and "

@@ -110,6 +110,9 @@ class Args:
     minibatch_size: int = 128
     """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is
     smaller)"""
+    update_epochs: int = 3
+    """the K epochs to update the policy (per round: alpha1 in train mode, then alpha2 in eval
+    mode)"""
     norm_adv: bool = True
     """toggles advantages normalization (per minibatch)"""
     clip_coef: float = 0.2
@@ -125,10 +128,12 @@ class Args:
 
     # Mode-Dependent Rectification (paper Sec. 3.4, Algorithm 1; App. D: 9 epochs = 3
     # rounds of MDR(2,1))
-    alpha1: int = 2  # MDR
-    """epochs per round in train mode (standard phase)"""
-    alpha2: int = 1  # MDR
-    """epochs per round in eval mode (rectification phase); 0 = plain PPO"""
+    alpha1: Optional[int] = None  # MDR
+    """epochs per round in train mode (standard phase), the first of the E = --update-epochs;
+    default E - alpha2"""
+    alpha2: Optional[int] = None  # MDR
+    """epochs per round in eval mode (rectification phase), the last of the E; 0 = plain PPO;
+    default E - alpha1 if --alpha1 is given, else E // 3 (at least 1): MDR(2,1) of 3"""
     collect_mode: Literal["eval", "train"] = "eval"
     """mode of the policy that collects D_k: eval (the paper's) or train (batch statistics of the
     env batch, as CoinRun)"""
@@ -200,6 +205,20 @@ class Args:
     """the batch size |D_k| (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
+
+    def __post_init__(self):  # MDR
+        self.alpha1, self.alpha2 = split_epochs(self)  # MDR
+
+
+def split_epochs(args: Args) -> tuple:  # MDR
+    """(alpha1, alpha2): the E = --update-epochs epochs of a round, alpha1 in train mode (standard
+    phase), then alpha2 in eval mode (rectification phase); MDR splits the epochs, it adds none.
+    Either flag alone sets the other (alpha1 + alpha2 = E); neither: alpha2 = E // 3, at least 1
+    (MDR(2,1) of 3). Both: as given (validate_args checks that they add up to E)."""
+    epochs, alpha2 = args.update_epochs, args.alpha2
+    if alpha2 is None:
+        alpha2 = max(1, epochs // 3) if args.alpha1 is None else epochs - args.alpha1
+    return (epochs - alpha2 if args.alpha1 is None else args.alpha1), alpha2
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -749,7 +768,7 @@ def main(args: Args):
                         agent, batch, rewards, dones, next_obs, next_done, args
                     )
                     batch.update(recomputed)  # MDR
-                for epoch in range(args.alpha1 + args.alpha2):  # MDR
+                for epoch in range(args.update_epochs):
                     agent.train(epoch < args.alpha1)  # MDR: train mode, then eval mode
                     phase = "standard" if epoch < args.alpha1 else "rectify"  # MDR
                     np.random.shuffle(b_inds)
@@ -849,12 +868,8 @@ PRINTED_KEYS = ("charts/normalized_reward", "charts/delta_pi_minus", "charts/SPS
 def validate_args(args: Args) -> None:
     """Reject impossible settings before anything is created (the task sets check their own
     settings)."""
-    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 == 0:
-        raise ConfigError(
-            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: both must be >= 0, one > 0 "
-            "(e.g. 2 and 1)"
-        )
     for name in (
+        "update_epochs",
         "mdr_rounds",
         "num_envs",
         "num_steps",
@@ -867,6 +882,7 @@ def validate_args(args: Args) -> None:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(args, name)} and --hidden-size must be >= 1"
             )
+    check_epoch_split(args)
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError(
@@ -887,6 +903,16 @@ def validate_args(args: Args) -> None:
     if not 0 <= args.num_render_episodes <= args.num_test_tasks:
         raise ConfigError(
             f"--num-render-episodes {args.num_render_episodes}: must be in 0..--num-test-tasks"
+        )
+
+
+def check_epoch_split(args: Args) -> None:
+    """The training scripts' rule for --alpha1, --alpha2 (set by split_epochs): both >= 0, and they
+    add up to --update-epochs."""
+    if args.alpha1 < 0 or args.alpha2 < 0 or args.alpha1 + args.alpha2 != args.update_epochs:
+        raise ConfigError(
+            f"--alpha1 {args.alpha1} --alpha2 {args.alpha2}: need both >= 0 and alpha1 + alpha2 = "
+            f"--update-epochs {args.update_epochs} (MDR splits the epochs, it adds none)"
         )
 
 
@@ -994,8 +1020,11 @@ def find_checkpoint(args: Args, run_dir: str):
         raise ConfigError(
             f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})"
         )
-    # a field added after the checkpoint was written: its default
+    # a field added after the checkpoint was written: its default; a checkpoint from before
+    # --update-epochs trained alpha1 + alpha2 epochs per round
     saved = {**asdict(Args()), **checkpoint["args"]}
+    if "update_epochs" not in checkpoint["args"]:
+        saved["update_epochs"] = saved["alpha1"] + saved["alpha2"]
     changed = [
         name
         for name, value in asdict(args).items()

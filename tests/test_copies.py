@@ -52,12 +52,12 @@ SHARED = {
         "mlp",
         "check_minibatches",
     ]
-    + ["seed_everything", "rollout_storage"]
+    + ["seed_everything", "rollout_storage", "split_epochs"]
 }
 SHARED.update(
     {
         name: TRAINING
-        for name in ["recompute_advantages", "find_checkpoint", "make_agent"]
+        for name in ["recompute_advantages", "find_checkpoint", "make_agent", "check_epoch_split"]
         + ["StopRequest", "RunLogger", "RESUMABLE_FIELDS"]
     }
 )
@@ -278,19 +278,22 @@ def function(script: str, name: str) -> ast.FunctionDef:
 TAG = "# MDR"
 # Each script's method, in order: the code of every line whose comment starts with the tag (what
 # `grep -n "[#] MDR"` lists). Everything that exists only because of MDR and changes what is
-# learned: its flags, the collection mode, the rounds and the recompute before rounds 2..R, the
-# epoch loop and the phase split. A function whose def line is tagged is the method as a whole.
+# learned: its flags and their split of CleanRL's --update-epochs, the collection mode, the rounds
+# and the recompute before rounds 2..R, the phase split. A function whose def line is tagged is the
+# method as a whole.
 TRAINING_METHOD = [
-    "alpha1: int = 2",
-    "alpha2: int = 1",
+    "alpha1: Optional[int] = None",
+    "alpha2: Optional[int] = None",
     "mdr_rounds: int = {rounds}",
+    "def __post_init__(self):",
+    "self.alpha1, self.alpha2 = split_epochs(self)",
+    "def split_epochs(args: Args) -> tuple:",
     "def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args: Args):",
     'agent.train(args.collect_mode == "train")',
     "for mdr_round in range(args.mdr_rounds):",
     "if mdr_round > 0:",
     "recomputed = recompute_advantages(",
     "batch.update(recomputed)",
-    "for epoch in range(args.alpha1 + args.alpha2):",
     "agent.train(epoch < args.alpha1)",
     'phase = "standard" if epoch < args.alpha1 else "rectify"',
 ]
@@ -300,8 +303,8 @@ METHOD_LINES = {
     PROBE: [
         "alpha1: Optional[int] = None",
         "alpha2: Optional[int] = None",
+        "def split_epochs(args: Args) -> tuple:",
         'agent.train(args.mode == "bn-train")',
-        "for epoch in range(args.alpha1 + args.alpha2):",
         "agent.train(epoch < args.alpha1)",
         'phase = "standard" if epoch < args.alpha1 else "rectify"',
     ],

@@ -1455,7 +1455,7 @@ def test_default_run_name_is_a_function_of_the_arguments():
         "patchloc-procedural-1024__ppo_patchloc_mdr__brn0.01__mdr2-1x3__s1",
         "patchloc-procedural-1024__ppo_patchloc_mdr__dropout0.2__mdr2-1x3__s1",
         "patchloc-procedural-1024__ppo_patchloc_mdr__gn__mdr2-1x3__s1",
-        "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-0__s1",
+        "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr3-0__s1",
         "patchloc-procedural-256__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1",
         "patchloc-slides-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__s1",
         "patchloc-procedural-1024__ppo_patchloc_mdr__bn0.1__mdr2-1x3__collecttrain__bnrecal__s1",

@@ -133,7 +133,7 @@ def test_diagnostics_off_logs_no_diagnostics(reference, tmp_path, monkeypatch):
 ONE_STEP = dict(
     total_timesteps=16,
     minibatch_size=16,
-    alpha1=1,
+    update_epochs=1,
     alpha2=0,
     diag_minibatches=-1,
     diag_ratio_every=0,

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_procgen_mdr as ppo
@@ -1135,7 +1136,9 @@ def test_validate_args_accepts_the_tiny_config():
         ),
         (dict(alpha1=-1), "--alpha1 -1"),
         (dict(alpha2=-1), "--alpha2 -1"),
-        (dict(alpha1=0, alpha2=0), "one > 0"),
+        (dict(alpha1=0, alpha2=0), "alpha1 + alpha2 = --update-epochs 3"),
+        (dict(alpha1=3, alpha2=1), "--alpha1 3 --alpha2 1: need both >= 0 and alpha1 + alpha2"),
+        (dict(update_epochs=0), "--update-epochs 0: must be >= 1"),
         (dict(mdr_rounds=0), "--mdr-rounds 0"),
         (dict(minibatch_size=31), "leaves a minibatch of one sample"),  # 32 = 31 + 1
         (dict(minibatch_size=1), "--minibatch-size 1 leaves a minibatch of one sample"),
@@ -1161,15 +1164,51 @@ def test_validate_args_rejects_bad_input(overrides, message):
 
 
 @pytest.mark.parametrize(
+    "overrides, alphas",
+    [
+        (dict(), (2, 1)),  # MDR(2,1) of CleanRL's 3 epochs
+        (dict(alpha1=2, alpha2=1), (2, 1)),  # the design command
+        (dict(alpha2=0), (3, 0)),  # plain PPO: all 3 epochs in train mode
+        (dict(alpha2=2), (1, 2)),
+        (dict(alpha1=1), (1, 2)),  # either flag sets the other
+        (dict(update_epochs=6), (4, 2)),  # neither: alpha2 = E // 3
+        (dict(update_epochs=1), (0, 1)),  # ... at least 1
+        (dict(update_epochs=1, alpha2=0), (1, 0)),
+        (dict(update_epochs=4, alpha1=1, alpha2=3), (1, 3)),
+    ],
+)
+def test_update_epochs_split_into_alpha1_and_alpha2(overrides, alphas):
+    args = tiny_args(**overrides)
+    ppo.validate_args(args)
+    assert (args.alpha1, args.alpha2) == alphas
+    assert args.alpha1 + args.alpha2 == args.update_epochs
+
+
+def test_the_design_command_line_parses_to_mdr_2_1_of_3():
+    flags = "--env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda".split()
+    args = tyro.cli(ppo.Args, args=flags)
+    ppo.validate_args(args)
+    assert (args.update_epochs, args.alpha1, args.alpha2) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (["--env-id", "notagame"], "notagame"),
         (["--alpha1", "0", "--alpha2", "0"], "--alpha1 0 --alpha2 0"),
+        (["--alpha1", "3", "--alpha2", "1"], "alpha1 + alpha2 = --update-epochs 3"),
         (["--bn-recalibrate", "--norm", "ln"], "--bn-recalibrate"),
         (["--resume", "garbage.pt"], "not a readable checkpoint"),
         (["--resume", "missing.pt"], "missing.pt: not a readable checkpoint"),
     ],
-    ids=["unknown-game", "no-epochs", "recalibrate-without-bn", "corrupt-resume", "missing-resume"],
+    ids=[
+        "unknown-game",
+        "no-epochs",
+        "epochs-that-do-not-add-up",
+        "recalibrate-without-bn",
+        "corrupt-resume",
+        "missing-resume",
+    ],
 )
 def test_cli_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
@@ -1194,7 +1233,7 @@ def test_default_run_name_is_a_function_of_the_arguments():
     )
     assert (
         name(tiny_args(env_id="coinrun", mdr_rounds=3, alpha2=0))
-        == "coinrun__ppo_procgen_mdr__bn0.1__mdr2-0x3__s1"
+        == "coinrun__ppo_procgen_mdr__bn0.1__mdr3-0x3__s1"
     )
     assert (
         name(tiny_args(norm="dropout", dropout_p=0.2))
@@ -1271,7 +1310,13 @@ def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, mon
 def test_each_norm_variant_runs(norm, tmp_path, monkeypatch):
     # one rollout of 2 envs x 8 steps, one minibatch, MDR(1,1)
     args = tiny_args(
-        norm=norm, num_steps=8, total_timesteps=16, alpha1=1, alpha2=1, run_name=f"norm-{norm}"
+        norm=norm,
+        num_steps=8,
+        total_timesteps=16,
+        update_epochs=2,
+        alpha1=1,
+        alpha2=1,
+        run_name=f"norm-{norm}",
     )
 
     exit_code, stdout, _ = run_main(tmp_path, monkeypatch, args)
@@ -1632,6 +1677,43 @@ def test_resume_with_different_arguments_is_one_line_error(
     assert_one_line_error(exit_code, capsys, "the run used different --norm")
     assert "--total-timesteps" not in exit_code
     assert not (tmp_path / "runs").exists()
+
+
+def checkpoint_from_before_update_epochs(uninterrupted, tmp_path, **old_args) -> str:
+    """The uninterrupted run's checkpoint as the script wrote it before --update-epochs existed
+    (issue 24): no update_epochs in its args (its epochs were alpha1 + alpha2), `old_args` set."""
+    checkpoint = load_checkpoint(uninterrupted["run_dir"])
+    del checkpoint["args"]["update_epochs"]
+    checkpoint["args"].update(old_args)
+    torch.save(checkpoint, tmp_path / "old.pt")
+    return str(tmp_path / "old.pt")
+
+
+def test_a_checkpoint_from_before_update_epochs_resumes(uninterrupted, tmp_path, monkeypatch):
+    path = checkpoint_from_before_update_epochs(uninterrupted, tmp_path)  # MDR(2,1), E = 3
+    args = tiny_args(resume=path, **{**RESUMABLE, "total_timesteps": 64})
+
+    exit_code, stdout, _ = run_main(tmp_path, monkeypatch, args)
+
+    assert exit_code == 0
+    assert "at iteration 3, global_step 48" in stdout
+    assert [line["iteration"] for line in progress_lines(stdout)] == ["4/4"]
+
+
+def test_an_old_plain_ppo_checkpoint_needs_its_epochs(uninterrupted, tmp_path, monkeypatch, capsys):
+    """Before --update-epochs, `--alpha1 1 --alpha2 0` trained one epoch; resuming it takes
+    `--update-epochs 1 --alpha2 0` now, and the old flags alone are a one-line error."""
+    path = checkpoint_from_before_update_epochs(uninterrupted, tmp_path, alpha1=1, alpha2=0)
+    resumable = "--num-steps 8 --minibatch-size 8 --total-timesteps 64".split()
+
+    exit_code = run_cli(tmp_path, monkeypatch, *TINY, *resumable, "--alpha2", "0", "--resume", path)
+
+    assert_one_line_error(exit_code, capsys, "the run used different --update-epochs, --alpha1")
+    args = tiny_args(resume=path, update_epochs=1, alpha2=0, **RESUMABLE)
+    ppo.validate_args(args)
+    args.batch_size, args.num_iterations = 16, 3  # as main sets them
+    checkpoint, _ = ppo.find_checkpoint(args, "runs/ignored")
+    assert checkpoint["iteration"] == 3
 
 
 def test_resume_accepts_a_longer_run(uninterrupted):
