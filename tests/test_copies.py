@@ -1,8 +1,9 @@
 """The three single-file scripts stay copies where they are meant to be (issue 11): every function,
 class and constant defined in two or three of them has the same `ast` (docstrings included) in each,
-except the listed, intended differences; plus the shape rules that keep the method in plain sight (#
-MDR lines, script and main() length, nesting of the minibatch step, no plotting, no dead flags, the
-bare mode switches being the method's). On failure the test prints a unified diff of the two
+except the listed, intended differences; plus the shape rules that keep the method in plain sight
+(the MDR tag on exactly the method's lines, the length of the part above the banner and of main(),
+nesting of the minibatch step, what is learned built above the banner, no plotting, no dead flags,
+the bare mode switches being the method's). On failure the test prints a unified diff of the two
 sources."""
 
 import ast
@@ -382,9 +383,11 @@ def main(args):
 
 
 BANNER = "# Infrastructure:"
-ABOVE_BANNER_LIMIT = (
-    720  # the method and its network: a guard against growth, not a target (issue 24)
-)
+# The method, its network and everything that builds what is learned: a guard against growth, not
+# a target. It was 720 at line length 127, where the parts were 578-597 lines; ruff format at 100
+# alone made them 718-750, and issue 24 moved weight loading, env construction and main()'s setup
+# above the banner and added --update-epochs: 779-822 lines (patch-loc the longest), nothing cut.
+ABOVE_BANNER_LIMIT = 825
 
 
 def lines_above_banner(text: str) -> int:
@@ -396,7 +399,7 @@ def lines_above_banner(text: str) -> int:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_part_above_the_infrastructure_banner_is_at_most_720_lines(script):
+def test_the_part_above_the_infrastructure_banner_is_within_its_limit(script):
     assert lines_above_banner(source(script)) <= ABOVE_BANNER_LIMIT
 
 
