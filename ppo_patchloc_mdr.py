@@ -206,7 +206,7 @@ class Args:
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
-    def __post_init__(self):  # MDR
+    def __post_init__(self):  # MDR: every Args, from the command line or not, has both
         self.alpha1, self.alpha2 = split_epochs(self)  # MDR
 
 
