@@ -42,8 +42,8 @@ paper-nochannelslast = the paper's 64 envs x 256 steps, minibatch 2048, one iter
 run on 2 CPU cores, compute bound included), the last with --no-channels-last (a no-op on CPU; on
 CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagnostics off and no
 compute bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch
-(--alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory is the full
-iteration's; paper-memory-amp: the same with --amp. probe/<mode> for each rival mode of
+(--update-epochs 2 --alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory
+is the full iteration's; paper-memory-amp: the same with --amp. probe/<mode> for each rival mode of
 docs/rivals.md (bn-recal, bn-train, ..., none): the probe's defaults in that mode. --warmup and
 --iterations, where given, replace every configuration's own counts (on a GPU a paper-shape
 iteration takes seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces
@@ -122,9 +122,13 @@ CONFIGS = {
     "procgen/paper-compile": ({"compile": True}, {}, PAPER_SHAPE),
     "procgen/paper-nochannelslast": ({"channels_last": False}, {}, PAPER_SHAPE),
     "procgen/paper-nodiag": (NO_DIAG, {}, {**PAPER_SHAPE, "bound": False}),
-    "procgen/paper-memory": ({"alpha1": 1, "alpha2": 1}, {}, {**PAPER_SHAPE, "bound": False}),
+    "procgen/paper-memory": (
+        {"update_epochs": 2, "alpha1": 1, "alpha2": 1},
+        {},
+        {**PAPER_SHAPE, "bound": False},
+    ),
     "procgen/paper-memory-amp": (
-        {"alpha1": 1, "alpha2": 1, "amp": True},
+        {"update_epochs": 2, "alpha1": 1, "alpha2": 1, "amp": True},
         {},
         {**PAPER_SHAPE, "bound": False},
     ),
@@ -197,7 +201,7 @@ def synchronize(device):
 def update_passes(script, ppo, args):
     """The update section's network passes of one iteration: [(training mode, minibatch size,
     backward)], in order."""
-    alpha1, alpha2 = args.alpha1, args.alpha2  # the probe's validate_args sets them from its --mode
+    alpha1, alpha2 = args.alpha1, args.alpha2  # every script resolves them from --update-epochs
     sizes = [
         min(args.minibatch_size, args.batch_size - start)
         for start in range(0, args.batch_size, args.minibatch_size)

@@ -942,6 +942,7 @@ SUMMARY_KEYS = {
 }
 SUMMARY_KEYS |= {"best_reward", "best_reward_iteration", "final_reward", "peak_delta_pi_minus"}
 SUMMARY_KEYS |= {"peak_delta_pi_minus_iteration", "reward_unit", "args"}
+SUMMARY_KEYS |= {"provenance", "provenance_segments"}  # issue 26: where the run was computed
 
 
 def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
