@@ -14,6 +14,7 @@
 import contextlib
 import copy
 import csv
+import errno
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet18_Weights, resnet18
 
-from envs import PatchLocConfigError, PatchLocVecEnv, make_task_sets
+from envs import PatchLocConfigError, PatchLocVecEnv, make_task_sets, write_tasks_json
 
 
 @dataclass
@@ -67,8 +68,11 @@ class Args:
     """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed;
     never the clock)"""
     resume: Optional[str] = None
-    """`auto`: continue from runs/{run_name}/checkpoint.pt if it exists, else start fresh
-    (checkpoints on); or a path"""
+    """`auto` (checkpoints on): continue the run folder's checkpoint, start afresh in an empty
+    folder, exit 0 if the run is finished (README: "Run folders"); or a checkpoint's path"""
+    overwrite: bool = False
+    """if toggled, a run folder that holds another run is moved aside to NAME.old-N (never
+    deleted) and the run starts afresh"""
     checkpoint_interval: int = 10
     """updates between checkpoints with --resume auto (a stop signal always writes one)"""
 
@@ -137,13 +141,22 @@ class Args:
     num_tasks: int = 4
     """number of training tasks (a target patch in an image each)"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download) or a folder of images (.jpg .png .tif, any
-    size, subfolders too)"""
+    """'procedural' (built-in generator, no download), or a folder of images (.jpg .png .tif, any
+    size) and/or whole-slide images (.svs .ndpi .mrxs .scn .bif, pyramidal .tif; docs/slides.md),
+    subfolders too"""
     image_size: Optional[int] = None
     """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
     targets_per_image: int = 1
     """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred
     images"""
+    slide_mpp: Optional[float] = None
+    """slides: micrometres per pixel of a task's image (None: 2.0, a 5x view; docs/slides.md)"""
+    slide_level: Optional[int] = None
+    """slides: read this pyramid level instead of --slide-mpp (for slides without MPP metadata)"""
+    regions_per_slide: int = 32
+    """slides: task images (non-overlapping regions of tissue) drawn from each slide"""
+    min_tissue: float = 0.5
+    """slides: tissue fraction a region and each target need (Otsu on saturation, as CLAM)"""
     view_size: int = 32
     """side of each of the three views (paper: 112; CPU-sized: 32)"""
     max_episode_steps: int = 20
@@ -593,7 +606,13 @@ def make_envs(args: Args):
     try:
         sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
         train_tasks, _ = make_task_sets(
-            *sizes, seed=args.seed, targets_per_image=args.targets_per_image
+            *sizes,
+            seed=args.seed,
+            targets_per_image=args.targets_per_image,
+            slide_mpp=args.slide_mpp,
+            slide_level=args.slide_level,
+            regions_per_slide=args.regions_per_slide,
+            min_tissue=args.min_tissue,
         )
         return PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
@@ -666,10 +685,11 @@ def main(args: Args):
         restored = restore_checkpoint(checkpoint, live, device)
         global_step, start_iteration, next_obs, next_done, _ = restored
     # only now, after every check has passed, is anything written
-    logger = RunLogger(run_dir, args, checkpoint)
+    logger = RunLogger(run_dir, args, device, checkpoint)
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the update, save a checkpoint, exit
     status, exit_code = "completed", 0
     try:
+        save_tasks(run_dir, envs.task_set)  # the training tasks (the probe holds none out)
         for iteration in range(start_iteration, args.num_iterations + 1):
             # 1. Interaction: D_k is collected in eval mode (paper Sec. 3.2), or with --mode
             # bn-train in train mode (a rival: OpenAI's CoinRun)
@@ -769,9 +789,10 @@ def main(args: Args):
         envs.close()
         summary = logger.close(status, exit_code)
     print(
-        f"summary: best {summary['best_reward']}, final {summary['final_reward']}, peak "
-        f"delta_pi_minus {summary['peak_delta_pi_minus']} (iteration "
-        f"{summary['peak_delta_pi_minus_iteration']}) -> {run_dir}"
+        f"{summary['status']}: {run_dir}, best {summary['best_reward']}, final "
+        f"{summary['final_reward']}, peak delta_pi_minus {summary['peak_delta_pi_minus']} "
+        f"(iteration {summary['peak_delta_pi_minus_iteration']}), "
+        f"{readable_time(summary['wall_time_s'])} (summary.json)"
     )
     return exit_code
 
@@ -794,6 +815,64 @@ def mean_stats(stats_list):
 
 class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
+
+
+class RunFinished(Exception):
+    """The run folder holds this run, finished: nothing to do (cli() prints the message and exits
+    0, so that a repeated or requeued command is a no-op)."""
+
+
+def check_number(args: Args, name: str, low, high=math.inf, low_open=False) -> None:
+    """A one-line ConfigError unless args.<name> is finite and in [low, high] ((low, high] with
+    low_open): NaN and inf fail, and an upper limit catches a typo before it runs for hours."""
+    value = getattr(args, name)
+    above = low < value if low_open else low <= value
+    if not (math.isfinite(value) and above and value <= high):
+        shown = [f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high)]
+        interval = (
+            f"{'(' if low_open else '['}{shown[0]}, {shown[1]}{')' if high == math.inf else ']'}"
+        )
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {value}: must be a finite number in {interval}"
+        )
+
+
+def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
+    """The PPO flags of every script, each a one-line error outside its range: seeds as numpy takes
+    them, a step size of at most 1 and at most 100 epochs (beyond them a typo, not a setting)."""
+    check_number(args, "seed", 0, max_seed)
+    check_number(args, "learning_rate", 0.0, 1.0, low_open=True)
+    for name in ("gamma", "gae_lambda"):
+        check_number(args, name, 0.0, 1.0, low_open=True)
+    for name in ("clip_coef", "max_grad_norm"):
+        check_number(args, name, 0.0, low_open=True)
+    for name in ("ent_coef", "vf_coef", "weight_decay"):
+        check_number(args, name, 0.0)
+    check_number(args, "update_epochs", 1, 100)
+
+
+def check_run_flags(args: Args) -> None:
+    """--run-name stays inside runs/ (a relative name that does not climb out of it), and
+    --overwrite (start afresh) does not meet --resume (continue)."""
+    inside = os.path.normpath(os.path.join("runs", args.run_name or "default"))
+    if os.path.isabs(args.run_name or "") or not inside.startswith("runs" + os.sep):
+        raise ConfigError(
+            f"--run-name {args.run_name!r}: must name a folder inside runs/ (a relative name "
+            "whose '..' do not leave it)"
+        )
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues: give one of them")
+
+
+def check_slide_settings(args: Args) -> None:
+    """The slide flags (docs/slides.md) in their ranges, one-line errors before any file is
+    opened."""
+    if args.slide_mpp is not None:
+        check_number(args, "slide_mpp", 0.0, low_open=True)
+    if args.slide_level is not None:
+        check_number(args, "slide_level", 0)
+    check_number(args, "regions_per_slide", 1)
+    check_number(args, "min_tissue", 0.0, 1.0)
 
 
 def provenance() -> dict:
@@ -834,6 +913,7 @@ RESUMABLE_FIELDS = (
     "run_name",
 )
 RESUMABLE_FIELDS += ("checkpoint_interval", "cuda", "num_iterations", "torch_threads")
+RESUMABLE_FIELDS += ("overwrite",)
 
 
 def validate_args(args: Args) -> None:
@@ -853,6 +933,9 @@ def validate_args(args: Args) -> None:
     ):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    check_ppo_numbers(args)
+    check_run_flags(args)
+    check_slide_settings(args)
     epochs = args.update_epochs
     if args.mode not in ("bn-mdr", "brn-mdr"):
         if args.alpha1 is not None or args.alpha2 is not None:
@@ -870,8 +953,8 @@ def validate_args(args: Args) -> None:
             )
         args.alpha1, args.alpha2 = alpha1, alpha2
     check_minibatches(args)
-    if not 0.0 < args.clip_coef or args.ent_coef < 0 or not 0.0 < args.bn_momentum <= 1.0:
-        raise ConfigError("need --clip-coef > 0, --ent-coef >= 0 and 0 < --bn-momentum <= 1")
+    if not 0.0 < args.bn_momentum <= 1.0:
+        raise ConfigError(f"--bn-momentum {args.bn_momentum}: need 0 < --bn-momentum <= 1")
     if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
         raise ConfigError(
             "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and "
@@ -931,33 +1014,136 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+# summary.json statuses of a run that failed (a retry moves its folder aside and starts afresh)
+FAILED = ("failed", "non-finite loss")
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; {} if there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def different_flags(saved: dict, args: Args) -> list:
+    """The flags (--name) that `args` sets to other values than a run's saved arguments, other than
+    RESUMABLE_FIELDS: a field added after the run was saved counts as its default, and a run from
+    before --update-epochs trained alpha1 + alpha2 epochs per round."""
+    filled = {**asdict(Args()), **saved}
+    if "update_epochs" not in saved and "alpha1" in saved:
+        filled["update_epochs"] = filled["alpha1"] + filled["alpha2"]
+    return [
+        "--" + name.replace("_", "-")
+        for name, value in asdict(args).items()
+        if name not in RESUMABLE_FIELDS and filled[name] != value
+    ]
+
+
+def next_free_number(folder: str, pattern: str) -> int:
+    """The first N >= 1 for which folder/pattern.format(N) does not exist (so nothing is
+    overwritten)."""
+    number = 1
+    while os.path.exists(os.path.join(folder, pattern.format(number))):
+        number += 1
+    return number
+
+
+def readable_time(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 17 min, 3.5 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def check_writable(run_dir: str) -> None:
+    """A one-line error before anything is built if the run folder cannot be made or written there
+    (a read-only disk or folder)."""
+    existing = run_dir
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing or ".", os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{existing or '.'} is not writable (a read-only disk or folder?), so {run_dir} cannot "
+            "be written: run from a folder where runs/ can be"
+        )
+
+
+def move_aside(run_dir: str, kind: str, why: str) -> None:
+    """Rename the run folder to NAME.<kind>-N (the first N free), never delete it; one line says
+    so."""
+    folder, name = os.path.split(run_dir)
+    aside = f"{run_dir}.{kind}-{next_free_number(folder, name + '.' + kind + '-{}')}"
+    os.rename(run_dir, aside)
+    print(f"{run_dir} ({why}) moved aside to {aside}; this run starts afresh")
+
+
+def claim_run_folder(args: Args, run_dir: str) -> bool:
+    """What the run folder holds decides, before anything is built (the README's table, "Run
+    folders"): True: --resume auto continues its checkpoint; False: the run starts afresh (the
+    folder is absent or empty, or its earlier run was moved aside: --overwrite, or a run that
+    failed). Raises RunFinished if it holds this run, finished, and ConfigError if it holds a run
+    that this command must not touch. Nothing is ever deleted."""
+    files = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if not files:
+        return False
+    if args.overwrite:
+        move_aside(run_dir, "old", "--overwrite")
+        return False
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    status, step = summary.get("status", "unfinished"), summary.get("global_step", 0)
+    saved = summary.get("args") or read_json(os.path.join(run_dir, "args.json"))
+    changed = different_flags(saved, args) if saved else []
+    checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    resumable = checkpoint and args.resume == "auto" and not changed
+    if status == "completed" and step >= args.num_iterations * args.batch_size and not changed:
+        raise RunFinished(
+            f"{run_dir} holds this run, finished at global_step {step} (its summary.json): "
+            "nothing to do"
+        )
+    if status in FAILED and not resumable:
+        move_aside(run_dir, "failed", f"its run failed: {status}")
+        return False
+    if resumable:
+        return True
+    other = "--run-name NAME starts another run, --overwrite moves this one aside"
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run with different {', '.join(changed)}: {other}")
+    if checkpoint:
+        raise ConfigError(
+            f"{run_dir} holds a run ({status}) with a checkpoint: --resume auto continues it, "
+            f"{other}"
+        )
+    if status == "completed":
+        raise ConfigError(
+            f"{run_dir} holds this run finished at global_step {step} without a checkpoint, so it "
+            f"cannot go on to --total-timesteps {args.total_timesteps}: {other}"
+        )
+    listed = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    raise ConfigError(
+        f"{run_dir} holds an unfinished run without a checkpoint ({listed}; no summary.json of a "
+        f"finished run): {other}"
+    )
+
+
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder) for --resume auto (the folder's, else fresh) or PATH;
-    never overwrite a run."""
-    auto_path = os.path.join(run_dir, "checkpoint.pt")
-    path = args.resume if args.resume not in (None, "auto") else auto_path
-    if args.resume is None or args.resume == "auto" and not os.path.exists(path):
-        if args.resume is None and os.path.exists(os.path.join(run_dir, "metrics.csv")):
-            raise ConfigError(
-                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME "
-                "starts another"
-            )
+    """(checkpoint or None, run folder) for --resume PATH, or the run folder as claim_run_folder
+    finds it (--resume auto continues its checkpoint); never overwrites a run."""
+    check_writable(run_dir)
+    if args.resume in (None, "auto") and not claim_run_folder(args, run_dir):
         return None, run_dir
+    path = os.path.join(run_dir, "checkpoint.pt") if args.resume == "auto" else args.resume
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = {**asdict(Args()), **checkpoint["args"]}
+        changed = different_flags(checkpoint["args"], args)
     except Exception as e:  # missing, truncated, not this script's
         raise ConfigError(
             f"--resume {path}: not a checkpoint of this script ({type(e).__name__})"
         ) from None
-    changed = [
-        name
-        for name, value in asdict(args).items()
-        if name not in RESUMABLE_FIELDS and saved[name] != value
-    ]
     if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise ConfigError(f"--resume {path}: the run used different {flags}")
+        raise ConfigError(f"--resume {path}: the run used different {', '.join(changed)}")
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
@@ -995,7 +1181,11 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
     state["rng"] = dict(rng, torch=torch.get_rng_state(), diag=live["diag_generator"].get_state())
     state["env"] = {"envs": envs_state, "next_obs": rollout[0].cpu(), "next_done": rollout[1].cpu()}
     path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save(state, path + ".tmp")
+    try:
+        with open(path + ".tmp", "wb") as f:  # a read-only folder: Python's OSError, one line
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's writer on a full disk: an OSError naming the file too
+        raise OSError(errno.EIO, str(e).splitlines()[0], path + ".tmp") from None
     os.replace(path + ".tmp", path)
 
 
@@ -1059,7 +1249,7 @@ class RunLogger:
     """runs/<run>/: TensorBoard (wandb with --track), metrics.csv (a flushed row per update),
     summary.json at the end."""
 
-    def __init__(self, run_dir: str, args: Args, checkpoint: Optional[dict]):
+    def __init__(self, run_dir: str, args: Args, device, checkpoint: Optional[dict]):
         self.run_dir = run_dir
         self.args = args
         self.rows = list(checkpoint["rows"]) if checkpoint else []
@@ -1109,7 +1299,12 @@ class RunLogger:
         for row in self.rows:
             self.write_row(row)
         mdr = f"MDR({args.alpha1},{args.alpha2})"
-        print(f"run {run_dir}: --mode {args.mode} = {mdr}, |D_k| {args.batch_size}")
+        start = f"continues from update {len(self.rows)}" if self.rows else "starts"
+        print(
+            f"run {run_dir}: --mode {args.mode} = {mdr}, |D_k| {args.batch_size}, {start} on "
+            f"{device}: {args.num_iterations} updates, a line each",
+            flush=True,
+        )
 
     def log_update(
         self, iteration, global_step, finished, phase_stats, batch, delta_pi_minus, delta_pi_plus
@@ -1204,13 +1399,16 @@ class RunLogger:
     def close(self, status: str, exit_code: int) -> dict:
         """Close the CSV, TensorBoard and wandb; write and return summary.json (best and final
         smoothed reward, peak Delta pi minus; collapses are decided by analysis/collapse_stats.py
-        from metrics.csv)."""
+        from metrics.csv). Its status is how the run ended, which the next --resume auto reads: an
+        exception still on its way out of main(), whose `finally` calls this, makes it failed."""
+        crash = sys.exc_info()[1]
+        status = "failed" if crash is not None else status
         self.csv_file.close()
         self.writer.close()
         if self.args.track:
             import wandb
 
-            wandb.finish(exit_code=exit_code)
+            wandb.finish(exit_code=1 if crash else exit_code)
         rows = self.rows
         deltas = [
             (row["delta_pi_minus"], row["iteration"])
@@ -1226,6 +1424,7 @@ class RunLogger:
             "status": status,
             **{key: getattr(self.args, key) for key in ("mode", "clip_coef", "ent_coef", "seed")},
         }
+        summary["error"] = f"{type(crash).__name__}: {crash}" if crash else None
         summary.update(iterations=len(rows), global_step=rows[-1]["global_step"] if rows else 0)
         summary.update(
             wall_time_s=rows[-1]["wall_time"] if rows else 0.0,
@@ -1245,8 +1444,33 @@ class RunLogger:
         return summary
 
 
-if __name__ == "__main__":
+def save_tasks(run_dir: str, *task_sets) -> None:
+    """tasks.json in the run folder: each task's image file (a slide's level, region at level 0
+    and MPP) and target box, so that every result can be traced back to the tissue (envs/)."""
     try:
-        sys.exit(main(tyro.cli(Args)))
+        write_tasks_json(os.path.join(run_dir, "tasks.json"), *task_sets)
+    except PatchLocConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def cli(argv=None) -> int:
+    """The command line (`argv`: its words; None: sys.argv): bad input is one line on stderr and
+    exit status 2, a write that fails (a full or read-only disk) one line and 1, and a run that is
+    already finished exits 0 at once."""
+    args = tyro.cli(Args, args=argv)
+    try:
+        return main(args)
+    except RunFinished as e:
+        print(e)
+        return 0
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

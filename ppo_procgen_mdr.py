@@ -5,7 +5,7 @@
 # below the "Infrastructure" banner changes what is learned.
 # Run:   python ppo_procgen_mdr.py --env-id bigfish --norm bn --alpha1 2 --alpha2 1 --cuda
 import contextlib
-import glob
+import errno
 import io
 import json
 import math
@@ -77,7 +77,11 @@ class Args:
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
     """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints
-    on): the folder's if any"""
+    on): continue the run folder's checkpoint, start afresh in an empty folder, exit 0 if the run
+    is finished (README: "Run folders")"""
+    overwrite: bool = False
+    """if toggled, a run folder that holds another run is moved aside to NAME.old-N (never
+    deleted) and the run starts afresh"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md has the
     # measurements)
@@ -172,10 +176,10 @@ class Args:
     eval_interval: int = 25
     """iterations between held-out evaluations (also run at the end); 0 = only at the end"""
     evaluate: Optional[str] = None
-    """a checkpoint.pt to evaluate instead of training: held-out episodes, scores printed and
-    saved as evaluation.json"""
+    """a checkpoint.pt to evaluate instead of training: the run's held-out levels, scores printed
+    and saved as evaluation-N.json beside it (N: the first free)"""
     capture_video: bool = False
-    """with --evaluate: also save the first held-out episode as eval_video.gif (a wandb video
+    """with --evaluate: also save the first held-out episode as eval_video-N.gif (a wandb video
     with --track)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
@@ -667,7 +671,7 @@ def main(args: Args):
         restored = restore_checkpoint(checkpoint, live, device)
         global_step, start_iteration, next_obs, next_done, wandb_id = restored
     # only now, after every check has passed, is anything written
-    logger = RunLogger(run_dir, args, wandb_id, global_step)
+    logger = RunLogger(run_dir, args, device, wandb_id, global_step)
     stop = StopRequest()  # Ctrl-C, SIGTERM, SIGUSR1: finish the iteration, save a checkpoint, exit
     iteration, exit_code = start_iteration - 1, 0
     try:
@@ -794,6 +798,53 @@ class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
 
 
+class RunFinished(Exception):
+    """The run folder holds this run, finished: nothing to do (cli() prints the message and exits
+    0, so that a repeated or requeued command is a no-op)."""
+
+
+def check_number(args: Args, name: str, low, high=math.inf, low_open=False) -> None:
+    """A one-line ConfigError unless args.<name> is finite and in [low, high] ((low, high] with
+    low_open): NaN and inf fail, and an upper limit catches a typo before it runs for hours."""
+    value = getattr(args, name)
+    above = low < value if low_open else low <= value
+    if not (math.isfinite(value) and above and value <= high):
+        shown = [f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high)]
+        interval = (
+            f"{'(' if low_open else '['}{shown[0]}, {shown[1]}{')' if high == math.inf else ']'}"
+        )
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {value}: must be a finite number in {interval}"
+        )
+
+
+def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
+    """The PPO flags of every script, each a one-line error outside its range: seeds as numpy takes
+    them, a step size of at most 1 and at most 100 epochs (beyond them a typo, not a setting)."""
+    check_number(args, "seed", 0, max_seed)
+    check_number(args, "learning_rate", 0.0, 1.0, low_open=True)
+    for name in ("gamma", "gae_lambda"):
+        check_number(args, name, 0.0, 1.0, low_open=True)
+    for name in ("clip_coef", "max_grad_norm"):
+        check_number(args, name, 0.0, low_open=True)
+    for name in ("ent_coef", "vf_coef", "weight_decay"):
+        check_number(args, name, 0.0)
+    check_number(args, "update_epochs", 1, 100)
+
+
+def check_run_flags(args: Args) -> None:
+    """--run-name stays inside runs/ (a relative name that does not climb out of it), and
+    --overwrite (start afresh) does not meet --resume (continue)."""
+    inside = os.path.normpath(os.path.join("runs", args.run_name or "default"))
+    if os.path.isabs(args.run_name or "") or not inside.startswith("runs" + os.sep):
+        raise ConfigError(
+            f"--run-name {args.run_name!r}: must name a folder inside runs/ (a relative name "
+            "whose '..' do not leave it)"
+        )
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues: give one of them")
+
+
 def provenance() -> dict:
     """Where a run came from: the git commit of this script's checkout and whether tracked files
     differed from it (None outside git), torch's version and the CPU model.
@@ -825,7 +876,7 @@ def provenance() -> dict:
 RESUMABLE_FIELDS = ("resume", "total_timesteps", "track", "wandb_project_name", "wandb_entity")
 RESUMABLE_FIELDS += ("wandb_group", "run_name", "save_model", "checkpoint_interval", "cuda")
 RESUMABLE_FIELDS += ("num_iterations", "channels_last", "compile", "torch_threads", "evaluate")
-RESUMABLE_FIELDS += ("capture_video",)
+RESUMABLE_FIELDS += ("capture_video", "overwrite")
 # the plain line per iteration
 PRINTED_KEYS = ("charts/episodic_return", "charts/delta_pi_minus", "charts/SPS")
 
@@ -848,6 +899,11 @@ def validate_args(args: Args) -> None:
     ):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    # Procgen's level seeds are 31-bit
+    check_ppo_numbers(args, max_seed=2**31 - 1)
+    check_number(args, "mdr_rounds", 1, 100)
+    check_number(args, "num_test_levels", 1, 2**31 - 1 - args.num_levels)
+    check_run_flags(args)
     check_epoch_split(args)
     check_minibatches(args)
     if not 0.0 <= args.dropout_p < 1.0 or not 0.0 < args.bn_momentum <= 1.0:
@@ -926,7 +982,7 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     all_stats = mean_stats(phase_stats["standard"] + phase_stats["rectify"])
     if not np.isfinite(all_stats["loss"]):
         raise FloatingPointError(
-            "non-finite loss: the run stops, the last checkpoint is intact; lower --learning-rate?"
+            "non-finite loss: the run stops (a lower --learning-rate or --max-grad-norm may help)"
         )
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
@@ -948,23 +1004,128 @@ def iteration_scalars(args: Args, optimizer, finished, phase_stats, batch, delta
     return scalars
 
 
+# summary.json statuses of a run that failed (a retry moves its folder aside and starts afresh)
+FAILED = ("failed", "non-finite loss")
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; {} if there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def different_flags(saved: dict, args: Args) -> list:
+    """The flags (--name) that `args` sets to other values than a run's saved arguments, other than
+    RESUMABLE_FIELDS: a field added after the run was saved counts as its default, and a run from
+    before --update-epochs trained alpha1 + alpha2 epochs per round."""
+    filled = {**asdict(Args()), **saved}
+    if "update_epochs" not in saved and "alpha1" in saved:
+        filled["update_epochs"] = filled["alpha1"] + filled["alpha2"]
+    return [
+        "--" + name.replace("_", "-")
+        for name, value in asdict(args).items()
+        if name not in RESUMABLE_FIELDS and filled[name] != value
+    ]
+
+
+def next_free_number(folder: str, pattern: str) -> int:
+    """The first N >= 1 for which folder/pattern.format(N) does not exist (so nothing is
+    overwritten)."""
+    number = 1
+    while os.path.exists(os.path.join(folder, pattern.format(number))):
+        number += 1
+    return number
+
+
+def readable_time(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 17 min, 3.5 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def check_writable(run_dir: str) -> None:
+    """A one-line error before anything is built if the run folder cannot be made or written there
+    (a read-only disk or folder)."""
+    existing = run_dir
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing or ".", os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{existing or '.'} is not writable (a read-only disk or folder?), so {run_dir} cannot "
+            "be written: run from a folder where runs/ can be"
+        )
+
+
+def move_aside(run_dir: str, kind: str, why: str) -> None:
+    """Rename the run folder to NAME.<kind>-N (the first N free), never delete it; one line says
+    so."""
+    folder, name = os.path.split(run_dir)
+    aside = f"{run_dir}.{kind}-{next_free_number(folder, name + '.' + kind + '-{}')}"
+    os.rename(run_dir, aside)
+    print(f"{run_dir} ({why}) moved aside to {aside}; this run starts afresh")
+
+
+def claim_run_folder(args: Args, run_dir: str) -> bool:
+    """What the run folder holds decides, before anything is built (the README's table, "Run
+    folders"): True: --resume auto continues its checkpoint; False: the run starts afresh (the
+    folder is absent or empty, or its earlier run was moved aside: --overwrite, or a run that
+    failed). Raises RunFinished if it holds this run, finished, and ConfigError if it holds a run
+    that this command must not touch. Nothing is ever deleted."""
+    files = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if not files:
+        return False
+    if args.overwrite:
+        move_aside(run_dir, "old", "--overwrite")
+        return False
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    status, step = summary.get("status", "unfinished"), summary.get("global_step", 0)
+    saved = summary.get("args") or read_json(os.path.join(run_dir, "args.json"))
+    changed = different_flags(saved, args) if saved else []
+    checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    resumable = checkpoint and args.resume == "auto" and not changed
+    if status == "completed" and step >= args.num_iterations * args.batch_size and not changed:
+        raise RunFinished(
+            f"{run_dir} holds this run, finished at global_step {step} (its summary.json): "
+            "nothing to do"
+        )
+    if status in FAILED and not resumable:
+        move_aside(run_dir, "failed", f"its run failed: {status}")
+        return False
+    if resumable:
+        return True
+    other = "--run-name NAME starts another run, --overwrite moves this one aside"
+    if changed:
+        raise ConfigError(f"{run_dir} holds a run with different {', '.join(changed)}: {other}")
+    if checkpoint:
+        raise ConfigError(
+            f"{run_dir} holds a run ({status}) with a checkpoint: --resume auto continues it, "
+            f"{other}"
+        )
+    if status == "completed":
+        raise ConfigError(
+            f"{run_dir} holds this run finished at global_step {step} without a checkpoint, so it "
+            f"cannot go on to --total-timesteps {args.total_timesteps}: {other}"
+        )
+    listed = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    raise ConfigError(
+        f"{run_dir} holds an unfinished run without a checkpoint ({listed}; no summary.json of a "
+        f"finished run): {other}"
+    )
+
+
 def find_checkpoint(args: Args, run_dir: str):
-    """(checkpoint or None, run folder) for --resume PATH or auto (the folder's, else a fresh
-    run); never mixes two runs."""
-    auto_path = os.path.join(run_dir, "checkpoint.pt")
-    path = args.resume if args.resume not in (None, "auto") else auto_path
+    """(checkpoint or None, run folder) for --resume PATH, or the run folder as claim_run_folder
+    finds it (--resume auto continues its checkpoint); never mixes two runs."""
     args.save_model = args.save_model or args.resume == "auto"
-    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    if args.resume is None or args.resume == "auto" and not os.path.exists(path):
-        if events and args.resume is None:
-            raise ConfigError(
-                f"{run_dir} already holds a run: --resume auto continues it, --run-name NAME "
-                "starts another"
-            )
-        # --resume auto, and the job was stopped before its first checkpoint: start afresh
-        for stale in events:
-            os.remove(stale)
+    check_writable(run_dir)
+    if args.resume in (None, "auto") and not claim_run_folder(args, run_dir):
         return None, run_dir
+    path = os.path.join(run_dir, "checkpoint.pt") if args.resume == "auto" else args.resume
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, not a torch file
@@ -978,19 +1139,9 @@ def find_checkpoint(args: Args, run_dir: str):
         raise ConfigError(
             f"--resume {path}: not a checkpoint of this script (it lacks {sorted(missing)})"
         )
-    # a field added after the checkpoint was written: its default; a checkpoint from before
-    # --update-epochs trained alpha1 + alpha2 epochs per round
-    saved = {**asdict(Args()), **checkpoint["args"]}
-    if "update_epochs" not in checkpoint["args"]:
-        saved["update_epochs"] = saved["alpha1"] + saved["alpha2"]
-    changed = [
-        name
-        for name, value in asdict(args).items()
-        if name not in RESUMABLE_FIELDS and saved[name] != value
-    ]
+    changed = different_flags(checkpoint["args"], args)
     if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise ConfigError(f"--resume {path}: the run used different {flags}")
+        raise ConfigError(f"--resume {path}: the run used different {', '.join(changed)}")
     return checkpoint, os.path.join("runs", checkpoint["run_name"])
 
 
@@ -1020,10 +1171,10 @@ class StopRequest:
 
 
 class RunLogger:
-    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track); a tqdm bar, or
-    plain lines in a log file."""
+    """runs/<run>/: args.json, TensorBoard (CleanRL's keys), wandb (--track), summary.json at the
+    end; a tqdm bar, or plain lines in a log file; what a person waits for, said as it comes."""
 
-    def __init__(self, run_dir: str, args: Args, wandb_id: Optional[str], global_step: int):
+    def __init__(self, run_dir: str, args: Args, device, wandb_id: Optional[str], global_step: int):
         os.makedirs(run_dir, exist_ok=True)
         args_file = os.path.join(run_dir, "args.json")
         # a resumed run keeps where its earlier stretches were computed, one entry per process
@@ -1035,14 +1186,17 @@ class RunLogger:
                     for p in json.load(f).get("provenance", [])
                     if p.get("from_step", 0) < global_step
                 ]
-        here = [*earlier, {"from_step": global_step, **provenance()}]
+        self.provenance = [*earlier, {"from_step": global_step, **provenance()}]
         with open(args_file, "w") as f:
-            json.dump({**asdict(args), "provenance": here}, f, indent=2)
+            json.dump({**asdict(args), "provenance": self.provenance}, f, indent=2)
+        self.run_dir = run_dir
         self.args = args
         self.wandb_id = wandb_id
         self.global_step = global_step
         self.wandb_run = None
         self.start_time, self.start_step = time.time(), global_step
+        # the last value of each tag (summary.json's scores); when to say the rollout's pace
+        self.latest, self.pace_due, self.first_iteration = {}, max(args.batch_size // 10, 1), True
         if args.track:
             import wandb
 
@@ -1065,9 +1219,18 @@ class RunLogger:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         total = args.num_iterations * args.batch_size
+        terminal = sys.stdout.isatty()
+        start = f"continues from global_step {global_step}" if global_step else "starts"
+        print(
+            f"{run_dir}: the run of {', '.join(wandb_tags(args))} {start} on {device}: "
+            f"{args.num_iterations} iterations of {args.batch_size} steps ({args.num_envs} envs x "
+            f"{args.num_steps}), then an update each; {'a bar' if terminal else 'a line'} shows "
+            "the progress",
+            flush=True,
+        )
         self.bar = (
             tqdm(total=total, initial=global_step, unit="step", dynamic_ncols=True)
-            if sys.stdout.isatty()
+            if terminal
             else None
         )
 
@@ -1075,10 +1238,18 @@ class RunLogger:
         self.global_step += steps
         if self.bar is not None:
             self.bar.update(steps)
+        collected = self.global_step - self.start_step
+        if self.pace_due and collected >= self.pace_due:  # once, early in the first rollout
+            self.pace_due = 0
+            rollout = self.args.batch_size / collected * (time.time() - self.start_time)
+            tqdm.write(
+                f"collecting at {collected / (time.time() - self.start_time):.0f} steps/s: about "
+                f"{readable_time(rollout)} for the first rollout, then its update"
+            )
 
     def log(self, scalars: dict, iteration: Optional[int] = None):
         """Write the scalars at the current step; with `iteration`, also SPS and the progress
-        line (or bar)."""
+        line (or bar), and after the first iteration the time the run should take."""
         if iteration is not None:
             sps = int((self.global_step - self.start_step) / (time.time() - self.start_time))
             scalars = {**scalars, "charts/SPS": sps}
@@ -1091,16 +1262,62 @@ class RunLogger:
                 values = "".join(f", {key}={value:.4g}" for key, value in shown.items())
                 progress = f"iteration={iteration}/{self.args.num_iterations}"
                 print(f"{progress}, global_step={self.global_step}{values}", flush=True)
+            left = self.args.num_iterations - iteration
+            if self.first_iteration and left:
+                took = time.time() - self.start_time
+                tqdm.write(
+                    f"iteration {iteration} took {readable_time(took)}: the {left} left take about "
+                    f"{readable_time(took * left)} at this pace, with the held-out evaluations on "
+                    "top"
+                )
+            self.first_iteration = False
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, self.global_step)
+                self.latest[tag] = value
 
     def close(self, exit_code: int):
+        """Close the bar, TensorBoard and wandb; write summary.json, the mark of how the run ended
+        that the next --resume auto and analysis/ read (completed; stopped; failed: a non-finite
+        loss, or an exception still on its way out of main(), whose `finally` calls this), and say
+        it in one line."""
+        crash = sys.exc_info()[1]
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run.finish(exit_code=1 if crash else exit_code)
+        failed = crash is not None or exit_code == 1
+        status = "failed" if failed else "completed" if exit_code == 0 else "stopped"
+        elapsed = time.time() - self.start_time
+        checkpoint = os.path.join(self.run_dir, "checkpoint.pt")
+        summary = {"status": status, "exit_code": exit_code, "global_step": self.global_step}
+        summary.update(
+            error=f"{type(crash).__name__}: {crash}" if crash else None,
+            wall_time_s=round(elapsed, 1),
+            checkpoint=checkpoint if os.path.exists(checkpoint) else None,
+        )
+        scores = {tag: value for tag, value in self.latest.items() if tag.startswith("charts/")}
+        summary.update(scores=scores, args=asdict(self.args), provenance=self.provenance)
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        shown = [tag for tag in scores if tag.startswith("charts/test_")] + [
+            tag for tag in PRINTED_KEYS if tag in scores and tag != "charts/SPS"
+        ]
+        values = "".join(f", {tag.split('/')[-1]}={scores[tag]:.4g}" for tag in shown)
+        after = ""
+        if failed:
+            after = (
+                "; its last checkpoint is intact: --resume auto continues from it"
+                if summary["checkpoint"]
+                else "; no checkpoint was written: the same command starts it afresh (this "
+                "folder moved aside)"
+            )
+        print(
+            f"{status}: {self.run_dir}, global_step {self.global_step}{values}, "
+            f"{readable_time(elapsed)} (summary.json){after}",
+            flush=True,
+        )
 
 
 def wandb_tags(args: Args) -> list:
@@ -1154,16 +1371,17 @@ def episode_scalars(env_id, returns, prefix: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate(agent, args: Args, device, iteration, frames=None):
+def evaluate(agent, args: Args, device, iteration, frames=None, progress=None):
     """First episode of each of `num_eval_envs` envs on held-out levels, eval-mode policy; a
     fresh env and an RNG forked from (seed, iteration): a function of the parameters alone.
-    `frames` receives the first env's episode (--capture-video)."""
+    `frames` receives the first env's episode (--capture-video), `progress` (a tqdm bar) counts
+    the finished episodes."""
     envs = make_env(
         args,
         args.num_eval_envs,
         args.num_levels,
         args.num_test_levels,
-        args.seed + 1_000_003 * iteration,
+        (args.seed + 1_000_003 * iteration) % 2**31,  # Procgen's seeds are 31-bit
     )
     tracker = EpisodeTracker(args.num_eval_envs)
     episode_returns = np.full(args.num_eval_envs, np.nan)
@@ -1180,6 +1398,8 @@ def evaluate(agent, args: Args, device, iteration, frames=None):
             finished = np.isnan(episode_returns) & done
             episode_returns[finished] = tracker.returns[finished] + reward[finished]
             tracker.update(reward, done)
+            if progress is not None:
+                progress.update(int(finished.sum()))
     envs.close()
     return episode_returns
 
@@ -1192,17 +1412,18 @@ def evaluate_and_log(agent, args: Args, device, iteration, logger) -> str:
 
 
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first
-    episode -> eval_video.gif."""
+    """--evaluate PATH: held-out scores -> evaluation-N.json beside it (N: the first free, earlier
+    ones are kept); --capture-video: the first episode -> eval_video-N.gif. The run's own held-out
+    levels and envs, unless this command sets --num-test-levels or --num-eval-envs to other than
+    their defaults."""
+    defaults, chosen = Args(), {}
+    for name in ("num_test_levels", "num_eval_envs"):
+        if getattr(args, name) != getattr(defaults, name):
+            chosen[name] = getattr(args, name)
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
-        evaluation = {
-            name: getattr(args, name)
-            for name in ("num_test_levels", "num_eval_envs", "cuda", "track")
-        }
-        run_args = Args(
-            **{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None}
-        )
+        evaluation = {**chosen, "cuda": args.cuda, "track": args.track, "evaluate": None}
+        run_args = Args(**{**checkpoint["args"], **evaluation, "pretrained": False})
         agent = Agent(checkpoint["agent"]["actor.4.weight"].shape[0], run_args)
         agent.load_state_dict(checkpoint["agent"])
     except Exception as e:  # missing, truncated, another script's
@@ -1210,21 +1431,35 @@ def evaluate_checkpoint(args: Args) -> int:
             f"--evaluate {args.evaluate}: not a checkpoint of this script ({type(e).__name__})"
         ) from None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    folder = os.path.dirname(os.path.abspath(args.evaluate))
+    number = next_free_number(folder, "evaluation-{}.json")
+    first, last = run_args.num_levels, run_args.num_levels + run_args.num_test_levels - 1
+    print(
+        f"evaluating {args.evaluate} (iteration {checkpoint['iteration']}) on {device}: the first "
+        f"episode of {run_args.num_eval_envs} envs on held-out levels {first}..{last} -> "
+        f"evaluation-{number}.json",
+        flush=True,
+    )
     frames = [] if args.capture_video else None
-    returns = evaluate(agent.to(device), run_args, device, checkpoint["iteration"], frames)
+    bar = tqdm(total=run_args.num_eval_envs, unit="episode", disable=not sys.stdout.isatty())
+    with bar:
+        returns = evaluate(
+            agent.to(device), run_args, device, checkpoint["iteration"], frames, progress=bar
+        )
     result = {
         "checkpoint": args.evaluate,
         "iteration": checkpoint["iteration"],
         "global_step": checkpoint["global_step"],
+        "num_test_levels": run_args.num_test_levels,
+        "num_eval_envs": run_args.num_eval_envs,
     }
     result.update(episode_scalars(run_args.env_id, returns, "test_"), test_returns=returns.tolist())
-    folder = os.path.dirname(os.path.abspath(args.evaluate))
-    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+    with open(os.path.join(folder, f"evaluation-{number}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({key: value for key, value in result.items() if key != "test_returns"}))
     # 64 px shown 4x
     frames = [Image.fromarray(frame).resize((256, 256), Image.NEAREST) for frame in frames or []]
-    video = os.path.join(folder, "eval_video.gif") if frames else None
+    video = os.path.join(folder, f"eval_video-{number}.gif") if frames else None
     # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
     if frames:
         # duration in ms: one env step per frame
@@ -1288,7 +1523,11 @@ def save_checkpoint(run_dir, live, args: Args, iteration, global_step, rollout, 
         procgen=procgen, next_obs=rollout[0].cpu(), next_done=rollout[1].cpu(), **tracker
     )
     path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save(state, path + ".tmp")
+    try:
+        with open(path + ".tmp", "wb") as f:  # a read-only folder: Python's OSError, one line
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's writer on a full disk: an OSError naming the file too
+        raise OSError(errno.EIO, str(e).splitlines()[0], path + ".tmp") from None
     os.replace(path + ".tmp", path)
 
 
@@ -1325,9 +1564,24 @@ def restore_checkpoint(checkpoint, live, device):
     )
 
 
-if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
+def cli(argv=None) -> int:
+    """The command line (`argv`: its words; None: sys.argv): bad input is one line on stderr and
+    exit status 2, a write that fails (a full or read-only disk) one line and 1, and a run that is
+    already finished exits 0 at once."""
+    args = tyro.cli(Args, args=argv)
     try:
-        sys.exit(main(cli_args))
+        return main(args)
+    except RunFinished as e:
+        print(e)
+        return 0
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -114,8 +114,7 @@ def run_main(cwd, monkeypatch, args: ppo.Args):
 
 def run_cli(cwd, monkeypatch, *argv):
     """The script as `python ppo_procgen_mdr.py ARGV` would run it, in-process (runpy: no
-    interpreter start-up, no import of torch); returns what it exits with (sys.exit's argument: an
-    exit code, or the message printed on stderr)."""
+    interpreter start-up, no import of torch); returns its exit status."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
@@ -123,14 +122,15 @@ def run_cli(cwd, monkeypatch, *argv):
     return exit_info.value.code
 
 
-def assert_one_line_error(exit_code, capsys, *fragments):
-    """What the user sees: exit code 1 with one line 'error: ...' on stderr (sys.exit(str)), nothing
-    else printed."""
-    assert isinstance(exit_code, str), f"expected an error message, got exit code {exit_code!r}"
-    assert exit_code.startswith("error: ") and "\n" not in exit_code, exit_code
+def assert_one_line_error(exit_code, capsys, *fragments) -> str:
+    """What the user sees: exit status 2 with one line 'error: ...' on stderr (cli()), nothing else
+    there; returns the line."""
+    stderr = capsys.readouterr().err
+    assert exit_code == 2, f"exit status {exit_code!r}, stderr:\n{stderr}"
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     for fragment in fragments:
-        assert fragment in exit_code, (fragment, exit_code)
-    assert capsys.readouterr().err == ""
+        assert fragment in stderr, (fragment, stderr)
+    return stderr
 
 
 def run_script(cwd, *args, script=SCRIPT, timeout=300):
@@ -1252,42 +1252,34 @@ def test_default_run_name_is_a_function_of_the_arguments():
     assert len(names) == 4
 
 
+def main_args(**overrides) -> ppo.Args:
+    """tiny_args with what main() fills in before it looks at the run folder."""
+    args = tiny_args(**overrides)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
+
+
 def test_find_checkpoint_without_resume_refuses_a_folder_that_holds_a_run(tmp_path):
     run_dir = tmp_path / "runs" / "x"
-    # no folder yet: fresh
-    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
-        None,
-        str(run_dir),
-    )
+    # no folder yet, or an empty one: fresh
+    assert ppo.find_checkpoint(main_args(), str(run_dir)) == (None, str(run_dir))
     run_dir.mkdir(parents=True)
+    assert ppo.find_checkpoint(main_args(), str(run_dir)) == (None, str(run_dir))
     (run_dir / "args.json").write_text("{}")
-    # no events: nothing to mix into
-    assert ppo.find_checkpoint(tiny_args(), str(run_dir)) == (
-        None,
-        str(run_dir),
-    )
     (run_dir / "events.out.tfevents.1.host.1.0").write_bytes(b"")
 
-    with pytest.raises(ppo.ConfigError) as error:
-        ppo.find_checkpoint(tiny_args(), str(run_dir))
+    for resume in (None, "auto"):  # no checkpoint: --resume auto has nothing to continue either
+        with pytest.raises(ppo.ConfigError) as error:
+            ppo.find_checkpoint(main_args(resume=resume), str(run_dir))
 
-    assert "already holds a run" in str(error.value) and "--resume auto" in str(error.value)
-    assert "--run-name" in str(error.value)
-
-
-def test_resume_auto_without_checkpoint_starts_afresh(tmp_path):
-    """A job stopped before its first checkpoint: --resume auto deletes its events (they would mix
-    into the new ones) and starts fresh, with checkpoints on."""
-    run_dir = tmp_path / "runs" / "x"
-    run_dir.mkdir(parents=True)
-    stale = run_dir / "events.out.tfevents.1.host.1.0"
-    stale.write_bytes(b"")
-    args = tiny_args(resume="auto")
-
-    assert ppo.find_checkpoint(args, str(run_dir)) == (None, str(run_dir))
-
-    assert not stale.exists()
-    assert args.save_model
+        message = str(error.value)
+        assert "holds an unfinished run without a checkpoint (args.json, events.out" in message
+        assert "--run-name NAME starts another run, --overwrite moves this one aside" in message
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "args.json",
+        "events.out.tfevents.1.host.1.0",
+    ]
 
 
 def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, monkeypatch, capsys):
@@ -1295,9 +1287,9 @@ def test_cli_fresh_run_into_a_folder_with_events_is_one_line_error(tmp_path, mon
     run_dir.mkdir(parents=True)
     (run_dir / "events.out.tfevents.1.host.1.0").write_bytes(b"")
 
-    exit_code = run_cli(tmp_path, monkeypatch, *TINY)
+    exit_code = run_cli(tmp_path, monkeypatch, *TINY, "--resume", "auto")
 
-    assert_one_line_error(exit_code, capsys, str(Path("runs") / run_dir.name), "--resume auto")
+    assert_one_line_error(exit_code, capsys, str(Path("runs") / run_dir.name), "--overwrite")
     # untouched
     assert sorted(path.name for path in run_dir.iterdir()) == ["events.out.tfevents.1.host.1.0"]
 
@@ -1437,7 +1429,7 @@ def test_run_logger_progress_and_non_finite_scalars(terminal, tmp_path, monkeypa
     monkeypatch.setattr(sys, "stdout", stdout)
     run_dir = tmp_path / "runs" / "x"
 
-    logger = ppo.RunLogger(str(run_dir), args, None, 0)
+    logger = ppo.RunLogger(str(run_dir), args, "cpu", None, 0)
     logger.advance(32)
     logger.log(
         {"charts/episodic_return": 2.5, "charts/delta_pi_minus": 0.001, "losses/x": float("nan")},
@@ -1488,7 +1480,7 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
         args = tiny_args(track=True, norm=norm, bn_momentum=0.01, alpha1=1, alpha2=2, seed=7)
         run_name = ppo.default_run_name(args)
 
-        logger = ppo.RunLogger(os.path.join("runs", run_name), args, "previous-id", 0)
+        logger = ppo.RunLogger(os.path.join("runs", run_name), args, "cpu", "previous-id", 0)
         logger.close(143)
 
         (_, init), finish = calls
@@ -1500,7 +1492,7 @@ def test_run_logger_mirrors_to_wandb_with_group_tags_and_resumable_id(tmp_path, 
         assert logger.wandb_id == "abc123"  # what the checkpoint stores
         assert finish == ("finish", 143)
     args = tiny_args(track=True, wandb_group="mine")
-    ppo.RunLogger(os.path.join("runs", "y"), args, None, 0).close(0)
+    ppo.RunLogger(os.path.join("runs", "y"), args, "cpu", None, 0).close(0)
     assert calls[-2][1]["group"] == "mine"
 
 
@@ -1674,8 +1666,8 @@ def test_resume_with_different_arguments_is_one_line_error(
         tmp_path, monkeypatch, *TINY, *resumable, "--resume", checkpoint, "--norm", "gn"
     )
 
-    assert_one_line_error(exit_code, capsys, "the run used different --norm")
-    assert "--total-timesteps" not in exit_code
+    message = assert_one_line_error(exit_code, capsys, "the run used different --norm")
+    assert "--total-timesteps" not in message
     assert not (tmp_path / "runs").exists()
 
 
@@ -1716,6 +1708,26 @@ def test_an_old_plain_ppo_checkpoint_needs_its_epochs(uninterrupted, tmp_path, m
     assert checkpoint["iteration"] == 3
 
 
+def test_a_finished_run_is_a_no_op_for_resume_auto(uninterrupted, monkeypatch, capsys):
+    """The same command again (a requeued or repeated grid line): exit 0 at once, saying where the
+    finished run is, and its folder untouched."""
+    run_dir = uninterrupted["run_dir"]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    flags = "--num-envs 2 --num-steps 8 --minibatch-size 8 --total-timesteps 48 --num-eval-envs 2"
+    flags += " --eval-interval 0 --no-pretrained --no-cuda --resume auto"
+
+    exit_code = run_cli(run_dir.parent.parent, monkeypatch, *flags.split())
+
+    out = capsys.readouterr()
+    assert exit_code == 0 and out.err == ""
+    assert out.out == (
+        f"{Path('runs') / run_dir.name} holds this run, finished at global_step 48 (its "
+        "summary.json): nothing to do\n"
+    )
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+
+
 def test_resume_accepts_a_longer_run(uninterrupted):
     args = tiny_args(
         resume=str(uninterrupted["run_dir"] / "checkpoint.pt"),
@@ -1734,40 +1746,55 @@ def test_resume_accepts_a_longer_run(uninterrupted):
 # 13. Non-finite loss
 
 
-def test_non_finite_loss_is_one_line_error(tmp_path, monkeypatch):
-    # Adam steps of ~1e10 on every weight overflow the network within the first iteration
-    args = tiny_args(learning_rate=1e10, save_model=True, checkpoint_interval=1)
-
-    exit_code, _, stderr = run_main(tmp_path, monkeypatch, args)
-
-    assert exit_code == 1
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: non-finite loss"), stderr
-    assert not (single_run_dir(tmp_path) / "checkpoint.pt").exists()  # nothing saved after the NaN
-
-
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def nan_loss_from_iteration(monkeypatch, first: int) -> list:
+    """clipped_ppo_loss returns NaN from iteration `first` on; the list counts the iterations
+    (compute_gae runs once per iteration with --mdr-rounds 1)."""
     iterations = []
     original_gae = ppo.compute_gae
     original_loss = ppo.clipped_ppo_loss
 
-    def counting_gae(*args, **kwargs):  # called once per iteration (--mdr-rounds 1)
+    def counting_gae(*args, **kwargs):
         iterations.append(1)
         return original_gae(*args, **kwargs)
 
-    def loss_nan_from_iteration_2(*args, **kwargs):
+    def nan_loss(*args, **kwargs):
         loss, ratio, stats = original_loss(*args, **kwargs)
-        return (loss * float("nan") if len(iterations) >= 2 else loss), ratio, stats
+        return (loss * float("nan") if len(iterations) >= first else loss), ratio, stats
 
     monkeypatch.setattr(ppo, "compute_gae", counting_gae)
-    monkeypatch.setattr(ppo, "clipped_ppo_loss", loss_nan_from_iteration_2)
+    monkeypatch.setattr(ppo, "clipped_ppo_loss", nan_loss)
+    return iterations
 
-    exit_code, _, stderr = run_main(
+
+def test_non_finite_loss_is_one_line_error_and_marks_the_run_failed(tmp_path, monkeypatch):
+    """Before its first checkpoint: one line on stderr, summary.json says failed and that there is
+    no checkpoint, the printed line claims none; the same command again moves the folder aside and
+    starts afresh (test_bad_input.py runs that retry)."""
+    nan_loss_from_iteration(monkeypatch, 1)
+    args = tiny_args(save_model=True, checkpoint_interval=1)
+
+    exit_code, stdout, stderr = run_main(tmp_path, monkeypatch, args)
+
+    assert exit_code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite loss"), stderr
+    assert "intact" not in stderr + stdout and "no checkpoint was written" in stdout
+    run_dir = single_run_dir(tmp_path)
+    assert not (run_dir / "checkpoint.pt").exists()  # nothing saved after the NaN
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["checkpoint"], summary["exit_code"]) == ("failed", None, 1)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    iterations = nan_loss_from_iteration(monkeypatch, 2)
+
+    exit_code, stdout, stderr = run_main(
         tmp_path, monkeypatch, tiny_args(total_timesteps=96, save_model=True, checkpoint_interval=1)
     )
 
     assert exit_code == 1
-    assert stderr.strip().startswith("error: non-finite loss") and "checkpoint is intact" in stderr
+    assert stderr.strip().startswith("error: non-finite loss")
+    assert "its last checkpoint is intact: --resume auto continues from it" in stdout
     assert len(iterations) == 2  # the run stopped there
     checkpoint = load_checkpoint(single_run_dir(tmp_path))
     assert checkpoint["iteration"] == 1 and checkpoint["global_step"] == 32
