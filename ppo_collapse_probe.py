@@ -65,8 +65,8 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group (default: the run name without the seed, so that seeds aggregate)"""
     run_name: Optional[str] = None
-    """folder under runs/ (default: mode, clip, entropy, BN momentum, view batching and seed;
-    never the clock)"""
+    """folder under runs/ (default: mode, dropout p, clip, entropy, BN momentum, view batching
+    and seed; never the clock)"""
     resume: Optional[str] = None
     """`auto` (checkpoints on): continue the run folder's checkpoint, start afresh in an empty
     folder, exit 0 if the run is finished (README: "Run folders"); or a checkpoint's path"""
@@ -82,15 +82,15 @@ class Args:
 
     # What is compared (paper Fig. 6: rows = mode, columns = clip; App. B: entropy coefficient)
     mode: str = "bn"
-    """bn, eval, bn-mdr (the paper's) or a rival: bn-recal, bn-train, bn-oldtrain, brn, brn-mdr,
-    bn-wn, gn, none (MODES)"""
+    """bn, eval, bn-mdr (the paper's), its other layers dropout, dropout-mdr, ln, or a rival:
+    bn-recal, bn-train, bn-oldtrain, brn, brn-mdr, bn-wn, gn, none (MODES)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon (Fig. 6: 0.2 and 0.05)"""
     ent_coef: float = 0.01
     """coefficient of the entropy (App. B compares it with 0)"""
     update_epochs: int = 3
-    """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr) split them
-    alpha1 + alpha2, others train all E"""
+    """epochs E per rollout in every mode: the MDR modes (bn-mdr, brn-mdr, dropout-mdr) split
+    them alpha1 + alpha2, others train all E"""
     alpha1: Optional[int] = None  # MDR
     """MDR modes only: epochs in train mode (standard phase); default E - alpha2"""
     alpha2: Optional[int] = None  # MDR
@@ -128,6 +128,9 @@ class Args:
     # Network: shallow ResNet-18 shared by the three views (paper Table 1)
     bn_momentum: float = 0.01
     """running-statistics momentum of BatchNorm (the paper tries 0.1 and 0.01)"""
+    dropout_p: Optional[float] = None
+    """dropout probability of the dropout modes, in [0, 1), as the training scripts' --dropout-p
+    (None: DEFAULT_DROPOUT_P = 0.1; an error with the other modes)"""
     pretrained: bool = False
     """initialise the backbone from ImageNet (needs
     $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth offline)"""
@@ -193,7 +196,13 @@ MODES = {
     "bn-wn": "BN + weight normalization of the convs (CrossQ + WN)",
     "gn": "GroupNorm (no mode dependence)",
     "none": "no normalization",
+    "dropout": "Dropout in place of each BatchNorm (masks in the updates, none in collection)",
+    "dropout-mdr": "Dropout+MDR",
+    "ln": "LayerNorm over channels and space, GroupNorm(1, C) (no mode dependence)",
 }
+MDR_MODES = ("bn-mdr", "brn-mdr", "dropout-mdr")  # they split the epochs: alpha1 + alpha2
+DROPOUT_MODES = ("dropout", "dropout-mdr")  # the modes with --dropout-p
+DEFAULT_DROPOUT_P = 0.1  # the paper's 10 % (Fig. 4), the training scripts' default
 # metrics.csv, one row per update (analysis/ reads these names)
 CSV_COLUMNS = """iteration global_step mode clip_coef ent_coef seed alpha1 alpha2 episodes
 episodic_return normalized_reward smoothed_reward success_rate delta_pi_minus delta_pi_plus
@@ -281,14 +290,18 @@ class BatchRenorm2d(nn.Module):
 def make_backbone(args: Args) -> nn.Module:
     """Shallow ResNet-18 (paper Table 1): torchvision's resnet18 without layer4 and fc; average
     pool -> 256 features. The norm layer is the one line that differs between the modes (Batch
-    Renorm: its bounds ramp over ~15 updates)."""
+    Renorm: its bounds ramp over ~15 updates; ln and the dropout modes: as the training
+    scripts' --norm ln and --norm dropout)."""
     batchnorm = partial(nn.BatchNorm2d, momentum=args.bn_momentum)  # bn, bn-mdr, the BN rivals
     norm_layer = {
         "eval": EvalModeBatchNorm2d,
         "brn": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
         "brn-mdr": partial(BatchRenorm2d, momentum=args.bn_momentum, warmup=500),
+        "ln": lambda channels: nn.GroupNorm(1, channels),
         "gn": lambda channels: nn.GroupNorm(32, channels),
         "none": lambda channels: nn.Identity(),
+        "dropout": lambda channels: nn.Dropout(args.dropout_p),
+        "dropout-mdr": lambda channels: nn.Dropout(args.dropout_p),
     }.get(args.mode, batchnorm)
     backbone = resnet18(weights=None, norm_layer=norm_layer)
     backbone.layer4 = nn.Identity()
@@ -471,10 +484,13 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a
-    minibatch) from the eval-mode one (`b_eval_logits` if known: the rollout's), over
-    `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
+    minibatch; dropout: one mask draw per minibatch, from `generator`) from the eval-mode one
+    (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off).
+    Side-effect free: buffers and torch's RNG state are restored."""
     if num_minibatches < 0:
         return None
+    # only dropout draws in a forward pass; other networks' diagnostics keep the stream they had
+    dropout = any(isinstance(module, nn.Dropout) for module in agent.modules())
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -491,6 +507,8 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
                 else b_eval_logits[mb_inds]
             )
         with temporary_mode(agent, training=True):
+            if dropout:  # the masks from the diagnostics' stream, not the training one
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
             buf.copy_(saved_buffers[name])
@@ -937,7 +955,7 @@ def validate_args(args: Args) -> None:
     check_run_flags(args)
     check_slide_settings(args)
     epochs = args.update_epochs
-    if args.mode not in ("bn-mdr", "brn-mdr"):
+    if args.mode not in MDR_MODES:
         if args.alpha1 is not None or args.alpha2 is not None:
             raise ConfigError(
                 f"--alpha1/--alpha2 apply to the MDR modes only (--mode {args.mode} trains all E "
@@ -953,12 +971,32 @@ def validate_args(args: Args) -> None:
             )
         args.alpha1, args.alpha2 = alpha1, alpha2
     check_minibatches(args)
+    check_dropout_p(args)
     if not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError(f"--bn-momentum {args.bn_momentum}: need 0 < --bn-momentum <= 1")
     if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
         raise ConfigError(
             "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and "
             "--diag-ratio-every >= 0"
+        )
+
+
+def check_dropout_p(args: Args) -> None:
+    """--dropout-p belongs to the dropout modes (default DEFAULT_DROPOUT_P), in [0, 1); elsewhere
+    it is an error (it would change nothing)."""
+    if args.mode not in DROPOUT_MODES:
+        if args.dropout_p is not None:
+            raise ConfigError(
+                f"--dropout-p applies to the dropout modes only ({', '.join(DROPOUT_MODES)}); "
+                f"--mode {args.mode} has no dropout: drop the flag or change the mode"
+            )
+        return
+    if args.dropout_p is None:
+        args.dropout_p = DEFAULT_DROPOUT_P
+    if not 0.0 <= args.dropout_p < 1.0:  # NaN fails too
+        raise ConfigError(
+            f"--dropout-p {args.dropout_p}: must be in [0, 1) (the probability that a unit is "
+            "zeroed)"
         )
 
 
@@ -983,10 +1021,13 @@ def default_run_name(args: Args) -> str:
     same folder)."""
     split = args.alpha2 and (args.alpha1, args.alpha2) != (2, 1)  # an MDR split other than (2,1)
     alphas = f"__mdr{args.alpha1}-{args.alpha2}" if split else ""
-    momentum = "" if args.mode in ("eval", "gn", "none") else f"__bnm{args.bn_momentum:g}"
+    unused = ("eval", "gn", "ln", "none", *DROPOUT_MODES)  # no BatchNorm whose statistics move
+    momentum = "" if args.mode in unused else f"__bnm{args.bn_momentum:g}"
+    dropout = f"__p{args.dropout_p:g}" if args.mode in DROPOUT_MODES else ""
     loss = f"clip{args.clip_coef:g}__ent{args.ent_coef:g}"
     views = args.view_batching
-    return f"{args.exp_name}__{args.mode}{alphas}__{loss}{momentum}__{views}__s{args.seed}"
+    mode = f"{args.mode}{alphas}{dropout}"
+    return f"{args.exp_name}__{mode}__{loss}{momentum}__{views}__s{args.seed}"
 
 
 class StopRequest:

@@ -457,10 +457,13 @@ def js_divergence(logits_p, logits_q):
 @torch.no_grad()
 def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_eval_logits=None):
     """Delta pi (eq. 6-7): mean JS divergence of the train-mode policy (batch statistics of a
-    minibatch) from the eval-mode one (`b_eval_logits` if known: the rollout's), over
-    `num_minibatches` of D_k (0 = all; -1 = off). Side-effect free."""
+    minibatch; dropout: one mask draw per minibatch, from `generator`) from the eval-mode one
+    (`b_eval_logits` if known: the rollout's), over `num_minibatches` of D_k (0 = all; -1 = off).
+    Side-effect free: buffers and torch's RNG state are restored."""
     if num_minibatches < 0:
         return None
+    # only dropout draws in the forward pass: without it `generator` gives only the permutations
+    dropout = any(isinstance(module, nn.Dropout) for module in agent.modules())
     saved_buffers = {name: buf.clone() for name, buf in agent.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -477,6 +480,8 @@ def policy_mismatch(agent, b_obs, minibatch_size, num_minibatches, generator, b_
                 else b_eval_logits[mb_inds]
             )
         with temporary_mode(agent, training=True):
+            if dropout:  # the masks from the diagnostics' stream, not the training one
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             train_logits = agent.actor(agent.features(mb_obs))
         for name, buf in agent.named_buffers():
             buf.copy_(saved_buffers[name])

@@ -1,8 +1,9 @@
 """Tests of the reward-collapse probe (ppo_collapse_probe.py): JS divergence, side-effect-free Delta
 pi, the ratio gap and its sign-aware violation, every --mode in a tiny in-process run (what each
-rival changes), --view-batching, the per-update CSV and summary, run names, bad input. The figures:
-tests/test_collapse_figures.py; the collapse definition: tests/test_collapse_stats.py; determinism:
-tests/test_perf_flags_probe.py."""
+rival changes), the dropout modes (masks in the standard phase only, Delta pi's masks from its own
+generator) and ln, --view-batching, the per-update CSV and summary, run names, bad input. The
+figures: tests/test_collapse_figures.py; the collapse definition: tests/test_collapse_stats.py;
+determinism: tests/test_perf_flags_probe.py."""
 
 import contextlib
 import copy
@@ -46,7 +47,6 @@ MODE_RUN = dict(
     image_size=64,
     hidden_size=32,
 )
-MDR_MODES = ("bn-mdr", "brn-mdr")
 NUM_ACTIONS = 7  # PatchLoc: 6 moves + stop
 
 
@@ -77,6 +77,8 @@ def assert_one_line_error(result, message):
 
 
 def tiny_agent(mode="bn", **overrides):
+    if mode in probe.DROPOUT_MODES:
+        overrides.setdefault("dropout_p", probe.DEFAULT_DROPOUT_P)  # as validate_args sets it
     return probe.Agent(
         NUM_ACTIONS, probe.Args(mode=mode, view_size=16, hidden_size=32, **overrides)
     )
@@ -162,6 +164,9 @@ def run_main(cwd, args, monkeypatch) -> dict:
         rec["updates"].append(
             {"training": agent.training, "running_mean": running_mean(agent), "measured": measured}
         )
+        # the mode of each Dropout layer: train mode draws masks
+        dropouts = [m.training for m in agent.modules() if isinstance(m, nn.Dropout)]
+        rec["updates"][-1]["dropout_training"] = set(dropouts)
         rec["updates"][-1]["stats"] = original["ppo_update"](agent, optimizer, mb, args, eval_ratio)
         return rec["updates"][-1]["stats"]
 
@@ -377,6 +382,74 @@ def test_policy_mismatch_is_zero_for_eval_mode_batchnorm():
     assert delta.item() == pytest.approx(0.0, abs=1e-6)
 
 
+def peaked_dropout_agent(p=0.3):
+    torch.manual_seed(0)
+    agent = tiny_agent("dropout-mdr", dropout_p=p)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # a peaked policy: the masks move it visibly
+    return agent.eval()
+
+
+def test_policy_mismatch_with_dropout_draws_its_masks_from_its_own_generator_only():
+    """Dropout's train-mode policy is random: Delta pi draws one mask per minibatch from the
+    diagnostics' generator, so it depends on that generator and not on torch's global RNG, which
+    it leaves as it was (the training stream is unchanged)."""
+    agent, b_obs = peaked_dropout_agent(), random_obs(24)
+    state = copy.deepcopy(agent.state_dict())
+
+    def delta(generator_seed, global_seed):
+        torch.manual_seed(global_seed)
+        rng_before = torch.get_rng_state()
+        value = probe.policy_mismatch(
+            agent, b_obs, 8, 0, torch.Generator().manual_seed(generator_seed)
+        )
+        assert torch.equal(torch.get_rng_state(), rng_before)
+        return value.item()
+
+    reference = delta(1, 0)
+
+    assert 1e-3 < reference <= math.log(2.0)
+    assert delta(1, 123) == reference  # the global RNG state does not matter
+    assert delta(2, 0) != pytest.approx(reference, rel=1e-3)  # the generator does
+    assert not agent.training
+    assert all(torch.equal(value, agent.state_dict()[name]) for name, value in state.items())
+    # the next mask the training stream draws is the one it would have drawn without the call
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_policy_mismatch_with_dropout_p0_is_zero():
+    agent, b_obs = peaked_dropout_agent(p=0.0), random_obs(16)
+
+    delta = probe.policy_mismatch(agent, b_obs, 8, 0, torch.Generator().manual_seed(1))
+
+    assert delta.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_diagnostics_on_or_off_train_dropout_identically(mode_run, tmp_path, monkeypatch):
+    """Delta pi (mask draws of its own) and the eval-mode ratio r every update, or neither: the
+    same training, metric for metric, and the same final weights."""
+    on = mode_run("dropout-mdr")
+    args = probe.Args(mode="dropout-mdr", diag_minibatches=-1, diag_ratio_every=0, **MODE_RUN)
+    off = run_main(tmp_path, args, monkeypatch)
+
+    trained = ["episodic_return", "normalized_reward", "entropy", "acting_entropy", "approx_kl"]
+    trained += ["old_approx_kl", "clipfrac", "policy_loss", "value_loss", "explained_variance"]
+    assert [[row[c] for c in trained] for row in on["rows"]] == [
+        [row[c] for c in trained] for row in off["rows"]
+    ]
+    final_on, final_off = on["agents"][0].state_dict(), off["agents"][0].state_dict()
+    assert all(torch.equal(value, final_off[name]) for name, value in final_on.items())
+    # the diagnostics were on in one run and off in the other
+    assert all(math.isfinite(float(row["delta_pi_minus"])) for row in on["rows"])
+    assert all(math.isfinite(float(row["ratio_gap"])) for row in on["rows"])
+    assert not any(math.isfinite(float(row["delta_pi_minus"])) for row in off["rows"])
+    assert not any(math.isfinite(float(row["ratio_gap"])) for row in off["rows"])
+
+
 # --------------------------------------------------------------------------------------------------
 # The ratio gap (eq. 10-11)
 
@@ -476,7 +549,7 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
     assert run["exit_code"] == 0 and run["summary"]["status"] == "completed"
     assert run["columns"] == probe.CSV_COLUMNS
     assert [int(row["iteration"]) for row in run["rows"]] == [1, 2]
-    expected_alphas = ("2", "1") if mode in MDR_MODES else ("3", "0")
+    expected_alphas = ("2", "1") if mode in probe.MDR_MODES else ("3", "0")
     assert {(row["mode"], row["alpha1"], row["alpha2"]) for row in run["rows"]} == {
         (mode, *expected_alphas)
     }
@@ -507,7 +580,46 @@ def test_every_mode_runs_and_logs_one_finite_row_per_update(mode, mode_run):
             "clipfrac_rectify",
         ):
             # only the MDR modes have a rectification phase
-            assert math.isfinite(float(row[column])) == (mode in MDR_MODES), column
+            assert math.isfinite(float(row[column])) == (mode in probe.MDR_MODES), column
+
+
+@pytest.mark.parametrize("mode", ["dropout", "dropout-mdr", "ln"])
+def test_the_dropout_and_ln_runs_record_their_network(mode, mode_run):
+    run = mode_run(mode)
+    summary = run["summary"]
+    dropout = mode in probe.DROPOUT_MODES
+
+    assert summary["status"] == "completed" and summary["iterations"] == 2
+    assert summary["mode"] == mode and summary["args"]["mode"] == mode
+    assert summary["args"]["dropout_p"] == (0.1 if dropout else None)
+    assert (f"__{mode}__p0.1__" in run["run_dir"].name) == dropout
+    assert "__bnm" not in run["run_dir"].name  # no BatchNorm, no momentum
+    rectify = [math.isfinite(float(row["approx_kl_rectify"])) for row in run["rows"]]
+    assert rectify == [mode == "dropout-mdr"] * 2
+    if mode == "ln":  # no mode-dependent layer: train and eval mode give one policy
+        assert all(float(row["delta_pi_minus"]) < 1e-6 for row in run["rows"])
+
+
+def test_cli_dropout_mdr_run_at_p_0_2(tmp_path):
+    result = run_script(
+        tmp_path,
+        *[f"--{key.replace('_', '-')}={value}" for key, value in MODE_RUN.items()],
+        "--mode",
+        "dropout-mdr",
+        "--dropout-p",
+        "0.2",
+    )
+
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name == "ppo_collapse_probe__dropout-mdr__p0.2__clip0.2__ent0.01__separate__s1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["args"]["dropout_p"] == 0.2
+    _, rows = read_csv(run_dir / "metrics.csv")
+    assert [(row["mode"], row["alpha1"], row["alpha2"]) for row in rows] == [
+        ("dropout-mdr", "2", "1")
+    ] * 2
+    assert all(0.0 < float(row["delta_pi_minus"]) <= math.log(2.0) for row in rows)
 
 
 def test_phase_columns_average_their_own_minibatches(mode_run):
@@ -533,17 +645,37 @@ def test_collection_is_in_eval_mode_except_for_bn_train(mode, mode_run):
     assert set(run["rollout_modes"]) == {mode == "bn-train"}
 
 
-@pytest.mark.parametrize("mode", ["bn", "bn-mdr", "bn-oldtrain"])
+@pytest.mark.parametrize("mode", ["bn", "bn-mdr", "bn-oldtrain", "dropout", "dropout-mdr"])
 def test_update_phases_train_mode_then_eval_mode(mode, mode_run):
     run = mode_run(mode)
     # per update: 3 epochs x 2 minibatches
-    expected = [True] * 4 + ([False] * 2 if mode in MDR_MODES else [True] * 2)
+    expected = [True] * 4 + ([False] * 2 if mode in probe.MDR_MODES else [True] * 2)
 
     assert [u["training"] for u in run["updates"]] == expected * 2
 
 
+@pytest.mark.parametrize("mode", probe.DROPOUT_MODES)
+def test_dropout_masks_are_drawn_in_the_standard_phase_and_none_in_the_rectification_phase(
+    mode, mode_run
+):
+    run = mode_run(mode)
+    # per update: 3 epochs x 2 minibatches; MDR(2,1): the third epoch in eval mode
+    expected = [{True}] * 4 + ([{False}] * 2 if mode == "dropout-mdr" else [{True}] * 2)
+
+    assert [u["dropout_training"] for u in run["updates"]] == expected * 2
+    # a train-mode forward draws a mask (two differ), an eval-mode one none (two agree)
+    agent, obs = run["agents"][0], random_obs(4)
+    for training, differ in ((True, True), (False, False)):
+        with torch.no_grad(), probe.temporary_mode(agent, training=training):
+            first, second = agent.features(obs), agent.features(obs)
+        assert (not torch.equal(first, second)) == differ
+    # Delta pi minus and the ratio gap see the masks
+    assert all(float(row["delta_pi_minus"]) > 0.0 for row in run["rows"])
+    assert all(float(row["ratio_gap"]) > 0.0 for row in run["rows"])
+
+
 def norm_layers(agent):
-    kinds = (nn.BatchNorm2d, probe.BatchRenorm2d, nn.GroupNorm, nn.LayerNorm)
+    kinds = (nn.BatchNorm2d, probe.BatchRenorm2d, nn.GroupNorm, nn.LayerNorm, nn.Dropout)
     return [module for module in agent.backbone.modules() if isinstance(module, kinds)]
 
 
@@ -565,11 +697,13 @@ def norm_layers(agent):
         ("brn-mdr", probe.BatchRenorm2d),
         ("gn", nn.GroupNorm),
         ("none", None),
-    ],
+    ]
+    + [("dropout", nn.Dropout), ("dropout-mdr", nn.Dropout), ("ln", nn.GroupNorm)],
 )
 def test_each_mode_builds_its_norm_layer(mode, norm_type):
     torch.manual_seed(0)
-    agent = tiny_agent(mode, bn_momentum=0.05)
+    dropout = {"dropout_p": 0.3} if mode in probe.DROPOUT_MODES else {}
+    agent = tiny_agent(mode, bn_momentum=0.05, **dropout)
     layers = norm_layers(agent)
 
     if norm_type is None:
@@ -584,8 +718,33 @@ def test_each_mode_builds_its_norm_layer(mode, norm_type):
     if norm_type in (nn.BatchNorm2d, probe.BatchRenorm2d):
         assert {layer.momentum for layer in layers} == {0.05}
     if norm_type is nn.GroupNorm:
-        assert {layer.num_groups for layer in layers} == {32}
+        # ln: one group, a LayerNorm over channels and space
+        assert {layer.num_groups for layer in layers} == {1 if mode == "ln" else 32}
+    if norm_type is nn.Dropout:
+        assert {layer.p for layer in layers} == {0.3}
     assert probe.MODES[mode]  # every mode has its description
+
+
+@pytest.mark.parametrize(
+    "mode, norm",
+    [("dropout", "dropout"), ("dropout-mdr", "dropout"), ("ln", "ln"), ("gn", "gn")]
+    + [("none", "none"), ("eval", "eval")],
+)
+def test_a_probe_mode_is_the_network_of_the_training_scripts_norm(mode, norm):
+    """A probe mode and ppo_patchloc_mdr.py's --norm of the same layer: the same modules and,
+    from the same seed, the same initial weights."""
+    import ppo_patchloc_mdr as patchloc
+
+    dropout = {"dropout_p": 0.2} if mode in probe.DROPOUT_MODES else {}
+    torch.manual_seed(0)
+    ours = probe.make_backbone(probe.Args(mode=mode, **dropout))
+    torch.manual_seed(0)
+    theirs = patchloc.make_backbone(patchloc.Args(norm=norm, pretrained=False, **dropout))
+
+    assert repr(ours) == repr(theirs)
+    ours, theirs = ours.state_dict(), theirs.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(value, theirs[key]) for key, value in ours.items())
 
 
 def test_mode_table_and_validation_agree():
@@ -1141,11 +1300,16 @@ def test_default_run_names_tell_the_configurations_apart():
         run_name(mode="bn-mdr", alpha1=1),
         run_name(mode="bn-mdr", update_epochs=6),
     ]
+    # p 0.1 (the default) and 0.2 never share a folder
+    names += [run_name(mode="dropout", dropout_p=0.2), run_name(mode="dropout-mdr", dropout_p=0.2)]
 
     assert len(set(names)) == len(names), names
     assert all("/" not in name and " " not in name for name in names)
-    # eval's statistics never move
-    assert run_name(mode="eval", bn_momentum=0.1) == run_name(mode="eval")
+    # eval's statistics never move; the dropout modes and ln have no BatchNorm
+    for mode in ("eval", "ln", *probe.DROPOUT_MODES):
+        assert run_name(mode=mode, bn_momentum=0.1) == run_name(mode=mode)
+    assert run_name(mode="dropout-mdr") == run_name(mode="dropout-mdr", dropout_p=0.1)
+    assert "__dropout-mdr__p0.2__clip0.2__" in run_name(mode="dropout-mdr", dropout_p=0.2)
 
 
 def test_default_run_names_contain_no_clock(monkeypatch):
@@ -1174,6 +1338,10 @@ def test_default_run_names_contain_no_clock(monkeypatch):
         (dict(mode="bn-mdr", alpha1=1), (1, 2)),
         (dict(mode="bn-mdr", alpha2=3), (0, 3)),
         (dict(mode="bn-mdr", alpha1=4, alpha2=2, update_epochs=6), (4, 2)),
+        (dict(mode="dropout"), (3, 0)),
+        (dict(mode="dropout-mdr"), (2, 1)),
+        (dict(mode="dropout-mdr", alpha1=1), (1, 2)),
+        (dict(mode="ln"), (3, 0)),
     ],
 )
 def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
@@ -1202,12 +1370,49 @@ def test_phase_epochs_keep_the_total_fixed(overrides, alphas):
         (dict(clip_coef=0.0), "--clip-coef"),
         (dict(bn_momentum=0.0), "--bn-momentum"),
         (dict(diag_minibatches=-2), "--diag-minibatches"),
+    ]
+    + [
+        (dict(mode="dropout", dropout_p=1.0), "--dropout-p 1.0: must be in [0, 1)"),
+        (dict(mode="dropout-mdr", dropout_p=-0.1), "--dropout-p -0.1: must be in [0, 1)"),
+        (dict(mode="dropout", dropout_p=math.nan), "--dropout-p nan: must be in [0, 1)"),
+        (dict(mode="bn", dropout_p=0.1), "--dropout-p applies to the dropout modes only"),
+        (dict(mode="bn-mdr", dropout_p=0.1), "--mode bn-mdr has no dropout"),
+        (dict(mode="ln", dropout_p=0.1), "--mode ln has no dropout"),
+        (dict(mode="none", dropout_p=0.0), "--mode none has no dropout"),
+        (dict(mode="dropout", alpha2=1), "MDR modes only (--mode dropout trains all E"),
+        (dict(mode="dropout", alpha1=2), "MDR modes only"),
     ],
 )
 def test_validate_args_rejects_bad_input(overrides, message):
     with pytest.raises(probe.ConfigError) as error:
         probe.validate_args(probe.Args(**overrides))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("mode", probe.MODES)
+def test_dropout_p_defaults_to_0_1_in_the_dropout_modes_and_stays_unset_elsewhere(mode):
+    args = probe.Args(mode=mode)
+    probe.validate_args(args)
+
+    expected = probe.DEFAULT_DROPOUT_P if mode in probe.DROPOUT_MODES else None
+    assert args.dropout_p == expected
+    assert probe.DEFAULT_DROPOUT_P == 0.1  # the paper's 10 %, the training scripts' default
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mode", "dropout", "--dropout-p", "1"], "--dropout-p 1.0: must be in [0, 1)"),
+        (["--mode", "dropout-mdr", "--dropout-p", "-0.5"], "--dropout-p -0.5"),
+        (["--mode", "bn", "--dropout-p", "0.1"], "--dropout-p applies to the dropout modes"),
+        (["--mode", "dropout", "--alpha2", "1"], "--alpha1/--alpha2 apply to the MDR modes"),
+    ],
+)
+def test_cli_bad_dropout_flags_are_one_line_errors_and_write_nothing(flags, message, tmp_path):
+    result = run_script(tmp_path, *TINY_CLI, *flags)
+
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_one_sample_minibatch_is_rejected():

@@ -247,6 +247,36 @@ def test_shared_definitions_are_present(name, script):
     assert name in DEFINITIONS[script], f"{script} lost its copy of {name}"
 
 
+# make_backbone@PROBE differs (--mode, not --norm), but a probe mode and the training scripts'
+# --norm of the same layer build it alike: probe mode -> --norm
+SAME_NORM_LAYER = {
+    "eval": "eval",
+    "ln": "ln",
+    "gn": "gn",
+    "none": "none",
+    "dropout": "dropout",
+    "dropout-mdr": "dropout",
+}
+
+
+def norm_layers(script: str) -> dict:
+    """make_backbone's table of norm layers: key -> ast dump of its constructor."""
+    (table,) = [
+        node
+        for node in ast.walk(DEFINITIONS[script]["make_backbone"][0])
+        if isinstance(node, ast.Dict)
+    ]
+    return {key.value: ast.dump(value) for key, value in zip(table.keys, table.values)}
+
+
+@pytest.mark.parametrize("training", TRAINING)
+def test_a_probe_mode_builds_the_norm_layer_of_the_training_scripts_norm(training):
+    probe, norms = norm_layers(PROBE), norm_layers(training)
+    assert {mode: probe[mode] for mode in SAME_NORM_LAYER} == {
+        mode: norms[norm] for mode, norm in SAME_NORM_LAYER.items()
+    }
+
+
 def test_every_listed_difference_names_a_real_and_differing_copy():
     """Entries go stale when a copy is renamed or aligned: then they hide nothing and must go."""
     for key in list(INTENDED_DIFFERENCES) + list(KNOWN_DRIFT):
