@@ -11,6 +11,10 @@ folder.
     python sweeps/make_collapse_lists.py stage-c --bn-momentum 0.1
     # real photos
     python sweeps/make_collapse_lists.py stage-c-photos --bn-momentum 0.1 --image-source data/photos
+    # issue 22 (docs/dropout/PLAN.md): dropout's stability, steps 1 and 2; LayerNorm by the rivals
+    python sweeps/make_collapse_lists.py dropout-step1 --bn-momentum 0.1
+    python sweeps/make_collapse_lists.py dropout-step2 --bn-momentum 0.1
+    python sweeps/make_collapse_lists.py dropout-ln --bn-momentum 0.1
 
 Run a list with sweeps/run_and_commit.sh (docs/collapse.md, "The study"): each finished run is
 committed to docs/collapse/study/<stage>/<run>/. Paired seeds: the same seed gives the same tasks
@@ -37,6 +41,20 @@ STAGE_C_PHOTO_SEEDS = tuple(range(11, 19))
 STAGE_C_STEPS = 25_600  # 200 updates of 128 transitions
 # real photos: 4 training tasks on 2 photos, the held-out task on a third
 STAGE_C_TARGETS_PER_IMAGE = 2
+# issue 22 (docs/dropout/PLAN.md): its plan and lists in docs/dropout/, the stability runs there too
+OUT_DROPOUT = OUT.parent.parent / "dropout"
+DROPOUT_SEEDS = tuple(range(31, 43))  # fresh: disjoint from Stages A-C's 1-26
+# stage -> its arms, (mode, dropout p or None), in Stage C's regime and 200 updates
+DROPOUT_STAGES = {
+    "dropout-step1": [("none", None), ("dropout", "0.1"), ("dropout-mdr", "0.1")],
+    "dropout-step2": [("dropout", "0.2"), ("dropout-mdr", "0.2")],
+}
+# the lists' files in docs/dropout/ (dropout-ln's runs go beside the rivals', docs/collapse/study/)
+DROPOUT_LISTS = {
+    "dropout-step1": "stability_step1.txt",
+    "dropout-step2": "stability_step2.txt",
+    "dropout-ln": "ln.txt",
+}
 RIVALS = ["bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none"]
 # each list's header, one "# " line per line of text
 HEADERS = {
@@ -67,6 +85,23 @@ HEADERS = {
         "11-18, 200 updates, the folder written by sweeps/make_photo_folder.py, "
         "2 targets per photo."
     ),
+    "dropout-step1": (
+        "Dropout's stability, step 1 (issue 22, docs/dropout/PLAN.md): none, dropout and "
+        "Dropout+MDR(2,1) at p 0.1;\n"
+        "fresh paired seeds 31-42, 200 updates, procedural images, Stage C's decisive regime. "
+        "Ordered by seed: a stopped queue leaves whole triples."
+    ),
+    "dropout-step2": (
+        "Dropout's stability, step 2 (issue 22, docs/dropout/PLAN.md; only if step 1 leaves it "
+        "open): dropout and\n"
+        "Dropout+MDR(2,1) at p 0.2, step 1's seeds 31-42 and regime. "
+        "Ordered by seed: a stopped queue leaves whole pairs."
+    ),
+    "dropout-ln": (
+        "LayerNorm on the probe (issue 22, docs/dropout/PLAN.md): --mode ln on seeds 1-4 with "
+        "the rivals' flags (rivals.txt),\n"
+        "its runs beside the rivals' in docs/collapse/study/rivals/."
+    ),
 }
 
 
@@ -93,7 +128,25 @@ def stage_c_line(arm: str, momentum: str, seed: int, image_source: str) -> str:
     )
 
 
+def dropout_line(mode: str, p, momentum: str, seed: int) -> str:
+    """One run of the dropout stability study: Stage C's flags (views separate, clip 0.2, 200
+    updates, procedural images), the arm's mode and p; its folder is stability/<mode>[_p<p>]_s<seed>
+    under docs/dropout/."""
+    dropout = f" --dropout-p {p}" if p else ""
+    arm = f"{mode}_p{p}" if p else mode
+    return (
+        f"python ppo_collapse_probe.py --mode {mode}{dropout} --bn-momentum {momentum} "
+        f"--view-batching separate --total-timesteps {STAGE_C_STEPS} --seed {seed} "
+        f"--run-name stability/{arm}_s{seed}"
+    )
+
+
 def run_list(stage: str, momentum: str, seeds: list, image_source: str = "procedural") -> list:
+    if stage in DROPOUT_STAGES:
+        arms = DROPOUT_STAGES[stage]
+        return [dropout_line(mode, p, momentum, seed) for seed in seeds for mode, p in arms]
+    if stage == "dropout-ln":  # the rivals' lines, one more mode
+        return [line("ln", momentum, seed, "rivals") for seed in seeds]
     if stage == "stage-c":
         return [
             stage_c_line(arm, momentum, seed, "procedural")
@@ -137,7 +190,8 @@ def main(argv=None) -> int:
         "--seeds",
         type=int,
         nargs="+",
-        help="default: 1-10 (stage-b), 1-4 (rivals), 11-26 / 11-18 (stage-c)",
+        help="default: 1-10 (stage-b), 1-4 (rivals, dropout-ln), 11-26 / 11-18 (stage-c), 31-42 "
+        "(dropout-step1/2)",
     )
     parser.add_argument(
         "--image-source",
@@ -150,10 +204,14 @@ def main(argv=None) -> int:
         "stage-b": range(1, 11),
         "stage-c": STAGE_C_SEEDS,
         "stage-c-photos": STAGE_C_PHOTO_SEEDS,
+        **{stage: DROPOUT_SEEDS for stage in DROPOUT_STAGES},
     }
     seeds = args.seeds or list(default_seeds.get(args.stage, range(1, 5)))
     runs_dir = OUT_C if args.stage.startswith("stage-c") else OUT
+    runs_dir = OUT_DROPOUT if args.stage in DROPOUT_STAGES else runs_dir
     out = args.out or runs_dir / f"{args.stage.replace('-', '_')}.txt"
+    if args.stage in DROPOUT_LISTS:
+        out = args.out or OUT_DROPOUT / DROPOUT_LISTS[args.stage]
     lines = run_list(args.stage, args.bn_momentum, seeds, args.image_source)
     repo = OUT.parent.parent.parent
     listed = out.relative_to(repo) if out.is_relative_to(repo) else out

@@ -1,7 +1,7 @@
-"""sweeps/make_collapse_lists.py: the collapse study's run lists (issues 12, 13, and Stage C of
-issue 26) are what docs/collapse.md and docs/collapse/study_c/PLAN.md describe, equal what the
-generator writes now, name distinct folders, pair their seeds across modes, and parse as the
-probe's own arguments."""
+"""sweeps/make_collapse_lists.py: the collapse study's run lists (issues 12, 13, Stage C of issue
+26 and the dropout study of issue 22) are what docs/collapse.md, docs/collapse/study_c/PLAN.md and
+docs/dropout/PLAN.md describe, equal what the generator writes now, name distinct folders, pair
+their seeds across modes, and parse as the probe's own arguments."""
 
 import importlib.util
 import re
@@ -133,3 +133,84 @@ def test_stage_c_lists_pair_fresh_seeds_across_arms_in_the_decisive_regime(
     # ordered by seed: a queue stopped early leaves whole pairs
     assert listed_seeds == sorted(listed_seeds)
     assert len(run_names) == len(listed_seeds) == len(arms) * len(seeds)  # one folder per run
+
+
+# issue 22 (docs/dropout/PLAN.md): the dropout stability lists and LayerNorm's
+DROPOUT = REPO / "docs" / "dropout"
+DROPOUT_LISTS = [
+    ("dropout-step1", "stability_step1.txt"),
+    ("dropout-step2", "stability_step2.txt"),
+    ("dropout-ln", "ln.txt"),
+]
+
+
+@pytest.mark.parametrize("stage, name", DROPOUT_LISTS)
+def test_dropout_lists_are_what_the_generator_writes_now(stage, name, tmp_path):
+    out = tmp_path / name
+    assert lists.main([stage, "--bn-momentum", "0.1", "--out", str(out)]) == 0
+    committed = DROPOUT / name
+    written = out.read_text().replace(str(out), str(committed.relative_to(REPO)))
+    assert written == committed.read_text()
+
+
+@pytest.mark.parametrize(
+    "name, arms",
+    [
+        ("stability_step1.txt", [("none", None), ("dropout", 0.1), ("dropout-mdr", 0.1)]),
+        ("stability_step2.txt", [("dropout", 0.2), ("dropout-mdr", 0.2)]),
+    ],
+)
+def test_dropout_stability_lists_pair_seeds_31_to_42_in_stage_c_regime(name, arms):
+    """PLAN.md's Study 1: 36 runs (step 1) and 24 (step 2), every arm on every seed 31-42, ordered
+    by seed, 200 updates in Stage C's regime, MDR(2,1) for dropout-mdr, one folder per run under
+    docs/dropout/ (the header's DEST)."""
+    path = DROPOUT / name
+    assert "run_and_commit.sh $CHECKOUT/docs/dropout < docs/dropout/" + name in path.read_text()
+    stage_c = shlex.split(commands(STUDY_C / "stage_c.txt")[0])
+    runs, listed_seeds = [], []
+    for line in commands(path):
+        argv = shlex.split(line)
+        assert argv[:2] == ["python", "ppo_collapse_probe.py"]
+        args = tyro.cli(probe.Args, args=argv[2:])
+        probe.validate_args(args)  # resolves the alphas and the dropout p
+        # Stage C's regime flags, as its list gives them
+        for flag in ("--bn-momentum", "--view-batching", "--total-timesteps"):
+            assert argv[argv.index(flag) + 1] == stage_c[stage_c.index(flag) + 1], flag
+        assert (args.view_batching, args.clip_coef, args.ent_coef) == ("separate", 0.2, 0.01)
+        assert (args.image_source, args.update_epochs) == ("procedural", 3)
+        assert args.total_timesteps == 200 * args.num_envs * args.num_steps
+        expected_alphas = (2, 1) if args.mode == "dropout-mdr" else (3, 0)
+        assert (args.alpha1, args.alpha2) == expected_alphas
+        arm = f"{args.mode}_p{args.dropout_p:g}" if args.dropout_p is not None else args.mode
+        assert args.run_name == f"stability/{arm}_s{args.seed}"
+        runs.append((args.mode, args.dropout_p, args.seed))
+        listed_seeds.append(args.seed)
+    assert len(runs) == len(set(runs)) == 12 * len(arms)  # one folder per run
+    assert sorted(runs) == sorted((m, p, s) for m, p in arms for s in range(31, 43))
+    # ordered by seed: a queue stopped early leaves whole triples (pairs)
+    assert listed_seeds == sorted(listed_seeds)
+
+
+def test_ln_list_is_the_rivals_lines_for_ln_beside_the_rivals_runs():
+    """PLAN.md's Study 3: --mode ln on seeds 1-4 with exactly the rivals' flags, its folders
+    beside theirs (DEST docs/collapse/study)."""
+    path = DROPOUT / "ln.txt"
+    assert (
+        "run_and_commit.sh $CHECKOUT/docs/collapse/study < docs/dropout/ln.txt" in path.read_text()
+    )
+    gn = [line for line in commands(Path(lists.OUT) / "rivals.txt") if "--mode gn " in line]
+    expected = [line.replace("gn", "ln") for line in gn]
+    assert len(expected) == 4
+    assert commands(path) == expected
+    rivals = {
+        re.search(r"--run-name (\S+)", line).group(1)
+        for line in commands(Path(lists.OUT) / "rivals.txt")
+    }
+    seeds = []
+    for line in commands(path):
+        args = tyro.cli(probe.Args, args=shlex.split(line)[2:])
+        probe.validate_args(args)
+        assert (args.mode, args.dropout_p) == ("ln", None)
+        assert args.run_name == f"rivals/ln_bnm0.1_s{args.seed}" and args.run_name not in rivals
+        seeds.append(args.seed)
+    assert seeds == [1, 2, 3, 4]
