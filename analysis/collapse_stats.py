@@ -1616,6 +1616,11 @@ GEN_REGIME = (
     "learning_rate",
     "num_envs",
     "num_steps",
+    "mdr_rounds",
+    "max_episode_steps",
+    "hidden_size",
+    "pretrained",
+    "view_batching",
 )
 GEN_FILES = ("generalization.md", "generalization_curves.png")
 
