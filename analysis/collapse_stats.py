@@ -33,7 +33,7 @@ decision, the fluctuation measure; stability.md and stability_*.png. With --gen-
 Study 2 (--study dropout-gen alone: DIR as --runs-dir): ppo_patchloc_mdr.py runs' final held-out
 gap, its paired differences and TOST; generalization.md and generalization_curves.png.
 
-    python analysis/collapse_stats.py --study dropout --runs-dir docs/dropout/study \
+    python analysis/collapse_stats.py --study dropout --runs-dir docs/dropout/stability \
         --gen-runs-dir docs/dropout/generalization --out-dir docs/dropout
 
 Runs paired with each other must come from one commit, CPU model and torch version (their
