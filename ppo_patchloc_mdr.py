@@ -1408,11 +1408,14 @@ def evaluate(agent, task_set, num_tasks: int, args: Args, device):
 
 
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first
-    episode -> eval_video.gif."""
+    """--evaluate PATH: held-out scores -> evaluation-N.json beside it (N: the first free, earlier
+    ones are kept); --capture-video: the first episode -> eval_video-N.gif. The run's own held-out
+    tasks (its task settings and seed), in its --num-eval-envs unless this command sets another."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
-        evaluation = {name: getattr(args, name) for name in ("num_eval_envs", "cuda", "track")}
+        evaluation = {name: getattr(args, name) for name in ("cuda", "track")}
+        if args.num_eval_envs != Args().num_eval_envs:
+            evaluation["num_eval_envs"] = args.num_eval_envs
         run_args = Args(
             **{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None}
         )
@@ -1424,17 +1427,26 @@ def evaluate_checkpoint(args: Args) -> int:
             f"--evaluate {args.evaluate}: not usable ({type(e).__name__}: {e})".splitlines()[0]
         ) from None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    folder = os.path.dirname(os.path.abspath(args.evaluate))
+    number = next_free_number(folder, "evaluation-{}.json")
+    print(
+        f"evaluating {args.evaluate} (iteration {checkpoint['iteration']}) on {device}: its "
+        f"{test_tasks.num_tasks} held-out tasks, each once, in {run_args.num_eval_envs} envs -> "
+        f"evaluation-{number}.json",
+        flush=True,
+    )
     test = evaluate(agent.to(device), test_tasks, test_tasks.num_tasks, run_args, device)
     result = {
         "checkpoint": args.evaluate,
         "iteration": checkpoint["iteration"],
         "global_step": checkpoint["global_step"],
+        "num_test_tasks": test_tasks.num_tasks,
+        "num_eval_envs": run_args.num_eval_envs,
     }
     result.update(
         episode_scalars(test, "test_"), test_normalized_rewards=test["normalized_r"].tolist()
     )
-    folder = os.path.dirname(os.path.abspath(args.evaluate))
-    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+    with open(os.path.join(folder, f"evaluation-{number}.json"), "w") as f:
         json.dump(result, f, indent=2)
     printed = {key: value for key, value in result.items() if key != "test_normalized_rewards"}
     print(json.dumps(printed))
@@ -1445,7 +1457,7 @@ def evaluate_checkpoint(args: Args) -> int:
                 test_tasks, 0, act, run_args.max_episode_steps, run_args.seed
             )
     frames = [Image.fromarray(frame) for frame in steps]
-    video = os.path.join(folder, "eval_video.gif") if frames else None
+    video = os.path.join(folder, f"eval_video-{number}.gif") if frames else None
     # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
     if frames:
         # duration in ms: slow, to follow the window
