@@ -623,15 +623,9 @@ def make_envs(args: Args):
     the probe); bad task settings are a ConfigError."""
     try:
         sizes = (args.num_tasks, 1, args.image_source, args.image_size, args.view_size)
-        train_tasks, _ = make_task_sets(
-            *sizes,
-            seed=args.seed,
-            targets_per_image=args.targets_per_image,
-            slide_mpp=args.slide_mpp,
-            slide_level=args.slide_level,
-            regions_per_slide=args.regions_per_slide,
-            min_tissue=args.min_tissue,
-        )
+        settings = ("targets_per_image", "slide_mpp", "slide_level", "regions_per_slide")
+        settings = {name: getattr(args, name) for name in (*settings, "min_tissue")}
+        train_tasks, _ = make_task_sets(*sizes, seed=args.seed, **settings)
         return PatchLocVecEnv(train_tasks, args.num_envs, max_steps=args.max_episode_steps)
     except PatchLocConfigError as e:
         raise ConfigError(str(e)) from None

@@ -65,20 +65,16 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group, e.g. one per (task set, norm, alpha) to aggregate seeds"""
     run_name: Optional[str] = None
-    """folder under runs/ (default: task set, norm, BN momentum, alphas and seed: a rerun of a
-    command finds its folder)"""
+    """folder under runs/ (default: task set, norm, BN momentum, alphas, seed: a rerun finds it)"""
     save_model: bool = False
-    """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every
-    `checkpoint_interval` and at the end"""
+    """if toggled, write runs/{run_name}/checkpoint.pt every checkpoint_interval and at the end"""
     checkpoint_interval: int = 20
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints
-    on): continue the run folder's checkpoint, start afresh in an empty folder, exit 0 if the run
-    is finished (README: "Run folders")"""
+    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto`: the folder's
+    checkpoint, else a fresh run; exit 0 if finished (README: "Run folders"; checkpoints on)"""
     overwrite: bool = False
-    """if toggled, a run folder that holds another run is moved aside to NAME.old-N (never
-    deleted) and the run starts afresh"""
+    """if toggled, a run folder holding another run is moved aside to NAME.old-N, never deleted"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md: measured
     # with ppo_procgen_mdr.py)
@@ -89,8 +85,7 @@ class Args:
     """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16);
     heads and losses in float32"""
     compile: bool = False
-    """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU
-    measured no faster)"""
+    """torch.compile the backbone (a compile per mode and batch shape, ~1 min; no faster on CPU)"""
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
 
@@ -113,8 +108,7 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     minibatch_size: int = 128
-    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is
-    smaller)"""
+    """the minibatch size m (the last of an epoch is smaller when m does not divide |D_k|)"""
     update_epochs: int = 3
     """the K epochs to update the policy (per round: alpha1 in train mode, then alpha2 in eval
     mode)"""
@@ -171,14 +165,12 @@ class Args:
     num_test_tasks: int = 500
     """number of held-out tasks, on images the training tasks never use"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download), or a folder of images (.jpg .png .tif, any
-    size) and/or whole-slide images (.svs .ndpi .mrxs .scn .bif, pyramidal .tif; docs/slides.md),
-    subfolders too"""
+    """'procedural' (built-in generator, no download), or a folder (subfolders too) of images (.jpg
+    .png .tif) and/or whole-slide images (.svs .ndpi .mrxs .scn .bif .tif; docs/slides.md)"""
     image_size: Optional[int] = None
     """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
     targets_per_image: int = 1
-    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred
-    images"""
+    """tasks (targets) drawn from each image (2048 tasks can come from a few hundred images)"""
     slide_mpp: Optional[float] = None
     """slides: micrometres per pixel of a task's image (None: 2.0, a 5x view; docs/slides.md)"""
     slide_level: Optional[int] = None
@@ -194,18 +186,15 @@ class Args:
 
     # Held-out evaluation
     eval_interval: int = 10
-    """iterations between evaluations on the held-out tasks (also run at the end); 0 = only at
-    the end"""
+    """iterations between held-out evaluations (one also runs at the end); 0 = only at the end"""
     num_eval_envs: int = 50
     """envs stepped in parallel during evaluation (each held-out task is run exactly once)"""
     num_render_episodes: int = 4
     """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
     evaluate: Optional[str] = None
-    """a checkpoint.pt to evaluate instead of training: held-out tasks, scores printed and saved
-    as evaluation.json"""
+    """a checkpoint.pt to evaluate on its held-out tasks instead of training (evaluation-N.json)"""
     capture_video: bool = False
-    """with --evaluate: also save the first held-out episode, drawn step by step, as
-    eval_video.gif (wandb with --track)"""
+    """with --evaluate: the first held-out episode, step by step, as eval_video-N.gif (and wandb)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
@@ -617,19 +606,11 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
 
 
 def task_sets(args: Args):
-    """Disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image
-    files)."""
+    """Disjoint training and held-out task sets from the seed (envs/ checks sizes and files)."""
     sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size)
-    return make_task_sets(
-        *sizes,
-        args.view_size,
-        seed=args.seed,
-        targets_per_image=args.targets_per_image,
-        slide_mpp=args.slide_mpp,
-        slide_level=args.slide_level,
-        regions_per_slide=args.regions_per_slide,
-        min_tissue=args.min_tissue,
-    )
+    settings = ("targets_per_image", "slide_mpp", "slide_level", "regions_per_slide", "min_tissue")
+    settings = {name: getattr(args, name) for name in settings}
+    return make_task_sets(*sizes, args.view_size, seed=args.seed, **settings)
 
 
 def make_envs(args: Args):
@@ -1432,11 +1413,14 @@ def evaluate(agent, task_set, num_tasks: int, args: Args, device):
 
 
 def evaluate_checkpoint(args: Args) -> int:
-    """--evaluate PATH: held-out scores -> evaluation.json beside it; --capture-video: the first
-    episode -> eval_video.gif."""
+    """--evaluate PATH: held-out scores -> evaluation-N.json beside it (N: the first free, earlier
+    ones are kept); --capture-video: the first episode -> eval_video-N.gif. The run's own held-out
+    tasks (its task settings and seed), in its --num-eval-envs unless this command sets another."""
     try:
         checkpoint = torch.load(args.evaluate, map_location="cpu", weights_only=True)
-        evaluation = {name: getattr(args, name) for name in ("num_eval_envs", "cuda", "track")}
+        evaluation = {name: getattr(args, name) for name in ("cuda", "track")}
+        if args.num_eval_envs != Args().num_eval_envs:
+            evaluation["num_eval_envs"] = args.num_eval_envs
         run_args = Args(
             **{**checkpoint["args"], **evaluation, "pretrained": False, "evaluate": None}
         )
@@ -1448,17 +1432,26 @@ def evaluate_checkpoint(args: Args) -> int:
             f"--evaluate {args.evaluate}: not usable ({type(e).__name__}: {e})".splitlines()[0]
         ) from None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    folder = os.path.dirname(os.path.abspath(args.evaluate))
+    number = next_free_number(folder, "evaluation-{}.json")
+    print(
+        f"evaluating {args.evaluate} (iteration {checkpoint['iteration']}) on {device}: its "
+        f"{test_tasks.num_tasks} held-out tasks, each once, in {run_args.num_eval_envs} envs -> "
+        f"evaluation-{number}.json",
+        flush=True,
+    )
     test = evaluate(agent.to(device), test_tasks, test_tasks.num_tasks, run_args, device)
     result = {
         "checkpoint": args.evaluate,
         "iteration": checkpoint["iteration"],
         "global_step": checkpoint["global_step"],
+        "num_test_tasks": test_tasks.num_tasks,
+        "num_eval_envs": run_args.num_eval_envs,
     }
     result.update(
         episode_scalars(test, "test_"), test_normalized_rewards=test["normalized_r"].tolist()
     )
-    folder = os.path.dirname(os.path.abspath(args.evaluate))
-    with open(os.path.join(folder, "evaluation.json"), "w") as f:
+    with open(os.path.join(folder, f"evaluation-{number}.json"), "w") as f:
         json.dump(result, f, indent=2)
     printed = {key: value for key, value in result.items() if key != "test_normalized_rewards"}
     print(json.dumps(printed))
@@ -1469,7 +1462,7 @@ def evaluate_checkpoint(args: Args) -> int:
                 test_tasks, 0, act, run_args.max_episode_steps, run_args.seed
             )
     frames = [Image.fromarray(frame) for frame in steps]
-    video = os.path.join(folder, "eval_video.gif") if frames else None
+    video = os.path.join(folder, f"eval_video-{number}.gif") if frames else None
     # the GIF, and an animated image in TensorBoard (its own video panel needs moviepy < 2)
     if frames:
         # duration in ms: slow, to follow the window

@@ -179,12 +179,12 @@ def draw_fig6(runs: list, path: str, note: str = "", column=clip_column):
 
 
 def draw_entropy_comparison(runs: list, path: str, clip: float):
-    """App. B layout: one row per mode that has runs at two or more entropy coefficients (at
+    """App. B layout: one row per arm that has runs at two or more entropy coefficients (at
     `clip`), one column per coefficient; thick line: the minimum over the two most fluctuating
-    seeds."""
+    seeds. An arm, not a mode: two dropout probabilities or epoch splits are never one row."""
     at_clip = [run for run in runs if math.isclose(run["clip_coef"], clip)]
     ent_coefs = sorted({run["ent_coef"] for run in at_clip}, reverse=True)
-    by_mode = group_runs(at_clip, key=lambda run: (run["mode"],))
+    by_mode = group_runs(at_clip, key=lambda run: (run["arm"],))
     modes = [
         key[0]
         for key, mode_runs in by_mode.items()
@@ -256,14 +256,24 @@ def draw_summary(rows: list, path: str, note: str = ""):
     save_figure(fig, "Collapse statistics" + (f"; {note}" if note else ""), path)
 
 
-def draw_paired_differences(panels: list, path: str, note: str = ""):
+PAIRED_YLABEL = "ΔAUC (points of optimal), paired by seed"
+PAIRED_TITLE = (
+    "Paired differences of the area under the reward curve: a dot per seed; "
+    "bar: mean; line: 95 % paired bootstrap interval"
+)
+
+
+def draw_paired_differences(
+    panels: list, path: str, note: str = "", ylabel=PAIRED_YLABEL, title=PAIRED_TITLE
+):
     """collapse_paired.png: one panel per entry (title, comparisons) of panels, a comparison being
     (label, its differences, one per seed, and (mean, low, high)): a dot per seed, the mean as a
-    bar and its interval as a line beside it."""
+    bar and its interval (NaN: none) as a line beside it. With another ylabel and title, any
+    values per seed (the dropout study's fluctuation per run)."""
     widths = [max(len(comparisons), 1) for _, comparisons in panels]
     size = (1.2 * len(panels) + 1.6 * sum(widths), 4.8)
     fig, axes = new_figure(1, len(panels), size, width_ratios=widths)
-    for ax, (title, comparisons) in zip(axes[0], panels):
+    for ax, (panel_title, comparisons) in zip(axes[0], panels):
         ax.axhline(0.0, color="grey", lw=0.8)
         for x, (label, differences, (mean, low, high)) in enumerate(comparisons):
             differences = np.asarray(differences, dtype=float)
@@ -277,12 +287,36 @@ def draw_paired_differences(panels: list, path: str, note: str = ""):
         ax.set_xticks(range(len(comparisons)))
         ax.set_xticklabels([label for label, *_ in comparisons], fontsize=8)
         ax.set_xlim(-0.6, max(len(comparisons), 1) - 0.4)
-        ax.set_ylabel("ΔAUC (points of optimal), paired by seed", fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(panel_title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, title + (f"; {note}" if note else ""), path)
+
+
+def draw_train_vs_heldout(panels: list, path: str, note: str = ""):
+    """The dropout study's generalization figure: one panel per entry (arm label, runs) of panels,
+    a run being (steps, train, held_out) of its held-out evaluations (train: the greedy policy on
+    as many training tasks): seeds thin, the mean over seeds (at the steps every seed reached)
+    thick; training tasks solid, held-out tasks dashed."""
+    fig, axes = new_figure(1, len(panels), (4.6 * len(panels), 3.8))
+    for ax, (label, runs) in zip(axes[0], panels):
+        for column, (name, style) in enumerate((("training tasks", "-"), ("held-out", "--"))):
+            color = f"C{column}"
+            for steps, *curves in runs:
+                ax.plot(steps, curves[column], color=color, ls=style, lw=0.7, alpha=0.4)
+            if runs:
+                length = min(len(steps) for steps, *_ in runs)
+                mean = np.mean([curves[column][:length] for _, *curves in runs], axis=0)
+                ax.plot(runs[0][0][:length], mean, color=color, ls=style, lw=2.2, label=name)
+        ax.set_title(f"{label} ({len(runs)} seed{'s' * (len(runs) != 1)})", fontsize=9)
+        ax.set(xlabel="environment steps", ylim=REWARD_YLIM)
+        ax.set_ylabel("normalized reward (% of optimal)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(fontsize=7)
     title = (
-        "Paired differences of the area under the reward curve: a dot per seed; "
-        "bar: mean; line: 95 % paired bootstrap interval"
+        "Greedy eval-mode policy on the training tasks (solid) and the held-out tasks (dashed); "
+        "thin: seeds, thick: mean"
     )
     save_figure(fig, title + (f"; {note}" if note else ""), path)
 
@@ -316,7 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cell",
         default="",
-        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)",
+        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views, p)",
     )
     parser.add_argument(
         "--modes", default="", help="only these modes (arms), comma-separated (default: all)"

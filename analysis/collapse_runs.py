@@ -139,8 +139,12 @@ MODE_ORDER = (
     "brn-mdr",
     "bn-wn",
     "gn",
+    "ln",
     "none",
+    "dropout",
+    "dropout-mdr",
 )
+DROPOUT_MODES = ("dropout", "dropout-mdr")  # the modes whose arm names their dropout probability
 SETTINGS = ("clip_coef", "ent_coef", "bn_momentum", "view_batching")  # a cell = arm + these
 SETTING_LABELS = {
     "clip_coef": "clip",
@@ -182,20 +186,31 @@ def mode_label(mode: str) -> str:
     return MODE_LABELS.get(mode, mode)
 
 
-def mode_rank(mode: str) -> tuple:
-    return (MODE_ORDER.index(mode), "") if mode in MODE_ORDER else (len(MODE_ORDER), mode)
+def mode_rank(arm: str) -> tuple:
+    """Arms in MODE_ORDER of their mode (an arm with a dropout probability: of the mode before it,
+    then by the probability); the others after, alphabetically."""
+    mode, _, p = arm.partition(" p")
+    if mode not in MODE_ORDER:
+        return (len(MODE_ORDER), arm)
+    return (MODE_ORDER.index(mode), p)
 
 
-def arm_name(mode: str, alpha1, alpha2) -> str:
+def arm_name(mode: str, alpha1, alpha2, dropout_p=None) -> str:
     """A run's arm: its mode, and what it changed of the update's epochs: '-e<E>' for a mode that
     trains all E epochs in train mode with E != DEFAULT_EPOCHS, the split for an MDR mode other
-    than MDR(2,1) ('bn-mdr12'). The runs of the first studies (all at the defaults) keep their
-    mode. alpha1/alpha2 None: not recorded (the defaults)."""
+    than MDR(2,1) ('bn-mdr12'); a dropout mode's probability after it ('dropout p0.1', so that two
+    probabilities are never one arm; 'dropout p?' where the run recorded none). The runs of the
+    first studies (all at the defaults) keep their mode. alpha1/alpha2 None: not recorded (the
+    defaults)."""
     if alpha1 is None or alpha2 is None:
-        return mode
-    if alpha2 == 0:
-        return mode if alpha1 == DEFAULT_EPOCHS else f"{mode}-e{alpha1}"
-    return mode if (alpha1, alpha2) == DEFAULT_MDR else f"{mode}{alpha1}{alpha2}"
+        arm = mode
+    elif alpha2 == 0:
+        arm = mode if alpha1 == DEFAULT_EPOCHS else f"{mode}-e{alpha1}"
+    else:
+        arm = mode if (alpha1, alpha2) == DEFAULT_MDR else f"{mode}{alpha1}{alpha2}"
+    if mode in DROPOUT_MODES:
+        arm += f" p{format_setting(dropout_p)}"
+    return arm
 
 
 def read_float(value) -> float:
@@ -270,6 +285,11 @@ def read_run(folder: str, name: str):
             int(float(first[key])) if first.get(key) not in (None, "") else run_args.get(key)
             for key in ("alpha1", "alpha2")
         ]
+        # a column of its own or the summary's args; None: a run from before the flag
+        dropout_p = first.get("dropout_p")
+        dropout_p = run_args.get("dropout_p") if dropout_p in (None, "") else dropout_p
+        recorded = first["mode"] in DROPOUT_MODES and dropout_p is not None
+        dropout_p = float(dropout_p) if recorded else None
         run = {
             "name": name,
             "status": summary.get("status", "completed") if summary else "unfinished",
@@ -279,6 +299,8 @@ def read_run(folder: str, name: str):
             "ent_coef": float(first["ent_coef"]),
             "alpha1": alphas[0],
             "alpha2": alphas[1],
+            # the dropout modes' probability (None for the other modes, or not recorded)
+            "dropout_p": dropout_p,
             "bn_momentum": run_args.get("bn_momentum"),  # None: no summary.json (not finished)
             # runs before the flag: joint
             "view_batching": run_args.get("view_batching", "joint" if run_args else None),
@@ -288,7 +310,7 @@ def read_run(folder: str, name: str):
             "collapse_index": None,  # set by mark_collapses
             "collapse_criterion": None,
         }
-        run["arm"] = arm_name(run["mode"], *alphas)
+        run["arm"] = arm_name(run["mode"], *alphas, dropout_p)
         for column in SERIES:
             run[column] = np.array([read_float(row[column]) for row in rows])
         run["entropy_source"] = "acting_entropy" if "acting_entropy" in first else "entropy"
@@ -397,9 +419,10 @@ def matches(setting, value: str) -> bool:
 
 
 def select_cells(runs: list, cell: str) -> list:
-    """Runs whose settings match every key=value of `cell` (keys: mode, i.e. the arm, and the
-    SETTING_LABELS values)."""
+    """Runs whose settings match every key=value of `cell` (keys: mode, i.e. the arm, p, the
+    dropout probability, and the SETTING_LABELS values)."""
     keys = {"mode": "arm", **{label: setting for setting, label in SETTING_LABELS.items()}}
+    keys["p"] = "dropout_p"
     selected = runs
     for item in filter(None, cell.split(",")):
         name, _, value = item.partition("=")
@@ -605,3 +628,78 @@ def check_stage_c_regime(run, family: str) -> None:
         got = ", ".join(f"{key} {run['args'].get(key, run.get(key))}" for key in wrong)
         plan = ", ".join(f"{key} {value}" for key, value in STAGE_C_REGIME.items())
         raise ConfigError(f"{run['name']}: {got}: not the plan's regime ({plan}; {family} images)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout study's Study 1 (docs/dropout/PLAN.md): its arms, probabilities, seeds and regime
+
+DROPOUT_ARMS = {  # (mode, alpha1, alpha2) -> the plan's arm, before its probability
+    ("none", 3, 0): "none",
+    ("dropout", 3, 0): "dropout",
+    ("dropout-mdr", 2, 1): "dropout-mdr",
+}
+DROPOUT_STEPS = {0.1: 1, 0.2: 2}  # the plan's dropout probabilities -> the step that runs them
+DROPOUT_SEEDS = range(31, 43)  # fresh paired seeds 31-42
+# what every run of the plan has (its summary.json args): Stage C's regime, BN momentum aside
+DROPOUT_REGIME = {key: value for key, value in STAGE_C_REGIME.items() if key != "bn_momentum"}
+
+
+def with_p(arm: str, p) -> str:
+    """The plan's arm at dropout probability p: 'dropout p0.1'; none has no probability."""
+    return arm if arm == "none" else f"{arm} p{format_setting(p)}"
+
+
+def dropout_study_runs(runs: list) -> list:
+    """Sets each run's arm ('none', 'dropout p0.1', 'dropout-mdr p0.2', ...) and returns the runs.
+    A ConfigError for a run the plan does not have: of another mode or epoch split, at another
+    probability, with a seed outside 31-42, a second run of one arm and seed, or a finished run of
+    another regime. A run that has not finished and recorded no probability yet (its summary.json
+    is written at the end) keeps 'p?': it is named, never analysed."""
+    seen = {}
+    for run in runs:
+        arm = DROPOUT_ARMS.get((run["mode"], run["alpha1"], run["alpha2"]))
+        if arm is None:
+            arms = ", ".join(f"--mode {mode} ({a1},{a2})" for mode, a1, a2 in DROPOUT_ARMS)
+            raise ConfigError(
+                f"{run['name']}: --mode {run['mode']} with {run['alpha1']} train-mode and "
+                f"{run['alpha2']} eval-mode epochs is not an arm of the plan ({arms})"
+            )
+        p = run["dropout_p"]
+        known = arm == "none" or (
+            p is not None and any(math.isclose(p, planned) for planned in DROPOUT_STEPS)
+        )
+        if not known and (p is not None or run["status"] != "unfinished"):
+            planned = " or ".join(f"{planned:g}" for planned in DROPOUT_STEPS)
+            raise ConfigError(
+                f"{run['name']}: dropout probability {format_setting(p)} is not the plan's "
+                f"({planned})"
+            )
+        if run["seed"] not in DROPOUT_SEEDS:
+            raise ConfigError(
+                f"{run['name']}: seed {run['seed']} is not one of the plan's seeds "
+                f"({DROPOUT_SEEDS[0]}-{DROPOUT_SEEDS[-1]})"
+            )
+        run["arm"] = with_p(arm, p)
+        # two killed runs that recorded no probability yet may be of two probabilities
+        twin = seen.setdefault((run["arm"], run["seed"]), run["name"]) if known else run["name"]
+        if twin != run["name"]:
+            raise ConfigError(
+                f"{twin} and {run['name']}: two runs of {run['arm']}, seed {run['seed']}"
+            )
+        if run["status"] != "unfinished":
+            check_dropout_regime(run)
+    return runs
+
+
+def check_dropout_regime(run) -> None:
+    """A finished run of the dropout study has the plan's settings (its summary.json args)."""
+    found = {key: run["args"].get(key, run.get(key)) for key in DROPOUT_REGIME}
+    wrong = [key for key, value in DROPOUT_REGIME.items() if not matches(found[key], str(value))]
+    if run["args"].get("image_source") != "procedural":
+        wrong.append("image_source")
+    if wrong:
+        got = ", ".join(f"{key} {run['args'].get(key, run.get(key))}" for key in wrong)
+        plan = ", ".join(f"{key} {value}" for key, value in DROPOUT_REGIME.items())
+        raise ConfigError(
+            f"{run['name']}: {got}: not the plan's regime ({plan}; procedural images)"
+        )

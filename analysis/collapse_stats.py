@@ -9,6 +9,7 @@
 Every metrics.csv under --runs-dir is one run; a cell is (arm, clip, entropy coefficient, BN
 momentum, view batching) and its runs differ by seed. An arm is the mode, with what it changed of
 the update's epochs (bn-e2: 2 epochs; bn-mdr12: MDR(1,2)); the first studies' runs keep their mode.
+A dropout mode's arm names its probability (dropout p0.1, dropout-mdr p0.2): never one cell.
 Per cell: the collapse rate with a 95 % Clopper-Pearson interval; against the reference arm's cell
 of the same settings, paired by seed: an exact McNemar test (a two-sided binomial test of the
 discordant pairs, b of b + c at p = 1/2) and paired bootstrap 95 % intervals (percentile method) of
@@ -26,6 +27,15 @@ followed by the old definition's).
 procedural/ and photos/: the revised definition with the old one beside it in every table, the
 primary and the Holm-corrected secondary tests, recovery, and collapse_paired.png (the paired
 differences); it reports on whatever runs have finished, with how many pairs are complete.
+--study dropout: Study 1 of docs/dropout/PLAN.md (none, dropout, dropout-mdr at each dropout
+probability found, seeds 31-42): the primary sign-flip test, the Holm family D1-D4, the Step 2
+decision, the fluctuation measure; stability.md and stability_*.png. With --gen-runs-dir DIR, also
+Study 2 (--study dropout-gen alone: DIR as --runs-dir): ppo_patchloc_mdr.py runs' final held-out
+gap, its paired differences and TOST; generalization.md and generalization_curves.png.
+
+    python analysis/collapse_stats.py --study dropout --runs-dir docs/dropout/stability \
+        --gen-runs-dir docs/dropout/generalization --out-dir docs/dropout
+
 Runs paired with each other must come from one commit, CPU model and torch version (their
 summary.json provenance) unless --allow-mixed; runs that did not finish are named, not analysed.
 """
@@ -37,27 +47,34 @@ import statistics
 import sys
 
 import numpy as np
-from collapse_figures import draw_fig6, draw_paired_differences, draw_summary
+from collapse_figures import draw_fig6, draw_paired_differences, draw_summary, draw_train_vs_heldout
 from collapse_runs import (
     CRITERIA,
     DEFINITIONS,
+    DROPOUT_ARMS,
+    DROPOUT_SEEDS,
+    DROPOUT_STEPS,
     ENTROPY_REWARD_FRACTION,
     LEARNING_STARTED,
     REWARD_FRACTION,
     SETTING_LABELS,
     SETTINGS,
+    SMOOTH_WINDOW,
     STAGE_C_FAMILIES,
     ArgumentParser,
     ConfigError,
+    CorruptRun,
     cell_label,
     check_provenance,
     collapse_onset,
     definition_text,
+    dropout_study_runs,
     finished,
     format_setting,
     group_runs,
     mark_collapses,
     mode_label,
+    mode_rank,
     provenance_summary,
     read_runs,
     read_runs_and_skipped,
@@ -67,6 +84,7 @@ from collapse_runs import (
     smoothed_rewards,
     stage_c_runs,
     varying_settings,
+    with_p,
 )
 from scipy import stats
 
@@ -709,12 +727,13 @@ FAMILY_TITLES = {"procedural": "Procedural images", "photos": "Real photographs"
 
 
 class Family:
-    """One family of Stage C (procedural/ or photos/): its finished runs' measures under both
-    definitions (collapses decided by `criteria`), by arm and seed."""
+    """One family of runs paired by seed: Stage C's procedural/ or photos/ (arms and seeds the
+    plan's, by name), or those given: its finished runs' measures under both definitions
+    (collapses decided by `criteria`), by arm and seed."""
 
-    def __init__(self, name: str, runs: list, criteria=CRITERIA):
+    def __init__(self, name: str, runs: list, criteria=CRITERIA, arms=None, seeds=None):
         self.name = name
-        self.arms, self.seeds = STAGE_C_FAMILIES[name]
+        self.arms, self.seeds = (arms, seeds) if arms else STAGE_C_FAMILIES[name]
         self.runs = runs
         self.by_definition = {}
         for definition in DEFINITIONS:
@@ -833,7 +852,8 @@ def secondary_table(results: list) -> str:
             )
         rows.append(
             [
-                f"{result['name']}: AUC {result['arm']} − {result['other']}",
+                f"{result['name']}: {result.get('outcome', 'AUC')} {result['arm']} − "
+                f"{result['other']}",
                 result["question"],
                 str(result["pairs"]),
                 format_difference(result["bootstrap"], result["pairs"]),
@@ -1121,6 +1141,781 @@ def stage_c_report(args, runs: list, unfinished: list, skipped: list, command: s
 
 
 # --------------------------------------------------------------------------------------------------
+# The dropout study (docs/dropout/PLAN.md). Study 1, stability on the probe: its pre-registered
+# tests by dropout probability, on whatever runs have finished, with the Step 2 decision.
+
+
+def fluctuation(rewards) -> float:
+    """The plan's fluctuation of a run: the mean absolute update-to-update change of the smoothed
+    reward (moving average over SMOOTH_WINDOW updates; updates without a finished episode skipped),
+    over the updates after learning started (its best smoothed reward so far >= LEARNING_STARTED):
+    the changes from the update where it started on. NaN for a run that never started learning (or
+    started at its last update: no change to measure)."""
+    _, smoothed, best = smoothed_rewards(rewards)
+    started = np.flatnonzero(best >= LEARNING_STARTED)
+    if len(started) == 0 or started[0] == len(smoothed) - 1:
+        return math.nan
+    return float(np.mean(np.abs(np.diff(smoothed[started[0] :]))))
+
+
+DROPOUT_PRIMARY = ("dropout-mdr", "dropout")  # ΔAUC, exact sign-flip test, at p 0.1
+DROPOUT_PRIMARY_P = 0.1
+DROPOUT_PRIMARY_CALLED = "Dropout+MDR is more stable than dropout"
+# (name, arm, minus arm, outcome, question, what the claim is called, the claim's sign)
+DROPOUT_SECONDARY = (
+    (
+        "D1",
+        "dropout",
+        "none",
+        "auc",
+        "does dropout underperform no normalization? (Fig. 4)",
+        "dropout underperforms no normalization",
+        -1,
+    ),
+    (
+        "D2",
+        "dropout-mdr",
+        "none",
+        "auc",
+        "does Dropout+MDR beat no normalization?",
+        "Dropout+MDR beats no normalization",
+        +1,
+    ),
+    (
+        "D3",
+        "dropout",
+        "none",
+        "fluctuation",
+        "does dropout fluctuate more? (Fig. 4)",
+        "dropout fluctuates more than no normalization",
+        +1,
+    ),
+    (
+        "D4",
+        "dropout-mdr",
+        "dropout",
+        "fluctuation",
+        "does the rectification calm it?",
+        "Dropout+MDR fluctuates less than dropout",
+        -1,
+    ),
+)
+OUTCOME_NAMES = {"auc": "AUC", "final": "final", "fluctuation": "fluctuation"}
+DROPOUT_PAIRS = (("dropout", "none"), ("dropout-mdr", "none"), ("dropout-mdr", "dropout"))
+
+
+def dropout_family(p: float, runs: list) -> Family:
+    """The runs of none and of both dropout arms at p, paired by seed, with each run's
+    fluctuation beside its measures."""
+    arms = tuple(with_p(arm, p) for arm in ("none", "dropout", "dropout-mdr"))
+    family = Family(
+        f"p {p:g}", [run for run in runs if run["arm"] in arms], arms=arms, seeds=DROPOUT_SEEDS
+    )
+    for by_arm in family.by_definition.values():
+        for by_seed in by_arm.values():
+            for measures in by_seed.values():
+                measures["fluctuation"] = fluctuation(measures["run"]["normalized_reward"])
+    family.p = p
+    return family
+
+
+def finite_count(family: Family, arm: str, other: str, outcome: str) -> int:
+    """The pairs of arm and other with a value of `outcome` in both (fluctuation: runs that
+    learned)."""
+    return len(finite_pairs(*family.values(arm, other, outcome))[0])
+
+
+def dropout_test(family: Family, arm: str, other: str, outcome: str) -> dict:
+    """Δoutcome arm minus other at the family's p: pairs, bootstrap, exact sign-flip p."""
+    arm, other = with_p(arm, family.p), with_p(other, family.p)
+    mine, theirs = family.values(arm, other, outcome)
+    return {
+        "arm": arm,
+        "other": other,
+        "pairs": finite_count(family, arm, other, outcome),
+        "bootstrap": paired_bootstrap(mine, theirs),
+        "p": sign_flip_test(mine, theirs),
+    }
+
+
+def dropout_primary(family: Family) -> dict:
+    result = dropout_test(family, *DROPOUT_PRIMARY, "auc")
+    reject = math.isfinite(result["p"]) and result["p"] < ALPHA
+    result["called"] = called(
+        result["p"], reject, result["bootstrap"][0] > 0, DROPOUT_PRIMARY_CALLED
+    )
+    return result
+
+
+def dropout_secondary(family: Family) -> list:
+    """D1-D4 at the family's p with their sign-flip p-values and Holm's verdicts (one family)."""
+    results = []
+    for name, arm, other, outcome, question, success, sign in DROPOUT_SECONDARY:
+        result = dropout_test(family, arm, other, outcome)
+        result.update(name=name, test="sign-flip", question=question, success=success)
+        result.update(outcome=f"{OUTCOME_NAMES[outcome]}", sign=sign)
+        results.append(result)
+    for result, (level, reject, adjusted) in zip(
+        results, holm([result["p"] for result in results], ALPHA)
+    ):
+        positive = result["sign"] * result["bootstrap"][0] > 0
+        result.update(level=level, reject=reject, adjusted=adjusted)
+        result["called"] = called(result["p"], reject, positive, result["success"])
+    return results
+
+
+def step2_decision(dropout_vs_none: tuple, mdr_vs_dropout: tuple, pairs: int) -> tuple:
+    """The plan's rule, from Step 1's ΔAUC intervals (mean, low, high): Step 2 runs unless
+    dropout − none lies below 0 and dropout-mdr − dropout above 0. (True: it must run, False: it
+    need not, None: not yet decidable, fewer than 2 pairs; the sentence). `pairs`: Step 1's seeds
+    finished in all three arms; with fewer than the plan's the decision is provisional."""
+    (_, low1, high1), (_, low2, high2) = dropout_vs_none, mdr_vs_dropout
+    planned = len(DROPOUT_SEEDS)
+    shown = (
+        f"ΔAUC dropout − none [{low1:+.1f}, {high1:+.1f}], dropout-mdr − dropout "
+        f"[{low2:+.1f}, {high2:+.1f}]"
+    )
+    if not all(math.isfinite(v) for v in (low1, high1, low2, high2)):
+        return None, (
+            f"Step 2: not yet decidable (Step 1 has {pairs} of {planned} seeds in every arm; "
+            "an interval needs 2 pairs)."
+        )
+    resolved = high1 < 0 and low2 > 0
+    text = (
+        f"Step 2 need not run: Step 1 resolves both of the paper's claims ({shown})."
+        if resolved
+        else "Step 2 must run: Step 1 leaves the question open (" + shown + "; the plan "
+        "needs the first interval below 0 and the second above 0)."
+    )
+    if pairs < planned:
+        text = (
+            f"Provisional, Step 1 has {pairs} of {planned} seeds in every arm (the plan decides "
+            f"on the complete Step 1): {text}"
+        )
+    return (not resolved), text
+
+
+def fluctuation_text() -> str:
+    return (
+        "Fluctuation (the plan's): the mean absolute update-to-update change of the smoothed "
+        f"reward (moving average over {SMOOTH_WINDOW} updates, updates without a finished episode "
+        f"skipped), over the updates after learning started (best so far >= {LEARNING_STARTED:g} "
+        "% of optimal), in points of optimal per update. A run that never started learning has no "
+        "value; it is named below and left out of the fluctuation pairs."
+    )
+
+
+def dropout_methods() -> str:
+    return (
+        "Methods (fixed by the plan): AUC = mean normalized reward over the run's updates "
+        f"(points of optimal), final = mean over the last {FINAL_UPDATES} updates. Primary: ΔAUC "
+        f"dropout-mdr − dropout at p {DROPOUT_PRIMARY_P:g}, exact two-sided paired sign-flip "
+        f"permutation test (all 2^n sign assignments) at alpha {ALPHA:g}. Secondary D1-D4, per p: "
+        f"the same test, Holm's step-down as one family at a family-wise {ALPHA:g}. Intervals: "
+        f"paired bootstrap percentile {CONFIDENCE:.0%} ({BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}). Reported, not tested: Δfinal, collapse rates with exact "
+        f"Clopper-Pearson {CONFIDENCE:.0%} intervals, exact McNemar (two-sided binomial test of b, "
+        "the first arm only collapsed, among the b + c discordant pairs at p = 1/2). "
+        f"⚠ marks an interval over fewer than {FEW_SEEDS} pairs."
+    )
+
+
+def dropout_completeness(families: list, others: list) -> str:
+    """Per step: how many of the plan's runs have finished, which did not, complete seeds."""
+    lines = []
+    for family in families:
+        step = DROPOUT_STEPS[family.p]
+        arms = family.arms if step == 1 else family.arms[1:]  # Step 2 reuses none's runs
+        counts = ", ".join(
+            f"{arm} {len(family.measures(arm))}/{len(DROPOUT_SEEDS)}" for arm in arms
+        )
+        done = sum(len(family.measures(arm)) for arm in arms)
+        complete = family.complete_seeds()
+        lines.append(
+            f"Step {step} (p {family.p:g}): {done} of the plan's {len(arms) * len(DROPOUT_SEEDS)} "
+            f"runs finished ({counts}); seeds finished in every arm: {len(complete)} of "
+            f"{len(DROPOUT_SEEDS)}" + (f" ({seed_list(complete)})" if complete else "") + "."
+        )
+    if others:
+        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in others)
+        lines.append(f"Not finished or failed, not analysed ({len(others)}): {names}.")
+    lines.append("Each paired test uses the seeds finished in both of its arms (pairs below).")
+    return "\n\n".join(lines)
+
+
+def dropout_primary_table(result: dict) -> str:
+    row = [
+        f"AUC {result['arm']} − {result['other']}",
+        str(result["pairs"]),
+        format_difference(result["bootstrap"], result["pairs"]),
+        f"exact sign-flip permutation (2^{result['pairs']})",
+        format_p(result["p"]),
+        result["called"],
+    ]
+    header = ["test", "pairs", "mean Δ [95 % paired bootstrap]", "p-value of", "p"]
+    return markdown_table(header + [f"called (at {ALPHA:g})"], [row])
+
+
+def dropout_arms_table(family: Family) -> str:
+    """arms_table's columns and the fluctuation per arm: mean over the runs with a value, their
+    number, the runs without one."""
+    base = arms_table(family).splitlines()
+    rows = [base[0] + " fluctuation, mean [min-max] |", base[1] + "---|"]
+    for line, arm in zip(base[2:], family.arms):
+        values = [m["fluctuation"] for m in family.measures(arm).values()]
+        finite = [v for v in values if math.isfinite(v)]
+        text = f"{np.mean(finite):.2f} [{min(finite):.2f}-{max(finite):.2f}]" if finite else "–"
+        if len(finite) < len(values):
+            text += f" ({len(values) - len(finite)} never learned)"
+        rows.append(line + f" {text} |")
+    return "\n".join(rows)
+
+
+def dropout_comparisons_table(family: Family) -> str:
+    rows = []
+    for arm, other in DROPOUT_PAIRS:
+        arm, other = with_p(arm, family.p), with_p(other, family.p)
+        pairs = len(family.pairs(arm, other))
+        row = [f"{arm} vs {other}", str(pairs)]
+        row += [mcnemar_text(family.mcnemar(arm, other, d)) for d in ("revised", "old")]
+        for outcome in ("auc", "final", "fluctuation"):
+            n = finite_count(family, arm, other, outcome)
+            row.append(format_difference(family.difference(arm, other, outcome), n))
+        rows.append(row)
+    header = ["comparison", "pairs", "McNemar p (b/c, pairs), revised", "McNemar p, old"]
+    header += ["ΔAUC [95 % CI]", "Δfinal [95 % CI]", "Δfluctuation [95 % CI]"]
+    return markdown_table(header, rows)
+
+
+def dropout_runs_table(family: Family, include_none: bool) -> str:
+    rows = []
+    for run in sorted(family.runs, key=lambda run: run["name"]):
+        if run["arm"] == "none" and not include_none:
+            continue
+        revised = family.measures(run["arm"], "revised")[run["seed"]]
+        old = family.measures(run["arm"], "old")[run["seed"]]
+        smoothed = run["smoothed_reward"][np.isfinite(run["smoothed_reward"])]
+        value = revised["fluctuation"]
+        rows.append(
+            [
+                f"`{run['name']}`",
+                run["arm"],
+                flagged_text(revised["run"]),
+                flagged_text(old["run"]),
+                f"{revised['auc']:.1f}",
+                f"{revised['final']:.1f}",
+                f"{value:.2f}" if math.isfinite(value) else "– (never learned)",
+                f"{smoothed.max():.1f}" if len(smoothed) else "–",
+                str(len(run["iteration"])),
+            ]
+        )
+    header = ["run", "arm", "collapse (revised)", "collapse (old)", "AUC", "final reward"]
+    header += ["fluctuation", "best smoothed reward", "updates"]
+    return markdown_table(header, rows)
+
+
+def never_learned(families: list) -> list:
+    """The names of the finished runs without a fluctuation value (each once)."""
+    names = {
+        measures["run"]["name"]
+        for family in families
+        for by_seed in family.by_definition["revised"].values()
+        for measures in by_seed.values()
+        if not math.isfinite(measures["fluctuation"])
+    }
+    return sorted(names)
+
+
+def dropout_report(args, runs: list, unfinished: list, skipped: list, command: str) -> tuple:
+    """(report text, printed summary, figure rows, fluctuation panels, paired panels)."""
+    ps = sorted(
+        {
+            p
+            for p in DROPOUT_STEPS
+            if p == DROPOUT_PRIMARY_P
+            or any(run["arm"] != "none" and math.isclose(run["dropout_p"], p) for run in runs)
+        }
+    )
+    families = [dropout_family(p, runs) for p in ps]
+    report = [
+        f"# Dropout, Study 1 (stability): statistics of {args.runs_dir}\n",
+        f"Written by `{command}`.\n",
+        "Pre-registration: docs/dropout/PLAN.md (Study 1). Every number below is computed from "
+        "the runs' committed metrics.csv files.\n",
+        f"Revised definition (primary): {definition_text('revised')}\n",
+        f"Old definition (the first study's, beside it in every table): {definition_text('old')}\n",
+        fluctuation_text() + "\n",
+        dropout_methods() + "\n",
+        provenance_summary(runs, args.allow_mixed) + "\n" if runs else "No finished runs yet.\n",
+    ]
+    if skipped:
+        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+    report += ["## Completeness\n", dropout_completeness(families, unfinished) + "\n"]
+    fewest = min(len(family.complete_seeds()) for family in families)
+    if fewest < FEW_SEEDS:
+        report.append(
+            f"⚠ Caution: fewer than {FEW_SEEDS} seeds are finished in every arm ({fewest} at the "
+            "fewest): the intervals and p-values below say little yet.\n"
+        )
+    learned_not = never_learned(families)
+    if learned_not:
+        report.append(
+            f"Never started learning, no fluctuation value ({len(learned_not)}): "
+            + ", ".join(f"`{name}`" for name in learned_not)
+            + ".\n"
+        )
+    first = families[0]
+    _, decision_text = step2_decision(
+        first.difference(with_p("dropout", first.p), "none", "auc"),
+        first.difference(with_p("dropout-mdr", first.p), with_p("dropout", first.p), "auc"),
+        len(first.complete_seeds()),
+    )
+    report += ["## Step 2 decision (from Step 1's ΔAUC intervals, the plan's rule)\n"]
+    report.append(decision_text + "\n")
+    printed = [decision_text]
+    for family in families:
+        step = DROPOUT_STEPS[family.p]
+        report.append(f"## p {family.p:g} (Step {step})\n")
+        if not family.runs:
+            report.append("No finished runs yet.\n")
+            continue
+        primary = dropout_primary(family)
+        title = (
+            "Primary test"
+            if family.p == DROPOUT_PRIMARY_P
+            else (
+                f"The primary comparison at p {family.p:g} (Step 2; the plan's primary is at p "
+                f"{DROPOUT_PRIMARY_P:g})"
+            )
+        )
+        secondary = dropout_secondary(family)
+        report += [
+            f"### {title}\n",
+            dropout_primary_table(primary) + "\n",
+            f"### Secondary tests (Holm over D1-D4 at p {family.p:g}, family-wise {ALPHA:g})\n",
+            secondary_table(secondary) + "\n",
+            "### Arms\n",
+            dropout_arms_table(family) + "\n",
+            "### Paired comparisons (reported, not tested)\n",
+            "b/c: the first arm only / the second only collapsed. Differences: the first minus "
+            "the second.\n",
+            dropout_comparisons_table(family) + "\n",
+            "### Runs\n",
+            dropout_runs_table(family, include_none=step == 1) + "\n",
+        ]
+        printed.append(
+            f"p {family.p:g}: ΔAUC {primary['arm']} − {primary['other']} "
+            f"{format_difference(primary['bootstrap'], primary['pairs'])}, sign-flip p = "
+            f"{format_p(primary['p'])} ({primary['pairs']} pairs): {primary['called']}"
+        )
+        printed += [
+            f"  {r['name']} {r['outcome']} {r['arm']} − {r['other']}: "
+            f"{format_difference(r['bootstrap'], r['pairs'])}, p = {format_p(r['p'])}: "
+            f"{r['called']}"
+            for r in secondary
+        ]
+    rows, fluctuation_panels, paired_panels = [], [], []
+    for family in families:
+        cells, values = [], []
+        for arm in family.arms:
+            measures = {d: family.measures(arm, d) for d in ("revised", "old")}
+            if not measures["revised"]:
+                continue
+            curves = [
+                (*kaplan_meier(*zip(*[(m["time"], m["collapsed"]) for m in by_seed.values()])), d)
+                for d, by_seed in measures.items()
+            ]
+            cells.append((arm, [m["run"] for m in measures["revised"].values()], curves))
+            fluct = [m["fluctuation"] for m in measures["revised"].values()]
+            values.append(
+                (
+                    arm,
+                    [v for v in fluct if math.isfinite(v)],
+                    (finite_mean(fluct), math.nan, math.nan),
+                )
+            )
+        if not cells:
+            continue
+        rows.append((f"p {family.p:g}", cells))
+        fluctuation_panels.append((f"p {family.p:g}", values))
+        drawn = []
+        for arm, other in DROPOUT_PAIRS:
+            arm, other = with_p(arm, family.p), with_p(other, family.p)
+            mine, theirs = family.values(arm, other, "auc")
+            differences = np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)
+            drawn.append((f"{arm}\n− {other}", differences, family.difference(arm, other, "auc")))
+        paired_panels.append((f"p {family.p:g}", drawn))
+    return "\n".join(report), "\n".join(printed), rows, fluctuation_panels, paired_panels
+
+
+STABILITY_FILES = ("stability.md", "stability_rewards.png", "stability_fluctuation.png")
+STABILITY_FILES += ("stability_paired.png",)
+
+
+def main_dropout(args, command: str) -> int:
+    """--study dropout: Study 1 of docs/dropout/PLAN.md on every run under --runs-dir (and, with
+    --gen-runs-dir, Study 2)."""
+    all_runs, skipped = read_runs_and_skipped(args.runs_dir, allow_none=True)
+    runs, unfinished = finished(dropout_study_runs(all_runs))
+    pairs = [
+        [run for run in runs if run["arm"] in {with_p(arm, p) for arm in DROPOUT_ARMS.values()}]
+        for p in DROPOUT_STEPS
+    ]
+    check_provenance(pairs, args.allow_mixed)
+    generalization = gen_analysis(args, command) if args.gen_runs_dir else None
+    report, printed, rows, fluctuation_panels, paired_panels = dropout_report(
+        args, runs, unfinished, skipped, command
+    )
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, STABILITY_FILES[0]), "w") as f:
+        f.write(report)
+    written = [STABILITY_FILES[0]]
+    if rows:
+        path = os.path.join(args.out_dir, STABILITY_FILES[1])
+        draw_summary(
+            rows, path, "the dropout study, Study 1 (revised definition solid, old dotted)"
+        )
+        draw_paired_differences(
+            fluctuation_panels,
+            os.path.join(args.out_dir, STABILITY_FILES[2]),
+            ylabel="fluctuation (points of optimal per update)",
+            title="Fluctuation per run (the plan's: mean |change| of the smoothed reward after "
+            "learning started): a dot per run that learned; bar: the arm's mean",
+        )
+        draw_paired_differences(paired_panels, os.path.join(args.out_dir, STABILITY_FILES[3]))
+        written += list(STABILITY_FILES[1:])
+    print(printed)
+    if generalization:
+        written += write_gen(args, *generalization)
+    print(
+        f"\nwrote {', '.join(written)} to {args.out_dir} ({len(runs)} finished runs, "
+        f"{len(unfinished)} not finished)"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout study's Study 2, generalization: ppo_patchloc_mdr.py runs (TensorBoard events,
+# args.json, summary.json), their final held-out gap and its paired differences
+
+GAP_TAG = "charts/generalization_gap"  # train minus held-out normalized reward, points
+HELD_OUT_TAG = "charts/test_normalized_reward"  # the greedy policy on the held-out tasks
+GAP_EVALUATIONS = 3  # the final gap: the mean over the last held-out evaluations
+GAP_MARGIN = 5.0  # the TOST margin of dropout-mdr vs dropout, points of gap
+# what every run of the study shares (args.json); the arms differ in norm, alpha2 and dropout_p
+GEN_REGIME = (
+    "num_tasks",
+    "num_test_tasks",
+    "image_source",
+    "view_size",
+    "total_timesteps",
+    "eval_interval",
+    "update_epochs",
+    "clip_coef",
+    "ent_coef",
+    "learning_rate",
+    "num_envs",
+    "num_steps",
+    "mdr_rounds",
+    "max_episode_steps",
+    "hidden_size",
+    "pretrained",
+    "view_batching",
+)
+GEN_FILES = ("generalization.md", "generalization_curves.png")
+
+
+def gen_arm(config: dict):
+    """The plan's arm of a ppo_patchloc_mdr.py run's arguments: none (--norm none --alpha2 0),
+    'dropout p0.1' (--norm dropout --alpha2 0), 'dropout-mdr p0.1' (--norm dropout, alpha2 > 0);
+    None for any other."""
+    norm, alpha2 = config.get("norm"), int(config.get("alpha2") or 0)
+    if norm == "none" and alpha2 == 0:
+        return "none"
+    if norm == "dropout":
+        return with_p("dropout-mdr" if alpha2 else "dropout", float(config.get("dropout_p", 0.1)))
+    return None
+
+
+def read_gen_runs(runs_dir: str, option: str) -> tuple:
+    """(runs, skipped): every folder under runs_dir with TensorBoard events and a patch-loc
+    run's arguments, as a dict: name, arm, seed, status (summary.json's, 'unfinished' without
+    one), config, provenance (its segments), gap and held_out ((steps, values) of the held-out
+    evaluations). A ConfigError for a run of another arm or a second run of one arm and seed."""
+    from aggregate import CorruptRun as TensorBoardCorrupt
+    from aggregate import read_tensorboard_run
+
+    if not os.path.isdir(runs_dir):
+        raise ConfigError(f"{option} {runs_dir}: no such folder")
+    runs, skipped, seen = [], [], {}
+    for root, dirs, files in os.walk(runs_dir):
+        dirs.sort()
+        if not any(name.startswith("events.out.tfevents.") for name in files):
+            continue
+        name = os.path.relpath(root, runs_dir)
+        try:
+            run = read_tensorboard_run(root, name)
+            summary = read_gen_summary(os.path.join(root, "summary.json"))
+        except (TensorBoardCorrupt, CorruptRun) as error:
+            print(f"warning: skipped {error}", file=sys.stderr)
+            skipped.append(str(error))
+            continue
+        if run is None or run.kind != "patchloc":
+            continue
+        arm = gen_arm(run.config)
+        if arm is None:
+            raise ConfigError(
+                f"{name}: --norm {run.config.get('norm')} --alpha2 {run.config.get('alpha2')} "
+                "is not an arm of Study 2 (none, dropout, dropout with --alpha2 1)"
+            )
+        seed = int(run.config["seed"])
+        twin = seen.setdefault((arm, seed), name)
+        if twin != name:
+            raise ConfigError(f"{twin} and {name}: two runs of {arm}, seed {seed}")
+        provenance = summary.get("provenance") or run.config.get("provenance") or []
+        empty = (np.array([]), np.array([]))
+        runs.append(
+            {
+                "name": name,
+                "arm": arm,
+                "seed": seed,
+                "status": summary.get("status", "unfinished") if summary else "unfinished",
+                "config": run.config,
+                "provenance": provenance if isinstance(provenance, list) else [provenance],
+                "gap": run.series.get(GAP_TAG, empty),
+                "held_out": run.series.get(HELD_OUT_TAG, empty),
+            }
+        )
+    return runs, skipped
+
+
+def read_gen_summary(path: str) -> dict:
+    """A training script's summary.json ({} if there is none: the run did not finish); CorruptRun
+    (the file and the reason) if it cannot be read."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CorruptRun(f"{path}: unreadable ({error})") from None
+    if not isinstance(summary, dict):
+        raise CorruptRun(f"{path}: not a summary.json of ppo_patchloc_mdr.py (no JSON object)")
+    return summary
+
+
+def gen_curves(run) -> tuple:
+    """(steps, train, held_out) at the run's held-out evaluations: train = held-out + gap, the
+    greedy policy on as many training tasks."""
+    gap, held_out = dict(zip(*run["gap"])), dict(zip(*run["held_out"]))
+    steps = np.array(sorted(set(gap) & set(held_out)))
+    held = np.array([held_out[step] for step in steps])
+    return steps, held + np.array([gap[step] for step in steps]), held
+
+
+def gen_measures(run) -> dict:
+    """The run's final gap, training-task and held-out reward: means over its last
+    GAP_EVALUATIONS held-out evaluations (NaN with fewer), and how many it has."""
+    steps, train, held_out = gen_curves(run)
+    enough = len(steps) >= GAP_EVALUATIONS
+    last = slice(-GAP_EVALUATIONS, None)
+    return {
+        "evaluations": len(steps),
+        "gap": float(np.mean(train[last] - held_out[last])) if enough else math.nan,
+        "train": float(np.mean(train[last])) if enough else math.nan,
+        "held_out": float(np.mean(held_out[last])) if enough else math.nan,
+    }
+
+
+def gap_comparison(by_arm: dict, arm: str, other: str) -> dict:
+    """Δgap arm minus other, paired by seed: pairs, bootstrap, sign-flip p; for dropout-mdr vs
+    dropout the TOST within ±GAP_MARGIN too."""
+    seeds = sorted(set(by_arm.get(arm, {})) & set(by_arm.get(other, {})))
+    mine = [by_arm[arm][seed]["gap"] for seed in seeds]
+    theirs = [by_arm[other][seed]["gap"] for seed in seeds]
+    result = {"arm": arm, "other": other, "pairs": len(finite_pairs(mine, theirs)[0])}
+    result.update(bootstrap=paired_bootstrap(mine, theirs), p=sign_flip_test(mine, theirs))
+    if arm.startswith("dropout-mdr") and other.startswith("dropout"):
+        result["tost"] = tost_paired(mine, theirs, GAP_MARGIN, ALPHA)
+    return result
+
+
+def gen_methods(pairs: int) -> str:
+    floor = 2 / 2**pairs if pairs else math.nan
+    return (
+        "Methods (fixed by the plan): per run, the final generalization gap = the mean of "
+        f"`{GAP_TAG}` (training-task minus held-out normalized reward of the greedy eval-mode "
+        f"policy, points) over its last {GAP_EVALUATIONS} held-out evaluations; a run with fewer "
+        "has none. Δgap = the first arm minus the second, paired by seed: paired bootstrap "
+        f"percentile {CONFIDENCE:.0%} interval ({BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}) and the exact two-sided sign-flip permutation p-value; dropout-mdr "
+        f"vs dropout also as an equivalence check, TOST within ±{GAP_MARGIN:g} points (p = the "
+        f"larger one-sided p, its {1 - 2 * ALPHA:.0%} t interval). With {pairs} pairs the "
+        f"sign-flip test cannot go below p = {format_p(floor)}: this study describes, it does not "
+        f"test at alpha {ALPHA:g}. ⚠ marks an interval over fewer than {FEW_SEEDS} pairs."
+    )
+
+
+def check_gen_regime(runs: list) -> str:
+    """The settings every finished run shares, as text; a ConfigError naming the first that
+    differs."""
+    shared = []
+    for key in GEN_REGIME:
+        values = {canonical_text(run["config"].get(key)) for run in runs}
+        if len(values) > 1:
+            found = "; ".join(
+                f"{run['name']} {canonical_text(run['config'].get(key))}" for run in runs
+            )
+            raise ConfigError(
+                f"the runs differ in {key} ({found}): Study 2 compares arms of one regime"
+            )
+        if runs:
+            shared.append(f"{key} {values.pop()}")
+    return ", ".join(shared)
+
+
+def canonical_text(value) -> str:
+    return format_setting(float(value)) if isinstance(value, (int, float)) else str(value)
+
+
+def gen_analysis(args, command: str) -> tuple:
+    """Study 2 on the runs under --gen-runs-dir (--runs-dir with --study dropout-gen): (report,
+    printed summary, figure panels)."""
+    runs_dir = args.gen_runs_dir or args.runs_dir
+    option = "--gen-runs-dir" if args.gen_runs_dir else "--runs-dir"
+    all_runs, skipped = read_gen_runs(runs_dir, option)
+    runs, unfinished = finished(all_runs)
+    regime = check_gen_regime(runs)
+    ps = sorted(
+        {float(run["config"].get("dropout_p", 0.1)) for run in runs if run["arm"] != "none"}
+    )
+    check_provenance(
+        [
+            [run for run in runs if run["arm"] == "none" or run["arm"].endswith(f"p{p:g}")]
+            for p in ps
+        ]
+        or [runs],
+        args.allow_mixed,
+    )
+    by_arm = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], {})[run["seed"]] = {**gen_measures(run), "run": run}
+    arms = sorted(by_arm, key=mode_rank)
+    comparisons = [
+        gap_comparison(by_arm, with_p(arm, p), with_p(other, p))
+        for p in ps
+        for arm, other in DROPOUT_PAIRS
+    ]
+    pairs = min((c["pairs"] for c in comparisons), default=0)
+    report = [
+        f"# Dropout, Study 2 (generalization): held-out gap of {runs_dir}\n",
+        f"Written by `{command}`.\n",
+        "Pre-registration: docs/dropout/PLAN.md (Study 2). Every number below is computed from "
+        "the runs' TensorBoard events (ppo_patchloc_mdr.py's held-out evaluations).\n",
+        gen_methods(pairs) + "\n",
+        (f"Regime (every finished run): {regime}.\n" if runs else "No finished runs yet.\n"),
+    ]
+    if runs:
+        report.append(provenance_summary(runs, args.allow_mixed) + "\n")
+    if skipped:
+        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+    if unfinished:
+        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
+        report.append(f"Not finished or failed, not analysed ({len(unfinished)}): {names}.\n")
+    short = sorted(
+        m["run"]["name"]
+        for seeds in by_arm.values()
+        for m in seeds.values()
+        if m["evaluations"] < GAP_EVALUATIONS
+    )
+    if short:
+        report.append(
+            f"Fewer than {GAP_EVALUATIONS} held-out evaluations, no final gap: "
+            + ", ".join(f"`{name}`" for name in short)
+            + ".\n"
+        )
+    if runs and pairs < FEW_SEEDS:
+        report.append(
+            f"⚠ Caution: {pairs} pair{'s' * (pairs != 1)} at the fewest: the intervals say "
+            "little yet.\n"
+        )
+    rows = []
+    for arm in arms:
+        values = list(by_arm[arm].values())
+        row = [arm, str(len(values))]
+        for key in ("train", "held_out", "gap"):
+            finite = [m[key] for m in values if math.isfinite(m[key])]
+            row.append(
+                f"{np.mean(finite):.1f} [{min(finite):.1f}, {max(finite):.1f}]" if finite else "–"
+            )
+        rows.append(row)
+    header = ["arm", "runs", "final training-task reward, mean [min, max]"]
+    header += ["final held-out reward", "final gap"]
+    report += ["## Arms\n", markdown_table(header, rows) + "\n"]
+    rows, printed = [], []
+    for c in comparisons:
+        tost = c.get("tost")
+        equivalence = "–"
+        if tost and math.isfinite(tost["p"]):
+            verdict = "equivalent" if tost["p"] < ALPHA else "not shown equivalent"
+            equivalence = (
+                f"p = {format_p(tost['p'])}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: {verdict}"
+            )
+        rows.append(
+            [
+                f"gap {c['arm']} − {c['other']}",
+                str(c["pairs"]),
+                format_difference(c["bootstrap"], c["pairs"]),
+                format_p(c["p"]),
+                equivalence,
+            ]
+        )
+        printed.append(
+            f"Δgap {c['arm']} − {c['other']}: {format_difference(c['bootstrap'], c['pairs'])}, "
+            f"sign-flip p = {format_p(c['p'])} ({c['pairs']} pairs)"
+            + (f"; TOST ±{GAP_MARGIN:g}: {equivalence}" if tost else "")
+        )
+    header = ["difference", "pairs", "mean Δ [95 % paired bootstrap]", "sign-flip p"]
+    header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
+    report += ["## Paired differences of the final gap\n", markdown_table(header, rows) + "\n"]
+    rows = []
+    for arm in arms:
+        for seed, m in sorted(by_arm[arm].items()):
+            rows.append(
+                [f"`{m['run']['name']}`", arm, str(seed), str(m["evaluations"])]
+                + [
+                    f"{m[key]:.1f}" if math.isfinite(m[key]) else "–"
+                    for key in ("train", "held_out", "gap")
+                ]
+            )
+    header = ["run", "arm", "seed", "held-out evaluations", "final training-task reward"]
+    header += ["final held-out reward", "final gap"]
+    report += ["## Runs\n", markdown_table(header, rows) + "\n"]
+    panels = [(arm, [gen_curves(m["run"]) for _, m in sorted(by_arm[arm].items())]) for arm in arms]
+    return "\n".join(report), "\n".join(printed), panels
+
+
+def write_gen(args, report: str, printed: str, panels: list) -> list:
+    """The Study 2 report (and its figure, where runs finished) in --out-dir; the files written."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, GEN_FILES[0]), "w") as f:
+        f.write(report)
+    if printed:
+        print(printed)
+    if not panels:
+        return [GEN_FILES[0]]
+    draw_train_vs_heldout(panels, os.path.join(args.out_dir, GEN_FILES[1]), "Study 2")
+    return list(GEN_FILES)
+
+
+def main_dropout_gen(args, command: str) -> int:
+    """--study dropout-gen: Study 2 of docs/dropout/PLAN.md on every run under --runs-dir."""
+    written = write_gen(args, *gen_analysis(args, command))
+    print(f"\nwrote {', '.join(written)} to {args.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1128,8 +1923,8 @@ def family_column(run) -> str:
     return FAMILY_TITLES[run["family"]].lower()
 
 
-def main_stage_c(args, command: str) -> int:
-    """--study stage-c: the plan's analysis of every run under --runs-dir."""
+def refuse_options(args, study: str) -> None:
+    """A pre-registered analysis takes no cell selection: a ConfigError naming what was given."""
     options = {
         "--reference": args.reference != "bn",
         "--cell": args.cell,
@@ -1139,17 +1934,23 @@ def main_stage_c(args, command: str) -> int:
         "--cost-json": args.cost_json,
         "--check-definition": args.check_definition,
     }
+    if study != "dropout":
+        options["--gen-runs-dir"] = args.gen_runs_dir
     given = [option for option, value in options.items() if value]
     if given:
         raise ConfigError(
-            f"--study stage-c runs the plan's analysis of every run; {', '.join(given)} "
+            f"--study {study} runs the plan's analysis of every run; {', '.join(given)} "
             "does not apply to it"
         )
     if args.definition == "old":
         raise ConfigError(
-            "--study stage-c --definition old: the plan's primary definition is the revised one; "
+            f"--study {study} --definition old: the plan's primary definition is the revised one; "
             "the report shows the old one beside it in every table"
         )
+
+
+def main_stage_c(args, command: str) -> int:
+    """--study stage-c: the plan's analysis of every run under --runs-dir."""
     all_runs, skipped = read_runs_and_skipped(args.runs_dir, allow_none=True)
     runs, unfinished = finished(stage_c_runs(all_runs))
     families = [[run for run in runs if run["family"] == name] for name in STAGE_C_FAMILIES]
@@ -1197,7 +1998,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cell",
         default="",
-        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views)",
+        help="only cells matching key=value[,key=value] (mode, clip, ent, bnm, views, p)",
     )
     parser.add_argument(
         "--modes", default="", help="only these arms, comma-separated (default: every arm found)"
@@ -1231,9 +2032,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--study",
-        choices=["stage-c"],
+        choices=["stage-c", "dropout", "dropout-gen"],
         default=None,
-        help="a pre-registered analysis: stage-c (docs/collapse/study_c/PLAN.md)",
+        help="a pre-registered analysis: stage-c (docs/collapse/study_c/PLAN.md); dropout "
+        "(docs/dropout/PLAN.md, Study 1; Study 2 too with --gen-runs-dir); dropout-gen (Study 2 "
+        "alone, ppo_patchloc_mdr.py runs under --runs-dir)",
+    )
+    parser.add_argument(
+        "--gen-runs-dir",
+        default=None,
+        help="--study dropout: also Study 2 of the ppo_patchloc_mdr.py runs in this folder",
     )
     parser.add_argument(
         "--allow-mixed",
@@ -1244,8 +2052,12 @@ def main(argv=None) -> int:
     command = "python analysis/collapse_stats.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    if args.study == "stage-c":
-        return main_stage_c(args, command.strip())
+    if args.study:
+        refuse_options(args, args.study)
+        study = {"stage-c": main_stage_c, "dropout": main_dropout, "dropout-gen": main_dropout_gen}
+        return study[args.study](args, command.strip())
+    if args.gen_runs_dir:
+        raise ConfigError("--gen-runs-dir: only with --study dropout")
     definition = args.definition or "old"
 
     if args.check_definition:

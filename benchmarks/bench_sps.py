@@ -17,6 +17,10 @@ machine disturb far less.
     # every script, ~40 min on 2 cores
     python benchmarks/bench_sps.py --device cpu --json bench.json
     python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,procgen/ppo --repeats 5
+    # this checkout against an older commit's scripts, interleaved (issue 24: no speed regression)
+    git worktree add /tmp/base 7fb6a75
+    python benchmarks/bench_sps.py --device cpu --configs procgen/mdr,patchloc/mdr,probe/bn-mdr \
+        --against /tmp/base
     python benchmarks/bench_sps.py --device cuda \
         --configs procgen/paper,procgen/paper-amp,procgen/paper-compile
     # memory at paper settings
@@ -393,8 +397,9 @@ class SectionTimer:
 
 
 def worker(spec):
-    """Run one configuration; print one JSON line."""
-    sys.path.insert(0, REPO_ROOT)
+    """Run one configuration (the scripts of spec["root"]: this checkout or --against's); print one
+    JSON line."""
+    sys.path.insert(0, spec.get("root", REPO_ROOT))  # ahead of an editable install's envs too
     script = spec["script"]
     module, _, fixed = SCRIPTS[script]
     # before torch: the script sets OpenMP's wait policy (passive)
@@ -444,6 +449,7 @@ def worker(spec):
         "wall_s": wall,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        "script_file": os.path.abspath(ppo.__file__),  # which checkout ran: --against's check
     }
     if shape.get("bound", True):
         args.batch_size = batch_size
@@ -602,7 +608,12 @@ def print_speed_tables(names, results):
             f"| {runs[0]['threads']} (interop {runs[0]['interop_threads']}) |"
         )
 
-    rows = [(label, a, b) for a, b, label in PAIRS if a in results and b in results]
+    pairs = PAIRS + [
+        (name.removesuffix("@base"), name, f"{name.removesuffix('@base')}: this checkout / base")
+        for name in names
+        if name.endswith("@base")
+    ]
+    rows = [(label, a, b) for a, b, label in pairs if a in results and b in results]
     if rows:
         print(
             "\n### Speed ratios, paired by round "
@@ -709,6 +720,13 @@ def main():
         action="store_true",
         help="also measure the storage designs at paper settings",
     )
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="also run every config on the scripts of another checkout (e.g. a `git worktree` of "
+        "an older commit), interleaved in the same rounds: NAME@base, and the ratios NAME / "
+        "NAME@base",
+    )
     parser.add_argument("--json", help="write every raw result to this file (after every run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
@@ -723,6 +741,16 @@ def main():
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         sys.exit(f"error: unknown --configs {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    roots = {name: REPO_ROOT for name in names}
+    if cli.against:
+        base = os.path.abspath(cli.against)
+        missing = [SCRIPTS[name.split("/")[0]][0] for name in names]
+        missing = [m for m in missing if not os.path.exists(os.path.join(base, m + ".py"))]
+        if missing:
+            listed = ", ".join(sorted(set(missing)))
+            sys.exit(f"error: --against {cli.against}: no {listed}.py there (not a checkout?)")
+        roots.update({f"{name}@base": base for name in names})
+        names = [n for name in names for n in (name, f"{name}@base")]
     print(f"Machine: {machine_line(cli.device)}")
     print(f"Command: python {' '.join(sys.argv)}")
     given = {"iterations": cli.iterations, "warmup": cli.warmup, **(cli.shape or {})}
@@ -732,10 +760,11 @@ def main():
         # A B C, C B A, ...: no config always runs first
         order = names if repeat % 2 == 0 else names[::-1]
         for name in order:
-            overrides, env_extra, shape = CONFIGS[name]
+            overrides, env_extra, shape = CONFIGS[name.removesuffix("@base")]
             script = name.split("/")[0]
             shape = {**SCRIPTS[script][1], **RUN_LENGTH, **shape, **overrides_of_shape}
             spec = {"device": cli.device, "script": script, "overrides": overrides, "shape": shape}
+            spec["root"] = roots[name]
             result = run_worker(["--worker", json.dumps(spec)], env_extra)
             results[name].append({**result, "spec": spec})
             if cli.json:  # after every run: an interrupted benchmark keeps what it measured

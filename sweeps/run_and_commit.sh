@@ -7,8 +7,9 @@
 # that holds DEST.
 # Each line must name its folder with --run-name. A line whose DEST/<run-name>/summary.json says
 # "completed" is skipped, so the queue can be stopped at any time and restarted where it stopped.
-# After a completed run, its metrics.csv and summary.json are copied to DEST/<run-name>/ and
-# committed (git commit of that folder only, under a lock, so two workers and a person working in
+# After a completed run, what analysis/ reads is copied to DEST/<run-name>/ (the probe's metrics.csv;
+# a training script's args.json and TensorBoard events; summary.json and tasks.json of both, never a
+# checkpoint) and committed (git commit of that folder only, under a lock, so two workers and a person working in
 # the same checkout do not collide). Runs are niced: they take the idle CPU.
 set -uo pipefail
 dest=$(realpath -m "$1")
@@ -33,8 +34,12 @@ if [[ $rc -ne 0 ]] || ! grep -qs '"status": "completed"' "runs/$run_name/summary
     exit 0  # the other lines still run
 fi
 mkdir -p "$out"
-cp "runs/$run_name/metrics.csv" "runs/$run_name/summary.json" "$out/"
-message="study: $run_name (probe run, $(git rev-parse --short HEAD))"
+for file in metrics.csv summary.json args.json tasks.json "runs/$run_name"/events.out.tfevents.*; do
+    file=runs/$run_name/$(basename "$file")
+    [[ -f $file ]] && cp "$file" "$out/"
+done
+script=$(grep -o 'ppo_[a-z_]*\.py' <<<"$line" | head -n 1)
+message="study: $run_name (${script:-run} at $(git rev-parse --short HEAD))"
 for attempt in 1 2 3 4 5; do
     flock /tmp/ppo-mdr-git.lock git -C "$repo" add "$out" &&
         flock /tmp/ppo-mdr-git.lock git -C "$repo" commit -q -m "$message" -- "$out" && break

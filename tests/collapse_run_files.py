@@ -115,3 +115,62 @@ def write_stage_c_run(study: Path, family: str, arm: str, seed: int, rewards, en
         kw.setdefault("targets_per_image", 2)
     folder = study / family / f"{arm}_bnm0.1_s{seed}"
     return write_run(folder, mode, seed, rewards, entropies, alphas, **kw)
+
+
+DROPOUT_ARMS = {  # the dropout study's arm -> (mode, alphas), as docs/dropout/PLAN.md runs them
+    "none": ("none", (3, 0)),
+    "dropout": ("dropout", (3, 0)),
+    "dropout-mdr": ("dropout-mdr", (2, 1)),
+}
+
+
+def write_dropout_run(study: Path, arm: str, seed: int, rewards, entropies, p=0.1, **kw):
+    """A run of the dropout study's Study 1 in <study>/<arm>[_p<p>]_s<seed> (none: no dropout_p in
+    its args, as the probe's runs before the flag)."""
+    mode, alphas = DROPOUT_ARMS[arm]
+    if arm != "none":
+        kw["dropout_p"] = p
+    name = arm if arm == "none" else f"{arm}_p{p:g}"
+    return write_run(study / f"{name}_s{seed}", mode, seed, rewards, entropies, alphas, **kw)
+
+
+GEN_CONFIG = {  # ppo_patchloc_mdr.py's args.json, the fields analysis/ reads, a tiny regime
+    "num_tasks": 32,
+    "num_test_tasks": 100,
+    "image_source": "procedural",
+    "view_size": 32,
+    "total_timesteps": 6000,
+    "eval_interval": 1,
+    "update_epochs": 3,
+    "clip_coef": 0.2,
+    "ent_coef": 1e-4,
+    "learning_rate": 4e-5,
+    "num_envs": 4,
+    "num_steps": 150,
+    "mdr_rounds": 3,
+    "bn_momentum": 0.1,
+}
+GEN_ARMS = {"none": ("none", 0), "dropout": ("dropout", 0), "dropout-mdr": ("dropout", 1)}
+
+
+def write_gen_run(folder: Path, arm: str, seed: int, held_out, gaps, p=0.1, summary=True, **kw):
+    """A ppo_patchloc_mdr.py run of the dropout study's Study 2: args.json, TensorBoard events with
+    one held-out evaluation per 600 steps (charts/test_normalized_reward and
+    charts/generalization_gap) and summary.json (summary=False: a killed run)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    norm, alpha2 = GEN_ARMS[arm]
+    config = {**GEN_CONFIG, "norm": norm, "alpha1": 3 - alpha2, "alpha2": alpha2, "seed": seed}
+    config.update(dropout_p=p, **kw)
+    folder.mkdir(parents=True)
+    provenance = [{"from_step": 0, **PROVENANCE}]
+    (folder / "args.json").write_text(json.dumps({**config, "provenance": provenance}))
+    with SummaryWriter(str(folder)) as writer:
+        for index, (test, gap) in enumerate(zip(held_out, gaps), start=1):
+            writer.add_scalar("charts/test_normalized_reward", test, 600 * index)
+            writer.add_scalar("charts/generalization_gap", gap, 600 * index)
+            writer.add_scalar("charts/normalized_reward", test + gap, 600 * index)
+    if summary:
+        content = {"status": "completed", "args": config, "provenance": provenance}
+        (folder / "summary.json").write_text(json.dumps(content))
+    return folder

@@ -7,6 +7,9 @@ charge each call to one section and cut iterations where main() logs them."""
 import contextlib
 import importlib.util
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +223,40 @@ def test_section_timer_times_each_iteration_of_a_procgen_run_and_unwraps(tmp_pat
         ppo_procgen_mdr.Agent.get_value,
         ppo_procgen_mdr.RunLogger.log,
     ) == originals
+
+
+BENCH = Path(bench.__file__)
+
+
+def test_against_runs_each_config_on_both_checkouts_in_the_same_rounds(tmp_path):
+    """--against CHECKOUT: every config also runs on that checkout's scripts (NAME@base), and the
+    ratio table pairs them. The base here is a copy of this checkout's probe, so the worker must
+    report the copy's file, not this checkout's (nor may an editable install's envs win)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "ppo_collapse_probe.py").write_bytes(Path(ppo_collapse_probe.__file__).read_bytes())
+    (base / "envs").symlink_to(Path(ppo_collapse_probe.__file__).parent / "envs")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(BENCH), "--configs", "probe/bn", "--shape", "2,8,8"]
+    command += ["--warmup", "0", "--iterations", "1", "--repeats", "1", "--against", str(base)]
+    result = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads(out.read_text())
+    assert sorted(runs) == ["probe/bn", "probe/bn@base"]
+    assert runs["probe/bn"][0]["script_file"] == ppo_collapse_probe.__file__
+    assert runs["probe/bn@base"][0]["script_file"] == str(base / "ppo_collapse_probe.py")
+    assert "| probe/bn: this checkout / base |" in result.stdout
+
+
+def test_against_a_folder_without_the_scripts_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--configs", "probe/bn", "--against", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --against {tmp_path}: no ppo_collapse_probe.py there (not a checkout?)"
+    ]

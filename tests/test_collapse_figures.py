@@ -1,6 +1,7 @@
 """Tests of analysis/collapse_figures.py: reading old and new probe runs, the Fig. 6 and App. B
 layouts from hand-written CSVs, one panel's content, Stage C's figures (families as columns, the
-paired differences), the command line (its output folder, unfinished runs, bad input)."""
+paired differences), the dropout study's figures (two dropout probabilities never one row, train vs
+held-out curves), the command line (its output folder, unfinished runs, bad input)."""
 
 import csv
 import json
@@ -233,6 +234,56 @@ def test_stage_c_figures_families_as_columns_and_the_paired_differences(tmp_path
     ]
     assert (tmp_path / "fig6.png").read_bytes()[:8] == PNG
     assert (tmp_path / "paired.png").read_bytes()[:8] == PNG
+
+
+def test_two_dropout_probabilities_are_two_rows_of_each_figure(tmp_path, monkeypatch):
+    for p in (0.1, 0.2):
+        for ent in (0.01, 0.0):
+            folder = tmp_path / f"dropout_p{p}_ent{ent}"
+            write_run(folder, "dropout", 0.2, ent, 1, iterations=12)
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["args"]["dropout_p"] = p
+            (folder / "summary.json").write_text(json.dumps(summary))
+    runs = cr.read_runs(str(tmp_path))
+    panels = []
+    monkeypatch.setattr(
+        figures, "draw_panel", lambda ax, runs, title, **kw: panels.append((title, len(runs)))
+    )
+    monkeypatch.setattr(figures, "save_figure", lambda *args: None)
+
+    figures.draw_entropy_comparison(runs, str(tmp_path / "entropy.png"), 0.2)
+    figures.draw_fig6(runs, str(tmp_path / "fig6.png"))
+
+    assert panels == [
+        ("dropout p0.1, entropy 0.01", 1),
+        ("dropout p0.1, entropy 0", 1),
+        ("dropout p0.2, entropy 0.01", 1),
+        ("dropout p0.2, entropy 0", 1),
+        ("dropout p0.1, ent 0, clip 0.2", 1),
+        ("dropout p0.1, ent 0.01, clip 0.2", 1),
+        ("dropout p0.2, ent 0, clip 0.2", 1),
+        ("dropout p0.2, ent 0.01, clip 0.2", 1),
+    ]
+
+
+def test_train_vs_held_out_curves_and_per_run_values_are_drawn(tmp_path):
+    steps = np.array([600.0, 1200.0, 1800.0])
+    panels = [
+        ("none", [(steps, [10.0, 30.0, 50.0], [5.0, 10.0, 15.0])] * 2),
+        (
+            "dropout p0.1",
+            [(steps, [10.0, 20.0, 30.0], [8.0, 16.0, 24.0]), (steps[:2], [1, 2], [1, 2])],
+        ),
+        ("dropout-mdr p0.1", []),  # no finished run yet
+    ]
+    figures.draw_train_vs_heldout(panels, str(tmp_path / "curves.png"))
+    values = [("p 0.1", [("none", [0.5, 0.7], (0.6, NAN, NAN)), ("dropout p0.1", [], (NAN,) * 3)])]
+    figures.draw_paired_differences(
+        values, str(tmp_path / "fluct.png"), ylabel="fluctuation", title="per run"
+    )
+
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "fluct.png").read_bytes()[:8] == PNG
 
 
 def test_bad_folders_are_config_errors(tmp_path):

@@ -1102,6 +1102,7 @@ SUMMARY_KEYS = {
 SUMMARY_KEYS |= {"best_reward", "best_reward_iteration", "final_reward", "peak_delta_pi_minus"}
 SUMMARY_KEYS |= {"peak_delta_pi_minus_iteration", "reward_unit", "args"}
 SUMMARY_KEYS |= {"provenance", "provenance_segments"}  # issue 26: where the run was computed
+SUMMARY_KEYS |= {"error"}  # issue 27: what made a failed run fail (None otherwise)
 
 
 def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
@@ -1123,6 +1124,7 @@ def test_tiny_run_writes_one_csv_row_per_update_and_a_summary(joint_run):
         and summary["global_step"] == 64
     )
     assert summary["mode"] == "bn-mdr" and summary["args"]["view_batching"] == "joint"
+    assert summary["error"] is None
     deltas = [float(row["delta_pi_minus"]) for row in rows]
     assert summary["peak_delta_pi_minus"] == pytest.approx(max(deltas), rel=1e-5)
     assert summary["peak_delta_pi_minus_iteration"] == 1 + int(np.argmax(deltas))
@@ -1141,7 +1143,7 @@ def test_an_existing_metrics_csv_is_never_overwritten(tmp_path, monkeypatch):
     (run_dir / "metrics.csv").write_text("a finished run\n")
     monkeypatch.chdir(tmp_path)
 
-    with pytest.raises(probe.ConfigError, match="already holds a run"):
+    with pytest.raises(probe.ConfigError, match="holds an unfinished run without a checkpoint"):
         probe.main(probe.Args(mode="bn", **TINY))
 
     assert (run_dir / "metrics.csv").read_text() == "a finished run\n"
@@ -1436,7 +1438,10 @@ def test_cli_existing_metrics_csv_is_one_line_error(tmp_path):
 
     result = run_script(tmp_path, *TINY_CLI, "--run-name", "mine")
 
-    assert_one_line_error(result, "runs/mine already holds a run")
+    assert_one_line_error(
+        result, "runs/mine holds an unfinished run without a checkpoint (metrics.csv; no summary"
+    )
+    assert result.returncode == 2
     assert (run_dir / "metrics.csv").read_text() == "a finished run\n"
 
 

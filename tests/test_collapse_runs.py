@@ -1,6 +1,7 @@
 """Tests of analysis/collapse_runs.py: the collapse definition, the first study's and the revised
 one, on hand-made curves and on the committed runs; arms; reading run folders (finished, killed,
-half-written, corrupt); provenance and the refusal to pair mixed runs; Stage C's plan of runs."""
+half-written, corrupt); provenance and the refusal to pair mixed runs; Stage C's plan of runs; the
+dropout probability in the arm (never two probabilities in one cell) and the dropout plan."""
 
 import subprocess
 import sys
@@ -11,7 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
 import collapse_runs as cr
-from collapse_run_files import PROVENANCE, curve, write_run, write_stage_c_run
+from collapse_run_files import (
+    PROVENANCE,
+    curve,
+    write_dropout_run,
+    write_run,
+    write_stage_c_run,
+)
 
 ANALYSIS = Path(cr.__file__).parent
 COMMITTED_RUNS = ANALYSIS.parent / "docs" / "collapse"
@@ -448,6 +455,139 @@ def test_a_run_the_plan_does_not_have_is_a_config_error(tmp_path, make, message)
 
     with pytest.raises(cr.ConfigError) as error:
         cr.stage_c_runs(cr.read_runs(str(tmp_path)))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout probability: part of the arm, so never pooled
+
+
+@pytest.mark.parametrize(
+    "mode, alphas, p, arm",
+    [
+        ("dropout", (3, 0), 0.1, "dropout p0.1"),
+        ("dropout", (3, 0), 0.2, "dropout p0.2"),
+        ("dropout-mdr", (2, 1), 0.1, "dropout-mdr p0.1"),
+        ("dropout-mdr", (1, 2), 0.2, "dropout-mdr12 p0.2"),
+        ("dropout", (3, 0), None, "dropout p?"),  # not recorded (a killed run)
+        ("bn", (3, 0), 0.1, "bn"),  # the probability of a mode without dropout means nothing
+        ("none", (3, 0), None, "none"),
+    ],
+)
+def test_a_dropout_arm_names_its_probability(mode, alphas, p, arm):
+    assert cr.arm_name(mode, *alphas, p) == arm
+
+
+def test_runs_of_two_dropout_probabilities_are_never_pooled(tmp_path):
+    for seed in (1, 2):
+        for p in (0.1, 0.2):
+            write_run(tmp_path / f"d{p}_s{seed}", "dropout", seed, *CURVES, dropout_p=p)
+            write_run(tmp_path / f"m{p}_s{seed}", "dropout-mdr", seed, *CURVES, dropout_p=p)
+        # a bn run recording the flag's default, and one from before the flag: one cell
+        default = {"dropout_p": 0.1} if seed == 1 else {}
+        write_run(tmp_path / f"bn_s{seed}", "bn", seed, *CURVES, **default)
+    runs = cr.read_runs(str(tmp_path))
+
+    cells = cr.group_runs(runs)
+
+    assert [key[0] for key in cells] == [
+        "bn",
+        "dropout p0.1",
+        "dropout p0.2",
+        "dropout-mdr p0.1",
+        "dropout-mdr p0.2",
+    ]
+    assert all(len(cell) == 2 for cell in cells.values())
+    assert {run["dropout_p"] for run in cells[("dropout p0.2", 0.2, 0.01, 0.1, "separate")]} == {
+        0.2
+    }
+    assert {run["dropout_p"] for run in runs if run["mode"] == "bn"} == {None}
+    labels = [cr.cell_label(key, []) for key in cells]
+    assert labels[1:3] == ["dropout p0.1", "dropout p0.2"]
+    assert len(cr.select_cells(runs, "p=0.2")) == 4
+    assert {run["arm"] for run in cr.select_cells(runs, "mode=dropout p0.1")} == {"dropout p0.1"}
+
+
+def test_a_run_from_before_the_flag_has_no_probability(tmp_path):
+    # summary.json args without dropout_p (and no column): None, shown as p?
+    write_run(tmp_path / "old", "dropout", 1, *CURVES)
+    (run,) = cr.read_runs(str(tmp_path))
+
+    assert run["dropout_p"] is None and run["arm"] == "dropout p?"
+
+
+def test_the_probability_column_is_read_before_the_summary(tmp_path):
+    folder = write_run(tmp_path / "killed", "dropout", 1, *CURVES, summary=False)
+    lines = (folder / "metrics.csv").read_text().splitlines()
+    lines = [lines[0] + ",dropout_p"] + [line + ",0.2" for line in lines[1:]]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    (run,) = cr.read_runs(str(tmp_path))
+
+    assert run["dropout_p"] == 0.2 and run["arm"] == "dropout p0.2"
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout study's plan of runs (docs/dropout/PLAN.md, Study 1)
+
+
+def test_dropout_study_runs_get_the_plans_arms(tmp_path):
+    write_dropout_run(tmp_path, "none", 31, *CURVES)
+    for p in (0.1, 0.2):
+        write_dropout_run(tmp_path, "dropout", 31, *CURVES, p=p)
+        write_dropout_run(tmp_path, "dropout-mdr", 31, *CURVES, p=p)
+    # two killed runs that recorded no probability yet: not twins
+    write_run(tmp_path / "k1", "dropout", 32, *CURVES, summary=False)
+    write_run(tmp_path / "k2", "dropout", 32, *CURVES, summary=False)
+
+    runs = cr.dropout_study_runs(cr.read_runs(str(tmp_path)))
+
+    assert sorted(run["arm"] for run in runs) == [
+        "dropout p0.1",
+        "dropout p0.2",
+        "dropout p?",
+        "dropout p?",
+        "dropout-mdr p0.1",
+        "dropout-mdr p0.2",
+        "none",
+    ]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: write_run(p / "bn_s31", "bn", 31, *CURVES),
+            "bn_s31: --mode bn with 3 train-mode and 0 eval-mode epochs is not an arm of the plan",
+        ),
+        (
+            lambda p: write_dropout_run(p, "dropout", 31, *CURVES, p=0.3),
+            "dropout_p0.3_s31: dropout probability 0.3 is not the plan's (0.1 or 0.2)",
+        ),
+        (
+            lambda p: write_run(p / "old", "dropout", 31, *CURVES),
+            "old: dropout probability ? is not the plan's",
+        ),
+        (
+            lambda p: write_dropout_run(p, "dropout", 43, *CURVES),
+            "seed 43 is not one of the plan's seeds (31-42)",
+        ),
+        (
+            lambda p: write_run(p / "again", "dropout", 31, *CURVES, dropout_p=0.1),
+            "again and dropout_p0.1_s31: two runs of dropout p0.1, seed 31",
+        ),
+        (
+            lambda p: write_dropout_run(p, "dropout-mdr", 31, *CURVES, clip_coef=0.3),
+            "dropout-mdr_p0.1_s31: clip_coef 0.3: not the plan's regime",
+        ),
+    ],
+)
+def test_a_run_the_dropout_plan_does_not_have_is_a_config_error(tmp_path, make, message):
+    write_dropout_run(tmp_path, "dropout", 31, *CURVES)
+    make(tmp_path)
+
+    with pytest.raises(cr.ConfigError) as error:
+        cr.dropout_study_runs(cr.read_runs(str(tmp_path)))
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

@@ -1,8 +1,9 @@
 """Tests of analysis/collapse_stats.py: the statistics on small cases with known answers (rates,
 McNemar, Kaplan-Meier, bootstrap, the exact sign-flip test, TOST, Holm), recovery and precursors on
 hand-made curves, the command line on folders of tiny hand-written runs (the first studies' layout
-and Stage C's, partial and complete) and on the committed runs. The collapse definition itself:
-tests/test_collapse_runs.py."""
+and Stage C's, partial and complete) and on the committed runs; the dropout study (docs/dropout/
+PLAN.md): the fluctuation measure, the Holm family, the Step 2 rule, Study 1's report and Study 2's
+held-out gap on hand-made runs. The collapse definition itself: tests/test_collapse_runs.py."""
 
 import csv
 import json
@@ -19,7 +20,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
 import collapse_runs as cr
 import collapse_stats as cs
-from collapse_run_files import PROVENANCE, curve, write_stage_c_run
+from collapse_run_files import (
+    PROVENANCE,
+    curve,
+    write_dropout_run,
+    write_gen_run,
+    write_stage_c_run,
+)
 from collapse_run_files import write_run as write_full_run
 
 ANALYSIS = Path(cs.__file__).parent
@@ -312,7 +319,7 @@ def drawn(monkeypatch):
 
         return record
 
-    for name in ("draw_summary", "draw_fig6", "draw_paired_differences"):
+    for name in ("draw_summary", "draw_fig6", "draw_paired_differences", "draw_train_vs_heldout"):
         monkeypatch.setattr(cs, name, recorder(name))
     return calls
 
@@ -910,3 +917,349 @@ def test_stage_c_refuses_the_old_definition_as_primary(stage_c, tmp_path):
             ]
         )
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout study (docs/dropout/PLAN.md), Study 1: the fluctuation measure, by hand
+
+
+def test_fluctuation_after_learning_started_computed_by_hand():
+    # smoothed 20, 30, 26.67 (best 20 >= 10 from the first update): changes 10 and 10/3
+    assert cs.fluctuation([20.0, 40.0, 20.0]) == pytest.approx(20 / 3)
+    # 10 zeros, then 100s: the moving average climbs 10, 20, ..., 100, then stays; learning starts
+    # at 10 (the 11th update): 9 changes of 10 and 2 of 0 after it, none before
+    rising = [0.0] * 10 + [100.0] * 12
+    assert cs.fluctuation(rising) == pytest.approx(90 / 11)
+
+
+def test_fluctuation_skips_updates_without_a_finished_episode():
+    rising = [0.0] * 10 + [100.0] * 12
+    with_gaps = rising[:12] + [NAN, NAN] + rising[12:16] + [NAN] + rising[16:] + [NAN]
+
+    assert cs.fluctuation(with_gaps) == pytest.approx(90 / 11)
+    # a NaN before learning started changes nothing either
+    assert cs.fluctuation([NAN, 20.0, NAN, 40.0, 20.0]) == pytest.approx(20 / 3)
+
+
+@pytest.mark.parametrize(
+    "rewards",
+    [
+        [5.0] * 30,  # never reaches 10 % of optimal
+        [0.0] * 10 + [100.0],  # reaches it at its last update: no change after it
+        [NAN] * 5,  # no episode ever finished
+    ],
+)
+def test_a_run_that_never_started_learning_has_no_fluctuation(rewards):
+    assert math.isnan(cs.fluctuation(rewards))
+
+
+# --------------------------------------------------------------------------------------------------
+# Study 1's tests: the Holm family D1-D4 and the Step 2 rule
+
+
+class StubFamily:
+    """What the dropout tests read of a Family: its p and paired values."""
+
+    p = 0.1
+
+    def __init__(self, values):
+        self.data = values
+
+    def values(self, arm, other, outcome):
+        return self.data[(arm, other, outcome)]
+
+
+def test_the_holm_family_of_four_in_the_order_of_its_p_values():
+    data = {
+        # D1: 8 differences of -10: sign-flip p = 2 / 2^8, below alpha / 4
+        ("dropout p0.1", "none", "auc"): ([1.0] * 8, [11.0] * 8),
+        # D2: +5, +5, +5, -1: |sum| >= 14 in 4 of 16 assignments
+        ("dropout-mdr p0.1", "none", "auc"): ([5.0, 5.0, 5.0, -1.0], [0.0] * 4),
+        # D3: one run never learned (NaN): 3 pairs, all positive, p = 2 / 8
+        ("dropout p0.1", "none", "fluctuation"): ([2.0, 2.0, 2.0, 2.0], [1.0, 1.5, NAN, 0.5]),
+        # D4: -1, -1, +1, +1: sum 0, p = 1
+        ("dropout-mdr p0.1", "dropout p0.1", "fluctuation"): ([0.0, 0.0, 2.0, 2.0], [1.0] * 4),
+    }
+
+    results = cs.dropout_secondary(StubFamily(data))
+
+    assert [r["name"] for r in results] == ["D1", "D2", "D3", "D4"]
+    assert [r["p"] for r in results] == pytest.approx([2 / 256, 0.25, 0.25, 1.0])
+    assert [r["pairs"] for r in results] == [8, 4, 3, 4]
+    # Holm: the smallest p against 0.05 / 4, the tie in the given order, the largest against 0.05
+    assert [r["level"] for r in results] == pytest.approx([0.0125, 0.05 / 3, 0.025, 0.05])
+    assert [r["adjusted"] for r in results] == pytest.approx([4 / 128, 0.75, 0.75, 1.0])
+    assert [r["called"] for r in results] == [
+        "dropout underperforms no normalization",  # negative, the claim's sign
+        "not resolved",
+        "not resolved",
+        "not resolved",
+    ]
+    # the same p with the other sign is a result against the paper
+    data[("dropout p0.1", "none", "auc")] = ([11.0] * 8, [1.0] * 8)
+    assert cs.dropout_secondary(StubFamily(data))[0]["called"] == "significant, against it"
+
+
+def test_the_primary_sign_flip_p_value_of_a_tiny_example():
+    # differences +1, +2, +3: of the 8 sign assignments only +++ and --- reach |sum| 6
+    data = {("dropout-mdr p0.1", "dropout p0.1", "auc"): ([11.0, 12.0, 13.0], [10.0] * 3)}
+
+    result = cs.dropout_primary(StubFamily(data))
+
+    assert result["p"] == pytest.approx(0.25) and result["pairs"] == 3
+    assert result["bootstrap"][0] == pytest.approx(2.0) and result["called"] == "not resolved"
+
+
+@pytest.mark.parametrize(
+    "dropout_vs_none, mdr_vs_dropout, pairs, must_run, start",
+    [
+        ((-5.0, -8.0, -2.0), (4.0, 1.0, 7.0), 12, False, "Step 2 need not run"),
+        ((-5.0, -8.0, 0.5), (4.0, 1.0, 7.0), 12, True, "Step 2 must run"),  # crosses 0
+        ((-5.0, -8.0, -2.0), (4.0, -0.1, 7.0), 12, True, "Step 2 must run"),
+        ((-5.0, -8.0, -2.0), (4.0, 1.0, 7.0), 6, False, "Provisional, Step 1 has 6 of 12"),
+        ((-5.0, NAN, NAN), (4.0, NAN, NAN), 1, None, "Step 2: not yet decidable"),
+    ],
+)
+def test_the_step_2_rule(dropout_vs_none, mdr_vs_dropout, pairs, must_run, start):
+    decision, text = cs.step2_decision(dropout_vs_none, mdr_vs_dropout, pairs)
+
+    assert decision is must_run and text.startswith(start)
+    if pairs == 6:
+        assert "Step 2 need not run" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Study 1 on the command line, on hand-made runs
+
+
+FLAT = curve((1.5, 200))
+
+
+@pytest.fixture
+def dropout_study(tmp_path):
+    """Seeds 31-33: none at 50, dropout at 40, 41, 42, dropout-mdr 1, 2, 3 above it (p 0.1);
+    p 0.2 at seeds 31-32 only; a killed dropout run (seed 34) and a none run that never learns
+    (seed 34)."""
+    study = tmp_path / "study"
+    for index, seed in enumerate((31, 32, 33)):
+        write_dropout_run(study, "none", seed, curve((50.0, 200)), FLAT)
+        write_dropout_run(study, "dropout", seed, curve((40.0 + index, 200)), FLAT)
+        write_dropout_run(study, "dropout-mdr", seed, curve((41.0 + 2 * index, 200)), FLAT)
+    for seed in (31, 32):
+        write_dropout_run(study, "dropout", seed, curve((30.0, 200)), FLAT, p=0.2)
+        write_dropout_run(study, "dropout-mdr", seed, curve((45.0, 200)), FLAT, p=0.2)
+    write_dropout_run(study, "dropout", 34, curve((40.0, 50)), FLAT[:50], summary=False)
+    write_dropout_run(study, "none", 34, curve((5.0, 200)), FLAT)
+    return study
+
+
+def test_the_dropout_study_reports_both_probabilities_apart(dropout_study, tmp_path, drawn):
+    args = [
+        "--study",
+        "dropout",
+        "--runs-dir",
+        str(dropout_study),
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "stability.md").read_text()
+
+    assert report.startswith(f"# Dropout, Study 1 (stability): statistics of {dropout_study}\n")
+    assert (
+        "Step 1 (p 0.1): 10 of the plan's 36 runs finished (none 4/12, dropout p0.1 3/12, "
+        "dropout-mdr p0.1 3/12); seeds finished in every arm: 3 of 12 (31-33)."
+    ) in report
+    assert "Step 2 (p 0.2): 4 of the plan's 24 runs finished (dropout p0.2 2/12" in report
+    assert "Not finished or failed, not analysed (1): `dropout_p0.1_s34` (unfinished)." in report
+    assert "Never started learning, no fluctuation value (1): `none_s34`." in report
+    # p 0.2 has 2 complete seeds: the caution
+    assert "⚠ Caution: fewer than 3 seeds are finished in every arm (2 at the fewest)" in report
+    # the primary test: differences +1, +2, +3, p = 2/8
+    primary = table_row(report, "### Primary test", "AUC dropout-mdr p0.1 − dropout p0.1")
+    assert primary[1:3] == ["3", "+2.0 [+1.0, +3.0]"] and primary[4:] == ["0.25", "not resolved"]
+    # p 0.2 kept apart: its own differences (+15, 2 pairs), never pooled with p 0.1's
+    at_p02 = report[report.index("## p 0.2 (Step 2)") :]
+    row = table_row(
+        at_p02, "### The primary comparison at p 0.2", "AUC dropout-mdr p0.2 − dropout p0.2"
+    )
+    assert row[1:3] == ["2", "+15.0 [+15.0, +15.0] ⚠ only 2 seeds"]
+    d1 = table_row(report, "### Secondary tests", "D1: AUC dropout p0.1 − none")
+    assert d1[2:4] == ["3", "-9.0 [-10.0, -8.0]"] and d1[6] == "0.25"
+    # flat curves: fluctuation 0 in every run that learned
+    assert table_row(report, "### Arms", "none")[-1] == "0.00 [0.00-0.00] (1 never learned)"
+    # the Step 2 rule, provisional: dropout − none [-10, -8] < 0, mdr − dropout [+1, +3] > 0
+    assert (
+        "Provisional, Step 1 has 3 of 12 seeds in every arm (the plan decides on the complete "
+        "Step 1): Step 2 need not run: Step 1 resolves both of the paper's claims (ΔAUC dropout "
+        "− none [-10.0, -8.0], dropout-mdr − dropout [+1.0, +3.0])."
+    ) in report
+    rows = drawn["stability_rewards.png"][0][0]
+    assert [(title, [label for label, *_ in cells]) for title, cells in rows] == [
+        ("p 0.1", ["none", "dropout p0.1", "dropout-mdr p0.1"]),
+        ("p 0.2", ["none", "dropout p0.2", "dropout-mdr p0.2"]),
+    ]
+    fluctuation_panels = drawn["stability_fluctuation.png"][0][0]
+    assert [len(values) for _, values, _ in fluctuation_panels[0][1]] == [3, 3, 3]  # 1 left out
+    assert sorted(drawn) == [
+        "stability_fluctuation.png",
+        "stability_paired.png",
+        "stability_rewards.png",
+    ]
+
+
+def test_the_dropout_study_not_begun_writes_its_report_only(tmp_path, drawn):
+    (tmp_path / "study").mkdir()
+    args = ["--study", "dropout", "--runs-dir", str(tmp_path / "study")]
+    assert cs.main(args + ["--out-dir", str(tmp_path / "o")]) == 0
+
+    report = (tmp_path / "o" / "stability.md").read_text()
+    assert "No finished runs yet." in report and "Step 2: not yet decidable" in report
+    assert sorted(path.name for path in (tmp_path / "o").iterdir()) == ["stability.md"]
+    assert drawn == {}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--cell", "p=0.1"],
+            "error: --study dropout runs the plan's analysis of every run; --cell",
+        ),
+        (["--definition", "old"], "error: --study dropout --definition old: the plan's primary"),
+    ],
+)
+def test_the_dropout_study_refuses_cell_selection(
+    dropout_study, tmp_path, monkeypatch, capsys, extra, message
+):
+    args = ("--study", "dropout", "--runs-dir", "study", "--out-dir", "out", *extra)
+    status, err = run_cli(tmp_path, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_gen_runs_dir_without_the_dropout_study_is_refused(tmp_path, monkeypatch, capsys):
+    args = ("--runs-dir", ".", "--gen-runs-dir", ".", "--out-dir", "out")
+    status, err = run_cli(tmp_path, monkeypatch, capsys, *args)
+
+    assert status == 2 and err == "error: --gen-runs-dir: only with --study dropout\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Study 2: the held-out gap of ppo_patchloc_mdr.py runs (TensorBoard events), by hand
+
+
+@pytest.fixture
+def gen_study(tmp_path):
+    """Seeds 1-3: held-out 10, 20, 30, 40 in every run; the gaps' last 3 evaluations average to
+    20 + seed (none), 10 + seed (dropout), 10 + seed + 0, +1, -1 (dropout-mdr); a killed run and
+    one with 2 evaluations only."""
+    study = tmp_path / "generalization"
+    held_out = [10.0, 20.0, 30.0, 40.0]
+    for index, seed in enumerate((1, 2, 3)):
+        shift = (0.0, 1.0, -1.0)[index]
+        # the last 3: g - 2, g, g + 2 average to g; the first (50) is left out
+        for arm, g in (("none", 20.0 + seed), ("dropout", 10.0 + seed)):
+            write_gen_run(study / f"{arm}_s{seed}", arm, seed, held_out, [50.0, g - 2, g, g + 2])
+        g = 10.0 + seed + shift
+        write_gen_run(
+            study / f"mdr_s{seed}", "dropout-mdr", seed, held_out, [50.0, g - 2, g, g + 2]
+        )
+    write_gen_run(study / "none_s4", "none", 4, held_out[:2], [1.0, 2.0], summary=False)
+    write_gen_run(study / "dropout_s4", "dropout", 4, held_out[:2], [1.0, 2.0])
+    return study
+
+
+def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
+    args = [
+        "--study",
+        "dropout-gen",
+        "--runs-dir",
+        str(gen_study),
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    assert "Not finished or failed, not analysed (1): `none_s4` (unfinished)." in report
+    assert "Fewer than 3 held-out evaluations, no final gap: `dropout_s4`." in report
+    assert "With 3 pairs the sign-flip test cannot go below p = 0.25" in report
+    # none seed 1: gap 21; training tasks = held-out + gap, last 3: (39 + 51 + 63) / 3
+    assert table_row(report, "## Runs", "`none_s1`")[3:] == ["4", "51.0", "30.0", "21.0"]
+    assert table_row(report, "## Arms", "none")[1:] == [
+        "3",
+        "52.0 [51.0, 53.0]",
+        "30.0 [30.0, 30.0]",
+        "22.0 [21.0, 23.0]",
+    ]
+    # dropout − none: -10 in every pair; dropout-mdr − dropout: 0, +1, -1 (sum 0: p = 1)
+    row = table_row(report, "## Paired differences", "gap dropout p0.1 − none")
+    assert row[1:4] == ["3", "-10.0 [-10.0, -10.0]", "0.25"]
+    row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
+    tost = cs.tost_paired([0.0, 1.0, -1.0], [0.0] * 3, 5.0, 0.05)
+    assert row[1:4] == ["3", "+0.0 [-1.0, +1.0]", "1"]
+    assert row[4] == f"p = {tost['p']:.3g}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: equivalent"
+    assert tost["p"] < 0.05 and tost["high"] < 5.0
+    panels = drawn["generalization_curves.png"][0][0]
+    assert [(arm, len(runs)) for arm, runs in panels] == [
+        ("none", 3),
+        ("dropout p0.1", 4),
+        ("dropout-mdr p0.1", 3),
+    ]
+    steps, train, held = panels[0][1][0]
+    assert list(steps) == [600, 1200, 1800, 2400] and list(train) == [60.0, 39.0, 51.0, 63.0]
+
+
+def test_the_dropout_study_and_its_generalization_in_one_command(
+    dropout_study, gen_study, tmp_path, drawn
+):
+    args = [
+        "--study",
+        "dropout",
+        "--runs-dir",
+        str(dropout_study),
+        "--gen-runs-dir",
+        str(gen_study),
+    ]
+    assert cs.main(args + ["--out-dir", str(tmp_path / "o")]) == 0
+
+    assert sorted(path.name for path in (tmp_path / "o").iterdir()) == [
+        "generalization.md",
+        "stability.md",
+    ]
+    assert "generalization_curves.png" in drawn and "stability_rewards.png" in drawn
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda study: write_gen_run(
+                study / "bn_s1", "none", 1, [1.0] * 3, [1.0] * 3, norm="bn"
+            ),
+            "error: bn_s1: --norm bn --alpha2 0 is not an arm of Study 2",
+        ),
+        (
+            lambda study: write_gen_run(
+                study / "x", "dropout", 5, [1.0] * 3, [1.0] * 3, num_tasks=64
+            ),
+            "error: the runs differ in num_tasks (",
+        ),
+        (
+            lambda study: write_gen_run(study / "again_s1", "none", 1, [1.0] * 3, [1.0] * 3),
+            "error: again_s1 and none_s1: two runs of none, seed 1",
+        ),
+    ],
+)
+def test_study_2_bad_runs_are_one_line_errors_and_nothing_is_written(
+    gen_study, monkeypatch, capsys, damage, message
+):
+    damage(gen_study)
+
+    args = ("--study", "dropout-gen", "--runs-dir", "generalization", "--out-dir", "out")
+    status, err = run_cli(gen_study.parent, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (gen_study.parent / "out").exists()

@@ -1,7 +1,7 @@
 """--evaluate PATH [--capture-video] of the two training scripts (issue 14): the checkpoint's agent
-on the held-out levels / tasks, scores printed and written as evaluation.json beside the checkpoint,
-the first held-out episode as eval_video.gif; bad checkpoints are a one-line error. Tiny in-process
-runs."""
+on the run's own held-out levels / tasks, scores printed and written as evaluation-N.json beside the
+checkpoint (issue 27: N the first free, an earlier evaluation is never overwritten), the first
+held-out episode as eval_video-N.gif; bad checkpoints are a one-line error. Tiny in-process runs."""
 
 import contextlib
 import io
@@ -76,14 +76,17 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
     )
 
     assert exit_code == 0
-    result = json.loads((checkpoint.parent / "evaluation.json").read_text())
+    assert stdout.startswith(f"evaluating {checkpoint} (iteration ")  # what, before it runs
+    assert "-> evaluation-1.json" in stdout.splitlines()[0]
+    result = json.loads((checkpoint.parent / "evaluation-1.json").read_text())
+    assert result["num_eval_envs"] == 3  # set by this command
     iterations = fields["total_timesteps"] // (fields["num_envs"] * fields["num_steps"])
     assert (result["iteration"], result["global_step"]) == (iterations, fields["total_timesteps"])
     assert result["checkpoint"] == str(checkpoint)
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert printed == {key: value for key, value in result.items() if not isinstance(value, list)}
     assert np.isfinite(result["charts/test_episodic_return"])
-    video = Image.open(checkpoint.parent / "eval_video.gif")
+    video = Image.open(checkpoint.parent / "eval_video-1.gif")
     assert video.n_frames >= 2  # the first held-out episode, step by step
     events = EventAccumulator(str(checkpoint.parent), size_guidance={"images": 0})
     events.Reload()
@@ -95,11 +98,13 @@ def test_evaluate_writes_the_scores_of_the_checkpoint_and_its_video(trained, mon
         and shown.step == fields["total_timesteps"]
     )
     assert not (folder / "runs" / "trained" / "events.out.tfevents.x").exists()
-    # the evaluation is a function of the checkpoint: a second call gives the same scores
+    # the evaluation is a function of the checkpoint: a second call gives the same scores, in a
+    # file of its own
+    first = (checkpoint.parent / "evaluation-1.json").read_bytes()
     exit_code, _ = quiet(script.main, script.Args(evaluate=str(checkpoint), **evaluation))
-    assert (
-        exit_code == 0 and json.loads((checkpoint.parent / "evaluation.json").read_text()) == result
-    )
+    second = json.loads((checkpoint.parent / "evaluation-2.json").read_text())
+    assert exit_code == 0 and second == result
+    assert (checkpoint.parent / "evaluation-1.json").read_bytes() == first
 
 
 def test_evaluate_runs_the_held_out_set_never_the_training_one(trained, monkeypatch):
@@ -137,7 +142,7 @@ def test_a_bad_checkpoint_is_a_one_line_config_error(content, trained, tmp_path,
         path.write_bytes(content)
     with pytest.raises(script.ConfigError, match=r"--evaluate .*checkpoint\.pt"):
         script.main(script.Args(evaluate=str(path), cuda=False))
-    assert not (tmp_path / "evaluation.json").exists() and not (tmp_path / "runs").exists()
+    assert not list(tmp_path.glob("evaluation*.json")) and not (tmp_path / "runs").exists()
 
 
 def test_the_evaluated_agent_is_the_checkpoints(trained, monkeypatch):
@@ -156,3 +161,21 @@ def test_the_evaluated_agent_is_the_checkpoints(trained, monkeypatch):
     assert quiet(script.main, script.Args(evaluate=str(checkpoint), cuda=False))[0] == 0
     loaded = agents[0].state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+
+
+def test_evaluate_uses_the_runs_own_settings_unless_told_otherwise(trained, monkeypatch):
+    """The tiny run evaluated in 2 envs (not the default 50 / 64): an --evaluate that does not set
+    --num-eval-envs uses the run's 2, one that does uses its own."""
+    script, fields, folder = trained
+    monkeypatch.chdir(folder)
+    checkpoint = folder / "runs" / "trained" / "checkpoint.pt"
+    assert fields["num_eval_envs"] == 2 != script.Args().num_eval_envs
+    for asked, expected in ((None, 2), (1, 1)):
+        before = len(list(checkpoint.parent.glob("evaluation-*.json")))
+        chosen = {} if asked is None else {"num_eval_envs": asked}
+        exit_code, stdout = quiet(
+            script.main, script.Args(evaluate=str(checkpoint), cuda=False, **chosen)
+        )
+        written = checkpoint.parent / f"evaluation-{before + 1}.json"
+        assert exit_code == 0 and f"-> {written.name}" in stdout
+        assert json.loads(written.read_text())["num_eval_envs"] == expected

@@ -1570,7 +1570,7 @@ def test_tensorboard_holds_the_episode_drawings(logged_run):
 def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tmp_path, capsys):
     args = tiny_args()
     args.batch_size, args.num_iterations = 32, 3
-    logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=0)
+    logger = ppo.RunLogger(str(tmp_path / "run"), args, "cpu", None, global_step=0)
     logger.advance(32)
     logger.log(
         {
@@ -1584,8 +1584,17 @@ def test_run_logger_skips_non_finite_values_and_prints_one_line_per_iteration(tm
     logger.log({"charts/test_normalized_reward": 3.0})
     logger.close(0)
 
-    [line] = capsys.readouterr().out.splitlines()  # stdout is not a terminal here: no progress bar
+    # stdout is not a terminal here: no progress bar, a line per iteration between the start and
+    # end lines (with the pace of the first rollout and iteration)
+    start, pace, line, estimate, end = capsys.readouterr().out.splitlines()
+    assert start.startswith(f"{tmp_path / 'run'}: the run of ") and " starts on cpu: 3 " in start
+    assert pace.startswith("collecting at ") and "for the first rollout" in pace
     assert line.startswith("iteration=1/3, global_step=32, normalized_reward=12.5, SPS=")
+    assert estimate.startswith("iteration 1 took ") and "the 2 left take about " in estimate
+    assert end.startswith(
+        f"completed: {tmp_path / 'run'}, global_step 64, test_normalized_reward=3"
+    )
+    assert end.endswith(" (summary.json)")
     scalars = scalars_of(tmp_path / "run")
     assert set(scalars) == {
         "charts/normalized_reward",
@@ -1611,13 +1620,16 @@ def test_run_logger_on_a_terminal_shows_a_progress_bar_instead_of_lines(tmp_path
     args = tiny_args()
     args.batch_size, args.num_iterations = 32, 2
     # a resumed run: the bar starts at 32
-    logger = ppo.RunLogger(str(tmp_path / "run"), args, None, global_step=32)
+    logger = ppo.RunLogger(str(tmp_path / "run"), args, "cpu", None, global_step=32)
 
     logger.advance(32)
     logger.log({"charts/normalized_reward": 12.5}, iteration=2)
     logger.close(0)
 
-    assert "iteration=" not in stdout.getvalue()
+    assert (
+        "iteration=" not in stdout.getvalue()
+        and "continues from global_step 32" in stdout.getvalue()
+    )
     assert (logger.bar.n, logger.bar.total) == (64, 64)
     assert "normalized_reward=12.5" in stderr.getvalue()
 
@@ -1639,11 +1651,11 @@ def test_wandb_run_name_group_tags_and_resumed_id(tmp_path, monkeypatch):
     args.batch_size, args.num_iterations = 32, 1
 
     logger = ppo.RunLogger(
-        os.path.join("runs", ppo.default_run_name(args)), args, "saved-id", global_step=0
+        os.path.join("runs", ppo.default_run_name(args)), args, "cpu", "saved-id", global_step=0
     )
     logger.close(143)
     grouped = ppo.RunLogger(
-        os.path.join("runs", "mine"), tiny_args(track=True, wandb_group="sweep-7"), None, 0
+        os.path.join("runs", "mine"), tiny_args(track=True, wandb_group="sweep-7"), "cpu", None, 0
     )
     grouped.close(0)
 
@@ -1741,24 +1753,43 @@ def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
     assert_same_training(resumed.run_dir, uninterrupted.run_dir)
 
 
-def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path):
-    """A requeued job that was stopped before its first checkpoint: its events are removed and it
-    starts over, with checkpoints on."""
+def test_resume_auto_on_a_run_without_a_checkpoint_refuses_and_keeps_it(tmp_path):
+    """A folder that holds an unfinished run and no checkpoint (a job killed before its first one):
+    --resume auto has nothing to continue and must not delete it, so it refuses with one line
+    saying what is there and what to do; an empty or absent folder starts afresh, checkpoints on
+    (issue 27, item 1)."""
     run_dir = tmp_path / "runs" / "job"
     run_dir.mkdir(parents=True)
     (run_dir / "events.out.tfevents.0.stale").write_bytes(b"")
-    args = tiny_args(resume="auto")
+    args = main_args(resume="auto")
 
-    assert ppo.find_checkpoint(args, str(run_dir)) == (None, str(run_dir))
+    with pytest.raises(ppo.ConfigError) as error:
+        ppo.find_checkpoint(args, str(run_dir))
 
-    assert not (run_dir / "events.out.tfevents.0.stale").exists() and args.save_model
+    assert "holds an unfinished run without a checkpoint (events.out.tfevents.0.stale;" in str(
+        error.value
+    )
+    assert "--run-name NAME starts another run, --overwrite moves this one aside" in str(
+        error.value
+    )
+    assert [path.name for path in run_dir.iterdir()] == ["events.out.tfevents.0.stale"]
+    (run_dir / "events.out.tfevents.0.stale").unlink()
+    assert ppo.find_checkpoint(args, str(run_dir)) == (None, str(run_dir)) and args.save_model
     assert ppo.find_checkpoint(args, str(tmp_path / "runs" / "new")) == (
         None,
         str(tmp_path / "runs" / "new"),
     )
     with pytest.raises(ppo.ConfigError, match="not a readable checkpoint"):
         # a path must exist
-        ppo.find_checkpoint(tiny_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir))
+        ppo.find_checkpoint(main_args(resume=str(run_dir / "checkpoint.pt")), str(run_dir))
+
+
+def main_args(**overrides) -> ppo.Args:
+    """tiny_args with what main() fills in before it looks at the run folder."""
+    args = tiny_args(**overrides)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
 
 
 def test_resume_path_may_grow_total_timesteps(tmp_path):
@@ -1873,7 +1904,7 @@ BAD_INPUTS = {
     "recalibrate-without-batchnorm": "--bn-recalibrate",
     "corrupt-checkpoint": "not a readable checkpoint",
     "foreign-checkpoint": "not a checkpoint of this script",
-    "existing-run-folder": "already holds a run",
+    "existing-run-folder": "holds an unfinished run without a checkpoint",
 }
 
 
@@ -1922,13 +1953,13 @@ def test_bad_input_is_a_config_error_before_anything_is_written(case, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path):
-    """The command line turns every ConfigError above into one line (here: a rerun of a finished
-    command)."""
+    """The command line turns every ConfigError above into one line and exit status 2 (here: a run
+    into the folder of an unfinished one)."""
     bad_input("existing-run-folder", tmp_path)
 
     result = run_script(tmp_path)
 
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert_one_line_error(result.stderr, BAD_INPUTS["existing-run-folder"])
     assert not (tmp_path / "wandb").exists()
 
@@ -2015,10 +2046,12 @@ def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process = subprocess.Popen(command, cwd=alone, env=script_env(pythonpath=""), **pipes)
     try:
-        # 100 iterations: the signal comes long before the end
-        first_line = process.stdout.readline()
-        assert first_line.startswith("iteration=1/100, global_step=32"), (
-            first_line + process.stderr.read()
+        # 100 iterations: the signal comes long before the end; before the first iteration's line
+        # come the start line and the pace of the first rollout
+        first_lines = [process.stdout.readline() for _ in range(3)]
+        assert first_lines[0].startswith("runs/my-run: the run of "), first_lines
+        assert first_lines[2].startswith("iteration=1/100, global_step=32"), (
+            "".join(first_lines) + process.stderr.read()
         )
         process.send_signal(signal.SIGUSR1)
         stdout, stderr = process.communicate(timeout=120)

@@ -198,3 +198,50 @@ def test_array_script_runs_its_line_with_resume_auto(array_script):
 def test_array_script_rejects_a_task_past_the_list(array_script):
     result = array_script(3)
     assert result.returncode == 2 and "has no line 3; use --array=1-2" in result.stderr
+
+
+RUN_AND_COMMIT = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "sweeps", "run_and_commit.sh"
+)
+FAKE_RUN = """import json, os, sys
+folder = os.path.join("runs", sys.argv[sys.argv.index("--run-name") + 1])
+os.makedirs(folder, exist_ok=True)
+names = "metrics.csv args.json tasks.json events.out.tfevents.1.host checkpoint.pt"
+for name in names.split():
+    open(os.path.join(folder, name), "w").write(name)
+json.dump({"status": "completed"}, open(os.path.join(folder, "summary.json"), "w"))
+"""
+
+
+def test_run_and_commit_commits_what_analysis_reads_and_skips_a_finished_line(tmp_path):
+    """The queue behind the studies: a finished run's metrics, arguments, TensorBoard events,
+    tasks and summary are committed into DEST's checkout (never its checkpoint), and the same line
+    again is skipped, so a queue restarts where it stopped."""
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    for folder in (repo, work):
+        folder.mkdir()
+        subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C"]
+    subprocess.run([*git, str(work), "commit", "-q", "--allow-empty", "-m", "code"], check=True)
+    subprocess.run([*git, str(repo), "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    (work / "ppo_fake.py").write_text(FAKE_RUN)
+    (repo / "docs").mkdir()  # DEST's parent: a folder of the checkout the runs go to
+    line = f"{sys.executable} ppo_fake.py --seed 1 --run-name study/a_s1"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    command = ["bash", RUN_AND_COMMIT, str(repo / "docs" / "runs"), line]
+    first = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "done study/a_s1" in first.stdout, first.stdout
+    listed = subprocess.run(
+        ["git", "-C", str(repo), "show", "--name-only", "--format=%s", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    committed = sorted(os.path.basename(path) for path in listed if path.startswith("docs/"))
+    assert committed == sorted(
+        ["args.json", "events.out.tfevents.1.host", "metrics.csv", "summary.json", "tasks.json"]
+    )
+    assert listed[:3] == ["study:", "study/a_s1", "(ppo_fake.py"]
+    again = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
+    assert again.stdout.strip() == "skip study/a_s1 (done)"
