@@ -1248,3 +1248,40 @@ def test_help_lists_every_mode(tmp_path):
     mode_help = " ".join(lines[start:end])  # the --mode entry, continuation lines included
     missing = [mode for mode in probe.MODES if mode not in mode_help.replace(",", " ").split()]
     assert missing == [], f"--help does not name {missing}: {mode_help}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-slide images (issue 23): the slide flags reach the task set, tasks.json in the run folder
+
+
+def test_a_tiny_probe_run_on_slides_writes_tasks_json_and_metrics(tmp_path, monkeypatch, capsys):
+    """Pyramidal TIFF slides written here (tests/test_slides.py), through the command line: the
+    training tasks are regions of the slides at --slide-mpp, tasks.json says which; the start and
+    end lines name the run folder."""
+    from test_slides import SLIDES, write_slide
+
+    for name, blobs in SLIDES.items():
+        write_slide(tmp_path / "slides" / name, blobs, "0.5", "aperio" if ".svs" in name else "x")
+    monkeypatch.chdir(tmp_path)
+    flags = [*TINY_CLI, "--total-timesteps=32", "--mode", "bn", "--run-name", "slides"]
+    flags += ["--image-source", str(tmp_path / "slides"), "--slide-mpp", "2", "--num-tasks", "4"]
+
+    assert probe.cli([*flags, "--regions-per-slide", "2"]) == 0
+
+    run_dir = tmp_path / "runs" / "slides"
+    tasks = json.loads((run_dir / "tasks.json").read_text())
+    assert tasks["settings"]["slide_mpp"] == 2.0 and tasks["settings"]["regions_per_slide"] == 2
+    train = tasks["splits"]["train"]
+    assert len(train) == 4 and all(task["level"] == 1 for task in train)
+    assert all((tmp_path / "slides" / task["file"]).is_file() for task in train)
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["global_step"]) for row in rows] == [32]
+    assert np.isfinite(float(rows[0]["normalized_reward"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0].startswith(f"run {Path('runs', 'slides')}: --mode bn = ")
+        and " on cpu: " in lines[0]
+    )
+    assert lines[-1].startswith(f"completed: {Path('runs', 'slides')}, best ")
+    assert lines[-1].endswith("(summary.json)")

@@ -2101,3 +2101,39 @@ def test_script_runs_alone_and_stops_on_sigusr1(tmp_path):
     assert single_run_dir(alone) == run_dir and list(run_dir.glob("events.out.tfevents.*"))
     assert read_checkpoint(run_dir)["iteration"] == iteration < 100
     assert json.loads((run_dir / "args.json").read_text())["run_name"] == "my-run"
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-slide images (issue 23): the slide flags reach the task sets, tasks.json in the run folder
+
+
+def test_a_tiny_run_on_slides_writes_tasks_json_and_its_metrics(tmp_path):
+    """Six pyramidal TIFF slides written here (tests/test_slides.py), the README's slide flags:
+    the run trains on regions of the training slides, evaluates on other slides, and tasks.json
+    locates every task; the start and end lines say where and how it went."""
+    from test_slides import SLIDES, write_slide
+
+    for name, blobs in SLIDES.items():
+        write_slide(tmp_path / "slides" / name, blobs, "0.5", "aperio" if ".svs" in name else "x")
+    fields = dict(image_source=str(tmp_path / "slides"), slide_mpp=2.0, regions_per_slide=2)
+
+    run = ok_run(tmp_path, **fields, min_tissue=0.4, run_name="slides")
+
+    tasks = json.loads((run.run_dir / "tasks.json").read_text())
+    assert tasks["settings"]["slide_mpp"] == 2.0 and tasks["settings"]["regions_per_slide"] == 2
+    assert tasks["settings"]["min_tissue"] == 0.4
+    train, test = tasks["splits"]["train"], tasks["splits"]["test"]
+    assert (len(train), len(test)) == (4, 2)
+    assert all(task["mpp"] == pytest.approx(2.0) and task["level"] == 1 for task in train + test)
+    # slide-level split: no held-out slide is a training slide
+    assert not {task["file"] for task in train} & {task["file"] for task in test}
+    scalars = scalars_of(run.run_dir)
+    assert [step for step, _ in scalars["charts/normalized_reward"]] == [32]
+    assert np.isfinite(scalars["charts/test_normalized_reward"][0][1])
+    lines = run.stdout.splitlines()
+    assert (
+        lines[0].startswith(f"{Path('runs', 'slides')}: the run of ") and " on cpu: 1 " in lines[0]
+    )
+    assert lines[-1].startswith(f"completed: {Path('runs', 'slides')}, global_step 32, ")
+    assert "test_normalized_reward=" in lines[-1] and lines[-1].endswith("(summary.json)")
+    assert json.loads((run.run_dir / "summary.json").read_text())["status"] == "completed"
