@@ -1255,6 +1255,7 @@ class RunLogger:
         ]
         self.recent_rewards = deque(rewards, maxlen=args.smooth_window)
         self.start_time = time.time() - (self.rows[-1]["wall_time"] if self.rows else 0.0)
+        self.process_start, self.first_update = time.time(), True  # for the estimate of the rest
         self.wandb_id = checkpoint.get("wandb_id") if checkpoint else None
         # where each stretch of the run was computed: one entry per process (a resumed run adds one)
         self.provenance = list(checkpoint.get("provenance", [])) if checkpoint else []
@@ -1377,6 +1378,15 @@ class RunLogger:
             f"delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
             flush=True,  # the probe's logs are meant to be watched (tail -f)
         )
+        left = self.args.num_iterations - iteration
+        if self.first_update and left:
+            took = time.time() - self.process_start
+            print(
+                f"update {iteration} took {readable_time(took)}: the {left} left take about "
+                f"{readable_time(took * left)} at this pace",
+                flush=True,
+            )
+        self.first_update = False
         return row
 
     def write_row(self, row: dict):

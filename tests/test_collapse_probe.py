@@ -1266,7 +1266,7 @@ def test_a_tiny_probe_run_on_slides_writes_tasks_json_and_metrics(tmp_path, monk
     flags = [*TINY_CLI, "--total-timesteps=32", "--mode", "bn", "--run-name", "slides"]
     flags += ["--image-source", str(tmp_path / "slides"), "--slide-mpp", "2", "--num-tasks", "4"]
 
-    assert probe.cli([*flags, "--regions-per-slide", "2"]) == 0
+    assert probe.cli([*flags, "--regions-per-slide", "2", "--num-steps", "8"]) == 0
 
     run_dir = tmp_path / "runs" / "slides"
     tasks = json.loads((run_dir / "tasks.json").read_text())
@@ -1276,9 +1276,11 @@ def test_a_tiny_probe_run_on_slides_writes_tasks_json_and_metrics(tmp_path, monk
     assert all((tmp_path / "slides" / task["file"]).is_file() for task in train)
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(row["global_step"]) for row in rows] == [32]
+    assert [int(row["global_step"]) for row in rows] == [16, 32]
     assert np.isfinite(float(rows[0]["normalized_reward"]))
     lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("iteration=1/2, global_step=16, ")
+    assert lines[2].startswith("update 1 took ") and "the 1 left take about " in lines[2]
     assert (
         lines[0].startswith(f"run {Path('runs', 'slides')}: --mode bn = ")
         and " on cpu: " in lines[0]
