@@ -851,7 +851,8 @@ def check_number(args: Args, name: str, low, high=math.inf, low_open=False) -> N
 
 def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
     """The PPO flags of every script, each a one-line error outside its range: seeds as numpy takes
-    them, a step size of at most 1 and at most 100 epochs (beyond them a typo, not a setting)."""
+    them, a step size of at most 1, at most 100 epochs and 4 threads a core (beyond them a typo,
+    not a setting: 100000 threads exhaust the memory)."""
     check_number(args, "seed", 0, max_seed)
     check_number(args, "learning_rate", 0.0, 1.0, low_open=True)
     for name in ("gamma", "gae_lambda"):
@@ -861,6 +862,7 @@ def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
     for name in ("ent_coef", "vf_coef", "weight_decay"):
         check_number(args, name, 0.0)
     check_number(args, "update_epochs", 1, 100)
+    check_number(args, "torch_threads", 0, 4 * (os.cpu_count() or 1))
 
 
 def check_run_flags(args: Args) -> None:
@@ -942,6 +944,7 @@ def validate_args(args: Args) -> None:
         "num_tasks",
         "hidden_size",
         "smooth_window",
+        "checkpoint_interval",
     ):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -1293,6 +1296,7 @@ class RunLogger:
         ]
         self.recent_rewards = deque(rewards, maxlen=args.smooth_window)
         self.start_time = time.time() - (self.rows[-1]["wall_time"] if self.rows else 0.0)
+        self.process_start, self.first_update = time.time(), True  # for the estimate of the rest
         self.wandb_id = checkpoint.get("wandb_id") if checkpoint else None
         # where each stretch of the run was computed: one entry per process (a resumed run adds one)
         self.provenance = list(checkpoint.get("provenance", [])) if checkpoint else []
@@ -1415,6 +1419,15 @@ class RunLogger:
             f"delta_pi_minus={row['delta_pi_minus']:.2e}, SPS={row['sps']}",
             flush=True,  # the probe's logs are meant to be watched (tail -f)
         )
+        left = self.args.num_iterations - iteration
+        if self.first_update and left:
+            took = time.time() - self.process_start
+            print(
+                f"update {iteration} took {readable_time(took)}: the {left} left take about "
+                f"{readable_time(took * left)} at this pace",
+                flush=True,
+            )
+        self.first_update = False
         return row
 
     def write_row(self, row: dict):

@@ -825,7 +825,8 @@ def check_number(args: Args, name: str, low, high=math.inf, low_open=False) -> N
 
 def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
     """The PPO flags of every script, each a one-line error outside its range: seeds as numpy takes
-    them, a step size of at most 1 and at most 100 epochs (beyond them a typo, not a setting)."""
+    them, a step size of at most 1, at most 100 epochs and 4 threads a core (beyond them a typo,
+    not a setting: 100000 threads exhaust the memory)."""
     check_number(args, "seed", 0, max_seed)
     check_number(args, "learning_rate", 0.0, 1.0, low_open=True)
     for name in ("gamma", "gae_lambda"):
@@ -835,6 +836,7 @@ def check_ppo_numbers(args: Args, max_seed: int = 2**32 - 1) -> None:
     for name in ("ent_coef", "vf_coef", "weight_decay"):
         check_number(args, name, 0.0)
     check_number(args, "update_epochs", 1, 100)
+    check_number(args, "torch_threads", 0, 4 * (os.cpu_count() or 1))
 
 
 def check_run_flags(args: Args) -> None:

@@ -134,6 +134,7 @@ BAD_INPUTS = [
     script_row("procgen", "--minibatch-size 0", "--minibatch-size 0"),
     script_row("procgen", "--minibatch-size 1000", "--minibatch-size"),
     script_row("procgen", "--overwrite --resume auto", "give one of them"),
+    script_row("procgen", "--torch-threads 100000", "--torch-threads 100000"),
     script_row("procgen", "--run-name x", "runs/x holds an unfinished run", unfinished_run),
     script_row("procgen", "", "is not writable", read_only_runs),
     # ppo_patchloc_mdr.py
@@ -151,7 +152,8 @@ BAD_INPUTS = [
     script_row("patchloc", "--regions-per-slide 0", "--regions-per-slide 0"),
     script_row("patchloc", "--min-tissue 1.5", "--min-tissue 1.5"),
     script_row("patchloc", "--image-source /nonexistent/folder", "/nonexistent/folder"),
-    script_row("patchloc", "--num-tasks 0", "--num-tasks"),
+    script_row("patchloc", "--num-tasks 0", "--num-tasks 0: must be >= 1"),
+    script_row("patchloc", "--hidden-size 0", "--hidden-size 0: must be >= 1"),
     script_row("patchloc", "--minibatch-size 1000", "--minibatch-size"),
     script_row("patchloc", "--run-name x", "runs/x holds an unfinished run", unfinished_run),
     script_row("patchloc", "", "is not writable", read_only_runs),
@@ -165,6 +167,8 @@ BAD_INPUTS = [
     script_row("probe", "--run-name ../../x", "must name a folder inside runs/"),
     script_row("probe", "--alpha2 100000", "--alpha2"),
     script_row("probe", "--min-tissue -1", "--min-tissue -1.0"),
+    script_row("probe", "--torch-threads 100000", "--torch-threads 100000"),
+    script_row("probe", "--resume auto --checkpoint-interval 0", "--checkpoint-interval 0"),
     script_row("probe", "--run-name x", "runs/x holds an unfinished run", unfinished_run),
     script_row("probe", "", "is not writable", read_only_runs),
     # the env

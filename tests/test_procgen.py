@@ -1521,6 +1521,27 @@ def uninterrupted(tmp_path_factory):
     }
 
 
+def test_a_run_says_where_and_how_long_before_it_starts_and_sums_up_at_the_end(uninterrupted):
+    """Issue 27 item 4: before the first iteration, a line with the run folder, the device and what
+    runs, then the pace of the first rollout and, after the first iteration, the time the rest
+    should take; at the end one line with the folder, the final scores and the time."""
+    lines = uninterrupted["stdout"].splitlines()
+    where = str(Path("runs") / uninterrupted["run_dir"].name)
+    assert (
+        lines[0].startswith(f"{where}: the run of ")
+        and " starts on cpu: 3 iterations of " in (lines[0])
+    )
+    assert lines[1].startswith("collecting at ") and "about " in lines[1]
+    assert lines[2].startswith("iteration=1/3, ")
+    assert lines[3].startswith("iteration 1 took ") and "the 2 left take about " in lines[3]
+    end = lines[-1]
+    assert end.startswith(f"completed: {where}, global_step 48, test_episodic_return=")
+    assert "delta_pi_minus=" in end and end.endswith(" (summary.json)")
+    summary = json.loads((uninterrupted["run_dir"] / "summary.json").read_text())
+    assert (summary["status"], summary["global_step"]) == ("completed", 48)
+    assert summary["checkpoint"] == str(Path(where) / "checkpoint.pt")
+
+
 def test_resume_auto_in_an_empty_folder_starts_fresh_and_checkpoints(uninterrupted):
     assert "resumed" not in uninterrupted["stdout"]
     assert [line["iteration"] for line in progress_lines(uninterrupted["stdout"])] == [
