@@ -65,16 +65,20 @@ class Args:
     wandb_group: Optional[str] = None
     """the wandb group, e.g. one per (task set, norm, alpha) to aggregate seeds"""
     run_name: Optional[str] = None
-    """folder under runs/ (default: task set, norm, BN momentum, alphas, seed: a rerun finds it)"""
+    """folder under runs/ (default: task set, norm, BN momentum, alphas and seed: a rerun of a
+    command finds its folder)"""
     save_model: bool = False
-    """if toggled, write runs/{run_name}/checkpoint.pt every checkpoint_interval and at the end"""
+    """if toggled, write a checkpoint to `runs/{run_name}/checkpoint.pt` every
+    `checkpoint_interval` and at the end"""
     checkpoint_interval: int = 20
     """iterations between checkpoints (with --save-model or --resume auto)"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto`: the folder's
-    checkpoint, else a fresh run; exit 0 if finished (README: "Run folders"; checkpoints on)"""
+    """checkpoint.pt to continue (same args; --total-timesteps may grow), or `auto` (checkpoints
+    on): continue the run folder's checkpoint, start afresh in an empty folder, exit 0 if the run
+    is finished (README: "Run folders")"""
     overwrite: bool = False
-    """if toggled, a run folder holding another run is moved aside to NAME.old-N, never deleted"""
+    """if toggled, a run folder that holds another run is moved aside to NAME.old-N (never
+    deleted) and the run starts afresh"""
 
     # Speed (none of these changes what is computed, except --amp; docs/benchmarks.md: measured
     # with ppo_procgen_mdr.py)
@@ -85,7 +89,8 @@ class Args:
     """run the backbone under bfloat16 autocast (CUDA; CPUs with bf16 units, e.g. AVX512-BF16);
     heads and losses in float32"""
     compile: bool = False
-    """torch.compile the backbone (a compile per mode and batch shape, ~1 min; no faster on CPU)"""
+    """torch.compile the backbone (one compile per mode and batch shape, ~1 min on CPU; on CPU
+    measured no faster)"""
     torch_threads: int = 0
     """torch's intra-op CPU threads (0 = torch's default, one per core)"""
 
@@ -108,7 +113,8 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     minibatch_size: int = 128
-    """the minibatch size m (the last of an epoch is smaller when m does not divide |D_k|)"""
+    """the minibatch size m (when it does not divide |D_k|, the last minibatch of an epoch is
+    smaller)"""
     update_epochs: int = 3
     """the K epochs to update the policy (per round: alpha1 in train mode, then alpha2 in eval
     mode)"""
@@ -165,12 +171,14 @@ class Args:
     num_test_tasks: int = 500
     """number of held-out tasks, on images the training tasks never use"""
     image_source: str = "procedural"
-    """'procedural' (built-in generator, no download), or a folder (subfolders too) of images (.jpg
-    .png .tif) and/or whole-slide images (.svs .ndpi .mrxs .scn .bif .tif; docs/slides.md)"""
+    """'procedural' (built-in generator, no download), or a folder of images (.jpg .png .tif, any
+    size) and/or whole-slide images (.svs .ndpi .mrxs .scn .bif, pyramidal .tif; docs/slides.md),
+    subfolders too"""
     image_size: Optional[int] = None
     """side m that images are processed at, >= 4 x view size (default: 4 x --view-size)"""
     targets_per_image: int = 1
-    """tasks (targets) drawn from each image (2048 tasks can come from a few hundred images)"""
+    """tasks (targets) drawn from each image, so that 2048 tasks can come from a few hundred
+    images"""
     slide_mpp: Optional[float] = None
     """slides: micrometres per pixel of a task's image (None: 2.0, a 5x view; docs/slides.md)"""
     slide_level: Optional[int] = None
@@ -186,15 +194,18 @@ class Args:
 
     # Held-out evaluation
     eval_interval: int = 10
-    """iterations between held-out evaluations (one also runs at the end); 0 = only at the end"""
+    """iterations between evaluations on the held-out tasks (also run at the end); 0 = only at
+    the end"""
     num_eval_envs: int = 50
     """envs stepped in parallel during evaluation (each held-out task is run exactly once)"""
     num_render_episodes: int = 4
     """held-out episodes drawn (window path and target) at each evaluation, logged as an image"""
     evaluate: Optional[str] = None
-    """a checkpoint.pt to evaluate on its held-out tasks instead of training (evaluation-N.json)"""
+    """a checkpoint.pt to evaluate instead of training: its held-out tasks, scores printed and
+    saved as evaluation-N.json beside it (earlier ones kept)"""
     capture_video: bool = False
-    """with --evaluate: the first held-out episode, step by step, as eval_video-N.gif (and wandb)"""
+    """with --evaluate: also save the first held-out episode, drawn step by step, as
+    eval_video-N.gif (wandb with --track)"""
 
     # Mismatch diagnostics (paper eq. 6-7 and 10-11)
     diag_minibatches: int = 1
@@ -606,7 +617,8 @@ def recompute_advantages(agent, batch, rewards, dones, next_obs, next_done, args
 
 
 def task_sets(args: Args):
-    """Disjoint training and held-out task sets from the seed (envs/ checks sizes and files)."""
+    """Disjoint training and held-out task sets drawn from the seed (envs/ checks sizes and image
+    files)."""
     sizes = (args.num_tasks, args.num_test_tasks, args.image_source, args.image_size)
     settings = ("targets_per_image", "slide_mpp", "slide_level", "regions_per_slide", "min_tissue")
     settings = {name: getattr(args, name) for name in settings}

@@ -423,9 +423,10 @@ BANNER = "# Infrastructure:"
 # a target. It was 720 at line length 127, where the parts were 578-597 lines; ruff format at 100
 # alone made them 718-750, and issue 24 moved weight loading, env construction and main()'s setup
 # above the banner and added --update-epochs: 779-822 lines (patch-loc the longest), nothing cut.
-# Issue 27's --overwrite and issue 23's four slide flags and tasks.json fit in it: patch-loc 825,
-# with docstrings that said things twice shortened.
-ABOVE_BANNER_LIMIT = 825
+# Then issue 27's --overwrite, issue 23's four slide flags and the line that writes tasks.json, and
+# issue 22's dropout Delta pi (masks from the diagnostics' generator): patch-loc 842, its docstrings
+# whole (shortening them to stay at 825 was undone: a limit is never a reason to cut a docstring).
+ABOVE_BANNER_LIMIT = 850
 
 
 def lines_above_banner(text: str) -> int:
