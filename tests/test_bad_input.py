@@ -168,6 +168,12 @@ BAD_INPUTS = [
     script_row("probe", "--alpha2 100000", "--alpha2"),
     script_row("probe", "--min-tissue -1", "--min-tissue -1.0"),
     script_row("probe", "--torch-threads 100000", "--torch-threads 100000"),
+    # issue 22: the dropout modes' flag
+    script_row("probe", "--mode dropout --dropout-p 1.0", "--dropout-p 1.0: must be in [0, 1)"),
+    script_row("probe", "--mode dropout-mdr --dropout-p -0.1", "--dropout-p -0.1"),
+    script_row("probe", "--mode bn --dropout-p 0.1", "--dropout-p applies to the dropout modes"),
+    script_row("probe", "--mode dropout --alpha2 1", "--alpha1/--alpha2 apply to the MDR modes"),
+    script_row("patchloc", "--norm dropout --dropout-p 1.5", "--dropout-p 1.5 < 1"),
     script_row("probe", "--resume auto --checkpoint-interval 0", "--checkpoint-interval 0"),
     script_row("probe", "--run-name x", "runs/x holds an unfinished run", unfinished_run),
     script_row("probe", "", "is not writable", read_only_runs),
