@@ -122,6 +122,7 @@ NOT_TRAINING = (
     "torch_threads",
     "evaluate",
     "capture_video",
+    "overwrite",
 )
 NOT_TRAINING += ("exp_name", "seed", "provenance", "_wandb")
 FEW_SEEDS = 3  # a mean +- std or an interval over fewer seeds carries a caution
