@@ -376,7 +376,7 @@ def test_features_convert_in_place_without_changing_values(view_batching):
     "overrides, message",
     [
         (dict(diag_minibatches=-2), "--diag-minibatches -2 >= -1"),
-        (dict(torch_threads=-1), "--torch-threads >= 0"),
+        (dict(torch_threads=-1), "--torch-threads -1: must be a finite number in [0, "),
     ],
 )
 def test_validate_args_rejects_bad_speed_settings(overrides, message):
