@@ -971,11 +971,8 @@ def validate_args(args: Args) -> None:
     check_dropout_p(args)
     if not 0.0 < args.bn_momentum <= 1.0:
         raise ConfigError(f"--bn-momentum {args.bn_momentum}: need 0 < --bn-momentum <= 1")
-    if args.torch_threads < 0 or args.diag_minibatches < -1 or args.diag_ratio_every < 0:
-        raise ConfigError(
-            "need --torch-threads >= 0, --diag-minibatches >= -1 (-1 = off) and "
-            "--diag-ratio-every >= 0"
-        )
+    if args.diag_minibatches < -1 or args.diag_ratio_every < 0:
+        raise ConfigError("need --diag-minibatches >= -1 (-1 = off) and --diag-ratio-every >= 0")
 
 
 def check_dropout_p(args: Args) -> None:

@@ -972,11 +972,9 @@ def validate_args(args: Args) -> None:
             f"need 0 <= --dropout-p {args.dropout_p} < 1 and 0 < --bn-momentum "
             f"{args.bn_momentum} <= 1"
         )
-    intervals = (args.eval_interval, args.diag_ratio_every, args.torch_threads)
-    if args.checkpoint_interval < 1 or min(intervals) < 0:
+    if args.checkpoint_interval < 1 or min(args.eval_interval, args.diag_ratio_every) < 0:
         raise ConfigError(
-            "need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every, "
-            "--torch-threads >= 0"
+            "need --checkpoint-interval >= 1, and --eval-interval, --diag-ratio-every >= 0"
         )
     if args.diag_minibatches < -1 or (args.bn_recalibrate and args.norm not in ("bn", "brn")):
         raise ConfigError(

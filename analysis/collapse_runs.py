@@ -242,17 +242,25 @@ def read_metrics(path: str) -> list:
     return rows
 
 
+def read_json_file(path: str):
+    """The JSON value in `path`, None if there is no such file (a run that did not finish);
+    CorruptRun (the reason) if it cannot be read or parsed."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CorruptRun(f"unreadable ({error})") from None
+
+
 def read_summary(path: str) -> dict:
     """summary.json as a dict ({} if there is none: the run did not finish), its
     provenance_segments always a list ([] where the run recorded none); CorruptRun (the reason) if
     it cannot be read."""
-    if not os.path.exists(path):
+    summary = read_json_file(path)
+    if summary is None:
         return {}
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CorruptRun(f"unreadable ({error})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("args", {}), dict):
         raise CorruptRun("not a summary.json of ppo_collapse_probe.py (no args object)")
     segments = summary.get("provenance_segments")

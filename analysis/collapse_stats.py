@@ -76,6 +76,7 @@ from collapse_runs import (
     mode_label,
     mode_rank,
     provenance_summary,
+    read_json_file,
     read_runs,
     read_runs_and_skipped,
     select_cells,
@@ -128,6 +129,16 @@ def kaplan_meier(times, collapsed) -> tuple:
     return np.concatenate([[0.0], survival.quantiles]), np.concatenate(
         [[1.0], survival.probabilities]
     )
+
+
+def survival_curves(measures: dict) -> tuple:
+    """(runs, curves) of one arm from its per-definition measures ({definition: {seed: measure}}):
+    the revised definition's runs, and a Kaplan-Meier curve per definition."""
+    curves = [
+        (*kaplan_meier(*zip(*[(m["time"], m["collapsed"]) for m in by_seed.values()])), d)
+        for d, by_seed in measures.items()
+    ]
+    return [m["run"] for m in measures["revised"].values()], curves
 
 
 def finite_pairs(x, y) -> tuple:
@@ -1115,14 +1126,8 @@ def stage_c_report(args, runs: list, unfinished: list, skipped: list, command: s
         cells = []
         for arm in family.arms:
             measures = {d: family.measures(arm, d) for d in ("revised", "old")}
-            if not measures["revised"]:
-                continue
-            curves = [
-                (*kaplan_meier(*zip(*[(m["time"], m["collapsed"]) for m in by_seed.values()])), d)
-                for d, by_seed in measures.items()
-            ]
-            arm_runs = [m["run"] for m in measures["revised"].values()]
-            cells.append((mode_label(arm), arm_runs, curves))
+            if measures["revised"]:
+                cells.append((mode_label(arm), *survival_curves(measures)))
         rows.append((FAMILY_TITLES[family.name], cells))
         comparisons_drawn = []
         for arm, other in comparisons(family):
@@ -1521,11 +1526,7 @@ def dropout_report(args, runs: list, unfinished: list, skipped: list, command: s
             measures = {d: family.measures(arm, d) for d in ("revised", "old")}
             if not measures["revised"]:
                 continue
-            curves = [
-                (*kaplan_meier(*zip(*[(m["time"], m["collapsed"]) for m in by_seed.values()])), d)
-                for d, by_seed in measures.items()
-            ]
-            cells.append((arm, [m["run"] for m in measures["revised"].values()], curves))
+            cells.append((arm, *survival_curves(measures)))
             fluct = [m["fluctuation"] for m in measures["revised"].values()]
             values.append(
                 (
@@ -1692,13 +1693,12 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
 def read_gen_summary(path: str) -> dict:
     """A training script's summary.json ({} if there is none: the run did not finish); CorruptRun
     (the file and the reason) if it cannot be read."""
-    if not os.path.exists(path):
-        return {}
     try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CorruptRun(f"{path}: unreadable ({error})") from None
+        summary = read_json_file(path)
+    except CorruptRun as error:
+        raise CorruptRun(f"{path}: {error}") from None
+    if summary is None:
+        return {}
     if not isinstance(summary, dict):
         raise CorruptRun(f"{path}: not a summary.json of ppo_patchloc_mdr.py (no JSON object)")
     return summary
