@@ -32,6 +32,8 @@ probability found, seeds 31-42): the primary sign-flip test, the Holm family D1-
 decision, the fluctuation measure; stability.md and stability_*.png. With --gen-runs-dir DIR, also
 Study 2 (--study dropout-gen alone: DIR as --runs-dir): ppo_patchloc_mdr.py runs' final held-out
 gap, its paired differences and TOST; generalization.md and generalization_curves.png.
+--study dropout-pilot: Study 2's pilot (arm none at several training-task counts and step budgets):
+each regime's final gap and training-task reward, and the plan's choice; pilot.md, pilot_curves.png.
 
     python analysis/collapse_stats.py --study dropout --runs-dir docs/dropout/stability \
         --gen-runs-dir docs/dropout/generalization --out-dir docs/dropout
@@ -1642,13 +1644,13 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
     """(runs, skipped): every folder under runs_dir with TensorBoard events and a patch-loc
     run's arguments, as a dict: name, arm, seed, status (summary.json's, 'unfinished' without
     one), config, provenance (its segments), gap and held_out ((steps, values) of the held-out
-    evaluations). A ConfigError for a run of another arm or a second run of one arm and seed."""
+    evaluations). A ConfigError for a run of another arm."""
     from aggregate import CorruptRun as TensorBoardCorrupt
     from aggregate import read_tensorboard_run
 
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"{option} {runs_dir}: no such folder")
-    runs, skipped, seen = [], [], {}
+    runs, skipped = [], []
     for root, dirs, files in os.walk(runs_dir):
         dirs.sort()
         if not any(name.startswith("events.out.tfevents.") for name in files):
@@ -1670,9 +1672,6 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
                 "is not an arm of Study 2 (none, dropout, dropout with --alpha2 1)"
             )
         seed = int(run.config["seed"])
-        twin = seen.setdefault((arm, seed), name)
-        if twin != name:
-            raise ConfigError(f"{twin} and {name}: two runs of {arm}, seed {seed}")
         provenance = summary.get("provenance") or run.config.get("provenance") or []
         empty = (np.array([]), np.array([]))
         runs.append(
@@ -1688,6 +1687,16 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
             }
         )
     return runs, skipped
+
+
+def check_one_run_each(runs: list, label) -> None:
+    """A ConfigError naming the first two runs of one label(run) and seed."""
+    seen = {}
+    for run in runs:
+        key = (label(run), run["seed"])
+        twin = seen.setdefault(key, run["name"])
+        if twin != run["name"]:
+            raise ConfigError(f"{twin} and {run['name']}: two runs of {key[0]}, seed {key[1]}")
 
 
 def read_gen_summary(path: str) -> dict:
@@ -1756,26 +1765,27 @@ def gen_methods(pairs: int) -> str:
     )
 
 
-def check_gen_regime(runs: list) -> str:
-    """The settings every finished run shares, as text; a ConfigError naming the first that
-    differs."""
+def check_gen_regime(
+    runs: list, keys=GEN_REGIME, why: str = "Study 2 compares arms of one regime"
+) -> str:
+    """The settings (of keys) every finished run shares, as text; a ConfigError naming the first
+    that differs, and why they must not."""
     shared = []
-    for key in GEN_REGIME:
+    for key in keys:
         values = {canonical_text(run["config"].get(key)) for run in runs}
         if len(values) > 1:
             found = "; ".join(
                 f"{run['name']} {canonical_text(run['config'].get(key))}" for run in runs
             )
-            raise ConfigError(
-                f"the runs differ in {key} ({found}): Study 2 compares arms of one regime"
-            )
+            raise ConfigError(f"the runs differ in {key} ({found}): {why}")
         if runs:
             shared.append(f"{key} {values.pop()}")
     return ", ".join(shared)
 
 
 def canonical_text(value) -> str:
-    return format_setting(float(value)) if isinstance(value, (int, float)) else str(value)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return format_setting(float(value)) if numeric else str(value)
 
 
 def gen_analysis(args, command: str) -> tuple:
@@ -1784,6 +1794,7 @@ def gen_analysis(args, command: str) -> tuple:
     runs_dir = args.gen_runs_dir or args.runs_dir
     option = "--gen-runs-dir" if args.gen_runs_dir else "--runs-dir"
     all_runs, skipped = read_gen_runs(runs_dir, option)
+    check_one_run_each(all_runs, lambda run: run["arm"])
     runs, unfinished = finished(all_runs)
     regime = check_gen_regime(runs)
     ps = sorted(
@@ -1915,6 +1926,133 @@ def main_dropout_gen(args, command: str) -> int:
     return 0
 
 
+# Study 2's pilot (docs/dropout/PLAN.md): the `none` runs at several training-task counts and step
+# budgets; the regime in which a network without dropout visibly overfits
+
+PILOT_MIN_GAP = 10.0  # points: an overfitting regime's final gap is at least this
+PILOT_MIN_TRAIN = 30.0  # % of optimal: and its final training-task reward at least this
+PILOT_VARIES = ("num_tasks", "total_timesteps", "eval_interval")  # what the pilot tries
+PILOT_FILES = ("pilot.md", "pilot_curves.png")
+
+
+def pilot_regime(run) -> tuple:
+    """(training tasks, environment steps) of a pilot run."""
+    return int(run["config"]["num_tasks"]), int(run["config"]["total_timesteps"])
+
+
+def pilot_choice(regimes: dict) -> tuple:
+    """(tasks, steps) of the plan's choice among regimes {(tasks, steps): [measures of its runs]}:
+    the smallest task count with a regime whose means over its seeds reach both thresholds (of
+    that count's regimes, the fewest steps); None if no regime overfits."""
+    overfitting = [regime for regime, runs in regimes.items() if pilot_overfits(runs)]
+    return min(overfitting, default=None)
+
+
+def pilot_overfits(measures: list) -> bool:
+    gap = np.mean([m["gap"] for m in measures])
+    train = np.mean([m["train"] for m in measures])
+    return bool(gap >= PILOT_MIN_GAP and train >= PILOT_MIN_TRAIN)
+
+
+def pilot_analysis(args, command: str) -> tuple:
+    """The pilot on the runs under --runs-dir (arm none only): (report, printed choice, figure
+    panels), one row per regime (training tasks, steps) and one per run."""
+    all_runs, skipped = read_gen_runs(args.runs_dir, "--runs-dir")
+    others = [run["name"] for run in all_runs if run["arm"] != "none"]
+    if others:
+        raise ConfigError(f"{others[0]}: the pilot runs arm none only (--norm none --alpha2 0)")
+    check_one_run_each(
+        all_runs, lambda run: "none at {} tasks, {} steps".format(*pilot_regime(run))
+    )
+    runs, unfinished = finished(all_runs)
+    keys = [key for key in GEN_REGIME if key not in PILOT_VARIES]
+    shared = check_gen_regime(runs, keys, "the pilot varies only " + ", ".join(PILOT_VARIES))
+    check_provenance([runs], args.allow_mixed)
+    regimes = {}
+    for run in runs:
+        measures = gen_measures(run)
+        if math.isfinite(measures["gap"]):
+            regimes.setdefault(pilot_regime(run), []).append({**measures, "run": run})
+    choice = pilot_choice(regimes)
+    if choice:
+        chosen = f"{choice[0]} training tasks, {choice[1]:,} steps"
+        printed = f"Pilot choice: {chosen} (the smallest task count at which none overfits)"
+    else:
+        printed = (
+            "Pilot choice: no regime overfits; by the plan the study runs at 32 training tasks, "
+            "and its report says the regime lacks the overfitting the question needs"
+        )
+    report = [
+        f"# Dropout, Study 2's pilot: does a network without dropout overfit? ({args.runs_dir})\n",
+        f"Written by `{command}`.\n",
+        "Rule (docs/dropout/PLAN.md, Study 2): a regime (training-task count, step budget) "
+        f"overfits when, over its seeds, the mean final gap is at least {PILOT_MIN_GAP:g} points "
+        f"and the mean final training-task reward at least {PILOT_MIN_TRAIN:g} % of optimal; "
+        "final = the mean over the last "
+        f"{GAP_EVALUATIONS} held-out evaluations, the training-task reward = held-out + "
+        f"`{GAP_TAG}` (the greedy eval-mode policy on as many training tasks). The pilot "
+        "picks the smallest task count with a regime that overfits (of its regimes, the fewest "
+        "steps).\n",
+        (f"Every run shares: {shared}.\n" if runs else "No finished runs yet.\n"),
+    ]
+    if runs:
+        report.append(provenance_summary(runs, args.allow_mixed) + "\n")
+    if skipped:
+        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+    if unfinished:
+        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
+        report.append(f"Not finished or failed, not analysed ({len(unfinished)}): {names}.\n")
+    short = [run["name"] for run in runs if not math.isfinite(gen_measures(run)["gap"])]
+    if short:
+        names = ", ".join(f"`{name}`" for name in short)
+        report.append(f"Fewer than {GAP_EVALUATIONS} held-out evaluations, left out: {names}.\n")
+    if unfinished:
+        printed += f" (so far: {len(unfinished)} run{'s' * (len(unfinished) != 1)} unfinished)"
+    report.append(f"**{printed}.**\n")
+    rows = []
+    for regime, measures in sorted(regimes.items()):
+        row = [str(regime[0]), f"{regime[1]:,}", str(len(measures))]
+        row += [f"{np.mean([m[key] for m in measures]):.1f}" for key in ("train", "held_out")]
+        row += [f"{np.mean([m['gap'] for m in measures]):.1f}"]
+        row += ["yes" if pilot_overfits(measures) else "no"]
+        rows.append(row)
+    header = ["training tasks", "steps", "seeds", "final training-task reward, mean"]
+    header += ["final held-out reward, mean", "final gap, mean", "overfits"]
+    report += ["## Regimes\n", markdown_table(header, rows) + "\n"]
+    rows, panels = [], []
+    for regime, measures in sorted(regimes.items()):
+        curves = []
+        for m in sorted(measures, key=lambda m: m["run"]["seed"]):
+            curves.append(gen_curves(m["run"]))
+            train = curves[-1][1]
+            rows.append(
+                [f"`{m['run']['name']}`", str(m["run"]["seed"]), str(m["evaluations"])]
+                + [f"{m[key]:.1f}" for key in ("train", "held_out", "gap")]
+                + [f"{np.max(train):.1f}"]
+            )
+        panels.append((f"none, {regime[0]} tasks, {regime[1]:,} steps", curves))
+    header = ["run", "seed", "held-out evaluations", "final training-task reward"]
+    header += ["final held-out reward", "final gap", "best training-task reward"]
+    report += ["## Runs\n", markdown_table(header, rows) + "\n"]
+    return "\n".join(report), printed, panels
+
+
+def main_dropout_pilot(args, command: str) -> int:
+    """--study dropout-pilot: Study 2's pilot on the runs under --runs-dir; pilot.md and its
+    figure in --out-dir."""
+    report, printed, panels = pilot_analysis(args, command)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, PILOT_FILES[0]), "w") as f:
+        f.write(report)
+    written = [PILOT_FILES[0]]
+    if panels:
+        draw_train_vs_heldout(panels, os.path.join(args.out_dir, PILOT_FILES[1]), "pilot")
+        written.append(PILOT_FILES[1])
+    print(printed)
+    print(f"\nwrote {', '.join(written)} to {args.out_dir}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -2032,11 +2170,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--study",
-        choices=["stage-c", "dropout", "dropout-gen"],
+        choices=["stage-c", "dropout", "dropout-gen", "dropout-pilot"],
         default=None,
         help="a pre-registered analysis: stage-c (docs/collapse/study_c/PLAN.md); dropout "
         "(docs/dropout/PLAN.md, Study 1; Study 2 too with --gen-runs-dir); dropout-gen (Study 2 "
-        "alone, ppo_patchloc_mdr.py runs under --runs-dir)",
+        "alone, ppo_patchloc_mdr.py runs under --runs-dir); dropout-pilot (Study 2's pilot: "
+        "which training-task count makes none overfit)",
     )
     parser.add_argument(
         "--gen-runs-dir",
@@ -2054,7 +2193,12 @@ def main(argv=None) -> int:
     )
     if args.study:
         refuse_options(args, args.study)
-        study = {"stage-c": main_stage_c, "dropout": main_dropout, "dropout-gen": main_dropout_gen}
+        study = {
+            "stage-c": main_stage_c,
+            "dropout": main_dropout,
+            "dropout-gen": main_dropout_gen,
+            "dropout-pilot": main_dropout_pilot,
+        }
         return study[args.study](args, command.strip())
     if args.gen_runs_dir:
         raise ConfigError("--gen-runs-dir: only with --study dropout")

@@ -770,13 +770,16 @@ def stage_c_report(study, out_dir, capsys=None) -> str:
     return (out_dir / "collapse_stats.md").read_text()
 
 
-def table_row(report: str, section: str, first_cell: str) -> list:
-    """The cells of the row starting with first_cell in the first table after `section`."""
+def table_row(report: str, section: str, first_cell: str, skip: int = 0) -> list:
+    """The cells of the row starting with first_cell in the first table after `section` (the
+    skip + 1-th such row)."""
     after = report[report.index(section) :]
     for line in after.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if line.startswith("| ") and cells[0] == first_cell:
-            return cells
+            if not skip:
+                return cells
+            skip -= 1
     raise AssertionError(f"no row {first_cell} after {section}")
 
 
@@ -1230,6 +1233,103 @@ def test_the_dropout_study_and_its_generalization_in_one_command(
         "stability.md",
     ]
     assert "generalization_curves.png" in drawn and "stability_rewards.png" in drawn
+
+
+# --------------------------------------------------------------------------------------------------
+# Study 2's pilot: which regime makes `none` overfit, by hand
+
+
+@pytest.fixture
+def pilot_runs(tmp_path):
+    """none at 32 tasks for 6000 steps: gaps 12 and 6 (mean 9 < 10: no); 32 tasks for 12000
+    steps: gap 10 exactly, training reward 30 exactly (the thresholds: yes); 64 tasks for 6000:
+    gap 20, training 50 (yes, but more tasks). Every run: 4 evaluations, the first left out."""
+    pilot = tmp_path / "pilot"
+
+    def run(name, seed, tasks, steps, held_out, gap):
+        # the last 3 evaluations: held-out h - 1, h, h + 1 and gap g + 1, g, g - 1
+        tests = [0.0, held_out - 1, held_out, held_out + 1]
+        gaps = [40.0, gap + 1, gap, gap - 1]
+        kw = {"num_tasks": tasks, "total_timesteps": steps}
+        write_gen_run(pilot / name, "none", seed, tests, gaps, **kw)
+
+    run("none_t32_s1", 1, 32, 6000, 30.0, 12.0)
+    run("none_t32_s2", 2, 32, 6000, 30.0, 6.0)
+    run("none_t32_long_s1", 1, 32, 12000, 15.0, 5.0)
+    run("none_t32_long_s2", 2, 32, 12000, 25.0, 15.0)
+    run("none_t64_s1", 1, 64, 6000, 30.0, 20.0)
+    return pilot
+
+
+def test_the_pilot_picks_the_smallest_task_count_that_overfits(pilot_runs, tmp_path, drawn):
+    args = ["--study", "dropout-pilot", "--runs-dir", str(pilot_runs)]
+    assert cs.main(args + ["--out-dir", str(tmp_path / "o")]) == 0
+    report = (tmp_path / "o" / "pilot.md").read_text()
+
+    assert "**Pilot choice: 32 training tasks, 12,000 steps (the smallest task count" in report
+    # 32 x 6000: training = held-out + gap, (42 + 36) / 2 = 39; gap (12 + 6) / 2 = 9
+    assert table_row(report, "## Regimes", "32")[1:] == ["6,000", "2", "39.0", "30.0", "9.0", "no"]
+    # 32 x 12000: training (20 + 40) / 2 = 30, gap (5 + 15) / 2 = 10: both thresholds, met
+    row = table_row(report, "## Regimes", "32", skip=1)
+    assert row[1:] == ["12,000", "2", "30.0", "20.0", "10.0", "yes"]
+    assert table_row(report, "## Regimes", "64")[1:] == [
+        "6,000",
+        "1",
+        "50.0",
+        "30.0",
+        "20.0",
+        "yes",
+    ]
+    # one run: training = held-out + gap at each evaluation; the best is the first (0 + 40)
+    row = table_row(report, "## Runs", "`none_t32_s2`")
+    assert row[1:] == ["2", "4", "36.0", "30.0", "6.0", "40.0"]
+    panels = drawn["pilot_curves.png"][0][0]
+    assert [(label, len(runs)) for label, runs in panels] == [
+        ("none, 32 tasks, 6,000 steps", 2),
+        ("none, 32 tasks, 12,000 steps", 2),
+        ("none, 64 tasks, 6,000 steps", 1),
+    ]
+
+
+def test_the_pilot_says_when_no_regime_overfits(pilot_runs, tmp_path, drawn):
+    for name in ("none_t32_long_s2", "none_t64_s1"):
+        (pilot_runs / name / "summary.json").unlink()  # killed: named, not analysed
+    args = ["--study", "dropout-pilot", "--runs-dir", str(pilot_runs)]
+    assert cs.main(args + ["--out-dir", str(tmp_path / "o")]) == 0
+    report = (tmp_path / "o" / "pilot.md").read_text()
+
+    assert "**Pilot choice: no regime overfits; by the plan the study runs at 32 training" in report
+    assert "(so far: 2 runs unfinished)" in report
+    assert "Not finished or failed, not analysed (2): `none_t32_long_s2` (unfinished)" in report
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda pilot: write_gen_run(pilot / "drop_s1", "dropout", 1, [1.0] * 3, [1.0] * 3),
+            "error: drop_s1: the pilot runs arm none only (--norm none --alpha2 0)",
+        ),
+        (
+            lambda pilot: write_gen_run(pilot / "again_s1", "none", 1, [1.0] * 3, [1.0] * 3),
+            "error: again_s1 and none_t32_s1: two runs of none at 32 tasks, 6000 steps, seed 1",
+        ),
+        (
+            lambda pilot: write_gen_run(pilot / "x", "none", 5, [1.0] * 3, [1.0] * 3, view_size=64),
+            "error: the runs differ in view_size (",
+        ),
+    ],
+)
+def test_bad_pilot_runs_are_one_line_errors_and_nothing_is_written(
+    pilot_runs, monkeypatch, capsys, damage, message
+):
+    damage(pilot_runs)
+
+    args = ("--study", "dropout-pilot", "--runs-dir", "pilot", "--out-dir", "out")
+    status, err = run_cli(pilot_runs.parent, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (pilot_runs.parent / "out").exists()
 
 
 @pytest.mark.parametrize(
