@@ -1202,7 +1202,7 @@ def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
     assert row[1:4] == ["3", "-10.0 [-10.0, -10.0]", "0.25"]
     row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
     tost = cs.tost_paired([0.0, 1.0, -1.0], [0.0] * 3, 5.0, 0.05)
-    assert row[1:4] == ["3", "+0.0 [-1.0, +1.0]", "1"]
+    assert row[1:4] == ["3", "+0.0 [-1.0, +1.0]", "1"] and row[5] == "p = 1, kept"
     assert row[4] == f"p = {tost['p']:.3g}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: equivalent"
     assert tost["p"] < 0.05 and tost["high"] < 5.0
     panels = drawn["generalization_curves.png"][0][0]
@@ -1213,6 +1213,29 @@ def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
     ]
     steps, train, held = panels[0][1][0]
     assert list(steps) == [600, 1200, 1800, 2400] and list(train) == [60.0, 39.0, 51.0, 63.0]
+
+
+def test_with_eight_pairs_study_2_tests_its_three_differences_with_holm(tmp_path, drawn):
+    """Gaps: none 20, dropout and dropout-mdr 10 (+0.5, -0.5 alternating for dropout-mdr): two
+    differences -10 in all 8 pairs (sign-flip p = 2 / 2^8), one that cancels (p = 1)."""
+    study = tmp_path / "generalization"
+    for seed in range(1, 9):
+        mdr = 10.0 + (0.5 if seed % 2 else -0.5)
+        for arm, gap in (("none", 20.0), ("dropout", 10.0), ("dropout-mdr", mdr)):
+            write_gen_run(study / f"{arm}_s{seed}", arm, seed, [5.0] * 3, [gap] * 3)
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    assert "With 8 pairs the sign-flip test can reach p = 0.00781: the three Δgap" in report
+    # Holm: 0.0078 <= 0.05/3 and 0.0078 <= 0.05/2 rejected, 1 > 0.05 kept; adjusted 3p, 3p, 1
+    row = table_row(report, "## Paired differences", "gap dropout p0.1 − none")
+    assert row[3] == "0.00781" and row[5] == "p = 0.0234, rejected"
+    row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − none")
+    assert row[5] == "p = 0.0234, rejected"
+    row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
+    assert row[2].startswith("+0.0 [") and row[3] == "1" and row[5] == "p = 1, kept"
+    assert row[4].endswith(": equivalent")  # the TOST beside it
 
 
 def test_the_dropout_study_and_its_generalization_in_one_command(
