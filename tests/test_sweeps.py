@@ -245,3 +245,61 @@ def test_run_and_commit_commits_what_analysis_reads_and_skips_a_finished_line(tm
     assert listed[:3] == ["study:", "study/a_s1", "(ppo_fake.py"]
     again = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
     assert again.stdout.strip() == "skip study/a_s1 (done)"
+
+
+STUDY_QUEUE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweeps", "study_queue.sh")
+# each study's command lists, in the order of their plans, and the commit its plan fixed
+PLANNED_LISTS = [
+    ("ec589f7", "docs/collapse/study_c", "docs/collapse/study_c/stage_c.txt"),
+    ("ec589f7", "docs/collapse/study_c", "docs/collapse/study_c/stage_c_photos.txt"),
+    ("cb2e6e5", "docs/dropout", "docs/dropout/stability_step1.txt"),
+    ("cb2e6e5", "docs/collapse/study", "docs/dropout/ln.txt"),
+    ("cb2e6e5", "docs/dropout", "docs/dropout/generalization.txt"),
+]
+
+
+def test_study_queue_runs_every_planned_run_in_order_at_its_commit(repo_root, tmp_path):
+    """--dry-run: one item per command line of the lists, in the plans' order, each in a
+    worktree of its study's commit (which exists and holds the modes its lines use) and committed
+    to its study's folder; no run name twice in one folder."""
+    result = subprocess.run(
+        ["bash", STUDY_QUEUE, str(tmp_path / "wt"), "--dry-run"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = []
+    for commit, dest, path in PLANNED_LISTS:
+        with open(os.path.join(repo_root, path)) as f:
+            lines = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+        assert lines, path
+        expected += [
+            f"{tmp_path / 'wt'}/study-{commit}|{repo_root}/{dest}|{line}" for line in lines
+        ]
+    assert result.stdout.splitlines() == expected
+    assert not (tmp_path / "wt").exists()  # a dry run makes nothing
+    names = [(item.split("|")[1], item.split("--run-name ")[1].split()[0]) for item in expected]
+    assert len(set(names)) == len(names)
+    # what the lists use: Stage C's MDR(1,2) and 2-epoch control; the dropout and LayerNorm modes
+    needs = {
+        "ec589f7": ['"bn-mdr"', "update_epochs: int", "alpha2: Optional[int]"],
+        "cb2e6e5": ['"dropout-mdr"', '"ln"', "dropout_p: Optional[float]"],
+    }
+    for commit, strings in needs.items():
+        probe = subprocess.run(
+            ["git", "-C", repo_root, "show", f"{commit}:ppo_collapse_probe.py"],
+            capture_output=True,
+            text=True,
+        )
+        assert probe.returncode == 0, f"{commit} is not in this clone's history"
+        assert [text for text in strings if text not in probe.stdout] == [], commit
+
+
+@pytest.mark.parametrize("args", [[], ["a", "--dry-rn"], ["a", "--dry-run", "b"]])
+def test_study_queue_bad_usage_is_one_line(repo_root, args):
+    result = subprocess.run(
+        ["bash", STUDY_QUEUE, *args], cwd=repo_root, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == "usage: bash sweeps/study_queue.sh WORKDIR [--dry-run]\n"
