@@ -697,9 +697,14 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     """main() as a command: bad input (a UserError) is one line on stderr, exit status 1."""
     try:
-        return main(argv)
+        status = main(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return status
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader left early (`| head`): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -285,6 +285,33 @@ def test_a_bad_input_from_the_shell_is_one_line(name, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+ANALYSIS_TOOLS = ["collapse_stats", "collapse_figures", "compare_runs", "aggregate"]
+
+
+@pytest.mark.parametrize("size", [100, 1_000_000])
+@pytest.mark.parametrize("tool", ANALYSIS_TOOLS)
+def test_an_analysis_tool_piped_into_a_reader_that_left_exits_quietly(tool, size, tmp_path):
+    """`python analysis/TOOL.py ... | head`: the reader closes the pipe before the tool is done.
+    The tool stops with status 1 and nothing on stderr, whether its output overflowed the pipe
+    while main() ran (1 MB) or sat in stdout's buffer until the end (100 bytes). Its main() is
+    swapped for one that prints `size` bytes, so the test needs no runs."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO_ROOT / 'analysis')!r}); import {tool} as t; "
+        f"t.main = lambda argv=None: print('x' * {size}) or 0; sys.exit(t.run([]))"
+    )
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has left before the first byte
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, stdout=writer, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(writer)
+
+    assert result.returncode == 1, result.stderr.decode()
+    assert result.stderr.decode() == ""
+
+
 # --------------------------------------------------------------------------------------------------
 # Data loss: a run folder is never destroyed (issue 27 item 1)
 
