@@ -31,6 +31,8 @@ QUEUE=(
 worktree() {  # COMMIT -> the path of its worktree, made (with Stage C's photos) if missing
     local path=$workdir/study-$1
     if [[ ! -d $path ]]; then
+        # a worktree folder deleted by hand is still registered: forget it before adding it again
+        git -C "$repo" worktree prune
         git -C "$repo" worktree add --detach "$path" "$1" >&2 || return 1
     fi
     if [[ -f $path/docs/collapse/study_c/photos.json && ! -d $path/data/photos ]]; then
