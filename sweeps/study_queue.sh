@@ -18,6 +18,7 @@ workdir=$1
 dry_run=${2:-}
 [[ -z $dry_run || $dry_run == --dry-run ]] || { echo "$usage" >&2; exit 2; }
 repo=$(git rev-parse --show-toplevel) || exit 2
+worktrees=$workdir/study-  # + a commit: where that commit's runs are made
 
 # commit | folder the runs are committed to (of this checkout) | command list
 QUEUE=(
@@ -28,8 +29,8 @@ QUEUE=(
     "cb2e6e5|docs/dropout|docs/dropout/generalization.txt"
 )
 
-worktree() {  # COMMIT -> the path of its worktree, made (with Stage C's photos) if missing
-    local path=$workdir/study-$1
+worktree() {  # COMMIT: make its worktree (with Stage C's photos) where missing
+    local path=$worktrees$1
     if [[ ! -d $path ]]; then
         # a worktree folder deleted by hand is still registered: forget it before adding it again
         git -C "$repo" worktree prune
@@ -39,7 +40,6 @@ worktree() {  # COMMIT -> the path of its worktree, made (with Stage C's photos)
         (cd "$path" && python sweeps/make_photo_folder.py data/photos \
             --check docs/collapse/study_c/photos.json) >&2 || return 1
     fi
-    echo "$path"
 }
 
 items() {  # every run of the queue: WORKTREE|DEST|COMMAND, in order
@@ -47,7 +47,7 @@ items() {  # every run of the queue: WORKTREE|DEST|COMMAND, in order
     for entry in "${QUEUE[@]}"; do
         IFS='|' read -r commit dest list <<<"$entry"
         grep -v '^#' "$repo/$list" | grep -v '^[[:space:]]*$' |
-            sed "s#^#$workdir/study-$commit|$repo/$dest|#"
+            sed "s#^#$worktrees$commit|$repo/$dest|#"
     done
 }
 
@@ -57,7 +57,7 @@ if [[ -n $dry_run ]]; then
 fi
 mkdir -p "$workdir" || exit 2
 for commit in $(printf '%s\n' "${QUEUE[@]}" | cut -d '|' -f 1 | uniq); do
-    worktree "$commit" >/dev/null || { echo "error: no worktree of $commit in $workdir" >&2; exit 2; }
+    worktree "$commit" || { echo "error: no worktree of $commit in $workdir" >&2; exit 2; }
 done
 export WANDB_MODE=${WANDB_MODE:-offline}
 # one item: run it in its worktree with that worktree's run_and_commit.sh

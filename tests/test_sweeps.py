@@ -200,9 +200,8 @@ def test_array_script_rejects_a_task_past_the_list(array_script):
     assert result.returncode == 2 and "has no line 3; use --array=1-2" in result.stderr
 
 
-RUN_AND_COMMIT = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "sweeps", "run_and_commit.sh"
-)
+SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweeps")
+RUN_AND_COMMIT = os.path.join(SWEEPS_DIR, "run_and_commit.sh")
 FAKE_RUN = """import json, os, sys
 folder = os.path.join("runs", sys.argv[sys.argv.index("--run-name") + 1])
 os.makedirs(folder, exist_ok=True)
@@ -247,7 +246,7 @@ def test_run_and_commit_commits_what_analysis_reads_and_skips_a_finished_line(tm
     assert again.stdout.strip() == "skip study/a_s1 (done)"
 
 
-STUDY_QUEUE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweeps", "study_queue.sh")
+STUDY_QUEUE = os.path.join(SWEEPS_DIR, "study_queue.sh")
 # each study's command lists, in the order of their plans, and the commit its plan fixed
 PLANNED_LISTS = [
     ("ec589f7", "docs/collapse/study_c", "docs/collapse/study_c/stage_c.txt"),
