@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import STOP_SIGNALS
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1761,7 +1762,7 @@ def assert_same_training(run_dir, reference_dir):
     "signum, iteration", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)], ids=["SIGTERM", "SIGUSR1"]
 )
 def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
-    signum, iteration, uninterrupted, tmp_path
+    signum, iteration, uninterrupted, sentinel_handlers, tmp_path
 ):
     """A cluster's stop signal mid-iteration: the iteration finishes, its checkpoint (agent,
     optimizer, RNG streams, the PatchLocVecEnv's episodes in progress) is written, the exit code is
@@ -1777,7 +1778,7 @@ def test_stop_signal_saves_a_checkpoint_and_resume_auto_continues_exactly(
     checkpoint = read_checkpoint(stopped.run_dir)
     assert (checkpoint["iteration"], checkpoint["global_step"]) == (iteration, 32 * iteration)
     assert {"tasks", "states", "steps", "returns", "queue", "rng"} <= set(checkpoint["env"]["envs"])
-    assert signal.getsignal(signum) == signal.SIG_DFL  # main put the previous handlers back
+    assert all(signal.getsignal(s) is sentinel_handlers for s in STOP_SIGNALS)  # put back
 
     resumed = run_main(tmp_path, resume="auto", **RESUME_FIELDS)
 
@@ -1876,7 +1877,7 @@ def test_checkpoint_contents(uninterrupted):
     agent.load_state_dict(checkpoint["agent"])  # strict: every parameter and buffer
 
 
-def test_second_ctrl_c_quits_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+def test_second_ctrl_c_quits_at_once_without_a_checkpoint(sentinel_handlers, tmp_path, monkeypatch):
     stop_at(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
 
     run = run_main(tmp_path, save_model=True)
@@ -1885,7 +1886,7 @@ def test_second_ctrl_c_quits_at_once_without_a_checkpoint(tmp_path, monkeypatch)
     assert "SIGINT: finishing this iteration" in run.stdout
     assert "interrupted during iteration 1; nothing saved for it" in run.stderr
     assert not (run.run_dir / "checkpoint.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert all(signal.getsignal(s) is sentinel_handlers for s in STOP_SIGNALS)
 
 
 # --------------------------------------------------------------------------------------------------

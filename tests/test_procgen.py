@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torchvision
 import tyro
+from conftest import STOP_SIGNALS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_procgen_mdr as ppo
@@ -64,7 +65,6 @@ TB_KEYS = [
     "mdr/trust_region_violation_signed",
 ]
 IMAGENET_FILE = "resnet18-f37072fd.pth"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # 2 envs x 8 steps, 2 minibatches of 8
 ONE_SHORT_ROLLOUT = dict(num_steps=8, minibatch_size=8, total_timesteps=16)
 
@@ -1592,20 +1592,6 @@ def interrupt_during_iteration_2(monkeypatch, *signums):
         return original_gae(*args, **kwargs)
 
     monkeypatch.setattr(ppo, "compute_gae", signalling_gae)
-
-
-@pytest.fixture
-def sentinel_handlers():
-    """Known handlers for the three stop signals, put back afterwards: main must restore exactly
-    these."""
-
-    def sentinel(signum, frame):
-        return None
-
-    previous = {signum: signal.signal(signum, sentinel) for signum in STOP_SIGNALS}
-    yield sentinel
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
 
 
 def resume_arg(resume, path):
