@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import STOP_SIGNALS
 
 import ppo_collapse_probe as probe
 
@@ -1185,7 +1186,7 @@ def stop_in_second_update(monkeypatch, signum):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_as_uninterrupted(
-    signum, tmp_path, monkeypatch
+    signum, sentinel_handlers, tmp_path, monkeypatch
 ):
     """Issue 14: SLURM's preemption/time-limit signals finish the update, write the checkpoint, exit
     128 + signal; the same command with --resume auto continues, and its metrics.csv equals an
@@ -1194,13 +1195,10 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_as_u
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
         assert probe.main(probe.Args(**args, run_name="whole")) == 0
-    handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
         stop_in_second_update(patch, signum)
         assert probe.main(probe.Args(**args, run_name="stopped")) == 128 + signum
-    assert [
-        signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    ] == handlers_before
+    assert all(signal.getsignal(s) is sentinel_handlers for s in STOP_SIGNALS)  # put back
     stopped = tmp_path / "runs" / "stopped"
     assert json.loads((stopped / "summary.json").read_text())["status"] == "stopped"
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["iteration"] == 2
@@ -1239,7 +1237,7 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_as_u
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(
-    tmp_path, monkeypatch
+    sentinel_handlers, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     original = probe.policy_mismatch
@@ -1266,6 +1264,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits
     assert not (
         run_dir / "checkpoint.pt"
     ).exists()  # --checkpoint-interval 10: none yet, and a second Ctrl-C saves none
+    assert all(signal.getsignal(s) is sentinel_handlers for s in STOP_SIGNALS)
 
 
 def test_resume_with_a_different_seed_is_rejected(tmp_path, monkeypatch):
