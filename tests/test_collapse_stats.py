@@ -735,6 +735,48 @@ def test_the_first_studys_committed_report_is_reproduced(tmp_path, drawn):
     assert written[:2] + written[3:] == committed[:2] + committed[3:]
 
 
+def test_stage_cs_committed_report_is_reproduced(tmp_path, drawn):
+    """docs/collapse.md's Stage C command rewrites docs/collapse/study_c/collapse_stats.md byte for
+    byte from the 80 committed runs (the line naming the command aside: it names its --out-dir),
+    and draws the three figures the page shows."""
+    args = ["--runs-dir", "docs/collapse/study_c", "--study", "stage-c"]
+    committed = (COMMITTED_RUNS / "study_c" / "collapse_stats.md").read_text().splitlines()
+
+    os.chdir(ANALYSIS.parent)
+    try:
+        assert cs.main(args + ["--out-dir", str(tmp_path)]) == 0
+    finally:
+        os.chdir(tmp_path)
+
+    written = (tmp_path / "collapse_stats.md").read_text().splitlines()
+    assert (
+        written[2]
+        == f"Written by `python analysis/collapse_stats.py {' '.join(args)} --out-dir {tmp_path}`."
+    )
+    assert written[:2] + written[3:] == committed[:2] + committed[3:]
+    assert sorted(drawn) == ["collapse_fig6.png", "collapse_paired.png", "collapse_stats.png"]
+
+
+def test_stage_cs_verdict_quotes_its_reports():
+    """Every interval and p-value that docs/collapse.md's Stage C verdict states is in the committed
+    reports (Stage C's, and the first study's for the replication's comparison): the verdict is
+    copied from the commands' output, not retyped."""
+    page = (COMMITTED_RUNS.parent / "collapse.md").read_text()
+    verdict = page[: page.index("## Stage C:")]
+    verdict = verdict[verdict.index("> **Verdict (issue 26") :]
+    report = (COMMITTED_RUNS / "study_c" / "collapse_stats.md").read_text()
+    report += (COMMITTED_RUNS / "study" / "collapse_stats.md").read_text()
+    intervals = re.findall(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", verdict)
+    # p-values are rounded in the verdict: each must be the report's, to the digits it gives
+    p_values = re.findall(r"(?:p =|Holm|Holm-adjusted) (0\.\d+)", verdict)
+    assert len(intervals) >= 10 and len(p_values) >= 8  # the check cannot pass on an empty match
+    for interval in intervals:
+        assert interval in report, interval
+    reported = re.findall(r"0\.\d+", report)
+    for p in p_values:
+        assert any(r.startswith(p) or f"{float(r):.{len(p) - 2}f}" == p for r in reported), p
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage C (--study stage-c) on hand-made runs: partial, as while the study runs
 
