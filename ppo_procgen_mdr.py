@@ -854,8 +854,9 @@ def check_run_flags(args: Args) -> None:
 
 def provenance() -> dict:
     """Where a run came from: the git commit of this script's checkout and whether tracked files
-    differed from it (None outside git), torch's version and the CPU model.
-    analysis/collapse_stats.py pairs runs only within one."""
+    differed from it (None outside git), torch's version and the CPU: its model name, family, model
+    and stepping, and the SIMD level of torch's CPU kernels. analysis/collapse_stats.py pairs runs
+    only within one."""
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     try:
@@ -870,12 +871,21 @@ def provenance() -> dict:
             )
     except (OSError, subprocess.SubprocessError):  # no git on this machine
         pass
+    # The model name alone ("AMD EPYC") names no generation, and generations run other kernels
+    # (AVX2, AVX-512): there the same seed gives other numbers from the first update on.
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
-            )
+            first_processor = f.read().split("\n\n")[0].splitlines()
+        fields = {}
+        for line in first_processor:
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        generation = [
+            f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields
+        ]
+        cpu = fields.get("model name", cpu) + (f" ({', '.join(generation)})" if generation else "")
+    cpu += f", {torch.backends.cpu.get_cpu_capability()} kernels"
     return {"commit": commit, "dirty": dirty, "torch": str(torch.__version__), "cpu": cpu}
 
 

@@ -4,8 +4,9 @@
 #   bash sweeps/study_queue.sh WORKDIR --dry-run  # print what it would run, one line a run
 # Each study runs the code of the commit its plan fixed, from a `git worktree` of that commit at
 # WORKDIR/study-<commit>, made here if missing (Stage C's also gets its photo folder, checked
-# against the committed manifest). Each finished run is committed into this checkout by
-# sweeps/run_and_commit.sh; a finished run is skipped and a stopped one resumes from its checkpoint
+# against the committed manifest). Each finished run is committed into this checkout by this
+# checkout's sweeps/run_and_commit.sh (infrastructure, not the study's code: it also records the
+# machine of each start); a finished run is skipped and a stopped one resumes from its checkpoint
 # (kept in its worktree's runs/), so the same command continues a queue from where it stopped.
 # Order: Stage C (docs/collapse/study_c/PLAN.md: the procedural list, then the photos), then the
 # dropout study (docs/dropout/PLAN.md: Study 1 Step 1, LayerNorm, Study 2). Step 2 of Study 1 is
@@ -60,8 +61,9 @@ for commit in $(printf '%s\n' "${QUEUE[@]}" | cut -d '|' -f 1 | uniq); do
     worktree "$commit" || { echo "error: no worktree of $commit in $workdir" >&2; exit 2; }
 done
 export WANDB_MODE=${WANDB_MODE:-offline}
-# one item: run it in its worktree with that worktree's run_and_commit.sh
+# one item: run it in its worktree with this checkout's run_and_commit.sh
+export RUN_AND_COMMIT=$repo/sweeps/run_and_commit.sh
 # shellcheck disable=SC2016
 items | xargs -P 2 -d '\n' -n 1 bash -c \
-    'IFS="|" read -r path dest line <<<"$1"; cd "$path" && bash sweeps/run_and_commit.sh "$dest" "$line"' _
+    'IFS="|" read -r path dest line <<<"$1"; cd "$path" && bash "$RUN_AND_COMMIT" "$dest" "$line"' _
 echo "queue finished $(date -u +%FT%TZ)"

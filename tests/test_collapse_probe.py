@@ -1236,6 +1236,41 @@ def test_a_stop_signal_finishes_the_update_checkpoints_and_resume_auto_ends_as_u
     )
 
 
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu avx2 avx512f
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+stepping\t: 0
+"""
+
+
+def test_provenance_names_the_cpus_generation_and_its_kernels(monkeypatch):
+    """ "AMD EPYC" alone covered two generations whose runs of one seed differ from the first
+    update on (AVX-512 and AVX2 kernels): the CPU is the first processor's model name, family,
+    model and stepping, and the SIMD level torch's kernels use."""
+    monkeypatch.setattr(probe, "open", lambda *args, **kwargs: io.StringIO(CPUINFO), raising=False)
+    monkeypatch.setattr(probe.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert probe.provenance()["cpu"] == (
+        "AMD EPYC (cpu family 25, model 17, stepping 1), AVX512 kernels"
+    )
+
+    def no_cpuinfo(*args, **kwargs):  # e.g. macOS: the platform's name for the processor
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(probe, "open", no_cpuinfo, raising=False)
+    monkeypatch.setattr(probe.platform, "processor", lambda: "arm")
+    assert probe.provenance()["cpu"] == "arm, AVX512 kernels"
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh_and_a_second_ctrl_c_quits_at_once(
     sentinel_handlers, tmp_path, monkeypatch
 ):

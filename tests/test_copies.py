@@ -58,6 +58,7 @@ SHARED = {
     + ["RunFinished", "check_number", "check_ppo_numbers", "check_run_flags", "FAILED"]
     + ["read_json", "different_flags", "next_free_number", "readable_time", "check_writable"]
     + ["move_aside", "claim_run_folder", "cli"]
+    + ["provenance"]  # issue 26: where a run was computed
 }
 SHARED.update(
     {

@@ -5,11 +5,13 @@ tests/test_slurm.py)."""
 import dataclasses
 import filecmp
 import itertools
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 import tyro
 import yaml
 from packaging.requirements import Requirement
@@ -204,6 +206,8 @@ SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweeps")
 RUN_AND_COMMIT = os.path.join(SWEEPS_DIR, "run_and_commit.sh")
 FAKE_RUN = """import json, os, sys
 folder = os.path.join("runs", sys.argv[sys.argv.index("--run-name") + 1])
+# the scripts refuse a run folder holding files not of their own run: nothing is put there first
+assert not os.path.isdir(folder) or not os.listdir(folder), os.listdir(folder)
 os.makedirs(folder, exist_ok=True)
 names = "metrics.csv args.json tasks.json events.out.tfevents.1.host checkpoint.pt"
 for name in names.split():
@@ -214,8 +218,9 @@ json.dump({"status": "completed"}, open(os.path.join(folder, "summary.json"), "w
 
 def test_run_and_commit_commits_what_analysis_reads_and_skips_a_finished_line(tmp_path):
     """The queue behind the studies: a finished run's metrics, arguments, TensorBoard events,
-    tasks and summary are committed into DEST's checkout (never its checkpoint), and the same line
-    again is skipped, so a queue restarts where it stopped."""
+    tasks and summary are committed into DEST's checkout (never its checkpoint), with the machine
+    of each start (hosts.jsonl, kept outside the run folder until then), and the same line again is
+    skipped, so a queue restarts where it stopped."""
     repo, work = tmp_path / "repo", tmp_path / "work"
     for folder in (repo, work):
         folder.mkdir()
@@ -240,8 +245,28 @@ def test_run_and_commit_commits_what_analysis_reads_and_skips_a_finished_line(tm
     committed = sorted(os.path.basename(path) for path in listed if path.startswith("docs/"))
     assert committed == sorted(
         ["args.json", "events.out.tfevents.1.host", "metrics.csv", "summary.json", "tasks.json"]
+        + ["hosts.jsonl"]
     )
     assert listed[:3] == ["study:", "study/a_s1", "(ppo_fake.py"]
+    # the machine of the start, as the line's interpreter sees it
+    hosts = (repo / "docs" / "runs" / "study" / "a_s1" / "hosts.jsonl").read_text().splitlines()
+    [host] = [json.loads(record) for record in hosts]
+    assert set(host) == {
+        "started",
+        "model_name",
+        "cpu_family",
+        "model",
+        "stepping",
+        "torch_cpu_capability",
+        "torch",
+        "cpus",
+        "python",
+    }
+    assert host["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert host["torch"] == torch.__version__ and host["cpus"] == os.cpu_count()
+    with open("/proc/cpuinfo") as f:  # the first processor's model name, where it has one
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    assert host["model_name"] == (names[0] if names else None)
     again = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
     assert again.stdout.strip() == "skip study/a_s1 (done)"
 
