@@ -272,6 +272,31 @@ def read_summary(path: str) -> dict:
     return summary
 
 
+def read_hosts(path: str) -> list:
+    """hosts.jsonl (sweeps/run_and_commit.sh: the machine of each start of a queued run) as a list
+    of dicts, [] if there is none; CorruptRun if a line is not a JSON object."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CorruptRun(f"unreadable ({error})") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise CorruptRun("a line is not a JSON object")
+    return records
+
+
+def host_kind(record: dict) -> str:
+    """A hosts.jsonl record as the scripts' provenance() names a CPU: model name, family, model,
+    stepping and torch's kernels."""
+    fields = [("cpu family", "cpu_family"), ("model", "model"), ("stepping", "stepping")]
+    generation = ", ".join(f"{name} {record[key]}" for name, key in fields if record.get(key))
+    name = record.get("model_name") or "unknown CPU"
+    kernels = record.get("torch_cpu_capability") or "unknown"
+    return f"{name}{f' ({generation})' if generation else ''}, {kernels} kernels"
+
+
 def read_run(folder: str, name: str):
     """One run folder as a dict (see read_runs_and_skipped), None if its metrics.csv has no update
     yet; CorruptRun (the file and the reason) if it cannot be read."""
@@ -286,6 +311,11 @@ def read_run(folder: str, name: str):
         summary = read_summary(summary_path)
     except CorruptRun as error:
         raise CorruptRun(f"{summary_path}: {error}") from None
+    hosts_path = os.path.join(folder, "hosts.jsonl")
+    try:
+        hosts = read_hosts(hosts_path)
+    except CorruptRun as error:
+        raise CorruptRun(f"{hosts_path}: {error}") from None
     run_args = summary.get("args", {})
     first = rows[0]
     try:
@@ -314,6 +344,7 @@ def read_run(folder: str, name: str):
             "view_batching": run_args.get("view_batching", "joint" if run_args else None),
             "args": run_args,
             "provenance": summary.get("provenance_segments", []),
+            "hosts": hosts,  # [] for a run made outside the queue or before it recorded them
             "wall_time_s": summary.get("wall_time_s", read_float(rows[-1].get("wall_time"))),
             "collapse_index": None,  # set by mark_collapses
             "collapse_criterion": None,
@@ -338,10 +369,10 @@ def read_runs_and_skipped(runs_dir: str, option: str = "--runs-dir", allow_none=
     dict, and (file, reason) for each that cannot (each also a warning line on stderr). A run dict:
     name (folder relative to runs_dir), status (summary.json's, 'unfinished' without one), mode,
     arm, seed, alpha1/alpha2, the cell settings, args (summary.json's), provenance (its segments,
-    [] if not recorded), wall_time_s, one array per SERIES column and acting_entropy: the eval-mode
-    acting policy's entropy where the run logged it, else the loss's (train-mode) entropy, which is
-    all that old runs have (entropy_source says which). No run at all is a ConfigError unless
-    allow_none (a study that has not begun)."""
+    [] if not recorded), hosts (hosts.jsonl's records, [] without one), wall_time_s, one array per
+    SERIES column and acting_entropy: the eval-mode acting policy's entropy where the run logged
+    it, else the loss's (train-mode) entropy, which is all that old runs have (entropy_source says
+    which). No run at all is a ConfigError unless allow_none (a study that has not begun)."""
     if not os.path.isdir(runs_dir):
         raise ConfigError(f"{option} {runs_dir}: no such folder")
     runs, skipped = [], []
@@ -560,6 +591,32 @@ def provenance_summary(runs: list, allow_mixed: bool = False) -> str:
         text += " From a tree with uncommitted changes: " + ", ".join(sorted(dirty)) + "."
     if allow_mixed and len(by_key) > 1:
         text += " Runs of different provenance were paired (--allow-mixed)."
+    return text + hosts_summary(runs)
+
+
+def hosts_summary(runs: list) -> str:
+    """'' if no run has a hosts.jsonl; else a sentence: how many runs started on each CPU kind (a
+    run resumed on another kind counts under both, joined by "then"), and which recorded fewer
+    starts than the processes its summary.json lists (started before the queue recorded them)."""
+    recorded = [run for run in runs if run.get("hosts")]
+    if not recorded:
+        return ""
+    by_kinds, partial = {}, []
+    for run in recorded:
+        kinds = " then ".join(dict.fromkeys(host_kind(record) for record in run["hosts"]))
+        by_kinds.setdefault(kinds, []).append(run["name"])
+        if len(run["hosts"]) < len(run["provenance"]):
+            partial.append(run["name"])
+    parts = [f"{len(names)} on {kinds}" for kinds, names in by_kinds.items()]
+    text = (
+        f" Machines of their starts (hosts.jsonl, {len(recorded)} runs): " + "; ".join(parts) + "."
+    )
+    if partial:
+        text += " Not every start recorded (the first ones ran before the queue recorded them): "
+        text += ", ".join(sorted(partial)) + "."
+    if len(recorded) < len(runs):
+        missing = len(runs) - len(recorded)
+        text += f" {missing} {'run has' if missing == 1 else 'runs have'} no hosts.jsonl."
     return text
 
 

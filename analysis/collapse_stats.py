@@ -78,6 +78,7 @@ from collapse_runs import (
     mode_label,
     mode_rank,
     provenance_summary,
+    read_hosts,
     read_json_file,
     read_runs,
     read_runs_and_skipped,
@@ -1643,8 +1644,8 @@ def gen_arm(config: dict):
 def read_gen_runs(runs_dir: str, option: str) -> tuple:
     """(runs, skipped): every folder under runs_dir with TensorBoard events and a patch-loc
     run's arguments, as a dict: name, arm, seed, status (summary.json's, 'unfinished' without
-    one), config, provenance (its segments), gap and held_out ((steps, values) of the held-out
-    evaluations). A ConfigError for a run of another arm."""
+    one), config, provenance (its segments), hosts (hosts.jsonl's records), gap and held_out
+    ((steps, values) of the held-out evaluations). A ConfigError for a run of another arm."""
     from aggregate import CorruptRun as TensorBoardCorrupt
     from aggregate import read_tensorboard_run
 
@@ -1659,6 +1660,11 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
         try:
             run = read_tensorboard_run(root, name)
             summary = read_gen_summary(os.path.join(root, "summary.json"))
+            hosts_path = os.path.join(root, "hosts.jsonl")
+            try:
+                hosts = read_hosts(hosts_path)
+            except CorruptRun as error:
+                raise CorruptRun(f"{hosts_path}: {error}") from None
         except (TensorBoardCorrupt, CorruptRun) as error:
             print(f"warning: skipped {error}", file=sys.stderr)
             skipped.append(str(error))
@@ -1682,6 +1688,7 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
                 "status": summary.get("status", "unfinished") if summary else "unfinished",
                 "config": run.config,
                 "provenance": provenance if isinstance(provenance, list) else [provenance],
+                "hosts": hosts,  # sweeps/run_and_commit.sh's record of each start
                 "gap": run.series.get(GAP_TAG, empty),
                 "held_out": run.series.get(HELD_OUT_TAG, empty),
             }

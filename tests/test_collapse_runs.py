@@ -3,6 +3,7 @@ one, on hand-made curves and on the committed runs; arms; reading run folders (f
 half-written, corrupt); provenance and the refusal to pair mixed runs; Stage C's plan of runs; the
 dropout probability in the arm (never two probabilities in one cell) and the dropout plan."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +359,45 @@ def test_runs_of_one_provenance_or_none_are_paired(tmp_path):
         "Provenance of the 3 runs: 2 from commit aaaaaaa, AMD EPYC, torch 2.14.1; "
         "1 unknown (made before runs recorded it)."
     )
+
+
+ZEN4 = {"model_name": "AMD EPYC", "cpu_family": "25", "model": "17", "stepping": "1"}
+ZEN4["torch_cpu_capability"] = "AVX512"
+ZEN3 = {**ZEN4, "model": "1", "torch_cpu_capability": "AVX2"}
+
+
+def test_the_machines_of_queued_runs_are_named_from_their_hosts_jsonl(tmp_path):
+    """sweeps/run_and_commit.sh's hosts.jsonl (one record per start) names each run's CPU kind as
+    the scripts' provenance() does; a run resumed on another kind is named with both; a run with
+    fewer records than processes (started before the queue recorded them) is named; runs without
+    the file are counted. A line that is not a JSON object skips the run, naming the file."""
+    write_run(tmp_path / "bn_s1", "bn", 1, curve((5.0, 3)), HIGH[:3])
+    write_run(tmp_path / "mdr_s1", "bn-mdr", 1, curve((5.0, 3)), HIGH[:3])
+    write_run(tmp_path / "mdr_s2", "bn-mdr", 2, curve((5.0, 3)), HIGH[:3])
+    write_run(tmp_path / "bn_s2", "bn", 2, curve((5.0, 3)), HIGH[:3])
+    records = {"bn_s1": [ZEN4], "mdr_s1": [ZEN3, ZEN4], "mdr_s2": [ZEN4]}
+    for name, hosts in records.items():
+        lines = [json.dumps({"started": "2026-12-04T02:31:08Z", **host}) for host in hosts]
+        (tmp_path / name / "hosts.jsonl").write_text("\n".join(lines) + "\n")
+    summary = json.loads((tmp_path / "mdr_s2" / "summary.json").read_text())
+    summary["provenance_segments"] = [{"from_iteration": 1, **PROVENANCE}] * 2
+    (tmp_path / "mdr_s2" / "summary.json").write_text(json.dumps(summary))
+
+    runs = cr.read_runs(str(tmp_path))
+
+    zen4 = "AMD EPYC (cpu family 25, model 17, stepping 1), AVX512 kernels"
+    zen3 = "AMD EPYC (cpu family 25, model 1, stepping 1), AVX2 kernels"
+    assert cr.provenance_summary(runs).endswith(
+        f" Machines of their starts (hosts.jsonl, 3 runs): 2 on {zen4}; 1 on {zen3} then {zen4}."
+        " Not every start recorded (the first ones ran before the queue recorded them): mdr_s2."
+        " 1 run has no hosts.jsonl."
+    )
+    assert "hosts.jsonl" not in cr.provenance_summary([run for run in runs if not run["hosts"]])
+
+    (tmp_path / "bn_s2" / "hosts.jsonl").write_text('{"model_name": "AMD EPYC"}\n[1, 2]\n')
+    runs, skipped = cr.read_runs_and_skipped(str(tmp_path))
+    assert [run["name"] for run in runs] == ["bn_s1", "mdr_s1", "mdr_s2"]
+    assert skipped == [f"{tmp_path / 'bn_s2' / 'hosts.jsonl'}: a line is not a JSON object"]
 
 
 @pytest.mark.parametrize("field, value", [("commit", "b" * 40), ("cpu", "Intel"), ("torch", "2.9")])

@@ -1216,6 +1216,23 @@ def gen_study(tmp_path):
     return study
 
 
+def test_generalization_runs_carry_their_hosts_jsonl(gen_study):
+    """Study 2's patch-loc runs are queued too: their hosts.jsonl is read as the probe runs' is
+    (tests/test_collapse_runs.py), and a corrupt one skips the run, naming the file."""
+    record = {"model_name": "AMD EPYC", "cpu_family": "25", "torch_cpu_capability": "AVX2"}
+    (gen_study / "none_s1" / "hosts.jsonl").write_text(json.dumps(record) + "\n")
+    (gen_study / "none_s2" / "hosts.jsonl").write_text("not json\n")
+
+    runs, skipped = cs.read_gen_runs(str(gen_study), "--gen-runs-dir")
+
+    hosts = {run["name"]: run["hosts"] for run in runs}
+    assert hosts["none_s1"] == [record] and hosts["dropout_s1"] == []
+    assert "none_s2" not in hosts
+    assert [reason.split(": ")[0] for reason in skipped] == [
+        str(gen_study / "none_s2" / "hosts.jsonl")
+    ]
+
+
 def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
     args = [
         "--study",
