@@ -274,16 +274,17 @@ def read_summary(path: str) -> dict:
 
 def read_hosts(path: str) -> list:
     """hosts.jsonl (sweeps/run_and_commit.sh: the machine of each start of a queued run) as a list
-    of dicts, [] if there is none; CorruptRun if a line is not a JSON object."""
+    of dicts, [] if there is none; CorruptRun (the file and the reason) if a line is not a JSON
+    object."""
     if not os.path.exists(path):
         return []
     try:
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CorruptRun(f"unreadable ({error})") from None
+        raise CorruptRun(f"{path}: unreadable ({error})") from None
     if not all(isinstance(record, dict) for record in records):
-        raise CorruptRun("a line is not a JSON object")
+        raise CorruptRun(f"{path}: a line is not a JSON object")
     return records
 
 
@@ -311,11 +312,7 @@ def read_run(folder: str, name: str):
         summary = read_summary(summary_path)
     except CorruptRun as error:
         raise CorruptRun(f"{summary_path}: {error}") from None
-    hosts_path = os.path.join(folder, "hosts.jsonl")
-    try:
-        hosts = read_hosts(hosts_path)
-    except CorruptRun as error:
-        raise CorruptRun(f"{hosts_path}: {error}") from None
+    hosts = read_hosts(os.path.join(folder, "hosts.jsonl"))
     run_args = summary.get("args", {})
     first = rows[0]
     try:

@@ -1660,11 +1660,7 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
         try:
             run = read_tensorboard_run(root, name)
             summary = read_gen_summary(os.path.join(root, "summary.json"))
-            hosts_path = os.path.join(root, "hosts.jsonl")
-            try:
-                hosts = read_hosts(hosts_path)
-            except CorruptRun as error:
-                raise CorruptRun(f"{hosts_path}: {error}") from None
+            hosts = read_hosts(os.path.join(root, "hosts.jsonl"))
         except (TensorBoardCorrupt, CorruptRun) as error:
             print(f"warning: skipped {error}", file=sys.stderr)
             skipped.append(str(error))

@@ -715,45 +715,33 @@ def test_runs_of_another_commit_are_not_paired_unless_allowed(tmp_path, drawn):
     ) in report
 
 
-def test_the_first_studys_committed_report_is_reproduced(tmp_path, drawn):
-    """docs/collapse.md's command rewrites docs/collapse/study/collapse_stats.md byte for byte
-    (the line naming the command aside: it now names its --out-dir)."""
-    args = ["--runs-dir", "docs/collapse/study", "--cell", "bnm=0.1", "--modes", "bn,eval,bn-mdr"]
-    committed = (COMMITTED_RUNS / "study" / "collapse_stats.md").read_text().splitlines()
-
+def assert_committed_report_is_reproduced(args: list, study: str, out_dir: Path) -> None:
+    """docs/collapse.md's command (args, run from the checkout's root) rewrites
+    docs/collapse/<study>/collapse_stats.md byte for byte, the line naming the command aside (it
+    names its --out-dir)."""
+    committed = (COMMITTED_RUNS / study / "collapse_stats.md").read_text().splitlines()
     os.chdir(ANALYSIS.parent)
     try:
-        assert cs.main(args + ["--out-dir", str(tmp_path)]) == 0
+        assert cs.main(args + ["--out-dir", str(out_dir)]) == 0
     finally:
-        os.chdir(tmp_path)
-
-    written = (tmp_path / "collapse_stats.md").read_text().splitlines()
+        os.chdir(out_dir)
+    written = (out_dir / "collapse_stats.md").read_text().splitlines()
     assert (
         written[2]
-        == f"Written by `python analysis/collapse_stats.py {' '.join(args)} --out-dir {tmp_path}`."
+        == f"Written by `python analysis/collapse_stats.py {' '.join(args)} --out-dir {out_dir}`."
     )
     assert written[:2] + written[3:] == committed[:2] + committed[3:]
+
+
+def test_the_first_studys_committed_report_is_reproduced(tmp_path, drawn):
+    args = ["--runs-dir", "docs/collapse/study", "--cell", "bnm=0.1", "--modes", "bn,eval,bn-mdr"]
+    assert_committed_report_is_reproduced(args, "study", tmp_path)
 
 
 def test_stage_cs_committed_report_is_reproduced(tmp_path, drawn):
-    """docs/collapse.md's Stage C command rewrites docs/collapse/study_c/collapse_stats.md byte for
-    byte from the 80 committed runs (the line naming the command aside: it names its --out-dir),
-    and draws the three figures the page shows."""
+    """From the 80 committed runs, with the three figures the page shows."""
     args = ["--runs-dir", "docs/collapse/study_c", "--study", "stage-c"]
-    committed = (COMMITTED_RUNS / "study_c" / "collapse_stats.md").read_text().splitlines()
-
-    os.chdir(ANALYSIS.parent)
-    try:
-        assert cs.main(args + ["--out-dir", str(tmp_path)]) == 0
-    finally:
-        os.chdir(tmp_path)
-
-    written = (tmp_path / "collapse_stats.md").read_text().splitlines()
-    assert (
-        written[2]
-        == f"Written by `python analysis/collapse_stats.py {' '.join(args)} --out-dir {tmp_path}`."
-    )
-    assert written[:2] + written[3:] == committed[:2] + committed[3:]
+    assert_committed_report_is_reproduced(args, "study_c", tmp_path)
     assert sorted(drawn) == ["collapse_fig6.png", "collapse_paired.png", "collapse_stats.png"]
 
 
