@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 from collections import deque
 
@@ -615,6 +616,97 @@ def hosts_summary(runs: list) -> str:
         missing = len(runs) - len(recorded)
         text += f" {missing} {'run has' if missing == 1 else 'runs have'} no hosts.jsonl."
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU kinds (docs/dropout/PLAN.md, 2026-12-04): which kind of CPU ran each start of a run. A kind is
+# (cpu family, model, torch's CPU capability): runs of one seed differ across kinds.
+
+KIND_CHECKS_FILE = "cpu_kinds.jsonl"  # sweeps/check_cpu_kind.py's records, at a runs folder's top
+KIND_FIELDS = ("cpu_family", "model", "torch_cpu_capability")
+# the scripts' provenance() CPU string from 2026-12-04 on names the kind itself
+CPU_STRING_KIND = re.compile(
+    r"\(cpu family (\S+), model (\S+)(?:, stepping \S+)?\), (\S+) kernels$"
+)
+
+
+def record_kind(record: dict):
+    """A hosts.jsonl (or check) record's kind, None if it lacks a field."""
+    kind = tuple(record.get(field) for field in KIND_FIELDS)
+    return tuple(str(value) for value in kind) if all(v is not None for v in kind) else None
+
+
+def segment_kind(segment: dict):
+    """A provenance segment's kind where its CPU string names one (scripts from 2026-12-04)."""
+    found = CPU_STRING_KIND.search(str(segment.get("cpu") or ""))
+    return found.groups() if found else None
+
+
+def kind_text(kind: tuple) -> str:
+    family, model, capability = kind
+    return f"family {family} model {model} ({capability})"
+
+
+def read_kind_checks(runs_dir: str) -> dict:
+    """runs_dir's cpu_kinds.jsonl as {run name as its record gives it: record}, {} without one; a
+    ConfigError (the file and the reason) if a line is not a check record."""
+    path = os.path.join(runs_dir, KIND_CHECKS_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"{path}: unreadable ({error})") from None
+    for record in records:
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("run"), str)
+            and isinstance(record.get("same"), bool)
+            and isinstance(record.get("host"), dict)
+            and record_kind(record["host"])
+        ):
+            raise ConfigError(
+                f"{path}: a line is not a record of sweeps/check_cpu_kind.py (run, same, host)"
+            )
+    return {record["run"]: record for record in records}
+
+
+def kind_check(checks: dict, name: str):
+    """The check record of the run folder `name` (relative to the runs folder): its own, or one
+    whose run name ends with it (the record names the run as its command list does)."""
+    if name in checks:
+        return checks[name]
+    return next((r for run, r in checks.items() if run.endswith("/" + name)), None)
+
+
+def start_kinds(run: dict, check=None) -> tuple:
+    """(the set of CPU kinds of every start of the run, ''), or (None, why) when a start's kind is
+    unknown. A start's kind comes from its provenance segment's CPU string, else from hosts.jsonl
+    (its records are the last starts: the first ones may have run before the queue recorded
+    them), else, for the first start only, from a check (sweeps/check_cpu_kind.py) that reproduced
+    the run's first updates on a known kind."""
+    segments, hosts = run["provenance"], run.get("hosts") or []
+    starts = max(len(segments), len(hosts))
+    if not starts:
+        return None, "no record of its starts"
+    kinds = [segment_kind(segment) for segment in segments] + [None] * (starts - len(segments))
+    for index, record in enumerate(hosts, start=starts - len(hosts)):
+        kinds[index] = kinds[index] or record_kind(record)
+    if kinds[0] is None and check is not None and check["same"]:
+        kinds[0] = record_kind(check["host"])
+    unknown = [index for index, kind in enumerate(kinds) if kind is None]
+    if not unknown:
+        return set(kinds), ""
+    if unknown == [0] and check is not None:
+        return None, (
+            f"its first start is unrecorded, and its first {check.get('updates', '?')} updates "
+            f"rerun on {kind_text(record_kind(check['host']))} differ ({KIND_CHECKS_FILE})"
+        )
+    which = ", ".join(str(index + 1) for index in unknown)
+    return None, f"start {which} of {starts} unrecorded" + (
+        f" and not checked ({KIND_CHECKS_FILE})" if unknown[0] == 0 and check is None else ""
+    )
 
 
 # --------------------------------------------------------------------------------------------------

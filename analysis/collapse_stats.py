@@ -57,6 +57,7 @@ from collapse_runs import (
     DROPOUT_SEEDS,
     DROPOUT_STEPS,
     ENTROPY_REWARD_FRACTION,
+    KIND_CHECKS_FILE,
     LEARNING_STARTED,
     REWARD_FRACTION,
     SETTING_LABELS,
@@ -74,19 +75,24 @@ from collapse_runs import (
     finished,
     format_setting,
     group_runs,
+    kind_check,
+    kind_text,
     mark_collapses,
     mode_label,
     mode_rank,
     provenance_summary,
     read_hosts,
     read_json_file,
+    read_kind_checks,
     read_runs,
     read_runs_and_skipped,
+    record_kind,
     select_cells,
     select_modes,
     select_seeds,
     smoothed_rewards,
     stage_c_runs,
+    start_kinds,
     varying_settings,
     with_p,
 )
@@ -1246,8 +1252,10 @@ def dropout_test(family: Family, arm: str, other: str, outcome: str) -> dict:
     }
 
 
-def dropout_primary(family: Family) -> dict:
-    result = dropout_test(family, *DROPOUT_PRIMARY, "auc")
+def dropout_primary(family: Family, restrict=None) -> dict:
+    """The primary test; restrict(arm, other): the family it runs on (default: `family`)."""
+    tested = restrict(*DROPOUT_PRIMARY) if restrict else family
+    result = dropout_test(tested, *DROPOUT_PRIMARY, "auc")
     reject = math.isfinite(result["p"]) and result["p"] < ALPHA
     result["called"] = called(
         result["p"], reject, result["bootstrap"][0] > 0, DROPOUT_PRIMARY_CALLED
@@ -1255,11 +1263,13 @@ def dropout_primary(family: Family) -> dict:
     return result
 
 
-def dropout_secondary(family: Family) -> list:
-    """D1-D4 at the family's p with their sign-flip p-values and Holm's verdicts (one family)."""
+def dropout_secondary(family: Family, restrict=None) -> list:
+    """D1-D4 at the family's p with their sign-flip p-values and Holm's verdicts (one family);
+    restrict(arm, other): the family each test runs on (default: `family`)."""
     results = []
     for name, arm, other, outcome, question, success, sign in DROPOUT_SECONDARY:
-        result = dropout_test(family, arm, other, outcome)
+        tested = restrict(arm, other) if restrict else family
+        result = dropout_test(tested, arm, other, outcome)
         result.update(name=name, test="sign-flip", question=question, success=success)
         result.update(outcome=f"{OUTCOME_NAMES[outcome]}", sign=sign)
         results.append(result)
@@ -1434,8 +1444,164 @@ def never_learned(families: list) -> list:
     return sorted(names)
 
 
-def dropout_report(args, runs: list, unfinished: list, skipped: list, command: str) -> tuple:
-    """(report text, printed summary, figure rows, fluctuation panels, paired panels)."""
+# The plan's within-kind sensitivity (docs/dropout/PLAN.md, its entry of 2026-12-04, declared
+# before the analysis): each test again over the seeds whose two runs ran every start on one CPU
+# kind. The verdicts stay the all-pairs tests; a call that differs is stated beside them.
+
+
+WITHIN_KIND_TEXT = (
+    "Each test again over the seeds whose two runs ran every start on one CPU kind (family, "
+    "model, torch's CPU capability: from hosts.jsonl, the CPU string of scripts from 2026-12-04 "
+    f"on, and for an unrecorded first start {KIND_CHECKS_FILE}). The verdicts are the tests "
+    "above; this says whether the mix of CPU kinds could have made them."
+)
+
+
+def single_kind_seeds(pairs: dict, checks: dict) -> tuple:
+    """pairs {seed: (run, run)} -> (the seeds whose two runs ran every start on one CPU kind,
+    {seed: why not}, {kind: runs of the kept seeds on it})."""
+    kept, left, kinds_kept = [], {}, {}
+    for seed, runs in sorted(pairs.items()):
+        kinds, reasons = set(), []
+        for run in runs:
+            found, why = start_kinds(run, kind_check(checks, run["name"]))
+            if found is None:
+                reasons.append(f"`{run['name']}`: {why}")
+            else:
+                kinds |= found
+        if not reasons and len(kinds) > 1:
+            reasons.append("its runs ran on " + " and ".join(kind_text(k) for k in sorted(kinds)))
+        if reasons:
+            left[seed] = "; ".join(reasons)
+            continue
+        kept.append(seed)
+        for run in runs:
+            kinds_kept.setdefault(next(iter(kinds)), set()).add(run["name"])
+    return kept, left, kinds_kept
+
+
+def family_pairs(family: Family, arm: str, other: str) -> dict:
+    """{seed: (arm's run, other's run)} over the family's pairs of arm and other."""
+    return {
+        seed: tuple(family.measures(a)[seed]["run"] for a in (arm, other))
+        for seed in family.pairs(arm, other)
+    }
+
+
+class WithinKind:
+    """The single-kind restriction of one dropout family: restrict(arm, other) is the family of
+    the seeds kept for that pair; what each pair left out, and the kinds kept, are remembered."""
+
+    def __init__(self, family: Family, checks: dict):
+        self.family, self.checks = family, checks
+        self.left, self.kinds = {}, {}
+
+    def __call__(self, arm: str, other: str) -> Family:
+        arm, other = with_p(arm, self.family.p), with_p(other, self.family.p)
+        kept, left, kinds = single_kind_seeds(family_pairs(self.family, arm, other), self.checks)
+        self.left[(arm, other)] = left
+        for kind, names in kinds.items():
+            self.kinds.setdefault(kind, set()).update(names)
+        kept_runs = [run for run in self.family.runs if run["seed"] in kept]
+        return dropout_family(self.family.p, kept_runs)
+
+
+def checked_starts_text(runs: list, checks: dict) -> str:
+    """The runs whose first start a rerun placed (cpu_kinds.jsonl), as a sentence ('' if none)."""
+    parts = []
+    for run in sorted(runs, key=lambda run: run["name"]):
+        check = kind_check(checks, run["name"])
+        if check is None:
+            continue
+        kind = kind_text(record_kind(check["host"]))
+        verdict = "reproduced" if check["same"] else "not reproduced"
+        parts.append(f"`{run['name']}` {verdict} on {kind}")
+    if not parts:
+        return ""
+    return (
+        f"First starts checked by rerunning their first updates ({KIND_CHECKS_FILE}, "
+        "sweeps/check_cpu_kind.py): " + "; ".join(parts) + "."
+    )
+
+
+def left_out_text(left: dict) -> str:
+    """What the sensitivity left out, by comparison (each seed with its reason)."""
+    lines = [
+        f"- {arm} vs {other}: " + "; ".join(f"seed {seed} ({why})" for seed, why in seeds.items())
+        for (arm, other), seeds in left.items()
+        if seeds
+    ]
+    return (
+        "\n".join(lines)
+        if lines
+        else "No seed is left out: every pair's runs ran every start on one kind."
+    )
+
+
+def sensitivity_rows(everything: list, restricted: list) -> tuple:
+    """Table rows (test, pairs all -> single-kind, Δ, p, Holm-adjusted p, call, all pairs' call)
+    and the names of the tests whose call differs."""
+    rows, differ = [], []
+    for full, kept in zip(everything, restricted):
+        name = kept.get("name", "primary")
+        rows.append(
+            [
+                f"{name}: {kept.get('outcome', 'AUC')} {kept['arm']} − {kept['other']}",
+                f"{full['pairs']} → {kept['pairs']}",
+                format_difference(kept["bootstrap"], kept["pairs"]),
+                format_p(kept["p"]),
+                format_p(kept["adjusted"]) if "adjusted" in kept else "– (not in Holm)",
+                kept["called"],
+                full["called"],
+            ]
+        )
+        if kept["called"] != full["called"]:
+            differ.append(f"{name} (all pairs: {full['called']}; single-kind: {kept['called']})")
+    return rows, differ
+
+
+def within_kind_section(family: Family, checks: dict, primary: dict, secondary: list) -> tuple:
+    """(the report's sensitivity section for one dropout family, the printed line)."""
+    restrict = WithinKind(family, checks)
+    restricted = [dropout_primary(family, restrict)] + dropout_secondary(family, restrict)
+    rows, differ = sensitivity_rows([primary] + secondary, restricted)
+    kinds = "; ".join(
+        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(restrict.kinds.items())
+    )
+    header = ["test", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]", "p"]
+    header += ["Holm-adjusted p (D1-D4)", "called, single-kind", "called, all pairs"]
+    agreement = (
+        "Every call is the same as over all pairs."
+        if not differ
+        else "Calls that differ from all pairs': " + "; ".join(differ) + "."
+    )
+    text = [
+        "### Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
+        "analysis)\n",
+        WITHIN_KIND_TEXT + "\n",
+        f"Kinds of the kept pairs' runs: {kinds or 'none'}.\n",
+    ]
+    checked = checked_starts_text(family.runs, checks)
+    if checked:
+        text.append(checked + "\n")
+    text += [
+        markdown_table(header, rows) + "\n",
+        "Left out:\n",
+        left_out_text(restrict.left) + "\n",
+    ]
+    text.append(agreement + "\n")
+    fewest = min(kept["pairs"] for kept in restricted)
+    printed = f"  within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
+    return text, printed
+
+
+def dropout_report(
+    args, runs: list, unfinished: list, skipped: list, command: str, checks=None
+) -> tuple:
+    """(report text, printed summary, figure rows, fluctuation panels, paired panels). checks:
+    the runs folder's cpu_kinds.jsonl records (read_kind_checks), for the within-kind
+    sensitivity."""
+    checks = checks or {}
     ps = sorted(
         {
             p
@@ -1497,11 +1663,13 @@ def dropout_report(args, runs: list, unfinished: list, skipped: list, command: s
             )
         )
         secondary = dropout_secondary(family)
+        sensitivity, sensitivity_line = within_kind_section(family, checks, primary, secondary)
         report += [
             f"### {title}\n",
             dropout_primary_table(primary) + "\n",
             f"### Secondary tests (Holm over D1-D4 at p {family.p:g}, family-wise {ALPHA:g})\n",
             secondary_table(secondary) + "\n",
+            *sensitivity,
             "### Arms\n",
             dropout_arms_table(family) + "\n",
             "### Paired comparisons (reported, not tested)\n",
@@ -1522,6 +1690,7 @@ def dropout_report(args, runs: list, unfinished: list, skipped: list, command: s
             f"{r['called']}"
             for r in secondary
         ]
+        printed.append(sensitivity_line)
     rows, fluctuation_panels, paired_panels = [], [], []
     for family in families:
         cells, values = [], []
@@ -1568,7 +1737,7 @@ def main_dropout(args, command: str) -> int:
     check_provenance(pairs, args.allow_mixed)
     generalization = gen_analysis(args, command) if args.gen_runs_dir else None
     report, printed, rows, fluctuation_panels, paired_panels = dropout_report(
-        args, runs, unfinished, skipped, command
+        args, runs, unfinished, skipped, command, read_kind_checks(args.runs_dir)
     )
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, STABILITY_FILES[0]), "w") as f:
@@ -1752,6 +1921,96 @@ def gap_comparison(by_arm: dict, arm: str, other: str) -> dict:
     return result
 
 
+def equivalence_cell(tost) -> str:
+    """A Δgap's TOST as 'p = ..., [low, high]: equivalent' ('–' without one)."""
+    if not tost or not math.isfinite(tost["p"]):
+        return "–"
+    verdict = "equivalent" if tost["p"] < ALPHA else "not shown equivalent"
+    return f"p = {format_p(tost['p'])}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: {verdict}"
+
+
+def gap_comparisons(by_arm: dict, ps: list, restrict=None) -> list:
+    """The three Δgap comparisons per dropout p, each p's three one Holm family;
+    restrict(arm, other): the by_arm each comparison runs on (default: by_arm)."""
+    comparisons = [
+        gap_comparison(restrict(a, o) if restrict else by_arm, a, o)
+        for p in ps
+        for a, o in ((with_p(arm, p), with_p(other, p)) for arm, other in DROPOUT_PAIRS)
+    ]
+    for start in range(0, len(comparisons), len(DROPOUT_PAIRS)):  # one Holm family per p
+        family = comparisons[start : start + len(DROPOUT_PAIRS)]
+        for c, result in zip(family, holm([c["p"] for c in family], ALPHA)):
+            c["holm"] = result
+    return comparisons
+
+
+def gen_calls(comparison: dict) -> tuple:
+    """(Holm rejected?, TOST equivalent?) of a Δgap comparison, None where not computable."""
+    _, rejected, adjusted = comparison["holm"]
+    tost = comparison.get("tost")
+    equivalent = tost["p"] < ALPHA if tost and math.isfinite(tost["p"]) else None
+    return (rejected if math.isfinite(adjusted) else None), equivalent
+
+
+def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> tuple:
+    """(the Study 2 report's within-kind sensitivity section, its printed line): the
+    comparisons again over the seeds whose two runs ran every start on one CPU kind."""
+    left, kinds_kept = {}, {}
+
+    def restrict(arm: str, other: str) -> dict:
+        pairs = {
+            seed: (by_arm[arm][seed]["run"], by_arm[other][seed]["run"])
+            for seed in sorted(set(by_arm.get(arm, {})) & set(by_arm.get(other, {})))
+        }
+        kept, left[(arm, other)], kinds = single_kind_seeds(pairs, checks)
+        for kind, names in kinds.items():
+            kinds_kept.setdefault(kind, set()).update(names)
+        return {a: {s: by_arm[a][s] for s in kept} for a in (arm, other)}
+
+    restricted = gap_comparisons(by_arm, ps, restrict)
+    rows, differ = [], []
+    for full, kept in zip(comparisons, restricted):
+        cells = [holm_cell(kept["holm"]), equivalence_cell(kept.get("tost"))]
+        full_cells = [holm_cell(full["holm"]), equivalence_cell(full.get("tost"))]
+        name = f"gap {kept['arm']} − {kept['other']}"
+        rows.append(
+            [
+                name,
+                f"{full['pairs']} → {kept['pairs']}",
+                format_difference(kept["bootstrap"], kept["pairs"]),
+                format_p(kept["p"]),
+                *cells,
+            ]
+        )
+        if gen_calls(kept) != gen_calls(full):
+            differ.append(
+                f"{name} (all pairs: {', '.join(full_cells)}; single-kind: {', '.join(cells)})"
+            )
+    header = ["difference", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]"]
+    header += ["sign-flip p", "Holm-adjusted p (3 per dropout p)"]
+    header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
+    kinds = "; ".join(
+        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(kinds_kept.items())
+    )
+    agreement = (
+        "Every call (Holm, TOST) is the same as over all pairs."
+        if not differ
+        else "Calls that differ from all pairs': " + "; ".join(differ) + "."
+    )
+    text = [
+        "## Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
+        "analysis)\n",
+        WITHIN_KIND_TEXT + "\n",
+        f"Kinds of the kept pairs' runs: {kinds or 'none'}.\n",
+        markdown_table(header, rows) + "\n",
+        "Left out:\n",
+        left_out_text(left) + "\n",
+        agreement + "\n",
+    ]
+    fewest = min((kept["pairs"] for kept in restricted), default=0)
+    return text, f"within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
+
+
 def gen_methods(pairs: int) -> str:
     floor = 2 / 2**pairs if pairs else math.nan
     return (
@@ -1831,15 +2090,7 @@ def gen_analysis(args, command: str) -> tuple:
     for run in runs:
         by_arm.setdefault(run["arm"], {})[run["seed"]] = {**gen_measures(run), "run": run}
     arms = sorted(by_arm, key=mode_rank)
-    comparisons = [
-        gap_comparison(by_arm, with_p(arm, p), with_p(other, p))
-        for p in ps
-        for arm, other in DROPOUT_PAIRS
-    ]
-    for start in range(0, len(comparisons), len(DROPOUT_PAIRS)):  # one Holm family per p
-        family = comparisons[start : start + len(DROPOUT_PAIRS)]
-        for c, result in zip(family, holm([c["p"] for c in family], ALPHA)):
-            c["holm"] = result
+    comparisons = gap_comparisons(by_arm, ps)
     pairs = min((c["pairs"] for c in comparisons), default=0)
     report = [
         f"# Dropout, Study 2 (generalization): held-out gap of {runs_dir}\n",
@@ -1889,12 +2140,7 @@ def gen_analysis(args, command: str) -> tuple:
     rows, printed = [], []
     for c in comparisons:
         tost = c.get("tost")
-        equivalence = "–"
-        if tost and math.isfinite(tost["p"]):
-            verdict = "equivalent" if tost["p"] < ALPHA else "not shown equivalent"
-            equivalence = (
-                f"p = {format_p(tost['p'])}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: {verdict}"
-            )
+        equivalence = equivalence_cell(tost)
         rows.append(
             [
                 f"gap {c['arm']} − {c['other']}",
@@ -1914,6 +2160,10 @@ def gen_analysis(args, command: str) -> tuple:
     header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
     header += ["Holm-adjusted p (3 per dropout p)"]
     report += ["## Paired differences of the final gap\n", markdown_table(header, rows) + "\n"]
+    if comparisons:
+        sensitivity, line = gen_within_kind(by_arm, ps, comparisons, read_kind_checks(runs_dir))
+        report += sensitivity
+        printed.append(line)
     rows = []
     for arm in arms:
         for seed, m in sorted(by_arm[arm].items()):

@@ -642,3 +642,72 @@ def test_the_module_imports_alone(repo_root):
             timeout=120,
         )
         assert result.returncode == 0, (module, result.stderr)
+
+
+def kinds_run(segments, hosts, name="r_s1") -> dict:
+    """A run dict with what start_kinds reads: its provenance segments and hosts.jsonl records."""
+    cpus = {"old": "AMD EPYC", "new": "AMD EPYC (cpu family 25, model 1, stepping 1), AVX2 kernels"}
+    return {"name": name, "provenance": [{"cpu": cpus[cpu]} for cpu in segments], "hosts": hosts}
+
+
+@pytest.mark.parametrize(
+    "segments, hosts, check, expected",
+    [
+        # every start recorded by hosts.jsonl (its records are the last starts)
+        (["old", "old"], [ZEN3, ZEN4], None, ({("25", "1", "AVX2"), ("25", "17", "AVX512")}, "")),
+        # the scripts' CPU string from 2026-12-04 on names the kind: no record needed
+        (["new"], [], None, ({("25", "1", "AVX2")}, "")),
+        # the first start went unrecorded: a rerun that reproduced it places it
+        (["old", "old"], [ZEN4], {"same": True, "host": ZEN4}, ({("25", "17", "AVX512")}, "")),
+        (
+            ["old", "old"],
+            [ZEN4],
+            None,
+            (None, "start 1 of 2 unrecorded and not checked (cpu_kinds.jsonl)"),
+        ),
+        (
+            ["old"],
+            [],
+            {"same": False, "updates": 3, "host": ZEN4},
+            (
+                None,
+                "its first start is unrecorded, and its first 3 updates rerun on family 25 model "
+                "17 (AVX512) differ (cpu_kinds.jsonl)",
+            ),
+        ),
+        # a check places the first start only
+        (
+            ["old", "old", "old"],
+            [ZEN4],
+            {"same": True, "host": ZEN4},
+            (None, "start 2 of 3 unrecorded"),
+        ),
+        ([], [], None, (None, "no record of its starts")),
+    ],
+)
+def test_the_cpu_kind_of_every_start(segments, hosts, check, expected):
+    assert cr.start_kinds(kinds_run(segments, hosts), check) == expected
+
+
+def test_kind_checks_are_read_and_matched_by_the_lists_run_name(tmp_path):
+    """cpu_kinds.jsonl (sweeps/check_cpu_kind.py) names a run as its command list does
+    (stability/none_s31); the analysis reads the runs folder docs/dropout/stability itself."""
+    record = {"run": "stability/none_s31", "same": True, "updates": 3, "host": ZEN4}
+    (tmp_path / "cpu_kinds.jsonl").write_text(json.dumps(record) + "\n")
+    checks = cr.read_kind_checks(str(tmp_path))
+    assert cr.kind_check(checks, "none_s31") == record
+    assert cr.kind_check(checks, "stability/none_s31") == record
+    assert cr.kind_check(checks, "one_s31") is None  # a suffix of the name is not the run
+    assert cr.read_kind_checks(str(tmp_path / "absent")) == {}
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json\n", '{"run": "a", "same": "yes", "host": {}}\n', '{"run": "a", "same": true}\n'],
+)
+def test_a_corrupt_kind_check_file_is_one_line(tmp_path, content):
+    (tmp_path / "cpu_kinds.jsonl").write_text(content)
+    with pytest.raises(cr.ConfigError) as error:
+        cr.read_kind_checks(str(tmp_path))
+    assert str(error.value).startswith(f"{tmp_path / 'cpu_kinds.jsonl'}: ")
+    assert "\n" not in str(error.value)

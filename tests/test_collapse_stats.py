@@ -1141,6 +1141,118 @@ def test_the_dropout_study_reports_both_probabilities_apart(dropout_study, tmp_p
     ]
 
 
+ZEN4 = {"model_name": "AMD EPYC", "cpu_family": "25", "model": "17", "stepping": "1"}
+ZEN4["torch_cpu_capability"] = "AVX512"
+ZEN3 = {**ZEN4, "model": "1", "torch_cpu_capability": "AVX2"}
+
+
+def write_hosts(folder: Path, *records) -> None:
+    lines = [json.dumps({"started": "2026-12-04T05:00:00Z", **record}) for record in records]
+    (folder / "hosts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_the_within_kind_sensitivity_repeats_study_1_over_single_kind_seeds(tmp_path, drawn):
+    """The plan's entry of 2026-12-04. Seeds 31-36, dropout-mdr − dropout = +1 ... +6 (all
+    pairs: p = 2/64, called). Left out: seed 32 (dropout resumed, its first start unrecorded and
+    unchecked) and seed 36 (dropout-mdr on another kind). none_s31 has no hosts.jsonl, but a rerun
+    reproduced it (cpu_kinds.jsonl), so seed 31 stays. Primary over seeds 31, 33-35: +1, +3, +4,
+    +5, p = 2/16, not resolved: the call that differs is named."""
+    study = tmp_path / "study"
+    twice = [{"from_iteration": 1, **PROVENANCE}, {"from_iteration": 100, **PROVENANCE}]
+    for index, seed in enumerate(range(31, 37)):
+        for arm, level in (
+            ("none", 50.0),
+            ("dropout", 40.0 + index),
+            ("dropout-mdr", 41.0 + 2 * index),
+        ):
+            extra = {"segments": twice} if (arm, seed) == ("dropout", 32) else {}
+            folder = write_dropout_run(study, arm, seed, curve((level, 200)), FLAT, **extra)
+            if (arm, seed) != ("none", 31):
+                write_hosts(folder, ZEN3 if (arm, seed) == ("dropout-mdr", 36) else ZEN4)
+    check = {"run": "stability/none_s31", "same": True, "updates": 3, "host": ZEN4}
+    (study / "cpu_kinds.jsonl").write_text(json.dumps(check) + "\n")
+    args = ["--study", "dropout", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "stability.md").read_text()
+
+    section = report[report.index("### Within-kind sensitivity") : report.index("### Arms")]
+    # the verdicts are the all-pairs tests: the primary is called there
+    primary = table_row(report, "### Primary test", "AUC dropout-mdr p0.1 − dropout p0.1")
+    assert primary[1] == "6" and primary[4:] == [
+        "0.0312",
+        "Dropout+MDR is more stable than dropout",
+    ]
+    row = table_row(section, "| test", "primary: AUC dropout-mdr p0.1 − dropout p0.1")
+    assert row[1:4] == ["6 → 4", "+3.2 [+1.8, +4.5]", "0.125"]
+    assert row[5:] == ["not resolved", "Dropout+MDR is more stable than dropout"]
+    # D1 (dropout − none) loses seed 32 only, D2 (dropout-mdr − none) seed 36 only: Holm of 4
+    d1 = table_row(section, "| test", "D1: AUC dropout p0.1 − none")
+    assert d1[1] == "6 → 5" and d1[3:5] == ["0.0625", "0.25"]
+    assert table_row(section, "| test", "D2: AUC dropout-mdr p0.1 − none")[1] == "6 → 5"
+    assert "Kinds of the kept pairs' runs: family 25 model 17 (AVX512): 16 runs." in section
+    assert (
+        "First starts checked by rerunning their first updates (cpu_kinds.jsonl, "
+        "sweeps/check_cpu_kind.py): `none_s31` reproduced on family 25 model 17 (AVX512)."
+    ) in section
+    assert (
+        "- dropout-mdr p0.1 vs dropout p0.1: seed 32 (`dropout_p0.1_s32`: start 1 of 2 unrecorded "
+        "and not checked (cpu_kinds.jsonl)); seed 36 (its runs ran on family 25 model 1 (AVX2) "
+        "and family 25 model 17 (AVX512))"
+    ) in section
+    assert (
+        "Calls that differ from all pairs': primary (all pairs: Dropout+MDR is more stable than "
+        "dropout; single-kind: not resolved)."
+    ) in section
+
+
+def test_the_within_kind_sensitivity_of_runs_without_any_record(dropout_study, tmp_path, drawn):
+    """Runs whose starts nothing records (no hosts.jsonl, CPU strings without a kind): every seed
+    is left out, with its reason, and the single-kind tests are not computable."""
+    args = [
+        "--study",
+        "dropout",
+        "--runs-dir",
+        str(dropout_study),
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "stability.md").read_text()
+
+    section = report[report.index("### Within-kind sensitivity") : report.index("### Arms")]
+    row = table_row(section, "| test", "primary: AUC dropout-mdr p0.1 − dropout p0.1")
+    assert row[1] == "3 → 0" and row[5:] == ["not yet computable", "not resolved"]
+    assert "Kinds of the kept pairs' runs: none." in section
+    assert "seed 31 (`dropout-mdr_p0.1_s31`: start 1 of 1 unrecorded and not checked" in section
+
+
+def test_the_within_kind_sensitivity_of_study_2(tmp_path, drawn):
+    """Gaps: none 20, dropout 10, dropout-mdr 10 ± 0.5 at seeds 1-8, every start recorded; seed 8's
+    dropout ran on another kind. Single-kind: 7 pairs for the two comparisons with dropout (sign-flip
+    p = 2/2^7), 8 for dropout-mdr − none (2/2^8); Holm's step-down: 3 x 2/2^8 = 0.0234 for the
+    smallest, then 2 x 2/2^7 = 0.0312."""
+    study = tmp_path / "generalization"
+    for seed in range(1, 9):
+        mdr = 10.0 + (0.5 if seed % 2 else -0.5)
+        for arm, gap in (("none", 20.0), ("dropout", 10.0), ("dropout-mdr", mdr)):
+            folder = write_gen_run(study / f"{arm}_s{seed}", arm, seed, [5.0] * 3, [gap] * 3)
+            write_hosts(folder, ZEN3 if (arm, seed) == ("dropout", 8) else ZEN4)
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    section = report[report.index("## Within-kind sensitivity") : report.index("## Runs")]
+    row = table_row(section, "| difference", "gap dropout p0.1 − none")
+    assert row[1:5] == ["8 → 7", "-10.0 [-10.0, -10.0]", "0.0156", "p = 0.0312, rejected"]
+    row = table_row(section, "| difference", "gap dropout-mdr p0.1 − none")
+    assert row[1] == "8 → 8" and row[4] == "p = 0.0234, rejected"
+    row = table_row(section, "| difference", "gap dropout-mdr p0.1 − dropout p0.1")
+    assert row[1] == "8 → 7" and row[5].endswith(": equivalent")
+    assert "- dropout p0.1 vs none: seed 8 (its runs ran on family 25 model 1 (AVX2) and" in section
+    assert "Kinds of the kept pairs' runs: family 25 model 17 (AVX512): 23 runs." in section
+    assert "Every call (Holm, TOST) is the same as over all pairs." in section
+
+
 def test_the_dropout_study_not_begun_writes_its_report_only(tmp_path, drawn):
     (tmp_path / "study").mkdir()
     args = ["--study", "dropout", "--runs-dir", str(tmp_path / "study")]
