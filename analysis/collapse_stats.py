@@ -1560,36 +1560,45 @@ def sensitivity_rows(everything: list, restricted: list) -> tuple:
     return rows, differ
 
 
+def within_kind_text(
+    level: str, kinds: dict, checked: str, table: str, left: dict, differ: list, same: str
+) -> tuple:
+    """(the paragraphs of a within-kind sensitivity section under a `level` heading, its
+    agreement sentence: `same`, or the calls that differ from all pairs')."""
+    agreement = same
+    if differ:
+        agreement = "Calls that differ from all pairs': " + "; ".join(differ) + "."
+    shown = "; ".join(
+        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(kinds.items())
+    )
+    text = [
+        f"{level} Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
+        "analysis)\n",
+        WITHIN_KIND_TEXT + "\n",
+        f"Kinds of the kept pairs' runs: {shown or 'none'}.\n",
+    ]
+    if checked:
+        text.append(checked + "\n")
+    text += [table + "\n", "Left out:\n", left_out_text(left) + "\n", agreement + "\n"]
+    return text, agreement
+
+
 def within_kind_section(family: Family, checks: dict, primary: dict, secondary: list) -> tuple:
     """(the report's sensitivity section for one dropout family, the printed line)."""
     restrict = WithinKind(family, checks)
     restricted = [dropout_primary(family, restrict)] + dropout_secondary(family, restrict)
     rows, differ = sensitivity_rows([primary] + secondary, restricted)
-    kinds = "; ".join(
-        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(restrict.kinds.items())
-    )
     header = ["test", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]", "p"]
     header += ["Holm-adjusted p (D1-D4)", "called, single-kind", "called, all pairs"]
-    agreement = (
-        "Every call is the same as over all pairs."
-        if not differ
-        else "Calls that differ from all pairs': " + "; ".join(differ) + "."
+    text, agreement = within_kind_text(
+        "###",
+        restrict.kinds,
+        checked_starts_text(family.runs, checks),
+        markdown_table(header, rows),
+        restrict.left,
+        differ,
+        "Every call is the same as over all pairs.",
     )
-    text = [
-        "### Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
-        "analysis)\n",
-        WITHIN_KIND_TEXT + "\n",
-        f"Kinds of the kept pairs' runs: {kinds or 'none'}.\n",
-    ]
-    checked = checked_starts_text(family.runs, checks)
-    if checked:
-        text.append(checked + "\n")
-    text += [
-        markdown_table(header, rows) + "\n",
-        "Left out:\n",
-        left_out_text(restrict.left) + "\n",
-    ]
-    text.append(agreement + "\n")
     fewest = min(kept["pairs"] for kept in restricted)
     printed = f"  within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
     return text, printed
@@ -1989,24 +1998,16 @@ def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> 
     header = ["difference", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]"]
     header += ["sign-flip p", "Holm-adjusted p (3 per dropout p)"]
     header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
-    kinds = "; ".join(
-        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(kinds_kept.items())
+    runs = [m["run"] for seeds in by_arm.values() for m in seeds.values()]
+    text, agreement = within_kind_text(
+        "##",
+        kinds_kept,
+        checked_starts_text(runs, checks),
+        markdown_table(header, rows),
+        left,
+        differ,
+        "Every call (Holm, TOST) is the same as over all pairs.",
     )
-    agreement = (
-        "Every call (Holm, TOST) is the same as over all pairs."
-        if not differ
-        else "Calls that differ from all pairs': " + "; ".join(differ) + "."
-    )
-    text = [
-        "## Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
-        "analysis)\n",
-        WITHIN_KIND_TEXT + "\n",
-        f"Kinds of the kept pairs' runs: {kinds or 'none'}.\n",
-        markdown_table(header, rows) + "\n",
-        "Left out:\n",
-        left_out_text(left) + "\n",
-        agreement + "\n",
-    ]
     fewest = min((kept["pairs"] for kept in restricted), default=0)
     return text, f"within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
 

@@ -1068,6 +1068,12 @@ def test_the_step_2_rule(dropout_vs_none, mdr_vs_dropout, pairs, must_run, start
 FLAT = curve((1.5, 200))
 
 
+def stability_report(study: Path, out: Path) -> str:
+    """Study 1's report of the runs in `study`, written by the command line into `out`."""
+    assert cs.main(["--study", "dropout", "--runs-dir", str(study), "--out-dir", str(out)]) == 0
+    return (out / "stability.md").read_text()
+
+
 @pytest.fixture
 def dropout_study(tmp_path):
     """Seeds 31-33: none at 50, dropout at 40, 41, 42, dropout-mdr 1, 2, 3 above it (p 0.1);
@@ -1087,16 +1093,7 @@ def dropout_study(tmp_path):
 
 
 def test_the_dropout_study_reports_both_probabilities_apart(dropout_study, tmp_path, drawn):
-    args = [
-        "--study",
-        "dropout",
-        "--runs-dir",
-        str(dropout_study),
-        "--out-dir",
-        str(tmp_path / "o"),
-    ]
-    assert cs.main(args) == 0
-    report = (tmp_path / "o" / "stability.md").read_text()
+    report = stability_report(dropout_study, tmp_path / "o")
 
     assert report.startswith(f"# Dropout, Study 1 (stability): statistics of {dropout_study}\n")
     assert (
@@ -1171,9 +1168,7 @@ def test_the_within_kind_sensitivity_repeats_study_1_over_single_kind_seeds(tmp_
                 write_hosts(folder, ZEN3 if (arm, seed) == ("dropout-mdr", 36) else ZEN4)
     check = {"run": "stability/none_s31", "same": True, "updates": 3, "host": ZEN4}
     (study / "cpu_kinds.jsonl").write_text(json.dumps(check) + "\n")
-    args = ["--study", "dropout", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
-    assert cs.main(args) == 0
-    report = (tmp_path / "o" / "stability.md").read_text()
+    report = stability_report(study, tmp_path / "o")
 
     section = report[report.index("### Within-kind sensitivity") : report.index("### Arms")]
     # the verdicts are the all-pairs tests: the primary is called there
@@ -1208,16 +1203,7 @@ def test_the_within_kind_sensitivity_repeats_study_1_over_single_kind_seeds(tmp_
 def test_the_within_kind_sensitivity_of_runs_without_any_record(dropout_study, tmp_path, drawn):
     """Runs whose starts nothing records (no hosts.jsonl, CPU strings without a kind): every seed
     is left out, with its reason, and the single-kind tests are not computable."""
-    args = [
-        "--study",
-        "dropout",
-        "--runs-dir",
-        str(dropout_study),
-        "--out-dir",
-        str(tmp_path / "o"),
-    ]
-    assert cs.main(args) == 0
-    report = (tmp_path / "o" / "stability.md").read_text()
+    report = stability_report(dropout_study, tmp_path / "o")
 
     section = report[report.index("### Within-kind sensitivity") : report.index("### Arms")]
     row = table_row(section, "| test", "primary: AUC dropout-mdr p0.1 − dropout p0.1")
@@ -1227,10 +1213,10 @@ def test_the_within_kind_sensitivity_of_runs_without_any_record(dropout_study, t
 
 
 def test_the_within_kind_sensitivity_of_study_2(tmp_path, drawn):
-    """Gaps: none 20, dropout 10, dropout-mdr 10 ± 0.5 at seeds 1-8, every start recorded; seed 8's
-    dropout ran on another kind. Single-kind: 7 pairs for the two comparisons with dropout (sign-flip
-    p = 2/2^7), 8 for dropout-mdr − none (2/2^8); Holm's step-down: 3 x 2/2^8 = 0.0234 for the
-    smallest, then 2 x 2/2^7 = 0.0312."""
+    """Gaps: none 20, dropout 10, dropout-mdr 10 ± 0.5 at seeds 1-8, every start recorded; seed
+    8's dropout ran on another kind. Single-kind: 7 pairs for the two comparisons with dropout
+    (sign-flip p = 2/2^7), 8 for dropout-mdr − none (2/2^8); Holm's step-down: 3 x 2/2^8 = 0.0234
+    for the smallest, then 2 x 2/2^7 = 0.0312."""
     study = tmp_path / "generalization"
     for seed in range(1, 9):
         mdr = 10.0 + (0.5 if seed % 2 else -0.5)
