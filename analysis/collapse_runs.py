@@ -289,7 +289,7 @@ def read_hosts(path: str) -> list:
     return records
 
 
-def host_kind(record: dict) -> str:
+def host_text(record: dict) -> str:
     """A hosts.jsonl record as the scripts' provenance() names a CPU: model name, family, model,
     stepping and torch's kernels."""
     fields = [("cpu family", "cpu_family"), ("model", "model"), ("stepping", "stepping")]
@@ -601,7 +601,7 @@ def hosts_summary(runs: list) -> str:
         return ""
     by_kinds, partial = {}, []
     for run in recorded:
-        kinds = " then ".join(dict.fromkeys(host_kind(record) for record in run["hosts"]))
+        kinds = " then ".join(dict.fromkeys(host_text(record) for record in run["hosts"]))
         by_kinds.setdefault(kinds, []).append(run["name"])
         if len(run["hosts"]) < len(run["provenance"]):
             partial.append(run["name"])
@@ -631,9 +631,12 @@ CPU_STRING_KIND = re.compile(
 
 
 def record_kind(record: dict):
-    """A hosts.jsonl (or check) record's kind, None if it lacks a field."""
+    """A hosts.jsonl (or check) record's kind, None if it lacks a field or torch could not name its
+    kernels."""
     kind = tuple(record.get(field) for field in KIND_FIELDS)
-    return tuple(str(value) for value in kind) if all(v is not None for v in kind) else None
+    if any(value in (None, "", "unknown") for value in kind):
+        return None
+    return tuple(str(value) for value in kind)
 
 
 def segment_kind(segment: dict):
@@ -648,8 +651,8 @@ def kind_text(kind: tuple) -> str:
 
 
 def read_kind_checks(runs_dir: str) -> dict:
-    """runs_dir's cpu_kinds.jsonl as {run name as its record gives it: record}, {} without one; a
-    ConfigError (the file and the reason) if a line is not a check record."""
+    """runs_dir's cpu_kinds.jsonl as {run name as its records give it: [its records, in order]},
+    {} without one; a ConfigError (the file and the reason) if a line is not a check record."""
     path = os.path.join(runs_dir, KIND_CHECKS_FILE)
     if not os.path.exists(path):
         return {}
@@ -658,55 +661,132 @@ def read_kind_checks(runs_dir: str) -> dict:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{path}: unreadable ({error})") from None
+    checks = {}
     for record in records:
         if not (
             isinstance(record, dict)
             and isinstance(record.get("run"), str)
             and isinstance(record.get("same"), bool)
+            and isinstance(record.get("commit"), str)
             and isinstance(record.get("host"), dict)
             and record_kind(record["host"])
         ):
             raise ConfigError(
-                f"{path}: a line is not a record of sweeps/check_cpu_kind.py (run, same, host)"
+                f"{path}: a line is not a record of sweeps/check_cpu_kind.py (run, same, commit, "
+                "host)"
             )
-    return {record["run"]: record for record in records}
+        checks.setdefault(record["run"], []).append(record)
+    return checks
 
 
-def kind_check(checks: dict, name: str):
-    """The check record of the run folder `name` (relative to the runs folder): its own, or one
-    whose run name ends with it (the record names the run as its command list does)."""
-    if name in checks:
-        return checks[name]
-    return next((r for run, r in checks.items() if run.endswith("/" + name)), None)
+def run_checks(checks: dict, name: str) -> list:
+    """The check records of the run folder `name` (relative to the runs folder): its own, and
+    those whose run name ends with it (a record names the run as its command list does)."""
+    return [
+        record
+        for run, records in checks.items()
+        if run == name or run.endswith("/" + name)
+        for record in records
+    ]
 
 
-def start_kinds(run: dict, check=None) -> tuple:
-    """(the set of CPU kinds of every start of the run, ''), or (None, why) when a start's kind is
-    unknown. A start's kind comes from its provenance segment's CPU string, else from hosts.jsonl
-    (its records are the last starts: the first ones may have run before the queue recorded
-    them), else, for the first start only, from a check (sweeps/check_cpu_kind.py) that reproduced
-    the run's first updates on a known kind."""
+def checked_kind(run: dict, records: list) -> tuple:
+    """(the kind on which the checks reproduced the run's first updates or None, the kinds on which
+    they did not, why they cannot be used or ''). A check of another commit than the run's first
+    start proves nothing; two kinds that both reproduce it, or one that does and does not,
+    contradict each other (the runs of one seed are bit-identical on one kind only)."""
+    segments = run["provenance"]
+    commit = segments[0].get("commit") if segments else None
+    for record in records:
+        if record["commit"] != commit:
+            return (
+                None,
+                set(),
+                (
+                    f"its check reran commit {record['commit'][:7]}, not the run's "
+                    f"{str(commit)[:7]} ({KIND_CHECKS_FILE})"
+                ),
+            )
+    same = {record_kind(record["host"]) for record in records if record["same"]}
+    differ = {record_kind(record["host"]) for record in records if not record["same"]}
+    if len(same) > 1 or same & differ:
+        shown = " and ".join(kind_text(kind) for kind in sorted(same | differ))
+        return None, set(), f"its checks on {shown} contradict each other ({KIND_CHECKS_FILE})"
+    return next(iter(same), None), differ, ""
+
+
+def recorded_kinds(run: dict) -> tuple:
+    """([each start's kind or None], why the records cannot be aligned or ''). hosts.jsonl's
+    records are the last starts (the first ones may have run before the queue recorded them, i.e.
+    before 2026-12-04 02:31 UTC) and win over a segment's CPU string, which must not disagree. A
+    start stopped before its first checkpoint leaves a record but no segment (its updates were
+    redone): with more records than segments, which records made the rows is unknown, so they
+    must all name one kind."""
     segments, hosts = run["provenance"], run.get("hosts") or []
-    starts = max(len(segments), len(hosts))
-    if not starts:
+    if len(hosts) > len(segments):
+        kinds = {record_kind(record) for record in hosts}
+        kinds |= {segment_kind(segment) for segment in segments} - {None}
+        if len(kinds) == 1 and None not in kinds:
+            return [next(iter(kinds))] * len(segments), ""
+        return [None] * len(segments), (
+            f"hosts.jsonl records {len(hosts)} starts, summary.json {len(segments)}, and not "
+            "all on one known kind"
+        )
+    unrecorded = len(segments) - len(hosts)
+    kinds = []
+    for index, segment in enumerate(segments):
+        stated = segment_kind(segment)
+        recorded = record_kind(hosts[index - unrecorded]) if index >= unrecorded else None
+        if stated and recorded and stated != recorded:
+            return [None] * len(segments), (
+                f"start {index + 1}: hosts.jsonl says {kind_text(recorded)}, its CPU string "
+                f"{kind_text(stated)}"
+            )
+        kinds.append(recorded or stated)
+    return kinds, ""
+
+
+def start_kinds(run: dict, checks=()) -> tuple:
+    """(the set of CPU kinds of every start of the run, ''), or (None, why) when a start's kind is
+    unknown. A start's kind comes from hosts.jsonl or its provenance segment's CPU string
+    (recorded_kinds), and, for an unrecorded first start, from the checks
+    (sweeps/check_cpu_kind.py, read_kind_checks) that reproduced the run's first updates on a
+    known kind; a check that contradicts a recorded first start leaves the run's kinds unknown."""
+    if not run["provenance"]:
         return None, "no record of its starts"
-    kinds = [segment_kind(segment) for segment in segments] + [None] * (starts - len(segments))
-    for index, record in enumerate(hosts, start=starts - len(hosts)):
-        kinds[index] = kinds[index] or record_kind(record)
-    if kinds[0] is None and check is not None and check["same"]:
-        kinds[0] = record_kind(check["host"])
+    checks = list(checks)
+    kinds, why = recorded_kinds(run)
+    if not why:
+        reproduced, differ, why = checked_kind(run, checks)
+    if why:
+        return None, why
+    if kinds[0] is not None and (reproduced not in (None, kinds[0]) or kinds[0] in differ):
+        verdict = f"reproduced on {kind_text(reproduced)}" if reproduced else "not reproduced"
+        return None, (
+            f"its first start is recorded on {kind_text(kinds[0])}, but its check {verdict} "
+            f"({KIND_CHECKS_FILE})"
+        )
+    kinds[0] = kinds[0] or reproduced
     unknown = [index for index, kind in enumerate(kinds) if kind is None]
     if not unknown:
         return set(kinds), ""
-    if unknown == [0] and check is not None:
+    if unknown == [0] and differ:
+        shown = " and ".join(kind_text(kind) for kind in sorted(differ))
+        updates = max(record.get("updates", 0) for record in checks)
         return None, (
-            f"its first start is unrecorded, and its first {check.get('updates', '?')} updates "
-            f"rerun on {kind_text(record_kind(check['host']))} differ ({KIND_CHECKS_FILE})"
+            f"its first start is unrecorded, and its first {updates or '?'} updates rerun on "
+            f"{shown} differ ({KIND_CHECKS_FILE})"
         )
-    which = ", ".join(str(index + 1) for index in unknown)
-    return None, f"start {which} of {starts} unrecorded" + (
-        f" and not checked ({KIND_CHECKS_FILE})" if unknown[0] == 0 and check is None else ""
-    )
+    unrecorded = len(run["provenance"]) - len(run.get("hosts") or [])
+    parts = []
+    for missing, what in (
+        ([i for i in unknown if i < unrecorded], "unrecorded"),
+        ([i for i in unknown if i >= unrecorded], "recorded without its CPU kind"),
+    ):
+        if missing:
+            parts.append(f"start {', '.join(str(i + 1) for i in missing)} of {len(kinds)} {what}")
+    unchecked = f" and not checked ({KIND_CHECKS_FILE})" if unknown[0] == 0 and not checks else ""
+    return None, "; ".join(parts) + unchecked
 
 
 # --------------------------------------------------------------------------------------------------

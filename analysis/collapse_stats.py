@@ -75,7 +75,6 @@ from collapse_runs import (
     finished,
     format_setting,
     group_runs,
-    kind_check,
     kind_text,
     mark_collapses,
     mode_label,
@@ -87,6 +86,7 @@ from collapse_runs import (
     read_runs,
     read_runs_and_skipped,
     record_kind,
+    run_checks,
     select_cells,
     select_modes,
     select_seeds,
@@ -1464,7 +1464,7 @@ def single_kind_seeds(pairs: dict, checks: dict) -> tuple:
     for seed, runs in sorted(pairs.items()):
         kinds, reasons = set(), []
         for run in runs:
-            found, why = start_kinds(run, kind_check(checks, run["name"]))
+            found, why = start_kinds(run, run_checks(checks, run["name"]))
             if found is None:
                 reasons.append(f"`{run['name']}`: {why}")
             else:
@@ -1475,9 +1475,25 @@ def single_kind_seeds(pairs: dict, checks: dict) -> tuple:
             left[seed] = "; ".join(reasons)
             continue
         kept.append(seed)
-        for run in runs:
-            kinds_kept.setdefault(next(iter(kinds)), set()).add(run["name"])
+        (kind,) = kinds
+        kinds_kept.setdefault(kind, set()).update(run["name"] for run in runs)
     return kept, left, kinds_kept
+
+
+class KindRestriction:
+    """Restricts pairs to their single-kind seeds, one comparison at a time, remembering what each
+    comparison left out ({(arm, other): {seed: why}}) and the kinds of the runs kept."""
+
+    def __init__(self, checks: dict):
+        self.checks, self.left, self.kinds = checks, {}, {}
+
+    def seeds(self, arm: str, other: str, pairs: dict) -> list:
+        """pairs {seed: (arm's run, other's run)} -> the single-kind seeds among them."""
+        kept, left, kinds = single_kind_seeds(pairs, self.checks)
+        self.left[(arm, other)] = left
+        for kind, names in kinds.items():
+            self.kinds.setdefault(kind, set()).update(names)
+        return kept
 
 
 def family_pairs(family: Family, arm: str, other: str) -> dict:
@@ -1488,34 +1504,27 @@ def family_pairs(family: Family, arm: str, other: str) -> dict:
     }
 
 
-class WithinKind:
+class WithinKind(KindRestriction):
     """The single-kind restriction of one dropout family: restrict(arm, other) is the family of
-    the seeds kept for that pair; what each pair left out, and the kinds kept, are remembered."""
+    the seeds kept for that pair."""
 
     def __init__(self, family: Family, checks: dict):
-        self.family, self.checks = family, checks
-        self.left, self.kinds = {}, {}
+        super().__init__(checks)
+        self.family = family
 
     def __call__(self, arm: str, other: str) -> Family:
         arm, other = with_p(arm, self.family.p), with_p(other, self.family.p)
-        kept, left, kinds = single_kind_seeds(family_pairs(self.family, arm, other), self.checks)
-        self.left[(arm, other)] = left
-        for kind, names in kinds.items():
-            self.kinds.setdefault(kind, set()).update(names)
-        kept_runs = [run for run in self.family.runs if run["seed"] in kept]
-        return dropout_family(self.family.p, kept_runs)
+        kept = self.seeds(arm, other, family_pairs(self.family, arm, other))
+        return dropout_family(self.family.p, [r for r in self.family.runs if r["seed"] in kept])
 
 
 def checked_starts_text(runs: list, checks: dict) -> str:
-    """The runs whose first start a rerun placed (cpu_kinds.jsonl), as a sentence ('' if none)."""
+    """The runs whose first start a rerun checked (cpu_kinds.jsonl), as a sentence ('' if none)."""
     parts = []
     for run in sorted(runs, key=lambda run: run["name"]):
-        check = kind_check(checks, run["name"])
-        if check is None:
-            continue
-        kind = kind_text(record_kind(check["host"]))
-        verdict = "reproduced" if check["same"] else "not reproduced"
-        parts.append(f"`{run['name']}` {verdict} on {kind}")
+        for check in run_checks(checks, run["name"]):
+            verdict = "reproduced" if check["same"] else "not reproduced"
+            parts.append(f"`{run['name']}` {verdict} on {kind_text(record_kind(check['host']))}")
     if not parts:
         return ""
     return (
@@ -1538,10 +1547,14 @@ def left_out_text(left: dict) -> str:
     )
 
 
+NO_CALL = ("not resolved", "not yet computable")  # called() names of a test that calls nothing
+
+
 def sensitivity_rows(everything: list, restricted: list) -> tuple:
-    """Table rows (test, pairs all -> single-kind, Δ, p, Holm-adjusted p, call, all pairs' call)
-    and the names of the tests whose call differs."""
-    rows, differ = [], []
+    """Table rows (test, pairs all -> single-kind, Δ, p, Holm-adjusted p, call, all pairs' call),
+    the tests whose call differs ("not resolved" and "not yet computable" both call nothing) and
+    those not computable over the single-kind seeds."""
+    rows, differ, uncomputable = [], [], []
     for full, kept in zip(everything, restricted):
         name = kept.get("name", "primary")
         rows.append(
@@ -1555,21 +1568,29 @@ def sensitivity_rows(everything: list, restricted: list) -> tuple:
                 full["called"],
             ]
         )
-        if kept["called"] != full["called"]:
+        calls = {kept["called"], full["called"]}
+        if len(calls) > 1 and not calls <= set(NO_CALL):
             differ.append(f"{name} (all pairs: {full['called']}; single-kind: {kept['called']})")
-    return rows, differ
+        if not math.isfinite(kept["p"]):
+            uncomputable.append(f"{name} ({kept['pairs']} pairs)")
+    return rows, differ, uncomputable
 
 
 def within_kind_text(
-    level: str, kinds: dict, checked: str, table: str, left: dict, differ: list, same: str
+    level: str, restriction: KindRestriction, checked: str, table: str, calls: tuple, agreed: str
 ) -> tuple:
-    """(the paragraphs of a within-kind sensitivity section under a `level` heading, its
-    agreement sentence: `same`, or the calls that differ from all pairs')."""
-    agreement = same
+    """(the paragraphs of a within-kind sensitivity section under a `level` heading, the sentence
+    that goes under the report's own tests). calls: (the calls that differ from all pairs', the
+    tests not computable over the single-kind seeds, the fewest pairs a test kept); agreed: the
+    sentence when no call differs."""
+    differ, uncomputable, fewest = calls
+    agreement = agreed
     if differ:
         agreement = "Calls that differ from all pairs': " + "; ".join(differ) + "."
+    if uncomputable:
+        agreement += " Not computable over the single-kind seeds: " + ", ".join(uncomputable) + "."
     shown = "; ".join(
-        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(kinds.items())
+        f"{kind_text(kind)}: {len(names)} runs" for kind, names in sorted(restriction.kinds.items())
     )
     text = [
         f"{level} Within-kind sensitivity (the plan's entry of 2026-12-04, declared before the "
@@ -1579,29 +1600,28 @@ def within_kind_text(
     ]
     if checked:
         text.append(checked + "\n")
-    text += [table + "\n", "Left out:\n", left_out_text(left) + "\n", agreement + "\n"]
-    return text, agreement
+    text += [table + "\n", "Left out:\n", left_out_text(restriction.left) + "\n"]
+    text.append(agreement + "\n")
+    return text, f"Within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
 
 
 def within_kind_section(family: Family, checks: dict, primary: dict, secondary: list) -> tuple:
-    """(the report's sensitivity section for one dropout family, the printed line)."""
+    """(the report's sensitivity section for one dropout family, its sentence for under the
+    tests)."""
     restrict = WithinKind(family, checks)
     restricted = [dropout_primary(family, restrict)] + dropout_secondary(family, restrict)
-    rows, differ = sensitivity_rows([primary] + secondary, restricted)
+    rows, differ, uncomputable = sensitivity_rows([primary] + secondary, restricted)
     header = ["test", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]", "p"]
     header += ["Holm-adjusted p (D1-D4)", "called, single-kind", "called, all pairs"]
-    text, agreement = within_kind_text(
+    fewest = min(kept["pairs"] for kept in restricted)
+    return within_kind_text(
         "###",
-        restrict.kinds,
+        restrict,
         checked_starts_text(family.runs, checks),
         markdown_table(header, rows),
-        restrict.left,
-        differ,
+        (differ, uncomputable, fewest),
         "Every call is the same as over all pairs.",
     )
-    fewest = min(kept["pairs"] for kept in restricted)
-    printed = f"  within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
-    return text, printed
 
 
 def dropout_report(
@@ -1678,6 +1698,7 @@ def dropout_report(
             dropout_primary_table(primary) + "\n",
             f"### Secondary tests (Holm over D1-D4 at p {family.p:g}, family-wise {ALPHA:g})\n",
             secondary_table(secondary) + "\n",
+            sensitivity_line + "\n",
             *sensitivity,
             "### Arms\n",
             dropout_arms_table(family) + "\n",
@@ -1699,7 +1720,7 @@ def dropout_report(
             f"{r['called']}"
             for r in secondary
         ]
-        printed.append(sensitivity_line)
+        printed.append("  " + sensitivity_line)
     rows, fluctuation_panels, paired_panels = [], [], []
     for family in families:
         cells, values = [], []
@@ -1917,10 +1938,15 @@ def gen_measures(run) -> dict:
     }
 
 
+def paired_seeds(by_arm: dict, arm: str, other: str) -> list:
+    """The seeds at which both arms have a run, in order."""
+    return sorted(set(by_arm.get(arm, {})) & set(by_arm.get(other, {})))
+
+
 def gap_comparison(by_arm: dict, arm: str, other: str) -> dict:
     """Δgap arm minus other, paired by seed: pairs, bootstrap, sign-flip p; for dropout-mdr vs
     dropout the TOST within ±GAP_MARGIN too."""
-    seeds = sorted(set(by_arm.get(arm, {})) & set(by_arm.get(other, {})))
+    seeds = paired_seeds(by_arm, arm, other)
     mine = [by_arm[arm][seed]["gap"] for seed in seeds]
     theirs = [by_arm[other][seed]["gap"] for seed in seeds]
     result = {"arm": arm, "other": other, "pairs": len(finite_pairs(mine, theirs)[0])}
@@ -1954,33 +1980,43 @@ def gap_comparisons(by_arm: dict, ps: list, restrict=None) -> list:
 
 
 def gen_calls(comparison: dict) -> tuple:
-    """(Holm rejected?, TOST equivalent?) of a Δgap comparison, None where not computable."""
+    """(the Holm call: the difference's sign where rejected, else None; the TOST's: whether it
+    shows equivalence). Not computable calls nothing, as not rejected does."""
     _, rejected, adjusted = comparison["holm"]
+    sign = "+" if comparison["bootstrap"][0] > 0 else "−"
     tost = comparison.get("tost")
-    equivalent = tost["p"] < ALPHA if tost and math.isfinite(tost["p"]) else None
-    return (rejected if math.isfinite(adjusted) else None), equivalent
+    equivalent = bool(tost) and math.isfinite(tost["p"]) and tost["p"] < ALPHA
+    return (sign if rejected and math.isfinite(adjusted) else None), equivalent
+
+
+def gen_call_text(comparison: dict) -> str:
+    """A Δgap comparison's calls in words: Holm's (with the difference), and the TOST's where it
+    has one."""
+    text = f"Holm {holm_cell(comparison['holm'])}"
+    if math.isfinite(comparison["bootstrap"][0]):
+        text += f" at Δ {comparison['bootstrap'][0]:+.1f}"
+    if "tost" in comparison:
+        text += f", TOST {equivalence_cell(comparison['tost'])}"
+    return text
 
 
 def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> tuple:
-    """(the Study 2 report's within-kind sensitivity section, its printed line): the
-    comparisons again over the seeds whose two runs ran every start on one CPU kind."""
-    left, kinds_kept = {}, {}
+    """(the Study 2 report's within-kind sensitivity section, its sentence for under the paired
+    differences): the comparisons again over the seeds whose two runs ran every start on one
+    CPU kind."""
+    restriction = KindRestriction(checks)
 
     def restrict(arm: str, other: str) -> dict:
         pairs = {
             seed: (by_arm[arm][seed]["run"], by_arm[other][seed]["run"])
-            for seed in sorted(set(by_arm.get(arm, {})) & set(by_arm.get(other, {})))
+            for seed in paired_seeds(by_arm, arm, other)
         }
-        kept, left[(arm, other)], kinds = single_kind_seeds(pairs, checks)
-        for kind, names in kinds.items():
-            kinds_kept.setdefault(kind, set()).update(names)
+        kept = restriction.seeds(arm, other, pairs)
         return {a: {s: by_arm[a][s] for s in kept} for a in (arm, other)}
 
     restricted = gap_comparisons(by_arm, ps, restrict)
-    rows, differ = [], []
+    rows, differ, uncomputable = [], [], []
     for full, kept in zip(comparisons, restricted):
-        cells = [holm_cell(kept["holm"]), equivalence_cell(kept.get("tost"))]
-        full_cells = [holm_cell(full["holm"]), equivalence_cell(full.get("tost"))]
         name = f"gap {kept['arm']} − {kept['other']}"
         rows.append(
             [
@@ -1988,28 +2024,27 @@ def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> 
                 f"{full['pairs']} → {kept['pairs']}",
                 format_difference(kept["bootstrap"], kept["pairs"]),
                 format_p(kept["p"]),
-                *cells,
+                holm_cell(kept["holm"]),
+                equivalence_cell(kept.get("tost")),
             ]
         )
         if gen_calls(kept) != gen_calls(full):
-            differ.append(
-                f"{name} (all pairs: {', '.join(full_cells)}; single-kind: {', '.join(cells)})"
-            )
+            calls = [gen_call_text(c) for c in (full, kept)]
+            differ.append(f"{name} (all pairs: {calls[0]}; single-kind: {calls[1]})")
+        if not math.isfinite(kept["p"]):
+            uncomputable.append(f"{name} ({kept['pairs']} pairs)")
     header = ["difference", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]"]
     header += ["sign-flip p", "Holm-adjusted p (3 per dropout p)"]
     header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
     runs = [m["run"] for seeds in by_arm.values() for m in seeds.values()]
-    text, agreement = within_kind_text(
+    return within_kind_text(
         "##",
-        kinds_kept,
+        restriction,
         checked_starts_text(runs, checks),
         markdown_table(header, rows),
-        left,
-        differ,
+        (differ, uncomputable, min(kept["pairs"] for kept in restricted)),
         "Every call (Holm, TOST) is the same as over all pairs.",
     )
-    fewest = min((kept["pairs"] for kept in restricted), default=0)
-    return text, f"within-kind sensitivity ({fewest} pairs at the fewest): {agreement}"
 
 
 def gen_methods(pairs: int) -> str:
@@ -2148,8 +2183,8 @@ def gen_analysis(args, command: str) -> tuple:
                 str(c["pairs"]),
                 format_difference(c["bootstrap"], c["pairs"]),
                 format_p(c["p"]),
-                equivalence,
                 holm_cell(c["holm"]),
+                equivalence,
             ]
         )
         printed.append(
@@ -2158,12 +2193,12 @@ def gen_analysis(args, command: str) -> tuple:
             + (f"; TOST ±{GAP_MARGIN:g}: {equivalence}" if tost else "")
         )
     header = ["difference", "pairs", "mean Δ [95 % paired bootstrap]", "sign-flip p"]
-    header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
     header += ["Holm-adjusted p (3 per dropout p)"]
+    header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
     report += ["## Paired differences of the final gap\n", markdown_table(header, rows) + "\n"]
     if comparisons:
         sensitivity, line = gen_within_kind(by_arm, ps, comparisons, read_kind_checks(runs_dir))
-        report += sensitivity
+        report += [line + "\n", *sensitivity]
         printed.append(line)
     rows = []
     for arm in arms:

@@ -26,6 +26,16 @@ COLUMNS = (
     "wall_time",
 )
 PROVENANCE = {"commit": "a" * 40, "dirty": False, "torch": "2.14.1", "cpu": "AMD EPYC"}
+# hosts.jsonl records (sweeps/run_and_commit.sh) of the two CPU kinds behind "AMD EPYC"
+ZEN4 = {"model_name": "AMD EPYC", "cpu_family": "25", "model": "17", "stepping": "1"}
+ZEN4["torch_cpu_capability"] = "AVX512"
+ZEN3 = {**ZEN4, "model": "1", "torch_cpu_capability": "AVX2"}
+
+
+def kind_check(run: str, same: bool, host: dict, commit: str = PROVENANCE["commit"]) -> dict:
+    """A record of sweeps/check_cpu_kind.py (cpu_kinds.jsonl): 3 updates of `run` rerun on
+    `host` from `commit`, reproduced or not."""
+    return {"run": run, "same": same, "updates": 3, "commit": commit, "host": host}
 
 
 def curve(*pieces) -> np.ndarray:

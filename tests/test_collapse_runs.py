@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # 
 import collapse_runs as cr
 from collapse_run_files import (
     PROVENANCE,
+    ZEN3,
+    ZEN4,
     curve,
+    kind_check,
     write_dropout_run,
     write_run,
     write_stage_c_run,
@@ -361,11 +364,6 @@ def test_runs_of_one_provenance_or_none_are_paired(tmp_path):
     )
 
 
-ZEN4 = {"model_name": "AMD EPYC", "cpu_family": "25", "model": "17", "stepping": "1"}
-ZEN4["torch_cpu_capability"] = "AVX512"
-ZEN3 = {**ZEN4, "model": "1", "torch_cpu_capability": "AVX2"}
-
-
 def test_the_machines_of_queued_runs_are_named_from_their_hosts_jsonl(tmp_path):
     """sweeps/run_and_commit.sh's hosts.jsonl (one record per start) names each run's CPU kind as
     the scripts' provenance() does; a run resumed on another kind is named with both; a run with
@@ -645,65 +643,163 @@ def test_the_module_imports_alone(repo_root):
 
 
 def kinds_run(segments, hosts, name="r_s1") -> dict:
-    """A run dict with what start_kinds reads: its provenance segments and hosts.jsonl records."""
-    cpus = {"old": "AMD EPYC", "new": "AMD EPYC (cpu family 25, model 1, stepping 1), AVX2 kernels"}
-    return {"name": name, "provenance": [{"cpu": cpus[cpu]} for cpu in segments], "hosts": hosts}
+    """A run dict with what start_kinds reads: its provenance segments and hosts.jsonl records.
+    A segment's CPU string is "old" (no kind: scripts before 2026-12-04) or a kind's ("zen3")."""
+    cpus = {
+        "old": "AMD EPYC",
+        "zen3": "AMD EPYC (cpu family 25, model 1, stepping 1), AVX2 kernels",
+        "zen4": "AMD EPYC (cpu family 25, model 17, stepping 1), AVX512 kernels",
+    }
+    provenance = [{**PROVENANCE, "cpu": cpus[cpu]} for cpu in segments]
+    return {"name": name, "provenance": provenance, "hosts": hosts}
+
+
+K3, K4 = ("25", "1", "AVX2"), ("25", "17", "AVX512")
+ZEN4_TEXT, ZEN3_TEXT = "family 25 model 17 (AVX512)", "family 25 model 1 (AVX2)"
 
 
 @pytest.mark.parametrize(
-    "segments, hosts, check, expected",
+    "segments, hosts, checks, expected",
     [
         # every start recorded by hosts.jsonl (its records are the last starts)
-        (["old", "old"], [ZEN3, ZEN4], None, ({("25", "1", "AVX2"), ("25", "17", "AVX512")}, "")),
+        (["old", "old"], [ZEN3, ZEN4], [], ({K3, K4}, "")),
         # the scripts' CPU string from 2026-12-04 on names the kind: no record needed
-        (["new"], [], None, ({("25", "1", "AVX2")}, "")),
+        (["zen3"], [], [], ({K3}, "")),
+        # both name the start: they must agree
+        (
+            ["zen3"],
+            [ZEN4],
+            [],
+            (None, f"start 1: hosts.jsonl says {ZEN4_TEXT}, its CPU string {ZEN3_TEXT}"),
+        ),
+        # a start stopped before its first checkpoint: a record without a segment
+        (["old"], [ZEN4, ZEN4], [], ({K4}, "")),
+        (
+            ["old"],
+            [ZEN3, ZEN4],
+            [],
+            (None, "hosts.jsonl records 2 starts, summary.json 1, and not all on one known kind"),
+        ),
+        # torch could not name its kernels: no kind
+        (
+            ["old"],
+            [{**ZEN4, "torch_cpu_capability": "unknown"}],
+            [],
+            (None, "start 1 of 1 recorded without its CPU kind and not checked (cpu_kinds.jsonl)"),
+        ),
         # the first start went unrecorded: a rerun that reproduced it places it
-        (["old", "old"], [ZEN4], {"same": True, "host": ZEN4}, ({("25", "17", "AVX512")}, "")),
+        (["old", "old"], [ZEN4], [kind_check("r_s1", True, ZEN4)], ({K4}, "")),
+        # two checks that agree (one kind reproduces it, the other does not)
         (
             ["old", "old"],
             [ZEN4],
-            None,
+            [kind_check("r_s1", False, ZEN3), kind_check("r_s1", True, ZEN4)],
+            ({K4}, ""),
+        ),
+        (
+            ["old", "old"],
+            [ZEN4],
+            [],
             (None, "start 1 of 2 unrecorded and not checked (cpu_kinds.jsonl)"),
         ),
         (
             ["old"],
             [],
-            {"same": False, "updates": 3, "host": ZEN4},
+            [kind_check("r_s1", False, ZEN4)],
             (
                 None,
-                "its first start is unrecorded, and its first 3 updates rerun on family 25 model "
-                "17 (AVX512) differ (cpu_kinds.jsonl)",
+                f"its first start is unrecorded, and its first 3 updates rerun on {ZEN4_TEXT} "
+                "differ (cpu_kinds.jsonl)",
             ),
         ),
         # a check places the first start only
         (
             ["old", "old", "old"],
             [ZEN4],
-            {"same": True, "host": ZEN4},
+            [kind_check("r_s1", True, ZEN4)],
             (None, "start 2 of 3 unrecorded"),
         ),
-        ([], [], None, (None, "no record of its starts")),
+        (
+            ["old", "old", "old"],
+            [ZEN4],
+            [kind_check("r_s1", False, ZEN3)],
+            (None, "start 1, 2 of 3 unrecorded"),
+        ),
+        # checks that contradict each other, or the recorded first start, or another commit's
+        (
+            ["old"],
+            [],
+            [kind_check("r_s1", True, ZEN4), kind_check("r_s1", True, ZEN3)],
+            (
+                None,
+                f"its checks on {ZEN3_TEXT} and {ZEN4_TEXT} contradict each other "
+                "(cpu_kinds.jsonl)",
+            ),
+        ),
+        (
+            ["old"],
+            [],
+            [kind_check("r_s1", True, ZEN4), kind_check("r_s1", False, ZEN4)],
+            (None, f"its checks on {ZEN4_TEXT} contradict each other (cpu_kinds.jsonl)"),
+        ),
+        (
+            ["old"],
+            [ZEN4],
+            [kind_check("r_s1", True, ZEN3)],
+            (
+                None,
+                f"its first start is recorded on {ZEN4_TEXT}, but its check reproduced on "
+                f"{ZEN3_TEXT} (cpu_kinds.jsonl)",
+            ),
+        ),
+        (
+            ["old"],
+            [ZEN4],
+            [kind_check("r_s1", False, ZEN4)],
+            (
+                None,
+                f"its first start is recorded on {ZEN4_TEXT}, but its check not reproduced "
+                "(cpu_kinds.jsonl)",
+            ),
+        ),
+        (
+            ["old"],
+            [],
+            [kind_check("r_s1", True, ZEN4, commit="b" * 40)],
+            (None, "its check reran commit bbbbbbb, not the run's aaaaaaa (cpu_kinds.jsonl)"),
+        ),
+        ([], [], [], (None, "no record of its starts")),
     ],
 )
-def test_the_cpu_kind_of_every_start(segments, hosts, check, expected):
-    assert cr.start_kinds(kinds_run(segments, hosts), check) == expected
+def test_the_cpu_kind_of_every_start(segments, hosts, checks, expected):
+    assert cr.start_kinds(kinds_run(segments, hosts), checks) == expected
 
 
 def test_kind_checks_are_read_and_matched_by_the_lists_run_name(tmp_path):
     """cpu_kinds.jsonl (sweeps/check_cpu_kind.py) names a run as its command list does
-    (stability/none_s31); the analysis reads the runs folder docs/dropout/stability itself."""
-    record = {"run": "stability/none_s31", "same": True, "updates": 3, "host": ZEN4}
-    (tmp_path / "cpu_kinds.jsonl").write_text(json.dumps(record) + "\n")
+    (stability/none_s31); the analysis reads the runs folder docs/dropout/stability itself. A run
+    checked twice keeps both records, in order."""
+    first, second = kind_check("stability/none_s31", True, ZEN4), kind_check("none_s32", True, ZEN4)
+    again = kind_check("stability/none_s31", False, ZEN3)
+    lines = [json.dumps(record) for record in (first, second, again)]
+    (tmp_path / "cpu_kinds.jsonl").write_text("\n".join(lines) + "\n")
     checks = cr.read_kind_checks(str(tmp_path))
-    assert cr.kind_check(checks, "none_s31") == record
-    assert cr.kind_check(checks, "stability/none_s31") == record
-    assert cr.kind_check(checks, "one_s31") is None  # a suffix of the name is not the run
+    assert cr.run_checks(checks, "none_s31") == [first, again]
+    assert cr.run_checks(checks, "stability/none_s31") == [first, again]
+    assert cr.run_checks(checks, "none_s32") == [second]
+    assert cr.run_checks(checks, "one_s31") == []  # a suffix of the name is not the run
     assert cr.read_kind_checks(str(tmp_path / "absent")) == {}
 
 
 @pytest.mark.parametrize(
     "content",
-    ["not json\n", '{"run": "a", "same": "yes", "host": {}}\n', '{"run": "a", "same": true}\n'],
+    [
+        "not json\n",
+        '{"run": "a", "same": "yes", "commit": "c", "host": {}}\n',
+        '{"run": "a", "same": true, "commit": "c"}\n',
+        '{"run": "a", "same": true, "host": {"cpu_family": "25", "model": "1", '
+        '"torch_cpu_capability": "AVX2"}}\n',
+    ],
 )
 def test_a_corrupt_kind_check_file_is_one_line(tmp_path, content):
     (tmp_path / "cpu_kinds.jsonl").write_text(content)

@@ -22,7 +22,10 @@ import collapse_runs as cr
 import collapse_stats as cs
 from collapse_run_files import (
     PROVENANCE,
+    ZEN3,
+    ZEN4,
     curve,
+    kind_check,
     write_dropout_run,
     write_gen_run,
     write_stage_c_run,
@@ -1138,11 +1141,6 @@ def test_the_dropout_study_reports_both_probabilities_apart(dropout_study, tmp_p
     ]
 
 
-ZEN4 = {"model_name": "AMD EPYC", "cpu_family": "25", "model": "17", "stepping": "1"}
-ZEN4["torch_cpu_capability"] = "AVX512"
-ZEN3 = {**ZEN4, "model": "1", "torch_cpu_capability": "AVX2"}
-
-
 def write_hosts(folder: Path, *records) -> None:
     lines = [json.dumps({"started": "2026-12-04T05:00:00Z", **record}) for record in records]
     (folder / "hosts.jsonl").write_text("\n".join(lines) + "\n")
@@ -1166,7 +1164,7 @@ def test_the_within_kind_sensitivity_repeats_study_1_over_single_kind_seeds(tmp_
             folder = write_dropout_run(study, arm, seed, curve((level, 200)), FLAT, **extra)
             if (arm, seed) != ("none", 31):
                 write_hosts(folder, ZEN3 if (arm, seed) == ("dropout-mdr", 36) else ZEN4)
-    check = {"run": "stability/none_s31", "same": True, "updates": 3, "host": ZEN4}
+    check = kind_check("stability/none_s31", True, ZEN4)
     (study / "cpu_kinds.jsonl").write_text(json.dumps(check) + "\n")
     report = stability_report(study, tmp_path / "o")
 
@@ -1237,6 +1235,80 @@ def test_the_within_kind_sensitivity_of_study_2(tmp_path, drawn):
     assert "- dropout p0.1 vs none: seed 8 (its runs ran on family 25 model 1 (AVX2) and" in section
     assert "Kinds of the kept pairs' runs: family 25 model 17 (AVX512): 23 runs." in section
     assert "Every call (Holm, TOST) is the same as over all pairs." in section
+
+
+def test_a_within_kind_call_that_differs_is_named_under_the_tests(tmp_path, drawn):
+    """Study 1: the primary is called over seeds 31-36, and the single-kind sentence sits right
+    under the secondary tests. Study 2: dropout ran seeds 1-5 on another kind than none and
+    dropout-mdr, so dropout − none keeps seeds 6-8 (p = 2/8, Holm 2 x 0.25 = 0.5: kept) against 8
+    pairs (rejected): the call that differs is named under the paired differences, with both
+    calls. dropout-mdr − dropout (3 pairs, p = 1) is not rejected in either: not named."""
+    study = tmp_path / "study"
+    for index, seed in enumerate(range(31, 37)):
+        for arm, level in (("none", 50.0), ("dropout", 40.0), ("dropout-mdr", 41.0 + index)):
+            folder = write_dropout_run(study, arm, seed, curve((level, 200)), FLAT)
+            write_hosts(folder, ZEN3 if (arm, seed) == ("dropout", 31) else ZEN4)
+    report = stability_report(study, tmp_path / "o")
+    tests = report[report.index("### Secondary tests") : report.index("### Within-kind")]
+    assert tests.rstrip().endswith(
+        "Within-kind sensitivity (5 pairs at the fewest): Calls that differ from all pairs': "
+        "primary (all pairs: Dropout+MDR is more stable than dropout; single-kind: not "
+        "resolved)."
+    )
+
+    gen = tmp_path / "generalization"
+    for seed in range(1, 9):
+        for arm, gap in (("none", 20.0), ("dropout", 10.0), ("dropout-mdr", 10.0 + seed % 2)):
+            folder = write_gen_run(gen / f"{arm}_s{seed}", arm, seed, [5.0] * 3, [gap] * 3)
+            write_hosts(folder, ZEN3 if arm == "dropout" and seed <= 5 else ZEN4)
+    args = ["--study", "dropout-gen", "--runs-dir", str(gen), "--out-dir", str(tmp_path / "g")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "g" / "generalization.md").read_text()
+    differences = report[report.index("## Paired differences") : report.index("## Within-kind")]
+    assert differences.rstrip().endswith(
+        "Within-kind sensitivity (3 pairs at the fewest): Calls that differ from all pairs': "
+        "gap dropout p0.1 − none (all pairs: Holm p = 0.0234, rejected at Δ -10.0; single-kind: "
+        "Holm p = 0.5, kept at Δ -10.0)."
+    )
+
+
+def test_a_check_that_did_not_reproduce_a_first_start_leaves_its_seed_out(tmp_path, drawn):
+    """none_s31 has no hosts.jsonl and its rerun differed on Zen 4: its kind is unknown, so seed
+    31 leaves the sensitivity, and the report says the check did not reproduce it."""
+    study = tmp_path / "study"
+    for seed in (31, 32):
+        for arm, level in (("none", 50.0), ("dropout", 40.0), ("dropout-mdr", 42.0)):
+            folder = write_dropout_run(study, arm, seed, curve((level, 200)), FLAT)
+            if (arm, seed) != ("none", 31):
+                write_hosts(folder, ZEN4)
+    check = kind_check("stability/none_s31", False, ZEN4)
+    (study / "cpu_kinds.jsonl").write_text(json.dumps(check) + "\n")
+    report = stability_report(study, tmp_path / "o")
+
+    section = report[report.index("### Within-kind sensitivity") : report.index("### Arms")]
+    assert "`none_s31` not reproduced on family 25 model 17 (AVX512)." in section
+    assert (
+        "- dropout p0.1 vs none: seed 31 (`none_s31`: its first start is unrecorded, and its "
+        "first 3 updates rerun on family 25 model 17 (AVX512) differ (cpu_kinds.jsonl))"
+    ) in section
+    assert table_row(section, "| test", "D1: AUC dropout p0.1 − none")[1] == "2 → 1"
+    assert table_row(section, "| test", "primary: AUC dropout-mdr p0.1 − dropout p0.1")[1] == (
+        "2 → 2"
+    )
+
+
+def test_a_corrupt_kind_check_file_stops_the_report_in_one_line(tmp_path, capsys, drawn):
+    study = tmp_path / "study"
+    write_dropout_run(study, "none", 31, curve((50.0, 200)), FLAT)
+    (study / "cpu_kinds.jsonl").write_text('{"run": "stability/none_s31"}\n')
+    args = ["--study", "dropout", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"error: {study / 'cpu_kinds.jsonl'}: a line is not a record of sweeps/check_cpu_kind.py "
+        "(run, same, commit, host)"
+    ]
+    assert not (tmp_path / "o").exists()  # nothing half-written
 
 
 def test_the_dropout_study_not_begun_writes_its_report_only(tmp_path, drawn):
@@ -1347,8 +1419,8 @@ def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
     assert row[1:4] == ["3", "-10.0 [-10.0, -10.0]", "0.25"]
     row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
     tost = cs.tost_paired([0.0, 1.0, -1.0], [0.0] * 3, 5.0, 0.05)
-    assert row[1:4] == ["3", "+0.0 [-1.0, +1.0]", "1"] and row[5] == "p = 1, kept"
-    assert row[4] == f"p = {tost['p']:.3g}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: equivalent"
+    assert row[1:4] == ["3", "+0.0 [-1.0, +1.0]", "1"] and row[4] == "p = 1, kept"
+    assert row[5] == f"p = {tost['p']:.3g}, [{tost['low']:+.1f}, {tost['high']:+.1f}]: equivalent"
     assert tost["p"] < 0.05 and tost["high"] < 5.0
     panels = drawn["generalization_curves.png"][0][0]
     assert [(arm, len(runs)) for arm, runs in panels] == [
@@ -1375,12 +1447,12 @@ def test_with_eight_pairs_study_2_tests_its_three_differences_with_holm(tmp_path
     assert "With 8 pairs the sign-flip test can reach p = 0.00781: the three Δgap" in report
     # Holm: 0.0078 <= 0.05/3 and 0.0078 <= 0.05/2 rejected, 1 > 0.05 kept; adjusted 3p, 3p, 1
     row = table_row(report, "## Paired differences", "gap dropout p0.1 − none")
-    assert row[3] == "0.00781" and row[5] == "p = 0.0234, rejected"
+    assert row[3] == "0.00781" and row[4] == "p = 0.0234, rejected"
     row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − none")
-    assert row[5] == "p = 0.0234, rejected"
+    assert row[4] == "p = 0.0234, rejected"
     row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
-    assert row[2].startswith("+0.0 [") and row[3] == "1" and row[5] == "p = 1, kept"
-    assert row[4].endswith(": equivalent")  # the TOST beside it
+    assert row[2].startswith("+0.0 [") and row[3] == "1" and row[4] == "p = 1, kept"
+    assert row[5].endswith(": equivalent")  # the TOST beside it
 
 
 def test_the_dropout_study_and_its_generalization_in_one_command(
