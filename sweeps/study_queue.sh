@@ -9,8 +9,8 @@
 # machine of each start); a finished run is skipped and a stopped one resumes from its checkpoint
 # (kept in its worktree's runs/), so the same command continues a queue from where it stopped.
 # Order: Stage C (docs/collapse/study_c/PLAN.md: the procedural list, then the photos), then the
-# dropout study (docs/dropout/PLAN.md: Study 1 Step 1, LayerNorm, Study 2). Step 2 of Study 1 is
-# not queued: it runs only if Step 1's report says so; add its line to QUEUE below then.
+# dropout study (docs/dropout/PLAN.md: Study 1 Step 1, Step 2, LayerNorm, Study 2). Step 2 runs
+# because Step 1's report says it must (the plan's rule; decision in PLAN.md, 2026-12-04).
 # Needs the project's Python environment active (README's install command).
 set -uo pipefail
 usage="usage: bash sweeps/study_queue.sh WORKDIR [--dry-run]"
@@ -26,6 +26,7 @@ QUEUE=(
     "ec589f7|docs/collapse/study_c|docs/collapse/study_c/stage_c.txt"
     "ec589f7|docs/collapse/study_c|docs/collapse/study_c/stage_c_photos.txt"
     "cb2e6e5|docs/dropout|docs/dropout/stability_step1.txt"
+    "cb2e6e5|docs/dropout|docs/dropout/stability_step2.txt"
     "cb2e6e5|docs/collapse/study|docs/dropout/ln.txt"
     "cb2e6e5|docs/dropout|docs/dropout/generalization.txt"
 )

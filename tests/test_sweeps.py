@@ -277,6 +277,7 @@ PLANNED_LISTS = [
     ("ec589f7", "docs/collapse/study_c", "docs/collapse/study_c/stage_c.txt"),
     ("ec589f7", "docs/collapse/study_c", "docs/collapse/study_c/stage_c_photos.txt"),
     ("cb2e6e5", "docs/dropout", "docs/dropout/stability_step1.txt"),
+    ("cb2e6e5", "docs/dropout", "docs/dropout/stability_step2.txt"),  # Step 1's report: it must run
     ("cb2e6e5", "docs/collapse/study", "docs/dropout/ln.txt"),
     ("cb2e6e5", "docs/dropout", "docs/dropout/generalization.txt"),
 ]
