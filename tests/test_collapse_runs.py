@@ -233,13 +233,20 @@ def test_an_arm_is_the_mode_and_what_it_changed_of_the_epochs(mode, alphas, arm)
 
 
 def test_the_committed_runs_keep_their_mode_as_arm():
-    # the first sessions' 16 and the first study's 68 (Stage C's, in study_c/, have arms of theirs)
+    # the first sessions' 16 and the first study's 68, made before runs recorded their provenance,
+    # and the dropout study's 4 LayerNorm runs beside the rivals' (Stage C's, in study_c/, have
+    # arms of theirs)
     runs = [
         run for run in cr.read_runs(str(COMMITTED_RUNS)) if not run["name"].startswith("study_c")
     ]
+    layernorm = [run for run in runs if run["name"].startswith("study/rivals/ln_")]
+    older = [run for run in runs if run not in layernorm]
 
-    assert len(runs) == 84 and all(run["arm"] == run["mode"] for run in runs)
-    assert all(run["status"] == "completed" and run["provenance"] == [] for run in runs)
+    assert all(run["arm"] == run["mode"] and run["status"] == "completed" for run in runs)
+    assert len(older) == 84 and all(run["provenance"] == [] for run in older)
+    assert sorted(run["seed"] for run in layernorm) == [1, 2, 3, 4]
+    commits = {segment["commit"][:7] for run in layernorm for segment in run["provenance"]}
+    assert {run["mode"] for run in layernorm} == {"ln"} and commits == {"cb2e6e5"}
 
 
 def test_a_run_reads_its_arm_status_and_provenance(tmp_path):
