@@ -19,7 +19,8 @@ under each criterion alone, the precursors of collapses), collapse_stats.png (re
 Kaplan-Meier curves) and collapse_fig6.png (the paper's Fig. 6 layout).
 The cost column is each cell's median wall time per run over the reference's, or, with --cost-json,
 the side-by-side measurement of `benchmarks/bench_sps.py --configs probe/<mode>,... --json FILE`
-(runs made at different times under different loads compare load, not cost).
+(runs made at different times under different loads compare load, not cost); --cost-json again adds
+a later file for modes benchmarked later, each with the reference, each mode in one file.
 --definition: the collapse definition (analysis/collapse_runs.py): old (the first study's,
 docs/collapse.md, the default: its committed reports) or revised (Stage C's; every table is then
 followed by the old definition's).
@@ -403,6 +404,23 @@ def benchmark_cost(path: str, reference: str) -> dict:
     return {mode: (statistics.median(r), min(r), max(r)) for mode, r in ratios.items() if r}
 
 
+def benchmark_costs(paths: list, reference: str) -> dict:
+    """benchmark_cost of each --cost-json file, merged: a mode measured later (LayerNorm, added
+    after the rivals' benchmark) comes with a file of its own, its ratio to the reference measured
+    side by side in that file's rounds. A mode other than the reference in two files is refused:
+    its two ratios were measured under different loads or machines and cannot be one number."""
+    merged, source = {}, {}
+    for path in paths:
+        for mode, cost in benchmark_cost(path, reference).items():
+            if mode != reference and mode in source:
+                raise ConfigError(
+                    f"--cost-json: probe/{mode} is in both {source[mode]} and {path}; "
+                    "give each mode's ratio one file"
+                )
+            merged[mode], source[mode] = cost, path
+    return merged
+
+
 def spike(run, end: int) -> dict:
     """Delta pi minus and the signed trust-region violation in the window of PRECURSOR_UPDATES + 1
     updates ending at update index `end` (included): their peaks, and Delta pi minus's peak over its
@@ -606,8 +624,9 @@ def methods_text(reference: str, cost_json) -> str:
         "mean over its updates, median Δπ⁻ = median over runs of each run's median; wall time = "
         + (
             "time per step relative to the reference's, measured side by side "
-            f"({cost_json}: median over rounds, min-max; each round runs every mode once, back to "
-            "back, at the probe's defaults)."
+            f"({', '.join(cost_json)}: median over rounds, min-max; each round runs every mode "
+            "of its file once, back to back, at the probe's defaults; a mode's ratio is to the "
+            "reference of its own file)."
             if cost_json
             else "median per run (summary.json), relative to the reference cell's."
         )
@@ -642,7 +661,7 @@ def comparison_groups(runs: list, reference: str) -> list:
 def study_report(args, runs: list, unfinished: list, skipped: list, command: str) -> tuple:
     """(the report's text, the printed table, the figures' cells): the statistics of `runs` by cell
     under args.definition, and, where it is the revised one, every table again under the old."""
-    cost = benchmark_cost(args.cost_json, args.reference) if args.cost_json else None
+    cost = benchmark_costs(args.cost_json, args.reference) if args.cost_json else None
     results = analyse(runs, args.reference)
     if args.rank:  # a ranking table: the highest area under the reward curve first
         results.sort(
@@ -2464,8 +2483,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--cost-json",
+        action="append",
         default=None,
-        help="wall-time column from this bench_sps.py --json (probe/<mode>)",
+        help="wall-time column from this bench_sps.py --json (probe/<mode>); repeat it for modes "
+        "benchmarked later, each file with the reference",
     )
     parser.add_argument(
         "--check-definition",

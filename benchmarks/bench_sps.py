@@ -32,6 +32,9 @@ machine disturb far less.
     python benchmarks/bench_sps.py --device cpu --repeats 3 --configs probe/bn,probe/eval,\
 probe/bn-mdr,probe/bn-recal,probe/bn-train,probe/bn-oldtrain,probe/brn,probe/brn-mdr,probe/bn-wn,\
 probe/gn,probe/none
+    # LayerNorm's cost, added later (docs/rivals.md; a file of its own, measured beside bn)
+    python benchmarks/bench_sps.py --device cpu --repeats 3 --configs probe/bn,probe/ln \
+        --json docs/rivals/bench_probe_ln.json
 
 Configurations (--configs, script/variant). Shapes: procgen 64 envs x 16 steps, minibatch 128
 (paper: 256 steps, minibatch 2048); patchloc 4 envs x 48 steps, minibatch 16, views of 64 px (paper:
@@ -48,7 +51,7 @@ CUDA the conv weights stay contiguous NCHW); paper-nodiag = paper with the diagn
 compute bound; paper-memory = the paper's shapes with one train-mode and one eval-mode epoch
 (--update-epochs 2 --alpha1 1 --alpha2 1): every minibatch has the paper's size, so the peak memory
 is the full iteration's; paper-memory-amp: the same with --amp. probe/<mode> for each rival mode of
-docs/rivals.md (bn-recal, bn-train, ..., none): the probe's defaults in that mode. --warmup and
+docs/rivals.md (bn-recal, bn-train, ..., none, ln): the probe's defaults in that mode. --warmup and
 --iterations, where given, replace every configuration's own counts (on a GPU a paper-shape
 iteration takes seconds, and its first one pays for CUDA's and cuDNN's start-up); --shape replaces
 every configuration's envs, steps and minibatch size (a smoke test of the benchmark itself, as
@@ -107,8 +110,11 @@ PAPER_SHAPE = {
 }
 NO_DIAG = {"diag_minibatches": -1, "diag_ratio_every": 0}
 MDR, PPO = {"alpha1": 2, "alpha2": 1}, {"alpha1": 3, "alpha2": 0}
-# docs/rivals.md
-PROBE_RIVALS = ("bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none")
+# docs/rivals.md (ln: LayerNorm, added later with its own file)
+PROBE_RIVALS = (
+    *("bn-recal", "bn-train", "bn-oldtrain", "brn", "brn-mdr", "bn-wn", "gn", "none"),
+    "ln",
+)
 # name -> (overrides of the script's Args, extra environment variables, overrides of the benchmark's
 # shape)
 CONFIGS = {

@@ -518,6 +518,44 @@ def test_cli_cost_json_gives_the_side_by_side_wall_time_column(study, tmp_path, 
     )  # the table and both sensitivity tables
 
 
+def test_a_later_cost_json_adds_its_modes_each_against_its_own_reference(
+    study, tmp_path, capsys, drawn
+):
+    # the first file has no eval; the second measures eval beside bn in rounds of its own (bn 10
+    # and 12, eval 5 and 4: ratios 2.0 and 3.0), whatever the first file's bn was
+    first = write_bench(
+        tmp_path / "first.json", {"probe/bn": [[9, 11], [20, 20]], "probe/bn-mdr": [[5, 5], [7, 9]]}
+    )
+    later = write_bench(
+        tmp_path / "later.json", {"probe/bn": [[10, 10], [12, 12]], "probe/eval": [[5, 5], [4, 4]]}
+    )
+    args = ["--runs-dir", str(study), "--out-dir", str(tmp_path / "out")]
+
+    assert cs.main([*args, "--cost-json", str(first), "--cost-json", str(later)]) == 0
+
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[("bn-mdr", "0.01")][14] == "2.25 (2.00-2.50)"
+    assert rows[("eval", "0.1")][14] == "2.50 (2.00-3.00)"
+    report = (tmp_path / "out" / "collapse_stats.md").read_text()
+    assert f"measured side by side ({first}, {later}: median over rounds" in report
+
+
+def test_a_mode_in_two_cost_jsons_is_a_config_error(study, tmp_path):
+    first = write_bench(tmp_path / "first.json", {"probe/bn": [[9]], "probe/eval": [[5]]})
+    later = write_bench(tmp_path / "later.json", {"probe/bn": [[10]], "probe/eval": [[4]]})
+    message = (
+        f"--cost-json: probe/eval is in both {first} and {later}; give each mode's ratio one file"
+    )
+    with pytest.raises(cs.ConfigError, match=re.escape(message)):
+        cs.main(
+            [
+                *["--runs-dir", str(study), "--out-dir", str(tmp_path / "out")],
+                *["--cost-json", str(first), "--cost-json", str(later)],
+            ]
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
