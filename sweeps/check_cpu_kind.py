@@ -152,16 +152,22 @@ def check_script(tokens: list) -> None:
         raise CheckError(f"only {SCRIPT} runs can be checked, not: {shlex.join(tokens)}")
 
 
+def read_text(path: str) -> str:
+    """A run file's text, as written (no newline translation)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return f.read()
+    except OSError as error:
+        raise CheckError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise CheckError(f"{path} is not UTF-8 text: {error.reason}") from None
+
+
 def first_start(summary_path: str) -> tuple:
     """(commit, updates) of the run's first start, from its summary.json: updates is None when the
     run was never resumed. A lone `provenance` (no list of starts) must be a first start."""
     try:
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except OSError as error:
-        raise CheckError(f"cannot read {summary_path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise CheckError(f"{summary_path} is not UTF-8 text: {error.reason}") from None
+        summary = json.loads(read_text(summary_path))
     except json.JSONDecodeError as error:
         raise CheckError(f"{summary_path} is not JSON: {error.msg} (line {error.lineno})") from None
     segments = None
@@ -216,15 +222,10 @@ def shortened(tokens: list, worktree: str, total_timesteps: int, run_name: str) 
 
 def read_rows(path: str, count: int) -> list:
     """The first `count` rows of a metrics.csv, each with an integer global_step."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except OSError as error:
-        raise CheckError(f"cannot read {path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise CheckError(f"{path} is not UTF-8 text: {error.reason}") from None
+        rows = list(reader)
+        columns = reader.fieldnames or []
     except csv.Error as error:
         raise CheckError(f"{path} is not a CSV file: {error}") from None
     if "global_step" not in columns:
