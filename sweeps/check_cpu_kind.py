@@ -329,9 +329,9 @@ def main(argv=None) -> int:
                 )
             metrics = os.path.join(args.dest, name, "metrics.csv")
             committed[name] = read_rows(metrics, args.updates)
+        pythons = {name: interpreter(lines[name], worktree) for name in args.runs}
         hosts = {}  # by interpreter
-        for name in args.runs:
-            python = interpreter(lines[name], worktree)
+        for name, python in pythons.items():
             if python not in hosts:
                 hosts[python] = machine(python, name)
         out = io.StringIO()
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
             result = check(worktree, lines[name], committed[name])
             record = {"run": name, **result, "commit": commit}
             record.update(checked=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            record.update(host=hosts[interpreter(lines[name], worktree)])
+            record.update(host=hosts[pythons[name]])
             print(json.dumps(record), file=out)
     except CheckError as error:
         print(f"error: {error}", file=sys.stderr)
