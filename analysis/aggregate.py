@@ -45,6 +45,7 @@ from typing import Optional
 
 import matplotlib
 import numpy as np
+from cli import ArgumentParser, run_command
 from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
 from matplotlib.lines import Line2D
 
@@ -55,18 +56,6 @@ class UserError(Exception):
 
 class CorruptRun(Exception):
     """A run whose files cannot be read: skipped with one warning line."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block), like the UserErrors."""
-
-    def __init__(self, **kwargs):
-        # no abbreviations: an old --out must not be taken for --out-dir
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
 
 
 def bounded(kind, low, high, open_low: bool = False):
@@ -696,16 +685,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """main() as a command: bad input (a UserError) is one line on stderr, exit status 1."""
-    try:
-        status = main(argv)
-        sys.stdout.flush()  # here, so that a closed pipe is caught below
-        return status
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # the reader left early (`| head`): stop quietly, as a Unix tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return run_command(main, argv, UserError, 1)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import sys
 import textwrap
 
 import numpy as np
+from cli import ArgumentParser, run_command
 from collapse_runs import (
     DEFINITIONS,
-    ArgumentParser,
     ConfigError,
     cell_key,
     cell_label,
@@ -409,16 +409,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """main() as a command: bad input (a ConfigError) is one line on stderr, exit status 2."""
-    try:
-        status = main(argv)
-        sys.stdout.flush()  # here, so that a closed pipe is caught below
-        return status
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader left early (`| head`): stop quietly, as a Unix tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return run_command(main, argv, ConfigError, 2)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ The old definition is docs/collapse.md's ("Collapse definition (fixed before the
 the revised one docs/collapse/study_c/PLAN.md's (Stage C's pre-registration).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -169,18 +168,6 @@ PROVENANCE_FIELDS = ("commit", "cpu", "torch")
 
 class ConfigError(Exception):
     """Bad input: printed as one line, no traceback."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block), like the ConfigErrors."""
-
-    def __init__(self, **kwargs):
-        # no abbreviations: an old --out must not be taken for --out-dir
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
 
 
 def mode_label(mode: str) -> str:

@@ -17,21 +17,11 @@ import math
 import os
 import sys
 
+from cli import ArgumentParser, run_command
+
 
 class BadInput(Exception):
     """Printed as one line on stderr, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block)."""
-
-    def __init__(self, **kwargs):
-        # no abbreviations: an old --out must not be taken for --out-dir
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
 
 
 def tolerance(text: str) -> float:
@@ -144,16 +134,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """main() as a command: bad input is one line on stderr, exit status 2."""
-    try:
-        status = main(argv)
-        sys.stdout.flush()  # here, so that a closed pipe is caught below
-        return status
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader left early (`| head`): stop quietly, as a Unix tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return run_command(main, argv, BadInput, 2)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ optional --random-reference draws a uniformly random policy's value as a dashed 
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
+from cli import ArgumentParser
 from matplotlib.figure import Figure  # no pyplot: no display backend, no global figure state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,18 +41,6 @@ def smooth(values, window):
     cumsum = np.cumsum(np.insert(values, 0, 0.0))
     starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
     return (cumsum[1:] - cumsum[starts]) / (np.arange(1, len(values) + 1) - starts)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block)."""
-
-    def __init__(self, **kwargs):
-        # no abbreviations: an old --out must not be taken for --out-dir
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
 
 
 def window(text: str) -> int:

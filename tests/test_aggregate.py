@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import scipy.stats
 from matplotlib.image import imread
 from torch.utils.tensorboard import SummaryWriter
 
-from analysis import aggregate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))  # the modules' folder
+import aggregate  # noqa: E402
 
 STEPS = range(0, 1001, 100)  # a final score (last 10 % of steps) averages steps 900 and 1000
 PROCGEN_GAMES = ["bigfish", "coinrun"]
