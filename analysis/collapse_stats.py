@@ -633,16 +633,26 @@ def methods_text(reference: str, cost_json) -> str:
     )
 
 
+def skipped_text(skipped: list) -> str:
+    """A report's line naming the run folders it could not read."""
+    return f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n"
+
+
+def run_names(runs: list) -> str:
+    """`name` (status), ... of the runs a report leaves out."""
+    return ", ".join(f"`{run['name']}` ({run['status']})" for run in runs)
+
+
 def notes_text(runs: list, unfinished: list, skipped: list, allow_mixed: bool) -> str:
     """What the report did not analyse and where the runs came from, one paragraph per kind; ''
     when every run finished, none was skipped and none recorded its provenance (the first
     studies' reports read as they were)."""
     notes = []
     if unfinished:
-        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
+        names = run_names(unfinished)
         notes.append(f"Not finished, not analysed ({len(unfinished)}): {names}.\n")
     if skipped:
-        notes.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+        notes.append(skipped_text(skipped))
     if any(run["provenance"] for run in runs):
         notes.append(provenance_summary(runs, allow_mixed) + "\n")
     return "\n".join(notes)
@@ -1053,7 +1063,7 @@ def completeness_text(family: Family, others: list) -> str:
     text = f"Finished runs: {len(family.runs)} of the plan's {planned} ({counts})."
     not_done = [run for run in others if run["family"] == family.name]
     if not_done:
-        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in not_done)
+        names = run_names(not_done)
         text += f" Not finished or failed, not analysed: {names}."
     complete = family.complete_seeds()
     text += (
@@ -1101,7 +1111,7 @@ def stage_c_report(args, runs: list, unfinished: list, skipped: list, command: s
         provenance_summary(runs, args.allow_mixed) + "\n" if runs else "No finished runs yet.\n",
     ]
     if skipped:
-        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+        report.append(skipped_text(skipped))
     printed = []
     for family in families:
         title = FAMILY_TITLES[family.name]
@@ -1374,7 +1384,7 @@ def dropout_completeness(families: list, others: list) -> str:
             f"{len(DROPOUT_SEEDS)}" + (f" ({seed_list(complete)})" if complete else "") + "."
         )
     if others:
-        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in others)
+        names = run_names(others)
         lines.append(f"Not finished or failed, not analysed ({len(others)}): {names}.")
     lines.append("Each paired test uses the seeds finished in both of its arms (pairs below).")
     return "\n\n".join(lines)
@@ -1671,7 +1681,7 @@ def dropout_report(
         provenance_summary(runs, args.allow_mixed) + "\n" if runs else "No finished runs yet.\n",
     ]
     if skipped:
-        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
+        report.append(skipped_text(skipped))
     report += ["## Completeness\n", dropout_completeness(families, unfinished) + "\n"]
     fewest = min(len(family.complete_seeds()) for family in families)
     if fewest < FEW_SEEDS:
@@ -2121,6 +2131,18 @@ def canonical_text(value) -> str:
     return format_setting(float(value)) if numeric else str(value)
 
 
+def gen_notes(runs: list, skipped: list, unfinished: list, allow_mixed: bool) -> list:
+    """Study 2's and its pilot's lines after the regime: where the runs came from, the folders that
+    could not be read, the runs not finished."""
+    notes = [provenance_summary(runs, allow_mixed) + "\n"] if runs else []
+    if skipped:
+        notes.append(skipped_text(skipped))
+    if unfinished:
+        count = len(unfinished)
+        notes.append(f"Not finished or failed, not analysed ({count}): {run_names(unfinished)}.\n")
+    return notes
+
+
 def gen_analysis(args, command: str) -> tuple:
     """Study 2 on the runs under --gen-runs-dir (--runs-dir with --study dropout-gen): (report,
     printed summary, figure panels)."""
@@ -2155,13 +2177,7 @@ def gen_analysis(args, command: str) -> tuple:
         gen_methods(pairs) + "\n",
         (f"Regime (every finished run): {regime}.\n" if runs else "No finished runs yet.\n"),
     ]
-    if runs:
-        report.append(provenance_summary(runs, args.allow_mixed) + "\n")
-    if skipped:
-        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
-    if unfinished:
-        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
-        report.append(f"Not finished or failed, not analysed ({len(unfinished)}): {names}.\n")
+    report += gen_notes(runs, skipped, unfinished, args.allow_mixed)
     short = sorted(
         m["run"]["name"]
         for seeds in by_arm.values()
@@ -2325,13 +2341,7 @@ def pilot_analysis(args, command: str) -> tuple:
         "steps).\n",
         (f"Every run shares: {shared}.\n" if runs else "No finished runs yet.\n"),
     ]
-    if runs:
-        report.append(provenance_summary(runs, args.allow_mixed) + "\n")
-    if skipped:
-        report.append(f"Skipped, unreadable ({len(skipped)}): " + "; ".join(skipped) + ".\n")
-    if unfinished:
-        names = ", ".join(f"`{run['name']}` ({run['status']})" for run in unfinished)
-        report.append(f"Not finished or failed, not analysed ({len(unfinished)}): {names}.\n")
+    report += gen_notes(runs, skipped, unfinished, args.allow_mixed)
     short = [run["name"] for run in runs if not math.isfinite(gen_measures(run)["gap"])]
     if short:
         names = ", ".join(f"`{name}`" for name in short)
