@@ -7,9 +7,9 @@
 # that holds DEST.
 # Each line must name its folder with --run-name. A line whose DEST/<run-name>/summary.json says
 # "completed" is skipped, so the queue can be stopped at any time and restarted where it stopped.
-# After a completed run, what analysis/ reads is copied to DEST/<run-name>/ (the probe's metrics.csv;
-# a training script's args.json and TensorBoard events; summary.json and tasks.json of both, never a
-# checkpoint) and committed (git commit of that folder only, under a lock, so two workers and a
+# After a completed run, what analysis/ reads is copied to DEST/<run-name>/ (the probe's
+# metrics.csv; a training script's args.json and TensorBoard events; summary.json and tasks.json of
+# both, never a checkpoint) and committed (git commit of that folder only, under a lock, so two workers and a
 # person working in the same checkout do not collide). Runs are niced: they take the idle CPU.
 # Each start (a resumed run's too) appends the machine to logs/<run-name>.hosts.jsonl (not to the
 # run folder: the script must find it empty or its own), committed as DEST/<run-name>/hosts.jsonl:
