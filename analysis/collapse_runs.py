@@ -776,6 +776,15 @@ def start_kinds(run: dict, checks=()) -> tuple:
     return None, "; ".join(parts) + unchecked
 
 
+def kinds_cell(run: dict, checks: dict) -> str:
+    """The CPU kinds of every start of a run, for a report's table of runs ('family 25 model 17
+    (AVX512)', two joined by ' and '), or 'unknown: why' (start_kinds with the run's checks)."""
+    kinds, why = start_kinds(run, run_checks(checks, run["name"]))
+    if kinds is None:
+        return f"unknown: {why}"
+    return " and ".join(kind_text(kind) for kind in sorted(kinds))
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage C (docs/collapse/study_c/PLAN.md): its arms, its two families of runs, its fixed regime
 

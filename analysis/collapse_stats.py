@@ -32,12 +32,14 @@ differences); it reports on whatever runs have finished, with how many pairs are
 probability found, seeds 31-42): the primary sign-flip test, the Holm family D1-D4, the Step 2
 decision, the fluctuation measure; stability.md and stability_*.png. With --gen-runs-dir DIR, also
 Study 2 (--study dropout-gen alone: DIR as --runs-dir): ppo_patchloc_mdr.py runs' final held-out
-gap, its paired differences and TOST; generalization.md and generalization_curves.png.
+gap, its paired differences and TOST, and with --pilot-runs-dir the plan's check that its none
+runs at seeds 1 and 2 repeat the pilot's; generalization.md and generalization_curves.png.
 --study dropout-pilot: Study 2's pilot (arm none at several training-task counts and step budgets):
 each regime's final gap and training-task reward, and the plan's choice; pilot.md, pilot_curves.png.
 
     python analysis/collapse_stats.py --study dropout --runs-dir docs/dropout/stability \
-        --gen-runs-dir docs/dropout/generalization --out-dir docs/dropout
+        --gen-runs-dir docs/dropout/generalization --pilot-runs-dir docs/dropout/pilot \
+        --out-dir docs/dropout
 
 Runs paired with each other must come from one commit, CPU model and torch version (their
 summary.json provenance) unless --allow-mixed; runs that did not finish are named, not analysed.
@@ -77,6 +79,7 @@ from collapse_runs import (
     format_setting,
     group_runs,
     kind_text,
+    kinds_cell,
     mark_collapses,
     mode_label,
     mode_rank,
@@ -1434,7 +1437,9 @@ def dropout_comparisons_table(family: Family) -> str:
     return markdown_table(header, rows)
 
 
-def dropout_runs_table(family: Family, include_none: bool) -> str:
+def dropout_runs_table(family: Family, include_none: bool, checks: dict) -> str:
+    """One row per finished run: its collapses, measures and the CPU kinds of its starts (the
+    plan's entry of 2026-12-04 names them per run)."""
     rows = []
     for run in sorted(family.runs, key=lambda run: run["name"]):
         if run["arm"] == "none" and not include_none:
@@ -1454,10 +1459,11 @@ def dropout_runs_table(family: Family, include_none: bool) -> str:
                 f"{value:.2f}" if math.isfinite(value) else "– (never learned)",
                 f"{smoothed.max():.1f}" if len(smoothed) else "–",
                 str(len(run["iteration"])),
+                kinds_cell(run, checks),
             ]
         )
     header = ["run", "arm", "collapse (revised)", "collapse (old)", "AUC", "final reward"]
-    header += ["fluctuation", "best smoothed reward", "updates"]
+    header += ["fluctuation", "best smoothed reward", "updates", "CPU kind of its starts"]
     return markdown_table(header, rows)
 
 
@@ -1736,7 +1742,7 @@ def dropout_report(
             "the second.\n",
             dropout_comparisons_table(family) + "\n",
             "### Runs\n",
-            dropout_runs_table(family, include_none=step == 1) + "\n",
+            dropout_runs_table(family, step == 1, checks) + "\n",
         ]
         printed.append(
             f"p {family.p:g}: ΔAUC {primary['arm']} − {primary['other']} "
@@ -1855,6 +1861,33 @@ GEN_REGIME = (
     "view_batching",
 )
 GEN_FILES = ("generalization.md", "generalization_curves.png")
+GEN_SEEDS = range(1, 9)  # the plan's 8 paired seeds (its entry of 2026-12-02)
+GEN_P = 0.1  # Study 2's dropout probability
+GEN_SPLITS = {"none": (3, 0), "dropout": (3, 0), "dropout-mdr": (2, 1)}  # (alpha1, alpha2)
+# the regime the pilot chose (the plan's entry of 2026-12-02); every other argument is shared
+GEN_PLAN = {
+    "num_tasks": 32,
+    "num_test_tasks": 100,
+    "image_source": "procedural",
+    "view_size": 32,
+    "total_timesteps": 76800,
+    "eval_interval": 30,
+}
+# the arguments in which runs of Study 2 may differ: their arm and seed, and how a run was named,
+# tracked and kept (a repeat of a pilot run may differ from it only in the latter)
+GEN_ARM_ARGS = ("norm", "alpha1", "alpha2", "dropout_p", "seed")
+GEN_INFRASTRUCTURE = (
+    "run_name",
+    "resume",
+    "overwrite",
+    "provenance",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "wandb_group",
+    "save_model",
+    "checkpoint_interval",
+)
 
 
 def gen_arm(config: dict):
@@ -1907,6 +1940,7 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
         runs.append(
             {
                 "name": name,
+                "folder": root,
                 "arm": arm,
                 "seed": seed,
                 "status": summary.get("status", "unfinished") if summary else "unfinished",
@@ -1918,6 +1952,41 @@ def read_gen_runs(runs_dir: str, option: str) -> tuple:
             }
         )
     return runs, skipped
+
+
+def check_gen_plan(runs: list) -> None:
+    """A ConfigError for a run Study 2's plan does not have: a seed outside 1-8, another dropout
+    probability or epoch split, or (a finished run) another regime than the pilot's choice or an
+    argument that differs between runs and is neither the arm, the seed nor infrastructure."""
+    for run in runs:
+        config, base = run["config"], run["arm"].split(" ")[0]
+        split = (int(config.get("alpha1", 0)), int(config.get("alpha2", 0)))
+        if split != GEN_SPLITS[base]:
+            raise ConfigError(
+                f"{run['name']}: --alpha1 {split[0]} --alpha2 {split[1]} is not the plan's split "
+                f"of {base} (--alpha1 {GEN_SPLITS[base][0]} --alpha2 {GEN_SPLITS[base][1]})"
+            )
+        if base != "none" and not math.isclose(float(config.get("dropout_p", 0.1)), GEN_P):
+            raise ConfigError(
+                f"{run['name']}: dropout probability {config.get('dropout_p')} is not Study 2's "
+                f"({GEN_P:g})"
+            )
+        if run["seed"] not in GEN_SEEDS:
+            raise ConfigError(
+                f"{run['name']}: seed {run['seed']} is not one of the plan's seeds "
+                f"({GEN_SEEDS[0]}-{GEN_SEEDS[-1]})"
+            )
+    finished_runs = finished(runs)[0]
+    for run in finished_runs:
+        for key, planned in GEN_PLAN.items():
+            if canonical_text(run["config"].get(key)) != canonical_text(planned):
+                raise ConfigError(
+                    f"{run['name']}: {key} {run['config'].get(key)} is not the regime the pilot "
+                    f"chose ({key} {planned}; docs/dropout/PLAN.md, 2026-12-02)"
+                )
+    free = set(GEN_ARM_ARGS) | set(GEN_INFRASTRUCTURE)
+    keys = sorted({key for run in finished_runs for key in run["config"]} - free)
+    check_gen_regime(finished_runs, keys)
 
 
 def check_one_run_each(runs: list, label) -> None:
@@ -2062,6 +2131,8 @@ def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> 
             differ.append(f"{name} (all pairs: {calls[0]}; single-kind: {calls[1]})")
         if not math.isfinite(kept["p"]):
             uncomputable.append(f"{name} ({kept['pairs']} pairs)")
+        elif "tost" in kept and not math.isfinite(kept["tost"]["p"]):
+            uncomputable.append(f"the TOST of {name} ({kept['pairs']} pairs)")
     header = ["difference", "pairs (all → single-kind)", "mean Δ [95 % paired bootstrap]"]
     header += ["sign-flip p", "Holm-adjusted p (3 per dropout p)"]
     header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
@@ -2077,7 +2148,10 @@ def gen_within_kind(by_arm: dict, ps: list, comparisons: list, checks: dict) -> 
 
 
 def gen_methods(pairs: int) -> str:
+    """The report's methods paragraph. Holm calls are possible only when the smallest sign-flip p
+    the pairs allow is below Holm's smallest level, alpha over the three comparisons."""
     floor = 2 / 2**pairs if pairs else math.nan
+    holm_floor = ALPHA / len(DROPOUT_PAIRS)
     return (
         "Methods (fixed by the plan): per run, the final generalization gap = the mean of "
         f"`{GAP_TAG}` (training-task minus held-out normalized reward of the greedy eval-mode "
@@ -2092,9 +2166,11 @@ def gen_methods(pairs: int) -> str:
             "Δgap p-values of a dropout probability are one Holm family at family-wise alpha "
             f"{ALPHA:g} (the plan's entry of 2026-12-02: 8 seeds), and a difference is called only "
             "if it survives Holm."
-            if floor < ALPHA
-            else f"With {pairs} pairs the sign-flip test cannot go below p = {format_p(floor)}: "
-            f"this study describes, it does not test at alpha {ALPHA:g}."
+            if floor < holm_floor
+            else f"With {pairs} pairs the sign-flip test cannot go below p = {format_p(floor)}, "
+            f"not below Holm's smallest level ({ALPHA:g}/{len(DROPOUT_PAIRS)}): this study "
+            "describes the three Δgap, it cannot call one. The TOST is still reported at alpha "
+            f"{ALPHA:g}, as the plan's answer to its question."
         )
         + f" ⚠ marks an interval over fewer than {FEW_SEEDS} pairs."
     )
@@ -2143,6 +2219,78 @@ def gen_notes(runs: list, skipped: list, unfinished: list, allow_mixed: bool) ->
     return notes
 
 
+PILOT_REPEATS = (1, 2)  # the seeds at which the study's `none` runs repeat the pilot's round 2
+
+
+def pilot_repeats(runs: list, checks: dict, pilot_dir) -> tuple:
+    """(the Study 2 report's section, its printed line): the study's finished `none` runs at seeds
+    1 and 2 against the pilot's runs (under pilot_dir) of the same arguments but infrastructure,
+    every logged scalar but timing compared step by step, bit for bit (the plan's entry of
+    2026-12-02 expects them identical; its entry of 2026-12-04, only on the pilot's CPU kind)."""
+    from compare_runs import TIMING_TAGS, compare, load
+
+    title = (
+        f"## The `none` runs at seeds {PILOT_REPEATS[0]} and {PILOT_REPEATS[1]} against the pilot\n"
+    )
+    if pilot_dir is None:
+        return [title, "Not compared: no --pilot-runs-dir given.\n"], ""
+    pilot_runs = finished(read_gen_runs(pilot_dir, "--pilot-runs-dir")[0])[0]
+    pilot_checks = read_kind_checks(pilot_dir)
+
+    def arguments(run) -> dict:
+        return {k: v for k, v in run["config"].items() if k not in GEN_INFRASTRUCTURE}
+
+    rows, verdicts = [], []
+    for run in sorted(runs, key=lambda run: run["seed"]):
+        if run["arm"] != "none" or run["seed"] not in PILOT_REPEATS:
+            continue
+        twins = [twin for twin in pilot_runs if arguments(twin) == arguments(run)]
+        if not twins:
+            rows.append(
+                [f"`{run['name']}`", "–", "–", kinds_cell(run, checks), "–", "no pilot run"]
+            )
+            verdicts.append(f"{run['name']} has no pilot run of its arguments")
+        for twin in twins:
+            result = compare(load(twin["folder"]), load(run["folder"]), TIMING_TAGS)
+            differ = [(tag, detail) for status, tag, detail in result if status != "SAME"]
+            verdict = (
+                f"differ in {len(differ)} of {len(result)} tags (`{differ[0][0]}`: "
+                f"{differ[0][1] or 'only in one'})"
+                if differ
+                else f"identical ({len(result)} tags)"
+            )
+            commits = sorted(
+                {str(segment.get("commit")) for r in (run, twin) for segment in r["provenance"]}
+            )
+            rows.append(
+                [
+                    f"`{run['name']}`",
+                    f"`{twin['name']}`",
+                    "same" if len(commits) == 1 else ", ".join(commits),
+                    kinds_cell(run, checks),
+                    kinds_cell(twin, pilot_checks),
+                    verdict,
+                ]
+            )
+            verdicts.append(
+                f"{run['name']} vs the pilot's {twin['name']}: {verdict.split(' (')[0]}"
+            )
+    intro = (
+        f"The plan expects the study's `none` runs at seeds {PILOT_REPEATS[0]} and "
+        f"{PILOT_REPEATS[1]} to repeat the pilot's runs of the same command at the same commit "
+        "value for value (its entry of 2026-12-02), if they ran on the pilot's CPU kind (entry "
+        f"of 2026-12-04). Compared: every logged scalar but timing ({', '.join(TIMING_TAGS)}), "
+        f"step by step, bit for bit; the pilot's runs from {pilot_dir}.\n"
+    )
+    if not rows:
+        return [title, intro, "No finished `none` run at these seeds yet.\n"], ""
+    header = ["study run", "pilot run", "commit", "study run's CPU kind", "pilot run's CPU kind"]
+    header += ["values"]
+    return [title, intro, markdown_table(header, rows) + "\n"], (
+        "Repeat of the pilot: " + "; ".join(verdicts)
+    )
+
+
 def gen_analysis(args, command: str) -> tuple:
     """Study 2 on the runs under --gen-runs-dir (--runs-dir with --study dropout-gen): (report,
     printed summary, figure panels)."""
@@ -2150,6 +2298,7 @@ def gen_analysis(args, command: str) -> tuple:
     option = "--gen-runs-dir" if args.gen_runs_dir else "--runs-dir"
     all_runs, skipped = read_gen_runs(runs_dir, option)
     check_one_run_each(all_runs, lambda run: run["arm"])
+    check_gen_plan(all_runs)
     runs, unfinished = finished(all_runs)
     regime = check_gen_regime(runs)
     ps = sorted(
@@ -2231,10 +2380,14 @@ def gen_analysis(args, command: str) -> tuple:
     header += ["Holm-adjusted p (3 per dropout p)"]
     header += [f"TOST ±{GAP_MARGIN:g} (p, {1 - 2 * ALPHA:.0%} t interval)"]
     report += ["## Paired differences of the final gap\n", markdown_table(header, rows) + "\n"]
+    checks = read_kind_checks(runs_dir)
     if comparisons:
-        sensitivity, line = gen_within_kind(by_arm, ps, comparisons, read_kind_checks(runs_dir))
+        sensitivity, line = gen_within_kind(by_arm, ps, comparisons, checks)
         report += [line + "\n", *sensitivity]
         printed.append(line)
+    repeats, line = pilot_repeats(runs, checks, args.pilot_runs_dir)
+    report += repeats
+    printed += [line] if line else []
     rows = []
     for arm in arms:
         for seed, m in sorted(by_arm[arm].items()):
@@ -2244,9 +2397,10 @@ def gen_analysis(args, command: str) -> tuple:
                     f"{m[key]:.1f}" if math.isfinite(m[key]) else "–"
                     for key in ("train", "held_out", "gap")
                 ]
+                + [kinds_cell(m["run"], checks)]
             )
     header = ["run", "arm", "seed", "held-out evaluations", "final training-task reward"]
-    header += ["final held-out reward", "final gap"]
+    header += ["final held-out reward", "final gap", "CPU kind of its starts"]
     report += ["## Runs\n", markdown_table(header, rows) + "\n"]
     panels = [(arm, [gen_curves(m["run"]) for _, m in sorted(by_arm[arm].items())]) for arm in arms]
     return "\n".join(report), "\n".join(printed), panels
@@ -2414,6 +2568,12 @@ def refuse_options(args, study: str) -> None:
     }
     if study != "dropout":
         options["--gen-runs-dir"] = args.gen_runs_dir
+    if study not in ("dropout", "dropout-gen"):
+        options["--pilot-runs-dir"] = args.pilot_runs_dir
+    elif study == "dropout" and args.pilot_runs_dir and not args.gen_runs_dir:
+        raise ConfigError(
+            "--pilot-runs-dir: only with Study 2 (--gen-runs-dir, or --study dropout-gen)"
+        )
     given = [option for option, value in options.items() if value]
     if given:
         raise ConfigError(
@@ -2525,6 +2685,11 @@ def main(argv=None) -> int:
         help="--study dropout: also Study 2 of the ppo_patchloc_mdr.py runs in this folder",
     )
     parser.add_argument(
+        "--pilot-runs-dir",
+        default=None,
+        help="Study 2: compare its none runs at seeds 1 and 2 with the pilot's runs in this folder",
+    )
+    parser.add_argument(
         "--allow-mixed",
         action="store_true",
         help="pair runs from different commits, CPUs or torch versions (named in the report)",
@@ -2544,6 +2709,8 @@ def main(argv=None) -> int:
         return study[args.study](args, command.strip())
     if args.gen_runs_dir:
         raise ConfigError("--gen-runs-dir: only with --study dropout")
+    if args.pilot_runs_dir:
+        raise ConfigError("--pilot-runs-dir: only with Study 2 (--study dropout-gen or dropout)")
     definition = args.definition or "old"
 
     if args.check_definition:

@@ -19,6 +19,9 @@ import sys
 
 from cli import ArgumentParser, run_command
 
+# tags that measure the machine, not training (the default --ignore)
+TIMING_TAGS = ("charts/SPS", "perf/", "sps", "wall_time")
+
 
 class BadInput(Exception):
     """Printed as one line on stderr, exit status 2."""
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--ignore",
         nargs="*",
-        default=["charts/SPS", "perf/", "sps", "wall_time"],
+        default=list(TIMING_TAGS),
         help="tag prefixes",
     )
     parser.add_argument(

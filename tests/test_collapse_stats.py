@@ -1445,7 +1445,13 @@ def test_the_generalization_gap_computed_by_hand(gen_study, tmp_path, drawn):
     assert "Fewer than 3 held-out evaluations, no final gap: `dropout_s4`." in report
     assert "With 3 pairs the sign-flip test cannot go below p = 0.25" in report
     # none seed 1: gap 21; training tasks = held-out + gap, last 3: (39 + 51 + 63) / 3
-    assert table_row(report, "## Runs", "`none_s1`")[3:] == ["4", "51.0", "30.0", "21.0"]
+    assert table_row(report, "## Runs", "`none_s1`")[3:] == [
+        "4",
+        "51.0",
+        "30.0",
+        "21.0",
+        "unknown: start 1 of 1 unrecorded and not checked (cpu_kinds.jsonl)",
+    ]
     assert table_row(report, "## Arms", "none")[1:] == [
         "3",
         "52.0 [51.0, 53.0]",
@@ -1491,6 +1497,167 @@ def test_with_eight_pairs_study_2_tests_its_three_differences_with_holm(tmp_path
     row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
     assert row[2].startswith("+0.0 [") and row[3] == "1" and row[4] == "p = 1, kept"
     assert row[5].endswith(": equivalent")  # the TOST beside it
+
+
+def gen_arms(study: Path, seeds, gaps=None, hosts=None, **kw) -> None:
+    """The three arms at `seeds`, 3 evaluations each, held-out 5 and gap gaps[arm] (none 20,
+    dropout 10, dropout-mdr 10 by default); hosts(arm, seed): the hosts.jsonl record or None."""
+    gaps = gaps or {"none": 20.0, "dropout": 10.0, "dropout-mdr": 10.0}
+    for seed in seeds:
+        for arm, gap in gaps.items():
+            folder = write_gen_run(study / f"{arm}_s{seed}", arm, seed, [5.0] * 3, [gap] * 3, **kw)
+            record = hosts(arm, seed) if hosts else None
+            if record:
+                write_hosts(folder, record)
+
+
+def test_with_six_pairs_no_difference_can_survive_holm(tmp_path, drawn):
+    """6 pairs reach sign-flip p = 2 / 2^6 = 0.03125 < 0.05, but not Holm's smallest level 0.05/3:
+    the report describes; the TOST is still given at 0.05."""
+    study = tmp_path / "generalization"
+    gen_arms(study, range(1, 7))
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    assert (
+        "With 6 pairs the sign-flip test cannot go below p = 0.0312, not below Holm's smallest "
+        "level (0.05/3): this study describes the three Δgap, it cannot call one. The TOST is "
+        "still reported at alpha 0.05"
+    ) in report
+    row = table_row(report, "## Paired differences", "gap dropout p0.1 − none")
+    assert row[3] == "0.0312" and row[4] == "p = 0.0938, kept"
+
+
+def test_a_run_with_too_few_evaluations_leaves_its_pair(tmp_path, drawn):
+    study = tmp_path / "generalization"
+    gen_arms(study, (1, 2, 3))
+    short = study / "dropout_s3"
+    for path in short.iterdir():
+        path.unlink()
+    short.rmdir()
+    write_gen_run(short, "dropout", 3, [5.0] * 2, [10.0] * 2)
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    assert table_row(report, "## Runs", "`dropout_s3`")[3:7] == ["2", "–", "–", "–"]
+    assert table_row(report, "## Paired differences", "gap dropout p0.1 − none")[1] == "2"
+    assert table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − none")[1] == "3"
+    row = table_row(report, "## Paired differences", "gap dropout-mdr p0.1 − dropout p0.1")
+    assert row[1] == "2"
+
+
+@pytest.mark.parametrize(
+    "stray, message",
+    [
+        (
+            lambda s: write_gen_run(s / "none_s9", "none", 9, [5.0] * 3, [1.0] * 3),
+            "error: none_s9: seed 9 is not one of the plan's seeds (1-8)",
+        ),
+        (
+            lambda s: write_gen_run(s / "drop_s3", "dropout", 3, [5.0] * 3, [1.0] * 3, p=0.2),
+            "error: drop_s3: dropout probability 0.2 is not Study 2's (0.1)",
+        ),
+        (
+            lambda s: write_gen_run(
+                s / "mdr12_s3", "dropout-mdr", 3, [5.0] * 3, [1.0] * 3, alpha1=1, alpha2=2
+            ),
+            "error: mdr12_s3: --alpha1 1 --alpha2 2 is not the plan's split of dropout-mdr "
+            "(--alpha1 2 --alpha2 1)",
+        ),
+        (
+            lambda s: write_gen_run(s / "none_s3", "none", 3, [5.0] * 3, [1.0] * 3, num_tasks=64),
+            "error: none_s3: num_tasks 64 is not the regime the pilot chose (num_tasks 32; "
+            "docs/dropout/PLAN.md, 2026-12-02)",
+        ),
+        (
+            lambda s: write_gen_run(
+                s / "none_s3", "none", 3, [5.0] * 3, [1.0] * 3, lr_schedule="linear"
+            ),
+            "error: the runs differ in lr_schedule (",
+        ),
+    ],
+)
+def test_study_2_refuses_a_run_outside_its_plan(stray, message, tmp_path, monkeypatch, capsys):
+    study = tmp_path / "generalization"
+    gen_arms(study, (1, 2))
+    stray(study)
+    args = ("--study", "dropout-gen", "--runs-dir", "generalization", "--out-dir", "out")
+    status, err = run_cli(tmp_path, monkeypatch, capsys, *args)
+
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_none_runs_at_seeds_1_and_2_are_compared_with_the_pilot(tmp_path, drawn):
+    """none_s1 repeats its pilot run value for value, none_s2 does not (another gap); a pilot run
+    of another budget is nobody's twin; the study's runs name their CPU kind, the pilot's none."""
+    study, pilot = tmp_path / "generalization", tmp_path / "pilot"
+    gen_arms(study, (1, 2, 3), hosts=lambda arm, seed: ZEN4)
+    write_gen_run(pilot / "none_t32_steps76800_s1", "none", 1, [5.0] * 3, [20.0] * 3)
+    write_gen_run(pilot / "none_t32_steps76800_s2", "none", 2, [5.0] * 3, [21.0] * 3)
+    write_gen_run(pilot / "none_t32_s1", "none", 1, [5.0] * 3, [20.0] * 3, total_timesteps=30720)
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args + ["--pilot-runs-dir", str(pilot)]) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    zen4 = "family 25 model 17 (AVX512)"
+    unrecorded = "unknown: start 1 of 1 unrecorded and not checked (cpu_kinds.jsonl)"
+    section = "## The `none` runs at seeds 1 and 2 against the pilot"
+    assert table_row(report, section, "`none_s1`")[1:] == [
+        "`none_t32_steps76800_s1`",
+        "same",
+        zen4,
+        unrecorded,
+        "identical (3 tags)",
+    ]
+    row = table_row(report, section, "`none_s2`")
+    assert row[1] == "`none_t32_steps76800_s2`"
+    assert row[5].startswith("differ in 2 of 3 tags (`charts/generalization_gap`: first at step")
+    assert "`none_s3`" not in report[report.index(section) : report.index("## Runs")]
+    assert table_row(report, "## Runs", "`dropout_s1`")[7] == zen4
+
+    assert cs.main(args) == 0  # without the pilot's folder
+    report = (tmp_path / "o" / "generalization.md").read_text()
+    assert f"{section}\n\nNot compared: no --pilot-runs-dir given." in report
+
+
+def test_a_tost_that_cannot_be_computed_over_single_kind_seeds_is_named(tmp_path, drawn):
+    """dropout ran on another kind at seeds 1-7: one single-kind pair of dropout-mdr vs dropout,
+    a sign-flip p (1) but no TOST."""
+    study = tmp_path / "generalization"
+    gen_arms(
+        study,
+        range(1, 9),
+        gaps={"none": 20.0, "dropout": 10.0, "dropout-mdr": 10.5},
+        hosts=lambda arm, seed: ZEN3 if arm == "dropout" and seed <= 7 else ZEN4,
+    )
+    args = ["--study", "dropout-gen", "--runs-dir", str(study), "--out-dir", str(tmp_path / "o")]
+    assert cs.main(args) == 0
+    report = (tmp_path / "o" / "generalization.md").read_text()
+
+    assert "the TOST of gap dropout-mdr p0.1 − dropout p0.1 (1 pairs)" in report
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("--study", "stage-c", "--pilot-runs-dir", "p"),
+            "error: --study stage-c runs the plan's analysis of every run; --pilot-runs-dir",
+        ),
+        (
+            ("--study", "dropout", "--pilot-runs-dir", "p"),
+            "error: --pilot-runs-dir: only with Study 2 (--gen-runs-dir, or --study dropout-gen)",
+        ),
+        (("--pilot-runs-dir", "p"), "error: --pilot-runs-dir: only with Study 2"),
+    ],
+)
+def test_the_pilot_folder_only_goes_with_study_2(args, message, tmp_path, monkeypatch, capsys):
+    status, err = run_cli(tmp_path, monkeypatch, capsys, *args, "--out-dir", "out")
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_dropout_study_and_its_generalization_in_one_command(
@@ -1589,7 +1756,9 @@ def test_the_pilot_says_when_no_regime_overfits(pilot_runs, tmp_path, drawn):
             "error: drop_s1: the pilot runs arm none only (--norm none --alpha2 0)",
         ),
         (
-            lambda pilot: write_gen_run(pilot / "again_s1", "none", 1, [1.0] * 3, [1.0] * 3),
+            lambda pilot: write_gen_run(
+                pilot / "again_s1", "none", 1, [1.0] * 3, [1.0] * 3, total_timesteps=6000
+            ),
             "error: again_s1 and none_t32_s1: two runs of none at 32 tasks, 6000 steps, seed 1",
         ),
         (
@@ -1623,7 +1792,7 @@ def test_bad_pilot_runs_are_one_line_errors_and_nothing_is_written(
             lambda study: write_gen_run(
                 study / "x", "dropout", 5, [1.0] * 3, [1.0] * 3, num_tasks=64
             ),
-            "error: the runs differ in num_tasks (",
+            "error: x: num_tasks 64 is not the regime the pilot chose (num_tasks 32;",
         ),
         (
             lambda study: write_gen_run(study / "again_s1", "none", 1, [1.0] * 3, [1.0] * 3),
